@@ -1,0 +1,1 @@
+"""The `lora-tune` command line: thin click commands over the library."""
