@@ -97,3 +97,12 @@ class StudyNotFoundError(LoraTuneError, ValueError):
 
 class StorageError(LoraTuneError):
     """The storage could not be reached or used."""
+
+
+class NonFiniteLossError(LoraTuneError):
+    """Training produced a NaN or infinite loss."""
+
+    def __init__(self, step: int, value: float):
+        self.step = step
+        self.value = value
+        super().__init__(f"non-finite loss {value} at step {step}")
