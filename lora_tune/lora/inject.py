@@ -1,0 +1,366 @@
+"""inject / find_targets / merge / unmerge / merge_and_unload.
+
+``inject`` works in two phases: it first builds every wrapper (initialising the factors,
+quantizing base weights, computing PiSSA residuals) without touching the model, and only then
+swaps the wrappers in and sets ``requires_grad``. Any error in the first phase therefore
+leaves the model exactly as it was.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from lora_tune.errors import ConfigError
+from lora_tune.lora.config import LoraConfig
+from lora_tune.lora.layers import (
+    LoraConv,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    LoraMultiheadAttention,
+    QKV,
+)
+from lora_tune.lora.quant import QuantizedWeight
+from lora_tune.lora.targets import (
+    PRESET_NAMES,
+    Pattern,
+    Target,
+    parse_pattern,
+    resolve_targets,
+    target_presets,
+)
+
+__all__ = ["inject", "find_targets", "target_presets", "merge", "unmerge", "merge_and_unload",
+           "lora_layers", "InjectReport"]
+
+
+@dataclass
+class InjectReport:
+    """What ``inject`` did."""
+
+    targets: list[tuple[str, str]]                 # (module name, type name)
+    trainable_before: int
+    trainable_after: int
+    total_params: int
+    adapter_bytes: int
+    preset: str | None = None
+    resolved_names: list[str] = field(default_factory=list)   # with part selectors, re-injectable
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_after / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        lines = [f"LoRA on {len(self.targets)} module(s)" + (f" (preset {self.preset})" if self.preset else "") + ":"]
+        lines += [f"  {n}  [{t}]" for n, t in self.targets]
+        lines.append(
+            f"trainable parameters: {self.trainable_before:,} -> {self.trainable_after:,} "
+            f"({100 * self.trainable_fraction:.3f}% of {self.total_params:,}); adapter {self.adapter_bytes:,} bytes"
+        )
+        return "\n".join(lines)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraLayer, LoraMultiheadAttention)):
+            yield name, module
+
+
+def _expand_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], str | None]:
+    if isinstance(config.targets, list):
+        return config.targets, None
+    name = config.targets
+    presets = target_presets(model)
+    if name in presets:
+        return presets[name], name
+    if name in PRESET_NAMES:
+        raise ConfigError("targets", name, "presets this model has: " + ", ".join(sorted(presets)),
+                          f"The model has no layers for preset {name!r}.")
+    # a single string that is not a preset is one pattern
+    looks_like_pattern = any(c in name for c in ".*?[") or name.startswith("re:")
+    if looks_like_pattern or any(Pattern(name).matches(n) for n, _ in model.named_modules() if n):
+        return [name], None
+    raise ConfigError("targets", name, "a preset (" + ", ".join(sorted(presets)) + ") or a list of module-name patterns")
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
+    """Dry run: the (name, type) pairs ``inject`` would adapt with this config."""
+    return [(t.name, t.type_name) for t in _resolve(model, config)[0]]
+
+
+def _resolve(model: nn.Module, config: LoraConfig) -> tuple[list[Target], str | None]:
+    names, preset = _expand_targets(model, config)
+    targets = resolve_targets(model, names, config.exclude, config.enable_lora)
+    return targets, preset
+
+
+def _lookup(patterns: dict, name: str, default):
+    for key, value in patterns.items():
+        if parse_pattern(key, "rank_pattern").matches(name):
+            return value
+    return default
+
+
+def _init_pair(A: torch.Tensor, B: torch.Tensor, init: str, kind: str, r: int, generator=None) -> None:
+    """Standard inits: B = 0 so the adapted model starts equal to the base."""
+    with torch.no_grad():
+        if kind == "embedding":  # one-hot inputs: A = 0, B random (PEFT's choice)
+            A.zero_()
+            B.normal_(0.0, 1.0, generator=generator)
+            return
+        if init == "gaussian":
+            A.normal_(0.0, 1.0 / r, generator=generator)
+        else:
+            flat = A.view(A.shape[0], -1)
+            bound = 1.0 / math.sqrt(flat.shape[1])  # kaiming_uniform(a=sqrt(5))
+            A.uniform_(-bound, bound, generator=generator)
+        B.zero_()
+
+
+def _pissa(matrix: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA: A, B from the top-r singular triplets so that s * B @ A equals their sum."""
+    U, S, Vh = torch.linalg.svd(matrix.float(), full_matrices=False)
+    r = min(r, S.shape[0])
+    root = torch.sqrt(S[:r] / scaling)
+    return root[:, None] * Vh[:r], U[:, :r] * root[None, :]
+
+
+def _build(target: Target, config: LoraConfig, warn: list[str]) -> nn.Module:
+    name, module, kind = target.name, target.module, target.kind
+    r = _lookup(config.rank_pattern, name, config.rank)
+    alpha = _lookup(config.alpha_pattern, name, config.alpha)
+    kw = dict(rslora=config.rslora, dropout=config.dropout, method=config.method)
+    if kind == "mha":
+        parts = target.parts or ("q", "k", "v", "o")
+        in_parts = tuple(p in parts for p in QKV)
+        wrapper = LoraMultiheadAttention(module, r, alpha, in_parts=in_parts, adapt_out="o" in parts, **kw)
+        dims = [module.embed_dim]
+    elif kind in ("linear", "fused", "conv1d_gpt2"):
+        transposed = type(module).__name__ == "Conv1D" and not isinstance(module, nn.Linear)
+        parts = tuple(p in target.parts for p in QKV) if kind == "fused" else None
+        wrapper = LoraLinear(module, r, alpha, transposed=transposed, parts=parts, **kw)
+        dims = [wrapper.in_features, wrapper.out_features // (3 if parts else 1)]
+    elif kind == "embedding":
+        if module.max_norm is not None:
+            raise ConfigError("targets", name, "embeddings without max_norm",
+                              "nn.Embedding(max_norm=...) renormalises its weight in place, which LoRA cannot track")
+        wrapper = LoraEmbedding(module, r, alpha, **kw)
+        dims = list(module.weight.shape)
+    else:
+        wrapper = LoraConv(module, r, alpha, **kw)
+        dims = [module.weight.shape[0], module.weight[0].numel()]
+    if r > min(dims):
+        msg = f"rank {r} is larger than min(in, out) = {min(dims)} of layer {name!r}; the extra rank adds parameters but no expressiveness"
+        warn.append(msg)
+        warnings.warn(msg, stacklevel=3)
+    _init_wrapper(wrapper, config, kind)
+    return wrapper
+
+
+def _pairs(wrapper: nn.Module):
+    """(key of the base weight, module holding lora_A/lora_B, groups, to_matrix) for each adapted weight."""
+    if isinstance(wrapper, LoraMultiheadAttention):
+        for key, proj in wrapper.projections().items():
+            yield key, proj, (sum(proj.parts) if proj.parts else 1), proj.parts
+    else:
+        groups = wrapper.n_groups if isinstance(wrapper, LoraLinear) else 1
+        yield wrapper.weight_name, wrapper, groups, getattr(wrapper, "parts", None)
+
+
+def _init_wrapper(wrapper: nn.Module, config: LoraConfig, kind: str) -> None:
+    r = wrapper.r
+    pending = {}
+    for key, holder, groups, parts in _pairs(wrapper):
+        A, B = holder.lora_A, holder.lora_B
+        if config.init != "pissa":
+            _init_pair(A, B, config.init, kind, r)
+            continue
+        # PiSSA on the matrix view of the base weight, part by part; the base keeps the residual.
+        w0 = wrapper._base_param(key) if isinstance(wrapper, LoraMultiheadAttention) else wrapper.base_weight()
+        matrix = _weight_to_matrix(wrapper, w0)
+        rows = list(matrix.chunk(len(parts), 0)) if parts else [matrix]
+        on = [i for i, p in enumerate(parts)] if parts else [0]
+        on = [i for i in on if (parts[i] if parts else True)]
+        As, Bs = [], []
+        residual = matrix.clone().float()
+        for k, i in enumerate(on):
+            a, b = _pissa(rows[i], r, wrapper.scaling)
+            As.append(a)
+            Bs.append(b)
+            block = slice(i * rows[0].shape[0], (i + 1) * rows[0].shape[0]) if parts else slice(None)
+            residual[block] -= wrapper.scaling * (b @ a)
+        with torch.no_grad():
+            A.copy_(torch.cat(As).view_as(A).to(A.dtype))
+            B.copy_(torch.cat(Bs).view_as(B).to(B.dtype))
+        pending[key] = _matrix_to_weight(wrapper, residual).to(w0.dtype)
+    wrapper._pending_base = pending  # applied to the model only when inject commits
+
+
+def _weight_to_matrix(wrapper, w0: torch.Tensor) -> torch.Tensor:
+    if isinstance(wrapper, LoraLinear):
+        return w0.t() if wrapper.transposed else w0
+    if isinstance(wrapper, LoraEmbedding):
+        return w0.t()
+    return w0.reshape(w0.shape[0], -1)
+
+
+def _matrix_to_weight(wrapper, m: torch.Tensor) -> torch.Tensor:
+    if isinstance(wrapper, (LoraLinear, LoraEmbedding)):
+        return m.t() if (isinstance(wrapper, LoraEmbedding) or wrapper.transposed) else m
+    if isinstance(wrapper, LoraConv):
+        return m.view(wrapper.base_layer.weight.shape)
+    return m
+
+
+def _quantize(wrapper: nn.Module, config: LoraConfig) -> dict[str, QuantizedWeight]:
+    out = {}
+    for key, _, _, _ in _pairs(wrapper):
+        if isinstance(wrapper, LoraMultiheadAttention):
+            w = wrapper._pending_base.get(key, wrapper._base_param(key))
+        else:
+            w = wrapper._pending_base.get(key, wrapper.base_weight())
+        out[key] = QuantizedWeight(w, config.quant_bits, config.quant_type, config.double_quant)
+    return out
+
+
+def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
+    """Wrap the layers ``config.targets`` selects, in place; only LoRA factors (plus biases per
+    ``config.bias`` and ``config.modules_to_save``) stay trainable."""
+    if not isinstance(config, LoraConfig):
+        raise ConfigError("config", type(config).__name__, "a lora_tune.LoraConfig")
+    trainable_before = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    targets, preset = _resolve(model, config)
+    save_patterns = [parse_pattern(p, "modules_to_save") for p in config.modules_to_save]
+    saved = [n for n, _ in model.named_modules() if n and any(p.matches(n) for p in save_patterns)]
+    if config.modules_to_save and not saved:
+        raise ConfigError("modules_to_save", config.modules_to_save,
+                          "names of modules in the model, e.g. " + ", ".join(n for n, _ in list(model.named_children())[:8]))
+    target_names = {t.name for t in targets}
+    clash = [n for n in saved if n in target_names or any(n.startswith(t + ".") or t.startswith(n + ".") for t in target_names)]
+    if clash:
+        raise ConfigError("modules_to_save", clash, "modules that are not also LoRA targets")
+
+    # Phase 1: build everything; the model is not touched.
+    warn: list[str] = []
+    built: list[tuple[Target, nn.Module, dict]] = []
+    for t in targets:
+        wrapper = _build(t, config, warn)
+        quant = _quantize(wrapper, config) if config.quant_bits in (4, 8) else {}
+        built.append((t, wrapper, quant))
+
+    # Phase 2: commit.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for t, wrapper, quant in built:
+        for key, value in wrapper._pending_base.items():
+            param = wrapper._base_param(key) if isinstance(wrapper, LoraMultiheadAttention) else getattr(wrapper.base_layer, key)
+            with torch.no_grad():
+                param.copy_(value)
+        del wrapper._pending_base
+        for key, qw in quant.items():
+            _drop_base_param(wrapper, key)
+            if isinstance(wrapper, LoraMultiheadAttention):
+                wrapper.base_weight_q[key.replace(".", "__")] = qw
+            else:
+                wrapper.base_weight_q = qw
+        parent_name, _, child = t.name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, wrapper)
+        for n, p in wrapper.named_parameters():
+            if n.endswith(("lora_A", "lora_B")):
+                p.requires_grad_(True)
+            elif config.bias == "lora_only" and n.endswith("bias"):
+                p.requires_grad_(True)
+    if config.bias == "all":
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.requires_grad_(True)
+    for n in saved:
+        for p in modules[n].parameters():
+            p.requires_grad_(True)
+    for m in model.modules():  # torch's nested-tensor encoder fast path reads raw weights
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
+            m.use_nested_tensor = False
+
+    adapter = _lora_params(model)
+    resolved = [t.name if t.parts is None or t.kind == "linear" else f"{t.name}[{','.join(t.parts)}]" for t in targets]
+    return InjectReport(
+        targets=[(t.name, t.type_name) for t in targets],
+        trainable_before=trainable_before,
+        trainable_after=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in model.parameters()) + sum(
+            int(torch.tensor(q.shape).prod()) for _, q in _quantized(model)),
+        adapter_bytes=sum(p.numel() * p.element_size() for p in adapter),
+        preset=preset,
+        resolved_names=resolved,
+        warnings=warn,
+    )
+
+
+def _lora_params(model: nn.Module) -> list[torch.Tensor]:
+    return [p for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))]
+
+
+def _quantized(model: nn.Module):
+    for n, m in model.named_modules():
+        if isinstance(m, QuantizedWeight):
+            yield n, m
+
+
+def _drop_base_param(wrapper: nn.Module, key: str) -> None:
+    owner = wrapper.base_layer
+    *path, leaf = key.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    owner._parameters[leaf] = None  # the quantized copy in the wrapper replaces it
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every LoRA delta into its base weight (forward then costs what the base costs)."""
+    for _, m in lora_layers(model):
+        m.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo ``merge``; non-quantized base weights come back bit for bit."""
+    for _, m in lora_layers(model):
+        m.unmerge()
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every wrapper by a plain torch layer holding W0 + delta (dequantized for a
+    quantized base). Returns the model, which no longer contains any LoRA module."""
+    modules = dict(model.named_modules())
+    for name, wrapper in list(lora_layers(model)):
+        base = wrapper.base_layer
+        if isinstance(wrapper, LoraMultiheadAttention):
+            for key in ["out_proj.weight", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]:
+                if key in wrapper.projections() or key.replace(".", "__") in wrapper.base_weight_q:
+                    w = wrapper.base_weight(key)
+                    if key in wrapper.projections() and not wrapper.merged:
+                        w = w + wrapper.delta_weight(key).to(w.dtype)
+                    elif wrapper.merged and key in wrapper._merged_dense:
+                        w = wrapper._merged_dense[key]
+                    _set_param(base, key, w)
+        else:
+            w = wrapper.weight.detach()
+            _set_param(base, wrapper.weight_name, w)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, base)
+    return model
+
+
+def _set_param(owner: nn.Module, key: str, value: torch.Tensor) -> None:
+    *path, leaf = key.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    old = owner._parameters.get(leaf)
+    requires_grad = old.requires_grad if old is not None else False
+    owner._parameters[leaf] = nn.Parameter(value.detach().clone(), requires_grad=requires_grad)

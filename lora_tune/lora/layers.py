@@ -1,0 +1,473 @@
+"""LoRA wrappers, one per layer family.
+
+Every wrapper keeps the original module as ``base_layer`` (frozen) and adds the low-rank
+factors ``lora_A`` (r x in) and ``lora_B`` (out x r), so the adapted weight is
+``W0 + scaling * (B @ A)`` viewed in the base weight's layout. Two ways to compute it:
+
+* ``parallel`` (loralib): ``base(x) + scaling * B(A(dropout(x)))`` -- a side branch, exact for
+  layers that are linear in their weight (Linear, Conv, Embedding, GPT-2 Conv1D);
+* ``merged`` (loratorch): ``layer(x; W0 + scaling * B @ A)`` -- the weight is rebuilt out of place
+  on every call and passed to the layer's own functional forward, so autograd sees a fresh
+  tensor (no in-place edits of saved tensors). Dropout, where asked for, drops columns of A.
+
+``merge()`` folds the delta into the base weight (backing up the original so that
+``unmerge()`` restores it bit for bit); with a quantized base the merged weight is kept dense
+beside the quantized one instead.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_tune.lora.quant import QuantizedWeight
+
+QKV = ("q", "k", "v")
+
+
+# -- low-rank algebra shared by every wrapper --------------------------------------------------
+def lowrank_matrix(A: torch.Tensor, B: torch.Tensor, groups: int) -> torch.Tensor:
+    """``B @ A`` for ``groups`` independent blocks stacked along the output: A is (g*r, in),
+    B is (g*p, r); returns (g*p, in)."""
+    if groups == 1:
+        return B @ A
+    r = A.shape[0] // groups
+    p = B.shape[0] // groups
+    return torch.bmm(B.view(groups, p, r), A.view(groups, r, -1)).reshape(groups * p, -1)
+
+
+def scatter_parts(blocks: torch.Tensor, enabled: Sequence[bool], dim: int) -> torch.Tensor:
+    """Place the enabled parts' blocks (stacked along ``dim``) into a zero-filled full tensor
+    with ``len(enabled)`` parts, out of place."""
+    if all(enabled):
+        return blocks
+    chunks = list(blocks.chunk(sum(enabled), dim=dim))
+    zero = torch.zeros_like(chunks[0])
+    return torch.cat([chunks.pop(0) if on else zero for on in enabled], dim=dim)
+
+
+def scale_for(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+class LoraLayer(nn.Module):
+    """Common state and merge logic of the single-weight wrappers.
+
+    Subclasses define how the low-rank matrix maps onto the base weight (``_to_weight``), the
+    layer's functional forward with an explicit weight (``_forward_with``) and the cheap
+    parallel branch (``_lora_branch``).
+    """
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, *, rslora: bool = False,
+                 dropout: float = 0.0, method: str = "parallel", weight_name: str = "weight"):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r = r
+        self.lora_alpha = alpha
+        self.scaling = scale_for(r, alpha, rslora)
+        self.method = method
+        self.dropout_p = dropout
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.weight_name = weight_name
+        self.merged = False
+        self.base_weight_q: QuantizedWeight | None = None
+        self._merge_backup: torch.Tensor | None = None
+        self._merged_dense: torch.Tensor | None = None
+
+    # attributes such as in_features / padding_idx / stride are read from the base layer
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "base_layer" in modules and name not in ("weight",):
+                return getattr(modules["base_layer"], name)
+            raise
+
+    # -- weights ---------------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        if self.base_weight_q is not None:
+            return self.base_weight_q.dequantize()
+        return getattr(self.base_layer, self.weight_name)
+
+    def lora_matrix(self) -> torch.Tensor:
+        """``B @ A`` as an (out, in) matrix, unscaled."""
+        return self.lora_B.flatten(1) @ self.lora_A.flatten(1)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` in the base weight's layout."""
+        return self._to_weight(self.lora_matrix()) * self.scaling
+
+    def _dropped_delta(self) -> torch.Tensor:
+        if self.training and self.dropout_p > 0:
+            A = F.dropout(self.lora_A, self.dropout_p, True)
+            return self._to_weight(self.lora_B.flatten(1) @ A.flatten(1)) * self.scaling
+        return self.delta_weight()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight ``W0 + delta`` (for code that reads ``module.weight``)."""
+        if self.merged:
+            return self._merged_dense if self._merged_dense is not None else self.base_weight()
+        return self.base_weight() + self.delta_weight().to(self.base_weight().dtype)
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            if self._merged_dense is not None:
+                return self._forward_with(x, self._merged_dense)
+            return self.base_layer(x)
+        if self.method == "merged":
+            w0 = self.base_weight()
+            return self._forward_with(x, w0 + self._dropped_delta().to(w0.dtype))
+        base = self.base_layer(x) if self.base_weight_q is None else self._forward_with(x, self.base_weight())
+        return base + self._lora_branch(x) * self.scaling
+
+    def _to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _lora_branch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- merge -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        if self.base_weight_q is not None:
+            w0 = self.base_weight()
+            self._merged_dense = w0 + delta.to(w0.dtype)
+        else:
+            w = getattr(self.base_layer, self.weight_name)
+            self._merge_backup = w.detach().clone()
+            w.add_(delta.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self.base_weight_q is not None:
+            self._merged_dense = None
+        else:
+            getattr(self.base_layer, self.weight_name).copy_(self._merge_backup)
+            self._merge_backup = None
+        self.merged = False
+
+    def adapted_weights(self) -> dict[str, tuple[str, ...]]:
+        return {self.weight_name: tuple(getattr(self.base_layer, self.weight_name, self.base_weight()).shape)}
+
+    def extra_repr(self) -> str:
+        q = f", bits={self.base_weight_q.bits}" if self.base_weight_q is not None else ""
+        return f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:.4g}, method={self.method}{q}"
+
+
+class LoraLinear(LoraLayer):
+    """nn.Linear, transformers' GPT-2 ``Conv1D`` (``transposed``: weight is in x out), and fused
+    qkv projections (``parts``: which of q/k/v get a delta; the others get none at all).
+
+    With parts, ``lora_A`` is (n*r, in) and ``lora_B`` is (n*out/3, r) for the n enabled parts
+    (loralib's MergedLinear layout): each part has its own rank-r pair."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, *, transposed: bool = False,
+                 parts: Sequence[bool] | None = None, **kw):
+        super().__init__(base_layer, r, alpha, **kw)
+        w = base_layer.weight
+        out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+        self.in_features, self.out_features = in_f, out_f
+        self.transposed = transposed
+        self.parts = tuple(parts) if parts is not None else None
+        n = sum(self.parts) if self.parts else 1
+        part_out = out_f // len(self.parts) if self.parts else out_f
+        self.lora_A = nn.Parameter(w.new_zeros(n * r, in_f))
+        self.lora_B = nn.Parameter(w.new_zeros(n * part_out, r))
+
+    @property
+    def n_groups(self) -> int:
+        return sum(self.parts) if self.parts else 1
+
+    def lora_matrix(self) -> torch.Tensor:
+        m = lowrank_matrix(self.lora_A, self.lora_B, self.n_groups)
+        return scatter_parts(m, self.parts, dim=0) if self.parts else m
+
+    def _to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.t() if self.transposed else matrix
+
+    def _forward_with(self, x, weight):
+        return F.linear(x, weight.t() if self.transposed else weight, self.base_layer.bias)
+
+    def _lora_branch(self, x):
+        h = F.linear(self.lora_dropout(x), self.lora_A)
+        g = self.n_groups
+        if g == 1:
+            return F.linear(h, self.lora_B)
+        r, p = self.r, self.lora_B.shape[0] // g
+        hs = h.unflatten(-1, (g, r))
+        out = torch.einsum("...gr,gpr->...gp", hs, self.lora_B.view(g, p, r)).flatten(-2)
+        return scatter_parts(out, self.parts, dim=-1)
+
+    def extra_repr(self) -> str:
+        extra = f", parts={[n for n, on in zip(QKV, self.parts) if on]}" if self.parts else ""
+        return f"in={self.in_features}, out={self.out_features}, " + super().extra_repr() + extra
+
+
+class LoraEmbedding(LoraLayer):
+    """nn.Embedding. As in PEFT, ``lora_A`` is (r, num_embeddings) and ``lora_B`` is (dim, r);
+    the delta of the table is ``(B @ A).T``. Rows at ``padding_idx`` get no gradient, in both
+    methods, exactly as for the base table."""
+
+    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, **kw):
+        super().__init__(base_layer, r, alpha, **kw)
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(w.new_zeros(r, w.shape[0]))
+        self.lora_B = nn.Parameter(w.new_zeros(w.shape[1], r))
+
+    def _to_weight(self, matrix):
+        return matrix.t()
+
+    def _embed(self, x, weight, padding_idx, max_norm=None):
+        e = self.base_layer
+        return F.embedding(x, weight, padding_idx, max_norm, e.norm_type, e.scale_grad_by_freq, False)
+
+    def _forward_with(self, x, weight):
+        e = self.base_layer
+        return F.embedding(x, weight, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+
+    def _dropped_delta(self):  # dropout on token ids makes no sense; embeddings take none
+        return self.delta_weight()
+
+    def _lora_branch(self, x):
+        pad = self.base_layer.padding_idx
+        out = self._embed(x, self.lora_A.t(), pad) @ self.lora_B.t()
+        if pad is not None:
+            # The merged reference gives the padding row no gradient at all (not even to B).
+            out = torch.where((x == pad).unsqueeze(-1), out.detach(), out)
+        return out
+
+
+class LoraConv(LoraLayer):
+    """nn.Conv1d/2d/3d with any stride, padding, dilation, groups and padding_mode.
+
+    ``lora_A`` has the shape of a conv kernel (r, in/groups, *k) and ``lora_B`` of a 1x1 kernel
+    (out, r, 1, ...), as PEFT shapes them; delta = (B.flat @ A.flat) viewed as the kernel."""
+
+    def __init__(self, base_layer: nn.modules.conv._ConvNd, r: int, alpha: float, **kw):
+        super().__init__(base_layer, r, alpha, **kw)
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(w.new_zeros(r, *w.shape[1:]))
+        self.lora_B = nn.Parameter(w.new_zeros(w.shape[0], r, *([1] * (w.dim() - 2))))
+        self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+
+    def _to_weight(self, matrix):
+        return matrix.view(self.lora_B.shape[0], *self.lora_A.shape[1:])
+
+    def _forward_with(self, x, weight):
+        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+
+    def _lora_branch(self, x):
+        x = self.lora_dropout(x)
+        if self.base_layer.groups == 1:
+            # A as a conv with the base layer's geometry, then B as a 1x1 conv.
+            return self._conv(self.base_layer._conv_forward(x, self.lora_A, None), self.lora_B)
+        return self.base_layer._conv_forward(x, self._to_weight(self.lora_matrix()), None)
+
+
+class LoraProjection(nn.Module):
+    """The low-rank pair of one projection inside nn.MultiheadAttention (in_proj, q/k/v, out)."""
+
+    def __init__(self, out_features: int, in_features: int, r: int, like: torch.Tensor,
+                 parts: Sequence[bool] | None = None):
+        super().__init__()
+        self.r = r
+        self.parts = tuple(parts) if parts is not None else None
+        n = sum(self.parts) if self.parts else 1
+        part_out = out_features // len(self.parts) if self.parts else out_features
+        self.lora_A = nn.Parameter(like.new_zeros(n * r, in_features))
+        self.lora_B = nn.Parameter(like.new_zeros(n * part_out, r))
+
+    def lora_matrix(self) -> torch.Tensor:
+        g = sum(self.parts) if self.parts else 1
+        m = lowrank_matrix(self.lora_A, self.lora_B, g)
+        return scatter_parts(m, self.parts, dim=0) if self.parts else m
+
+
+class LoraMultiheadAttention(nn.Module):
+    """nn.MultiheadAttention: deltas on the packed in_proj (per-part q/k/v), or on separate
+    q/k/v weights when kdim/vdim differ, and on out_proj.
+
+    Attention is not linear in its weights (L(x, W0) + L(x, dW) != L(x, W0 + dW)), so both
+    methods compute the adapted projections' weights W0 + s*BA (out of place) and call torch's
+    own ``F.multi_head_attention_forward``: the branch form of ``parallel`` applies to each
+    projection, which this computes exactly."""
+
+    def __init__(self, base_layer: nn.MultiheadAttention, r: int, alpha: float, *, rslora: bool = False,
+                 dropout: float = 0.0, method: str = "parallel", in_parts: Sequence[bool] | None = (True,) * 3,
+                 adapt_out: bool = True):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r = r
+        self.lora_alpha = alpha
+        self.scaling = scale_for(r, alpha, rslora)
+        self.method = method
+        self.dropout_p = dropout
+        self.merged = False
+        self.in_parts = tuple(in_parts) if in_parts is not None and any(in_parts) else None
+        self.adapt_out = adapt_out
+        self.base_weight_q = nn.ModuleDict()
+        self._merge_backup: dict[str, torch.Tensor] = {}
+        self._merged_dense: dict[str, torch.Tensor] = {}
+        E = base_layer.embed_dim
+        like = base_layer.out_proj.weight
+        if self.in_parts is not None:
+            if base_layer._qkv_same_embed_dim:
+                self.in_proj = LoraProjection(3 * E, E, r, like, self.in_parts)
+            else:
+                dims = {"q": E, "k": base_layer.kdim, "v": base_layer.vdim}
+                for name, on in zip(QKV, self.in_parts):
+                    if on:
+                        self.add_module(f"{name}_proj", LoraProjection(E, dims[name], r, like))
+        if adapt_out:
+            self.out_proj = LoraProjection(E, E, r, like)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name == "_qkv_same_embed_dim":
+                return False  # keeps torch's Transformer fast paths (which read raw weights) off
+            if "base_layer" in modules:
+                return getattr(modules["base_layer"], name)
+            raise
+
+    # name of each adapted base weight -> its LoraProjection
+    def projections(self) -> dict[str, LoraProjection]:
+        out = {}
+        if self.in_parts is not None:
+            if "in_proj" in self._modules:
+                out["in_proj_weight"] = self.in_proj
+            else:
+                for name, on in zip(QKV, self.in_parts):
+                    if on:
+                        out[f"{name}_proj_weight"] = self._modules[f"{name}_proj"]
+        if self.adapt_out:
+            out["out_proj.weight"] = self.out_proj
+        return out
+
+    def _base_param(self, key: str) -> torch.Tensor:
+        obj = self.base_layer
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def base_weight(self, key: str) -> torch.Tensor:
+        qkey = _qkey(key)
+        if qkey in self.base_weight_q:
+            return self.base_weight_q[qkey].dequantize()
+        return self._base_param(key)
+
+    def delta_weight(self, key: str) -> torch.Tensor:
+        return self.projections()[key].lora_matrix() * self.scaling
+
+    def _dropped_delta(self, proj: LoraProjection) -> torch.Tensor:
+        if self.training and self.dropout_p > 0:
+            A = F.dropout(proj.lora_A, self.dropout_p, True)
+            g = sum(proj.parts) if proj.parts else 1
+            m = lowrank_matrix(A, proj.lora_B, g)
+            m = scatter_parts(m, proj.parts, dim=0) if proj.parts else m
+            return m * self.scaling
+        return proj.lora_matrix() * self.scaling
+
+    def effective_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight F.multi_head_attention_forward needs, adapted ones rebuilt out of place."""
+        b = self.base_layer
+        names = ["out_proj.weight"] + (
+            ["in_proj_weight"] if b._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        )
+        projs = self.projections()
+        out = {}
+        for key in names:
+            if self.merged and key in self._merged_dense:
+                out[key] = self._merged_dense[key]
+                continue
+            w0 = self.base_weight(key)
+            if key in projs and not self.merged:
+                w0 = w0 + self._dropped_delta(projs[key]).to(w0.dtype)
+            out[key] = w0
+        return out
+
+    @property
+    def in_proj_weight(self):
+        if not self.base_layer._qkv_same_embed_dim:
+            return None
+        return self.effective_weights()["in_proj_weight"]
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        b = self.base_layer
+        w = self.effective_weights()
+        is_batched = query.dim() == 3
+        if b.batch_first and is_batched:
+            query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+        separate = not b._qkv_same_embed_dim
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, b.embed_dim, b.num_heads,
+            None if separate else w["in_proj_weight"], b.in_proj_bias, b.bias_k, b.bias_v,
+            b.add_zero_attn, b.dropout, w["out_proj.weight"], b.out_proj.bias,
+            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, use_separate_proj_weight=separate,
+            q_proj_weight=w.get("q_proj_weight"), k_proj_weight=w.get("k_proj_weight"),
+            v_proj_weight=w.get("v_proj_weight"), average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
+        if b.batch_first and is_batched:
+            out = out.transpose(1, 0)
+        return out, weights
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        for key in self.projections():
+            delta = self.delta_weight(key)
+            if _qkey(key) in self.base_weight_q:
+                w0 = self.base_weight(key)
+                self._merged_dense[key] = w0 + delta.to(w0.dtype)
+            else:
+                p = self._base_param(key)
+                self._merge_backup[key] = p.detach().clone()
+                p.add_(delta.to(p.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        for key, backup in self._merge_backup.items():
+            self._base_param(key).copy_(backup)
+        self._merge_backup.clear()
+        self._merged_dense.clear()
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        parts = [n for n, on in zip(QKV, self.in_parts or ()) if on]
+        return (f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:.4g}, method={self.method}, "
+                f"in_parts={parts}, out_proj={self.adapt_out}")
+
+
+def _qkey(key: str) -> str:
+    """ModuleDict keys cannot contain dots."""
+    return key.replace(".", "__")
+
+
+LORA_WRAPPERS = (LoraLayer, LoraMultiheadAttention)

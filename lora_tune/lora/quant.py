@@ -1,0 +1,95 @@
+"""Frozen base weights stored in 4 or 8 bits and dequantized on the fly.
+
+Quantization uses bitsandbytes' functional kernels (imported lazily), so the same code
+serves Linear, Conv, Embedding and MultiheadAttention weights, on CPU and CUDA:
+
+* 4 bit: ``quantize_4bit`` (NF4 or FP4, block size 64) with double quantization of the
+  absmax scales by default (QLoRA: 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter);
+* 8 bit: LLM.int8's row-wise absmax quantization (``int8_vectorwise_quant``), one float32
+  scale per output row.
+
+Dequantized weights never require grad; gradients reach the input and the LoRA factors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lora_tune.errors import QuantizationError
+
+BLOCKSIZE_4BIT = 64
+
+
+def _bnb_functional():
+    try:
+        import bitsandbytes.functional as bnbf  # noqa: PLC0415
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise QuantizationError(
+            "quant_bits: 4 and 8 need bitsandbytes; install it with `pip install 'lora-tune[quant]'`"
+        ) from exc
+    return bnbf
+
+
+class QuantizedWeight(nn.Module):
+    """One frozen weight tensor kept quantized; ``dequantize()`` returns it in its original dtype."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, quant_type: str = "nf4", double_quant: bool = True):
+        super().__init__()
+        if bits not in (4, 8):
+            raise QuantizationError(f"quant_bits: got {bits!r}; allowed: 4 or 8")
+        if not weight.is_floating_point():
+            raise QuantizationError(f"quant_bits: cannot quantize a {weight.dtype} weight")
+        bnbf = _bnb_functional()
+        self.bits = bits
+        self.quant_type = quant_type if bits == 4 else "int8"
+        self.shape = tuple(weight.shape)
+        self.dtype = weight.dtype
+        w = weight.detach()
+        if bits == 4:
+            data, state = bnbf.quantize_4bit(
+                w.contiguous(), blocksize=BLOCKSIZE_4BIT, compress_statistics=double_quant, quant_type=quant_type
+            )
+            self.register_buffer("data", data, persistent=False)
+            self._state = state
+        else:
+            rows = w.reshape(self.shape[0], -1)
+            if rows.dtype not in (torch.float16, torch.float32):
+                rows = rows.float()
+            data, stats, _ = bnbf.int8_vectorwise_quant(rows.contiguous())
+            self.register_buffer("data", data, persistent=False)
+            self.register_buffer("row_scale", stats, persistent=False)
+            self._state = None
+
+    def dequantize(self) -> torch.Tensor:
+        bnbf = _bnb_functional()
+        with torch.no_grad():
+            if self.bits == 4:
+                state = self._state
+                if state.absmax.device != self.data.device:
+                    state.to(self.data.device)
+                    self._state = state
+                w = bnbf.dequantize_4bit(self.data, state)
+            else:
+                w = bnbf.int8_vectorwise_dequant(self.data, self.row_scale)
+        return w.reshape(self.shape).to(self.dtype)
+
+    def storage_bytes(self) -> int:
+        """Bytes this weight occupies per layer (packed data and scales; the shared code tables
+        of NF4/FP4 and of the nested quantization are constants and are not counted)."""
+        total = self.data.numel() * self.data.element_size()
+        if self.bits == 8:
+            return total + self.row_scale.numel() * self.row_scale.element_size()
+        state = self._state
+        total += state.absmax.numel() * state.absmax.element_size()
+        if getattr(state, "nested", False):
+            total += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4  # + offset
+        return total
+
+    def bits_per_parameter(self) -> float:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return 8.0 * self.storage_bytes() / numel
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, bits={self.bits}, type={self.quant_type}, dtype={self.dtype}"

@@ -1,0 +1,259 @@
+"""Which modules to adapt: supported layer types, name patterns, and presets.
+
+A target pattern is one of
+* an exact module name (``encoder.layer.0.attention.self.query``), which also matches as a
+  dotted suffix (``query`` matches ``...self.query``), as in PEFT;
+* ``.suffix``: names ending with that suffix (``.q_proj``);
+* a glob (``layers.*.q_proj``), matched against the full name;
+* ``re:REGEX``, matched with ``re.fullmatch`` against the full name.
+Any pattern may end with a part selector ``[q,v]`` (drawn from q, k, v, o) that picks parts of
+a fused qkv projection or of nn.MultiheadAttention (``o`` = its out_proj).
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lora_tune.errors import ConfigError, NoMatchingModulesError, UnsupportedLayerError
+
+_SELECTOR = re.compile(r"^(?P<pattern>.*?)\[(?P<parts>[qkvo](?:\s*,\s*[qkvo])*)\]$")
+_GLOB_CHARS = set("*?[")
+
+Q_NAMES = {"q", "query", "q_proj", "q_lin", "wq", "to_q", "queries"}
+K_NAMES = {"k", "key", "k_proj", "k_lin", "wk", "to_k", "keys"}
+V_NAMES = {"v", "value", "v_proj", "v_lin", "wv", "to_v", "values"}
+O_NAMES = {"o", "o_proj", "out_proj", "out_lin", "wo", "to_out", "attn_out"}
+FUSED_NAMES = {"qkv", "c_attn", "in_proj", "query_key_value", "wqkv", "qkv_proj", "to_qkv", "w_pack"}
+HEAD_NAMES = {"lm_head", "classifier", "score", "head", "out_head", "qa_outputs", "fc_out", "output_layer",
+              "decoder", "predictions"}
+ATTN_WORDS = ("attn", "attention", "self_attn", "mha")
+
+
+def supported_kind(module: nn.Module) -> str | None:
+    """The wrapper family for a module, or None when the injector cannot adapt it."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers") and hasattr(module, "nf"):
+        return "conv1d_gpt2"
+    return None
+
+
+SUPPORTED_TYPES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention",
+                   "transformers Conv1D (GPT-2)")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    text: str
+    parts: tuple[str, ...] | None = None
+
+    def matches(self, name: str) -> bool:
+        p = self.text
+        if p.startswith("re:"):
+            return re.fullmatch(p[3:], name) is not None
+        if p.startswith("."):
+            return name.endswith(p) or name == p[1:]
+        if _GLOB_CHARS & set(p):
+            return fnmatch.fnmatchcase(name, p)
+        return name == p or name.endswith("." + p)
+
+
+def parse_pattern(text: str, field_name: str = "targets") -> Pattern:
+    m = _SELECTOR.match(text)
+    if m and m.group("pattern"):
+        parts = tuple(dict.fromkeys(p.strip() for p in m.group("parts").split(",")))
+        return Pattern(m.group("pattern"), parts)
+    if text.startswith("re:"):
+        try:
+            re.compile(text[3:])
+        except re.error as exc:
+            raise ConfigError(field_name, text, "a valid regular expression after 're:'", str(exc)) from None
+    return Pattern(text)
+
+
+@dataclass
+class Target:
+    """One module the injector will wrap."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    parts: tuple[str, ...] | None = None          # q/k/v(/o) for fused qkv and MHA
+    type_name: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def is_fused_qkv(name: str, module: nn.Module) -> bool:
+    last = name.rsplit(".", 1)[-1].lower()
+    kind = supported_kind(module)
+    if kind not in ("linear", "conv1d_gpt2") or last not in FUSED_NAMES:
+        return False
+    out = module.weight.shape[1] if kind == "conv1d_gpt2" else module.out_features
+    return out % 3 == 0
+
+
+def _inside_wrapper(name: str, wrapped_prefixes: set[str]) -> bool:
+    return any(name.startswith(p + ".") for p in wrapped_prefixes)
+
+
+def named_candidates(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """Supported modules, skipping the insides of LoRA wrappers and of nn.MultiheadAttention."""
+    from lora_tune.lora.layers import LORA_WRAPPERS  # noqa: PLC0415
+
+    skip: set[str] = set()
+    out = []
+    for name, module in model.named_modules():
+        if not name or _inside_wrapper(name, skip):
+            continue
+        if isinstance(module, LORA_WRAPPERS):
+            skip.add(name)
+            continue
+        kind = supported_kind(module)
+        if kind == "mha":
+            skip.add(name)
+        if kind is not None:
+            out.append((name, module, kind))
+    return out
+
+
+def _mha_children(model: nn.Module) -> dict[str, str]:
+    """out_proj name -> its nn.MultiheadAttention's name."""
+    return {f"{n}.out_proj": n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str],
+                    default_parts: list[str] | None, presets: dict[str, list[str]] | None = None) -> list[Target]:
+    """Turn patterns into Targets (or raise a typed error naming the patterns and candidates)."""
+    patterns = [parse_pattern(t) for t in targets]
+    excl = [parse_pattern(t, "exclude") for t in exclude]
+    candidates = named_candidates(model)
+    by_name = {n: (m, k) for n, m, k in candidates}
+    mha_of = _mha_children(model)
+    modules = dict(model.named_modules())
+    wrappers = {n for n, m in modules.items() if _is_wrapper(m)}
+
+    # An exact name of something we cannot adapt is an error, not a silent skip.
+    for p in patterns:
+        if p.text in modules and p.text not in by_name and p.text not in mha_of and supported_kind(
+            modules[p.text]
+        ) is None and not any(n.startswith(p.text + ".") for n in by_name):
+            if p.text in wrappers or _inside_wrapper(p.text, wrappers):
+                raise ConfigError("targets", p.text, "modules that are not adapted yet",
+                                  f"{p.text!r} already carries LoRA; unmerge/unload before injecting again")
+            raise UnsupportedLayerError(p.text, type(modules[p.text]).__name__, SUPPORTED_TYPES)
+
+    chosen: dict[str, Target] = {}
+
+    def add(name: str, module: nn.Module, kind: str, parts: tuple[str, ...] | None) -> None:
+        if kind == "mha":
+            parts = parts if parts is not None else tuple((default_parts or ["q", "k", "v"])) + ("o",)
+        elif kind in ("linear", "conv1d_gpt2") and is_fused_qkv(name, module):
+            sel = parts if parts is not None else tuple(default_parts or ("q", "k", "v"))
+            parts = tuple(p for p in sel if p != "o") or None
+            kind = "fused"
+            if parts is None:
+                return
+        else:
+            parts = None
+        if name in chosen and chosen[name].parts and parts:
+            merged = tuple(p for p in ("q", "k", "v", "o") if p in chosen[name].parts or p in parts)
+            chosen[name].parts = merged
+            return
+        chosen[name] = Target(name, module, kind, parts, type(module).__name__)
+
+    all_names = [n for n, _, _ in candidates] + list(mha_of)
+    for name in all_names:
+        ancestors = [name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)]
+        if any(e.matches(n) for e in excl for n in [name, *ancestors]):
+            continue
+        for p in patterns:
+            # a pattern naming a container (not itself adaptable) selects the layers inside it
+            if not (p.matches(name) or any(a not in by_name and p.matches(a) for a in ancestors)):
+                continue
+            if name in mha_of:  # out_proj of an nn.MultiheadAttention: fold into the MHA wrapper
+                parent = mha_of[name]
+                if parent in by_name and not any(e.matches(parent) for e in excl):
+                    add(parent, by_name[parent][0], "mha", ("o",))
+                continue
+            module, kind = by_name[name]
+            add(name, module, kind, p.parts)
+    if not chosen:
+        raise NoMatchingModulesError(targets, [n for n, _, _ in candidates], exclude)
+    return [chosen[n] for n in sorted(chosen, key=list(modules).index)]
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    from lora_tune.lora.layers import LORA_WRAPPERS  # noqa: PLC0415
+
+    return isinstance(module, LORA_WRAPPERS)
+
+
+def _role(name: str, module: nn.Module) -> str:
+    last = name.rsplit(".", 1)[-1].lower()
+    path = name.lower()
+    if is_fused_qkv(name, module):
+        return "qkv"
+    if last in Q_NAMES:
+        return "q"
+    if last in K_NAMES:
+        return "k"
+    if last in V_NAMES:
+        return "v"
+    in_attn = any(w in path.split(".")[i] for i in range(len(path.split(".")) - 1) for w in ATTN_WORDS)
+    if last in O_NAMES or (in_attn and last in {"dense", "c_proj", "proj", "out", "output"}):
+        return "o"
+    if last in HEAD_NAMES or path.startswith(("cls.", "lm_head", "classifier", "head.")):
+        return "head"
+    if "pooler" in path:
+        return "pooler"
+    return "mlp"
+
+
+def target_presets(model: nn.Module) -> dict[str, list[str]]:
+    """Presets discovered from module names and types; each is a concrete list of target names.
+
+    ``attention-qv``, ``attention``, ``mlp``, ``all-linear`` (every Linear-like layer but the
+    output head), ``embeddings``, ``conv``. Fused qkv layers and nn.MultiheadAttention appear
+    with a part selector (``name[q,v]``). Empty presets are left out."""
+    qv, attn, mlp, linear, emb, conv = [], [], [], [], [], []
+    for name, module, kind in named_candidates(model):
+        if kind == "mha":
+            qv.append(f"{name}[q,v]")
+            attn.append(name)
+            linear.append(name)
+            continue
+        if kind == "embedding":
+            emb.append(name)
+            continue
+        if kind == "conv":
+            conv.append(name)
+            continue
+        role = _role(name, module)
+        if role == "head":
+            continue
+        linear.append(name)
+        if role == "qkv":
+            qv.append(f"{name}[q,v]")
+            attn.append(name)
+        elif role in ("q", "v"):
+            qv.append(name)
+            attn.append(name)
+        elif role in ("k", "o"):
+            attn.append(name)
+        elif role == "mlp":
+            mlp.append(name)
+    presets = {"attention-qv": qv, "attention": attn, "mlp": mlp, "all-linear": linear,
+               "embeddings": emb, "conv": conv}
+    return {k: v for k, v in presets.items() if v}
+
+
+PRESET_NAMES = ("attention-qv", "attention", "mlp", "all-linear", "embeddings", "conv")
