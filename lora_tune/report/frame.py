@@ -1,0 +1,179 @@
+"""Reading a study's trials the way every panel needs them.
+
+These helpers know the trial record of ``docs/architecture.md`` (params and user
+attributes written by ``study/objective.py``) and nothing about drawing.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable, Sequence
+
+import optuna
+import pandas as pd
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+# User attributes shown as table columns, in this order (others follow, sorted).
+KNOWN_USER_ATTRS = (
+    "is_baseline", "target_preset", "trainable_params", "adapter_bytes", "peak_memory_bytes",
+    "train_seconds", "throughput", "train_steps", "planned_steps", "worker", "fail_reason",
+)
+# Long or nested attributes left out of tables unless asked for.
+BULKY_USER_ATTRS = ("traceback", "lora_config", "target_modules", "metric_values")
+
+
+def is_multi_objective(study: optuna.Study) -> bool:
+    return len(study.directions) > 1
+
+
+def metric_names(study: optuna.Study) -> list[str]:
+    """Names of the objectives: the ``metrics`` study attribute, else the spec, else ``value``."""
+    n = len(study.directions)
+    attrs = study.user_attrs
+    names = attrs.get("metrics")
+    if not names:
+        spec = attrs.get("spec") or {}
+        metric = (spec.get("study") or {}).get("metric") if isinstance(spec, dict) else None
+        names = [metric] if isinstance(metric, str) else metric
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, tuple)) or len(names) != n or not all(isinstance(x, str) for x in names):
+        return ["value"] if n == 1 else [f"value_{i}" for i in range(n)]
+    return list(names)
+
+
+def maximizing(study: optuna.Study, objective: int = 0) -> bool:
+    return study.directions[objective] == StudyDirection.MAXIMIZE
+
+
+def better(a: float, b: float | None, maximize: bool) -> bool:
+    """Whether value ``a`` is strictly better than ``b`` (``None`` is beaten by anything)."""
+    if b is None:
+        return True
+    return a > b if maximize else a < b
+
+
+def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE
+            and t.values is not None and all(math.isfinite(v) for v in t.values)]
+
+
+def objective_value(trial: FrozenTrial, objective: int = 0) -> float | None:
+    if trial.values is None or len(trial.values) <= objective:
+        return None
+    return float(trial.values[objective])
+
+
+def best_trial(study: optuna.Study, objective: int = 0) -> FrozenTrial | None:
+    """The best complete trial on one objective; ``None`` when none completed."""
+    best: FrozenTrial | None = None
+    maximize = maximizing(study, objective)
+    for t in complete_trials(study):
+        if best is None or better(t.values[objective], best.values[objective], maximize):
+            best = t
+    return best
+
+
+def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The enqueued baseline trial (user attr ``is_baseline``), the first one when several."""
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("is_baseline"):
+            return t
+    return None
+
+
+def state_name(trial: FrozenTrial) -> str:
+    return trial.state.name
+
+
+def duration_seconds(trial: FrozenTrial) -> float | None:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
+def preset_of(trial: FrozenTrial) -> str:
+    """The target preset of a trial: the user attr, else the ``targets`` param, else the config."""
+    preset = trial.user_attrs.get("target_preset")
+    if isinstance(preset, str) and preset:
+        return preset
+    targets = trial.params.get("targets")
+    if isinstance(targets, str) and targets:
+        return targets if "|" not in targets else "explicit"
+    cfg = trial.user_attrs.get("lora_config") or {}
+    given = cfg.get("targets") if isinstance(cfg, dict) else None
+    if isinstance(given, str):
+        return given
+    return "explicit" if given else "unknown"
+
+
+def quant_bits_of(trial: FrozenTrial) -> str:
+    """Quantization bits as a label: ``"none"``, ``"8"`` or ``"4"`` (param 0 means none)."""
+    bits = trial.params.get("quant_bits")
+    if bits is None:
+        cfg = trial.user_attrs.get("lora_config") or {}
+        bits = cfg.get("quant_bits") if isinstance(cfg, dict) else None
+    if bits in (None, 0, "0", "none", "None", 16, 32):
+        return "none"
+    return str(int(bits))
+
+
+def alpha_axis(trials: Sequence[FrozenTrial]) -> tuple[str, str]:
+    """Which parameter is the alpha axis: (param name, axis label)."""
+    if any("alpha" in t.params for t in trials):
+        return "alpha", "alpha"
+    if any("alpha_ratio" in t.params for t in trials):
+        return "alpha_ratio", "alpha / rank"
+    return "lora_config.alpha", "alpha"
+
+
+def param_or_config(trial: FrozenTrial, name: str) -> Any:
+    """A trial param, or (for ``lora_config.X``) the value used in the LoRA config."""
+    if name.startswith("lora_config."):
+        cfg = trial.user_attrs.get("lora_config") or {}
+        return cfg.get(name.split(".", 1)[1]) if isinstance(cfg, dict) else None
+    if name in trial.params:
+        return trial.params[name]
+    cfg = trial.user_attrs.get("lora_config") or {}
+    return cfg.get(name) if isinstance(cfg, dict) else None
+
+
+def _cell(value: Any) -> Any:
+    """A table cell: scalars as they are, lists and dicts as compact JSON."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
+def trials_dataframe(study: optuna.Study, *, include_bulky: bool = False,
+                     states: Iterable[TrialState] | None = None) -> pd.DataFrame:
+    """One row per trial: number, state, metric(s), ``param_*`` columns and user attributes.
+
+    Optuna's ``system_attrs`` (sampler bookkeeping, artifacts, dashboard plot data) are left out.
+    """
+    names = metric_names(study)
+    wanted = set(states) if states is not None else None
+    trials = [t for t in study.get_trials(deepcopy=False) if wanted is None or t.state in wanted]
+    param_names = sorted({p for t in trials for p in t.params})
+    attr_names = [a for a in KNOWN_USER_ATTRS if any(a in t.user_attrs for t in trials)]
+    extra = sorted({a for t in trials for a in t.user_attrs} - set(KNOWN_USER_ATTRS) - set(BULKY_USER_ATTRS))
+    attr_names += extra
+    if include_bulky:
+        attr_names += [a for a in BULKY_USER_ATTRS if any(a in t.user_attrs for t in trials)]
+    rows = []
+    for t in trials:
+        row: dict[str, Any] = {"number": t.number, "state": state_name(t)}
+        for i, name in enumerate(names):
+            row[name] = objective_value(t, i)
+        for p in param_names:
+            row[f"param_{p}"] = _cell(t.params.get(p))
+        for a in attr_names:
+            row[a] = _cell(t.user_attrs.get(a))
+        row["datetime_start"] = t.datetime_start
+        row["datetime_complete"] = t.datetime_complete
+        row["duration_s"] = duration_seconds(t)
+        rows.append(row)
+    columns = (["number", "state", *names] + [f"param_{p}" for p in param_names] + attr_names
+               + ["datetime_start", "datetime_complete", "duration_s"])
+    return pd.DataFrame(rows, columns=columns)
