@@ -21,6 +21,7 @@ import datetime
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 _logger = logging.getLogger("lora_tune.storage")
 
 CLAIM_KEY = "lora_tune:claim"  # trial system attr: the token of the worker's create call
+WORKER_KEY = "lora_tune:worker"  # trial system attr: hostname:pid of the worker running it
 RETRY_KEY = "failed_trial"  # set by Optuna's RetryHeartbeatStaleTrialCallback on a retry
 _USING_BUDGET = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 _LOCK_NAMESPACE = 0x4C6F5241  # "LoRA": first key of the PostgreSQL advisory lock
@@ -158,7 +160,7 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
             return int(own.execute(query).scalar_one())
 
     @contextlib.contextmanager
-    def _study_lock(self, study_id: int) -> Iterator[Any]:
+    def study_lock(self, study_id: int) -> Iterator[Any]:
         """Hold the study's cross-process lock; yields a connection (RDB) or None."""
         with self._thread_lock:
             if self.rdb is None:
@@ -199,7 +201,7 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
         budget = self._budgets.get(study_id)
         if budget is None:
             return start()
-        with self._study_lock(study_id) as conn:
+        with self.study_lock(study_id) as conn:
             used = self._count_used(study_id, conn)
             if used >= budget:
                 return refuse(used, budget)
@@ -259,7 +261,7 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
         return FrozenTrial(
             number=-1, state=TrialState.RUNNING, value=None, values=None,
             datetime_start=datetime.datetime.now(), datetime_complete=None, params={},
-            distributions={}, user_attrs={}, system_attrs={CLAIM_KEY: token},
+            distributions={}, user_attrs={}, system_attrs={CLAIM_KEY: token, WORKER_KEY: worker_id()},
             intermediate_values={}, trial_id=-1,
         )
 
@@ -306,6 +308,7 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
                 ok = write()
                 if ok:
                     self._first_heartbeat(trial_id)
+                    self.inner.set_trial_system_attr(trial_id, WORKER_KEY, worker_id())
                 return ok
 
             return self._retry(lambda: self._claim(study_id, start, lambda used, budget: False),
@@ -376,6 +379,11 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
 
     def get_heartbeat_stale_trial_callback(self) -> Any:
         return self.rdb.heartbeat_stale_trial_callback if self.rdb is not None else None
+
+
+def worker_id() -> str:
+    """``hostname:pid`` of this process, as recorded on the trials it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _journal_lock_path(url: str) -> str | None:

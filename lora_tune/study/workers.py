@@ -1,0 +1,300 @@
+"""Workers: the trial loop of one process, and ``--jobs N`` processes on one machine.
+
+:func:`run_worker` runs trials until the study's global budget (its ``n_trials``) is used.
+The budget is exact across any number of workers: the storage starts a trial only after
+counting, under a lock shared by every worker, the trials that already use the budget
+(:class:`~lora_tune.study._resilient.ResilientStorage`). A worker that finds the budget used
+while other workers' trials still run waits for them when the storage has heartbeats: if one
+of those workers dies, its trial is failed as stale and re-queued with the same parameters,
+and a waiting worker runs it.
+
+:func:`run_jobs` starts N worker processes (``lora-tune worker``) sharing a storage that
+several processes can use (a journal file or a database server, never plain SQLite). When a
+child dies, its unfinished trials are failed and re-queued at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from lora_tune.errors import ConfigError
+from lora_tune.study._resilient import WORKER_KEY, BudgetReached, ResilientStorage, worker_id
+from lora_tune.study.storage import mask_url, storage_kind
+
+_logger = logging.getLogger("lora_tune.workers")
+
+Callback = Callable[[optuna.Study, FrozenTrial], None]
+
+
+@dataclasses.dataclass
+class WorkerStats:
+    """What one worker did."""
+
+    trials: int = 0
+    states: dict[str, int] = dataclasses.field(default_factory=dict)
+    budget_reached: bool = False
+    interrupted: bool = False
+    requeued: list[int] = dataclasses.field(default_factory=list)
+
+
+def study_budget(study: optuna.Study) -> int | None:
+    """The study's global ``n_trials`` from its stored study file (``spec`` user attribute)."""
+    attrs = study.user_attrs
+    spec = attrs.get("spec")
+    if isinstance(spec, dict) and isinstance(spec.get("study"), dict):
+        value = spec["study"].get("n_trials")
+        if value is not None:
+            return int(value)
+    value = attrs.get("n_trials")
+    return int(value) if value is not None else None
+
+
+def run_worker(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], Any],
+    *,
+    budget: int | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    callbacks: Iterable[Callback] = (),
+    catch: tuple[type[BaseException], ...] = (Exception,),
+    wait_for_running: bool | None = None,
+    poll_interval: float = 1.0,
+    reseed: bool = True,
+    failed_trial_retries: int = 2,
+) -> WorkerStats:
+    """Run trials of ``study`` in this process until its budget is used.
+
+    ``budget``: the study's total number of trials across all workers (``None``: read it from
+    the stored study file; still ``None``: no global budget). ``n_trials`` / ``timeout``
+    limit this worker only. Exceptions from the objective fail the trial, not the worker
+    (``catch``). SIGTERM fails the running trial and re-queues its parameters (up to
+    ``failed_trial_retries`` times), then the worker returns with ``interrupted`` set.
+    """
+    storage = study._storage
+    if not isinstance(storage, ResilientStorage):
+        raise TypeError("run_worker needs a study opened with lora_tune.study.storage.open_storage")
+    budget = study_budget(study) if budget is None else budget
+    storage.set_budget(study._study_id, budget)
+    heartbeats = storage.get_heartbeat_interval() is not None
+    if wait_for_running is None:
+        wait_for_running = heartbeats
+    if reseed:  # workers sharing a seeded sampler must not all draw the same points
+        study.sampler.reseed_rng()
+    lock_grid_sampler(study)
+
+    stats = WorkerStats()
+    current: dict[str, int] = {}
+    callbacks = list(callbacks)
+
+    def tracked(trial: optuna.Trial) -> Any:
+        current["trial_id"] = trial._trial_id
+        return objective(trial)
+
+    def count(study_: optuna.Study, trial: FrozenTrial) -> None:
+        stats.trials += 1
+        stats.states[trial.state.name] = stats.states.get(trial.state.name, 0) + 1
+        current.pop("trial_id", None)
+
+    start = time.monotonic()
+    with _sigterm_as_interrupt():
+        while True:
+            if n_trials is not None and stats.trials >= n_trials:
+                break
+            if timeout is not None and time.monotonic() - start >= timeout:
+                break
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.optimize(tracked, n_trials=1, callbacks=[*callbacks, count], catch=catch)
+            except BudgetReached:
+                if budget is None or not wait_for_running:
+                    stats.budget_reached = True
+                    break
+                if storage.budget_done(study._study_id) >= budget:
+                    stats.budget_reached = True
+                    break
+                time.sleep(poll_interval)  # others still run trials; one may die and be re-queued
+            except KeyboardInterrupt:
+                stats.interrupted = True
+                trial_id = current.pop("trial_id", None)
+                if trial_id is not None:
+                    stats.requeued += requeue_trials(study, [trial_id], failed_trial_retries)
+                break
+            if study._stop_flag:  # e.g. GridSampler: every grid point was evaluated
+                break
+    storage.remove_session()
+    return stats
+
+
+def lock_grid_sampler(study: optuna.Study) -> None:
+    """Make a GridSampler pick its grid point under the study lock: no point twice.
+
+    Optuna's GridSampler chooses an unvisited grid point at random and records it on the
+    trial; two workers doing that at the same moment can choose the same point. Under the
+    lock, the second one sees the first one's RUNNING trial and its point.
+    """
+    sampler = study.sampler
+    storage = study._storage
+    if not isinstance(sampler, optuna.samplers.GridSampler) or getattr(sampler, "_lora_tune_locked", False):
+        return
+    if not isinstance(storage, ResilientStorage):
+        return
+    original = sampler.before_trial
+
+    def before_trial(study_: optuna.Study, trial: FrozenTrial) -> None:
+        with storage.study_lock(study_._study_id):
+            original(study_, trial)
+
+    sampler.before_trial = before_trial  # type: ignore[method-assign]
+    sampler._lora_tune_locked = True  # type: ignore[attr-defined]
+
+
+def requeue_trials(study: optuna.Study, trial_ids: Sequence[int], max_retry: int) -> list[int]:
+    """Fail the given unfinished trials and queue their parameters again.
+
+    Returns the numbers of the trials that were re-queued (a trial already retried
+    ``max_retry`` times is only failed). Trials that finished meanwhile are left alone.
+    """
+    storage = study._storage
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    requeued = []
+    for trial_id in trial_ids:
+        trial = storage.get_trial(trial_id)
+        if trial.state.is_finished():
+            if trial.state != TrialState.FAIL:
+                continue
+        else:
+            try:
+                if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        failed = storage.get_trial(trial_id)
+        if failed.state != TrialState.FAIL:
+            continue
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        retry(study, failed)
+        if len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) > before:
+            requeued.append(failed.number)
+    return requeued
+
+
+def recover_worker(study: optuna.Study, worker: str, max_retry: int) -> list[int]:
+    """Fail and re-queue the RUNNING trials of a worker (``hostname:pid``) known to be dead."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    ids = [t._trial_id for t in running if t.system_attrs.get(WORKER_KEY) == worker]
+    return requeue_trials(study, ids, max_retry)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (docker stop, scale down) into KeyboardInterrupt in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ------------------------------------------------------------------ --jobs N
+def check_parallel_storage(url: str, jobs: int) -> None:
+    """Refuse ``jobs`` > 1 on a storage that one process only may use (plain SQLite)."""
+    if jobs < 1:
+        raise ConfigError("--jobs", jobs, "an integer >= 1")
+    if jobs == 1:
+        return
+    kind = storage_kind(url)
+    if kind in ("sqlite", "memory"):
+        raise ConfigError(
+            "--jobs", jobs,
+            "1 with SQLite storage",
+            f"SQLite ({mask_url(url)}) locks the whole database file, so several processes "
+            "fail with 'database is locked' and can leave queued trials behind. For several "
+            "processes on this machine use --storage journal:./lora_tune.log (a journal file); "
+            "for several machines use postgresql+psycopg://USER@HOST/DB",
+        )
+
+
+def worker_command(name: str, url: str, extra: Sequence[str] = ()) -> list[str]:
+    """The command line of one ``lora-tune worker`` process."""
+    return [sys.executable, "-m", "lora_tune.cli.main", "worker", name, "--storage", url, *extra]
+
+
+def run_jobs(
+    study: optuna.Study,
+    url: str,
+    jobs: int,
+    *,
+    extra_args: Sequence[str] = (),
+    failed_trial_retries: int = 2,
+    max_rounds: int = 3,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Run ``jobs`` worker processes on ``study`` until its budget is used.
+
+    Returns the number of children that failed (0 when all were fine). A child that dies
+    (killed, crashed) has its RUNNING trials failed and re-queued at once; if queued trials
+    are left when every child has exited, a new round of workers is started (up to
+    ``max_rounds``).
+    """
+    check_parallel_storage(url, jobs)
+    name = study.study_name
+    failures = 0
+    for _round in range(max_rounds):
+        children = [subprocess.Popen(worker_command(name, url, extra_args), env=env) for _ in range(jobs)]
+        try:
+            failures += _wait_children(study, children, failed_trial_retries)
+        except KeyboardInterrupt:
+            for child in children:
+                if child.poll() is None:
+                    child.terminate()
+            for child in children:
+                child.wait()
+            raise
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting:
+            break
+        _logger.warning("%d queued trial(s) left after the workers exited; starting workers again", len(waiting))
+    return failures
+
+
+def _wait_children(study: optuna.Study, children: list[subprocess.Popen], max_retry: int) -> int:
+    import socket
+
+    host = socket.gethostname()
+    failures = 0
+    alive = list(children)
+    while alive:
+        time.sleep(0.2)
+        for child in list(alive):
+            code = child.poll()
+            if code is None:
+                continue
+            alive.remove(child)
+            if code != 0:
+                failures += 1
+                requeued = recover_worker(study, f"{host}:{child.pid}", max_retry)
+                _logger.warning(
+                    "worker %d exited with %s; re-queued trial(s) %s", child.pid, code, requeued or "none",
+                )
+    return failures
