@@ -1,8 +1,125 @@
-"""CLI commands: report (being written)."""
+"""CLI commands: report, dashboard, export, and `study export-trials`."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+STORAGE_HELP = "Storage URL (default: $LORA_TUNE_STORAGE, then sqlite:///lora_tune.db)."
+
+
+def _storage_url(value: str | None) -> str:
+    from lora_tune.study.storage import resolve_storage_url
+
+    return resolve_storage_url(value, None)
+
+
+def _open(name: str, storage: str | None):
+    from lora_tune.report.source import open_study
+
+    url = _storage_url(storage)
+    return open_study(name, url), url
+
+
+def report_command(name: str, storage: str | None, output: str, definition: str | None, save_to_study: bool) -> None:
+    """Write an HTML report of study NAME (one self-contained file that opens offline)."""
+    from lora_tune.report import frame, load_definition, write_report
+    from lora_tune.study.storage import mask_url
+
+    study, url = _open(name, storage)
+    spec = load_definition(definition) if definition else None
+    if not frame.complete_trials(study):
+        n = len(study.get_trials(deepcopy=False))
+        click.echo(f"warning: study {name!r} has no complete trial yet ({n} trial(s)); "
+                   "the report shows what exists", err=True)
+    path = write_report(study, output, spec, storage_display=mask_url(url))
+    if save_to_study:
+        from lora_tune.report.dashboard import save_figures
+
+        save_figures(study)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def dashboard_command(storage: str | None, host: str, port: int, artifact_dir: str | None,
+                      save: bool, quiet: bool) -> None:
+    """Launch optuna-dashboard on the storage (bound to 127.0.0.1 unless --host says otherwise)."""
+    from lora_tune.report.artifacts import default_artifact_dir
+    from lora_tune.report.dashboard import save_figures, serve_dashboard
+    from lora_tune.report.source import open_storage_for_reading, open_study, study_names
+    from lora_tune.study.storage import mask_url
+
+    url = _storage_url(storage)
+    store = open_storage_for_reading(url)
+    recorded = None
+    for study_name in study_names(store):
+        study = open_study(study_name, url, store)
+        recorded = recorded or study.user_attrs.get("artifact_dir")
+        if save and study.get_trials(deepcopy=False):
+            save_figures(study)
+    if artifact_dir is None:
+        artifact_dir = recorded if recorded and Path(recorded).is_dir() else str(default_artifact_dir(url))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: binding to {host}: anyone who can reach this address can read and "
+                   "change the studies", err=True)
+    click.echo(f"storage {mask_url(url)}; artifacts in {artifact_dir}", err=True)
+    serve_dashboard(store, host=host, port=port, artifact_dir=artifact_dir, quiet=quiet)
+
+
+def export_command(name: str, storage: str | None, trial: int | None, output: str, adapter: str | None,
+                   artifact_dir: str | None) -> None:
+    """Export study NAME's best trial (or --trial N) as YAML, and its adapter with --adapter DIR."""
+    from lora_tune.export import export_best
+
+    study, url = _open(name, storage)
+    content = export_best(study, output, trial_number=trial, storage_url=url, adapter_dir=adapter,
+                          artifact_dir=artifact_dir)
+    metric = content["metric"]
+    click.echo(f"wrote {output}: trial #{content['trial']['number']}, {metric['name']} = {metric['value']}")
+    if adapter:
+        click.echo(f"wrote adapter to {adapter} ({', '.join(content['adapter']['formats'])} formats)")
+
+
+def export_trials_command(name: str, storage: str | None, output: str) -> None:
+    """Write study NAME's trials as a table (.csv or .parquet), without Optuna's system attributes."""
+    from lora_tune.export import export_trials
+
+    study, _ = _open(name, storage)
+    path = export_trials(study, output)
+    click.echo(f"wrote {path} ({len(study.get_trials(deepcopy=False))} trials)")
 
 
 def register(cli: click.Group, study: click.Group) -> None:
     """Add this module's commands to the root group and the `study` group."""
+    storage_opt = click.option("--storage", default=None, help=STORAGE_HELP)
+
+    cli.command("report")(
+        click.argument("name")(storage_opt(
+            click.option("-o", "--output", default="report.html", show_default=True,
+                         help="HTML file to write.")(
+                click.option("--definition", default=None,
+                             help="A report definition YAML (default: dashboards/<kind>.yaml).")(
+                    click.option("--save-to-study", is_flag=True,
+                                 help="Also save the LoRA figures into the study for optuna-dashboard.")(
+                        report_command))))))
+    cli.command("dashboard")(
+        storage_opt(
+            click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")(
+                click.option("--port", default=8080, show_default=True, type=int, help="Port (0: any free one).")(
+                    click.option("--artifact-dir", default=None,
+                                 help="Artifact store directory (default: next to the storage).")(
+                        click.option("--save-figures/--no-save-figures", "save", default=True,
+                                     help="Save the LoRA figures into each study first.")(
+                            click.option("--quiet/--verbose", default=True, help="Hide request logs.")(
+                                dashboard_command)))))))
+    cli.command("export")(
+        click.argument("name")(storage_opt(
+            click.option("--trial", type=int, default=None, help="Trial number (default: the best).")(
+                click.option("-o", "--output", default="best.yaml", show_default=True, help="YAML file to write.")(
+                    click.option("--adapter", default=None, help="Also write the adapter (PEFT + lora-tune) here.")(
+                        click.option("--artifact-dir", default=None,
+                                     help="Artifact store directory (default: recorded in the study).")(
+                            export_command)))))))
+    study.command("export-trials")(
+        click.argument("name")(storage_opt(
+            click.option("-o", "--output", required=True, help="trials.csv or trials.parquet")(
+                export_trials_command))))

@@ -1,0 +1,184 @@
+"""Export what a study found: ``best.yaml``, the adapter, and the trials as a table.
+
+``best.yaml`` holds the chosen trial's LoRA config with targets resolved to explicit module
+names (the preset name is kept beside them), the training settings, the metric and
+provenance. :func:`load_config` reads it back as a :class:`~lora_tune.LoraConfig`, so that
+``inject(model, load_config("best.yaml"))`` rebuilds the trial's adapted model.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_tune import __version__
+from lora_tune.errors import ConfigError
+from lora_tune.lora.config import LoraConfig
+from lora_tune.report.artifacts import (  # noqa: F401  (re-exported for the study driver)
+    artifact_dir_for,
+    extract_adapter,
+    save_best_adapter,
+)
+
+BEST_FORMAT = 1
+_LORA_PARAMS = {"rank", "alpha", "alpha_ratio", "targets", "quant_bits", "quant_type", "method", "dropout",
+                "rslora", "init", "double_quant", "bias", "exclude"}
+
+
+def load_config(path: str | os.PathLike) -> LoraConfig:
+    """Read the ``lora`` section of an exported ``best.yaml`` as a ``LoraConfig``."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("path", str(p), "a readable best.yaml written by `lora-tune export`",
+                          exc.strerror or str(exc)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("path", str(p), "valid YAML", str(exc).splitlines()[0]) from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("lora"), dict):
+        raise ConfigError("lora", None if not isinstance(raw, dict) else raw.get("lora"),
+                          f"a mapping of LoraConfig fields in {p}", "Write the file with `lora-tune export`.")
+    return LoraConfig.from_dict(raw["lora"])
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def choose_trial(study: Any, number: int | None = None) -> Any:
+    """The trial to export: ``number`` when given (it must be complete), else the best one.
+
+    A multi-objective study has no single best trial: ``number`` is then required.
+    """
+    from optuna.trial import TrialState
+
+    from lora_tune.report import frame
+
+    complete = frame.complete_trials(study)
+    if number is not None:
+        for t in study.get_trials(deepcopy=False):
+            if t.number == number:
+                if t.state != TrialState.COMPLETE:
+                    raise ConfigError("--trial", number, "a complete trial",
+                                      f"Trial #{number} is {t.state.name.lower()}.")
+                return t
+        raise ConfigError("--trial", number, "a trial number of this study: "
+                          + (", ".join(str(t.number) for t in complete) or "no complete trial yet"))
+    if not complete:
+        raise ConfigError("study", study.study_name, "a study with at least one complete trial",
+                          f"It has {len(study.get_trials(deepcopy=False))} trial(s), none complete.")
+    if frame.is_multi_objective(study):
+        front = sorted(t.number for t in study.best_trials)
+        raise ConfigError("--trial", None, "one of the Pareto-optimal trials: " + ", ".join(map(str, front)),
+                          "A multi-objective study has no single best trial.")
+    return frame.best_trial(study)
+
+
+def best_config_dict(study: Any, trial: Any, storage_url: str | None = None) -> dict[str, Any]:
+    """The content of ``best.yaml`` for ``trial`` (a plain dict)."""
+    import optuna
+
+    from lora_tune.report import frame
+
+    attrs = trial.user_attrs
+    lora = dict(attrs.get("lora_config") or {})
+    if not lora:
+        raise ConfigError("lora_config", None, "a trial that recorded its LoRA config (user attr lora_config)",
+                          f"Trial #{trial.number} has none; was it run by lora-tune?")
+    given = lora.get("targets")
+    modules = attrs.get("target_modules")
+    if isinstance(modules, list) and modules:
+        lora["targets"] = list(modules)
+        lora["exclude"] = []  # the names are already resolved, exclusions applied
+    LoraConfig.from_dict(lora)  # fail now, not when the user loads it
+    spec = study.user_attrs.get("spec") or {}
+    train = dict(spec.get("train") or {}) if isinstance(spec, dict) else {}
+    train.update({k: v for k, v in trial.params.items() if k not in _LORA_PARAMS})
+    names = frame.metric_names(study)
+    from lora_tune.study.storage import mask_url
+
+    return {
+        "format": BEST_FORMAT,
+        "lora": lora,
+        "targets": {"preset": attrs.get("target_preset"), "given": given, "modules": modules},
+        "train": train,
+        "task": spec.get("task") if isinstance(spec, dict) else None,
+        "metric": {
+            "name": names[0] if len(names) == 1 else names,
+            "value": trial.values[0] if len(trial.values) == 1 else list(trial.values),
+            "direction": [d.name.lower() for d in study.directions][0] if len(names) == 1
+            else [d.name.lower() for d in study.directions],
+            "all": attrs.get("metric_values"),
+        },
+        "trial": {
+            "number": trial.number,
+            "params": dict(trial.params),
+            "trainable_params": attrs.get("trainable_params"),
+            "adapter_bytes": attrs.get("adapter_bytes"),
+            "is_baseline": bool(attrs.get("is_baseline")),
+        },
+        "provenance": {
+            "study": study.study_name,
+            "trial": trial.number,
+            "storage": mask_url(storage_url) if storage_url else None,
+            "versions": {"lora_tune": __version__, "torch": _version("torch"), "optuna": optuna.__version__},
+            "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def export_best(study: Any, output: str | os.PathLike, *, trial_number: int | None = None,
+                storage_url: str | None = None, adapter_dir: str | os.PathLike | None = None,
+                artifact_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Write ``best.yaml`` (and the adapter when ``adapter_dir`` is given); returns its content.
+
+    Everything is checked before anything is written; the adapter folder is written first and
+    the YAML last, each whole or not at all.
+    """
+    from lora_tune.report.html import write_text_atomic
+
+    trial = choose_trial(study, trial_number)
+    content = best_config_dict(study, trial, storage_url)
+    out = Path(output)
+    if out.is_dir() or not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise ConfigError("output", str(out), "a file path in an existing directory")
+    if adapter_dir is not None:
+        store_dir = artifact_dir_for(study, storage_url, artifact_dir)
+        formats = extract_adapter(study, trial, adapter_dir, store_dir)
+        content["adapter"] = {"path": str(Path(adapter_dir).resolve()), "formats": formats}
+    head = (f"# Best LoRA config of study {study.study_name!r}, trial #{trial.number}.\n"
+            "# Rebuild: lora_tune.inject(model, lora_tune.load_config(\"" + out.name + "\"))\n")
+    write_text_atomic(out, head + yaml.safe_dump(content, sort_keys=False, allow_unicode=True))
+    return content
+
+
+def export_trials(study: Any, output: str | os.PathLike) -> Path:
+    """Write the trials table (no Optuna system attributes) as CSV or Parquet, by extension."""
+    from lora_tune.report import frame
+    from lora_tune.report.html import write_text_atomic
+
+    out = Path(output)
+    suffix = out.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise ConfigError("output", str(out), "a file name ending in .csv or .parquet")
+    df = frame.trials_dataframe(study, include_bulky=True)
+    if suffix == ".csv":
+        return write_text_atomic(out, df.to_csv(index=False))
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ConfigError("output", str(out), "a writable file path in an existing directory")
+    tmp = folder / f".{out.name}.tmp"
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError("output", str(out), "a writable file path", exc.strerror or str(exc)) from None
+    return out
