@@ -60,6 +60,8 @@ def trial_record(number: int, params: dict, *, state: TrialState, value: float |
     t = optuna.trial.create_trial(
         state=state, value=value if state == TrialState.COMPLETE else None, params=params,
         distributions=DISTRIBUTIONS, user_attrs=attrs,
+        # bookkeeping Optuna keeps in system attrs, which tables and exports must leave out
+        system_attrs={"nsga2:generation": number // 8, "lora_tune:claim": f"token-{number}"},
         intermediate_values=evals if state != TrialState.FAIL else None)
     t.datetime_start = start
     t.datetime_complete = start + timedelta(seconds=secs + 1)
