@@ -210,11 +210,12 @@ class LoraLinear(LoraLayer):
         h = F.linear(self.lora_dropout(x), self.lora_A)
         g = self.n_groups
         if g == 1:
-            return F.linear(h, self.lora_B)
-        r, p = self.r, self.lora_B.shape[0] // g
-        hs = h.unflatten(-1, (g, r))
-        out = torch.einsum("...gr,gpr->...gp", hs, self.lora_B.view(g, p, r)).flatten(-2)
-        return scatter_parts(out, self.parts, dim=-1)
+            out = F.linear(h, self.lora_B)
+        else:
+            r, p = self.r, self.lora_B.shape[0] // g
+            hs = h.unflatten(-1, (g, r))
+            out = torch.einsum("...gr,gpr->...gp", hs, self.lora_B.view(g, p, r)).flatten(-2)
+        return scatter_parts(out, self.parts, dim=-1) if self.parts else out
 
     def extra_repr(self) -> str:
         extra = f", parts={[n for n, on in zip(QKV, self.parts) if on]}" if self.parts else ""

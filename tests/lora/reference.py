@@ -1,0 +1,43 @@
+"""An independent autograd reference for LoRA: W = W0 + s * B @ A built explicitly from the
+factors (in float64), then the ORIGINAL torch module is called with that weight through
+``torch.func.functional_call``. Nothing here uses lora_tune's wrapper code."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.func import functional_call
+
+
+def delta_for(kind: str, A: torch.Tensor, B: torch.Tensor, shape, parts=None) -> torch.Tensor:
+    """The weight delta B @ A laid out like the base weight (unscaled)."""
+    if kind in ("linear",):
+        return B @ A
+    if kind == "gpt2":
+        return (B @ A).t()
+    if kind == "embedding":
+        return (B @ A).t()
+    if kind == "conv":
+        return (B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)).reshape(shape)
+    if kind in ("fused", "fused_t", "proj"):
+        # parts: booleans for q, k, v; each enabled part has its own rank-r pair
+        n_on = sum(parts)
+        r = A.shape[0] // n_on
+        p = B.shape[0] // n_on
+        rows, k = [], 0
+        for on in parts:
+            if on:
+                rows.append(B[k * p:(k + 1) * p] @ A[k * r:(k + 1) * r])
+                k += 1
+            else:
+                rows.append(torch.zeros(p, A.shape[1], dtype=A.dtype))
+        full = torch.cat(rows, 0)
+        return full.t() if kind == "fused_t" else full
+    raise ValueError(kind)
+
+
+def reference_call(module: torch.nn.Module, weights: dict[str, torch.Tensor], args, kwargs=None):
+    """Call a float64 deep copy of ``module`` with some of its parameters replaced."""
+    ref = copy.deepcopy(module).double()
+    params = {k: v.double() if v.is_floating_point() else v for k, v in weights.items()}
+    return functional_call(ref, params, args, kwargs or {})
