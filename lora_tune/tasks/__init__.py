@@ -1,0 +1,44 @@
+"""Built-in tasks: ``digits``, ``text-classification``, ``causal-lm`` and ``python``.
+
+``build_task(spec)`` turns the study file's ``task:`` mapping into a :class:`Task`;
+``validate_task_spec(spec)`` lists every problem as ``(path, message)`` without building anything
+heavy (files are checked for existence, models are not loaded).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+from lora_tune.tasks.base import Problems, Task, raise_problems
+
+TASK_TYPES = ("digits", "text-classification", "causal-lm", "python")
+_MODULES = {
+    "digits": "lora_tune.tasks.digits",
+    "text-classification": "lora_tune.tasks.text_classification",
+    "causal-lm": "lora_tune.tasks.causal_lm",
+    "python": "lora_tune.tasks.python_factory",
+}
+
+__all__ = ["TASK_TYPES", "Task", "build_task", "validate_task_spec"]
+
+
+def _module(task_type: str) -> Any:
+    return importlib.import_module(_MODULES[task_type])
+
+
+def validate_task_spec(spec: Mapping) -> Problems:
+    """Every problem of a ``task:`` mapping as ``(path, message)``; ``[]`` when it is valid."""
+    if not isinstance(spec, Mapping):
+        return [("task", f"must be a mapping with a 'type' key, got {type(spec).__name__}")]
+    task_type = spec.get("type")
+    if task_type is None:
+        return [("task.type", "is required; one of " + ", ".join(TASK_TYPES))]
+    if task_type not in TASK_TYPES:
+        return [("task.type", f"unknown task type {task_type!r}; allowed: " + ", ".join(TASK_TYPES))]
+    return _module(task_type).validate_spec(spec)
+
+
+def build_task(spec: Mapping) -> Task:
+    """Build the task; raises :class:`lora_tune.errors.ConfigError` naming the bad field."""
+    raise_problems(validate_task_spec(spec), spec)
+    return _module(spec["type"]).build(dict(spec))
