@@ -40,6 +40,10 @@ def worker(name: str, storage_url: str | None, jobs: int, n_trials: int | None, 
 
     st.install_log_masking()
     logging.getLogger("lora_tune").setLevel(logging.WARNING if quiet else logging.INFO)
+    if quiet:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     if n_trials is not None and n_trials < 1:
         raise ConfigError("--n-trials", n_trials, "an integer >= 1")
     if timeout is not None and timeout <= 0:
@@ -103,20 +107,46 @@ def _load(name: str, url: str, *, plain: bool) -> tuple[Any, Any]:
         return runner.load_study(name, url)
     storage = st.open_storage(url)
     try:
-        return optuna.load_study(study_name=name, storage=storage), None
+        study = optuna.load_study(study_name=name, storage=storage)
+        sampler = _plain_sampler(study.user_attrs.get("sampler"))
+        if sampler is not None:
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        return study, study.user_attrs.get("spec")
     except KeyError:
         available = [s.study_name for s in storage.get_all_studies()]
         st.dispose_storage(storage)
         raise StudyNotFoundError(name, st.mask_url(url), available) from None
 
 
+def _plain_sampler(options: Any) -> Any:
+    """The sampler a plain study names in its ``sampler`` user attribute (TPE when absent).
+
+    ``{"type": "grid", "search_space": {...}}``, ``{"type": "random", "seed": 0}`` or
+    ``{"type": "tpe", "seed": 0}``.
+    """
+    import optuna
+
+    if options is None:
+        return None
+    kind = options.get("type") if isinstance(options, dict) else None
+    seed = options.get("seed") if isinstance(options, dict) else None
+    if kind == "grid" and isinstance(options.get("search_space"), dict):
+        return optuna.samplers.GridSampler(options["search_space"], seed=seed)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    raise ConfigError("study user attribute sampler", options,
+                      "{type: grid, search_space: {...}} | {type: random} | {type: tpe}")
+
+
 def _spec_settings(spec: Any) -> dict[str, Any]:
-    section = getattr(spec, "study", None)
-    return {
-        "heartbeat_interval": getattr(section, "heartbeat_interval", None),
-        "grace_period": getattr(section, "grace_period", None),
-        "failed_trial_retries": getattr(section, "failed_trial_retries", None),
-    }
+    """Heartbeat settings of the study file (a StudySpec, or its stored dict form)."""
+    section = spec.get("study") if isinstance(spec, dict) else getattr(spec, "study", None)
+    keys = ("heartbeat_interval", "grace_period", "failed_trial_retries")
+    if isinstance(section, dict):
+        return {key: section.get(key) for key in keys}
+    return {key: getattr(section, key, None) for key in keys}
 
 
 def _import_objective(path: str) -> Callable[..., Any]:
