@@ -1,0 +1,309 @@
+"""The PEFT (0.21) LoRA adapter format, written and read without importing peft.
+
+A PEFT adapter directory holds ``adapter_config.json`` (``peft_type: "LORA"``, ``r``,
+``lora_alpha``, ``target_modules``, ``rank_pattern`` / ``alpha_pattern`` as regexes matched
+against the end of module names, ...) and ``adapter_model.safetensors`` with keys
+
+* ``base_model.model.<module>.lora_A.weight`` (r x in; conv: r x in x *k) and ``.lora_B.weight``
+  (out x r; conv: out x r x 1...) for Linear, GPT-2 Conv1D (``fan_in_fan_out``) and Conv;
+* ``base_model.model.<module>.lora_embedding_A`` (r x vocab) / ``lora_embedding_B`` (dim x r);
+* biases and ``modules_to_save`` state under their model names with the same prefix.
+
+Without the ``base_model.model.`` prefix PEFT silently keeps its random init, so writing it is
+mandatory and reading a file without it is refused.
+
+A fused qkv layer with all of q, k, v adapted (GPT-2's ``c_attn``) is written as one pair of
+rank 3r whose B is block-diagonal -- the same function. Layers PEFT computes differently from
+lora-tune are refused with the reason.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_tune.errors import AdapterFormatError, ConfigError
+from lora_tune.lora.config import LoraConfig
+from lora_tune.lora.layers import LoraMultiheadAttention
+from lora_tune.lora.state import (
+    LoadPlan,
+    Site,
+    adapted_sites,
+    check_tensors,
+    exact_targets,
+    expected_after_inject,
+    lora_state_dict,
+)
+from lora_tune.lora.targets import is_fused_qkv, parse_pattern, supported_kind
+
+PEFT_PREFIX = "base_model.model."
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_INITS_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
+_UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "target_parameters", "trainable_token_indices",
+                       "layer_replication", "alora_invocation_tokens", "use_qalora", "layers_to_transform")
+_SUGGEST = " Save it with format='lora-tune' instead (lora_tune.load_adapter reads it back)."
+
+
+# -- writing ------------------------------------------------------------------------------------
+def _conv_reason(base: nn.Module) -> str | None:
+    if base.groups != 1:
+        return f"Conv with groups={base.groups}: PEFT factors grouped convs differently (A over all input channels)"
+    if any(d != 1 for d in base.dilation):
+        return f"Conv with dilation={base.dilation}: PEFT's LoRA conv ignores dilation"
+    if base.padding_mode != "zeros":
+        return f"Conv with padding_mode={base.padding_mode!r}: PEFT's LoRA conv ignores padding_mode"
+    return None
+
+
+def _unrepresentable(site: Site, init: str) -> str | None:
+    if site.kind == "mha":
+        return ("nn.MultiheadAttention: PEFT 0.21 applies its out_proj delta twice (W + 2*dW) and has no "
+                "per-part q/k/v selection, so PeftModel would compute a different function")
+    if site.kind == "fused" and len(site.parts) != 3:
+        return (f"fused qkv with enable_lora parts {list(site.parts)}: PEFT has no per-part LoRA; it would "
+                "adapt (and train) the disabled parts too")
+    if site.kind == "conv" and (why := _conv_reason(site.wrapper.base_layer)):
+        return why
+    if init == "pissa" and site.kind not in ("linear", "conv1d_gpt2"):
+        return f"init='pissa' on a {site.kind} layer: PEFT would rebuild the PiSSA residual differently"
+    return None
+
+
+def _peft_rank(site: Site) -> int:
+    return site.r * len(site.parts) if site.kind == "fused" else site.r
+
+
+def _peft_alpha(site: Site, rslora: bool) -> float:
+    if site.kind != "fused":
+        return site.alpha
+    rank = _peft_rank(site)
+    return site.scaling * (math.sqrt(rank) if rslora else rank)
+
+
+def _block_diagonal_B(B: torch.Tensor, groups: int, r: int) -> torch.Tensor:
+    p = B.shape[0] // groups
+    full = B.new_zeros(B.shape[0], groups * r)
+    for i in range(groups):
+        full[i * p:(i + 1) * p, i * r:(i + 1) * r] = B[i * p:(i + 1) * p]
+    return full
+
+
+def _outermost(names: list[str]) -> list[str]:
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def to_peft(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: dict[str, torch.Tensor],
+            base_model_name_or_path: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    problems = [f"{s.name}: {why}" for s in sites if (why := _unrepresentable(s, cfg.init))]
+    if problems:
+        raise AdapterFormatError("format='peft' cannot represent these layers faithfully: "
+                                 + "; ".join(problems) + "." + _SUGGEST)
+    by_name = {s.name: s for s in sites}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        module, _, leaf = key.rpartition(".")
+        site = by_name.get(module)
+        if site is None or leaf not in ("lora_A", "lora_B"):
+            out[PEFT_PREFIX + key] = t
+        elif site.kind == "embedding":
+            out[f"{PEFT_PREFIX}{module}.lora_embedding_{leaf[-1]}"] = t
+        elif site.kind == "fused" and leaf == "lora_B":
+            out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = _block_diagonal_B(t, len(site.parts), site.r)
+        else:
+            out[f"{PEFT_PREFIX}{module}.{leaf}.weight"] = t
+    rank_pattern = {re.escape(s.name): _peft_rank(s) for s in sites if _peft_rank(s) != cfg.rank}
+    alpha_pattern = {re.escape(s.name): _peft_alpha(s, cfg.rslora) for s in sites
+                     if _peft_alpha(s, cfg.rslora) != cfg.alpha}
+    save_patterns = [parse_pattern(p, "modules_to_save") for p in cfg.modules_to_save]
+    saved = _outermost([n for n, _ in model.named_modules() if n and any(p.matches(n) for p in save_patterns)])
+    if base_model_name_or_path is None:
+        hf_config = getattr(model, "config", None)
+        base_model_name_or_path = getattr(hf_config, "name_or_path", None) or getattr(hf_config, "_name_or_path", None) or None
+    meta = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": [s.name for s in sites],
+        "exclude_modules": None,
+        "use_rslora": cfg.rslora,
+        "bias": cfg.bias,
+        "modules_to_save": saved or None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "fan_in_fan_out": any(s.kind in ("conv1d_gpt2",) or (s.kind == "fused" and s.wrapper.transposed) for s in sites),
+        "init_lora_weights": _INITS_TO_PEFT[cfg.init],
+        "inference_mode": True,
+        "use_dora": False,
+        "lora_bias": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+    return meta, out, PEFT_WEIGHTS
+
+
+# -- reading ------------------------------------------------------------------------------------
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _split_keys(tensors: dict[str, torch.Tensor], source: str):
+    """PEFT keys -> ({module: {"A": t, "B": t, "embedding": bool}}, {model key: t})."""
+    bad = sorted(k for k in tensors if not k.startswith(PEFT_PREFIX))
+    if bad:
+        raise AdapterFormatError(
+            f"{source}: {len(bad)} key(s) lack the {PEFT_PREFIX!r} prefix PEFT requires (e.g. {bad[0]!r}); PEFT "
+            "would silently ignore them and keep random LoRA weights, so lora-tune refuses the file")
+    pairs: dict[str, dict[str, Any]] = {}
+    other: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        rest = key[len(PEFT_PREFIX):]
+        m = re.fullmatch(r"(?P<mod>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))", rest)
+        if m:
+            entry = pairs.setdefault(m["mod"], {})
+            entry[m["ab"] or m["eab"]] = t
+            entry["embedding"] = m["eab"] is not None
+        elif ".lora_" in rest or rest.startswith("lora_"):
+            raise AdapterFormatError(f"{source}: key {key!r} is a PEFT LoRA variant lora-tune does not support")
+        else:
+            other[rest] = t
+    for mod, entry in pairs.items():
+        if "A" not in entry or "B" not in entry:
+            raise AdapterFormatError(f"{source}: module {mod!r} has only one of its lora_A / lora_B tensors")
+    return pairs, other
+
+
+def _check_peft_fields(meta: dict, source: str) -> str:
+    used = [f for f in _UNSUPPORTED_FIELDS if meta.get(f)]
+    if used:
+        raise AdapterFormatError(f"{source}: PEFT options lora-tune does not support: " + ", ".join(
+            f"{f}={meta[f]!r}" for f in used))
+    init = meta.get("init_lora_weights", True)
+    if init in (True, False, "kaiming", "true", None):
+        return "kaiming"
+    if init == "gaussian":
+        return "gaussian"
+    if isinstance(init, str) and init == "pissa":
+        return "pissa"
+    raise AdapterFormatError(f"{source}: init_lora_weights={init!r}; lora-tune reads True, 'gaussian' or 'pissa'")
+
+
+def _refuse_mha(model: nn.Module, names: list[str], source: str) -> None:
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules.get(name)
+        base = getattr(module, "base_layer", module)
+        if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and (why := _conv_reason(base)):
+            raise AdapterFormatError(f"{source}: module {name!r}: {why}, so PEFT's adapter means something else "
+                                     "there than lora-tune would compute")
+        if ".base_layer." in f".{name}." or isinstance(module, (nn.MultiheadAttention, LoraMultiheadAttention)):
+            raise AdapterFormatError(
+                f"{source}: module {name!r} is (part of) an nn.MultiheadAttention; PEFT 0.21 applies its out_proj "
+                "delta twice, so this adapter cannot be reproduced faithfully")
+
+
+def _unblock(A: torch.Tensor, B: torch.Tensor, site: Site, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A PEFT pair over a fused qkv layer -> lora-tune's per-part factors, if B is block-diagonal."""
+    on = [i for i, p in enumerate("qkv") if p in site.parts]
+    g, r = len(on), site.r
+    p = B.shape[0] // 3
+    if A.shape[0] != g * r or B.shape[1] != g * r:
+        raise AdapterFormatError(
+            f"{source}: {site.name!r} has one PEFT pair of rank {A.shape[0]} but the model adapts it as {g} fused parts "
+            f"of rank {r}; load into a model without LoRA layers so lora-tune adapts it as PEFT did")
+    ours = B.new_zeros(g * p, r)
+    mask = torch.ones_like(B, dtype=torch.bool)
+    for k, i in enumerate(on):
+        ours[k * p:(k + 1) * p] = B[i * p:(i + 1) * p, k * r:(k + 1) * r]
+        mask[i * p:(i + 1) * p, k * r:(k + 1) * r] = False
+    if torch.any(B[mask] != 0):
+        raise AdapterFormatError(
+            f"{source}: {site.name!r}: the PEFT lora_B is not block-diagonal over the q/k/v parts, so it cannot be "
+            "loaded into per-part fused LoRA; load into a model without LoRA layers instead")
+    return A, ours
+
+
+def peft_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], source: str) -> LoadPlan:
+    init = _check_peft_fields(meta, source)
+    pairs, other = _split_keys(tensors, source)
+    if not pairs:
+        raise AdapterFormatError(f"{source}: no lora_A / lora_B tensors in {PEFT_WEIGHTS}")
+    _refuse_mha(model, list(pairs), source)
+    rslora = bool(meta.get("use_rslora", False))
+    try:
+        base_r, base_alpha = int(meta["r"]), float(meta["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise AdapterFormatError(f"{source}: adapter_config.json needs numeric 'r' and 'lora_alpha'") from None
+    ranks, alphas = {}, {}
+    for mod, e in pairs.items():
+        ranks[mod] = int(e["A"].shape[0])
+        declared = int(_pattern_value(meta.get("rank_pattern"), mod, base_r))
+        if ranks[mod] != declared or e["B"].shape[1] != ranks[mod]:
+            raise AdapterFormatError(f"{source}: {mod!r}: config says rank {declared}, tensors have "
+                                     f"lora_A {tuple(e['A'].shape)} and lora_B {tuple(e['B'].shape)}")
+        alphas[mod] = float(_pattern_value(meta.get("alpha_pattern"), mod, base_alpha))
+    scale = {m: alphas[m] / (math.sqrt(ranks[m]) if rslora else ranks[m]) for m in pairs}
+
+    sites = adapted_sites(model)
+    mapped = dict(other)
+    if sites:
+        have = {s.name: s for s in sites}
+        missing, extra = sorted(set(pairs) - set(have)), sorted(set(have) - set(pairs))
+        if missing or extra:
+            raise AdapterFormatError(f"{source}: the PEFT adapter adapts other modules than the model; only in the "
+                                     f"adapter: {missing}; only in the model: {extra}")
+        for mod, e in pairs.items():
+            site = have[mod]
+            if e["embedding"] != (site.kind == "embedding"):
+                raise AdapterFormatError(f"{source}: {mod!r} is a {site.kind} layer in the model but the adapter "
+                                         f"stores {'embedding' if e['embedding'] else 'linear/conv'} factors")
+            if not math.isclose(site.scaling, scale[mod], rel_tol=1e-6):
+                raise AdapterFormatError(f"{source}: {mod!r} has scaling {site.scaling:g} in the model but "
+                                         f"{scale[mod]:g} in the adapter (r, lora_alpha, use_rslora)")
+            A, B = _unblock(e["A"], e["B"], site, source) if site.kind == "fused" else (e["A"], e["B"])
+            mapped[f"{mod}.lora_A"], mapped[f"{mod}.lora_B"] = A, B
+        expected = {**{k: t.shape for k, t in model.state_dict(keep_vars=True).items()},
+                    **{k: p.shape for k, p in model.named_parameters()}}
+        check_tensors(mapped, expected, set(lora_state_dict(model)), source)
+        return LoadPlan(mapped)
+
+    modules = dict(model.named_modules())
+    unknown = sorted(m for m in pairs if m not in modules)
+    if unknown:
+        raise AdapterFormatError(f"{source}: the adapter names modules this model does not have: {unknown[:8]}")
+    plain_fused = tuple(m for m in pairs if supported_kind(modules[m]) in ("linear", "conv1d_gpt2")
+                        and is_fused_qkv(m, modules[m]))
+    bias = meta.get("bias", "none")
+    save = meta.get("modules_to_save") or []
+    try:
+        cfg = LoraConfig(
+            rank=base_r, alpha=base_alpha, dropout=float(meta.get("lora_dropout", 0.0) or 0.0),
+            targets=exact_targets([(m, None) for m in pairs]), rslora=rslora, init=init,
+            rank_pattern={"re:" + re.escape(m): ranks[m] for m in pairs},
+            alpha_pattern={"re:" + re.escape(m): alphas[m] for m in pairs},
+            bias=bias if bias in ("none", "all", "lora_only") else "none",
+            modules_to_save=list(save) if isinstance(save, (list, tuple)) else [save],
+        )
+    except ConfigError as exc:
+        raise AdapterFormatError(f"{source}: adapter_config.json has a value lora-tune cannot use: {exc}") from None
+    for mod, e in pairs.items():
+        mapped[f"{mod}.lora_A"], mapped[f"{mod}.lora_B"] = e["A"], e["B"]
+    names = list(pairs)
+    expected = expected_after_inject(model, cfg, names, plain_fused)
+    check_tensors(mapped, expected, {k for k in expected if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}, source)
+    if save:
+        missing = [p for p in cfg.modules_to_save
+                   if not any(parse_pattern(p, "modules_to_save").matches(n) for n in modules if n)]
+        if missing:
+            raise AdapterFormatError(f"{source}: modules_to_save {missing} are not modules of this model")
+    return LoadPlan(mapped, config=cfg, plain_fused=plain_fused)

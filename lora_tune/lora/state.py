@@ -1,0 +1,416 @@
+"""Adapter weights: the LoRA-only state dict, and saving / loading it.
+
+Two on-disk formats, both a directory holding a JSON config and one safetensors file (never
+pickle):
+
+* ``lora-tune``: ``adapter_config.json`` (format version, lora-tune version, the LoraConfig,
+  the resolved target names with part selectors, and per-module rank / alpha / scaling) and
+  ``adapter.safetensors`` whose keys are the model's own parameter names
+  (``encoder.layer.0.attention.self.query.lora_A``).
+* ``peft``: what ``peft.PeftModel.save_pretrained`` writes and ``PeftModel.from_pretrained``
+  reads -- see :mod:`lora_tune.lora.peft_format`.
+
+``load_adapter`` detects the format. It loads into a model that already carries LoRA layers,
+or injects them first from the saved config. Every check (keys, shapes, scaling) happens
+before anything is changed, so a refused adapter leaves the model as it was.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_tune.errors import AdapterFormatError, ConfigError
+from lora_tune.lora.config import LoraConfig
+from lora_tune.lora.inject import inject, lora_layers
+from lora_tune.lora.layers import LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention
+from lora_tune.lora.targets import parse_pattern
+
+__all__ = ["lora_state_dict", "save_adapter", "load_adapter", "FORMATS"]
+
+FORMATS = ("lora-tune", "peft")
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+LORA_SUFFIXES = ("lora_A", "lora_B")
+
+
+# -- what is adapted ----------------------------------------------------------------------------
+@dataclass
+class Site:
+    """One adapted module: its name, wrapper family, rank, alpha, scaling and parts."""
+
+    name: str
+    wrapper: nn.Module
+    kind: str                      # linear | fused | conv1d_gpt2 | embedding | conv | mha
+    r: int
+    alpha: float
+    scaling: float
+    parts: tuple[str, ...] | None  # q/k/v for fused qkv; q/k/v/o for MultiheadAttention
+
+    @property
+    def selector_name(self) -> str:
+        return f"{self.name}[{','.join(self.parts)}]" if self.parts else self.name
+
+    def meta(self) -> dict[str, Any]:
+        base = self.wrapper.base_layer
+        return {"kind": self.kind, "type": type(base).__name__, "r": self.r, "alpha": self.alpha,
+                "scaling": self.scaling, "parts": list(self.parts) if self.parts else None}
+
+
+def adapted_sites(model: nn.Module) -> list[Site]:
+    sites = []
+    for name, w in lora_layers(model):
+        if isinstance(w, LoraMultiheadAttention):
+            parts = tuple(p for p, on in zip("qkv", w.in_parts or ()) if on) + (("o",) if w.adapt_out else ())
+            kind = "mha"
+        elif isinstance(w, LoraLinear):
+            parts = tuple(p for p, on in zip("qkv", w.parts) if on) if w.parts else None
+            kind = "fused" if parts else ("conv1d_gpt2" if w.transposed else "linear")
+        elif isinstance(w, LoraEmbedding):
+            parts, kind = None, "embedding"
+        elif isinstance(w, LoraConv):
+            parts, kind = None, "conv"
+        else:  # pragma: no cover - a new wrapper family without a save rule
+            raise AdapterFormatError(f"module {name!r}: no save rule for {type(w).__name__}")
+        sites.append(Site(name, w, kind, int(w.r), float(w.lora_alpha), float(w.scaling), parts))
+    return sites
+
+
+def _model_config(model: nn.Module, config: LoraConfig | None) -> LoraConfig | None:
+    if config is not None and not isinstance(config, LoraConfig):
+        raise ConfigError("config", type(config).__name__, "a lora_tune.LoraConfig or None")
+    return config if config is not None else getattr(model, "_lora_tune_config", None)
+
+
+def _is_lora_key(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in LORA_SUFFIXES
+
+
+# -- the state dict -----------------------------------------------------------------------------
+def lora_state_dict(model: nn.Module, config: LoraConfig | None = None) -> dict[str, torch.Tensor]:
+    """Every ``lora_A`` / ``lora_B`` of the model, plus the biases that ``config.bias`` makes
+    trainable and the whole state of ``config.modules_to_save``, keyed by the model's own names.
+
+    The config is ``config`` or the one ``inject`` recorded on the model; without either, the
+    extra entries are the trainable parameters that are not LoRA factors."""
+    config = _model_config(model, config)
+    out: dict[str, torch.Tensor] = {}
+    params = dict(model.named_parameters())
+    for key, p in params.items():
+        if _is_lora_key(key):
+            out[key] = p.detach()
+    if config is None:
+        out.update({k: p.detach() for k, p in params.items() if p.requires_grad and k not in out})
+        return out
+    if config.bias == "all":
+        out.update({k: p.detach() for k, p in params.items() if k.endswith("bias")})
+    elif config.bias == "lora_only":
+        for name, wrapper in lora_layers(model):
+            for k, p in wrapper.named_parameters(prefix=name):
+                if k.endswith("bias"):
+                    out[k] = p.detach()
+    patterns = [parse_pattern(p, "modules_to_save") for p in config.modules_to_save]
+    for name, module in model.named_modules():
+        if name and any(p.matches(name) for p in patterns):
+            out.update({k: t.detach() for k, t in module.state_dict(prefix=name + ".").items()})
+    return out
+
+
+def config_for(model: nn.Module, sites: list[Site], config: LoraConfig | None) -> LoraConfig:
+    """The config to record: the given/recorded one, or one reconstructed from the wrappers."""
+    config = _model_config(model, config)
+    if config is not None:
+        return config
+    ranks = Counter(s.r for s in sites)
+    rank = ranks.most_common(1)[0][0]
+    alpha = Counter(s.alpha for s in sites if s.r == rank).most_common(1)[0][0]
+    rslora = any(s.r > 1 and math.isclose(s.scaling, s.alpha / math.sqrt(s.r)) for s in sites)
+    first = sites[0].wrapper
+    quant = None
+    for s in sites:
+        q = s.wrapper.base_weight_q
+        q = next(iter(q.values()), None) if isinstance(q, nn.ModuleDict) else q
+        if q is not None:
+            quant = q
+            break
+    extras = [k for k, p in model.named_parameters() if p.requires_grad and not _is_lora_key(k)]
+    biases = [k for k in extras if k.endswith("bias")]
+    owners = sorted({k.rsplit(".", 1)[0] for k in extras if not k.endswith("bias")})
+    all_biases = [k for k, _ in model.named_parameters() if k.endswith("bias")]
+    bias = "none" if not biases else ("all" if len(biases) == len(all_biases) else "lora_only")
+    return LoraConfig(
+        rank=rank, alpha=alpha, dropout=float(getattr(first, "dropout_p", 0.0)),
+        targets=[s.selector_name for s in sites], method=first.method,
+        quant_bits=quant.bits if quant is not None else None,
+        quant_type=quant.quant_type if quant is not None and quant.bits == 4 else "nf4",
+        double_quant=bool(getattr(getattr(quant, "_state", None), "nested", True)),
+        rslora=rslora, bias=bias, modules_to_save=["re:" + re.escape(o) for o in owners],
+    )
+
+
+# -- saving -------------------------------------------------------------------------------------
+def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "lora-tune",
+                 config: LoraConfig | None = None, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter of ``model`` to the directory ``path`` (created if needed).
+
+    ``format="lora-tune"`` keeps everything lora-tune can express; ``format="peft"`` writes what
+    ``peft.PeftModel.from_pretrained`` loads with identical outputs, and refuses (with
+    AdapterFormatError) layers PEFT cannot represent faithfully. Returns the directory."""
+    if format not in FORMATS:
+        raise ConfigError("format", format, "one of " + ", ".join(repr(f) for f in FORMATS))
+    sites = adapted_sites(model)
+    if not sites:
+        raise AdapterFormatError("the model has no LoRA layers to save; call lora_tune.inject(model, config) first")
+    cfg = config_for(model, sites, config)
+    tensors = lora_state_dict(model, cfg)
+    if format == "peft":
+        from lora_tune.lora.peft_format import to_peft  # noqa: PLC0415
+
+        meta, tensors, weights_file = to_peft(model, sites, cfg, tensors, base_model_name_or_path)
+    else:
+        from lora_tune import __version__  # noqa: PLC0415
+
+        meta = {
+            "format": "lora-tune", "format_version": FORMAT_VERSION, "lora_tune_version": __version__,
+            "lora_config": cfg.to_dict(), "target_modules": [s.selector_name for s in sites],
+            "modules": {s.name: s.meta() for s in sites}, "extra_keys": sorted(k for k in tensors if not _is_lora_key(k)),
+        }
+        weights_file = WEIGHTS_FILE
+    return _write(Path(path), meta, tensors, weights_file)
+
+
+def _write(path: Path, meta: dict, tensors: dict[str, torch.Tensor], weights_file: str) -> Path:
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    if path.exists() and not path.is_dir():
+        raise AdapterFormatError(f"{path} exists and is not a directory; save_adapter writes a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    plain = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+    tmp_w = path / f".{weights_file}.{os.getpid()}.tmp"
+    tmp_c = path / f".{CONFIG_FILE}.{os.getpid()}.tmp"
+    try:
+        save_file(plain, str(tmp_w), metadata={"format": "pt"})
+        tmp_c.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp_w, path / weights_file)
+        os.replace(tmp_c, path / CONFIG_FILE)
+    finally:
+        for tmp in (tmp_w, tmp_c):
+            if tmp.exists():
+                tmp.unlink()
+    return path
+
+
+# -- loading ------------------------------------------------------------------------------------
+def read_adapter(path: str | os.PathLike) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(format, config dict, tensors) of an adapter directory, checked for shape only."""
+    from safetensors import SafetensorError  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    path = Path(path)
+    cfg_path = path / CONFIG_FILE
+    if not path.is_dir() or not cfg_path.is_file():
+        raise AdapterFormatError(f"{path}: not an adapter directory (expected {CONFIG_FILE} inside it)")
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AdapterFormatError(f"{cfg_path}: not readable JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise AdapterFormatError(f"{cfg_path}: expected a JSON object")
+    if "peft_type" in meta:
+        fmt, weights = "peft", "adapter_model.safetensors"
+        if meta["peft_type"] != "LORA":
+            raise AdapterFormatError(f"{cfg_path}: peft_type {meta['peft_type']!r}; only 'LORA' adapters can be loaded")
+    elif meta.get("format") == "lora-tune":
+        fmt, weights = "lora-tune", WEIGHTS_FILE
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise AdapterFormatError(
+                f"{cfg_path}: format_version {meta.get('format_version')!r}; this lora-tune reads version {FORMAT_VERSION}")
+    else:
+        raise AdapterFormatError(f"{cfg_path}: neither a lora-tune adapter (\"format\": \"lora-tune\") nor a PEFT one (\"peft_type\")")
+    w_path = path / weights
+    if not w_path.is_file():
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" Found {pickled}: pickled weights are never loaded; re-save them as safetensors." if pickled else ""
+        raise AdapterFormatError(f"{path}: missing {weights}.{hint}")
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFormatError(f"{w_path}: not a readable safetensors file ({exc})") from None
+    return fmt, meta, tensors
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an adapter directory (lora-tune or PEFT format, detected) into ``model``.
+
+    If the model has no LoRA layers yet they are injected from the saved config first. Keys,
+    shapes and scaling are checked against the model before anything is copied; any mismatch
+    raises AdapterFormatError naming the missing / unexpected keys or the shape. Returns the model."""
+    fmt, meta, tensors = read_adapter(path)
+    if fmt == "peft":
+        from lora_tune.lora.peft_format import peft_plan  # noqa: PLC0415
+
+        plan = peft_plan(model, meta, tensors, str(path))
+    else:
+        plan = _lora_tune_plan(model, meta, tensors, str(path))
+    plan.apply(model)
+    return model
+
+
+@dataclass
+class LoadPlan:
+    """What load_adapter will do once every check has passed."""
+
+    tensors: dict[str, torch.Tensor]     # model key -> value
+    config: LoraConfig | None = None     # inject this first (the model has no LoRA layers yet)
+    plain_fused: tuple[str, ...] = ()    # fused qkv names to adapt as one plain pair (PEFT adapters)
+
+    def apply(self, model: nn.Module) -> None:
+        if self.config is not None:
+            inject_exact(model, self.config, self.plain_fused)
+        merged = [w for _, w in lora_layers(model) if w.merged]
+        for w in merged:
+            w.unmerge()
+        targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        with torch.no_grad():
+            for key, value in self.tensors.items():
+                targets[key].copy_(value.to(dtype=targets[key].dtype, device=targets[key].device))
+        for w in merged:
+            w.merge()
+
+
+def exact_targets(names_with_parts: list[tuple[str, tuple[str, ...] | None]]) -> list[str]:
+    return ["re:" + re.escape(n) + (f"[{','.join(p)}]" if p else "") for n, p in names_with_parts]
+
+
+def inject_exact(model: nn.Module, config: LoraConfig, plain_fused: tuple[str, ...] = ()) -> None:
+    """inject(), then (for PEFT adapters) turn the named fused qkv wrappers into one plain pair."""
+    inject(model, config)
+    modules = dict(model.named_modules())
+    for name in plain_fused:
+        old = modules[name]
+        new = LoraLinear(old.base_layer, old.r, old.lora_alpha, transposed=old.transposed,
+                         rslora=config.rslora, dropout=config.dropout, method=config.method)
+        new.scaling = old.scaling
+        new.base_weight_q = old.base_weight_q
+        new.to(old.lora_A.device)
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, new)
+    model._lora_tune_config = config
+
+
+def expected_after_inject(model: nn.Module, config: LoraConfig, names: list[str],
+                          plain_fused: tuple[str, ...] = ()) -> dict[str, torch.Size]:
+    """Parameter names and shapes the model would have after injecting ``config`` -- found by
+    injecting into a weightless (meta-device) copy of just the target modules."""
+    modules = dict(model.named_modules())
+    skeleton = nn.Module()
+    for name in names:
+        if name not in modules:
+            continue
+        module = modules[name]
+        memo: dict[int, Any] = {}
+        for t in list(module.parameters()) + list(module.buffers()):
+            meta_t = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta_t, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta_t
+        owner = skeleton
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        owner.add_module(leaf, copy.deepcopy(module, memo))
+    dry = LoraConfig.from_dict({**config.to_dict(), "quant_bits": None, "init": "kaiming",
+                                "modules_to_save": [], "bias": "none"})
+    try:
+        inject_exact(skeleton, dry, plain_fused)
+    except ConfigError as exc:
+        raise AdapterFormatError(f"the saved adapter does not fit this model: {exc}") from None
+    shapes = {k: p.shape for k, p in skeleton.named_parameters()}
+    # parameters of non-target modules keep their names
+    target_set = set(names)
+    for k, t in model.state_dict(keep_vars=True).items():
+        if not any(k.startswith(n + ".") for n in target_set):
+            shapes[k] = t.shape
+    return shapes
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], required: set[str],
+                  source: str, hint: str = "") -> None:
+    """Strict comparison of an adapter's tensors with what the model expects."""
+    missing = sorted(required - set(tensors))
+    unexpected = sorted(k for k in tensors if k not in expected)
+    shapes = sorted(f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k])}"
+                    for k, v in tensors.items() if k in expected and tuple(v.shape) != tuple(expected[k]))
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {_short(shapes)}")
+    if problems:
+        raise AdapterFormatError(f"{source}: adapter does not match the model; " + "; ".join(problems) + hint)
+
+
+def _short(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f" ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _lora_tune_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], source: str) -> LoadPlan:
+    modules_meta = meta.get("modules")
+    if not isinstance(modules_meta, dict) or not modules_meta:
+        raise AdapterFormatError(f"{source}: adapter_config.json has no 'modules' table")
+    try:
+        saved_cfg = LoraConfig.from_dict(meta["lora_config"])
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise AdapterFormatError(f"{source}: invalid lora_config in adapter_config.json ({exc})") from None
+    sites = adapted_sites(model)
+    if sites:
+        _check_sites(sites, modules_meta, source)
+        expected = {**{k: t.shape for k, t in model.state_dict(keep_vars=True).items()},
+                    **{k: p.shape for k, p in model.named_parameters()}}
+        required = set(lora_state_dict(model))
+        check_tensors(tensors, expected, required, source)
+        return LoadPlan(tensors)
+    names = list(modules_meta)
+    items = [(n, tuple(m["parts"]) if m.get("parts") else None) for n, m in modules_meta.items()]
+    cfg = LoraConfig.from_dict({
+        **saved_cfg.to_dict(), "targets": exact_targets(items), "exclude": [], "enable_lora": None,
+        "rank_pattern": {"re:" + re.escape(n): int(m["r"]) for n, m in modules_meta.items()},
+        "alpha_pattern": {"re:" + re.escape(n): float(m["alpha"]) for n, m in modules_meta.items()},
+    })
+    expected = expected_after_inject(model, cfg, names)
+    required = {k for k in expected if _is_lora_key(k)} | set(meta.get("extra_keys") or [])
+    check_tensors(tensors, expected, required, source)
+    return LoadPlan(tensors, config=cfg)
+
+
+def _check_sites(sites: list[Site], modules_meta: dict, source: str) -> None:
+    have = {s.name: s for s in sites}
+    missing = sorted(set(modules_meta) - set(have))
+    extra = sorted(set(have) - set(modules_meta))
+    if missing or extra:
+        raise AdapterFormatError(
+            f"{source}: the adapter adapts other modules than the model; only in the adapter: {_short(missing)}; "
+            f"only in the model: {_short(extra)}")
+    for name, m in modules_meta.items():
+        s = have[name]
+        saved_parts = tuple(m["parts"]) if m.get("parts") else None
+        if s.kind != m.get("kind") or s.parts != saved_parts or s.r != m.get("r"):
+            raise AdapterFormatError(
+                f"{source}: module {name!r} is adapted as {s.kind} r={s.r} parts={s.parts} in the model but as "
+                f"{m.get('kind')} r={m.get('r')} parts={saved_parts} in the adapter")
+        if not math.isclose(s.scaling, float(m.get("scaling", float("nan"))), rel_tol=1e-6):
+            raise AdapterFormatError(
+                f"{source}: module {name!r} has scaling {s.scaling:g} in the model but {m.get('scaling')} in the "
+                "adapter (alpha / rank / rslora differ); inject with the adapter's config or load into a fresh model")
