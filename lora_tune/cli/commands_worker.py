@@ -7,6 +7,7 @@ Start one per GPU, on as many machines as you like, all with the same ``--storag
 from __future__ import annotations
 
 import importlib
+import os
 import logging
 from typing import Any, Callable
 
@@ -86,11 +87,10 @@ def worker(name: str, storage_url: str | None, jobs: int, n_trials: int | None, 
             return
         from lora_tune.study import runner
 
-        try:
-            runner.optimize(study, spec, n_trials=n_trials, timeout=timeout)
-        except wk.BudgetReached:
-            pass
-        _summary(study, quiet, "worker done")
+        result = runner.optimize(study, spec, n_trials=n_trials, timeout=timeout)
+        _summary(study, quiet, f"this worker ran {result.trials_run} trial(s), stopped by {result.stop_reason}")
+        if result.stop_reason == "interrupted":
+            raise click.exceptions.Exit(130)
     finally:
         st.dispose_storage(storage)
 
@@ -104,7 +104,8 @@ def _load(name: str, url: str, *, plain: bool) -> tuple[Any, Any]:
     if not plain:
         from lora_tune.study import runner
 
-        return runner.load_study(name, url)
+        # its own sampler seed per process, so concurrent workers do not propose the same points
+        return runner.load_study(name, url, seed_offset=os.getpid())
     storage = st.open_storage(url)
     try:
         study = optuna.load_study(study_name=name, storage=storage)

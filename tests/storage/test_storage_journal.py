@@ -1,0 +1,74 @@
+"""Several processes on one machine: journal storage, `--jobs N`, and SQLite refused."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from optuna.trial import TrialState
+
+from lora_tune.study._resilient import WORKER_KEY
+from workerlib import HERE, REPO, by_state, finish, make_study, reload, start_workers
+
+pytestmark = pytest.mark.slow
+
+
+def test_eight_journal_workers_zero_errors(tmp_path):
+    url = f"journal:{tmp_path / 'study.log'}"
+    make_study(url, "eight", 32, sleep=0.05, steps=2)
+    results = finish(start_workers(url, "eight", 8), timeout=180)
+    for code, output in results:
+        assert code == 0, output
+        assert "Traceback" not in output and "Error" not in output, output
+    trials, _ = reload(url, "eight")
+    assert by_state(trials) == {"COMPLETE": 32}
+    assert sorted(t.number for t in trials) == list(range(32))
+    assert len({t.system_attrs[WORKER_KEY] for t in trials}) >= 4
+
+
+def _jobs(url: str, name: str, jobs: int) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return subprocess.Popen(
+        [sys.executable, "-m", "lora_tune.cli.main", "worker", name, "--storage", url, "--jobs", str(jobs),
+         "--objective", "worker_objectives:sleep_objective"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_jobs_recovers_a_killed_child(tmp_path):
+    """Journal files have no heartbeats: the --jobs parent re-queues a dead child's trial."""
+    url = f"journal:{tmp_path / 'jobs.log'}"
+    n = 6
+    study = make_study(url, "jobs", n, sleep=0.2, steps=5)
+    parent = _jobs(url, "jobs", 3)
+    deadline = time.monotonic() + 60
+    victim = None
+    while victim is None and time.monotonic() < deadline:
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.intermediate_values and WORKER_KEY in trial.system_attrs:
+                victim = trial
+                break
+        time.sleep(0.1)
+    assert victim is not None, "no trial started"
+    os.kill(int(victim.system_attrs[WORKER_KEY].rsplit(":", 1)[1]), signal.SIGKILL)
+    out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 1, out + err  # one child failed, and the parent says so
+    assert "re-queued trial(s) [" in err
+    trials, _ = reload(url, "jobs")
+    assert by_state(trials) == {"COMPLETE": n, "FAIL": 1}
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+
+
+def test_jobs_refuses_plain_sqlite(tmp_path):
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    make_study(url, "one", 4)
+    process = _jobs(url, "one", 4)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert "--jobs" in err and "journal:" in err and "postgresql" in err and "database is locked" in err
+    trials, _ = reload(url, "one")
+    assert trials == []  # nothing ran
