@@ -100,6 +100,7 @@ def save_best_adapter(
     config: Any = None,
     storage_url: str | None = None,
     artifact_dir: str | os.PathLike | None = None,
+    base_model_name_or_path: str | None = None,
     force: bool = False,
 ) -> str | None:
     """Save ``model``'s adapter as an artifact of ``trial`` when the trial is the best so far.
@@ -107,7 +108,8 @@ def save_best_adapter(
     Call it from the objective after the final evaluation, before returning ``value``.
     Returns the artifact id, or ``None`` when an earlier complete trial is at least as good
     (nothing is written). ``config`` is the trial's ``LoraConfig`` (written into both formats);
-    ``storage_url`` only picks the default artifact directory.
+    ``storage_url`` only picks the default artifact directory; ``base_model_name_or_path``
+    goes into PEFT's ``adapter_config.json``. ``force`` saves even when not the best.
     """
     study = trial.study
     if not force and not is_best_so_far(study, value, exclude_number=trial.number):
@@ -116,14 +118,15 @@ def save_best_adapter(
     store = open_artifact_store(directory)
     with tempfile.TemporaryDirectory(prefix="lora-tune-adapter-") as tmp:
         archive = Path(tmp) / f"{ADAPTER_PREFIX}{trial.number}.zip"
-        write_adapter_archive(model, archive, config=config)
+        write_adapter_archive(model, archive, config=config, base_model_name_or_path=base_model_name_or_path)
         artifact_id = upload_artifact(artifact_store=store, file_path=str(archive), study_or_trial=trial)
     if study.user_attrs.get("artifact_dir") != str(directory):
         study.set_user_attr("artifact_dir", str(directory))
     return artifact_id
 
 
-def write_adapter_archive(model: Any, archive: Path, *, config: Any = None) -> list[str]:
+def write_adapter_archive(model: Any, archive: Path, *, config: Any = None,
+                          base_model_name_or_path: str | None = None) -> list[str]:
     """Zip the adapter in both formats (``lora-tune/`` and ``peft/``); returns the formats written.
 
     A model that PEFT's format cannot describe still gets lora-tune's format; the reason is
@@ -136,7 +139,8 @@ def write_adapter_archive(model: Any, archive: Path, *, config: Any = None) -> l
         root = Path(tmp)
         for fmt in FORMATS:
             try:
-                save_adapter(model, root / fmt, format=fmt, config=config)
+                extra = {"base_model_name_or_path": base_model_name_or_path} if fmt == "peft" else {}
+                save_adapter(model, root / fmt, format=fmt, config=config, **extra)
                 manifest["formats"].append(fmt)
             except AdapterFormatError as exc:
                 if fmt == "lora-tune":

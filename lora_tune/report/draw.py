@@ -163,7 +163,7 @@ def draw_cost(d: dict[str, Any], title: str) -> go.Figure:
 
 
 def draw_curves(d: dict[str, Any], title: str) -> go.Figure:
-    fig = _layout(go.Figure(), f"{title} ({d['n_pruned']} pruned)", xaxis_title="step",
+    fig = _layout(go.Figure(), f"{title} ({d['n_pruned']} pruned)", xaxis_title="evaluation (report step)",
                   yaxis_title=d["metric"])
     if not d["curves"]:
         return _empty(fig, "no intermediate values reported yet")

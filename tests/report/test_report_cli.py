@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from lora_study_factory import make_lora_study
+from tests.report.lora_study_factory import make_lora_study
 from lora_tune.cli.main import cli
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -7,7 +7,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from lora_study_factory import DISTRIBUTIONS, add_trial, make_lora_study, trial_record
+from tests.report.lora_study_factory import DISTRIBUTIONS, add_trial, make_lora_study, trial_record
 from lora_tune.errors import ConfigError
 from lora_tune.report import data
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from lora_study_factory import make_lora_study
+from tests.report.lora_study_factory import make_lora_study
 from lora_tune.errors import ConfigError
 from lora_tune.report import build_report, definitions, load_definition, write_report
 from lora_tune.report.panels import PANELS
