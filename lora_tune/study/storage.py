@@ -202,7 +202,9 @@ def _open_journal(path: str) -> optuna.storages.BaseStorage:
 
 
 def _retry_callback(max_retry: int) -> Any:
-    return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
 
 def configure_heartbeat(

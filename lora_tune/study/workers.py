@@ -71,7 +71,7 @@ def run_worker(
     callbacks: Iterable[Callback] = (),
     catch: tuple[type[BaseException], ...] = (Exception,),
     wait_for_running: bool | None = None,
-    poll_interval: float = 1.0,
+    poll_interval: float = 0.5,
     reseed: bool = True,
     failed_trial_retries: int = 2,
 ) -> WorkerStats:

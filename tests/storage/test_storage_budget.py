@@ -1,0 +1,175 @@
+"""In-process checks of the worker loop: exact budget, stale trials, SIGTERM, lost connections."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from lora_tune.study import storage as st
+from lora_tune.study._resilient import BudgetReached, is_transient
+from lora_tune.study.workers import run_worker, study_budget
+from tcp_proxy import OutageProxy
+from workerlib import HERE, REPO, by_state, make_study, reload
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+
+
+def quick(trial: optuna.Trial) -> float:
+    x = trial.suggest_float("x", 0.0, 1.0)
+    trial.report(x, 0)
+    return x
+
+
+def test_budget_is_exact_with_threads(tmp_path):
+    url = f"sqlite:///{tmp_path / 'threads.db'}"
+    make_study(url, "threads", 13)
+    storage = st.open_storage(url)
+    stats = []
+
+    def work() -> None:
+        study = optuna.load_study(study_name="threads", storage=storage)
+        stats.append(run_worker(study, quick))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    st.dispose_storage(storage)
+    trials, _ = reload(url, "threads")
+    assert by_state(trials) == {"COMPLETE": 13}
+    assert sum(s.trials for s in stats) == 13 and all(s.budget_reached for s in stats)
+
+
+def test_budget_reached_writes_nothing(tmp_path):
+    url = f"journal:{tmp_path / 'j.log'}"
+    study = make_study(url, "full", 2)
+    assert study_budget(study) == 2
+    run_worker(study, quick)
+    study._storage.set_budget(study._study_id, 2)
+    with pytest.raises(BudgetReached, match="2 of 2"):
+        study.ask()
+    assert len(study.get_trials()) == 2
+
+
+def _abandoned_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """A trial whose worker vanished: started, params set, never finished, no more heartbeats."""
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    trial.report(0.5, 0)
+    return study._storage.get_trial(trial._trial_id)
+
+
+@pytest.mark.parametrize("retries, expected", [(2, {"COMPLETE": 3, "FAIL": 1}), (0, {"COMPLETE": 2, "FAIL": 1})])
+def test_stale_trial_is_failed_and_retried_with_same_params(tmp_path, retries, expected):
+    url = f"sqlite:///{tmp_path / 'stale.db'}"
+    study = make_study(url, "stale", 3)
+    st.configure_heartbeat(study._storage, heartbeat_interval=1, grace_period=1, failed_trial_retries=retries)
+    lost = _abandoned_trial(study)
+    time.sleep(2.2)  # past the grace period
+    stats = run_worker(study, quick, failed_trial_retries=retries)
+    trials = study.get_trials()
+    assert by_state(trials) == expected
+    assert trials[lost.number].state == TrialState.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]
+    assert len(retried) == (1 if retries else 0)
+    if retried:
+        assert retried[0].params == lost.params and retried[0].state == TrialState.COMPLETE
+    assert stats.budget_reached
+    st.dispose_storage(study._storage)
+
+
+def test_worker_waits_for_running_trials_of_others(tmp_path):
+    """Budget used but a trial still runs elsewhere: the worker waits, and runs its retry."""
+    url = f"sqlite:///{tmp_path / 'wait.db'}"
+    study = make_study(url, "wait", 2)
+    st.configure_heartbeat(study._storage, heartbeat_interval=1, grace_period=2)
+    lost = _abandoned_trial(study)  # a worker "elsewhere" that will die
+    start = time.monotonic()
+    stats = run_worker(study, quick, poll_interval=0.2)
+    assert time.monotonic() - start >= 1.5  # it waited for the stale trial to be detected
+    trials = study.get_trials()
+    assert by_state(trials) == {"COMPLETE": 2, "FAIL": 1}
+    assert any(t.system_attrs.get("failed_trial") == lost.number for t in trials)
+    assert stats.trials == 2
+    st.dispose_storage(study._storage)
+
+
+@pytest.mark.slow
+def test_sigterm_fails_trial_and_requeues_its_params(tmp_path):
+    url = f"sqlite:///{tmp_path / 'term.db'}"
+    study = make_study(url, "term", 3, sleep=0.3, steps=10)
+    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "lora_tune.cli.main", "worker", "term", "--storage", url,
+         "--objective", "worker_objectives:sleep_objective"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if running and running[0].intermediate_values:
+            break
+        time.sleep(0.1)
+    worker.send_signal(signal.SIGTERM)
+    out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 130, out + err
+    assert "re-queued trial(s) [0]" in out
+    trials, _ = reload(url, "term")
+    assert by_state(trials) == {"FAIL": 1, "WAITING": 1}
+    assert trials[1].params == trials[0].params and trials[1].system_attrs["failed_trial"] == 0
+
+
+@pytest.mark.postgres
+def test_lost_connection_is_retried_not_fatal(postgres_url):
+    """A real outage between worker and server: calls wait and succeed, nothing is lost."""
+    import sqlalchemy as sa
+
+    base = sa.engine.make_url(postgres_url)
+    proxy = OutageProxy((base.host or "127.0.0.1", base.port or 5432))
+    url = proxy.url(postgres_url)
+    try:
+        study = make_study(url, "outage", 3)
+        storage = study._storage
+        trial = study.ask()
+        trial.suggest_float("x", 0.0, 1.0)
+        proxy.cut()
+        threading.Timer(1.5, proxy.restore).start()
+        start = time.monotonic()
+        for step in range(3):
+            trial.report(float(step), step)  # during the outage: retried until the link is back
+        study.tell(trial, 1.0)
+        assert time.monotonic() - start >= 1.0
+        assert storage.retries >= 1
+        stats = run_worker(study, quick)
+        assert stats.trials == 2
+        trials, _ = reload(postgres_url, "outage")
+        assert by_state(trials) == {"COMPLETE": 3}
+        assert trials[0].intermediate_values == {0: 0.0, 1: 1.0, 2: 2.0}
+        st.dispose_storage(storage)
+    finally:
+        proxy.close()
+
+
+def test_transient_classification(tmp_path):
+    import sqlalchemy as sa
+
+    engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:1/x", connect_args={"connect_timeout": 2})
+    with pytest.raises(sa.exc.OperationalError) as refused:
+        engine.connect()
+    assert is_transient(refused.value)
+    sqlite = sa.create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    with sqlite.connect() as conn, pytest.raises(sa.exc.DBAPIError) as syntax:
+        conn.execute(sa.text("SELEC 1"))
+    assert not is_transient(syntax.value)
+    locked = sa.exc.OperationalError("UPDATE", {}, __import__("sqlite3").OperationalError("database is locked"))
+    assert is_transient(locked)
+    assert not is_transient(ValueError("x"))
