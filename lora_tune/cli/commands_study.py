@@ -1,8 +1,286 @@
-"""CLI commands: study (being written)."""
+"""CLI commands: ``validate``, ``run``, ``study create|optimize|list|show``.
+
+Thin layers over :mod:`lora_tune.study`: errors are lora-tune exceptions, which the root
+group turns into messages and exit codes (2 for bad input, 1 for other failures).
+"""
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
 import click
+from rich.console import Console
+from rich.table import Table
+
+STORAGE_HELP = ("Storage URL (sqlite:///file.db, postgresql+psycopg://user@host/db, journal:file.log). "
+                "Default: $LORA_TUNE_STORAGE, then the study file's study.storage, then sqlite:///lora_tune.db.")
 
 
 def register(cli: click.Group, study: click.Group) -> None:
     """Add this module's commands to the root group and the `study` group."""
+    cli.add_command(validate_cmd)
+    cli.add_command(run_cmd)
+    study.add_command(create_cmd)
+    study.add_command(optimize_cmd)
+    study.add_command(list_cmd)
+    study.add_command(show_cmd)
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+# -- validate ---------------------------------------------------------------------------------
+
+@click.command("validate")
+@click.argument("study_file", type=click.Path(dir_okay=False, path_type=Path))
+def validate_cmd(study_file: Path) -> None:
+    """Check STUDY_FILE; exit 0 when valid, 2 with every error otherwise.
+
+    Besides the schema, this builds the task (its data and pretrained model, cached) to check
+    metric names and that the baseline fits the search space. Nothing is written to a storage.
+    """
+    from lora_tune.study.runner import prepare_spec
+    from lora_tune.study.space import SearchSpace
+    from lora_tune.study.spec import load_spec_file
+
+    spec = load_spec_file(study_file)
+    resolved, _task, baseline = prepare_spec(spec)
+    space = SearchSpace.from_spec(resolved.search_space)
+    console = _console()
+    objective = ", ".join(f"{d} {m}" for m, d in zip(resolved.metrics, resolved.directions))
+    console.print(f"{study_file}: ok — study {resolved.study.name!r}, task {resolved.task.get('type')}, {objective}, "
+                  f"{resolved.study.n_trials} trials, sampler {resolved.study.sampler.type}, "
+                  f"pruner {resolved.study.pruner.type}")
+    sampled = [p.name for p in space.sampled]
+    fixed = [f"{p.key}={p.value}" for p in space.params if not p.sampled]
+    console.print(f"  searches: {', '.join(sampled) or '(nothing)'}" + (f"; fixed: {', '.join(fixed)}" if fixed else ""))
+    if baseline is not None:
+        console.print(f"  baseline: {baseline}")
+
+
+# -- study create -------------------------------------------------------------------------------
+
+@click.command("create")
+@click.argument("study_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--storage", default=None, help=STORAGE_HELP)
+@click.option("--name", default=None, help="Study name (default: the file's study.name).")
+@click.option("--resume", is_flag=True, help="Reuse the study if it exists (its trials are kept).")
+def create_cmd(study_file: Path, storage: str | None, name: str | None, resume: bool) -> None:
+    """Create the study described by STUDY_FILE (nothing is written if the file is invalid)."""
+    from lora_tune.study.runner import create_study
+    from lora_tune.study.spec import load_spec_file
+    from lora_tune.study.storage import mask_url, resolve_storage_url
+
+    spec = load_spec_file(study_file)
+    url = resolve_storage_url(storage, spec.study.storage)
+    with _quiet_optuna():
+        study = create_study(spec, url, name=name, resume=resume)
+    n = len(study.trials)
+    _console().print(f"study {study.study_name!r} ready in {mask_url(url)} ({n} trial(s) so far). "
+                     f"Run it with: lora-tune study optimize {study.study_name} --storage '{mask_url(url)}'")
+    _dispose(study)
+
+
+# -- study optimize / run ------------------------------------------------------------------------
+
+@click.command("optimize")
+@click.argument("name")
+@click.option("--storage", default=None, help=STORAGE_HELP.replace(", then the study file's study.storage", ""))
+@click.option("--n-trials", type=click.IntRange(min=1), default=None,
+              help="Run at most this many trials in this process (the study's budget still applies).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop starting trials after this many seconds.")
+def optimize_cmd(name: str, storage: str | None, n_trials: int | None, timeout: float | None) -> None:
+    """Run trials of study NAME in this process until its total budget is reached."""
+    from lora_tune.study.runner import load_study
+    from lora_tune.study.storage import resolve_storage_url
+
+    url = resolve_storage_url(storage, None)
+    _require_storage(url, name)
+    with _quiet_optuna():
+        study, spec = load_study(name, url)
+    _optimize_and_report(study, spec, url, n_trials, timeout)
+
+
+@click.command("run")
+@click.argument("study_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--storage", default=None, help=STORAGE_HELP)
+@click.option("--name", default=None, help="Study name (default: the file's study.name).")
+@click.option("--n-trials", type=click.IntRange(min=1), default=None,
+              help="Run at most this many trials in this process (the study's budget still applies).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop starting trials after this many seconds.")
+def run_cmd(study_file: Path, storage: str | None, name: str | None, n_trials: int | None, timeout: float | None) -> None:
+    """Create (or resume) the study in STUDY_FILE, optimize it, and print the best trial
+    and its gain over the baseline."""
+    from lora_tune.study.runner import create_study
+    from lora_tune.study.spec import load_spec_file, spec_from_stored
+    from lora_tune.study.storage import resolve_storage_url
+
+    spec = load_spec_file(study_file)
+    url = resolve_storage_url(storage, spec.study.storage)
+    with _quiet_optuna():
+        study = create_study(spec, url, name=name, resume=True)
+    _optimize_and_report(study, spec_from_stored(study.user_attrs["spec"]), url, n_trials, timeout)
+
+
+def _optimize_and_report(study: Any, spec: Any, url: str, n_trials: int | None, timeout: float | None) -> None:
+    from lora_tune.study.progress import StudyProgress, render_outcome, study_outcome
+    from lora_tune.study.runner import optimize, pruning_warning
+    from lora_tune.study.storage import mask_url
+
+    console = _console()
+    warning = pruning_warning(spec)
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"study {study.study_name!r} in {mask_url(url)}: budget {spec.study.n_trials} trials, "
+                  f"task {spec.task.get('type')}, sampler {spec.study.sampler.type}, pruner {spec.study.pruner.type}")
+    try:
+        with _quiet_optuna(), StudyProgress(study, spec, console) as progress:
+            result = optimize(study, spec, n_trials=n_trials, timeout=timeout, callbacks=[progress])
+        outcome = study_outcome(study, spec)
+        console.print(f"this process ran {result.trials_run} trial(s) in {result.seconds:.1f} s "
+                      f"(stopped: {_REASONS.get(result.stop_reason, result.stop_reason)})")
+        render_outcome(outcome, console)
+    finally:
+        _dispose(study)
+    if result.stop_reason in ("failures", "interrupted"):
+        raise click.exceptions.Exit(1)
+    if outcome.counts.get("COMPLETE", 0) == 0 and outcome.finished >= outcome.budget:
+        console.print("[red]no trial completed[/]; see the failed trials' fail_reason with `lora-tune study show`")
+        raise click.exceptions.Exit(1)
+
+
+_REASONS = {
+    "budget": "the study's trial budget is used",
+    "n_trials": "--n-trials reached",
+    "timeout": "timeout reached",
+    "failures": "too many failed trials in a row (study.max_consecutive_failures)",
+    "interrupted": "interrupted; run the same command again to resume",
+    "exhausted": "every grid point was evaluated",
+}
+
+
+# -- study list / show ---------------------------------------------------------------------------
+
+@click.command("list")
+@click.option("--storage", default=None, help=STORAGE_HELP.replace(", then the study file's study.storage", ""))
+def list_cmd(storage: str | None) -> None:
+    """List the studies in the storage."""
+    import optuna
+
+    from lora_tune.study.storage import dispose_storage, mask_url, open_storage, resolve_storage_url
+
+    url = resolve_storage_url(storage, None)
+    console = _console()
+    if not _storage_exists(url):
+        console.print(f"no studies in {mask_url(url)} (it does not exist yet)")
+        return
+    store = open_storage(url)
+    try:
+        with _quiet_optuna():
+            summaries = optuna.get_all_study_summaries(store, include_best_trial=True)
+        table = Table(title=f"studies in {mask_url(url)}")
+        for col in ("name", "objective", "trials", "complete", "pruned", "failed", "best", "started"):
+            table.add_column(col)
+        for s in sorted(summaries, key=lambda s: s.study_name):
+            spec = s.user_attrs.get("spec") or {}
+            budget = (spec.get("study") or {}).get("n_trials")
+            metrics = s.user_attrs.get("metrics") or [f"value{i}" for i in range(len(s.directions))]
+            objective = ", ".join(f"{d.name.lower()} {m}" for m, d in zip(metrics, s.directions))
+            trials = store.get_all_trials(s._study_id, deepcopy=False)
+            count = {st: sum(1 for t in trials if t.state.name == st) for st in ("COMPLETE", "PRUNED", "FAIL")}
+            best = ""
+            if s.best_trial is not None and len(s.directions) == 1:
+                best = f"{s.best_trial.value:.4g} (#{s.best_trial.number})"
+            table.add_row(s.study_name, objective, f"{s.n_trials}" + (f"/{budget}" if budget else ""),
+                          str(count["COMPLETE"]), str(count["PRUNED"]), str(count["FAIL"]), best,
+                          s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else "")
+        console.print(table if summaries else f"no studies in {mask_url(url)}")
+    finally:
+        dispose_storage(store)
+
+
+@click.command("show")
+@click.argument("name")
+@click.option("--storage", default=None, help=STORAGE_HELP.replace(", then the study file's study.storage", ""))
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Trials to list.")
+def show_cmd(name: str, storage: str | None, top: int) -> None:
+    """Show study NAME: its settings, outcome, and top trials."""
+    from lora_tune.study.progress import render_outcome, study_outcome, top_trials, trials_table
+    from lora_tune.study.runner import load_study
+    from lora_tune.study.storage import mask_url, resolve_storage_url
+
+    url = resolve_storage_url(storage, None)
+    _require_storage(url, name)
+    with _quiet_optuna():
+        study, spec = load_study(name, url)
+    try:
+        console = _console()
+        console.print(f"study {name!r} in {mask_url(url)}: task {spec.task.get('type')}, sampler "
+                      f"{spec.study.sampler.type}, pruner {spec.study.pruner.type}, budget {spec.study.n_trials}")
+        render_outcome(study_outcome(study, spec), console)
+        console.print(trials_table(top_trials(study, spec, top), spec.metrics, title=f"top {top} trials"))
+        failed = [t for t in study.get_trials(deepcopy=False) if t.state.name == "FAIL"]
+        for t in failed[-5:]:
+            console.print(f"trial {t.number} failed: {t.user_attrs.get('fail_reason', '?')}")
+    finally:
+        _dispose(study)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def _storage_exists(url: str) -> bool:
+    """False for an SQLite file or journal that does not exist (opening would create it)."""
+    from lora_tune.study.storage import is_journal_url, journal_path, storage_kind
+
+    if is_journal_url(url):
+        return os.path.exists(journal_path(url))
+    if storage_kind(url) == "sqlite":
+        path = url.split("://", 1)[1]
+        path = path[1:] if path.startswith("/") else path
+        return os.path.exists(path.split("?", 1)[0])
+    return True
+
+
+def _require_storage(url: str, name: str) -> None:
+    from lora_tune.errors import StudyNotFoundError
+    from lora_tune.study.storage import mask_url
+
+    if not _storage_exists(url):
+        raise StudyNotFoundError(name, mask_url(url) + " (does not exist)", [])
+
+
+def _dispose(study: Any) -> None:
+    from lora_tune.study.storage import dispose_storage
+
+    with contextlib.suppress(Exception):
+        dispose_storage(study._storage)
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Optuna's per-trial INFO/WARNING lines duplicate ours; keep its errors. Passwords masked."""
+    import optuna
+
+    from lora_tune.study.storage import install_log_masking
+
+    if not logging.getLogger("lora_tune").handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logging.getLogger("lora_tune").addHandler(handler)
+        logging.getLogger("lora_tune").setLevel(logging.WARNING)
+    install_log_masking()
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(previous)

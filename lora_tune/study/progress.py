@@ -1,0 +1,215 @@
+"""What a study did: live progress while it runs, and its outcome (best trial vs baseline).
+
+:func:`study_outcome` is plain data (tests and reports read it); :class:`StudyProgress` and
+the ``render_*`` functions draw it with rich for the CLI.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from lora_tune.study.spec import StudySpec
+
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+@dataclass
+class Outcome:
+    """Counts, best trial(s) and the baseline of a study."""
+
+    name: str
+    metrics: list[str]
+    directions: list[str]
+    budget: int
+    counts: dict[str, int]
+    best: list[FrozenTrial] = field(default_factory=list)  # one, or the Pareto front
+    baseline: FrozenTrial | None = None
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.get(s.name, 0) for s in _FINISHED)
+
+    @property
+    def gain(self) -> float | None:
+        """Improvement of the best trial over the baseline, in the objective's direction."""
+        if len(self.metrics) != 1 or not self.best or self.baseline is None:
+            return None
+        best, base = self.best[0].value, self.baseline.value
+        return (best - base) if self.directions[0] == "maximize" else (base - best)
+
+    @property
+    def relative_gain(self) -> float | None:
+        gain = self.gain
+        if gain is None or not self.baseline.value:
+            return None
+        return gain / abs(self.baseline.value)
+
+
+def study_outcome(study: optuna.Study, spec: StudySpec) -> Outcome:
+    trials = study.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best: list[FrozenTrial] = []
+    if complete:
+        try:
+            best = [study.best_trial] if len(spec.metrics) == 1 else sorted(study.best_trials, key=lambda t: t.number)
+        except ValueError:  # no feasible trial
+            best = []
+    baseline = next((t for t in complete if t.user_attrs.get("is_baseline")), None)
+    return Outcome(study.study_name, spec.metrics, spec.directions, spec.study.n_trials, counts, best, baseline)
+
+
+# -- live progress ---------------------------------------------------------------------------
+
+class StudyProgress:
+    """A rich progress bar (trial n/N, best so far, pruned/failed counts, ETA) plus one line
+    per finished trial. Use as a context manager; the instance is an Optuna callback."""
+
+    def __init__(self, study: optuna.Study, spec: StudySpec, console: Console | None = None):
+        self.study, self.spec = study, spec
+        self.console = console or Console()
+        self.progress = Progress(
+            TextColumn("[bold]trial[/]"), MofNCompleteColumn(), BarColumn(),
+            TextColumn("{task.fields[best]}"), TextColumn("pruned {task.fields[pruned]}"),
+            TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        self.task_id: Any = None
+
+    def __enter__(self) -> "StudyProgress":
+        self.progress.__enter__()
+        outcome = study_outcome(self.study, self.spec)
+        self.task_id = self.progress.add_task(
+            "study", total=outcome.budget, completed=outcome.finished,
+            best=_best_text(outcome), pruned=outcome.counts.get("PRUNED", 0), failed=outcome.counts.get("FAIL", 0),
+        )
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        outcome = study_outcome(study, self.spec)
+        self.progress.console.print(trial_line(trial, outcome))
+        self.progress.update(
+            self.task_id, completed=min(outcome.finished, outcome.budget), best=_best_text(outcome),
+            pruned=outcome.counts.get("PRUNED", 0), failed=outcome.counts.get("FAIL", 0),
+        )
+
+
+def trial_line(trial: FrozenTrial, outcome: Outcome) -> str:
+    """One line for a finished trial: number, state, value(s), key parameters and why."""
+    head = f"trial {trial.number:>3} {trial.state.name.lower():<8}"
+    if trial.state == TrialState.COMPLETE:
+        vals = ", ".join(f"{m} {_fmt(v)}" for m, v in zip(outcome.metrics, trial.values or []))
+    elif trial.state == TrialState.PRUNED:
+        steps = trial.intermediate_values
+        last = steps[max(steps)] if steps else None
+        reason = trial.user_attrs.get("constraint_violation")
+        vals = reason or (f"at eval {max(steps)}: {outcome.metrics[0]} {_fmt(last)}" if steps else "")
+    else:
+        vals = trial.user_attrs.get("fail_reason", "failed")
+    tag = " [baseline]" if trial.user_attrs.get("is_baseline") else ""
+    return f"{head} {vals}  {format_params(trial.params)}{tag}"
+
+
+def format_params(params: dict[str, Any]) -> str:
+    parts = []
+    for k, v in params.items():
+        if k == "quant_bits":
+            v = "none" if v in (0, None) else v
+        parts.append(f"{k}={_fmt(v)}")
+    return " ".join(parts)
+
+
+def _best_text(outcome: Outcome) -> str:
+    if not outcome.best:
+        return "best -"
+    if len(outcome.metrics) > 1:
+        return f"pareto {len(outcome.best)}"
+    return f"best {outcome.metrics[0]} {_fmt(outcome.best[0].value)}"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.4g}" if (abs(v) < 1e-3 or abs(v) >= 1e5) and v != 0 else f"{v:.4f}".rstrip("0").rstrip(".")
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v:,}"
+    return str(v)
+
+
+# -- end-of-study and inspection tables ----------------------------------------------------------
+
+def render_outcome(outcome: Outcome, console: Console) -> None:
+    c = outcome.counts
+    console.print(
+        f"[bold]{outcome.name}[/]: {outcome.finished}/{outcome.budget} trials finished "
+        f"({c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed)"
+    )
+    if not outcome.best:
+        console.print("no completed feasible trial yet")
+        return
+    base = outcome.baseline
+    if len(outcome.metrics) == 1:
+        best = outcome.best[0]
+        metric = outcome.metrics[0]
+        console.print(f"best trial #{best.number}: {metric} {_fmt(best.value)}")
+        if base is not None:
+            rel = outcome.relative_gain
+            rel_text = f", {rel:+.1%}" if rel is not None else ""
+            console.print(f"baseline trial #{base.number}: {metric} {_fmt(base.value)}  "
+                          f"(gain {outcome.gain:+.4f}{rel_text})")
+        else:
+            console.print("baseline: none completed (set study.baseline: true to compare)")
+    else:
+        console.print(f"Pareto front ({len(outcome.best)} trials):")
+        if base is not None:
+            console.print(f"baseline trial #{base.number}: " + ", ".join(
+                f"{m} {_fmt(v)}" for m, v in zip(outcome.metrics, base.values)))
+    console.print(trials_table(outcome.best, outcome.metrics, title="best"))
+
+
+def trials_table(trials: list[FrozenTrial], metrics: list[str], title: str | None = None) -> Table:
+    table = Table(title=title, show_lines=False)
+    param_names: list[str] = []
+    for t in trials:
+        param_names += [k for k in t.params if k not in param_names]
+    for col in ["#", "state", *metrics, *param_names, "trainable", "train s"]:
+        table.add_column(col, justify="right" if col not in ("state", "targets") else "left")
+    for t in trials:
+        values = t.values if t.values is not None else [None] * len(metrics)
+        if t.state == TrialState.PRUNED and t.intermediate_values and len(metrics) == 1:
+            values = [t.intermediate_values[max(t.intermediate_values)]]
+        row = [str(t.number) + ("*" if t.user_attrs.get("is_baseline") else ""), t.state.name.lower()]
+        row += [_fmt(v) for v in values]
+        row += [_fmt(t.params[k]) if k in t.params else "" for k in param_names]
+        row += [_fmt(t.user_attrs.get("trainable_params")), _fmt(t.user_attrs.get("train_seconds"))]
+        table.add_row(*row)
+    return table
+
+
+def top_trials(study: optuna.Study, spec: StudySpec, limit: int) -> list[FrozenTrial]:
+    """Completed trials best first (single objective) or the Pareto front, then the rest by number."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if len(spec.metrics) == 1:
+        reverse = spec.directions[0] == "maximize"
+        feasible = [t for t in complete if all(v <= 0 for v in t.constraints.values())]
+        ranked = sorted(feasible, key=lambda t: t.value, reverse=reverse)
+    else:
+        ranked = sorted(study.best_trials, key=lambda t: t.number) if complete else []
+    rest = [t for t in trials if t not in ranked and t.state != TrialState.WAITING]
+    return (ranked + rest)[:limit]

@@ -1,0 +1,339 @@
+"""Create, load and optimize studies. A worker is ``load_study`` + ``optimize``.
+
+The study's ``n_trials`` is a *global* budget shared by every process working on it. A trial
+uses the budget once it has started: RUNNING, COMPLETE, PRUNED and FAIL trials count (a
+trial that failed because its worker died and was re-queued with the same parameters is
+counted once, by its retry). The storage from :func:`lora_tune.study.storage.open_storage`
+enforces this under a cross-process lock, so a study ends with exactly ``n_trials`` trials
+however many workers run it; :func:`optimize` returns when the budget is used up (other
+workers' trials may still be running), when its own ``n_trials``/``timeout`` is reached, or
+after ``study.max_consecutive_failures`` failed trials in a row in this process.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from lora_tune.errors import ConfigError, StudyNotFoundError, StudySpecError
+from lora_tune.study.objective import Objective, TrialFailed
+from lora_tune.study.space import SearchSpace, baseline_params
+from lora_tune.study.spec import StudySpec, resolve_objective, spec_from_stored
+
+_logger = logging.getLogger("lora_tune.study")
+Callback = Callable[[optuna.Study, FrozenTrial], None]
+# Parts of a stored spec that define what the trials mean; a resumed study must keep them.
+_FROZEN_SECTIONS = ("task", "search_space", "train", "constraints")
+
+_SAMPLERS: dict[str, Callable[[], type]] = {
+    "tpe": lambda: optuna.samplers.TPESampler,
+    "random": lambda: optuna.samplers.RandomSampler,
+    "grid": lambda: optuna.samplers.GridSampler,
+    "cmaes": lambda: optuna.samplers.CmaEsSampler,
+    "gp": lambda: optuna.samplers.GPSampler,
+    "nsga2": lambda: optuna.samplers.NSGAIISampler,
+}
+_NOT_OPTIONS = {"seed", "search_space", "constraints_func", "independent_sampler", "source_trials",
+                "mutation", "crossover", "elite_population_selection_strategy",
+                "child_generation_strategy", "after_trial_strategy", "gamma", "weights"}
+
+
+# -- samplers and pruners ------------------------------------------------------------------
+
+def build_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler the study file names, seeded with ``sampler.seed + seed_offset``."""
+    s = spec.study.sampler
+    problems = _option_problems("study.sampler", _SAMPLERS[s.type](), s.options)
+    if s.type == "cmaes":
+        if spec.study.metric is not None and isinstance(spec.study.metric, list) and len(spec.study.metric) > 1:
+            problems.append(("study.sampler.type", "cmaes handles one objective only; use tpe, nsga2, gp or random"))
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            problems.append(("study.sampler.type", "cmaes needs the `cmaes` package: pip install cmaes"))
+    if problems:
+        raise StudySpecError(problems)
+    seed = None if s.seed is None else s.seed + seed_offset
+    kwargs = dict(s.options)
+    if s.type == "grid":
+        grid, grid_problems = SearchSpace.from_spec(spec.search_space).grid()
+        if grid_problems:
+            raise StudySpecError(grid_problems)
+        if not grid:
+            raise StudySpecError([("search_space", "the grid sampler needs at least one sampled parameter")])
+        kwargs["search_space"] = grid
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return _SAMPLERS[s.type]()(seed=seed, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise StudySpecError([("study.sampler.options", str(exc))]) from None
+
+
+def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The pruner the study file names; none for multi-objective studies (Optuna cannot prune them)."""
+    p = spec.study.pruner
+    multi = isinstance(spec.study.metric, list) and len(spec.study.metric) > 1
+    if p.type == "none" or multi:
+        return optuna.pruners.NopPruner()
+    evals = spec.train.epochs * spec.train.evals_per_epoch
+    defaults: dict[str, dict[str, Any]] = {
+        "median": {"n_startup_trials": 5, "n_warmup_steps": 1},
+        "sha": {"min_resource": 1, "reduction_factor": 3},
+        "hyperband": {"min_resource": 1, "max_resource": max(evals, 1), "reduction_factor": 3},
+    }
+    cls = {"median": optuna.pruners.MedianPruner, "sha": optuna.pruners.SuccessiveHalvingPruner,
+           "hyperband": optuna.pruners.HyperbandPruner}[p.type]
+    problems = _option_problems("study.pruner", cls, p.options)
+    if problems:
+        raise StudySpecError(problems)
+    try:
+        return cls(**{**defaults[p.type], **p.options})
+    except (TypeError, ValueError) as exc:
+        raise StudySpecError([("study.pruner.options", str(exc))]) from None
+
+
+def _option_problems(path: str, cls: type, options: dict[str, Any]) -> list[tuple[str, str]]:
+    allowed = [n for n, prm in inspect.signature(cls).parameters.items()
+               if n not in _NOT_OPTIONS and prm.kind in (prm.KEYWORD_ONLY, prm.POSITIONAL_OR_KEYWORD)]
+    return [(f"{path}.options.{k}", f"not an option of {cls.__name__}; allowed: {', '.join(allowed)}")
+            for k in options if k not in allowed]
+
+
+def pruning_warning(spec: StudySpec) -> str | None:
+    if spec.is_multi_objective and spec.study.pruner.type != "none":
+        return (f"pruning is disabled for multi-objective studies (pruner {spec.study.pruner.type!r} "
+                "is ignored): Optuna cannot prune trials with several objectives")
+    return None
+
+
+# -- preparing a spec -------------------------------------------------------------------------
+
+def prepare_spec(spec: StudySpec, task: Any = None) -> tuple[StudySpec, Any, dict[str, Any] | None]:
+    """Check the spec against its task and fill in defaults, before anything is written.
+
+    Returns ``(resolved spec, task, baseline params or None)``; raises StudySpecError with
+    every problem (metric names, baseline outside the space, sampler/pruner options).
+    """
+    if task is None:
+        from lora_tune.tasks import build_task
+
+        task = build_task(dict(spec.task))
+    resolved = resolve_objective(spec, task)
+    problems: list[tuple[str, str]] = []
+    baseline = None
+    if resolved.study.baseline:
+        space = SearchSpace.from_spec(resolved.search_space)
+        baseline, problems = baseline_params(space, resolved.train.model_dump(), task.baseline_targets)
+    for build in (lambda: build_sampler(resolved), lambda: build_pruner(resolved)):
+        try:
+            build()
+        except StudySpecError as exc:
+            problems += exc.errors
+    if problems:
+        raise StudySpecError(problems)
+    return resolved, task, baseline
+
+
+# -- create / load ------------------------------------------------------------------------------
+
+def create_study(spec: StudySpec, storage_url: str, name: str | None = None, resume: bool = False,
+                 *, task: Any = None) -> optuna.Study:
+    """Create the study (or, with ``resume``, reuse an existing one of that name).
+
+    Everything is checked before the storage is opened, so an invalid file writes nothing.
+    The validated spec is stored in the study (user attribute ``spec``) and, with
+    ``study.baseline``, the conventional baseline is enqueued once.
+    """
+    from lora_tune import __version__
+    from lora_tune.study.storage import mask_url
+
+    name = name or spec.study.name
+    _check_name(name)
+    resolved, task, baseline = prepare_spec(spec, task)
+    storage = _open(storage_url, resolved)
+    existing = optuna.get_all_study_names(storage)
+    if name in existing:
+        if not resume:
+            raise ConfigError("study name", name, f"a name not already used in {mask_url(storage_url)}",
+                              "Pass --resume to continue that study, or --name to pick another name.")
+        stored = _stored_spec(storage, name, storage_url)
+        _check_resumable(stored, resolved, name)
+    study = optuna.create_study(
+        storage=storage, study_name=name, directions=resolved.directions,
+        sampler=build_sampler(resolved), pruner=build_pruner(resolved), load_if_exists=resume,
+    )
+    study.set_user_attr("spec", resolved.to_stored())
+    study.set_user_attr("metrics", resolved.metrics)
+    study.set_user_attr("lora_tune_version", __version__)
+    if study.metric_names != resolved.metrics:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(resolved.metrics)
+    if baseline is not None and not _has_baseline(study):
+        study.enqueue_trial(baseline, user_attrs={"is_baseline": True})
+    return study
+
+
+def load_study(name: str, storage_url: str, *, seed_offset: int = 0) -> tuple[optuna.Study, StudySpec]:
+    """Load a study by name; the spec comes from the study itself (a worker needs nothing else).
+
+    ``seed_offset`` is added to the sampler seed: give each concurrent worker its own
+    (e.g. its process id) so that they do not all propose the same parameters.
+    """
+    from lora_tune.study.storage import configure_heartbeat, open_storage
+
+    storage = open_storage(storage_url)
+    spec = _stored_spec(storage, name, storage_url)
+    configure_heartbeat(storage, heartbeat_interval=spec.study.heartbeat_interval,
+                        grace_period=spec.study.grace_period,
+                        failed_trial_retries=spec.study.failed_trial_retries)
+    study = optuna.load_study(study_name=name, storage=storage,
+                              sampler=build_sampler(spec, seed_offset), pruner=build_pruner(spec))
+    return study, spec
+
+
+def _open(storage_url: str, spec: StudySpec) -> optuna.storages.BaseStorage:
+    from lora_tune.study.storage import open_storage
+
+    return open_storage(storage_url, heartbeat_interval=spec.study.heartbeat_interval,
+                        grace_period=spec.study.grace_period,
+                        failed_trial_retries=spec.study.failed_trial_retries)
+
+
+def _stored_spec(storage: Any, name: str, storage_url: str) -> StudySpec:
+    from lora_tune.study.storage import mask_url
+
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        raise StudyNotFoundError(name, mask_url(storage_url), sorted(names))
+    attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+    if "spec" not in attrs:
+        raise ConfigError("study", name, "a study created by lora-tune (it has no stored study file)",
+                          "Create it with `lora-tune study create STUDY.yaml`.")
+    return spec_from_stored(attrs["spec"])
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name or ""):
+        raise ConfigError("study name", name, "letters, digits, '.', '_' and '-' (starting with a letter or digit)")
+
+
+def _check_resumable(stored: StudySpec, new: StudySpec, name: str) -> None:
+    old_d, new_d = stored.to_stored(), new.to_stored()
+    changed = [s for s in _FROZEN_SECTIONS if old_d.get(s) != new_d.get(s)]
+    if stored.metrics != new.metrics or stored.directions != new.directions:
+        changed.append("study.metric/direction")
+    if changed:
+        raise StudySpecError([(section, f"differs from the stored study {name!r}; its trials would not be "
+                               "comparable. Use a new --name, or restore the original value")
+                              for section in changed])
+
+
+def _has_baseline(study: optuna.Study) -> bool:
+    return any(t.user_attrs.get("is_baseline") for t in study.get_trials(deepcopy=False))
+
+
+# -- optimize ------------------------------------------------------------------------------------
+
+@dataclass
+class OptimizeResult:
+    trials_run: int
+    stop_reason: str  # "budget" | "n_trials" | "timeout" | "failures" | "interrupted" | "exhausted"
+    seconds: float
+    states: dict[str, int]
+
+
+def optimize(study: optuna.Study, spec: StudySpec, n_trials: int | None = None, timeout: float | None = None,
+             callbacks: Sequence[Callback] = (), *, task: Any = None,
+             objective: Objective | None = None, reseed: bool = False) -> OptimizeResult:
+    """Run trials in this process until the study's global budget is used up.
+
+    ``n_trials`` / ``timeout`` (default: the file's ``study.timeout``) limit this process only.
+    With a storage from ``open_storage`` the trial loop is
+    :func:`lora_tune.study.workers.run_worker` (exact budget across workers, waiting for
+    other workers' running trials, SIGTERM handling); ``reseed`` gives this process its own
+    random stream (for concurrent workers sharing a seeded sampler).
+    """
+    from lora_tune.study._resilient import ResilientStorage
+    from lora_tune.study.workers import run_worker
+
+    if objective is None:
+        if spec.study.metric is None or (spec.study.direction is None and spec.study.directions is None):
+            stored = study.user_attrs.get("spec")
+            spec = spec_from_stored(stored) if stored else prepare_spec(spec, task)[0]
+        objective = Objective(spec, task)
+    spec = objective.spec
+    objective.get_task()  # a bad task section fails here, not once per trial
+    timeout = timeout if timeout is not None else spec.study.timeout
+    warning = pruning_warning(spec)
+    if warning:
+        _logger.warning(warning)
+    counter = _RunCounter(spec.study.max_consecutive_failures)
+    start = time.monotonic()
+    if isinstance(study._storage, ResilientStorage):
+        stats = run_worker(
+            study, objective, budget=spec.study.n_trials, n_trials=n_trials, timeout=timeout,
+            callbacks=[counter, *callbacks], catch=(TrialFailed,), reseed=reseed,
+            failed_trial_retries=spec.study.failed_trial_retries,
+        )
+        interrupted, budget_reached = stats.interrupted, stats.budget_reached
+    else:  # a plain Optuna storage (e.g. in memory, one process): enforce the budget here
+        remaining = max(0, spec.study.n_trials - _used(study))
+        limit = remaining if n_trials is None else min(n_trials, remaining)
+        if limit > 0:
+            study.optimize(objective, n_trials=limit, timeout=timeout, catch=(TrialFailed,),
+                           callbacks=[counter, *callbacks], gc_after_trial=True)
+        interrupted, budget_reached = False, _used(study) >= spec.study.n_trials
+    if counter.stopped:
+        reason = "failures"
+    elif interrupted:
+        reason = "interrupted"
+    elif budget_reached:
+        reason = "budget"
+    elif _grid_exhausted(study):
+        reason = "exhausted"
+    elif n_trials is not None and counter.ran >= n_trials:
+        reason = "n_trials"
+    else:
+        reason = "timeout"
+    return OptimizeResult(counter.ran, reason, time.monotonic() - start, dict(counter.states))
+
+
+class _RunCounter:
+    """Counts this process's trials; stops after too many consecutive failures."""
+
+    def __init__(self, max_consecutive_failures: int):
+        self.limit = max_consecutive_failures
+        self.ran = 0
+        self.failures_in_a_row = 0
+        self.stopped = False
+        self.states: dict[str, int] = {}
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.ran += 1
+        self.states[trial.state.name] = self.states.get(trial.state.name, 0) + 1
+        self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
+        if self.failures_in_a_row >= self.limit:
+            self.stopped = True
+            _logger.error("stopping: %d trials failed in a row (study.max_consecutive_failures); last reason: %s",
+                          self.failures_in_a_row, trial.user_attrs.get("fail_reason", "?"))
+            study.stop()
+
+
+def _used(study: optuna.Study) -> int:
+    states = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _grid_exhausted(study: optuna.Study) -> bool:
+    sampler = study.sampler
+    return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)

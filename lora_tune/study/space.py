@@ -1,0 +1,424 @@
+"""The search space: a study file's ``search_space`` section -> ``trial.suggest_*`` calls.
+
+Each key is a LoRA setting (``rank``, ``alpha``, ``targets``, ``quant_bits``, ...) or a
+training setting (``learning_rate``, ``weight_decay``, ``epochs``, ``batch_size``,
+``grad_clip``). A key's value is one of:
+
+- a plain value, which fixes the setting (``method: parallel``);
+- ``{type: int|float, low, high, log: false, step: null}``, a range;
+- ``{choices: [...]}``, a categorical;
+- for ``alpha`` only, ``{ratio: [0.5, 1, 2]}``: the trial samples ``alpha_ratio`` and uses
+  ``alpha = ratio × rank``.
+
+Trial parameter names and encodings are those of docs/architecture.md: ``quant_bits`` 0
+means no quantization, an explicit ``targets`` list is stored ``|``-joined, and
+``quant_type`` is sampled only when ``quant_bits`` is 4.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from lora_tune.lora.config import BIASES, INITS, METHODS, QUANT_TYPES
+
+Problems = list[tuple[str, str]]
+Check = Callable[[Any], "str | None"]
+
+LORA_DEFAULTS: dict[str, Any] = {
+    "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": "all-linear", "method": "parallel",
+    "quant_bits": None, "quant_type": "nf4", "double_quant": True, "rslora": False,
+    "init": "kaiming", "bias": "none",
+}
+TRAIN_KEYS = ("learning_rate", "weight_decay", "epochs", "batch_size", "grad_clip")
+BASELINE = {"rank": 8, "alpha": 16.0, "quant_bits": None}  # plus the task's baseline targets
+_ORDER = ("rank", "alpha", "targets", "quant_bits", "quant_type", "method", "dropout", "rslora")
+_SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "ratio"}
+
+
+# -- per-key value checks --------------------------------------------------------------------
+
+def _int_at_least(low: int) -> Check:
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low
+        return None if ok else f"must be an integer ≥ {low}, got {v!r}"
+    return check
+
+
+def _number(low: float, *, inclusive: bool, below: float | None = None) -> Check:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"must be a number, got {v!r}"
+        if (v < low) if inclusive else (v <= low):
+            return f"must be {'≥' if inclusive else '>'} {low:g}, got {v!r}"
+        if below is not None and v >= below:
+            return f"must be < {below}, got {v!r}"
+        return None
+    return check
+
+
+def _one_of(*allowed: Any) -> Check:
+    def check(v: Any) -> str | None:
+        ok = any(v == a and type(v) is type(a) for a in allowed)
+        return None if ok else f"got {v!r}; allowed: {', '.join(map(_show, allowed))}"
+    return check
+
+
+def _targets(v: Any) -> str | None:
+    if isinstance(v, str) and v.strip():
+        return None
+    if isinstance(v, list) and v and all(isinstance(t, str) and t.strip() and "|" not in t for t in v):
+        return None
+    return f"must be a preset name or a non-empty list of module-name patterns (without '|'), got {v!r}"
+
+
+def _quant_bits(v: Any) -> str | None:
+    if v is None or (isinstance(v, int) and not isinstance(v, bool) and v in (4, 8, 16, 32)):
+        return None
+    return f"got {v!r}; allowed: null (no quantization), 8, 4"
+
+
+def _grad_clip(v: Any) -> str | None:
+    return None if v is None else _number(0.0, inclusive=False)(v)
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    check: Check
+    numeric: str | None  # "int" / "float" when ranges are allowed, else None (choices only)
+
+
+KEYS: dict[str, KeyRule] = {
+    "rank": KeyRule(_int_at_least(1), "int"),
+    "alpha": KeyRule(_number(0.0, inclusive=False), "float"),
+    "dropout": KeyRule(_number(0.0, inclusive=True, below=1.0), "float"),
+    "targets": KeyRule(_targets, None),
+    "quant_bits": KeyRule(_quant_bits, None),
+    "quant_type": KeyRule(_one_of(*QUANT_TYPES), None),
+    "method": KeyRule(_one_of(*METHODS), None),
+    "double_quant": KeyRule(_one_of(True, False), None),
+    "rslora": KeyRule(_one_of(True, False), None),
+    "init": KeyRule(_one_of(*INITS), None),
+    "bias": KeyRule(_one_of(*BIASES), None),
+    "learning_rate": KeyRule(_number(0.0, inclusive=False), "float"),
+    "weight_decay": KeyRule(_number(0.0, inclusive=True), "float"),
+    "epochs": KeyRule(_int_at_least(1), "int"),
+    "batch_size": KeyRule(_int_at_least(1), "int"),
+    "grad_clip": KeyRule(_grad_clip, "float"),
+}
+
+
+def _show(v: Any) -> str:
+    return "null" if v is None else ("true" if v is True else "false" if v is False else repr(v))
+
+
+# -- compiled parameters ---------------------------------------------------------------------
+
+@dataclass
+class Param:
+    """One key of the space. ``name`` is the trial parameter name (``alpha_ratio`` for ratios)."""
+
+    key: str
+    name: str
+    kind: str  # "fixed" | "int" | "float" | "categorical" | "ratio"
+    value: Any = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] = field(default_factory=list)  # encoded (what Optuna stores)
+    decoded: dict[Any, Any] = field(default_factory=dict)  # encoded -> value for the config
+
+    @property
+    def sampled(self) -> bool:
+        return self.kind != "fixed"
+
+    def suggest(self, trial: Any) -> Any:
+        if self.kind == "int":
+            step = int(self.step) if self.step else 1
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=step, log=self.log)
+        if self.kind == "float":
+            return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+        encoded = trial.suggest_categorical(self.name, self.choices)
+        return self.decoded.get(_key(encoded), encoded)
+
+
+def encode_choice(key: str, value: Any) -> Any:
+    """The value Optuna stores for a categorical choice of ``key``."""
+    if key == "targets" and isinstance(value, list):
+        return "|".join(value)
+    if key == "quant_bits":
+        return 0 if value in (None, 16, 32) else value
+    return value
+
+
+def _decode_choice(key: str, value: Any) -> Any:
+    if key == "quant_bits":
+        return None if value in (None, 16, 32) else value
+    return value
+
+
+def _key(v: Any) -> Any:
+    # bool and int compare equal in dicts (True == 1); keep them apart.
+    return (type(v).__name__, v)
+
+
+@dataclass
+class SearchSpace:
+    params: list[Param]
+
+    @classmethod
+    def from_spec(cls, raw: Mapping[str, Any]) -> "SearchSpace":
+        problems = check_search_space(raw, {})
+        if problems:
+            from lora_tune.errors import StudySpecError
+
+            raise StudySpecError(problems)
+        return cls([_compile(key, raw[key]) for key in _ordered(raw)])
+
+    def __getitem__(self, key: str) -> Param | None:
+        return next((p for p in self.params if p.key == key), None)
+
+    @property
+    def sampled(self) -> list[Param]:
+        return [p for p in self.params if p.sampled]
+
+    def sample(self, trial: Any) -> dict[str, Any]:
+        """Suggest every sampled key; returns ``{key: value}`` for every key of the space.
+
+        ``quant_type`` is suggested only when ``quant_bits`` is 4; ``alpha`` from a ratio is
+        ``ratio × rank``.
+        """
+        values: dict[str, Any] = {}
+        for p in self.params:
+            if p.key == "quant_type" and p.sampled and values.get("quant_bits", LORA_DEFAULTS["quant_bits"]) != 4:
+                continue
+            if p.kind == "fixed":
+                values[p.key] = _decode_choice(p.key, p.value)
+            elif p.kind == "ratio":
+                ratio = p.suggest(trial)
+                rank = values.get("rank", LORA_DEFAULTS["rank"])
+                values[p.key] = float(ratio) * rank
+            else:
+                values[p.key] = p.suggest(trial)
+        return values
+
+    def grid(self) -> tuple[dict[str, list[Any]], Problems]:
+        """The space as GridSampler needs it: every sampled parameter with its values."""
+        grid: dict[str, list[Any]] = {}
+        problems: Problems = []
+        for p in self.sampled:
+            if p.kind in ("categorical", "ratio"):
+                grid[p.name] = list(p.choices)
+            elif p.step is not None or p.kind == "int":
+                step = p.step or 1
+                n = int(math.floor((p.high - p.low) / step + 1e-9)) + 1
+                if n > 1000:
+                    problems.append((f"search_space.{p.key}", f"a grid of {n} values is too large; use choices"))
+                    continue
+                vals = [p.low + i * step for i in range(n)]
+                grid[p.name] = [int(v) for v in vals] if p.kind == "int" else [round(v, 12) for v in vals]
+            else:
+                problems.append((
+                    f"search_space.{p.key}",
+                    "the grid sampler needs `choices` or a `step` for every sampled parameter",
+                ))
+        return grid, problems
+
+
+def _ordered(raw: Mapping[str, Any]) -> list[str]:
+    first = [k for k in _ORDER if k in raw]
+    return first + [k for k in raw if k not in first]
+
+
+def _compile(key: str, value: Any) -> Param:
+    rule = KEYS[key]
+    if not isinstance(value, Mapping):
+        return Param(key, key, "fixed", value=value)
+    if "ratio" in value:
+        choices = [float(r) for r in value["ratio"]]
+        return Param(key, "alpha_ratio", "ratio", choices=choices)
+    if "choices" in value:
+        encoded = [encode_choice(key, c) for c in value["choices"]]
+        decoded = {_key(encode_choice(key, c)): _decode_choice(key, c) for c in value["choices"]}
+        unique = list(dict.fromkeys(encoded))
+        if len(unique) == 1:
+            return Param(key, key, "fixed", value=decoded[_key(unique[0])])
+        return Param(key, key, "categorical", choices=unique, decoded=decoded)
+    kind = value.get("type") or rule.numeric
+    low, high = value["low"], value["high"]
+    return Param(key, key, kind, low=low, high=high, log=bool(value.get("log", False)), step=value.get("step"))
+
+
+# -- validation --------------------------------------------------------------------------------
+
+def check_search_space(raw: Mapping[str, Any], study: Mapping[str, Any]) -> Problems:
+    """Every problem of the ``search_space`` section, each with its path."""
+    problems: Problems = []
+    for key, value in raw.items():
+        path = f"search_space.{key}"
+        if key not in KEYS:
+            problems.append((path, "unknown parameter; allowed: " + ", ".join(KEYS)))
+            continue
+        problems += _check_entry(key, value, path)
+    if not problems and isinstance(study.get("sampler"), Mapping) and study["sampler"].get("type") == "grid":
+        problems += SearchSpace([_compile(k, raw[k]) for k in _ordered(raw)]).grid()[1]
+    return problems
+
+
+def _check_entry(key: str, value: Any, path: str) -> Problems:
+    rule = KEYS[key]
+    if not isinstance(value, Mapping):
+        message = rule.check(value)
+        return [(path, message)] if message else []
+    unknown = sorted(set(value) - _SPEC_KEYS)
+    if unknown:
+        return [(f"{path}.{unknown[0]}", "unknown key; allowed: type, low, high, log, step (a range), "
+                 "choices" + (", ratio" if key == "alpha" else ""))]
+    if "ratio" in value:
+        return _check_ratio(key, value, path)
+    if "choices" in value:
+        return _check_choices(key, value, path)
+    return _check_range(key, value, path)
+
+
+def _check_ratio(key: str, value: Mapping[str, Any], path: str) -> Problems:
+    if key != "alpha":
+        return [(f"{path}.ratio", "only `alpha` can be given as a ratio of the rank")]
+    if set(value) != {"ratio"}:
+        return [(path, "`ratio` cannot be combined with other keys")]
+    ratios = value["ratio"]
+    if not isinstance(ratios, list) or not ratios:
+        return [(f"{path}.ratio", f"must be a non-empty list of numbers > 0, got {ratios!r}")]
+    out: Problems = []
+    for i, r in enumerate(ratios):
+        message = _number(0.0, inclusive=False)(r)
+        if message:
+            out.append((f"{path}.ratio[{i}]", message))
+    return out
+
+
+def _check_choices(key: str, value: Mapping[str, Any], path: str) -> Problems:
+    extra = set(value) - {"choices", "type"}
+    if extra or value.get("type", "categorical") != "categorical":
+        return [(path, "`choices` cannot be combined with a range (type/low/high/log/step)")]
+    choices = value["choices"]
+    if not isinstance(choices, list) or not choices:
+        return [(f"{path}.choices", f"must be a non-empty list, got {choices!r}")]
+    out: Problems = []
+    for i, c in enumerate(choices):
+        message = KEYS[key].check(c)
+        if message:
+            out.append((f"{path}.choices[{i}]", message))
+    if not out:
+        encoded = [_key(encode_choice(key, c)) for c in choices]
+        if len(set(encoded)) != len(encoded):
+            out.append((f"{path}.choices", f"lists the same choice twice: {choices!r}"))
+    return out
+
+
+def _check_range(key: str, value: Mapping[str, Any], path: str) -> Problems:
+    rule = KEYS[key]
+    if rule.numeric is None:
+        return [(path, f"`{key}` takes a plain value or `choices: [...]`, not a range")]
+    kind = value.get("type", rule.numeric)
+    if kind not in ("int", "float"):
+        return [(f"{path}.type", f"got {kind!r}; allowed: int, float (or give `choices`)")]
+    if kind == "float" and rule.numeric == "int":
+        return [(f"{path}.type", f"`{key}` is an integer setting; use type: int")]
+    out: Problems = []
+    for bound in ("low", "high"):
+        if bound not in value:
+            out.append((f"{path}.{bound}", "is required for a range"))
+            continue
+        v = value[bound]
+        if kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+            out.append((f"{path}.{bound}", f"must be an integer, got {v!r}"))
+            continue
+        message = rule.check(v)
+        if message:
+            out.append((f"{path}.{bound}", message))
+    log, step = value.get("log", False), value.get("step")
+    if not isinstance(log, bool):
+        out.append((f"{path}.log", f"must be true or false, got {log!r}"))
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
+            out.append((f"{path}.step", f"must be a number > 0, got {step!r}"))
+        elif kind == "int" and not isinstance(step, int):
+            out.append((f"{path}.step", f"must be an integer for an int range, got {step!r}"))
+        elif log is True:
+            out.append((f"{path}.step", "cannot be combined with log: true"))
+    if out:
+        return out
+    low, high = value["low"], value["high"]
+    if low > high:
+        out.append((f"{path}.high", f"must be ≥ low ({low!r}), got {high!r}"))
+    if log is True and low <= 0:
+        out.append((f"{path}.low", f"must be > 0 with log: true, got {low!r}"))
+    return out
+
+
+# -- baseline ------------------------------------------------------------------------------------
+
+def baseline_params(space: SearchSpace, train_defaults: Mapping[str, Any], baseline_targets: str) -> tuple[dict[str, Any], Problems]:
+    """Trial parameters of the conventional baseline (rank 8, alpha 16, ``baseline_targets``,
+    no quantization, the study's defaults for everything else), for ``study.enqueue_trial``.
+
+    Only sampled parameters appear; fixed ones stay fixed. A baseline value the space cannot
+    express (a categorical without it, a range that excludes it) is a problem, because then
+    the baseline would not be the baseline.
+    """
+    wanted = dict(BASELINE, targets=baseline_targets)
+    params: dict[str, Any] = {}
+    problems: Problems = []
+    rank = wanted["rank"]
+    rank_param = space["rank"]
+    if rank_param is not None and not rank_param.sampled:
+        rank = rank_param.value
+    for p in space.sampled:
+        path = f"search_space.{p.key}"
+        if p.key == "quant_type":
+            continue  # conditional on quant_bits == 4; the baseline is unquantized
+        if p.kind == "ratio":
+            ratio = wanted["alpha"] / rank
+            match = next((c for c in p.choices if math.isclose(c, ratio)), None)
+            if match is None:
+                problems.append((path, _outside("alpha ratio", ratio, p)))
+            params[p.name] = match
+            continue
+        if p.key in wanted:
+            value = encode_choice(p.key, wanted[p.key])
+            if not _contains(p, value):
+                problems.append((path, _outside(p.key, wanted[p.key], p)))
+            params[p.name] = value
+            continue
+        default = train_defaults.get(p.key, LORA_DEFAULTS.get(p.key))
+        if p.kind == "categorical":
+            value = encode_choice(p.key, default)
+            params[p.name] = value if _contains(p, value) else p.choices[0]
+        else:
+            params[p.name] = _clamp(p, default)
+    return params, problems
+
+
+def _contains(p: Param, value: Any) -> bool:
+    if p.kind == "categorical":
+        return any(_key(value) == _key(c) for c in p.choices)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return p.low <= value <= p.high
+
+
+def _clamp(p: Param, value: Any) -> Any:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        value = p.low
+    value = min(max(value, p.low), p.high)
+    return int(round(value)) if p.kind == "int" else float(value)
+
+
+def _outside(what: str, value: Any, p: Param) -> str:
+    where = f"choices {p.choices}" if p.kind in ("categorical", "ratio") else f"[{p.low}, {p.high}]"
+    return (
+        f"the baseline needs {what} = {_show(value)}, which is outside {where}; "
+        "add it to the space or set `study.baseline: false`"
+    )
