@@ -92,30 +92,38 @@ def summary_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
 
 
 def pruning_savings(trials: Sequence[FrozenTrial]) -> dict[str, Any]:
-    """Training steps run vs. what the same trials would have run unpruned.
+    """Training steps run vs. what the same trials would have run had none been pruned.
 
-    Only trials recording both ``train_steps`` and ``planned_steps`` count. Seconds saved are
-    estimated per trial from its own seconds per step.
+    Only trials recording ``train_steps`` count. A pruned trial would have run its
+    ``planned_steps``; any other trial (complete, failed, running) costs what it ran, so steps
+    a failure skipped are not credited to pruning. Seconds saved are estimated per pruned
+    trial from its own seconds per step.
     """
-    run = planned = counted = 0
+    run = saved = counted = pruned = 0
     seconds_saved = 0.0
     for t in trials:
-        steps, plan = t.user_attrs.get("train_steps"), t.user_attrs.get("planned_steps")
-        if not isinstance(steps, (int, float)) or not isinstance(plan, (int, float)) or plan <= 0:
+        steps = t.user_attrs.get("train_steps")
+        if isinstance(steps, bool) or not isinstance(steps, (int, float)):
             continue
         counted += 1
         run += int(steps)
-        planned += int(plan)
+        plan = t.user_attrs.get("planned_steps")
+        if t.state != TrialState.PRUNED or not isinstance(plan, (int, float)):
+            continue
+        pruned += 1
+        skipped = max(int(plan) - int(steps), 0)
+        saved += skipped
         secs = t.user_attrs.get("train_seconds")
-        if t.state == TrialState.PRUNED and isinstance(secs, (int, float)) and steps > 0:
-            seconds_saved += secs / steps * max(plan - steps, 0)
-    saved = max(planned - run, 0)
+        if isinstance(secs, (int, float)) and steps > 0:
+            seconds_saved += secs / steps * skipped
+    unpruned = run + saved
     return {
         "trials_counted": counted,
+        "pruned_counted": pruned,
         "steps_run": run,
-        "steps_planned": planned,
+        "steps_unpruned": unpruned,
         "steps_saved": saved,
-        "fraction_saved": saved / planned if planned else 0.0,
+        "fraction_saved": saved / unpruned if unpruned else 0.0,
         "seconds_saved_estimate": seconds_saved,
     }
 

@@ -63,7 +63,7 @@ def draw_summary(d: dict[str, Any], title: str) -> str:
         rows.append(("Pareto-optimal trials", ", ".join(f"#{n}" for n in d["pareto_numbers"]) or "none"))
     p = d["pruning"]
     if p["trials_counted"]:
-        rows.append(("training steps run", f"{p['steps_run']:,} of {p['steps_planned']:,} unpruned"))
+        rows.append(("training steps run", f"{p['steps_run']:,} (unpruned: {p['steps_unpruned']:,})"))
         rows.append(("compute saved by pruning",
                      f"{p['steps_saved']:,} steps ({p['fraction_saved']:.1%}), "
                      f"≈ {p['seconds_saved_estimate']:.1f} s of training"))

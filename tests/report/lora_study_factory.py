@@ -35,7 +35,7 @@ T0 = datetime(2026, 1, 1, 12, 0, 0)
 
 def trial_record(number: int, params: dict, *, state: TrialState, value: float | None,
                  curve: list[float], planned: int, start: datetime, worker: str,
-                 baseline: bool = False) -> optuna.trial.FrozenTrial:
+                 baseline: bool = False, multi: bool = False) -> optuna.trial.FrozenTrial:
     preset = params["targets"]
     rank = params["rank"]
     bits = params["quant_bits"]
@@ -57,8 +57,10 @@ def trial_record(number: int, params: dict, *, state: TrialState, value: float |
         evals = {}
     if state == TrialState.COMPLETE:
         attrs["metric_values"] = {"accuracy": value, "macro_f1": value - 0.01}
+    done = state == TrialState.COMPLETE
     t = optuna.trial.create_trial(
-        state=state, value=value if state == TrialState.COMPLETE else None, params=params,
+        state=state, value=value if done and not multi else None,
+        values=[value, float(trainable)] if done and multi else None, params=params,
         distributions=DISTRIBUTIONS, user_attrs=attrs,
         # bookkeeping Optuna keeps in system attrs, which tables and exports must leave out
         system_attrs={"nsga2:generation": number // 8, "lora_tune:claim": f"token-{number}"},
@@ -69,13 +71,17 @@ def trial_record(number: int, params: dict, *, state: TrialState, value: float |
 
 
 def make_lora_study(storage: str | None = None, n: int = 24, seed: int = 0,
-                    name: str = "synthetic", with_spec: bool = True) -> optuna.Study:
-    """A maximise-accuracy study: trial 0 is the baseline, then ``n - 1`` sampled trials."""
+                    name: str = "synthetic", with_spec: bool = True, multi: bool = False) -> optuna.Study:
+    """A maximise-accuracy study: trial 0 is the baseline, then ``n - 1`` sampled trials.
+
+    ``multi``: objectives (maximise accuracy, minimise trainable_params), no pruned trials.
+    """
     rng = random.Random(seed)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    directions = ["maximize", "minimize"] if multi else ["maximize"]
+    study = optuna.create_study(study_name=name, storage=storage, directions=directions)
     if with_spec:
         study.set_user_attr("spec", SPEC)
-        study.set_user_attr("metrics", ["accuracy"])
+        study.set_user_attr("metrics", ["accuracy", "trainable_params"] if multi else ["accuracy"])
     starts = {"host-a:101": T0, "host-b:202": T0}
     for number in range(n):
         worker = "host-a:101" if number % 2 == 0 else "host-b:202"
@@ -91,7 +97,7 @@ def make_lora_study(storage: str | None = None, n: int = 24, seed: int = 0,
                    - 0.02 * (params["quant_bits"] == 4) + rng.uniform(-0.03, 0.03))
         final = min(quality, 0.99)
         state = TrialState.COMPLETE
-        if number and number % 5 == 3:
+        if number and number % 5 == 3 and not multi:
             state = TrialState.PRUNED
         if number and number % 11 == 7:
             state = TrialState.FAIL
@@ -99,7 +105,7 @@ def make_lora_study(storage: str | None = None, n: int = 24, seed: int = 0,
         if state == TrialState.PRUNED:
             curve = curve[:2]
         t = trial_record(number, params, state=state, value=final, curve=curve, planned=40,
-                         start=starts[worker], worker=worker, baseline=number == 0)
+                         start=starts[worker], worker=worker, baseline=number == 0, multi=multi)
         starts[worker] = t.datetime_complete
         study.add_trial(t)
     return study

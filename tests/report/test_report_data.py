@@ -64,11 +64,14 @@ def test_pruning_savings_arithmetic():
                                  planned=40, start=t0, worker="a"))
     study.add_trial(trial_record(2, params, state=TrialState.PRUNED, value=None, curve=[0.3],
                                  planned=40, start=t0, worker="a"))
+    # failed after 3 of 40 steps: its 37 unrun steps are not savings from pruning
+    study.add_trial(trial_record(3, params, state=TrialState.FAIL, value=None, curve=[],
+                                 planned=40, start=t0, worker="a"))
     p = data.summary_data(study)["pruning"]
-    assert (p["steps_run"], p["steps_planned"], p["steps_saved"]) == (70, 120, 50)
-    assert p["fraction_saved"] == pytest.approx(50 / 120)
+    assert (p["steps_run"], p["steps_unpruned"], p["steps_saved"]) == (73, 123, 50)
+    assert p["fraction_saved"] == pytest.approx(50 / 123)
     assert p["seconds_saved_estimate"] == pytest.approx(0.01 * 20 + 0.01 * 30)
-    assert p["trials_counted"] == 3
+    assert (p["trials_counted"], p["pruned_counted"]) == (4, 2)
 
 
 def test_history_best_so_far():
