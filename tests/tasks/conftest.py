@@ -1,0 +1,70 @@
+"""Fixtures for task tests: an isolated digits cache, a tiny BERT directory, small data files."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+POSITIVE = ["good", "great", "nice", "fine", "happy"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "boring"]
+FILLER = ["the", "movie", "was", "is", "a", "plot", "film"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LORA_TUNE_CACHE pointed at a fresh directory for the whole session (pretrains once)."""
+    path = tmp_path_factory.mktemp("lora-tune-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORA_TUNE_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def digits_task(digits_cache: Path):
+    from lora_tune.tasks import build_task
+
+    return build_task({"type": "digits"})
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT (no classifier head) and a WordPiece tokenizer saved to a directory."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    BertTokenizer.from_pretrained(str(path)).save_pretrained(str(path))
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(str(path))
+    return path
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict]:
+    """Sentences whose label ('pos'/'neg') is given by the sentiment words they contain."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.sample(FILLER, 3) + rng.sample(POSITIVE if label == "pos" else NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words), "sentiment": label})
+    return rows
+
+
+def write_table(path: Path, rows: list[dict]) -> Path:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return path
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter="\t" if path.suffix == ".tsv" else ",")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
