@@ -1,13 +1,15 @@
 """Export what a study found: ``best.yaml``, the adapter, and the trials as a table.
 
 ``best.yaml`` holds the chosen trial's LoRA config with targets resolved to explicit module
-names (the preset name is kept beside them), the training settings, the metric and
-provenance. :func:`load_config` reads it back as a :class:`~lora_tune.LoraConfig`, so that
+names (written as exact ``re:`` patterns, since a plain name would also match as a dotted
+suffix; the plain names and the preset name are kept under ``targets``), the training
+settings, the metric and provenance. :func:`load_config` reads it back as a :class:`~lora_tune.LoraConfig`, so that
 ``inject(model, load_config("best.yaml"))`` rebuilds the trial's adapted model.
 """
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -43,6 +45,11 @@ def load_config(path: str | os.PathLike) -> LoraConfig:
         raise ConfigError("lora", None if not isinstance(raw, dict) else raw.get("lora"),
                           f"a mapping of LoraConfig fields in {p}", "Write the file with `lora-tune export`.")
     return LoraConfig.from_dict(raw["lora"])
+
+
+def exact_pattern(module_name: str) -> str:
+    """A target pattern matching exactly one full module name (``re:`` + the escaped name)."""
+    return "re:" + re.escape(module_name)
 
 
 def _version(package: str) -> str | None:
@@ -95,7 +102,8 @@ def best_config_dict(study: Any, trial: Any, storage_url: str | None = None) -> 
     given = lora.get("targets")
     modules = attrs.get("target_modules")
     if isinstance(modules, list) and modules:
-        lora["targets"] = list(modules)
+        # a plain name also matches as a dotted suffix ("0" matches "1.0"): write exact matches
+        lora["targets"] = [exact_pattern(m) for m in modules]
         lora["exclude"] = []  # the names are already resolved, exclusions applied
     LoraConfig.from_dict(lora)  # fail now, not when the user loads it
     spec = study.user_attrs.get("spec") or {}
