@@ -60,6 +60,7 @@ CASES = {
                                              rank_pattern={"h.1.attn.c_attn": 5}, alpha_pattern={"mlp.c_proj": 7.0})),
     "bert-qv-head": (bert, LoraConfig(rank=4, alpha=16.0, targets=["query", "value", "word_embeddings"],
                                       bias="lora_only", modules_to_save=["classifier"])),
+    "bert-pissa": (bert, LoraConfig(rank=4, alpha=4.0, targets=["query", "value"], init="pissa")),
     "bert-all-linear-bias": (bert, LoraConfig(rank=3, alpha=6.0, targets="all-linear", bias="all")),
 }
 
@@ -234,3 +235,10 @@ def test_unsupported_peft_variant_is_refused(tmp_path):
     peft_saved(tmp_path, bert, r=2, target_modules=["query"], use_dora=True)
     with pytest.raises(AdapterFormatError, match="use_dora=True"):
         load_adapter(bert(), tmp_path)
+
+
+def test_pissa_on_fused_qkv_is_refused_for_peft(tmp_path):
+    model = Small()
+    inject(model, LoraConfig(rank=2, targets=["qkv"], init="pissa"))
+    with pytest.raises(AdapterFormatError, match="init='pissa' on a fused layer"):
+        save_adapter(model, tmp_path, format="peft", config=LoraConfig(rank=2, targets=["qkv"], init="pissa"))
