@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,7 +333,9 @@ def expected_after_inject(model: nn.Module, config: LoraConfig, names: list[str]
     dry = LoraConfig.from_dict({**config.to_dict(), "quant_bits": None, "init": "kaiming",
                                 "modules_to_save": [], "bias": "none"})
     try:
-        inject_exact(skeleton, dry, plain_fused)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real inject repeats any rank warning
+            inject_exact(skeleton, dry, plain_fused)
     except ConfigError as exc:
         raise AdapterFormatError(f"the saved adapter does not fit this model: {exc}") from None
     shapes = {k: p.shape for k, p in skeleton.named_parameters()}
@@ -389,6 +392,11 @@ def _lora_tune_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tenso
         "rank_pattern": {"re:" + re.escape(n): int(m["r"]) for n, m in modules_meta.items()},
         "alpha_pattern": {"re:" + re.escape(n): float(m["alpha"]) for n, m in modules_meta.items()},
     })
+    for name, m in modules_meta.items():
+        scaling = cfg.scale_for(int(m["r"]), float(m["alpha"]))
+        if not math.isclose(scaling, float(m.get("scaling", float("nan"))), rel_tol=1e-6):
+            raise AdapterFormatError(f"{source}: module {name!r}: the saved config gives scaling {scaling:g} but the "
+                                     f"adapter was trained with {m.get('scaling')}; adapter_config.json is inconsistent")
     expected = expected_after_inject(model, cfg, names)
     required = {k for k in expected if _is_lora_key(k)} | set(meta.get("extra_keys") or [])
     check_tensors(tensors, expected, required, source)

@@ -261,3 +261,15 @@ def test_config_is_reconstructed_from_the_wrappers_when_not_given(tmp_path):
     fresh = Zoo()
     load_adapter(fresh, tmp_path)
     assert_same(outputs(fresh), outputs(model))
+
+
+def test_inconsistent_saved_scaling_is_refused(tmp_path):
+    cfg = LoraConfig(rank=2, alpha=4.0, targets=["lin"])
+    save_adapter(inject_fresh(cfg), tmp_path, config=cfg)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta["lora_config"]["rslora"] = True          # scaling would silently change from 2 to 2.83
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    fresh = Zoo()
+    with pytest.raises(AdapterFormatError, match="inconsistent"):
+        load_adapter(fresh, tmp_path)
+    assert not list(lora_layers(fresh))
