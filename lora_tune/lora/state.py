@@ -274,10 +274,12 @@ class LoadPlan:
     tensors: dict[str, torch.Tensor]     # model key -> value
     config: LoraConfig | None = None     # inject this first (the model has no LoRA layers yet)
     plain_fused: tuple[str, ...] = ()    # fused qkv names to adapt as one plain pair (PEFT adapters)
+    record: LoraConfig | None = None     # the config to record on the model (default: ``config``)
 
     def apply(self, model: nn.Module) -> None:
         if self.config is not None:
             inject_exact(model, self.config, self.plain_fused)
+            model._lora_tune_config = self.record or self.config
         merged = [w for _, w in lora_layers(model) if w.merged]
         for w in merged:
             w.unmerge()
@@ -400,7 +402,7 @@ def _lora_tune_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tenso
     expected = expected_after_inject(model, cfg, names)
     required = {k for k in expected if _is_lora_key(k)} | set(meta.get("extra_keys") or [])
     check_tensors(tensors, expected, required, source)
-    return LoadPlan(tensors, config=cfg)
+    return LoadPlan(tensors, config=cfg, record=saved_cfg)
 
 
 def _check_sites(sites: list[Site], modules_meta: dict, source: str) -> None:

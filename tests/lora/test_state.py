@@ -273,3 +273,18 @@ def test_inconsistent_saved_scaling_is_refused(tmp_path):
     with pytest.raises(AdapterFormatError, match="inconsistent"):
         load_adapter(fresh, tmp_path)
     assert not list(lora_layers(fresh))
+
+
+def test_loaded_model_records_the_saved_config_and_saves_again(tmp_path):
+    cfg = LoraConfig(rank=2, targets=["lin", "attn[v,o]"], bias="lora_only")
+    model = inject_fresh(cfg)
+    randomize(model)
+    save_adapter(model, tmp_path / "a", config=cfg)
+    fresh = Zoo()
+    load_adapter(fresh, tmp_path / "a")
+    assert fresh._lora_tune_config == cfg
+    save_adapter(fresh, tmp_path / "b")              # no config given: the recorded one is used
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["lora_config"] == cfg.to_dict()
+    again = Zoo()
+    load_adapter(again, tmp_path / "b")
+    assert_same(outputs(again), outputs(model))
