@@ -158,7 +158,8 @@ def draw_cost(d: dict[str, Any], title: str) -> go.Figure:
     front = sorted((p for p in d["points"] if p["pareto"]), key=lambda p: p["x"])
     fig.add_trace(go.Scatter(x=xs(front), y=[p["y"] for p in front], mode="lines",
                              name="Pareto front", line={"shape": "hv", "dash": "dash", "color": "#000"}))
-    fig.update_xaxes(type="log")
+    if all(p["x"] > 0 for p in d["points"]):  # a log axis would drop zeros (e.g. no memory growth)
+        fig.update_xaxes(type="log")
     return fig
 
 

@@ -80,7 +80,8 @@ def build_report(study: optuna.Study, definition: ReportDefinition | None = None
         if PANELS[spec.panel].html:
             inner = f'<div class="panel-body" id="{pid}-body">{out}</div>'
         else:
-            out.update_layout(title=None, margin={"t": 30})  # the section heading names it
+            top = out.layout.margin.t if out.layout.margin.t is not None else 50
+            out.update_layout(title=None, margin={"t": 30 if top <= 50 else top})  # the heading names it
             inner = pio.to_html(out, full_html=False, include_plotlyjs=False, div_id=f"{pid}-plot",
                                 config={"displaylogo": False, "responsive": True})
             inner = f'<div class="plot" data-panel="{spec.panel}">{inner}</div>'
