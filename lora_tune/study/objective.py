@@ -18,13 +18,14 @@ metric, or an exception anywhere in the trial, fails the trial (``fail_reason``,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 
@@ -102,6 +103,7 @@ class Objective:
         values = self.space.sample(trial)
         lora_kwargs = {k: v for k, v in values.items() if k not in _TRAIN_KEYS}
         train_kwargs = self.spec.train.model_dump()
+        threads = train_kwargs.pop("threads", None)
         train_kwargs.update({k: v for k, v in values.items() if k in _TRAIN_KEYS})
 
         t0 = time.perf_counter()
@@ -133,7 +135,8 @@ class Objective:
                 return True
             return False
 
-        result = fit(model, task, TrainConfig(**train_kwargs), on_eval=on_eval)
+        with _torch_threads(threads):
+            result = fit(model, task, TrainConfig(**train_kwargs), on_eval=on_eval)
         times.train, times.compute, times.evaluate = result.seconds, result.compute_seconds, result.eval_seconds
         trial.set_user_attr("peak_memory_bytes", int(result.peak_memory_bytes))
         trial.set_user_attr("train_seconds", float(result.seconds))
@@ -178,6 +181,22 @@ def _objective_value(name: str, metrics: dict[str, float], trainable: int) -> fl
     if name not in metrics:
         raise KeyError(f"the task did not report metric {name!r}; it reported {sorted(metrics)}")
     return float(metrics[name])
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (None: unchanged), restoring the previous count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if n is None or n == previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _jsonable(value: float) -> float | str:

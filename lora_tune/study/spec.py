@@ -96,6 +96,9 @@ class TrainSection(_Section):
     device: str = "auto"
     grad_clip: float | None = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
+    # CPU threads for torch in each trial process (torch.set_num_threads); null keeps torch's
+    # default. Small models on a busy or small CPU often train several times faster with 1.
+    threads: int | None = Field(None, ge=1)
 
 
 class ConstraintsSection(_Section):
