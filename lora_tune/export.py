@@ -20,11 +20,17 @@ import yaml
 from lora_tune import __version__
 from lora_tune.errors import ConfigError
 from lora_tune.lora.config import LoraConfig
-from lora_tune.report.artifacts import (  # noqa: F401  (re-exported for the study driver)
-    artifact_dir_for,
-    extract_adapter,
-    save_best_adapter,
-)
+
+_ARTIFACT_NAMES = ("artifact_dir_for", "extract_adapter", "save_best_adapter")
+
+
+def __getattr__(name: str) -> Any:
+    """``save_best_adapter`` & co. live in ``lora_tune.report.artifacts`` (loaded on first use)."""
+    if name in _ARTIFACT_NAMES:
+        from lora_tune.report import artifacts
+
+        return getattr(artifacts, name)
+    raise AttributeError(f"module 'lora_tune.export' has no attribute {name!r}")
 
 BEST_FORMAT = 1
 _LORA_PARAMS = {"rank", "alpha", "alpha_ratio", "targets", "quant_bits", "quant_type", "method", "dropout",
@@ -158,6 +164,8 @@ def export_best(study: Any, output: str | os.PathLike, *, trial_number: int | No
     if out.is_dir() or not (out.parent if str(out.parent) else Path(".")).is_dir():
         raise ConfigError("output", str(out), "a file path in an existing directory")
     if adapter_dir is not None:
+        from lora_tune.report.artifacts import artifact_dir_for, extract_adapter
+
         store_dir = artifact_dir_for(study, storage_url, artifact_dir)
         formats = extract_adapter(study, trial, adapter_dir, store_dir)
         content["adapter"] = {"path": str(Path(adapter_dir).resolve()), "formats": formats}

@@ -3,12 +3,32 @@
 Each panel is a pure function from a study to plain data (``lora_tune.report.data``) and a
 function drawing it (``lora_tune.report.draw``); ``dashboards/*.yaml`` say which panels a
 report shows, in what order, for single- and multi-objective studies.
+
+Names are loaded lazily so that ``lora_tune.report.artifacts`` (called by the study driver)
+does not import Plotly.
 """
 from __future__ import annotations
 
-from lora_tune.report.definitions import ReportDefinition, definition_for, load_definition
-from lora_tune.report.html import build_report, render_panel, write_report
-from lora_tune.report.panels import PANELS, Panel
+import importlib
+from typing import Any
 
-__all__ = ["PANELS", "Panel", "ReportDefinition", "build_report", "definition_for", "load_definition",
-           "render_panel", "write_report"]
+_EXPORTS = {
+    "PANELS": "lora_tune.report.panels",
+    "Panel": "lora_tune.report.panels",
+    "ReportDefinition": "lora_tune.report.definitions",
+    "definition_for": "lora_tune.report.definitions",
+    "load_definition": "lora_tune.report.definitions",
+    "build_report": "lora_tune.report.html",
+    "render_panel": "lora_tune.report.html",
+    "write_report": "lora_tune.report.html",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lora_tune.report' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
