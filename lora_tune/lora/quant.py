@@ -43,7 +43,8 @@ class QuantizedWeight(nn.Module):
         self.bits = bits
         self.quant_type = quant_type if bits == 4 else "int8"
         self.shape = tuple(weight.shape)
-        self.dtype = weight.dtype
+        # An empty float buffer that model.to(dtype) converts: dequantize() returns its dtype.
+        self.register_buffer("_dtype_probe", torch.empty(0, dtype=weight.dtype, device=weight.device), persistent=False)
         w = weight.detach()
         if bits == 4:
             data, state = bnbf.quantize_4bit(
@@ -59,6 +60,18 @@ class QuantizedWeight(nn.Module):
             self.register_buffer("data", data, persistent=False)
             self.register_buffer("row_scale", stats, persistent=False)
             self._state = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype_probe.dtype
+
+    def _apply(self, fn, recurse=True):
+        # Scales stay float32 whatever dtype the model is cast to; only the device follows.
+        scale = self._buffers.get("row_scale")
+        super()._apply(fn, recurse)
+        if scale is not None:
+            self._buffers["row_scale"] = scale.to(self.data.device)
+        return self
 
     def dequantize(self) -> torch.Tensor:
         bnbf = _bnb_functional()
