@@ -116,6 +116,8 @@ def _build_model(spec: dict, tokenizer_vocab: int | None) -> tuple[torch.nn.Modu
         config = dict(model_spec["gpt2_config"])
         config.setdefault("vocab_size", tokenizer_vocab or BYTE_VOCAB)
         config.setdefault("n_positions", max(int(spec.get("block_size") or 128), 128))
+        config.setdefault("bos_token_id", None)  # GPT-2's 50256 is outside a byte vocabulary
+        config.setdefault("eos_token_id", None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(spec.get("seed") or 0))
             return GPT2LMHeadModel(GPT2Config(**config)), "gpt2_config"
