@@ -208,8 +208,9 @@ def _refuse_mha(model: nn.Module, names: list[str], source: str) -> None:
                                      "there than lora-tune would compute")
         if ".base_layer." in f".{name}." or isinstance(module, (nn.MultiheadAttention, LoraMultiheadAttention)):
             raise AdapterFormatError(
-                f"{source}: module {name!r} is (part of) an nn.MultiheadAttention; PEFT 0.21 applies its out_proj "
-                "delta twice, so this adapter cannot be reproduced faithfully")
+                f"{source}: module {name!r} is (part of) an nn.MultiheadAttention or a nested PEFT wrapper; PEFT "
+                "0.21 applies an nn.MultiheadAttention's out_proj delta twice, so this adapter cannot be reproduced "
+                "faithfully")
 
 
 def _unblock(A: torch.Tensor, B: torch.Tensor, site: Site, source: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -191,6 +191,18 @@ class Small(nn.Module):
         return self.conv(img).sum() + self.qkv(a).sum()
 
 
+class Convs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv1d(3, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(3, 4, (3, 2), padding="same")
+        self.c3 = nn.Conv3d(3, 4, 2, stride=(1, 2, 1))
+
+    def forward(self, x):
+        return self.c1(x[..., 0, 0]), self.c2(x[..., 0]), self.c3(x)
+
+
 def test_conv_and_embedding_export_match_peft(tmp_path):
     cfg = LoraConfig(rank=2, targets=["emb", "conv", "qkv"])
     model = Small()
@@ -200,6 +212,28 @@ def test_conv_and_embedding_export_match_peft(tmp_path):
     save_adapter(model, tmp_path, format="peft", config=cfg)
     with torch.no_grad():
         torch.testing.assert_close(peft_load(Small(), tmp_path)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv1d_2d_3d_match_peft_both_ways(tmp_path):
+    x = torch.randn(2, 3, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    cfg = LoraConfig(rank=2, alpha=5.0, targets=["c1", "c2", "c3"])
+    model = Convs()
+    inject(model, cfg)
+    randomize(model)
+    save_adapter(model, tmp_path / "ours", format="peft", config=cfg)
+    with torch.no_grad():
+        want = model(x)
+        assert not torch.allclose(want[2], Convs()(x)[2], atol=1e-3)
+        for got, ref in zip(peft_load(Convs(), tmp_path / "ours")(x), want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    pm = peft.get_peft_model(Convs(), peft.LoraConfig(r=3, lora_alpha=4, target_modules=["c1", "c2", "c3"]))
+    randomize(pm, seed=2)
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    fresh = Convs()
+    load_adapter(fresh, tmp_path / "theirs")
+    with torch.no_grad():
+        for got, ref in zip(fresh(x), pm(x)):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("targets, conv, reason", [
