@@ -303,3 +303,13 @@ def test_quantized_base_follows_model_to_bfloat16(bits):
     assert torch.equal(q.dequantize(), w32.to(torch.bfloat16))   # same base, now in bf16
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     assert model(x).dtype == torch.bfloat16
+
+
+def test_adapter_io_imports_neither_peft_nor_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, lora_tune.lora.state, lora_tune.lora.peft_format, lora_tune.lora.facade; "
+            "print(sorted(m for m in ('peft', 'transformers', 'bitsandbytes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
