@@ -33,7 +33,7 @@ The factory is called once per process as ``factory(**args)`` and returns either
        the metric names ``evaluate`` returns; the first is the default metric.
    ``direction`` (optional)
        ``maximize`` or ``minimize`` for the default metric (default: minimize for names ending in
-       ``loss`` or equal to ``perplexity``, else maximize).
+       loss, error, perplexity, mse, mae, rmse, wer or cer; else maximize).
    ``modules_to_save`` (optional), ``baseline_targets`` (optional, default ``attention-qv``),
    ``name`` (optional).
 """
@@ -172,6 +172,14 @@ def _default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
 
 
+MINIMIZED = ("loss", "error", "perplexity", "mse", "mae", "rmse", "wer", "cer")
+
+
+def guess_direction(metric: str) -> str:
+    """``minimize`` for losses, errors and perplexity (by name), else ``maximize``."""
+    return "minimize" if metric.lower().endswith(MINIMIZED) else "maximize"
+
+
 class DictTask(Task):
     """A task made from the dict protocol in the module docstring."""
 
@@ -206,9 +214,7 @@ class DictTask(Task):
             self.metrics = ("eval_loss", "accuracy") if parts.get("loss") is None else ("eval_loss",)
         self.default_metric = self.metrics[0] if self._evaluate is not None else (
             "accuracy" if "accuracy" in self.metrics else "eval_loss")
-        lowered = self.default_metric.lower()
-        self.default_direction = parts.get("direction") or (
-            "minimize" if lowered.endswith("loss") or lowered == "perplexity" else "maximize")
+        self.default_direction = parts.get("direction") or guess_direction(self.default_metric)
         if self.default_direction not in ("maximize", "minimize"):
             raise ConfigError("task.factory", self.default_direction, "direction 'maximize' or 'minimize'")
         self.modules_to_save = list(parts.get("modules_to_save") or [])
