@@ -90,3 +90,15 @@ def test_export_trials_table(storage, tmp_path, suffix):
 def test_export_trials_rejects_other_formats(storage, tmp_path):
     code, _, stderr = run("study", "export-trials", "digits-a", "--storage", storage, "-o", str(tmp_path / "t.xlsx"))
     assert code == 2 and ".csv or .parquet" in stderr
+
+
+def test_report_can_save_the_lora_figures_into_the_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fig.db'}"
+    make_lora_study(url, name="figs")
+    code, _, stderr = run("report", "figs", "--storage", url, "-o", str(tmp_path / "r.html"), "--save-to-study")
+    assert code == 0, stderr
+    study = optuna.load_study(study_name="figs", storage=url)
+    keys = study._storage.get_study_system_attrs(study._study_id)
+    saved = {k.split(":")[3] for k in keys if k.startswith("dashboard:plot_data:lora-tune:")}
+    assert saved == {"03-rank_alpha", "04-presets", "05-cost", "06-cost", "07-curves", "08-parallel",
+                     "09-timeline"}
