@@ -228,7 +228,7 @@ def show_cmd(name: str, storage: str | None, top: int) -> None:
         console.print(trials_table(top_trials(study, spec, top), spec.metrics, title=f"top {top} trials"))
         failed = [t for t in study.get_trials(deepcopy=False) if t.state.name == "FAIL"]
         for t in failed[-5:]:
-            console.print(f"trial {t.number} failed: {t.user_attrs.get('fail_reason', '?')}")
+            console.print(f"trial {t.number} failed: {t.user_attrs.get('fail_reason', '?')}", markup=False)
     finally:
         _dispose(study)
 

@@ -99,7 +99,7 @@ class StudyProgress:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         outcome = study_outcome(study, self.spec)
-        self.progress.console.print(trial_line(trial, outcome))
+        self.progress.console.print(trial_line(trial, outcome), markup=False)
         self.progress.update(
             self.task_id, completed=min(outcome.finished, outcome.budget), best=_best_text(outcome),
             pruned=outcome.counts.get("PRUNED", 0), failed=outcome.counts.get("FAIL", 0),

@@ -11,7 +11,7 @@ from tests.study.toy_task import ToyTask
 
 BASE: dict[str, Any] = {
     "study": {"name": "toy", "n_trials": 4, "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"}},
-    "task": {"type": "digits"},  # replaced by the toy task object in these tests
+    "task": {"type": "python", "factory": "tests.study.toy_task:make_task"},
     "search_space": {
         "rank": {"choices": [2, 4, 8]},
         "alpha": {"ratio": [1, 2]},

@@ -1,0 +1,125 @@
+"""The study commands through click (CliRunner) and one real `lora-tune run` subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from lora_tune.cli.main import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TOY = {
+    "study": {"name": "cli-toy", "n_trials": 5, "sampler": {"type": "tpe", "seed": 0},
+              "pruner": {"type": "median", "options": {"n_startup_trials": 2}}},
+    "task": {"type": "python", "factory": "tests.study.toy_task:make_task"},
+    "search_space": {"rank": {"choices": [2, 4, 8]}, "alpha": {"ratio": [1, 2]},
+                     "targets": {"choices": ["attention-qv", "all-linear"]},
+                     "learning_rate": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}},
+    "train": {"epochs": 2, "batch_size": 64, "evals_per_epoch": 2, "device": "cpu", "threads": 1},
+}
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.delenv("LORA_TUNE_STORAGE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT))
+    return tmp_path
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_validate_ok_and_lists_what_is_searched(env):
+    result = _invoke("validate", str(_write(env / "s.yaml", TOY)))
+    assert result.exit_code == 0, result.output
+    assert "ok" in result.output and "maximize accuracy" in result.output
+    assert "searches: rank, alpha_ratio, targets, learning_rate" in result.output
+    assert not list(env.glob("*.db"))  # validation writes no storage
+
+
+def test_validate_reports_every_error_with_exit_2(env):
+    bad = dict(TOY, study={"name": "x", "n_trials": 0, "sampler": {"type": "nope"}},
+               search_space={"rank": {"type": "int", "low": 0, "high": 4}, "bogus": 1})
+    result = _invoke("validate", str(_write(env / "bad.yaml", bad)))
+    assert result.exit_code == 2
+    for fragment in ("4 error(s)", "study.n_trials: must be ≥ 1", "study.sampler.type:",
+                     "search_space.rank.low: must be an integer ≥ 1", "search_space.bogus: unknown parameter"):
+        assert fragment in result.output
+
+
+def test_create_with_an_invalid_file_writes_nothing(env):
+    bad = dict(TOY, search_space={"rank": {"choices": [4, 16]}})  # the baseline's rank 8 is missing
+    result = _invoke("study", "create", str(_write(env / "bad.yaml", bad)))
+    assert result.exit_code == 2 and "search_space.rank" in result.output and "study.baseline: false" in result.output
+    assert [p.name for p in env.iterdir()] == ["bad.yaml"]  # no database, no lock file
+
+
+@pytest.mark.slow
+def test_create_optimize_list_show(env):
+    path = _write(env / "s.yaml", TOY)
+    url = f"sqlite:///{env / 'x.db'}"
+    created = _invoke("study", "create", str(path), "--storage", url, "--name", "first")
+    assert created.exit_code == 0, created.output
+    assert "study 'first' ready" in created.output and "(1 trial(s) so far)" in created.output
+    again = _invoke("study", "create", str(path), "--storage", url, "--name", "first")
+    assert again.exit_code == 2 and "--resume" in again.output
+    opt = _invoke("study", "optimize", "first", "--storage", url, "--n-trials", "2")
+    assert opt.exit_code == 0, opt.output
+    assert "this process ran 2 trial(s)" in opt.output and "--n-trials reached" in opt.output
+    assert "trial   0 complete" in opt.output and "[baseline]" in opt.output
+    listed = _invoke("study", "list", "--storage", url)
+    assert listed.exit_code == 0 and "first" in listed.output and "2/5" in listed.output
+    shown = _invoke("study", "show", "first", "--storage", url)
+    assert shown.exit_code == 0, shown.output
+    assert "best trial #" in shown.output and "baseline trial #0" in shown.output and "top 10 trials" in shown.output
+
+
+def test_unknown_study_lists_the_studies_and_exits_2(env):
+    url = f"sqlite:///{env / 'x.db'}"
+    assert _invoke("study", "create", str(_write(env / "s.yaml", TOY)), "--storage", url).exit_code == 0
+    result = _invoke("study", "optimize", "nope", "--storage", url)
+    assert result.exit_code == 2 and "study 'nope' not found" in result.output and "cli-toy" in result.output
+    missing = _invoke("study", "show", "nope", "--storage", f"sqlite:///{env / 'none.db'}")
+    assert missing.exit_code == 2 and not (env / "none.db").exists()
+
+
+def test_storage_falls_back_to_the_environment(env, monkeypatch):
+    monkeypatch.setenv("LORA_TUNE_STORAGE", f"sqlite:///{env / 'from-env.db'}")
+    assert _invoke("study", "create", str(_write(env / "s.yaml", TOY))).exit_code == 0
+    assert (env / "from-env.db").exists() and not (env / "lora_tune.db").exists()
+    assert "cli-toy" in _invoke("study", "list").output
+
+
+@pytest.mark.slow
+def test_run_end_to_end_in_a_real_process(env):
+    """`lora-tune run` creates, optimizes, prints best vs baseline; a second run resumes."""
+    path = _write(env / "s.yaml", dict(TOY, study=dict(TOY["study"], storage="sqlite:///e2e.db")))
+    environ = dict(os.environ, PYTHONPATH=str(ROOT))
+    environ.pop("LORA_TUNE_STORAGE", None)
+    start = time.monotonic()
+    first = subprocess.run([sys.executable, "-m", "lora_tune.cli.main", "run", str(path)], cwd=env,
+                           env=environ, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert elapsed < 60
+    out = first.stdout
+    assert "this process ran 5 trial(s)" in out and "trial budget is used" in out
+    assert "cli-toy: 5/5 trials finished" in out and "best trial #" in out and "baseline trial #0" in out
+    assert "gain" in out
+    second = subprocess.run([sys.executable, "-m", "lora_tune.cli.main", "run", str(path)], cwd=env,
+                            env=environ, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "this process ran 0 trial(s)" in second.stdout
