@@ -2,17 +2,33 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
 
-from lora_tune.errors import StudyNotFoundError
+from lora_tune.errors import ConfigError, StudyNotFoundError
 
 
 def open_storage_for_reading(storage_url: str) -> Any:
-    """The storage behind ``storage_url`` (``lora_tune.study.storage.open_storage``)."""
-    from lora_tune.study.storage import open_storage
+    """The storage behind ``storage_url`` (``lora_tune.study.storage.open_storage``).
 
+    A SQLite or journal file that does not exist is an error (opening it would create an
+    empty one as a side effect of reading).
+    """
+    from lora_tune.study.storage import journal_path, mask_url, open_storage, storage_kind
+
+    kind = storage_kind(storage_url)
+    path = None
+    if kind == "journal":
+        path = journal_path(storage_url)
+    elif kind == "sqlite":
+        from sqlalchemy.engine import make_url
+
+        path = make_url(storage_url).database
+    if path and not Path(path).is_file():
+        raise ConfigError("--storage", mask_url(storage_url), "an existing database file",
+                          f"{Path(path).resolve()} does not exist. Pass --storage or set $LORA_TUNE_STORAGE.")
     return open_storage(storage_url)
 
 

@@ -102,3 +102,12 @@ def test_report_can_save_the_lora_figures_into_the_study(tmp_path):
     saved = {k.split(":")[3] for k in keys if k.startswith("dashboard:plot_data:lora-tune:")}
     assert saved == {"03-rank_alpha", "04-presets", "05-cost", "06-cost", "07-curves", "08-parallel",
                      "09-timeline"}
+
+
+@pytest.mark.parametrize("storage", ["sqlite:///{d}/typo.db", "journal:{d}/typo.log"])
+def test_missing_storage_file_is_bad_input_and_not_created(tmp_path, storage):
+    url = storage.format(d=tmp_path)
+    for args in (("report", "s", "-o", str(tmp_path / "r.html")), ("dashboard",)):
+        code, _, stderr = run(*args, "--storage", url)
+        assert code == 2 and "--storage" in stderr and "typo" in stderr and "does not exist" in stderr
+    assert list(tmp_path.iterdir()) == []

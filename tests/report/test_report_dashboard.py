@@ -72,6 +72,8 @@ def test_dashboard_rejects_a_bad_port(tmp_path):
 
     from lora_tune.cli.main import cli
 
-    result = CliRunner().invoke(cli, ["dashboard", "--storage", f"sqlite:///{tmp_path / 'x.db'}",
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    optuna.create_study(study_name="empty", storage=url)
+    result = CliRunner().invoke(cli, ["dashboard", "--storage", url,
                                       "--port", "70000", "--no-save-figures"])
     assert result.exit_code == 2 and "--port: got 70000" in result.stderr
