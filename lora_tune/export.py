@@ -8,6 +8,7 @@ settings, the metric and provenance. :func:`load_config` reads it back as a :cla
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from datetime import datetime, timezone
@@ -33,8 +34,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lora_tune.export' has no attribute {name!r}")
 
 BEST_FORMAT = 1
-_LORA_PARAMS = {"rank", "alpha", "alpha_ratio", "targets", "quant_bits", "quant_type", "method", "dropout",
-                "rslora", "init", "double_quant", "bias", "exclude"}
+# trial params that describe the LoRA config (in the ``lora`` section); the rest are training settings
+_LORA_PARAMS = {f.name for f in dataclasses.fields(LoraConfig)} | {"alpha_ratio"}
 
 
 def load_config(path: str | os.PathLike) -> LoraConfig:
@@ -187,10 +188,15 @@ def export_trials(study: Any, output: str | os.PathLike) -> Path:
     df = frame.trials_dataframe(study, include_bulky=True)
     if suffix == ".csv":
         return write_text_atomic(out, df.to_csv(index=False))
+    df = _parquet_safe(df)
     folder = out.parent if str(out.parent) else Path(".")
     if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
         raise ConfigError("output", str(out), "a writable file path in an existing directory")
     tmp = folder / f".{out.name}.tmp"
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ConfigError("output", str(out), "a .csv file, or install pyarrow (pip install 'lora-tune[parquet]')") from None
     try:
         df.to_parquet(tmp, index=False)
         os.replace(tmp, out)
@@ -198,3 +204,15 @@ def export_trials(study: Any, output: str | os.PathLike) -> Path:
         tmp.unlink(missing_ok=True)
         raise ConfigError("output", str(out), "a writable file path", exc.strerror or str(exc)) from None
     return out
+
+
+def _parquet_safe(df: Any) -> Any:
+    """Columns mixing kinds of values (e.g. a number in one trial, text in another) become text;
+    Parquet columns have one type."""
+    df = df.copy()
+    for col in df.columns[df.dtypes == object]:
+        kinds = {type(v) for v in df[col] if v is not None and v == v}
+        numeric = kinds <= {int, float} or kinds <= {bool}
+        if len(kinds) > 1 and not numeric and not all(issubclass(k, datetime) for k in kinds):
+            df[col] = df[col].map(lambda v: None if v is None or v != v else str(v))
+    return df

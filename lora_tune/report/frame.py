@@ -99,8 +99,8 @@ def preset_of(trial: FrozenTrial) -> str:
     if isinstance(preset, str) and preset:
         return preset
     targets = trial.params.get("targets")
-    if isinstance(targets, str) and targets:
-        return targets if "|" not in targets else "explicit"
+    if isinstance(targets, str) and targets:  # a preset name, or an explicit list joined by "|"
+        return targets if len(targets) <= 40 else targets[:37] + "..."
     cfg = trial.user_attrs.get("lora_config") or {}
     given = cfg.get("targets") if isinstance(cfg, dict) else None
     if isinstance(given, str):
