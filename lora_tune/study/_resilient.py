@@ -17,7 +17,9 @@ that was re-queued by the stale-trial retry callback (its retry uses the budget 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
+import json
 import logging
 import os
 import random
@@ -98,6 +100,16 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
         self.retries = 0  # transient errors survived, for reports and tests
         self._budgets: dict[int, int] = {}
         self._thread_lock = threading.RLock()
+        self.fast = None  # single-statement trial writes (PostgreSQL, SQLite)
+        if rdb is not None:
+            from lora_tune.study import _rdb_fast
+
+            if _rdb_fast.supports(rdb.engine):
+                self.fast = _rdb_fast.FastTrialWrites(rdb.engine)
+                _rdb_fast.FastTrialReads(rdb).install()
+        # trials this process runs, kept up to date by its own writes: reading one back
+        # (Optuna does so ~3 times a trial) costs no query
+        self._own: dict[int, FrozenTrial] = {}
 
     # ----------------------------------------------------------------- retries
     def _retry(self, fn: Callable[[], Any], what: str, on_retry: Callable[[], Any] | None = None) -> Any:
@@ -174,52 +186,51 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
             return int(own.execute(query).scalar_one())
 
     @contextlib.contextmanager
-    def study_lock(self, study_id: int) -> Iterator[Any]:
-        """Hold the study's cross-process lock; yields a connection (RDB) or None."""
+    def study_lock(self, study_id: int, exclusive: bool = True) -> Iterator[Any]:
+        """Hold the study's cross-process lock (when ``exclusive``) inside one transaction.
+
+        Yields a connection (RDB; committed on success) or None (journal).
+        """
         with self._thread_lock:
             if self.rdb is None:
-                path = _journal_lock_path(self.url)
+                path = _journal_lock_path(self.url) if exclusive else None
                 with _file_lock(path) if path else contextlib.nullcontext():
                     yield None
                 return
-            dialect = self.rdb.engine.dialect.name
-            if dialect == "sqlite":
-                database = self.rdb.engine.url.database
-                with _file_lock(database + ".lora-tune.lock") if database and database != ":memory:" else contextlib.nullcontext():
-                    with self.rdb.engine.connect() as conn:
-                        yield conn
-                return
             import sqlalchemy as sa
 
-            with self.rdb.engine.connect() as conn:
-                if dialect == "postgresql":
-                    # transaction-scoped: released on commit, rollback or a dead connection
-                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:a, :b)"),
-                                 {"a": _LOCK_NAMESPACE, "b": int(study_id)})
+            engine = self.rdb.engine
+            dialect = engine.dialect.name
+            database = engine.url.database
+            file_lock = exclusive and dialect == "sqlite" and database and database != ":memory:"
+            with _file_lock(database + ".lora-tune.lock") if file_lock else contextlib.nullcontext():
+                with engine.connect() as conn:
+                    name = f"lora_tune_study_{study_id}"
+                    if exclusive and dialect == "postgresql":
+                        # transaction-scoped: released on commit, rollback or a dead connection
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:a, :b)"),
+                                     {"a": _LOCK_NAMESPACE, "b": int(study_id)})
+                    elif exclusive and dialect in ("mysql", "mariadb"):
+                        conn.execute(sa.text("SELECT GET_LOCK(:n, 600)"), {"n": name})
+                    # other servers: no cross-process lock known, exact within this process only
                     try:
                         yield conn
+                        conn.commit()
                     finally:
                         conn.rollback()
-                elif dialect in ("mysql", "mariadb"):
-                    name = f"lora_tune_study_{study_id}"
-                    conn.execute(sa.text("SELECT GET_LOCK(:n, 600)"), {"n": name})
-                    try:
-                        yield conn
-                    finally:
-                        conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
-                        conn.commit()
-                else:  # no cross-process lock known: exact within this process only
-                    yield conn
+                        if exclusive and dialect in ("mysql", "mariadb"):
+                            conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
+                            conn.commit()
 
-    def _claim(self, study_id: int, start: Callable[[], Any], refuse: Callable[[int, int], Any]) -> Any:
+    def _claim(self, study_id: int, start: Callable[[Any], Any], refuse: Callable[[int, int], Any]) -> Any:
+        """Run ``start(conn)`` if the study's budget allows one more trial (under the lock)."""
         budget = self._budgets.get(study_id)
-        if budget is None:
-            return start()
-        with self.study_lock(study_id) as conn:
-            used = self._count_used(study_id, conn)
-            if used >= budget:
-                return refuse(used, budget)
-            return start()
+        with self.study_lock(study_id, exclusive=budget is not None) as conn:
+            if budget is not None:
+                used = self._count_used(study_id, conn)
+                if used >= budget:
+                    return refuse(used, budget)
+            return start(conn)
 
     # ------------------------------------------------------- study operations
     def create_new_study(self, directions: Sequence[Any], study_name: str | None = None) -> int:
@@ -257,12 +268,19 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
         if template_trial is not None:  # enqueued / added trials do not start anything
             return self._call("create_new_trial", study_id, template_trial)
         token = uuid.uuid4().hex
+        system_attrs = {CLAIM_KEY: token, WORKER_KEY: worker_id()}
 
         def refuse(used: int, budget: int) -> Any:
             raise BudgetReached(study_id, used, budget)
 
-        def start() -> int:
-            trial_id = self.inner.create_new_trial(study_id, self._running_template(token))
+        def start(conn: Any) -> int:
+            if self.fast is not None:
+                trial = self.fast.create_trial(conn, study_id, system_attrs,
+                                               heartbeat=self.get_heartbeat_interval() is not None)
+                self._own = {k: v for k, v in self._own.items() if not v.state.is_finished()}
+                self._own[trial._trial_id] = trial
+                return trial._trial_id
+            trial_id = self.inner.create_new_trial(study_id, self._running_template(system_attrs))
             self._first_heartbeat(trial_id)
             return trial_id
 
@@ -271,11 +289,11 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
             on_retry=lambda: self._find_claimed(study_id, token),
         )
 
-    def _running_template(self, token: str) -> FrozenTrial:
+    def _running_template(self, system_attrs: dict[str, Any]) -> FrozenTrial:
         return FrozenTrial(
             number=-1, state=TrialState.RUNNING, value=None, values=None,
             datetime_start=datetime.datetime.now(), datetime_complete=None, params={},
-            distributions={}, user_attrs={}, system_attrs={CLAIM_KEY: token, WORKER_KEY: worker_id()},
+            distributions={}, user_attrs={}, system_attrs=dict(system_attrs),
             intermediate_values={}, trial_id=-1,
         )
 
@@ -294,7 +312,14 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: Any) -> None:
-        self._call("set_trial_param", trial_id, param_name, param_value_internal, distribution)
+        if self.fast is None:
+            return self._call("set_trial_param", trial_id, param_name, param_value_internal, distribution)
+        self._retry(lambda: self.fast.set_param(trial_id, param_name, param_value_internal, distribution),
+                    "set_trial_param")
+        own = self._own.get(trial_id)
+        if own is not None:
+            own.params[param_name] = distribution.to_external_repr(param_value_internal)
+            own.distributions[param_name] = distribution
 
     def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
         return self._call("get_trial_id_from_study_id_trial_number", study_id, trial_number)
@@ -312,14 +337,11 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
             trial = self.inner.get_trial(trial_id)
             return (trial.state == state and state.is_finished(), True)
 
-        def write() -> bool:
-            return self.inner.set_trial_state_values(trial_id, state=state, values=values)
-
         if state == TrialState.RUNNING:  # popping a WAITING trial starts it: budget applies
             study_id = self._study_of_trial(trial_id)
 
-            def start() -> bool:
-                ok = write()
+            def start(conn: Any) -> bool:
+                ok = self.inner.set_trial_state_values(trial_id, state=state, values=values)
                 if ok:
                     self._first_heartbeat(trial_id)
                     self.inner.set_trial_system_attr(trial_id, WORKER_KEY, worker_id())
@@ -327,7 +349,23 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
 
             return self._retry(lambda: self._claim(study_id, start, lambda used, budget: False),
                                "start queued trial")
-        return self._retry(write, "finish trial", on_retry=already_done)
+        own = self._own.get(trial_id)
+        try:
+            if self.fast is not None and own is not None and state.is_finished():
+                end = self._retry(lambda: self.fast.finish(trial_id, state, values), "finish trial",
+                                  on_retry=already_done)
+                own.state = state
+                own.values = list(values) if values is not None else None
+                own.datetime_complete = end if isinstance(end, datetime.datetime) else datetime.datetime.now()
+                return True
+            return self._retry(lambda: self.inner.set_trial_state_values(trial_id, state=state, values=values),
+                               "finish trial", on_retry=already_done)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # another worker failed this trial as stale (our heartbeats did not reach the
+            # database in time) and re-queued its parameters: drop this result, keep working
+            self._own.pop(trial_id, None)
+            _logger.warning("trial %s was already finished by another worker; result not stored", trial_id)
+            return False
 
     def _study_of_trial(self, trial_id: int) -> int:
         if self.rdb is not None:
@@ -343,19 +381,40 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
         raise KeyError(trial_id)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        self._call("set_trial_intermediate_value", trial_id, step, intermediate_value)
+        if self.fast is None:
+            return self._call("set_trial_intermediate_value", trial_id, step, intermediate_value)
+        self._retry(lambda: self.fast.set_intermediate(trial_id, step, intermediate_value), "report")
+        own = self._own.get(trial_id)
+        if own is not None:
+            own.intermediate_values[step] = intermediate_value
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._call("set_trial_user_attr", trial_id, key, value)
+        self._set_attr(trial_id, key, value, system=False)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._call("set_trial_system_attr", trial_id, key, value)
+        self._set_attr(trial_id, key, value, system=True)
+
+    def _set_attr(self, trial_id: int, key: str, value: Any, system: bool) -> None:
+        name = "set_trial_system_attr" if system else "set_trial_user_attr"
+        if self.fast is None:
+            return self._call(name, trial_id, key, value)
+        self._retry(lambda: self.fast.set_attr(trial_id, key, value, system), name)
+        own = self._own.get(trial_id)
+        if own is not None:
+            (own.system_attrs if system else own.user_attrs)[key] = json.loads(json.dumps(value))
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
+        own = self._own.get(trial_id)
+        if own is not None:
+            return copy.deepcopy(own)
         return self._call("get_trial", trial_id)
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        if self.fast is not None and states is not None and tuple(states) == (TrialState.WAITING,):
+            # asked before every trial (Optuna's queue); almost always empty: one cheap query
+            if not self._retry(lambda: self.fast.has_waiting(study_id), "queued trials"):
+                return []
         return self._call("get_all_trials", study_id, deepcopy=deepcopy, states=states)
 
     def get_n_trials(self, study_id: int, state: Any = None) -> int:
@@ -383,7 +442,10 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
     def record_heartbeat(self, trial_id: int) -> None:
         # runs in Optuna's heartbeat thread: an exception there would stop the heartbeats
         # and get a healthy trial failed as stale, so keep trying.
-        self._call("record_heartbeat", trial_id)
+        if self.fast is not None:
+            self._retry(lambda: self.fast.record_heartbeat(trial_id), "record_heartbeat")
+        else:
+            self._call("record_heartbeat", trial_id)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         return self._call("_get_stale_trial_ids", study_id)
