@@ -196,7 +196,8 @@ def export_trials(study: Any, output: str | os.PathLike) -> Path:
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        raise ConfigError("output", str(out), "a .csv file, or install pyarrow (pip install 'lora-tune[parquet]')") from None
+        raise ConfigError("output", str(out),
+                          "a .csv file, or install pyarrow (pip install 'lora-tune[parquet]')") from None
     try:
         df.to_parquet(tmp, index=False)
         os.replace(tmp, out)

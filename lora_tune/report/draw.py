@@ -152,7 +152,8 @@ def draw_cost(d: dict[str, Any], title: str) -> go.Figure:
         pts = [p for p in d["points"] if p["quant_bits"] == bits]
         fig.add_trace(go.Scatter(
             x=xs(pts), y=[p["y"] for p in pts], mode="markers", name=bits,
-            marker={"size": 9, "color": BITS_COLOURS.get(bits), "symbol": ["star" if p["is_baseline"] else "circle" for p in pts],
+            marker={"size": 9, "color": BITS_COLOURS.get(bits),
+                    "symbol": ["star" if p["is_baseline"] else "circle" for p in pts],
                     "line": {"width": [2 if p["pareto"] else 0 for p in pts], "color": "#000"}},
             text=[f"trial #{p['number']} {p['preset']} r={p['rank']}" for p in pts]))
     front = sorted((p for p in d["points"] if p["pareto"]), key=lambda p: p["x"])

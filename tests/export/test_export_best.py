@@ -54,8 +54,8 @@ def test_load_config_returns_the_trials_lora_config(study, tmp_path):
     cfg = load_config(out)
     trial = study.trials[2]
     assert isinstance(cfg, lora_tune.LoraConfig)
-    assert (cfg.rank, cfg.alpha, cfg.dropout) == (trial.params["rank"], trial.params["rank"] * trial.params["alpha_ratio"],
-                                                  trial.params["dropout"])
+    alpha = trial.params["rank"] * trial.params["alpha_ratio"]
+    assert (cfg.rank, cfg.alpha, cfg.dropout) == (trial.params["rank"], alpha, trial.params["dropout"])
     assert cfg.quant_bits == (trial.params["quant_bits"] or None)
     assert lora_tune.load_config is load_config  # the public name
 

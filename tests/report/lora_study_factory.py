@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
