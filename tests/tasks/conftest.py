@@ -25,9 +25,17 @@ def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_task(digits_cache: Path):
+    """The digits task; its base is pretrained on one thread (see ``one_torch_thread``)."""
+    import torch
+
     from lora_tune.tasks import build_task
 
-    return build_task({"type": "digits"})
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_task({"type": "digits"})
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +76,15 @@ def write_table(path: Path, rows: list[dict]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models train fastest on one intra-op thread, and a shared 2-core machine thrashes
+    with more; restored afterwards so other test modules are unaffected."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
