@@ -1,17 +1,22 @@
-"""Fewer round trips for the hot writes of a running trial (PostgreSQL and SQLite).
+"""Fewer round trips for the hot writes and reads of running trials (PostgreSQL and SQLite).
 
 Optuna's RDB storage spends most of a worker's CPU in SQLAlchemy ORM sessions: about 84 SQL
-statements per trial of 4 parameters and 5 reports. A trial's own writes need far fewer:
-each one here is a single Core statement that also checks, in SQL, that the trial can still
-be updated (``INSERT ... SELECT ... WHERE EXISTS (trial is unfinished) ON CONFLICT ...``).
-The schema is Optuna's own (``optuna.storages._rdb.models``), so plain Optuna processes,
-optuna-dashboard and these workers read and write the same tables.
+statements per trial of 4 parameters and 5 reports, each on a freshly checked-out (and, with
+``pool_pre_ping``, pinged) connection inside its own BEGIN/COMMIT. Here a trial's own writes
+are single prebuilt Core statements that also check, in SQL, that the trial can still be
+updated (``INSERT ... SELECT ... WHERE EXISTS (trial is unfinished) ON CONFLICT ...``), sent
+in autocommit mode on a connection each worker thread keeps (one round trip per write).
+Trials are read with two queries instead of six. The schema is Optuna's own
+(``optuna.storages._rdb.models``): plain Optuna processes, optuna-dashboard and these
+workers read and write the same tables.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import optuna
@@ -44,14 +49,84 @@ class FastTrialWrites:
         self._insert = insert
         self.studies = models.StudyModel.__table__
         self.trials = models.TrialModel.__table__
-        self.params = models.TrialParamModel.__table__
         self.values = models.TrialValueModel.__table__
-        self.steps = models.TrialIntermediateValueModel.__table__
-        self.user_attrs = models.TrialUserAttributeModel.__table__
-        self.system_attrs = models.TrialSystemAttributeModel.__table__
-        self.heartbeats = models.TrialHeartbeatModel.__table__
         self._distributions: dict[tuple[int, str], distributions.BaseDistribution] = {}
         self._study_of: dict[int, int] = {}
+        self._local = threading.local()
+        self._open: list[sa.Connection] = []
+        self._open_lock = threading.Lock()
+        t = self.trials
+        tid = sa.bindparam("trial_id", type_=sa.Integer)
+        unfinished = sa.exists().where(t.c.trial_id == tid, t.c.state.in_(_UNFINISHED))
+        self._unfinished_where = unfinished
+        self.stmt_param = self._upsert(models.TrialParamModel.__table__, unfinished,
+                                       ("trial_id", "param_name", "param_value", "distribution_json"),
+                                       ("trial_id", "param_name"), None)
+        self.stmt_step = self._upsert(models.TrialIntermediateValueModel.__table__, unfinished,
+                                      ("trial_id", "step", "intermediate_value", "intermediate_value_type"),
+                                      ("trial_id", "step"), ("intermediate_value", "intermediate_value_type"))
+        self.stmt_attr = {
+            system: self._upsert(table, unfinished, ("trial_id", "key", "value_json"), ("trial_id", "key"),
+                                 ("value_json",))
+            for system, table in ((True, models.TrialSystemAttributeModel.__table__),
+                                  (False, models.TrialUserAttributeModel.__table__))
+        }
+        h = models.TrialHeartbeatModel.__table__
+        beat = self._insert(h).values(trial_id=tid, heartbeat=sa.func.current_timestamp())
+        self.stmt_beat = beat.on_conflict_do_update(index_elements=["trial_id"],
+                                                    set_={"heartbeat": sa.func.current_timestamp()})
+        self.stmt_state = sa.select(t.c.state).where(t.c.trial_id == tid)
+        self.stmt_waiting = sa.select(t.c.trial_id).where(
+            t.c.study_id == sa.bindparam("study_id", type_=sa.Integer), t.c.state == TrialState.WAITING
+        ).limit(1)
+
+    def _upsert(self, table: sa.Table, where: Any, columns: Sequence[str], keys: Sequence[str],
+                update: Sequence[str] | None) -> Any:
+        """``INSERT row SELECT ... WHERE trial unfinished``; on a key conflict update (or keep)."""
+        binds = [sa.bindparam(c, type_=table.c[c].type) for c in columns]
+        stmt = self._insert(table).from_select(list(columns), sa.select(*binds).where(where))
+        if update:
+            stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in update})
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
+        # rowcount is not reliable for INSERT ... SELECT on every driver; RETURNING is
+        return stmt.returning(table.c.trial_id)
+
+    # ------------------------------------------------------------- connections
+    def connection(self) -> sa.Connection:
+        """This thread's autocommit connection (opened once, replaced after an error)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._local.conn = conn
+            with self._open_lock:
+                self._open = [c for c in self._open if not c.closed] + [conn]
+        return conn
+
+    def reset(self) -> None:
+        """Drop this thread's connection (after a connection error; the next call reconnects)."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+                conn.close()
+
+    def close(self) -> None:
+        """Close every thread's connection (on dispose)."""
+        with self._open_lock:
+            conns, self._open = self._open, []
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[sa.Connection]:
+        try:
+            yield self.connection()
+        except Exception:
+            self.reset()
+            raise
 
     # ------------------------------------------------------------------ create
     def create_trial(self, conn: sa.Connection, study_id: int, system_attrs: dict[str, Any],
@@ -72,11 +147,11 @@ class FastTrialWrites:
         ).one()
         trial_id, trial_number = int(row[0]), int(row[1])
         if system_attrs:
-            conn.execute(sa.insert(self.system_attrs), [
+            conn.execute(sa.insert(models.TrialSystemAttributeModel.__table__), [
                 {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in system_attrs.items()
             ])
         if heartbeat:
-            self._beat(conn, trial_id)
+            conn.execute(self.stmt_beat, {"trial_id": trial_id})
         self._study_of[trial_id] = study_id
         return FrozenTrial(
             number=trial_number, state=TrialState.RUNNING, value=None, values=None,
@@ -85,43 +160,28 @@ class FastTrialWrites:
         )
 
     # ------------------------------------------------------------------- writes
-    def _unfinished(self, trial_id: int) -> sa.ColumnElement[bool]:
-        t = self.trials
-        return sa.exists().where(t.c.trial_id == trial_id, t.c.state.in_(_UNFINISHED))
-
-    def _upsert(self, conn: sa.Connection, table: sa.Table, trial_id: int, row: dict[str, Any],
-                keys: Sequence[str], update: Sequence[str] | None) -> int:
-        """Insert ``row`` if the trial is unfinished; on a key conflict update (or keep) it."""
-        columns = list(row)
-        select = sa.select(*[sa.literal(row[c], table.c[c].type) for c in columns]).where(self._unfinished(trial_id))
-        stmt = self._insert(table).from_select(columns, select)
-        if update:
-            stmt = stmt.on_conflict_do_update(index_elements=list(keys),
-                                              set_={c: stmt.excluded[c] for c in update})
-        else:
-            stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
-        # rowcount is not reliable for INSERT ... SELECT on every driver; RETURNING is
-        return 0 if conn.execute(stmt.returning(table.c.trial_id)).first() is None else 1
+    def _write(self, stmt: Any, params: dict[str, Any]) -> None:
+        with self._using() as conn:
+            if conn.execute(stmt, params).first() is None:
+                self._refused(conn, params["trial_id"])
 
     def _refused(self, conn: sa.Connection, trial_id: int) -> None:
         """After a write changed nothing: raise like Optuna if the trial is finished."""
-        t = self.trials
-        state = conn.execute(sa.select(t.c.state).where(t.c.trial_id == trial_id)).scalar_one_or_none()
+        state = conn.execute(self.stmt_state, {"trial_id": trial_id}).scalar_one_or_none()
         if state is None:
             raise KeyError(f"No trial with trial_id {trial_id} exists.")
         if state.is_finished():
             raise optuna.exceptions.UpdateFinishedTrialError(
                 f"Trial#{trial_id} has already finished and can not be updated."
             )
+        # unfinished: the same key was written before (e.g. a retried write); nothing to do
 
     def set_param(self, trial_id: int, name: str, internal: float,
                   distribution: distributions.BaseDistribution) -> None:
-        with self.engine.begin() as conn:
+        with self._using() as conn:
             self._check_distribution(conn, trial_id, name, distribution)
-            row = {"trial_id": trial_id, "param_name": name, "param_value": internal,
-                   "distribution_json": distributions.distribution_to_json(distribution)}
-            if not self._upsert(conn, self.params, trial_id, row, ("trial_id", "param_name"), None):
-                self._refused(conn, trial_id)  # or the same value was written twice: fine
+        self._write(self.stmt_param, {"trial_id": trial_id, "param_name": name, "param_value": internal,
+                                      "distribution_json": distributions.distribution_to_json(distribution)})
 
     def _check_distribution(self, conn: sa.Connection, trial_id: int, name: str,
                             distribution: distributions.BaseDistribution) -> None:
@@ -132,7 +192,7 @@ class FastTrialWrites:
             self._study_of[trial_id] = study_id
         known = self._distributions.get((study_id, name))
         if known is None:
-            p, t = self.params, self.trials
+            p, t = models.TrialParamModel.__table__, self.trials
             stored = conn.execute(
                 sa.select(p.c.distribution_json).select_from(p.join(t, p.c.trial_id == t.c.trial_id))
                 .where(t.c.study_id == study_id, p.c.param_name == name).limit(1)
@@ -143,21 +203,14 @@ class FastTrialWrites:
 
     def set_intermediate(self, trial_id: int, step: int, value: float) -> None:
         stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
-        row = {"trial_id": trial_id, "step": step, "intermediate_value": stored, "intermediate_value_type": kind}
-        with self.engine.begin() as conn:
-            if not self._upsert(conn, self.steps, trial_id, row, ("trial_id", "step"),
-                                ("intermediate_value", "intermediate_value_type")):
-                self._refused(conn, trial_id)
+        self._write(self.stmt_step, {"trial_id": trial_id, "step": step, "intermediate_value": stored,
+                                     "intermediate_value_type": kind})
 
     def set_attr(self, trial_id: int, key: str, value: Any, system: bool) -> None:
-        table = self.system_attrs if system else self.user_attrs
-        row = {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-        with self.engine.begin() as conn:
-            if not self._upsert(conn, table, trial_id, row, ("trial_id", "key"), ("value_json",)):
-                self._refused(conn, trial_id)
+        self._write(self.stmt_attr[system], {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)})
 
     def finish(self, trial_id: int, state: TrialState, values: Sequence[float] | None) -> datetime.datetime:
-        """Finish a RUNNING trial with its values in one transaction; returns the end time."""
+        """Finish an unfinished trial with its values in one transaction; returns the end time."""
         t = self.trials
         end = datetime.datetime.now()
         with self.engine.begin() as conn:
@@ -176,22 +229,15 @@ class FastTrialWrites:
         return end
 
     # -------------------------------------------------------------- heartbeats
-    def _beat(self, conn: sa.Connection, trial_id: int) -> None:
-        h = self.heartbeats
-        stmt = self._insert(h).values(trial_id=trial_id, heartbeat=sa.func.current_timestamp())
-        conn.execute(stmt.on_conflict_do_update(index_elements=["trial_id"],
-                                                set_={"heartbeat": sa.func.current_timestamp()}))
-
     def record_heartbeat(self, trial_id: int) -> None:
+        # Optuna starts a new heartbeat thread per trial: check a pooled connection out
+        # instead of keeping one per (short-lived) thread
         with self.engine.begin() as conn:
-            self._beat(conn, trial_id)
+            conn.execute(self.stmt_beat, {"trial_id": trial_id})
 
     def has_waiting(self, study_id: int) -> bool:
-        t = self.trials
-        with self.engine.connect() as conn:
-            return conn.execute(
-                sa.select(t.c.trial_id).where(t.c.study_id == study_id, t.c.state == TrialState.WAITING).limit(1)
-            ).first() is not None
+        with self._using() as conn:
+            return conn.execute(self.stmt_waiting, {"study_id": study_id}).first() is not None
 
 
 class FastTrialReads:
@@ -202,9 +248,9 @@ class FastTrialReads:
     ``_get_stale_trial_ids``; the results are the same FrozenTrials.
     """
 
-    def __init__(self, rdb: Any):
+    def __init__(self, rdb: Any, writes: FastTrialWrites):
         self.rdb = rdb
-        self.engine = rdb.engine
+        self.writes = writes  # whose per-thread autocommit connections the reads use too
         self.trials = models.TrialModel.__table__
         self.heartbeats = models.TrialHeartbeatModel.__table__
         self._distribution_cache: dict[str, distributions.BaseDistribution] = {}
@@ -245,7 +291,7 @@ class FastTrialReads:
 
     def _read(self, where: sa.ColumnElement[bool]) -> list[FrozenTrial]:
         t = self.trials
-        with self.engine.connect() as conn:
+        with self.writes._using() as conn:
             rows = conn.execute(sa.select(t).where(where).order_by(t.c.trial_id)).all()
             if not rows:
                 return []
@@ -306,7 +352,7 @@ class FastTrialReads:
 
     def _check_study(self, study_id: int) -> None:
         s = models.StudyModel.__table__
-        with self.engine.connect() as conn:
+        with self.writes._using() as conn:
             if conn.execute(sa.select(s.c.study_id).where(s.c.study_id == study_id)).first() is None:
                 raise KeyError(f"No study with study_id {study_id} exists.")
 
@@ -320,7 +366,7 @@ class FastTrialReads:
         interval = self.rdb.heartbeat_interval
         grace = self.rdb.grace_period if self.rdb.grace_period is not None else 2 * interval
         t, h = self.trials, self.heartbeats
-        with self.engine.connect() as conn:
+        with self.writes._using() as conn:
             rows = conn.execute(
                 sa.select(t.c.trial_id, h.c.heartbeat, sa.func.now())
                 .select_from(t.join(h, h.c.trial_id == t.c.trial_id))

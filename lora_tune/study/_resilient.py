@@ -106,7 +106,7 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
 
             if _rdb_fast.supports(rdb.engine):
                 self.fast = _rdb_fast.FastTrialWrites(rdb.engine)
-                _rdb_fast.FastTrialReads(rdb).install()
+                _rdb_fast.FastTrialReads(rdb, self.fast).install()
         # trials this process runs, kept up to date by its own writes: reading one back
         # (Optuna does so ~3 times a trial) costs no query
         self._own: dict[int, FrozenTrial] = {}
@@ -137,6 +137,8 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
                 if self.rdb is not None:
                     with contextlib.suppress(Exception):
                         self.rdb.scoped_session.remove()
+                if self.fast is not None:
+                    self.fast.reset()
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
 
@@ -434,6 +436,14 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
 
     def remove_session(self) -> None:
         self.inner.remove_session()
+
+    def close(self) -> None:
+        """Close this process's connections (the storage stays usable: they reopen on demand)."""
+        if self.fast is not None:
+            self.fast.close()
+        if self.rdb is not None:
+            self.rdb.remove_session()
+            self.rdb.engine.dispose()
 
     def check_trial_is_updatable(self, trial_id: int, trial_state: TrialState) -> None:
         self.inner.check_trial_is_updatable(trial_id, trial_state)

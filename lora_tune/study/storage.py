@@ -239,16 +239,13 @@ def configure_heartbeat(
 
 
 def dispose_storage(storage: Any) -> None:
-    """Close every pooled connection of ``storage`` (safe to call twice, on any storage)."""
-    rdb = getattr(storage, "rdb", None)
-    if rdb is None:
-        inner = getattr(storage, "_backend", None)
-        rdb = inner if isinstance(inner, optuna.storages.RDBStorage) else None
-        if isinstance(storage, optuna.storages.RDBStorage):
-            rdb = storage
-    if rdb is None:
+    """Close every connection ``storage`` holds (safe to call twice, on any storage)."""
+    if isinstance(storage, ResilientStorage):
+        storage.close()
         return
-    try:
-        rdb.remove_session()
-    finally:
-        rdb.engine.dispose()
+    rdb = storage if isinstance(storage, optuna.storages.RDBStorage) else getattr(storage, "_backend", None)
+    if isinstance(rdb, optuna.storages.RDBStorage):
+        try:
+            rdb.remove_session()
+        finally:
+            rdb.engine.dispose()
