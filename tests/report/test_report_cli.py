@@ -92,6 +92,7 @@ def test_export_trials_rejects_other_formats(storage, tmp_path):
     assert code == 2 and ".csv or .parquet" in stderr
 
 
+@pytest.mark.slow
 def test_report_can_save_the_lora_figures_into_the_study(tmp_path):
     url = f"sqlite:///{tmp_path / 'fig.db'}"
     make_lora_study(url, name="figs")
