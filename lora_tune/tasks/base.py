@@ -217,9 +217,10 @@ def is_choice(choices: Sequence[Any]) -> Callable[[Any], str | None]:
     return check
 
 
-def is_existing_file(suffixes: Sequence[str] = ()) -> Callable[[Any], str | None]:
+def is_existing_file(suffixes: Sequence[str] = (), many: bool = False) -> Callable[[Any], str | None]:
+    """An existing file (with one of ``suffixes``); with ``many``, also a non-empty list of them."""
     def check(value: Any) -> str | None:
-        if isinstance(value, (list, tuple)) and value:
+        if many and isinstance(value, (list, tuple)) and value:
             messages = [check(v) for v in value]
             return next((m for m in messages if m), None)
         if not isinstance(value, (str, os.PathLike)) or not str(value):

@@ -10,9 +10,10 @@ split three ways:
   target *domain* (default ``rotate90``: the digits turned a quarter turn, as from a scanner
   fed sideways).
 
-The frozen base scores about 0.18 accuracy on the rotated digits (1.0 would be perfect, 0.1 is
-chance); a rank-8 LoRA trained for a few epochs reaches roughly 0.7-0.9 depending on targets,
-rank and learning rate, so a search has something real to find. The classifier head is part of
+The base scores 0.98 accuracy on held-out upright digits but 0.07 on the rotated ones (0.1 is
+chance); a rank-8 LoRA trained for 3-5 epochs reaches 0.15-0.85 depending on targets and learning
+rate (measured: attention-qv at lr 1e-3 for 3 epochs 0.15, all-linear at lr 3e-3 for 5 epochs
+0.85), so a search has something real to find. A trial takes 1-2 s on one CPU core. The classifier head is part of
 the pretrained model (same ten classes), so ``modules_to_save`` is empty.
 
 Spec keys: ``type: digits``, ``domain`` (rotate90 | rotate180 | flip | transpose | invert),

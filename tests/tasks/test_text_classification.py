@@ -111,3 +111,23 @@ def test_minilm_alias_points_at_the_packaged_model():
     path = minilm_path()
     assert path is not None and (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     assert resolve_model_ref("minilm") == str(path)
+
+
+def test_a_list_of_files_is_refused(spec):
+    problems = dict(validate_task_spec(dict(spec, train_file=[spec["train_file"]])))
+    assert "file path" in problems["task.train_file"]
+
+
+@pytest.mark.slow
+def test_minilm_alias_builds_and_trains(tmp_path):
+    spec = {"type": "text-classification", "model": "minilm", "max_length": 16,
+            "train_file": str(write_table(tmp_path / "train.csv", sentiment_rows(16, 0))),
+            "eval_file": str(write_table(tmp_path / "eval.csv", sentiment_rows(8, 1))),
+            "text_column": "sentence", "label_column": "sentiment"}
+    task = build_task(spec)
+    assert task.modules_to_save == ["classifier"]
+    model = task.build_model()
+    report = inject(model, LoraConfig(rank=4, alpha=8, targets="all-linear", modules_to_save=task.modules_to_save))
+    assert len(report.targets) == 37  # 6 layers x (q, k, v, o, 2 MLP) + the pooler
+    result = fit(model, task, TrainConfig(epochs=1, batch_size=8, max_steps=2, evals_per_epoch=1))
+    assert result.steps == 2 and set(result.final_metrics) == {"accuracy", "macro_f1"}
