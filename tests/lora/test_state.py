@@ -313,3 +313,23 @@ def test_adapter_io_imports_neither_peft_nor_transformers():
             "print(sorted(m for m in ('peft', 'transformers', 'bitsandbytes') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_bfloat16_model_round_trip_after_to_dtype(tmp_path, bits):
+    cfg = LoraConfig(rank=2, targets=ALL, quant_bits=bits)
+    model = Zoo()
+    inject(model, cfg)
+    randomize(model)
+    model.to(torch.bfloat16)                      # cast after inject: the quantized base must follow
+    tokens, img, vol = inputs()
+    args = (tokens, img.bfloat16(), vol.bfloat16())
+    with torch.no_grad():
+        want = model.eval()(*args)
+    save_adapter(model, tmp_path, config=cfg)
+    fresh = Zoo()                                 # same pipeline: fp32 base, quantized, then cast
+    load_adapter(fresh, tmp_path)
+    fresh.to(torch.bfloat16)
+    assert {p.dtype for n, p in fresh.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    with torch.no_grad():
+        assert_same(fresh.eval()(*args), want)
