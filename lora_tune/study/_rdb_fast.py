@@ -98,6 +98,11 @@ class FastTrialWrites:
         conn = getattr(self._local, "conn", None)
         if conn is None or conn.closed or conn.invalidated:
             conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            if self.postgres:
+                # parameters, reports and attributes do not wait for their WAL flush: a server
+                # crash may lose the last fraction of a second of them, never a finished trial
+                # (finishing commits synchronously, which flushes everything written before)
+                conn.exec_driver_sql("SET synchronous_commit TO OFF")
             self._local.conn = conn
             with self._open_lock:
                 self._open = [c for c in self._open if not c.closed] + [conn]
@@ -118,6 +123,8 @@ class FastTrialWrites:
             conns, self._open = self._open, []
         for conn in conns:
             with contextlib.suppress(Exception):
+                if self.postgres and not conn.closed and not conn.invalidated:
+                    conn.exec_driver_sql("RESET synchronous_commit")  # back to the pool as it came
                 conn.close()
 
     @contextlib.contextmanager
