@@ -143,7 +143,8 @@ def bits_rows() -> list[tuple]:
         stored = sum(q.storage_bytes() for q in qs)
         numel = sum(torch.Size(q.shape).numel() for q in qs)
         per_layer = max(q.bits_per_parameter() for q in qs)
-        label = f"{bits}-bit base" + (" nf4 + double quant" if bits == 4 and dq else " nf4, no double quant" if bits == 4 else " (int8 + row scale)")
+        kind = (" nf4 + double quant" if dq else " nf4, no double quant") if bits == 4 else " (int8 + row scale)"
+        label = f"{bits}-bit base{kind}"
         rows.append((label, 8.0 * stored / numel, per_layer, goal, len(qs), numel))
     return rows
 
@@ -159,7 +160,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="reps=3, inner=1: a smoke run, not a measurement")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                    help="cpu: process CPU time (default; needs --threads 1 to mean the same as wall); wall: perf_counter")
+                    help="cpu: process CPU time (default; with --threads 1 it counts the same work as wall time); "
+                         "wall: perf_counter")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -176,8 +178,8 @@ def main() -> None:
     rows.append(inference_row(args, batch))
 
     print(f"MiniLM-sized BERT (6 layers, hidden 384, 12 heads, ffn 1536), batch {args.batch}x{args.seq}, "
-          f"CPU, torch {torch.__version__}, {args.threads} thread(s), {args.clock} time, median of {args.reps} interleaved "
-          f"repetitions x {args.inner} steps after {args.warmup} warm-up steps\n")
+          f"CPU, torch {torch.__version__}, {args.threads} thread(s), {args.clock} time, median of {args.reps} "
+          f"interleaved repetitions x {args.inner} steps after {args.warmup} warm-up steps\n")
     print("| measurement | lora-tune | reference | ratio | goal | met |")
     print("|---|---:|---:|---:|---:|:---:|")
     for label, ours, ref, goal in rows:

@@ -121,7 +121,8 @@ def to_peft(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: dict[
     saved = _outermost([n for n, _ in model.named_modules() if n and any(p.matches(n) for p in save_patterns)])
     if base_model_name_or_path is None:
         hf_config = getattr(model, "config", None)
-        base_model_name_or_path = getattr(hf_config, "name_or_path", None) or getattr(hf_config, "_name_or_path", None) or None
+        base_model_name_or_path = (getattr(hf_config, "name_or_path", None)
+                                   or getattr(hf_config, "_name_or_path", None) or None)
     meta = {
         "peft_type": "LORA",
         "task_type": None,
@@ -136,7 +137,8 @@ def to_peft(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: dict[
         "modules_to_save": saved or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": any(s.kind in ("conv1d_gpt2",) or (s.kind == "fused" and s.wrapper.transposed) for s in sites),
+        "fan_in_fan_out": any(s.kind == "conv1d_gpt2" or (s.kind == "fused" and s.wrapper.transposed)
+                              for s in sites),
         "init_lora_weights": _INITS_TO_PEFT[cfg.init],
         "inference_mode": True,
         "use_dora": False,
@@ -220,8 +222,8 @@ def _unblock(A: torch.Tensor, B: torch.Tensor, site: Site, source: str) -> tuple
     p = B.shape[0] // 3
     if A.shape[0] != g * r or B.shape[1] != g * r:
         raise AdapterFormatError(
-            f"{source}: {site.name!r} has one PEFT pair of rank {A.shape[0]} but the model adapts it as {g} fused parts "
-            f"of rank {r}; load into a model without LoRA layers so lora-tune adapts it as PEFT did")
+            f"{source}: {site.name!r} has one PEFT pair of rank {A.shape[0]} but the model adapts it as {g} fused "
+            f"parts of rank {r}; load into a model without LoRA layers so lora-tune adapts it as PEFT did")
     ours = B.new_zeros(g * p, r)
     mask = torch.ones_like(B, dtype=torch.bool)
     for k, i in enumerate(on):

@@ -184,7 +184,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "lora-
         meta = {
             "format": "lora-tune", "format_version": FORMAT_VERSION, "lora_tune_version": __version__,
             "lora_config": cfg.to_dict(), "target_modules": [s.selector_name for s in sites],
-            "modules": {s.name: s.meta() for s in sites}, "extra_keys": sorted(k for k in tensors if not _is_lora_key(k)),
+            "modules": {s.name: s.meta() for s in sites},
+            "extra_keys": sorted(k for k in tensors if not _is_lora_key(k)),
         }
         weights_file = WEIGHTS_FILE
     return _write(Path(path), meta, tensors, weights_file)
@@ -234,10 +235,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[str, dict, dict[str, torch.Te
     elif meta.get("format") == "lora-tune":
         fmt, weights = "lora-tune", WEIGHTS_FILE
         if meta.get("format_version") != FORMAT_VERSION:
-            raise AdapterFormatError(
-                f"{cfg_path}: format_version {meta.get('format_version')!r}; this lora-tune reads version {FORMAT_VERSION}")
+            raise AdapterFormatError(f"{cfg_path}: format_version {meta.get('format_version')!r}; "
+                                     f"this lora-tune reads version {FORMAT_VERSION}")
     else:
-        raise AdapterFormatError(f"{cfg_path}: neither a lora-tune adapter (\"format\": \"lora-tune\") nor a PEFT one (\"peft_type\")")
+        raise AdapterFormatError(f"{cfg_path}: neither a lora-tune adapter (\"format\": \"lora-tune\") "
+                                 "nor a PEFT one (\"peft_type\")")
     w_path = path / weights
     if not w_path.is_file():
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -398,7 +400,8 @@ def _lora_tune_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tenso
         scaling = cfg.scale_for(int(m["r"]), float(m["alpha"]))
         if not math.isclose(scaling, float(m.get("scaling", float("nan"))), rel_tol=1e-6):
             raise AdapterFormatError(f"{source}: module {name!r}: the saved config gives scaling {scaling:g} but the "
-                                     f"adapter was trained with {m.get('scaling')}; adapter_config.json is inconsistent")
+                                     f"adapter was trained with {m.get('scaling')}; "
+                                     "adapter_config.json is inconsistent")
     expected = expected_after_inject(model, cfg, names)
     required = {k for k in expected if _is_lora_key(k)} | set(meta.get("extra_keys") or [])
     check_tensors(tensors, expected, required, source)

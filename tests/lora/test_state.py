@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lora_tune import AdapterFormatError, ConfigError, LoraConfig, inject, load_adapter, lora_state_dict, merge, save_adapter
+from lora_tune import (AdapterFormatError, ConfigError, LoraConfig, inject, load_adapter, lora_state_dict, merge,
+                       save_adapter)
 from lora_tune.lora.inject import lora_layers
 
 
@@ -224,7 +225,8 @@ def test_scaling_mismatch_is_refused(tmp_path):
 
 
 def test_adapter_for_other_modules_is_refused(tmp_path):
-    save_adapter(inject_fresh(LoraConfig(rank=2, targets=["lin"])), tmp_path, config=LoraConfig(rank=2, targets=["lin"]))
+    cfg = LoraConfig(rank=2, targets=["lin"])
+    save_adapter(inject_fresh(cfg), tmp_path, config=cfg)
     with pytest.raises(AdapterFormatError, match="only in the adapter: lin.*only in the model: gpt"):
         load_adapter(inject_fresh(LoraConfig(rank=2, targets=["gpt"])), tmp_path)
 
@@ -333,3 +335,14 @@ def test_bfloat16_model_round_trip_after_to_dtype(tmp_path, bits):
     assert {p.dtype for n, p in fresh.named_parameters() if "lora_" in n} == {torch.bfloat16}
     with torch.no_grad():
         assert_same(fresh.eval()(*args), want)
+
+
+def test_corrupt_files_are_refused_with_the_file_named(tmp_path):
+    cfg = LoraConfig(rank=2, targets=["lin"])
+    save_adapter(inject_fresh(cfg), tmp_path, config=cfg)
+    (tmp_path / "adapter.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(AdapterFormatError, match="adapter.safetensors: not a readable safetensors file"):
+        load_adapter(Zoo(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterFormatError, match="adapter_config.json: not readable JSON"):
+        load_adapter(Zoo(), tmp_path)
