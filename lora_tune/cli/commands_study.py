@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,7 +32,8 @@ def register(cli: click.Group, study: click.Group) -> None:
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    # piped output (logs, CI) gets a wide fixed width instead of rich's 80 columns
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 # -- validate ---------------------------------------------------------------------------------

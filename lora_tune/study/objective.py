@@ -67,10 +67,16 @@ class Objective:
         self._presets: dict[str, list[str]] | None = None
 
     def get_task(self) -> Any:
+        """The task, built on first use; also loads bitsandbytes once when the space may
+        quantize, so that one-off import (seconds) is not charged to a trial."""
         if self.task is None:
             from lora_tune.tasks import build_task
 
             self.task = build_task(dict(self.spec.task))
+            quant = self.space["quant_bits"]
+            if quant is not None and any(b in (4, 8) for b in (quant.choices if quant.sampled else [quant.value])):
+                with contextlib.suppress(Exception):  # absent: those trials fail with a clear reason
+                    import bitsandbytes  # noqa: F401
         return self.task
 
     # -- the trial -----------------------------------------------------------------------

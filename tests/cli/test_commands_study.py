@@ -68,7 +68,6 @@ def test_create_with_an_invalid_file_writes_nothing(env):
     assert [p.name for p in env.iterdir()] == ["bad.yaml"]  # no database, no lock file
 
 
-@pytest.mark.slow
 def test_create_optimize_list_show(env):
     path = _write(env / "s.yaml", TOY)
     url = f"sqlite:///{env / 'x.db'}"
@@ -123,3 +122,23 @@ def test_run_end_to_end_in_a_real_process(env):
     second = subprocess.run([sys.executable, "-m", "lora_tune.cli.main", "run", str(path)], cwd=env,
                             env=environ, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0 and "this process ran 0 trial(s)" in second.stdout
+
+
+def test_multi_objective_run_prints_the_pareto_front(env):
+    multi = dict(TOY, study=dict(TOY["study"], name="multi", n_trials=3, metric=["accuracy", "trainable_params"],
+                                 directions=["maximize", "minimize"], sampler={"type": "nsga2", "seed": 0}))
+    result = _invoke("run", str(_write(env / "m.yaml", multi)), "--storage", f"sqlite:///{env / 'm.db'}")
+    assert result.exit_code == 0, result.output
+    assert "pruning is disabled for multi-objective studies" in result.output
+    assert "Pareto front (" in result.output and "baseline trial #0: accuracy" in result.output
+    baseline = next(line for line in result.output.splitlines() if line.startswith("baseline trial #0"))
+    assert baseline.endswith("trainable_params 1075")  # rank 8 on 4 q/v layers (4*2*16*8) + the head (51)
+
+
+def test_failing_trials_exit_1_with_their_reason(env):
+    failing = dict(TOY, study=dict(TOY["study"], name="fails", n_trials=4, max_consecutive_failures=2),
+                   task={"type": "python", "factory": "tests.study.toy_task:make_task", "args": {"fail_in": "evaluate"}})
+    result = _invoke("run", str(_write(env / "f.yaml", failing)), "--storage", f"sqlite:///{env / 'f.db'}")
+    assert result.exit_code == 1
+    assert "ValueError: toy task: evaluate exploded" in result.output
+    assert "too many failed trials in a row" in result.output

@@ -72,7 +72,6 @@ def test_load_unknown_study_lists_the_existing_ones(url, toy_task):
     assert info.value.available == ["alpha-study"] and "alpha-study" in str(info.value)
 
 
-@pytest.mark.slow
 def test_optimize_runs_the_budget_exactly_and_resumes(url, toy_task):
     spec = make_spec(study={"n_trials": 5})
     create_study(spec, url, task=toy_task)
@@ -144,3 +143,12 @@ def test_sampler_and_pruner_options_are_checked():
     assert info.value.errors[0][0] == "study.pruner.options"
     pruner = build_pruner(make_spec(study={"pruner": {"type": "hyperband"}}, train={"epochs": 3, "evals_per_epoch": 2}))
     assert pruner._max_resource == 6
+
+
+def test_sqlite_study_database_uses_wal(url, tmp_path, toy_task):
+    import sqlite3
+
+    study = create_study(make_spec(), url, task=toy_task)
+    dispose_storage(study._storage)
+    with sqlite3.connect(tmp_path / "studies.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
