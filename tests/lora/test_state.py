@@ -346,3 +346,13 @@ def test_corrupt_files_are_refused_with_the_file_named(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterFormatError, match="adapter_config.json: not readable JSON"):
         load_adapter(Zoo(), tmp_path)
+
+
+def test_adapter_naming_modules_the_model_lacks_is_refused(tmp_path):
+    cfg = LoraConfig(rank=2, targets=["lin", "c2"])
+    save_adapter(inject_fresh(cfg), tmp_path, config=cfg)
+    other = Zoo()
+    del other.c2
+    with pytest.raises(AdapterFormatError, match="unexpected keys \\(2\\): c2.lora_A, c2.lora_B"):
+        load_adapter(other, tmp_path)
+    assert not list(lora_layers(other))
