@@ -189,7 +189,7 @@ def load_study(name: str, storage_url: str, *, seed_offset: int = 0) -> tuple[op
     """
     from lora_tune.study.storage import configure_heartbeat, open_storage
 
-    storage = fast_sqlite(open_storage(storage_url))
+    storage = open_storage(storage_url)
     spec = _stored_spec(storage, name, storage_url)
     configure_heartbeat(storage, heartbeat_interval=spec.study.heartbeat_interval,
                         grace_period=spec.study.grace_period,
@@ -202,40 +202,9 @@ def load_study(name: str, storage_url: str, *, seed_offset: int = 0) -> tuple[op
 def _open(storage_url: str, spec: StudySpec) -> optuna.storages.BaseStorage:
     from lora_tune.study.storage import open_storage
 
-    storage = open_storage(storage_url, heartbeat_interval=spec.study.heartbeat_interval,
-                           grace_period=spec.study.grace_period,
-                           failed_trial_retries=spec.study.failed_trial_retries)
-    return fast_sqlite(storage)
-
-
-def fast_sqlite(storage: Any) -> Any:
-    """Put an SQLite study database in WAL mode with ``synchronous=NORMAL``.
-
-    A trial writes ~30 small transactions (parameters, one report per evaluation, user
-    attributes, state). In SQLite's default rollback-journal mode each commit waits for two
-    fsyncs (~20 ms here), half a second per trial; in WAL mode with ``synchronous=NORMAL`` a
-    commit is a write to the log (fsync at checkpoints), ~1 ms. The database stays consistent
-    after a crash; a power cut may lose the last commits. Other storages are left alone.
-    """
-    import sqlalchemy as sa
-
-    rdb = getattr(storage, "rdb", None)
-    engine = getattr(rdb, "engine", None)
-    if engine is None or engine.dialect.name != "sqlite" or getattr(engine, "_lora_tune_wal", False):
-        return storage
-    if engine.url.database in (None, "", ":memory:"):
-        return storage
-
-    @sa.event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    engine._lora_tune_wal = True
-    engine.dispose()  # pooled connections were opened without the pragmas
-    return storage
+    return open_storage(storage_url, heartbeat_interval=spec.study.heartbeat_interval,
+                        grace_period=spec.study.grace_period,
+                        failed_trial_retries=spec.study.failed_trial_retries)
 
 
 def _stored_spec(storage: Any, name: str, storage_url: str) -> StudySpec:
