@@ -68,6 +68,9 @@ class AdapterLoRa:
         for name in names:
             if not isinstance(name, str) or not name.strip():
                 raise ConfigError("add_layer", name, "a non-empty module-name pattern such as 'self_attn'")
+            if name.startswith("nn."):
+                raise ConfigError("add_layer", name, "module names such as 'self_attn' or 'linear1', not layer types",
+                                  "The layer type is detected from the module itself")
             if name not in self.layers:
                 self.layers.append(name)
         self.config = None

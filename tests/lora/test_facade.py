@@ -79,6 +79,8 @@ def test_bad_input_names_field_and_choices():
         AdapterLoRa(layer).reconstruct_model()
     with pytest.raises(ConfigError, match="add_layer"):
         AdapterLoRa(layer).add_layer("")
+    with pytest.raises(ConfigError, match="not layer types"):
+        AdapterLoRa(layer).add_layer("nn.Linear", "self_attn")
     with pytest.raises(ConfigError, match="dropout"):
         AdapterLoRa(layer, dropout=2.0).add_layer("linear1").reconstruct_model()
     adapter = AdapterLoRa(layer).add_layer("feed_forward")
