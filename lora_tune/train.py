@@ -103,6 +103,7 @@ def eval_steps(steps_per_epoch: int, evals_per_epoch: int) -> list[int]:
 
 def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval | None = None) -> TrainResult:
     """Train ``model`` on ``task`` as ``config`` says; see the module docstring."""
+    start = time.perf_counter()
     device = resolve_device(config.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -122,7 +123,6 @@ def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval 
     stopped = False
     compute = evaluating = 0.0
     loss_sum, loss_count = 0.0, 0
-    start = time.perf_counter()
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
@@ -173,6 +173,13 @@ def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval 
         final_metrics={k: v for k, v in history[-1].items() if k not in _HISTORY_KEYS} if history else {},
         stopped_early=stopped, compute_seconds=compute, eval_seconds=evaluating,
     )
+
+
+def warm_up() -> None:
+    """Pay torch's one-off lazy imports of the optimizer machinery (about a second) now, so the
+    first trial of a process is not charged for them. Called by :func:`lora_tune.tasks.build_task`."""
+    layer = torch.nn.Linear(1, 1)
+    torch.optim.AdamW(layer.parameters(), lr=1e-3)
 
 
 def _finite_number(value: Any) -> bool:

@@ -41,4 +41,8 @@ def validate_task_spec(spec: Mapping) -> Problems:
 def build_task(spec: Mapping) -> Task:
     """Build the task; raises :class:`lora_tune.errors.ConfigError` naming the bad field."""
     raise_problems(validate_task_spec(spec), spec)
-    return _module(spec["type"]).build(dict(spec))
+    task = _module(spec["type"]).build(dict(spec))
+    from lora_tune.train import warm_up
+
+    warm_up()
+    return task

@@ -81,8 +81,6 @@ def test_dict_factory_from_a_module_with_custom_loss_and_metrics(factory_file, m
     model = task.build_model()
     before = task.evaluate(model, 4)
     assert before["n_batches"] == 3  # 10 examples in batches of 4
-    model.weight.requires_grad_(True)
-    model.bias.requires_grad_(False)
     result = fit(model, task, TrainConfig(epochs=20, batch_size=8, learning_rate=0.1, evals_per_epoch=1))
     assert result.final_metrics["mse"] < before["mse"] / 10
     batch = next(iter(task.train_batches(8, 0, 0)))
