@@ -109,34 +109,38 @@ def run_worker(
         current.pop("trial_id", None)
 
     start = time.monotonic()
+    wait = poll_interval
     with _sigterm_as_interrupt():
-        while True:
-            if n_trials is not None and stats.trials >= n_trials:
-                break
-            if timeout is not None and time.monotonic() - start >= timeout:
-                break
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    study.optimize(tracked, n_trials=1, callbacks=[*callbacks, count], catch=catch)
-            except BudgetReached:
-                if budget is None or not wait_for_running:
-                    stats.budget_reached = True
+        try:
+            while not _done(stats, n_trials, timeout, start):
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        study.optimize(tracked, n_trials=1, callbacks=[*callbacks, count], catch=catch)
+                    wait = poll_interval
+                except BudgetReached:
+                    if budget is None or not wait_for_running or storage.budget_done(study._study_id) >= budget:
+                        stats.budget_reached = True
+                        break
+                    # others still run trials; one may die, be failed as stale and re-queued:
+                    # look again soon, then less often (at least once a heartbeat interval)
+                    time.sleep(wait)
+                    wait = min(wait * 2, max(poll_interval, min(5.0, storage.get_heartbeat_interval() or 5.0)))
+                if study._stop_flag:  # e.g. GridSampler: every grid point was evaluated
                     break
-                if storage.budget_done(study._study_id) >= budget:
-                    stats.budget_reached = True
-                    break
-                time.sleep(poll_interval)  # others still run trials; one may die and be re-queued
-            except KeyboardInterrupt:
-                stats.interrupted = True
-                trial_id = current.pop("trial_id", None)
-                if trial_id is not None:
-                    stats.requeued += requeue_trials(study, [trial_id], failed_trial_retries)
-                break
-            if study._stop_flag:  # e.g. GridSampler: every grid point was evaluated
-                break
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM, in a trial or while waiting
+            stats.interrupted = True
+            trial_id = current.pop("trial_id", None)
+            if trial_id is not None:
+                stats.requeued += requeue_trials(study, [trial_id], failed_trial_retries)
     storage.remove_session()
     return stats
+
+
+def _done(stats: WorkerStats, n_trials: int | None, timeout: float | None, start: float) -> bool:
+    if n_trials is not None and stats.trials >= n_trials:
+        return True
+    return timeout is not None and time.monotonic() - start >= timeout
 
 
 def lock_grid_sampler(study: optuna.Study) -> None:
