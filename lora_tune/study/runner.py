@@ -60,6 +60,10 @@ def build_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.Base
     if problems:
         raise StudySpecError(problems)
     seed = None if s.seed is None else s.seed + seed_offset
+    if s.type == "grid":
+        # GridSampler shuffles its grid with the seed and stores grid *indexes* on trials:
+        # every worker must use the same seed, or an index names a different point in each.
+        seed = s.seed
     kwargs = dict(s.options)
     if s.type == "grid":
         grid, grid_problems = SearchSpace.from_spec(spec.search_space).grid()
@@ -178,7 +182,32 @@ def create_study(spec: StudySpec, storage_url: str, name: str | None = None, res
             study.set_metric_names(resolved.metrics)
     if baseline is not None and not _has_baseline(study):
         study.enqueue_trial(baseline, user_attrs={"is_baseline": True})
+        _baseline_grid_point(study)
     return study
+
+
+def _baseline_grid_point(study: optuna.Study) -> None:
+    """Give the enqueued baseline its grid index, so a grid search does not run that point twice.
+
+    Optuna's GridSampler assigns grid indexes only to trials it samples itself; an enqueued
+    trial would otherwise be evaluated again later as an ordinary grid point.
+    """
+    sampler = study.sampler
+    if not isinstance(sampler, optuna.samplers.GridSampler):
+        return
+    waiting = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+               if t.user_attrs.get("is_baseline")]
+    if not waiting:
+        return
+    fixed = waiting[0].system_attrs.get("fixed_params", {})
+    names = sampler._param_names
+    if set(fixed) != set(names):
+        return
+    for index, point in enumerate(sampler._all_grids):
+        if all(fixed[n] == v for n, v in zip(names, point)):
+            study._storage.set_trial_system_attr(waiting[0]._trial_id, "search_space", sampler._search_space)
+            study._storage.set_trial_system_attr(waiting[0]._trial_id, "grid_id", index)
+            return
 
 
 def load_study(name: str, storage_url: str, *, seed_offset: int = 0) -> tuple[optuna.Study, StudySpec]:

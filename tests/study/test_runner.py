@@ -152,3 +152,15 @@ def test_sqlite_study_database_uses_wal(url, tmp_path, toy_task):
     dispose_storage(study._storage)
     with sqlite3.connect(tmp_path / "studies.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_grid_study_stops_when_every_point_is_evaluated(url, toy_task):
+    space = {"rank": {"choices": [4, 8]}, "targets": {"choices": ["attention-qv", "all-linear"]}}
+    spec = make_spec(study={"n_trials": 10, "sampler": {"type": "grid", "seed": 0}}, search_space=space)
+    study = create_study(spec, url, task=toy_task)
+    result = optimize(study, spec, task=toy_task)
+    points = sorted((t.params["rank"], t.params["targets"]) for t in _trials(study))
+    assert result.stop_reason == "exhausted"
+    assert points == [(4, "all-linear"), (4, "attention-qv"), (8, "all-linear"), (8, "attention-qv")]
+    assert [t.user_attrs["is_baseline"] for t in _trials(study)][0] is True
+    dispose_storage(study._storage)
