@@ -111,6 +111,8 @@ def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval 
                           "Inject LoRA (lora_tune.inject) before training.")
     model.to(device)
     n_examples = int(task.num_train_examples())
+    if n_examples < 1:
+        raise ConfigError("task", f"{n_examples} training examples", "a task with at least one training example")
     steps_per_epoch = max(1, math.ceil(n_examples / config.batch_size))
     planned = steps_per_epoch * config.epochs
     if config.max_steps is not None:
@@ -119,10 +121,26 @@ def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval 
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     memory = _MemoryMeter(device)
     history: list[dict] = []
-    step = examples = eval_index = 0
-    stopped = False
+    step = examples = 0
     compute = evaluating = 0.0
-    loss_sum, loss_count = 0.0, 0
+    losses: list[float] = []
+
+    def evaluate(epoch: int) -> bool:
+        """Evaluate, record, and ask ``on_eval`` whether to stop."""
+        nonlocal evaluating
+        t1 = time.perf_counter()
+        metrics = {k: float(v) for k, v in task.evaluate(model, config.batch_size).items()}
+        model.train()
+        evaluating += time.perf_counter() - t1
+        memory.sample()
+        index = len(history)
+        history.append({"step": step, "epoch": epoch, "eval_index": index,
+                        "train_loss": sum(losses) / max(1, len(losses)),
+                        "elapsed": time.perf_counter() - start, **metrics})
+        losses.clear()
+        return bool(on_eval is not None and on_eval(step, index, metrics))
+
+    stopped = False
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
@@ -142,26 +160,16 @@ def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval 
                 optimizer.step()
                 step += 1
                 examples += _batch_size(batch)
-                loss_sum += value
-                loss_count += 1
+                losses.append(value)
                 compute += time.perf_counter() - t0
                 memory.sample()
-                last = step >= planned
-                if in_epoch in within or last:
-                    t1 = time.perf_counter()
-                    metrics = {k: float(v) for k, v in task.evaluate(model, config.batch_size).items()}
-                    model.train()
-                    evaluating += time.perf_counter() - t1
-                    memory.sample()
-                    history.append({"step": step, "epoch": epoch, "eval_index": eval_index,
-                                    "train_loss": loss_sum / max(1, loss_count),
-                                    "elapsed": time.perf_counter() - start, **metrics})
-                    loss_sum, loss_count = 0.0, 0
-                    if on_eval is not None and on_eval(step, eval_index, metrics):
-                        stopped = True
-                    eval_index += 1
-                if stopped or last:
+                if in_epoch in within or step >= planned:
+                    stopped = evaluate(epoch)
+                if stopped or step >= planned:
                     break
+            else:  # the task yielded fewer batches than planned: still end the epoch with an evaluation
+                if losses:
+                    stopped = evaluate(epoch)
             if stopped or step >= planned:
                 break
     model.eval()

@@ -167,3 +167,27 @@ def test_resolve_device():
 ])
 def test_eval_steps(steps, evals, expected):
     assert eval_steps(steps, evals) == expected
+
+
+class ShortEpochTask(BlobsTask):
+    """Yields only the first two batches of each epoch, fewer than num_train_examples suggests."""
+
+    def train_batches(self, batch_size, seed, epoch):
+        for i, batch in enumerate(super().train_batches(batch_size, seed, epoch)):
+            if i == 2:
+                return
+            yield batch
+
+
+def test_an_epoch_shorter_than_planned_still_ends_with_an_evaluation():
+    task = ShortEpochTask()
+    result = fit(frozen_first_layer(task), task, TrainConfig(epochs=2, batch_size=10, evals_per_epoch=2))
+    assert [h["step"] for h in result.history] == [2, 4]
+    assert result.steps == 4 and result.planned_steps == 20
+
+
+def test_a_task_without_training_examples_is_refused():
+    task = BlobsTask()
+    task.y = task.y[:0]
+    with pytest.raises(ConfigError, match="training example"):
+        fit(frozen_first_layer(task), task, TrainConfig())
