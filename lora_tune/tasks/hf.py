@@ -28,7 +28,7 @@ def _package_model_dir(package: str) -> Path | None:
 
 
 def _looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or Path(text).exists()
+    return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1
 
 
 def check_model_ref(value: Any) -> str | None:
@@ -55,6 +55,8 @@ def resolve_model_ref(value: str) -> str:
         if not (path / "config.json").is_file():
             raise LookupError(f"directory {str(path)!r} has no config.json; give a Hugging Face model directory")
         return str(path)
+    if path.exists():
+        raise LookupError(f"{str(path)!r} is a file; give the Hugging Face model directory that holds it")
     if _looks_like_path(value):
         raise LookupError(f"model directory not found: {str(path)!r}")
     if _in_hf_cache(value):

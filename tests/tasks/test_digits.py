@@ -110,3 +110,16 @@ def test_spec_problems_are_all_reported_with_paths():
     with pytest.raises(ConfigError) as info:
         build_task({"type": "digits", "domain": "sideways"})
     assert info.value.field == "task.domain"
+
+
+def test_a_corrupt_cache_file_is_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_TUNE_CACHE", str(tmp_path))
+    monkeypatch.setitem(digits.PRETRAIN, "epochs", 1)  # a different cache key, pretrained in a moment
+    path = digits.pretrained_path()
+    path.write_bytes(b"not a safetensors file")
+    task = build_task({"type": "digits", "max_eval_examples": 10})
+    assert task.evaluate(task.build_model(), 10)["accuracy"] >= 0.0
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(path))) == set(task.build_model().state_dict())
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
