@@ -73,8 +73,8 @@ def _check_factory(value: Any) -> str | None:
     try:
         with _cwd_on_path():
             found = importlib.util.find_spec(target)
-    except (ImportError, ValueError) as exc:
-        return f"cannot import {target!r}: {exc}"
+    except Exception as exc:  # importing a parent package runs user code
+        return f"cannot import {target!r}: {type(exc).__name__}: {exc}"
     return None if found is not None else f"module {target!r} not found (is it installed or on PYTHONPATH?)"
 
 
@@ -131,8 +131,9 @@ def load_factory(ref: str) -> Callable[..., Any]:
         else:
             with _cwd_on_path():
                 module = importlib.import_module(target)
-    except ImportError as exc:
-        raise ConfigError("task.factory", ref, "an importable module or an existing .py file", str(exc)) from exc
+    except Exception as exc:  # ImportError, or an error raised by the user's module while importing
+        raise ConfigError("task.factory", ref, "an importable module or an existing .py file",
+                          f"{type(exc).__name__}: {exc}") from exc
     fn = getattr(module, func, None)
     if not callable(fn):
         raise ConfigError("task.factory", ref, f"a callable named {func!r} in {target!r}")

@@ -132,3 +132,11 @@ def test_unknown_task_type_and_non_mapping():
     assert "digits" in validate_task_spec({"type": "vision"})[0][1]
     assert validate_task_spec({})[0][0] == "task.type"
     assert validate_task_spec(["digits"])[0][0] == "task"
+
+
+def test_a_factory_file_that_fails_to_import_is_a_config_error(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def make(:\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="SyntaxError") as info:
+        build_task({"type": "python", "factory": f"{broken}:make"})
+    assert info.value.field == "task.factory"
