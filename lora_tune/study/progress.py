@@ -146,7 +146,7 @@ def _fmt(v: Any) -> str:
         if not math.isfinite(v):
             return str(v)
         return f"{v:.4g}" if (abs(v) < 1e-3 or abs(v) >= 1e5) and v != 0 else f"{v:.4f}".rstrip("0").rstrip(".")
-    if isinstance(v, int) and abs(v) >= 10_000:
+    if isinstance(v, int) and abs(v) >= 1_000:
         return f"{v:,}"
     return str(v)
 
@@ -196,7 +196,8 @@ def trials_table(trials: list[FrozenTrial], metrics: list[str], title: str | Non
         row = [str(t.number) + ("*" if t.user_attrs.get("is_baseline") else ""), t.state.name.lower()]
         row += [_fmt(v) for v in values]
         row += [_fmt(t.params[k]) if k in t.params else "" for k in param_names]
-        row += [_fmt(t.user_attrs.get("trainable_params")), _fmt(t.user_attrs.get("train_seconds"))]
+        seconds = t.user_attrs.get("train_seconds")
+        row += [_fmt(t.user_attrs.get("trainable_params")), "" if seconds is None else f"{seconds:.1f}"]
         table.add_row(*row)
     return table
 
