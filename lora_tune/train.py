@@ -223,6 +223,7 @@ class _MemoryMeter:
         else:
             self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
             self.base = self._rss()
+            self.lifetime_before = _max_rss()
         self.max = self.base
 
     def _rss(self) -> int:
@@ -230,7 +231,7 @@ class _MemoryMeter:
             with open("/proc/self/statm", "rb") as fh:
                 return int(fh.read().split()[1]) * self._page
         except (OSError, ValueError, IndexError):
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            return _max_rss()
 
     def sample(self) -> None:
         if not self.cuda:
@@ -239,6 +240,15 @@ class _MemoryMeter:
                 self.max = rss
 
     def peak(self) -> int:
+        """Growth over the start. On CPU, samples taken between steps miss transient peaks, so
+        when the process's lifetime peak RSS rose during training that peak is used instead."""
         if self.cuda:
             return int(torch.cuda.max_memory_allocated(self.device) - self.base)
-        return int(self.max - self.base)
+        lifetime = _max_rss()
+        top = max(self.max, lifetime) if lifetime > self.lifetime_before else self.max
+        return max(0, int(top - self.base))
+
+
+def _max_rss() -> int:
+    """The process's peak resident set size in bytes (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -200,3 +200,23 @@ def test_a_task_without_training_examples_is_refused():
     task.y = task.y[:0]
     with pytest.raises(ConfigError, match="training example"):
         fit(frozen_first_layer(task), task, TrainConfig())
+
+
+class LeakyTask(BlobsTask):
+    """Holds 8 MB more after every training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept = []
+
+    def loss(self, model, batch):
+        self.kept.append(torch.ones(2_000_000))
+        return super().loss(model, batch)
+
+
+def test_peak_memory_counts_memory_held_during_training():
+    task = LeakyTask()
+    result = fit(frozen_first_layer(task), task, TrainConfig(epochs=1, batch_size=10))
+    assert result.peak_memory_bytes >= 0.8 * 10 * 8_000_000
+    quiet = fit(frozen_first_layer(BlobsTask()), BlobsTask(), TrainConfig(epochs=1, batch_size=10))
+    assert quiet.peak_memory_bytes < 0.5 * result.peak_memory_bytes
