@@ -98,14 +98,19 @@ def create_cmd(study_file: Path, storage: str | None, name: str | None, resume: 
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop starting trials after this many seconds.")
 def optimize_cmd(name: str, storage: str | None, n_trials: int | None, timeout: float | None) -> None:
-    """Run trials of study NAME in this process until its total budget is reached."""
+    """Run trials of study NAME in this process until its total budget is reached.
+
+    Several processes (here or on other machines, with a shared storage) may optimize the same
+    study at once; each seeds its sampler with the file's seed plus its process id so they do
+    not propose the same parameters. (`lora-tune run` uses the file's seed as is.)
+    """
     from lora_tune.study.runner import load_study
     from lora_tune.study.storage import resolve_storage_url
 
     url = resolve_storage_url(storage, None)
     _require_storage(url, name)
     with _quiet_optuna():
-        study, spec = load_study(name, url)
+        study, spec = load_study(name, url, seed_offset=os.getpid())
     _optimize_and_report(study, spec, url, n_trials, timeout)
 
 
