@@ -29,6 +29,9 @@ O_NAMES = {"o", "o_proj", "out_proj", "out_lin", "wo", "to_out", "attn_out"}
 FUSED_NAMES = {"qkv", "c_attn", "in_proj", "query_key_value", "wqkv", "qkv_proj", "to_qkv", "w_pack"}
 HEAD_NAMES = {"lm_head", "classifier", "score", "head", "out_head", "qa_outputs", "fc_out", "output_layer",
               "decoder", "predictions"}
+MLP_NAMES = {"fc1", "fc2", "c_fc", "linear1", "linear2", "up_proj", "down_proj", "gate_proj", "lin1", "lin2",
+             "w1", "w2", "w3", "dense_h_to_4h", "dense_4h_to_h", "wi", "wo_ffn", "fc_in", "fc_out_ffn"}
+MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "experts")
 ATTN_WORDS = ("attn", "attention", "self_attn", "mha")
 
 
@@ -213,9 +216,12 @@ def _role(name: str, module: nn.Module) -> str:
         return "o"
     if last in HEAD_NAMES or path.startswith(("cls.", "lm_head", "classifier", "head.")):
         return "head"
-    if "pooler" in path:
-        return "pooler"
-    return "mlp"
+    parts = path.split(".")
+    if last in MLP_NAMES or any(w in part for part in parts[:-1] for w in MLP_WORDS) or (
+        last == "dense" and len(parts) > 1 and parts[-2] == "output"
+    ):
+        return "mlp"
+    return "other"  # e.g. a patch embedding or a pooler: in all-linear only
 
 
 def target_presets(model: nn.Module) -> dict[str, list[str]]:
