@@ -129,14 +129,18 @@ def run_cmd(study_file: Path, storage: str | None, name: str | None, n_trials: i
     from lora_tune.study.spec import load_spec_file, spec_from_stored
     from lora_tune.study.storage import resolve_storage_url
 
+    from lora_tune.tasks import build_task
+
     spec = load_spec_file(study_file)
     url = resolve_storage_url(storage, spec.study.storage)
+    task = build_task(dict(spec.task))  # built once, for checking and for the trials
     with _quiet_optuna():
-        study = create_study(spec, url, name=name, resume=True)
-    _optimize_and_report(study, spec_from_stored(study.user_attrs["spec"]), url, n_trials, timeout)
+        study = create_study(spec, url, name=name, resume=True, task=task)
+    _optimize_and_report(study, spec_from_stored(study.user_attrs["spec"]), url, n_trials, timeout, task)
 
 
-def _optimize_and_report(study: Any, spec: Any, url: str, n_trials: int | None, timeout: float | None) -> None:
+def _optimize_and_report(study: Any, spec: Any, url: str, n_trials: int | None, timeout: float | None,
+                         task: Any = None) -> None:
     from lora_tune.study.progress import StudyProgress, render_outcome, study_outcome
     from lora_tune.study.runner import optimize, pruning_warning
     from lora_tune.study.storage import mask_url
@@ -149,7 +153,7 @@ def _optimize_and_report(study: Any, spec: Any, url: str, n_trials: int | None, 
                   f"task {spec.task.get('type')}, sampler {spec.study.sampler.type}, pruner {spec.study.pruner.type}")
     try:
         with _quiet_optuna(), StudyProgress(study, spec, console) as progress:
-            result = optimize(study, spec, n_trials=n_trials, timeout=timeout, callbacks=[progress])
+            result = optimize(study, spec, n_trials=n_trials, timeout=timeout, callbacks=[progress], task=task)
         outcome = study_outcome(study, spec)
         console.print(f"this process ran {result.trials_run} trial(s) in {result.seconds:.1f} s "
                       f"(stopped: {_REASONS.get(result.stop_reason, result.stop_reason)})")
