@@ -86,6 +86,7 @@ def run_worker(
     storage = study._storage
     if not isinstance(storage, ResilientStorage):
         raise TypeError("run_worker needs a study opened with lora_tune.study.storage.open_storage")
+    claim_sqlite(storage.url)
     budget = study_budget(study) if budget is None else budget
     storage.set_budget(study._study_id, budget)
     heartbeats = storage.get_heartbeat_interval() is not None
@@ -237,6 +238,47 @@ def check_parallel_storage(url: str, jobs: int) -> None:
             "processes on this machine use --storage journal:./lora_tune.log (a journal file); "
             "for several machines use postgresql+psycopg://USER@HOST/DB",
         )
+
+
+_SQLITE_CLAIMS: dict[str, int] = {}
+
+
+def claim_sqlite(url: str) -> None:
+    """Refuse a second worker process on one SQLite file (this process keeps the claim).
+
+    SQLite locks the whole file for each write; several processes fail with "database is
+    locked". Threads of one process are fine. Released when the process exits.
+    """
+    if storage_kind(url) != "sqlite":
+        return
+    import os
+
+    import sqlalchemy as sa
+
+    database = sa.engine.make_url(url).database or ""
+    path = os.path.abspath(database) + ".lora-tune.pid"
+    if path in _SQLITE_CLAIMS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no claim
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(
+            "storage", mask_url(url), "one worker process at a time with SQLite",
+            f"Process {other} is already running trials on this file; SQLite locks the whole file, "
+            "so several processes fail with 'database is locked'. For several processes on this "
+            "machine use --storage journal:./lora_tune.log; for several machines use "
+            "postgresql+psycopg://USER@HOST/DB",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _SQLITE_CLAIMS[path] = fd
 
 
 def worker_command(name: str, url: str, extra: Sequence[str] = ()) -> list[str]:

@@ -72,3 +72,20 @@ def test_jobs_refuses_plain_sqlite(tmp_path):
     assert "--jobs" in err and "journal:" in err and "postgresql" in err and "database is locked" in err
     trials, _ = reload(url, "one")
     assert trials == []  # nothing ran
+
+
+def test_second_sqlite_worker_process_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'single.db'}"
+    study = make_study(url, "single", 4, sleep=0.2, steps=5)
+    first = start_workers(url, "single", 1)[0]
+    deadline = time.monotonic() + 30
+    while not study.get_trials(deepcopy=False) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = start_workers(url, "single", 1)[0]
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 2, out + err
+    assert f"Process {first.pid} is already running trials" in err and "journal:" in err
+    (code, output), = finish([first])
+    assert code == 0, output
+    trials, _ = reload(url, "single")
+    assert by_state(trials) == {"COMPLETE": 4}
