@@ -126,7 +126,7 @@ def run_worker(
                     # others still run trials; one may die, be failed as stale and re-queued:
                     # look again soon, then less often (at least once a heartbeat interval)
                     time.sleep(wait)
-                    wait = min(wait * 2, max(poll_interval, min(5.0, storage.get_heartbeat_interval() or 5.0)))
+                    wait = min(wait * 2, max(poll_interval, min(2.0, storage.get_heartbeat_interval() or 2.0)))
                 if study._stop_flag:  # e.g. GridSampler: every grid point was evaluated
                     break
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM, in a trial or while waiting

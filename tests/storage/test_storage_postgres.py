@@ -35,11 +35,11 @@ def test_workers_share_one_budget_exactly(postgres_url):
 
 
 def test_sixteen_workers_zero_errors(postgres_url):
-    make_study(postgres_url, "sixteen", 48, sleep=0.05, steps=2)
+    make_study(postgres_url, "sixteen", 32, sleep=0.05, steps=2)
     results = finish(start_workers(postgres_url, "sixteen", 16), timeout=180)
     _clean(results)
     trials, _ = reload(postgres_url, "sixteen")
-    assert by_state(trials) == {"COMPLETE": 48}
+    assert by_state(trials) == {"COMPLETE": 32}
     workers = {t.system_attrs[WORKER_KEY] for t in trials}
     assert len(workers) >= 8  # the work really was shared
 
