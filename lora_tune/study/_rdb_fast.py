@@ -131,7 +131,7 @@ class FastTrialWrites:
     def _using(self) -> Iterator[sa.Connection]:
         try:
             yield self.connection()
-        except Exception:
+        except sa.exc.SQLAlchemyError:  # maybe a broken connection: start afresh next time
             self.reset()
             raise
 
