@@ -289,6 +289,7 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
             m.use_nested_tensor = False
 
     adapter = _lora_params(model)
+    model._lora_tune_config = config  # read by save_adapter (bias mode, modules_to_save, init)
     resolved = [t.name if t.parts is None or t.kind == "linear" else f"{t.name}[{','.join(t.parts)}]" for t in targets]
     return InjectReport(
         targets=[(t.name, t.type_name) for t in targets],

@@ -127,7 +127,7 @@ class LoraLayer(nn.Module):
             w0 = self.base_weight()
             return self._forward_with(x, w0 + self._dropped_delta().to(w0.dtype))
         base = self.base_layer(x) if self.base_weight_q is None else self._forward_with(x, self.base_weight())
-        return base + self._lora_branch(x) * self.scaling
+        return base + self._lora_branch(x)
 
     def _to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -136,6 +136,8 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def _lora_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """``scaling * B(A(dropout(x)))``; the scale is applied to the rank-r intermediate,
+        the smallest tensor on the path."""
         raise NotImplementedError
 
     # -- merge -----------------------------------------------------------------------------
@@ -207,7 +209,7 @@ class LoraLinear(LoraLayer):
         return F.linear(x, weight.t() if self.transposed else weight, self.base_layer.bias)
 
     def _lora_branch(self, x):
-        h = F.linear(self.lora_dropout(x), self.lora_A)
+        h = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling
         g = self.n_groups
         if g == 1:
             out = F.linear(h, self.lora_B)
@@ -249,7 +251,7 @@ class LoraEmbedding(LoraLayer):
 
     def _lora_branch(self, x):
         pad = self.base_layer.padding_idx
-        out = self._embed(x, self.lora_A.t(), pad) @ self.lora_B.t()
+        out = (self._embed(x, self.lora_A.t(), pad) * self.scaling) @ self.lora_B.t()
         if pad is not None:
             # The merged reference gives the padding row no gradient at all (not even to B).
             out = torch.where((x == pad).unsqueeze(-1), out.detach(), out)
@@ -279,8 +281,8 @@ class LoraConv(LoraLayer):
         x = self.lora_dropout(x)
         if self.base_layer.groups == 1:
             # A as a conv with the base layer's geometry, then B as a 1x1 conv.
-            return self._conv(self.base_layer._conv_forward(x, self.lora_A, None), self.lora_B)
-        return self.base_layer._conv_forward(x, self._to_weight(self.lora_matrix()), None)
+            return self._conv(self.base_layer._conv_forward(x, self.lora_A, None) * self.scaling, self.lora_B)
+        return self.base_layer._conv_forward(x, self.delta_weight(), None)
 
 
 class LoraProjection(nn.Module):
