@@ -31,11 +31,16 @@ def register(cli: click.Group, study: click.Group) -> None:
 @click.option("--n-trials", type=int, default=None, help="Run at most this many trials in this worker.")
 @click.option("--timeout", type=float, default=None, help="Start no new trial after this many seconds.")
 @click.option("--objective", "objective_path", default=None, metavar="MODULE:FUNCTION",
-              help="Run a plain Optuna objective instead of the study file's LoRA objective.")
+              help="Run your own Optuna objective instead of the study file's LoRA objective "
+                   "(for a plain Optuna study; its user attribute n_trials is the budget).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
 def worker(name: str, storage_url: str | None, jobs: int, n_trials: int | None, timeout: float | None,
            objective_path: str | None, quiet: bool) -> None:
-    """Run trials of study NAME until its n_trials budget is used by all workers together."""
+    """Run trials of study NAME until its n_trials budget is used by all workers together.
+
+    Start one per GPU on any number of machines with the same --storage; a killed worker's
+    trial is failed by heartbeat and retried with the same parameters by another worker.
+    """
     from lora_tune.study import storage as st
     from lora_tune.study import workers as wk
 
