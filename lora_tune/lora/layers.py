@@ -53,7 +53,21 @@ def scale_for(r: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-class LoraLayer(nn.Module):
+class _LoraState(nn.Module):
+    """r, alpha, scaling, method and dropout shared by every wrapper."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, rslora: bool, dropout: float, method: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r = r
+        self.lora_alpha = alpha
+        self.scaling = scale_for(r, alpha, rslora)
+        self.method = method
+        self.dropout_p = dropout
+        self.merged = False
+
+
+class LoraLayer(_LoraState):
     """Common state and merge logic of the single-weight wrappers.
 
     Subclasses define how the low-rank matrix maps onto the base weight (``_to_weight``), the
@@ -66,16 +80,9 @@ class LoraLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, *, rslora: bool = False,
                  dropout: float = 0.0, method: str = "parallel", weight_name: str = "weight"):
-        super().__init__()
-        self.base_layer = base_layer
-        self.r = r
-        self.lora_alpha = alpha
-        self.scaling = scale_for(r, alpha, rslora)
-        self.method = method
-        self.dropout_p = dropout
+        super().__init__(base_layer, r, alpha, rslora, dropout, method)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.weight_name = weight_name
-        self.merged = False
         self.base_weight_q: QuantizedWeight | None = None
         self._merge_backup: torch.Tensor | None = None
         self._merged_dense: torch.Tensor | None = None
@@ -304,7 +311,7 @@ class LoraProjection(nn.Module):
         return scatter_parts(m, self.parts, dim=0) if self.parts else m
 
 
-class LoraMultiheadAttention(nn.Module):
+class LoraMultiheadAttention(_LoraState):
     """nn.MultiheadAttention: deltas on the packed in_proj (per-part q/k/v), or on separate
     q/k/v weights when kdim/vdim differ, and on out_proj.
 
@@ -316,14 +323,7 @@ class LoraMultiheadAttention(nn.Module):
     def __init__(self, base_layer: nn.MultiheadAttention, r: int, alpha: float, *, rslora: bool = False,
                  dropout: float = 0.0, method: str = "parallel", in_parts: Sequence[bool] | None = (True,) * 3,
                  adapt_out: bool = True):
-        super().__init__()
-        self.base_layer = base_layer
-        self.r = r
-        self.lora_alpha = alpha
-        self.scaling = scale_for(r, alpha, rslora)
-        self.method = method
-        self.dropout_p = dropout
-        self.merged = False
+        super().__init__(base_layer, r, alpha, rslora, dropout, method)
         self.in_parts = tuple(in_parts) if in_parts is not None and any(in_parts) else None
         self.adapt_out = adapt_out
         self.base_weight_q = nn.ModuleDict()

@@ -179,18 +179,25 @@ def test_parallel_equals_merged(case, bits):
         assert _rel(g_p[name][0], g_m[name][0]) < 1e-4, name
 
 
-@pytest.mark.parametrize("method", ["parallel", "merged"])
-@pytest.mark.parametrize("case", CASES)
-def test_merge_forward_and_unmerge_restores_bits(case, method):
+def _adapted_case(case: str, randomize: bool = True, **config):
+    """(model with random nonzero factors, input builder, state_dict before inject)."""
     build, make_x, extra = _cases()[case]
     torch.manual_seed(0)
     model = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    lora_tune.inject(model, lora_tune.LoraConfig(rank=R, alpha=ALPHA, targets=list(model.names), method=method, **extra))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("lora_A", "lora_B")):
-                p.normal_()
+    lora_tune.inject(model, lora_tune.LoraConfig(rank=R, alpha=ALPHA, targets=list(model.names), **extra, **config))
+    if randomize:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(("lora_A", "lora_B")):
+                    p.normal_()
+    return model, make_x, before
+
+
+@pytest.mark.parametrize("method", ["parallel", "merged"])
+@pytest.mark.parametrize("case", CASES)
+def test_merge_forward_and_unmerge_restores_bits(case, method):
+    model, make_x, before = _adapted_case(case, method=method)
     model.eval()
     x = make_x()
     with torch.no_grad():
@@ -214,14 +221,7 @@ def _wrapped_key(model: nn.Module, key: str) -> str:
 @pytest.mark.parametrize("bits", [None, 8, 4])
 @pytest.mark.parametrize("case", CASES)
 def test_merge_and_unload_gives_plain_layers_with_same_outputs(case, bits):
-    build, make_x, extra = _cases()[case]
-    torch.manual_seed(0)
-    model = build()
-    lora_tune.inject(model, lora_tune.LoraConfig(rank=R, alpha=ALPHA, targets=list(model.names), quant_bits=bits, **extra))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("lora_A", "lora_B")):
-                p.normal_()
+    model, make_x, _ = _adapted_case(case, quant_bits=bits)
     model.eval()
     x = make_x()
     with torch.no_grad():
@@ -235,10 +235,7 @@ def test_merge_and_unload_gives_plain_layers_with_same_outputs(case, bits):
 
 @pytest.mark.parametrize("case", CASES)
 def test_frozen_weights_unchanged_after_optimizer_steps(case):
-    build, make_x, extra = _cases()[case]
-    torch.manual_seed(0)
-    model = build()
-    lora_tune.inject(model, lora_tune.LoraConfig(rank=R, alpha=ALPHA, targets=list(model.names), **extra))
+    model, make_x, _ = _adapted_case(case, randomize=False)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert lora and all(n.endswith(("lora_A", "lora_B")) for n in lora)
