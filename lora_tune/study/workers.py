@@ -174,7 +174,9 @@ def requeue_trials(study: optuna.Study, trial_ids: Sequence[int], max_retry: int
     ``max_retry`` times is only failed). Trials that finished meanwhile are left alone.
     """
     storage = study._storage
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     requeued = []
     for trial_id in trial_ids:
         trial = storage.get_trial(trial_id)
@@ -190,9 +192,9 @@ def requeue_trials(study: optuna.Study, trial_ids: Sequence[int], max_retry: int
         failed = storage.get_trial(trial_id)
         if failed.state != TrialState.FAIL:
             continue
-        before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         retry(study, failed)
-        if len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) > before:
+        # the callback re-queues unless the trial's retry history is already max_retry long
+        if len(failed.system_attrs.get("retry_history", [])) < max_retry:
             requeued.append(failed.number)
     return requeued
 

@@ -173,3 +173,22 @@ def test_transient_classification(tmp_path):
     locked = sa.exc.OperationalError("UPDATE", {}, __import__("sqlite3").OperationalError("database is locked"))
     assert is_transient(locked)
     assert not is_transient(ValueError("x"))
+
+
+def test_requeue_is_bounded_by_max_retry(tmp_path):
+    from lora_tune.study.workers import requeue_trials
+
+    study = make_study(f"sqlite:///{tmp_path / 'rq.db'}", "rq", 10)
+    first = _abandoned_trial(study)
+    assert requeue_trials(study, [first._trial_id], max_retry=1) == [first.number]
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].params == first.params
+    second = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
+        study._study_id, waiting[0].number))
+    # the retry is started and lost too: with max_retry=1 it is only failed
+    study._storage.set_trial_state_values(second._trial_id, TrialState.RUNNING)
+    assert requeue_trials(study, [second._trial_id], max_retry=1) == []
+    states = by_state(study.get_trials())
+    assert states == {"FAIL": 2}
+    assert requeue_trials(study, [first._trial_id], max_retry=5) != []  # a FAIL trial can be re-queued
+    st.dispose_storage(study._storage)
