@@ -113,11 +113,12 @@ class Objective:
         train_kwargs.update({k: v for k, v in values.items() if k in _TRAIN_KEYS})
 
         t0 = time.perf_counter()
-        model = task.build_model()
         targets = lora_kwargs.get("targets", "all-linear")
         preset = targets if isinstance(targets, str) else None
         config = LoraConfig(**lora_kwargs, modules_to_save=list(task.modules_to_save))
-        report = inject(model, config)
+        with _seeded(train_kwargs["seed"]):  # LoRA init depends on the seed, not on earlier trials
+            model = task.build_model()
+            report = inject(model, config)
         times.build = time.perf_counter() - t0
 
         trial.set_user_attr("lora_config", config.to_dict())
@@ -187,6 +188,16 @@ def _objective_value(name: str, metrics: dict[str, float], trainable: int) -> fl
     if name not in metrics:
         raise KeyError(f"the task did not report metric {name!r}; it reported {sorted(metrics)}")
     return float(metrics[name])
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run with torch's CPU generator seeded, restoring the caller's random state after."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager

@@ -123,12 +123,13 @@ def trial_line(trial: FrozenTrial, outcome: Outcome) -> str:
 
 
 def format_params(params: dict[str, Any]) -> str:
-    parts = []
-    for k, v in params.items():
-        if k == "quant_bits":
-            v = "none" if v in (0, None) else v
-        parts.append(f"{k}={_fmt(v)}")
-    return " ".join(parts)
+    return " ".join(f"{k}={_param_text(k, v)}" for k, v in params.items())
+
+
+def _param_text(key: str, value: Any) -> str:
+    if key == "quant_bits" and value in (0, None):
+        return "none"
+    return _fmt(value)
 
 
 def _best_text(outcome: Outcome) -> str:
@@ -195,7 +196,7 @@ def trials_table(trials: list[FrozenTrial], metrics: list[str], title: str | Non
             values = [t.intermediate_values[max(t.intermediate_values)]]
         row = [str(t.number) + ("*" if t.user_attrs.get("is_baseline") else ""), t.state.name.lower()]
         row += [_fmt(v) for v in values]
-        row += [_fmt(t.params[k]) if k in t.params else "" for k in param_names]
+        row += [_param_text(k, t.params[k]) if k in t.params else "" for k in param_names]
         seconds = t.user_attrs.get("train_seconds")
         row += [_fmt(t.user_attrs.get("trainable_params")), "" if seconds is None else f"{seconds:.1f}"]
         table.add_row(*row)

@@ -133,7 +133,7 @@ def test_unknown_metric_names_the_allowed_ones(toy_task):
     with pytest.raises(StudySpecError) as info:
         resolve_objective(make_spec(study={"metric": "bleu"}), toy_task)
     path, message = info.value.errors[0]
-    assert path == "study.metric" and "accuracy, macro_f1, trainable_params" in message
+    assert path == "study.metric" and "accuracy, macro_f1, eval_loss, trainable_params" in message
 
 
 def test_stored_spec_round_trips():

@@ -42,7 +42,7 @@ class ToyModel(nn.Module):
 
 class ToyTask(Task):
     name = "toy"
-    metrics = ("accuracy", "macro_f1")
+    metrics = ("accuracy", "macro_f1", "eval_loss")
     default_metric = "accuracy"
     default_direction = "maximize"
     modules_to_save = ["head"]
@@ -87,8 +87,10 @@ class ToyTask(Task):
         if self.fail_in == "evaluate":
             raise ValueError("toy task: evaluate exploded")
         with eval_mode(model):
-            preds = model(self.x_test).argmax(-1)
-        return classification_metrics(preds, self.y_test, CLASSES)
+            logits = model(self.x_test)
+        metrics = classification_metrics(logits.argmax(-1), self.y_test, CLASSES)
+        metrics["eval_loss"] = float(nn.functional.cross_entropy(logits, self.y_test))
+        return metrics
 
 
 def make_task(**options) -> ToyTask:
