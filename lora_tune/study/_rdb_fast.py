@@ -28,6 +28,43 @@ from optuna.trial import FrozenTrial, TrialState
 _UNFINISHED = (TrialState.RUNNING, TrialState.WAITING)
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is a lost/refused connection or a busy database.
+
+    Connection errors, server shutdown/startup, too many clients, deadlocks and SQLite's
+    "database is locked" are transient; bad SQL or bad data are not.
+    """
+    import sqlite3
+
+    import sqlalchemy.exc as sa_exc
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, (sa_exc.DisconnectionError, sa_exc.TimeoutError, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(current, sqlite3.OperationalError):
+            text = str(current).lower()
+            return "locked" in text or "busy" in text
+        sqlstate = getattr(current, "sqlstate", None)
+        if type(current).__module__.startswith("psycopg") and type(current).__name__ in (
+            "OperationalError", "InterfaceError",
+        ) or (sqlstate and sqlstate[:2] in ("08", "53", "57", "40")):
+            # no SQLSTATE: the connection itself failed; 08 connection, 53 resources
+            # (too many clients), 57 server shutdown/startup, 40 deadlock/serialization
+            return sqlstate is None or sqlstate[:2] in ("08", "53", "57", "40")
+        if isinstance(current, sa_exc.DBAPIError):
+            if current.orig is not None and current.orig is not current:
+                current = current.orig
+                continue
+            return isinstance(current, (sa_exc.OperationalError, sa_exc.InterfaceError))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def supports(engine: sa.engine.Engine) -> bool:
     return engine.dialect.name in ("postgresql", "sqlite")
 

@@ -35,6 +35,8 @@ from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
+from lora_tune.study._rdb_fast import is_transient
+
 _logger = logging.getLogger("lora_tune.storage")
 
 CLAIM_KEY = "lora_tune:claim"  # trial system attr: the token of the worker's create call
@@ -50,43 +52,6 @@ class BudgetReached(Exception):
     def __init__(self, study_id: int, used: int, budget: int):
         self.study_id, self.used, self.budget = study_id, used, budget
         super().__init__(f"trial budget reached: {used} of {budget} trials started or finished")
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` (or its cause) is a lost/refused connection or a busy database.
-
-    Connection errors, server shutdown/startup, too many clients, deadlocks and SQLite's
-    "database is locked" are transient; bad SQL or bad data are not.
-    """
-    import sqlite3
-
-    import sqlalchemy.exc as sa_exc
-
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
-            return True
-        if isinstance(current, (sa_exc.DisconnectionError, sa_exc.TimeoutError, ConnectionError, TimeoutError)):
-            return True
-        if isinstance(current, sqlite3.OperationalError):
-            text = str(current).lower()
-            return "locked" in text or "busy" in text
-        sqlstate = getattr(current, "sqlstate", None)
-        if type(current).__module__.startswith("psycopg") and type(current).__name__ in (
-            "OperationalError", "InterfaceError",
-        ) or (sqlstate and sqlstate[:2] in ("08", "53", "57", "40")):
-            # no SQLSTATE: the connection itself failed; 08 connection, 53 resources
-            # (too many clients), 57 server shutdown/startup, 40 deadlock/serialization
-            return sqlstate is None or sqlstate[:2] in ("08", "53", "57", "40")
-        if isinstance(current, sa_exc.DBAPIError):
-            if current.orig is not None and current.orig is not current:
-                current = current.orig
-                continue
-            return isinstance(current, (sa_exc.OperationalError, sa_exc.InterfaceError))
-        current = current.__cause__ or current.__context__
-    return False
 
 
 class ResilientStorage(BaseStorage, BaseHeartbeat):
@@ -242,10 +207,11 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
         self._call("delete_study", study_id)
 
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._call("set_study_user_attr", study_id, key, value)
+        # a study file may name its storage with a password; the dashboard shows study attrs
+        self._call("set_study_user_attr", study_id, key, _masked(value))
 
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._call("set_study_system_attr", study_id, key, value)
+        self._call("set_study_system_attr", study_id, key, _masked(value))
 
     def get_study_id_from_name(self, study_name: str) -> int:
         return self._call("get_study_id_from_name", study_name)
@@ -465,6 +431,19 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
 
     def get_heartbeat_stale_trial_callback(self) -> Any:
         return self.rdb.heartbeat_stale_trial_callback if self.rdb is not None else None
+
+
+def _masked(value: Any) -> Any:
+    """``value`` with every password inside its strings replaced by ``***``."""
+    from lora_tune.study.storage import mask_secrets
+
+    if isinstance(value, str):
+        return mask_secrets(value)
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_masked(v) for v in value]
+    return value
 
 
 def worker_id() -> str:

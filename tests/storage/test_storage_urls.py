@@ -175,3 +175,18 @@ def test_worker_cli_masks_password_of_unreachable_server():
     )
     assert result.exit_code == 1
     assert "hunter2" not in result.output and "bob:***@127.0.0.1:1/db" in result.output
+
+
+def test_study_attributes_never_store_a_password(tmp_path):
+    import optuna
+
+    storage = st.open_storage(f"sqlite:///{tmp_path / 'attrs.db'}")
+    study = optuna.create_study(study_name="attrs", storage=storage)
+    spec = {"study": {"storage": "postgresql+psycopg://bob:hunter2@db/lt", "n_trials": 3},
+            "notes": ["see mysql://x:y@h/d", 5]}
+    study.set_user_attr("spec", spec)
+    stored = optuna.load_study(study_name="attrs", storage=optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path / 'attrs.db'}")).user_attrs["spec"]
+    assert stored == {"study": {"storage": "postgresql+psycopg://bob:***@db/lt", "n_trials": 3},
+                      "notes": ["see mysql://x:***@h/d", 5]}
+    st.dispose_storage(storage)
