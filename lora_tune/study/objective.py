@@ -64,7 +64,6 @@ class Objective:
         self.space = SearchSpace.from_spec(self.spec.search_space)
         self.metrics = self.spec.metrics
         self.prune = not self.spec.is_multi_objective
-        self._presets: dict[str, list[str]] | None = None
 
     def get_task(self) -> Any:
         """The task, built on first use; also loads bitsandbytes once when the space may
