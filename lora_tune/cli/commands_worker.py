@@ -75,7 +75,11 @@ def worker(name: str, storage_url: str | None, jobs: int, n_trials: int | None, 
                 extra += ["--timeout", str(timeout)]
             if not quiet:
                 click.echo(f"starting {jobs} workers on study {name!r} in {st.mask_url(url)}")
-            failed = wk.run_jobs(study, url, jobs, extra_args=extra, failed_trial_retries=retries)
+            try:
+                failed = wk.run_jobs(study, url, jobs, extra_args=extra, failed_trial_retries=retries)
+            except KeyboardInterrupt:
+                _summary(study, quiet, "interrupted; the workers re-queued their running trials")
+                raise click.exceptions.Exit(130) from None
             _summary(study, quiet, f"{jobs} workers done ({failed} failed)")
             if failed:
                 raise click.exceptions.Exit(1)

@@ -288,6 +288,25 @@ def worker_command(name: str, url: str, extra: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", "lora_tune.cli.main", "worker", name, "--storage", url, *extra]
 
 
+def visible_gpus(environ: dict[str, str] | None = None) -> list[str]:
+    """GPU ids to spread ``--jobs`` workers over: ``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi -L``."""
+    import os
+    import shutil
+
+    environ = os.environ if environ is None else environ
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return []
+    try:
+        out = subprocess.run([tool, "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
 def run_jobs(
     study: optuna.Study,
     url: str,
@@ -300,29 +319,41 @@ def run_jobs(
 ) -> int:
     """Run ``jobs`` worker processes on ``study`` until its budget is used.
 
-    Returns the number of children that failed (0 when all were fine). A child that dies
-    (killed, crashed) has its RUNNING trials failed and re-queued at once; if queued trials
-    are left when every child has exited, a new round of workers is started (up to
-    ``max_rounds``).
+    Returns the number of children that failed (0 when all were fine). With GPUs, worker i
+    sees only GPU ``i mod n`` (``CUDA_VISIBLE_DEVICES``). A child that dies (killed, crashed)
+    has its RUNNING trials failed and re-queued at once; if queued trials are left when every
+    child has exited, a new round of workers is started (up to ``max_rounds``). SIGTERM or
+    Ctrl-C stops the children (each re-queues its running trial) and then this process.
     """
+    import os
+
     check_parallel_storage(url, jobs)
+    base_env = dict(os.environ if env is None else env)
+    gpus = visible_gpus(base_env)
     name = study.study_name
     failures = 0
-    for _round in range(max_rounds):
-        children = [subprocess.Popen(worker_command(name, url, extra_args), env=env) for _ in range(jobs)]
-        try:
-            failures += _wait_children(study, children, failed_trial_retries)
-        except KeyboardInterrupt:
-            for child in children:
-                if child.poll() is None:
-                    child.terminate()
-            for child in children:
-                child.wait()
-            raise
-        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if not waiting:
-            break
-        _logger.warning("%d queued trial(s) left after the workers exited; starting workers again", len(waiting))
+    with _sigterm_as_interrupt():
+        for _round in range(max_rounds):
+            children = []
+            for i in range(jobs):
+                child_env = dict(base_env)
+                if gpus:
+                    child_env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+                children.append(subprocess.Popen(worker_command(name, url, extra_args), env=child_env))
+            try:
+                failures += _wait_children(study, children, failed_trial_retries)
+            except KeyboardInterrupt:
+                for child in children:
+                    if child.poll() is None:
+                        child.terminate()
+                for child in children:
+                    child.wait()
+                raise
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if not waiting:
+                break
+            _logger.warning("%d queued trial(s) left after the workers exited; starting workers again",
+                            len(waiting))
     return failures
 
 

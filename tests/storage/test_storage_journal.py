@@ -29,11 +29,11 @@ def test_eight_journal_workers_zero_errors(tmp_path):
     assert len({t.system_attrs[WORKER_KEY] for t in trials}) >= 4
 
 
-def _jobs(url: str, name: str, jobs: int) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+def _jobs(url: str, name: str, jobs: int, objective: str = "sleep_objective", **env_vars: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env_vars)
     return subprocess.Popen(
         [sys.executable, "-m", "lora_tune.cli.main", "worker", name, "--storage", url, "--jobs", str(jobs),
-         "--objective", "worker_objectives:sleep_objective"],
+         "--objective", f"worker_objectives:{objective}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -89,3 +89,49 @@ def test_second_sqlite_worker_process_is_refused(tmp_path):
     assert code == 0, output
     trials, _ = reload(url, "single")
     assert by_state(trials) == {"COMPLETE": 4}
+
+
+def test_jobs_spread_over_visible_gpus(tmp_path):
+    url = f"journal:{tmp_path / 'gpus.log'}"
+    make_study(url, "gpus", 8, sleep=0.3)
+    parent = _jobs(url, "gpus", 2, objective="gpu_objective", CUDA_VISIBLE_DEVICES="3,5")
+    out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 0, out + err
+    trials, _ = reload(url, "gpus")
+    assert by_state(trials) == {"COMPLETE": 8}
+    by_worker = {}
+    for trial in trials:
+        by_worker.setdefault(trial.system_attrs[WORKER_KEY], set()).add(trial.user_attrs["cuda_visible_devices"])
+    assert all(len(gpus) == 1 for gpus in by_worker.values())  # one GPU per worker process
+    assert set().union(*by_worker.values()) <= {"3", "5"}
+    assert len(by_worker) == 1 or set().union(*by_worker.values()) == {"3", "5"}
+
+
+def test_visible_gpus_parsing():
+    from lora_tune.study.workers import visible_gpus
+
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0, 2,3"}) == ["0", "2", "3"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+
+
+def test_sigterm_to_jobs_parent_stops_children_and_requeues(tmp_path):
+    url = f"journal:{tmp_path / 'term.log'}"
+    study = make_study(url, "term", 20, sleep=0.3, steps=10)
+    parent = _jobs(url, "term", 2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if len(running) == 2 and all(t.intermediate_values for t in running):
+            break
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGTERM)
+    out, err = parent.communicate(timeout=60)
+    assert parent.returncode == 130, out + err
+    trials, _ = reload(url, "term")
+    states = by_state(trials)
+    assert "RUNNING" not in states
+    assert states["FAIL"] == 2 and states["WAITING"] == 2  # both interrupted trials queued again
+    failed = {t.number: t.params for t in trials if t.state == TrialState.FAIL}
+    for waiting in (t for t in trials if t.state == TrialState.WAITING):
+        assert waiting.params == failed[waiting.system_attrs["failed_trial"]]

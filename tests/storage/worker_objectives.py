@@ -27,3 +27,12 @@ def grid_objective(trial: optuna.Trial) -> float:
     y = trial.suggest_int("y", 0, 10)
     time.sleep(float(trial.study.user_attrs.get("sleep", 0.05)))
     return x + y
+
+
+def gpu_objective(trial: optuna.Trial) -> float:
+    """Records which GPUs the worker process was given."""
+    import os
+
+    trial.set_user_attr("cuda_visible_devices", os.environ.get("CUDA_VISIBLE_DEVICES"))
+    time.sleep(float(trial.study.user_attrs.get("sleep", 0.05)))
+    return trial.suggest_float("x", 0.0, 1.0)
