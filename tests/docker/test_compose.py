@@ -137,7 +137,7 @@ def test_gpu_override_builds_cuda_image():
     gpu = interpolate(yaml.safe_load((DOCKER / "compose.gpu.yaml").read_text()), env_example())
     worker = gpu["services"]["worker"]
     command, rest = _resolve(worker["command"])
-    command.make_context(command.name, rest)
+    command.make_context(command.name, list(rest))
     assert rest[rest.index("--jobs") + 1] == env_example()["GPUS_PER_WORKER"]
     assert "cu" in worker["build"]["args"]["TORCH_INDEX_URL"]
     assert "quant" in worker["build"]["args"]["EXTRAS"]
