@@ -9,7 +9,7 @@
 
     python benchmarks/bench_storage.py --postgres postgresql+psycopg://postgres@127.0.0.1:5432/test
     python benchmarks/bench_storage.py --postgres URL --workers 8 --trials-per-worker 12 --mode both
-    python benchmarks/bench_storage.py --postgres URL --profile   # where one worker's CPU goes
+    python benchmarks/bench_storage.py --postgres URL --profile   # CPU and SQL per trial, by layer
 
 The benchmark creates and drops its own database next to the one in the URL.
 """
@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import os
-import pstats
 import statistics
 import subprocess
 import sys
@@ -133,19 +131,36 @@ def scratch_database(base: str):
 
 
 def profile(url: str, trials: int) -> None:
+    """Where one worker's CPU goes: sampling (TPE minus random) vs storage and bookkeeping."""
+    import sqlalchemy as sa
+
     global SLEEP
     SLEEP = 0.0
-    storage = open_storage(url)
-    study = optuna.create_study(study_name="profile", storage=storage, sampler=optuna.samplers.TPESampler(seed=0))
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    profiler = cProfile.Profile()
-    t0 = time.process_time()
-    profiler.enable()
-    run_worker(study, objective, budget=trials, reseed=False)
-    profiler.disable()
-    print(f"CPU per trial: {(time.process_time() - t0) / trials * 1000:.1f} ms")
-    pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
-    dispose_storage(storage)
+    print(f"\n{trials} trials in one process, no sleep; CPU ms per trial and SQL statements per trial")
+    print("\n| storage layer | sampler | CPU ms/trial | SQL statements/trial |")
+    print("|---|---|---|---|")
+    for sampler_name in ("random", "tpe"):
+        for layer in ("plain Optuna", "lora-tune"):
+            sampler = (optuna.samplers.RandomSampler(seed=0) if sampler_name == "random"
+                       else optuna.samplers.TPESampler(seed=0))
+            if layer == "plain Optuna":
+                rdb = optuna.storages.RDBStorage(url)
+                storage, engine = optuna.storages.get_storage(rdb), rdb.engine
+            else:
+                storage = open_storage(url)
+                engine = storage.rdb.engine
+            statements = [0]
+            sa.event.listen(engine, "before_cursor_execute", lambda *a, **k: statements.__setitem__(0, statements[0] + 1))
+            study = optuna.create_study(study_name=f"prof-{uuid.uuid4().hex[:6]}", storage=storage, sampler=sampler)
+            statements[0] = 0
+            start = time.process_time()
+            if layer == "plain Optuna":
+                study.optimize(objective, n_trials=trials)
+            else:
+                run_worker(study, objective, budget=trials, reseed=False)
+            cpu = (time.process_time() - start) / trials * 1000
+            print(f"| {layer} | {sampler_name} | {cpu:.1f} | {statements[0] / trials:.0f} |", flush=True)
+            dispose_storage(storage)
 
 
 def main() -> None:
@@ -167,7 +182,7 @@ def main() -> None:
     with scratch_database(args.postgres) as pg:
         print(f"PostgreSQL: {mask_url(args.postgres)} (scratch database)")
         if args.profile:
-            profile(pg, 60)
+            profile(pg, 100)
             return
         if not args.skip_throughput:
             modes = ["lora-tune", "plain"] if args.mode == "both" else [args.mode]
