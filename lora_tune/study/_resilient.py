@@ -447,8 +447,12 @@ def _masked(value: Any) -> Any:
 
 
 def worker_id() -> str:
-    """``hostname:pid`` of this process, as recorded on the trials it runs."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``hostname:pid`` of this process, as recorded on the trials it runs.
+
+    ``$LORA_TUNE_WORKER_HOST`` replaces the host name (e.g. a pod name that is not the
+    container's host name); only workers of the same host judge each other's pids.
+    """
+    return f"{os.environ.get('LORA_TUNE_WORKER_HOST') or socket.gethostname()}:{os.getpid()}"
 
 
 def _journal_lock_path(url: str) -> str | None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -82,6 +84,11 @@ def run_worker(
     limit this worker only. Exceptions from the objective fail the trial, not the worker
     (``catch``). SIGTERM fails the running trial and re-queues its parameters (up to
     ``failed_trial_retries`` times), then the worker returns with ``interrupted`` set.
+
+    When the budget is used but trials still run, the worker waits for them
+    (``wait_for_running``; default: with heartbeats, or while a live worker on this machine
+    runs one), because a dead worker's trial is re-queued and must be run by someone.
+    Trials of dead workers on this machine are re-queued at once, without heartbeats.
     """
     storage = study._storage
     if not isinstance(storage, ResilientStorage):
@@ -90,11 +97,12 @@ def run_worker(
     budget = study_budget(study) if budget is None else budget
     storage.set_budget(study._study_id, budget)
     heartbeats = storage.get_heartbeat_interval() is not None
-    if wait_for_running is None:
-        wait_for_running = heartbeats
     if reseed:  # workers sharing a seeded sampler must not all draw the same points
         study.sampler.reseed_rng()
     lock_grid_sampler(study)
+    # trials left RUNNING by a crashed earlier run on this machine: retry them now, not after
+    # a heartbeat grace period (and at all with journal files, which have no heartbeats)
+    recover_dead_local_workers(study, failed_trial_retries)
 
     stats = WorkerStats()
     current: dict[str, int] = {}
@@ -120,11 +128,18 @@ def run_worker(
                         study.optimize(tracked, n_trials=1, callbacks=[*callbacks, count], catch=catch)
                     wait = poll_interval
                 except BudgetReached:
-                    if budget is None or not wait_for_running or storage.budget_done(study._study_id) >= budget:
+                    if budget is None or storage.budget_done(study._study_id) >= budget:
                         stats.budget_reached = True
                         break
-                    # others still run trials; one may die, be failed as stale and re-queued:
-                    # look again soon, then less often (at least once a heartbeat interval)
+                    if recover_dead_local_workers(study, failed_trial_retries):
+                        continue  # a dead local worker's trial is queued again: run it
+                    waiting = wait_for_running if wait_for_running is not None else (
+                        heartbeats or _local_worker_alive(study))
+                    if not waiting:
+                        stats.budget_reached = True
+                        break
+                    # others still run trials; one may die, be failed and re-queued: look again
+                    # soon, then less often (at least every 2 s or heartbeat interval)
                     time.sleep(wait)
                     wait = min(wait * 2, max(poll_interval, min(2.0, storage.get_heartbeat_interval() or 2.0)))
                 if study._stop_flag:  # e.g. GridSampler: every grid point was evaluated
@@ -133,7 +148,7 @@ def run_worker(
             stats.interrupted = True
             trial_id = current.pop("trial_id", None)
             if trial_id is not None:
-                stats.requeued += requeue_trials(study, [trial_id], failed_trial_retries)
+                stats.requeued += requeue_trials(study, [trial_id], failed_trial_retries, failed_by_us=True)
     storage.remove_session()
     return stats
 
@@ -167,11 +182,14 @@ def lock_grid_sampler(study: optuna.Study) -> None:
     sampler._lora_tune_locked = True  # type: ignore[attr-defined]
 
 
-def requeue_trials(study: optuna.Study, trial_ids: Sequence[int], max_retry: int) -> list[int]:
+def requeue_trials(study: optuna.Study, trial_ids: Sequence[int], max_retry: int, *,
+                   failed_by_us: bool = False) -> list[int]:
     """Fail the given unfinished trials and queue their parameters again.
 
     Returns the numbers of the trials that were re-queued (a trial already retried
-    ``max_retry`` times is only failed). Trials that finished meanwhile are left alone.
+    ``max_retry`` times is only failed). Trials that finished meanwhile are left alone
+    (someone else failed and re-queued them), except, with ``failed_by_us``, FAIL trials this
+    process failed itself (an interrupted trial).
     """
     storage = study._storage
     with warnings.catch_warnings():
@@ -181,7 +199,7 @@ def requeue_trials(study: optuna.Study, trial_ids: Sequence[int], max_retry: int
     for trial_id in trial_ids:
         trial = storage.get_trial(trial_id)
         if trial.state.is_finished():
-            if trial.state != TrialState.FAIL:
+            if not (failed_by_us and trial.state == TrialState.FAIL):
                 continue
         else:
             try:
@@ -197,6 +215,45 @@ def requeue_trials(study: optuna.Study, trial_ids: Sequence[int], max_retry: int
         if len(failed.system_attrs.get("retry_history", [])) < max_retry:
             requeued.append(failed.number)
     return requeued
+
+
+def recover_dead_local_workers(study: optuna.Study, max_retry: int) -> list[int]:
+    """Fail and re-queue RUNNING trials whose worker ran on this machine and has exited.
+
+    Needs no heartbeat: the worker's ``hostname:pid`` is on the trial. A worker on another
+    machine (or in another container) is never judged from here.
+    """
+    host, me = worker_id().rpartition(":")[0], os.getpid()
+    dead = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        where, _, pid = str(trial.system_attrs.get(WORKER_KEY, "")).rpartition(":")
+        if where == host and pid.isdigit() and int(pid) != me and not _alive(int(pid)):
+            dead.append(trial._trial_id)
+    return requeue_trials(study, dead, max_retry) if dead else []
+
+
+def _local_worker_alive(study: optuna.Study) -> bool:
+    """Whether a RUNNING trial belongs to a live worker on this machine."""
+    host = worker_id().rpartition(":")[0]
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        where, _, pid = str(trial.system_attrs.get(WORKER_KEY, "")).rpartition(":")
+        if where == host and pid.isdigit() and _alive(int(pid)):
+            return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child its parent has not reaped yet is a zombie: dead
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def recover_worker(study: optuna.Study, worker: str, max_retry: int) -> list[int]:
@@ -253,8 +310,6 @@ def claim_sqlite(url: str) -> None:
     """
     if storage_kind(url) != "sqlite":
         return
-    import os
-
     import sqlalchemy as sa
 
     database = sa.engine.make_url(url).database or ""
@@ -290,7 +345,6 @@ def worker_command(name: str, url: str, extra: Sequence[str] = ()) -> list[str]:
 
 def visible_gpus(environ: dict[str, str] | None = None) -> list[str]:
     """GPU ids to spread ``--jobs`` workers over: ``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi -L``."""
-    import os
     import shutil
 
     environ = os.environ if environ is None else environ
@@ -325,8 +379,6 @@ def run_jobs(
     child has exited, a new round of workers is started (up to ``max_rounds``). SIGTERM or
     Ctrl-C stops the children (each re-queues its running trial) and then this process.
     """
-    import os
-
     check_parallel_storage(url, jobs)
     base_env = dict(os.environ if env is None else env)
     gpus = visible_gpus(base_env)
@@ -358,9 +410,7 @@ def run_jobs(
 
 
 def _wait_children(study: optuna.Study, children: list[subprocess.Popen], max_retry: int) -> int:
-    import socket
-
-    host = socket.gethostname()
+    host = worker_id().rpartition(":")[0]
     failures = 0
     alive = list(children)
     while alive:

@@ -190,5 +190,6 @@ def test_requeue_is_bounded_by_max_retry(tmp_path):
     assert requeue_trials(study, [second._trial_id], max_retry=1) == []
     states = by_state(study.get_trials())
     assert states == {"FAIL": 2}
-    assert requeue_trials(study, [first._trial_id], max_retry=5) != []  # a FAIL trial can be re-queued
+    assert requeue_trials(study, [first._trial_id], max_retry=5) == []  # failed by someone else: left alone
+    assert requeue_trials(study, [first._trial_id], max_retry=5, failed_by_us=True) == [first.number]
     st.dispose_storage(study._storage)

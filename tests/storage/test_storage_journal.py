@@ -135,3 +135,25 @@ def test_sigterm_to_jobs_parent_stops_children_and_requeues(tmp_path):
     failed = {t.number: t.params for t in trials if t.state == TrialState.FAIL}
     for waiting in (t for t in trials if t.state == TrialState.WAITING):
         assert waiting.params == failed[waiting.system_attrs["failed_trial"]]
+
+
+def test_next_worker_recovers_a_killed_standalone_worker(tmp_path):
+    """No heartbeats in a journal file: a worker on the same machine sees the dead pid."""
+    url = f"journal:{tmp_path / 'alone.log'}"
+    study = make_study(url, "alone", 3, sleep=0.2, steps=10)
+    first = start_workers(url, "alone", 1)[0]
+    deadline = time.monotonic() + 30
+    victim = None
+    while victim is None and time.monotonic() < deadline:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        victim = next((t for t in running if t.intermediate_values), None)
+        time.sleep(0.05)
+    assert victim is not None
+    first.kill()
+    first.wait()
+    (code, output), = finish(start_workers(url, "alone", 1))
+    assert code == 0, output
+    trials, _ = reload(url, "alone")
+    assert by_state(trials) == {"COMPLETE": 3, "FAIL": 1}
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
+    assert retry.params == victim.params and retry.state == TrialState.COMPLETE

@@ -54,18 +54,24 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_sigkill_mid_trial_is_retried_with_same_params(postgres_url):
+@pytest.mark.parametrize("victim_host", ["same-host", "other-host"])
+def test_sigkill_mid_trial_is_retried_with_same_params(postgres_url, victim_host):
+    """Same host: the survivors see the dead pid. Other host: only the heartbeat tells."""
     n = 8
-    study = make_study(postgres_url, "killed", n, sleep=0.25, steps=6, heartbeat_interval=1,
+    name = f"killed-{victim_host}"
+    study = make_study(postgres_url, name, n, sleep=0.25, steps=6, heartbeat_interval=1,
                        grace_period=2, failed_trial_retries=2)
-    workers = start_workers(postgres_url, "killed", 3)
+    workers = start_workers(postgres_url, name, 2)
+    remote = {"LORA_TUNE_WORKER_HOST": "elsewhere"} if victim_host == "other-host" else {}
+    workers += start_workers(postgres_url, name, 1, **remote)
     pids = {w.pid: w for w in workers}
+    victim_pids = {workers[-1].pid}
 
     def running_mid_trial():
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             host_pid = trial.system_attrs.get(WORKER_KEY, "")
             pid = int(host_pid.rsplit(":", 1)[1]) if host_pid else -1
-            if pid in pids and len(trial.intermediate_values) >= 1:
+            if pid in victim_pids and len(trial.intermediate_values) >= 1:
                 return trial, pid
         return None
 
@@ -75,7 +81,7 @@ def test_sigkill_mid_trial_is_retried_with_same_params(postgres_url):
     _clean(finish(others))
     pids[victim_pid].wait()
 
-    trials, _ = reload(postgres_url, "killed")
+    trials, _ = reload(postgres_url, name)
     killed = next(t for t in trials if t.number == victim_trial.number)
     assert killed.state == TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
@@ -84,6 +90,8 @@ def test_sigkill_mid_trial_is_retried_with_same_params(postgres_url):
     assert retries[0].params == killed.params
     assert retries[0].system_attrs[WORKER_KEY] != killed.system_attrs[WORKER_KEY]
     assert by_state(trials) == {"COMPLETE": n, "FAIL": 1}
+    if victim_host == "other-host":
+        assert killed.system_attrs[WORKER_KEY].startswith("elsewhere:")
 
 
 def _pg_ctlcluster() -> list[str]:

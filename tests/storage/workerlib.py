@@ -37,8 +37,8 @@ def make_study(url: str, name: str, n_trials: int, *, sampler: Any = None, **set
 
 
 def start_workers(url: str, name: str, count: int, objective: str = "sleep_objective",
-                  extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
-    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+                  extra: tuple[str, ...] = (), **env_vars: str) -> list[subprocess.Popen]:
+    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env_vars)
     command = [sys.executable, "-m", "lora_tune.cli.main", "worker", name, "--storage", url,
                "--objective", f"worker_objectives:{objective}", "--quiet", *extra]
     return [
