@@ -4,9 +4,10 @@
 The budget is exact across any number of workers: the storage starts a trial only after
 counting, under a lock shared by every worker, the trials that already use the budget
 (:class:`~lora_tune.study._resilient.ResilientStorage`). A worker that finds the budget used
-while other workers' trials still run waits for them when the storage has heartbeats: if one
-of those workers dies, its trial is failed as stale and re-queued with the same parameters,
-and a waiting worker runs it.
+while other workers' trials still run waits for them: if one of those workers dies, its trial
+is failed and re-queued with the same parameters, and a waiting worker runs it. A dead worker
+is recognised by its heartbeat going stale (RDB storages, any machine) or, on the same machine,
+at once by its process id being gone (any storage, journal files included).
 
 :func:`run_jobs` starts N worker processes (``lora-tune worker``) sharing a storage that
 several processes can use (a journal file or a database server, never plain SQLite). When a
