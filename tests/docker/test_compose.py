@@ -145,3 +145,15 @@ def test_gpu_override_builds_cuda_image():
     assert set(gpu["services"]) <= {"create", "worker", "dashboard"}
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert re.search(r"ARG TORCH_INDEX_URL=\S+/cpu", dockerfile)
+
+
+def test_dockerfile_copies_existing_paths_not_ignored():
+    lines = (DOCKER / "Dockerfile").read_text().splitlines()
+    ignored = [line.strip().lstrip("/") for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    sources = [src for line in lines if line.startswith("COPY ") for src in line.split()[1:-1]]
+    assert {"pyproject.toml", "lora_tune", "studies"} <= set(sources)
+    for src in sources:
+        assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+        assert src not in ignored, f"COPY {src}: excluded by Dockerfile.dockerignore"
+    assert "docker/.env" in ignored  # the real password never enters the image
