@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         dispose_storage(study._storage)
 
     print(f"{'trial':>5} {'state':<9} {'total':>7} {'build':>7} {'compute':>8} {'eval':>7} {'other':>7}")
-    compute = evaluate = build = in_trial = 0.0
+    compute = evaluate = build = in_trial = loop = 0.0
     for n in sorted(times):
         t = times[n]
         other = t.total - t.compute - t.evaluate - t.build
@@ -66,12 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         compute += t.compute
         evaluate += t.evaluate
         build += t.build
+        loop += t.train - t.compute - t.evaluate
         in_trial += t.total
     driver = wall - compute - evaluate
     print(f"\n{result.trials_run} trials ({result.states}) in {wall:.1f} s wall")
     print(f"  forward/backward/step {compute:.1f} s, evaluation {evaluate:.1f} s")
     print(f"  driver {driver:.2f} s = {100 * driver / wall:.1f} % of wall time "
-          f"(model copy + inject {build:.2f} s, rest of the trials {in_trial - compute - evaluate - build:.2f} s, "
+          f"(model copy + inject {build:.2f} s, train loop bookkeeping and batching {loop:.2f} s, "
+          f"sampling/reporting/attributes in the trials {in_trial - compute - evaluate - build - loop:.2f} s, "
           f"between trials {wall - in_trial:.2f} s)")
     return 0
 
