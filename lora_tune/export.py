@@ -26,9 +26,9 @@ _ARTIFACT_NAMES = ("artifact_dir_for", "extract_adapter", "save_best_adapter")
 
 
 def __getattr__(name: str) -> Any:
-    """``save_best_adapter`` & co. live in ``lora_tune.report.artifacts`` (loaded on first use)."""
+    """``save_best_adapter`` & co. live in ``lora_tune.study.artifacts`` (loaded on first use)."""
     if name in _ARTIFACT_NAMES:
-        from lora_tune.report import artifacts
+        from lora_tune.study import artifacts
 
         return getattr(artifacts, name)
     raise AttributeError(f"module 'lora_tune.export' has no attribute {name!r}")
@@ -165,7 +165,7 @@ def export_best(study: Any, output: str | os.PathLike, *, trial_number: int | No
     if out.is_dir() or not (out.parent if str(out.parent) else Path(".")).is_dir():
         raise ConfigError("output", str(out), "a file path in an existing directory")
     if adapter_dir is not None:
-        from lora_tune.report.artifacts import artifact_dir_for, extract_adapter
+        from lora_tune.study.artifacts import artifact_dir_for, extract_adapter
 
         store_dir = artifact_dir_for(study, storage_url, artifact_dir)
         formats = extract_adapter(study, trial, adapter_dir, store_dir)

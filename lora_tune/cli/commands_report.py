@@ -43,7 +43,7 @@ def report_command(name: str, storage: str | None, output: str, definition: str 
 def dashboard_command(storage: str | None, host: str, port: int, artifact_dir: str | None,
                       save: bool, quiet: bool) -> None:
     """Launch optuna-dashboard on the storage (bound to 127.0.0.1 unless --host says otherwise)."""
-    from lora_tune.report.artifacts import default_artifact_dir
+    from lora_tune.study.artifacts import default_artifact_dir
     from lora_tune.report.dashboard import save_figures, serve_dashboard
     from lora_tune.report.source import open_storage_for_reading, open_study, study_names
     from lora_tune.study.storage import mask_url

@@ -19,6 +19,7 @@ metric, or an exception anywhere in the trial, fails the trial (``fail_reason``,
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import socket
@@ -32,6 +33,8 @@ import optuna
 from lora_tune.errors import NonFiniteLossError
 from lora_tune.study.space import SearchSpace
 from lora_tune.study.spec import StudySpec
+
+_logger = logging.getLogger(__name__)
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -159,7 +162,10 @@ class Objective:
             if not math.isfinite(value):
                 self._fail(trial, f"metric {name} is {value} after {result.steps} steps")
             out.append(value)
-        return out[0] if len(out) == 1 else out
+        value = out[0] if len(out) == 1 else out
+        if isinstance(trial, optuna.Trial):  # a real study: keep the adapter of each new best
+            _save_adapter_if_best(trial, model, value, config)
+        return value
 
     def _check_constraints(self, trial: optuna.trial.BaseTrial, trainable: int) -> None:
         limit = self.spec.constraints.max_trainable_params
@@ -213,6 +219,19 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _save_adapter_if_best(trial: optuna.Trial, model: Any, value: Any, config: Any) -> None:
+    """Artifacts attach only to running trials, so this runs inside the objective. A storage
+    problem here is recorded and logged; it does not fail a trial whose metric is sound."""
+    from lora_tune.errors import LoraTuneError
+    from lora_tune.study.artifacts import save_best_adapter
+
+    try:
+        save_best_adapter(trial, model, value, config=config)
+    except (OSError, LoraTuneError) as exc:
+        trial.set_user_attr("artifact_error", _one_line(str(exc)))
+        _logger.warning("trial %d: adapter not saved: %s", trial.number, exc)
 
 
 def _jsonable(value: float) -> float | str:

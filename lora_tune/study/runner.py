@@ -176,6 +176,7 @@ def create_study(spec: StudySpec, storage_url: str, name: str | None = None, res
     study.set_user_attr("spec", resolved.to_stored())
     study.set_user_attr("metrics", resolved.metrics)
     study.set_user_attr("lora_tune_version", __version__)
+    _record_artifact_dir(study, storage_url)
     if study.metric_names != resolved.metrics:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -184,6 +185,16 @@ def create_study(spec: StudySpec, storage_url: str, name: str | None = None, res
         study.enqueue_trial(baseline, user_attrs={"is_baseline": True})
         _baseline_grid_point(study)
     return study
+
+
+def _record_artifact_dir(study: optuna.Study, storage_url: str) -> None:
+    """Adapters of best trials go to an artifact store next to the storage (see artifacts.py)."""
+    from lora_tune.study.artifacts import default_artifact_dir, open_artifact_store
+
+    directory = default_artifact_dir(storage_url)
+    open_artifact_store(directory)  # creates it, or says clearly why it cannot
+    if study.user_attrs.get("artifact_dir") != str(directory):
+        study.set_user_attr("artifact_dir", str(directory))
 
 
 def _baseline_grid_point(study: optuna.Study) -> None:

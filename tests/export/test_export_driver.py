@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import lora_tune
 from lora_tune.cli.main import cli
 from lora_tune.export import load_config
-from lora_tune.report.artifacts import trials_with_adapters
+from lora_tune.study.artifacts import trials_with_adapters
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.slow
@@ -75,8 +75,6 @@ def test_best_yaml_rebuilds_the_trials_adapted_model(toy_run, tmp_path):
     assert report.trainable_after == best.user_attrs["trainable_params"]
 
 
-@pytest.mark.xfail(strict=True, reason="the study driver (lora_tune/study/objective.py, not ours) does not call "
-                   "lora_tune.export.save_best_adapter yet; remove this mark when it does")
 def test_adapter_round_trip_reproduces_the_metric(toy_run, tmp_path):
     from tests.study.toy_task import ToyTask
 
