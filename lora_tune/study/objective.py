@@ -25,6 +25,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -118,9 +119,12 @@ class Objective:
         targets = lora_kwargs.get("targets", "all-linear")
         preset = targets if isinstance(targets, str) else None
         config = LoraConfig(**lora_kwargs, modules_to_save=list(task.modules_to_save))
-        with _seeded(train_kwargs["seed"]):  # LoRA init depends on the seed, not on earlier trials
+        with _seeded(train_kwargs["seed"]), warnings.catch_warnings():  # init depends on the seed only
+            warnings.filterwarnings("ignore", message="rank .* is larger than min", category=UserWarning)
             model = task.build_model()
             report = inject(model, config)
+        if report.warnings:  # kept with the trial instead of printed once per trial
+            trial.set_user_attr("warnings", report.warnings)
         times.build = time.perf_counter() - t0
 
         trial.set_user_attr("lora_config", config.to_dict())
