@@ -106,3 +106,12 @@ class QuantizedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, bits={self.bits}, type={self.quant_type}, dtype={self.dtype}"
+
+
+def warm_up() -> None:
+    """Pay bitsandbytes' one-off costs (import, first-call kernel setup: about a second on CPU)
+    now, e.g. before the first trial of a study, rather than inside it."""
+    w = torch.zeros(4, 64)
+    for bits in (8, 4):
+        QuantizedWeight(w, bits).dequantize()
+

@@ -79,7 +79,9 @@ class Objective:
             quant = self.space["quant_bits"]
             if quant is not None and any(b in (4, 8) for b in (quant.choices if quant.sampled else [quant.value])):
                 with contextlib.suppress(Exception):  # absent: those trials fail with a clear reason
-                    import bitsandbytes  # noqa: F401
+                    from lora_tune.lora.quant import warm_up
+
+                    warm_up()
         return self.task
 
     # -- the trial -----------------------------------------------------------------------
