@@ -11,13 +11,7 @@ from lora_tune.tasks.base import Task, classification_metrics, eval_mode, index_
 from lora_tune.train import TrainConfig, eval_steps, fit, resolve_device
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models train fastest on one intra-op thread (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class BlobsTask(Task):

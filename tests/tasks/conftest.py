@@ -79,12 +79,6 @@ def write_table(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models train fastest on one intra-op thread, and a shared 2-core machine thrashes
-    with more; restored afterwards so other test modules are unaffected."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    """A shared 2-core machine thrashes with more threads (see tests/conftest.py)."""
     yield
-    torch.set_num_threads(before)
