@@ -7,6 +7,7 @@ callback returns ``True`` training stops (this is how a study prunes a trial).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import resource
@@ -224,6 +225,10 @@ class _MemoryMeter:
             self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
             self.base = self._rss()
             self.lifetime_before = _max_rss()
+            # RSS misses memory that reuses pages freed earlier in the process; the C heap's
+            # own count of bytes in use (glibc) does not.
+            self.heap_base = _heap_in_use()
+            self.heap_max = self.heap_base
         self.max = self.base
 
     def _rss(self) -> int:
@@ -238,6 +243,8 @@ class _MemoryMeter:
             rss = self._rss()
             if rss > self.max:
                 self.max = rss
+            if self.heap_base is not None:
+                self.heap_max = max(self.heap_max, _heap_in_use() or 0)
 
     def peak(self) -> int:
         """Growth over the start. On CPU, samples taken between steps miss transient peaks, so
@@ -246,7 +253,33 @@ class _MemoryMeter:
             return int(torch.cuda.max_memory_allocated(self.device) - self.base)
         lifetime = _max_rss()
         top = max(self.max, lifetime) if lifetime > self.lifetime_before else self.max
-        return max(0, int(top - self.base))
+        heap = self.heap_max - self.heap_base if self.heap_base is not None else 0
+        return max(0, int(top - self.base), int(heap))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _load_mallinfo2():
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _load_mallinfo2()
+
+
+def _heap_in_use() -> int | None:
+    """Bytes the C heap has handed out (small blocks + mmapped ones), or None off glibc."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return int(info.uordblks + info.hblkhd)
 
 
 def _max_rss() -> int:
