@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -125,10 +126,17 @@ def _init_pair(A: torch.Tensor, B: torch.Tensor, init: str, kind: str, r: int, g
 
 def _pissa(matrix: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PiSSA: A, B from the top-r singular triplets so that s * B @ A equals their sum."""
-    U, S, Vh = torch.linalg.svd(matrix.float(), full_matrices=False)
-    r = min(r, S.shape[0])
-    root = torch.sqrt(S[:r] / scaling)
-    return root[:, None] * Vh[:r], U[:, :r] * root[None, :]
+    dtype = torch.promote_types(matrix.dtype, torch.float32)
+    U, S, Vh = torch.linalg.svd(matrix.to(dtype), full_matrices=False)
+    k = min(r, S.shape[0])
+    root = torch.sqrt(S[:k] / scaling)
+    A, B = root[:, None] * Vh[:k], U[:, :k] * root[None, :]
+    if k < r:  # rank above min(in, out): extra rows of A get the standard init, B's columns stay 0
+        extra = torch.empty(r - k, A.shape[1], dtype=dtype)
+        _init_pair(extra, torch.zeros(1), "kaiming", "linear", r)
+        A = torch.cat([A, extra])
+        B = torch.cat([B, torch.zeros(B.shape[0], r - k, dtype=dtype)], dim=1)
+    return A, B
 
 
 def _build(target: Target, config: LoraConfig, warn: list[str]) -> nn.Module:
@@ -188,13 +196,13 @@ def _init_wrapper(wrapper: nn.Module, config: LoraConfig, kind: str) -> None:
         on = [i for i, p in enumerate(parts)] if parts else [0]
         on = [i for i in on if (parts[i] if parts else True)]
         As, Bs = [], []
-        residual = matrix.clone().float()
+        residual = matrix.clone().to(torch.promote_types(matrix.dtype, torch.float32))
         for k, i in enumerate(on):
             a, b = _pissa(rows[i], r, wrapper.scaling)
             As.append(a)
             Bs.append(b)
             block = slice(i * rows[0].shape[0], (i + 1) * rows[0].shape[0]) if parts else slice(None)
-            residual[block] -= wrapper.scaling * (b @ a)
+            residual[block] -= wrapper.scaling * (b.to(B.dtype).to(a.dtype) @ a.to(A.dtype).to(a.dtype))
         with torch.no_grad():
             A.copy_(torch.cat(As).view_as(A).to(A.dtype))
             B.copy_(torch.cat(Bs).view_as(B).to(B.dtype))
@@ -246,6 +254,15 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
     if clash:
         raise ConfigError("modules_to_save", clash, "modules that are not also LoRA targets")
 
+    # Weights tied to another module (e.g. GPT-2's wte and lm_head) are merged out of place, and
+    # PiSSA, which rewrites the base weight, is refused on them.
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    shared = {t.name for t in targets if any(uses[id(p)] > 1 for p in t.module.parameters(recurse=False))}
+    if shared and config.init == "pissa":
+        raise ConfigError("init", "pissa", "kaiming or gaussian for layers whose weight is tied to another module",
+                          f"PiSSA rewrites the base weight, which {sorted(shared)} share(s) with other modules")
+    aliases = {t.name: [n for n, m in model.named_modules(remove_duplicate=False) if m is t.module] for t in targets}
+
     # Phase 1: build everything; the model is not touched.
     warn: list[str] = []
     built: list[tuple[Target, nn.Module, dict]] = []
@@ -254,9 +271,10 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
         quant = _quantize(wrapper, config) if config.quant_bits in (4, 8) else {}
         built.append((t, wrapper, quant))
 
-    # Phase 2: commit.
-    for p in model.parameters():
-        p.requires_grad_(False)
+    # Phase 2: commit. (LoRA factors of an earlier inject keep training.)
+    for n, p in model.named_parameters():
+        if not n.endswith(("lora_A", "lora_B")):
+            p.requires_grad_(False)
     modules = dict(model.named_modules())
     for t, wrapper, quant in built:
         for key, value in wrapper._pending_base.items():
@@ -270,8 +288,11 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
                 wrapper.base_weight_q[key.replace(".", "__")] = qw
             else:
                 wrapper.base_weight_q = qw
-        parent_name, _, child = t.name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, wrapper)
+        if t.name in shared and hasattr(wrapper, "shared_base"):
+            wrapper.shared_base = True
+        for alias in aliases[t.name]:  # a module registered under several names is wrapped at each
+            parent_name, _, child = alias.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
         for n, p in wrapper.named_parameters():
             if n.endswith(("lora_A", "lora_B")):
                 p.requires_grad_(True)

@@ -8,7 +8,7 @@ factors ``lora_A`` (r x in) and ``lora_B`` (out x r), so the adapted weight is
   layers that are linear in their weight (Linear, Conv, Embedding, GPT-2 Conv1D);
 * ``merged`` (loratorch): ``layer(x; W0 + scaling * B @ A)`` -- the weight is rebuilt out of place
   on every call and passed to the layer's own functional forward, so autograd sees a fresh
-  tensor (no in-place edits of saved tensors). Dropout, where asked for, drops columns of A.
+  tensor (no in-place edits of saved tensors). Dropout, where asked for, drops entries of A.
 
 ``merge()`` folds the delta into the base weight (backing up the original so that
 ``unmerge()`` restores it bit for bit); with a quantized base the merged weight is kept dense
@@ -86,6 +86,13 @@ class LoraLayer(_LoraState):
         self.base_weight_q: QuantizedWeight | None = None
         self._merge_backup: torch.Tensor | None = None
         self._merged_dense: torch.Tensor | None = None
+        self.shared_base = False  # the base weight is tied to another module's: merge out of place
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # merged copies follow .to(dtype / device) like buffers
+        self._merge_backup = fn(self._merge_backup) if self._merge_backup is not None else None
+        self._merged_dense = fn(self._merged_dense) if self._merged_dense is not None else None
+        return self
 
     # attributes such as in_features / padding_idx / stride are read from the base layer
     def __getattr__(self, name: str):
@@ -105,7 +112,10 @@ class LoraLayer(_LoraState):
 
     def lora_matrix(self) -> torch.Tensor:
         """``B @ A`` as an (out, in) matrix, unscaled."""
-        return self.lora_B.flatten(1) @ self.lora_A.flatten(1)
+        return self._matrix_from(self.lora_A)
+
+    def _matrix_from(self, A: torch.Tensor) -> torch.Tensor:
+        return self.lora_B.flatten(1) @ A.flatten(1)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in the base weight's layout."""
@@ -114,7 +124,7 @@ class LoraLayer(_LoraState):
     def _dropped_delta(self) -> torch.Tensor:
         if self.training and self.dropout_p > 0:
             A = F.dropout(self.lora_A, self.dropout_p, True)
-            return self._to_weight(self.lora_B.flatten(1) @ A.flatten(1)) * self.scaling
+            return self._to_weight(self._matrix_from(A)) * self.scaling
         return self.delta_weight()
 
     @property
@@ -153,9 +163,9 @@ class LoraLayer(_LoraState):
         if self.merged:
             return
         delta = self.delta_weight()
-        if self.base_weight_q is not None:
+        if self.base_weight_q is not None or self.shared_base:
             w0 = self.base_weight()
-            self._merged_dense = w0 + delta.to(w0.dtype)
+            self._merged_dense = (w0 + delta.to(w0.dtype)).detach()
         else:
             w = getattr(self.base_layer, self.weight_name)
             self._merge_backup = w.detach().clone()
@@ -166,7 +176,7 @@ class LoraLayer(_LoraState):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        if self.base_weight_q is not None:
+        if self._merged_dense is not None:
             self._merged_dense = None
         else:
             getattr(self.base_layer, self.weight_name).copy_(self._merge_backup)
@@ -205,8 +215,8 @@ class LoraLinear(LoraLayer):
     def n_groups(self) -> int:
         return sum(self.parts) if self.parts else 1
 
-    def lora_matrix(self) -> torch.Tensor:
-        m = lowrank_matrix(self.lora_A, self.lora_B, self.n_groups)
+    def _matrix_from(self, A: torch.Tensor) -> torch.Tensor:
+        m = lowrank_matrix(A, self.lora_B, self.n_groups)
         return scatter_parts(m, self.parts, dim=0) if self.parts else m
 
     def _to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
@@ -251,13 +261,16 @@ class LoraEmbedding(LoraLayer):
 
     def _forward_with(self, x, weight):
         e = self.base_layer
-        return F.embedding(x, weight, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+        # the frozen table never needs a sparse gradient; a merged weight cannot take one
+        return F.embedding(x, weight, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, False)
 
     def _dropped_delta(self):  # dropout on token ids makes no sense; embeddings take none
         return self.delta_weight()
 
     def _lora_branch(self, x):
         pad = self.base_layer.padding_idx
+        if self.base_layer.scale_grad_by_freq:  # the frequency scaling applies to the whole delta
+            return self._embed(x, self.delta_weight(), pad)
         out = (self._embed(x, self.lora_A.t(), pad) * self.scaling) @ self.lora_B.t()
         if pad is not None:
             # The merged reference gives the padding row no gradient at all (not even to B).
@@ -352,6 +365,13 @@ class LoraMultiheadAttention(_LoraState):
             if "base_layer" in modules:
                 return getattr(modules["base_layer"], name)
             raise
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for store in (self._merge_backup, self._merged_dense):
+            for key in store:
+                store[key] = fn(store[key])
+        return self
 
     # name of each adapted base weight -> its LoraProjection
     def projections(self) -> dict[str, LoraProjection]:

@@ -114,8 +114,9 @@ def to_peft(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: dict[
             out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = _block_diagonal_B(t, len(site.parts), site.r)
         else:
             out[f"{PEFT_PREFIX}{module}.{leaf}.weight"] = t
-    rank_pattern = {re.escape(s.name): _peft_rank(s) for s in sites if _peft_rank(s) != cfg.rank}
-    alpha_pattern = {re.escape(s.name): _peft_alpha(s, cfg.rslora) for s in sites
+    # anchored: PEFT matches keys as (.*\.)?KEY$, so a bare "0" would also hit module "1.0"
+    rank_pattern = {"^" + re.escape(s.name): _peft_rank(s) for s in sites if _peft_rank(s) != cfg.rank}
+    alpha_pattern = {"^" + re.escape(s.name): _peft_alpha(s, cfg.rslora) for s in sites
                      if _peft_alpha(s, cfg.rslora) != cfg.alpha}
     save_patterns = [parse_pattern(p, "modules_to_save") for p in cfg.modules_to_save]
     saved = _outermost([n for n, _ in model.named_modules() if n and any(p.matches(n) for p in save_patterns)])

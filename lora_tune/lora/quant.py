@@ -46,6 +46,8 @@ class QuantizedWeight(nn.Module):
         # An empty float buffer that model.to(dtype) converts: dequantize() returns its dtype.
         self.register_buffer("_dtype_probe", torch.empty(0, dtype=weight.dtype, device=weight.device), persistent=False)
         w = weight.detach()
+        if bits == 4 and w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            w = w.float()  # bitsandbytes packs 16/32-bit floats; dequantize() casts back
         if bits == 4:
             data, state = bnbf.quantize_4bit(
                 w.contiguous(), blocksize=BLOCKSIZE_4BIT, compress_statistics=double_quant, quant_type=quant_type

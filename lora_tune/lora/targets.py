@@ -22,7 +22,7 @@ from lora_tune.errors import ConfigError, NoMatchingModulesError, UnsupportedLay
 _SELECTOR = re.compile(r"^(?P<pattern>.*?)\[(?P<parts>[qkvo](?:\s*,\s*[qkvo])*)\]$")
 _GLOB_CHARS = set("*?[")
 
-Q_NAMES = {"q", "query", "q_proj", "q_lin", "wq", "to_q", "queries"}
+Q_NAMES = {"q", "query", "q_proj", "q_lin", "wq", "to_q", "queries", "q_attn"}
 K_NAMES = {"k", "key", "k_proj", "k_lin", "wk", "to_k", "keys"}
 V_NAMES = {"v", "value", "v_proj", "v_lin", "wv", "to_v", "values"}
 O_NAMES = {"o", "o_proj", "out_proj", "out_lin", "wo", "to_out", "attn_out"}
@@ -40,7 +40,8 @@ def supported_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.MultiheadAttention):
         return "mha"
     if isinstance(module, nn.Linear):
-        return "linear"
+        # bitsandbytes' Linear4bit / Linear8bitLt hold integer weights: use quant_bits instead
+        return "linear" if module.weight is not None and module.weight.is_floating_point() else None
     if isinstance(module, nn.Embedding):
         return "embedding"
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -156,17 +157,23 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str],
 
     chosen: dict[str, Target] = {}
 
-    def add(name: str, module: nn.Module, kind: str, parts: tuple[str, ...] | None) -> None:
+    def add(name: str, module: nn.Module, kind: str, parts: tuple[str, ...] | None, pattern: Pattern) -> None:
         if kind == "mha":
             parts = parts if parts is not None else tuple((default_parts or ["q", "k", "v"])) + ("o",)
+            if any(e.matches(f"{name}.out_proj") for e in excl):
+                parts = tuple(p for p in parts if p != "o")
+            if not parts:
+                return
         elif kind in ("linear", "conv1d_gpt2") and is_fused_qkv(name, module):
             sel = parts if parts is not None else tuple(default_parts or ("q", "k", "v"))
             parts = tuple(p for p in sel if p != "o") or None
             kind = "fused"
             if parts is None:
                 return
-        else:
-            parts = None
+        elif parts is not None:
+            raise ConfigError("targets", f"{pattern.text}[{','.join(parts)}]",
+                              "part selectors [q,k,v,o] on fused qkv layers and nn.MultiheadAttention only",
+                              f"It matched {name!r}, a {type(module).__name__}; drop the selector or name the projections")
         if name in chosen and chosen[name].parts and parts:
             merged = tuple(p for p in ("q", "k", "v", "o") if p in chosen[name].parts or p in parts)
             chosen[name].parts = merged
@@ -174,23 +181,30 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str],
         chosen[name] = Target(name, module, kind, parts, type(module).__name__)
 
     all_names = [n for n, _, _ in candidates] + list(mha_of)
+    matched: set[int] = set()
     for name in all_names:
         ancestors = [name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)]
-        if any(e.matches(n) for e in excl for n in [name, *ancestors]):
-            continue
-        for p in patterns:
+        excluded = any(e.matches(n) for e in excl for n in [name, *ancestors])
+        for i, p in enumerate(patterns):
             # a pattern naming a container (not itself adaptable) selects the layers inside it
             if not (p.matches(name) or any(a not in by_name and p.matches(a) for a in ancestors)):
+                continue
+            matched.add(i)
+            if excluded:
                 continue
             if name in mha_of:  # out_proj of an nn.MultiheadAttention: fold into the MHA wrapper
                 parent = mha_of[name]
                 if parent in by_name and not any(e.matches(parent) for e in excl):
-                    add(parent, by_name[parent][0], "mha", ("o",))
+                    add(parent, by_name[parent][0], "mha", ("o",), p)
                 continue
             module, kind = by_name[name]
-            add(name, module, kind, p.parts)
+            add(name, module, kind, p.parts, p)
+    names = [n for n, _, _ in candidates]
     if not chosen:
-        raise NoMatchingModulesError(targets, [n for n, _, _ in candidates], exclude)
+        raise NoMatchingModulesError(targets, names, exclude)
+    unmatched = [t for i, t in enumerate(targets) if i not in matched]
+    if unmatched:  # a typo next to a valid pattern must not pass silently
+        raise NoMatchingModulesError(unmatched, names, exclude)
     return [chosen[n] for n in sorted(chosen, key=list(modules).index)]
 
 
@@ -214,7 +228,9 @@ def _role(name: str, module: nn.Module) -> str:
     in_attn = any(w in path.split(".")[i] for i in range(len(path.split(".")) - 1) for w in ATTN_WORDS)
     if last in O_NAMES or (in_attn and last in {"dense", "c_proj", "proj", "out", "output"}):
         return "o"
-    if last in HEAD_NAMES or path.startswith(("cls.", "lm_head", "classifier", "head.")):
+    parts_ = path.split(".")
+    in_mlp = any(w in part for part in parts_[:-1] for w in MLP_WORDS)
+    if not in_mlp and (last in HEAD_NAMES or path.startswith(("cls.", "lm_head", "classifier", "head."))):
         return "head"
     parts = path.split(".")
     if last in MLP_NAMES or any(w in part for part in parts[:-1] for w in MLP_WORDS) or (
