@@ -189,9 +189,12 @@ def export_trials(study: Any, output: str | os.PathLike) -> Path:
     if suffix == ".csv":
         return write_text_atomic(out, df.to_csv(index=False))
     df = _parquet_safe(df)
+    shown, out = out, Path(os.path.realpath(out))  # a symlink is written through, not replaced
     folder = out.parent if str(out.parent) else Path(".")
     if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise ConfigError("output", str(out), "a writable file path in an existing directory")
+        raise ConfigError("output", str(shown), "a writable file path in an existing directory")
+    if out.exists() and not out.is_file():  # never replace a device node or a FIFO
+        raise ConfigError("output", str(shown), "a regular file path (this is a device, FIFO or socket)")
     tmp = folder / f".{out.name}.tmp"
     try:
         import pyarrow  # noqa: F401

@@ -103,10 +103,12 @@ def build_report(study: optuna.Study, definition: ReportDefinition | None = None
 
 def write_text_atomic(path: str | os.PathLike, text: str, field: str = "output") -> Path:
     """Write a file whole or not at all; an unwritable path is a ``ConfigError`` naming it."""
-    target = Path(path)
+    target = Path(os.path.realpath(path))  # a symlink is written through, not replaced
     folder = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
-        raise ConfigError(field, str(target), "a file path (this is a directory)")
+        raise ConfigError(field, str(path), "a file path (this is a directory)")
+    if target.exists() and not target.is_file():  # never replace a device node or a FIFO
+        raise ConfigError(field, str(path), "a regular file path (this is a device, FIFO or socket)")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:

@@ -120,8 +120,19 @@ def storage_kind(url: str) -> str:
     scheme = url.split("://", 1)[0].lower()
     if scheme.startswith("sqlite"):
         rest = url.split("://", 1)[1]
+        if rest not in ("", "/", "/:memory:"):
+            folder = os.path.dirname(rest[1:]) if rest.startswith("/") else ""
+            if folder and not os.path.isdir(folder):
+                raise ConfigError("storage", mask_url(url), "an SQLite file in an existing directory",
+                                  f"{folder} does not exist")
         return "memory" if rest in ("", "/", "/:memory:") else "sqlite"
+    if scheme.split("+", 1)[0] not in _RDB_DIALECTS:
+        raise ConfigError("storage", mask_url(url), "sqlite:///FILE, postgresql+psycopg://USER@HOST/DB, "
+                          "mysql+pymysql://USER@HOST/DB or journal:PATH")
     return "rdb"
+
+
+_RDB_DIALECTS = ("postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
 
 
 def supports_processes(url: str) -> bool:

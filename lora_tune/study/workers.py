@@ -339,9 +339,10 @@ def claim_sqlite(url: str) -> None:
     _SQLITE_CLAIMS[path] = fd
 
 
-def worker_command(name: str, url: str, extra: Sequence[str] = ()) -> list[str]:
-    """The command line of one ``lora-tune worker`` process."""
-    return [sys.executable, "-m", "lora_tune.cli.main", "worker", name, "--storage", url, *extra]
+def worker_command(name: str, extra: Sequence[str] = ()) -> list[str]:
+    """The command line of one ``lora-tune worker`` process. The storage URL travels in the
+    child's ``LORA_TUNE_STORAGE``, never on the command line, where ``ps`` would show a password."""
+    return [sys.executable, "-m", "lora_tune.cli.main", "worker", name, *extra]
 
 
 def visible_gpus(environ: dict[str, str] | None = None) -> list[str]:
@@ -390,9 +391,10 @@ def run_jobs(
             children = []
             for i in range(jobs):
                 child_env = dict(base_env)
+                child_env["LORA_TUNE_STORAGE"] = url
                 if gpus:
                     child_env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-                children.append(subprocess.Popen(worker_command(name, url, extra_args), env=child_env))
+                children.append(subprocess.Popen(worker_command(name, extra_args), env=child_env))
             try:
                 failures += _wait_children(study, children, failed_trial_retries)
             except KeyboardInterrupt:

@@ -103,7 +103,7 @@ def test_export_keys_and_config_follow_peft_conventions(tmp_path):
     assert meta["target_modules"] == ["transformer.wte", "transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"]
     # the fused q/k/v pairs become one block-diagonal pair of rank 3r with the same scaling
     assert meta["rank_pattern"] == {r"^transformer\.h\.0\.attn\.c_attn": 12}
-    assert meta["alpha_pattern"] == {r"transformer\.h\.0\.attn\.c_attn": 24.0}
+    assert meta["alpha_pattern"] == {r"^transformer\.h\.0\.attn\.c_attn": 24.0}
     shapes = {k: tuple(v.shape) for k, v in load_file(tmp_path / "adapter_model.safetensors").items()}
     assert shapes == {
         "base_model.model.transformer.wte.lora_embedding_A": (4, 100),
