@@ -21,9 +21,9 @@ from lora_tune.lora.config import LoraConfig
 from lora_tune.lora.layers import (
     LoraConv,
     LoraEmbedding,
-    LoraLayer,
     LoraLinear,
     LoraMultiheadAttention,
+    LORA_WRAPPERS,
     QKV,
 )
 from lora_tune.lora.quant import QuantizedWeight
@@ -69,7 +69,7 @@ class InjectReport:
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
-        if isinstance(module, (LoraLayer, LoraMultiheadAttention)):
+        if isinstance(module, LORA_WRAPPERS):
             yield name, module
 
 
@@ -172,25 +172,24 @@ def _build(target: Target, config: LoraConfig, warn: list[str]) -> nn.Module:
 
 
 def _pairs(wrapper: nn.Module):
-    """(key of the base weight, module holding lora_A/lora_B, groups, to_matrix) for each adapted weight."""
+    """(key of the base weight, module holding lora_A/lora_B, enabled parts) per adapted weight."""
     if isinstance(wrapper, LoraMultiheadAttention):
         for key, proj in wrapper.projections().items():
-            yield key, proj, (sum(proj.parts) if proj.parts else 1), proj.parts
+            yield key, proj, proj.parts
     else:
-        groups = wrapper.n_groups if isinstance(wrapper, LoraLinear) else 1
-        yield wrapper.weight_name, wrapper, groups, getattr(wrapper, "parts", None)
+        yield wrapper.weight_name, wrapper, getattr(wrapper, "parts", None)
 
 
 def _init_wrapper(wrapper: nn.Module, config: LoraConfig, kind: str) -> None:
     r = wrapper.r
     pending = {}
-    for key, holder, groups, parts in _pairs(wrapper):
+    for key, holder, parts in _pairs(wrapper):
         A, B = holder.lora_A, holder.lora_B
         if config.init != "pissa":
             _init_pair(A, B, config.init, kind, r)
             continue
         # PiSSA on the matrix view of the base weight, part by part; the base keeps the residual.
-        w0 = wrapper._base_param(key) if isinstance(wrapper, LoraMultiheadAttention) else wrapper.base_weight()
+        w0 = wrapper._base_param(key)
         matrix = _weight_to_matrix(wrapper, w0)
         rows = list(matrix.chunk(len(parts), 0)) if parts else [matrix]
         on = [i for i, p in enumerate(parts)] if parts else [0]
@@ -228,11 +227,8 @@ def _matrix_to_weight(wrapper, m: torch.Tensor) -> torch.Tensor:
 
 def _quantize(wrapper: nn.Module, config: LoraConfig) -> dict[str, QuantizedWeight]:
     out = {}
-    for key, _, _, _ in _pairs(wrapper):
-        if isinstance(wrapper, LoraMultiheadAttention):
-            w = wrapper._pending_base.get(key, wrapper._base_param(key))
-        else:
-            w = wrapper._pending_base.get(key, wrapper.base_weight())
+    for key, _, _ in _pairs(wrapper):
+        w = wrapper._pending_base.get(key, wrapper._base_param(key))
         out[key] = QuantizedWeight(w, config.quant_bits, config.quant_type, config.double_quant)
     return out
 
@@ -278,7 +274,7 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
     modules = dict(model.named_modules())
     for t, wrapper, quant in built:
         for key, value in wrapper._pending_base.items():
-            param = wrapper._base_param(key) if isinstance(wrapper, LoraMultiheadAttention) else getattr(wrapper.base_layer, key)
+            param = wrapper._base_param(key)
             with torch.no_grad():
                 param.copy_(value)
         del wrapper._pending_base
@@ -288,8 +284,7 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
                 wrapper.base_weight_q[key.replace(".", "__")] = qw
             else:
                 wrapper.base_weight_q = qw
-        if t.name in shared and hasattr(wrapper, "shared_base"):
-            wrapper.shared_base = True
+        wrapper.shared_base = t.name in shared
         for alias in aliases[t.name]:  # a module registered under several names is wrapped at each
             parent_name, _, child = alias.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
@@ -359,23 +354,18 @@ def unmerge(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every wrapper by a plain torch layer holding W0 + delta (dequantized for a
     quantized base). Returns the model, which no longer contains any LoRA module."""
-    modules = dict(model.named_modules())
-    for name, wrapper in list(lora_layers(model)):
-        base = wrapper.base_layer
-        if isinstance(wrapper, LoraMultiheadAttention):
-            for key in ["out_proj.weight", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]:
-                if key in wrapper.projections() or key.replace(".", "__") in wrapper.base_weight_q:
-                    w = wrapper.base_weight(key)
-                    if key in wrapper.projections() and not wrapper.merged:
-                        w = w + wrapper.delta_weight(key).to(w.dtype)
-                    elif wrapper.merged and key in wrapper._merged_dense:
-                        w = wrapper._merged_dense[key]
-                    _set_param(base, key, w)
-        else:
-            w = wrapper.weight.detach()
-            _set_param(base, wrapper.weight_name, w)
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, base)
+    for _, wrapper in list(lora_layers(model)):
+        for key in wrapper._adapted_keys():
+            w = wrapper._merged_dense.get(key)
+            if w is None:
+                w = wrapper.base_weight(key)  # already holds the delta after an in-place merge
+                if not wrapper.merged:
+                    w = w + wrapper._delta_for(key).to(w.dtype)
+            _set_param(wrapper.base_layer, key, w)
+        aliases = [n for n, m in model.named_modules(remove_duplicate=False) if m is wrapper]
+        for alias in aliases:
+            parent_name, _, child = alias.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper.base_layer)
     return model
 
 

@@ -39,6 +39,12 @@ def lowrank_matrix(A: torch.Tensor, B: torch.Tensor, groups: int) -> torch.Tenso
     return torch.bmm(B.view(groups, p, r), A.view(groups, r, -1)).reshape(groups * p, -1)
 
 
+def parts_matrix(A: torch.Tensor, B: torch.Tensor, parts: Sequence[bool] | None) -> torch.Tensor:
+    """The full (out, in) low-rank matrix of a pair laid out per enabled part (or one pair)."""
+    m = lowrank_matrix(A, B, sum(parts) if parts else 1)
+    return scatter_parts(m, parts, dim=0) if parts else m
+
+
 def scatter_parts(blocks: torch.Tensor, enabled: Sequence[bool], dim: int) -> torch.Tensor:
     """Place the enabled parts' blocks (stacked along ``dim``) into a zero-filled full tensor
     with ``len(enabled)`` parts, out of place."""
@@ -54,7 +60,13 @@ def scale_for(r: int, alpha: float, rslora: bool) -> float:
 
 
 class _LoraState(nn.Module):
-    """r, alpha, scaling, method and dropout shared by every wrapper."""
+    """r, alpha, scaling, method, dropout and merge state shared by every wrapper.
+
+    A wrapper adapts one or more base weights, each named by a key (``"weight"``,
+    ``"in_proj_weight"``, ``"out_proj.weight"``...). ``merge()`` adds each delta to its weight in
+    place, keeping a backup for a bit-exact ``unmerge()``; a quantized weight, or one tied to
+    another module (``shared_base``), gets a dense merged copy instead.
+    """
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, rslora: bool, dropout: float, method: str):
         super().__init__()
@@ -64,6 +76,57 @@ class _LoraState(nn.Module):
         self.scaling = scale_for(r, alpha, rslora)
         self.method = method
         self.dropout_p = dropout
+        self.merged = False
+        self.shared_base = False
+        self._merge_backup: dict[str, torch.Tensor] = {}
+        self._merged_dense: dict[str, torch.Tensor] = {}
+
+    # subclasses say which weights they adapt and how to read them
+    def _adapted_keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def _delta_for(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _is_quantized(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def _base_param(self, key: str) -> torch.Tensor:
+        obj = self.base_layer
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # merged copies follow .to(dtype / device) like buffers
+        for store in (self._merge_backup, self._merged_dense):
+            for key in store:
+                store[key] = fn(store[key])
+        return self
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        for key in self._adapted_keys():
+            delta = self._delta_for(key)
+            if self._is_quantized(key) or self.shared_base:
+                w0 = self.base_weight(key)
+                self._merged_dense[key] = (w0 + delta.to(w0.dtype)).detach()
+            else:
+                p = self._base_param(key)
+                self._merge_backup[key] = p.detach().clone()
+                p.add_(delta.to(p.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        for key, backup in self._merge_backup.items():
+            self._base_param(key).copy_(backup)
+        self._merge_backup.clear()
+        self._merged_dense.clear()
         self.merged = False
 
 
@@ -84,15 +147,15 @@ class LoraLayer(_LoraState):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.weight_name = weight_name
         self.base_weight_q: QuantizedWeight | None = None
-        self._merge_backup: torch.Tensor | None = None
-        self._merged_dense: torch.Tensor | None = None
-        self.shared_base = False  # the base weight is tied to another module's: merge out of place
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)  # merged copies follow .to(dtype / device) like buffers
-        self._merge_backup = fn(self._merge_backup) if self._merge_backup is not None else None
-        self._merged_dense = fn(self._merged_dense) if self._merged_dense is not None else None
-        return self
+    def _adapted_keys(self) -> list[str]:
+        return [self.weight_name]
+
+    def _delta_for(self, key: str) -> torch.Tensor:
+        return self.delta_weight()
+
+    def _is_quantized(self, key: str) -> bool:
+        return self.base_weight_q is not None
 
     # attributes such as in_features / padding_idx / stride are read from the base layer
     def __getattr__(self, name: str):
@@ -105,7 +168,7 @@ class LoraLayer(_LoraState):
             raise
 
     # -- weights ---------------------------------------------------------------------------
-    def base_weight(self) -> torch.Tensor:
+    def base_weight(self, key: str | None = None) -> torch.Tensor:
         if self.base_weight_q is not None:
             return self.base_weight_q.dequantize()
         return getattr(self.base_layer, self.weight_name)
@@ -131,15 +194,15 @@ class LoraLayer(_LoraState):
     def weight(self) -> torch.Tensor:
         """The effective weight ``W0 + delta`` (for code that reads ``module.weight``)."""
         if self.merged:
-            return self._merged_dense if self._merged_dense is not None else self.base_weight()
-        return self.base_weight() + self.delta_weight().to(self.base_weight().dtype)
+            return self._merged_dense.get(self.weight_name, self.base_weight())
+        w0 = self.base_weight()
+        return w0 + self.delta_weight().to(w0.dtype)
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            if self._merged_dense is not None:
-                return self._forward_with(x, self._merged_dense)
-            return self.base_layer(x)
+            dense = self._merged_dense.get(self.weight_name)
+            return self.base_layer(x) if dense is None else self._forward_with(x, dense)
         if self.method == "merged":
             w0 = self.base_weight()
             return self._forward_with(x, w0 + self._dropped_delta().to(w0.dtype))
@@ -156,35 +219,6 @@ class LoraLayer(_LoraState):
         """``scaling * B(A(dropout(x)))``; the scale is applied to the rank-r intermediate,
         the smallest tensor on the path."""
         raise NotImplementedError
-
-    # -- merge -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        delta = self.delta_weight()
-        if self.base_weight_q is not None or self.shared_base:
-            w0 = self.base_weight()
-            self._merged_dense = (w0 + delta.to(w0.dtype)).detach()
-        else:
-            w = getattr(self.base_layer, self.weight_name)
-            self._merge_backup = w.detach().clone()
-            w.add_(delta.to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        if self._merged_dense is not None:
-            self._merged_dense = None
-        else:
-            getattr(self.base_layer, self.weight_name).copy_(self._merge_backup)
-            self._merge_backup = None
-        self.merged = False
-
-    def adapted_weights(self) -> dict[str, tuple[str, ...]]:
-        return {self.weight_name: tuple(getattr(self.base_layer, self.weight_name, self.base_weight()).shape)}
 
     def extra_repr(self) -> str:
         q = f", bits={self.base_weight_q.bits}" if self.base_weight_q is not None else ""
@@ -216,8 +250,7 @@ class LoraLinear(LoraLayer):
         return sum(self.parts) if self.parts else 1
 
     def _matrix_from(self, A: torch.Tensor) -> torch.Tensor:
-        m = lowrank_matrix(A, self.lora_B, self.n_groups)
-        return scatter_parts(m, self.parts, dim=0) if self.parts else m
+        return parts_matrix(A, self.lora_B, self.parts)
 
     def _to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.t() if self.transposed else matrix
@@ -319,9 +352,10 @@ class LoraProjection(nn.Module):
         self.lora_B = nn.Parameter(like.new_zeros(n * part_out, r))
 
     def lora_matrix(self) -> torch.Tensor:
-        g = sum(self.parts) if self.parts else 1
-        m = lowrank_matrix(self.lora_A, self.lora_B, g)
-        return scatter_parts(m, self.parts, dim=0) if self.parts else m
+        return self._matrix_from(self.lora_A)
+
+    def _matrix_from(self, A: torch.Tensor) -> torch.Tensor:
+        return parts_matrix(A, self.lora_B, self.parts)
 
 
 class LoraMultiheadAttention(_LoraState):
@@ -340,8 +374,6 @@ class LoraMultiheadAttention(_LoraState):
         self.in_parts = tuple(in_parts) if in_parts is not None and any(in_parts) else None
         self.adapt_out = adapt_out
         self.base_weight_q = nn.ModuleDict()
-        self._merge_backup: dict[str, torch.Tensor] = {}
-        self._merged_dense: dict[str, torch.Tensor] = {}
         E = base_layer.embed_dim
         like = base_layer.out_proj.weight
         if self.in_parts is not None:
@@ -366,12 +398,14 @@ class LoraMultiheadAttention(_LoraState):
                 return getattr(modules["base_layer"], name)
             raise
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for store in (self._merge_backup, self._merged_dense):
-            for key in store:
-                store[key] = fn(store[key])
-        return self
+    def _adapted_keys(self) -> list[str]:
+        return list(self.projections())
+
+    def _delta_for(self, key: str) -> torch.Tensor:
+        return self.delta_weight(key)
+
+    def _is_quantized(self, key: str) -> bool:
+        return _qkey(key) in self.base_weight_q
 
     # name of each adapted base weight -> its LoraProjection
     def projections(self) -> dict[str, LoraProjection]:
@@ -387,12 +421,6 @@ class LoraMultiheadAttention(_LoraState):
             out["out_proj.weight"] = self.out_proj
         return out
 
-    def _base_param(self, key: str) -> torch.Tensor:
-        obj = self.base_layer
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        return obj
-
     def base_weight(self, key: str) -> torch.Tensor:
         qkey = _qkey(key)
         if qkey in self.base_weight_q:
@@ -403,13 +431,8 @@ class LoraMultiheadAttention(_LoraState):
         return self.projections()[key].lora_matrix() * self.scaling
 
     def _dropped_delta(self, proj: LoraProjection) -> torch.Tensor:
-        if self.training and self.dropout_p > 0:
-            A = F.dropout(proj.lora_A, self.dropout_p, True)
-            g = sum(proj.parts) if proj.parts else 1
-            m = lowrank_matrix(A, proj.lora_B, g)
-            m = scatter_parts(m, proj.parts, dim=0) if proj.parts else m
-            return m * self.scaling
-        return proj.lora_matrix() * self.scaling
+        A = F.dropout(proj.lora_A, self.dropout_p, True) if self.training and self.dropout_p > 0 else proj.lora_A
+        return proj._matrix_from(A) * self.scaling
 
     def effective_weights(self) -> dict[str, torch.Tensor]:
         """Every weight F.multi_head_attention_forward needs, adapted ones rebuilt out of place."""
@@ -456,31 +479,6 @@ class LoraMultiheadAttention(_LoraState):
         if b.batch_first and is_batched:
             out = out.transpose(1, 0)
         return out, weights
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        for key in self.projections():
-            delta = self.delta_weight(key)
-            if _qkey(key) in self.base_weight_q:
-                w0 = self.base_weight(key)
-                self._merged_dense[key] = w0 + delta.to(w0.dtype)
-            else:
-                p = self._base_param(key)
-                self._merge_backup[key] = p.detach().clone()
-                p.add_(delta.to(p.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        for key, backup in self._merge_backup.items():
-            self._base_param(key).copy_(backup)
-        self._merge_backup.clear()
-        self._merged_dense.clear()
-        self.merged = False
 
     def extra_repr(self) -> str:
         parts = [n for n, on in zip(QKV, self.in_parts or ()) if on]
