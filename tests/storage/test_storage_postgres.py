@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import optuna
@@ -13,6 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lora_tune.study._resilient import WORKER_KEY
+from tests.waiting import wait_for
 from workerlib import by_state, finish, make_study, reload, start_workers
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -44,16 +44,6 @@ def test_sixteen_workers_zero_errors(postgres_url):
     assert len(workers) >= 8  # the work really was shared
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("victim_host", ["same-host", "other-host"])
 def test_sigkill_mid_trial_is_retried_with_same_params(postgres_url, victim_host):
     """Same host: the survivors see the dead pid. Other host: only the heartbeat tells."""
@@ -75,7 +65,7 @@ def test_sigkill_mid_trial_is_retried_with_same_params(postgres_url, victim_host
                 return trial, pid
         return None
 
-    victim_trial, victim_pid = _wait_for(running_mid_trial, 60, "a trial in progress")
+    victim_trial, victim_pid = wait_for(running_mid_trial, 60, "a trial in progress")
     os.kill(victim_pid, signal.SIGKILL)
     others = [w for w in workers if w.pid != victim_pid]
     _clean(finish(others))
@@ -107,7 +97,7 @@ def test_postgres_restart_does_not_kill_workers(postgres_url):
     n = 16
     study = make_study(postgres_url, "restart", n, sleep=0.15, steps=5)
     workers = start_workers(postgres_url, "restart", 4)
-    _wait_for(lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= 3,
+    wait_for(lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= 3,
               60, "first trials")
     subprocess.run(command, check=True, capture_output=True, timeout=60)
     results = finish(workers)
