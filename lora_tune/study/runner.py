@@ -140,9 +140,33 @@ def prepare_spec(spec: StudySpec, task: Any = None) -> tuple[StudySpec, Any, dic
             build()
         except StudySpecError as exc:
             problems += exc.errors
+    problems += _model_problems(resolved, task)
     if problems:
         raise StudySpecError(problems)
     return resolved, task, baseline
+
+
+def _model_problems(spec: StudySpec, task: Any) -> list[tuple[str, str]]:
+    """What only the task's model can tell: every target choice must match layers of it, and
+    the training device must exist here. Caught now, these would fail every trial later."""
+    from lora_tune import LoraConfig, find_targets
+    from lora_tune.train import resolve_device
+
+    problems: list[tuple[str, str]] = []
+    try:
+        resolve_device(spec.train.device)
+    except ConfigError as exc:
+        problems.append(("train.device", str(exc).split(": ", 1)[-1]))
+    choices = SearchSpace.from_spec(spec.search_space).values_of("targets")
+    if choices:
+        model = task.build_model()
+        for value in choices:
+            targets = value.split("|") if isinstance(value, str) and "|" in value else value
+            try:
+                find_targets(model, LoraConfig(targets=targets))
+            except ConfigError as exc:
+                problems.append(("search_space.targets", f"{value!r} does not fit the task's model: {exc}"))
+    return problems
 
 
 # -- create / load ------------------------------------------------------------------------------

@@ -176,6 +176,17 @@ class SearchSpace:
             raise StudySpecError(problems)
         return cls([_compile(key, raw[key]) for key in _ordered(raw)])
 
+    def values_of(self, key: str) -> list[Any]:
+        """Every value ``key`` can take in a trial (decoded: lists stay lists); [] if absent."""
+        p = self[key]
+        if p is None:
+            return []
+        if not p.sampled:
+            return [p.value]
+        if p.kind != "categorical":
+            return []
+        return [p.decoded.get(_key(c), c) for c in p.choices]
+
     def __getitem__(self, key: str) -> Param | None:
         return next((p for p in self.params if p.key == key), None)
 

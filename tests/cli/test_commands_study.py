@@ -61,6 +61,17 @@ def test_validate_reports_every_error_with_exit_2(env):
         assert fragment in result.output
 
 
+def test_validate_checks_targets_and_device_against_the_model(env):
+    bad = dict(TOY, search_space=dict(TOY["search_space"], targets={"choices": ["attention-qv", "atention", ["no.such"]]}),
+               train=dict(TOY["train"], device="tpu"))
+    result = _invoke("study", "create", str(_write(env / "bad.yaml", bad)))
+    assert result.exit_code == 2
+    for fragment in ("3 error(s)", "train.device: got 'tpu'", "search_space.targets: 'atention' does not fit",
+                     "search_space.targets: ['no.such'] does not fit"):
+        assert fragment in result.output
+    assert [p.name for p in env.iterdir()] == ["bad.yaml"]  # nothing stored
+
+
 def test_create_with_an_invalid_file_writes_nothing(env):
     bad = dict(TOY, search_space={"rank": {"choices": [4, 16]}})  # the baseline's rank 8 is missing
     result = _invoke("study", "create", str(_write(env / "bad.yaml", bad)))
