@@ -129,7 +129,11 @@ def prepare_spec(spec: StudySpec, task: Any = None) -> tuple[StudySpec, Any, dic
         from lora_tune.tasks import build_task
 
         task = build_task(dict(spec.task))
-    resolved = resolve_objective(spec, task)
+    source = spec._source
+    try:
+        resolved = resolve_objective(spec, task)
+    except StudySpecError as exc:
+        raise StudySpecError(exc.errors + _model_problems(spec, task), source=source) from None
     problems: list[tuple[str, str]] = []
     baseline = None
     if resolved.study.baseline:
@@ -142,7 +146,7 @@ def prepare_spec(spec: StudySpec, task: Any = None) -> tuple[StudySpec, Any, dic
             problems += exc.errors
     problems += _model_problems(resolved, task)
     if problems:
-        raise StudySpecError(problems)
+        raise StudySpecError(problems, source=source)
     return resolved, task, baseline
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from lora_tune.errors import StudySpecError
 
@@ -108,6 +108,7 @@ class ConstraintsSection(_Section):
 
 
 class StudySpec(_Section):
+    _source: str | None = PrivateAttr(default=None)  # the file it came from, for error messages
     study: StudySection
     task: dict[str, Any]
     search_space: dict[str, Any] = Field(default_factory=dict)
@@ -155,7 +156,7 @@ def load_spec_file(path: str | Path) -> StudySpec:
 
 def parse_spec_text(text: str, source: str | None = None) -> StudySpec:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader that refuses duplicate keys
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(file)"
@@ -170,7 +171,23 @@ def validate_spec(raw: Any, source: str | None = None) -> StudySpec:
     if problems:
         raise StudySpecError(problems, source=source)
     assert spec is not None
+    spec._source = source
     return spec
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` semantics, except that a key given twice in one mapping is an error
+    (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def check_spec(raw: Any) -> tuple[StudySpec | None, Problems]:

@@ -140,3 +140,8 @@ def test_stored_spec_round_trips():
     spec = make_spec(constraints={"max_trainable_params": 10})
     again = validate_spec(spec.to_stored())
     assert again == spec
+
+
+def test_a_key_given_twice_is_an_error_not_silently_the_last():
+    with pytest.raises(StudySpecError, match=r"(?s)dup.yaml: .*line 3, column 3: not valid YAML: duplicate key 'name'"):
+        parse_spec_text("study:\n  name: a\n  name: b\ntask: {type: digits}\n", source="dup.yaml")
