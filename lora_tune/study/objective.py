@@ -95,6 +95,9 @@ class Objective:
             return self._run(trial, times)
         except (optuna.TrialPruned, TrialFailed):
             raise
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM turned into one by the worker loop
+            trial.set_user_attr("fail_reason", f"interrupted ({exc or 'Ctrl-C'}); the worker re-queues its parameters")
+            raise
         except NonFiniteLossError as exc:
             self._fail(trial, f"non-finite loss: {exc}")
         except Exception as exc:  # user code (task, model, data): fail this trial, not the study

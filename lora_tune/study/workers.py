@@ -184,7 +184,7 @@ def lock_grid_sampler(study: optuna.Study) -> None:
 
 
 def requeue_trials(study: optuna.Study, trial_ids: Sequence[int], max_retry: int, *,
-                   failed_by_us: bool = False) -> list[int]:
+                   failed_by_us: bool = False, reason: str | None = None) -> list[int]:
     """Fail the given unfinished trials and queue their parameters again.
 
     Returns the numbers of the trials that were re-queued (a trial already retried
@@ -204,6 +204,8 @@ def requeue_trials(study: optuna.Study, trial_ids: Sequence[int], max_retry: int
                 continue
         else:
             try:
+                if reason:
+                    storage.set_trial_user_attr(trial_id, "fail_reason", reason)
                 if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -225,12 +227,13 @@ def recover_dead_local_workers(study: optuna.Study, max_retry: int) -> list[int]
     machine (or in another container) is never judged from here.
     """
     host, me = worker_id().rpartition(":")[0], os.getpid()
-    dead = []
+    requeued = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         where, _, pid = str(trial.system_attrs.get(WORKER_KEY, "")).rpartition(":")
         if where == host and pid.isdigit() and int(pid) != me and not _alive(int(pid)):
-            dead.append(trial._trial_id)
-    return requeue_trials(study, dead, max_retry) if dead else []
+            requeued += requeue_trials(study, [trial._trial_id], max_retry,
+                                       reason=f"its worker {where}:{pid} exited mid-trial")
+    return requeued
 
 
 def _local_worker_alive(study: optuna.Study) -> bool:

@@ -155,5 +155,6 @@ def test_next_worker_recovers_a_killed_standalone_worker(tmp_path):
     assert code == 0, output
     trials, _ = reload(url, "alone")
     assert by_state(trials) == {"COMPLETE": 3, "FAIL": 1}
+    assert trials[victim.number].user_attrs["fail_reason"].endswith(f":{first.pid} exited mid-trial")
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
     assert retry.params == victim.params and retry.state == TrialState.COMPLETE

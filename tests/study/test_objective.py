@@ -140,3 +140,16 @@ def test_trials_with_equal_parameters_give_equal_results_whatever_ran_before(toy
     assert objective(second) == a
     # eval_loss is continuous: it differs when the LoRA factors start from another random draw
     assert second.user_attrs["metric_values"] == first.user_attrs["metric_values"]
+
+
+def test_interrupt_records_its_reason_and_propagates(monkeypatch):
+    task = ToyTask()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(task, "evaluate", interrupted)
+    trial = FixedTrial(PARAMS)
+    with pytest.raises(KeyboardInterrupt):
+        _objective(task)(trial)
+    assert trial.user_attrs["fail_reason"].startswith("interrupted (signal 15)")
