@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Container, Iterator, Sequence
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import optuna
 from optuna.storages import BaseStorage
@@ -43,6 +43,11 @@ CLAIM_KEY = "lora_tune:claim"  # trial system attr: the token of the worker's cr
 WORKER_KEY = "lora_tune:worker"  # trial system attr: hostname:pid of the worker running it
 RETRY_KEY = "failed_trial"  # set by Optuna's RetryHeartbeatStaleTrialCallback on a retry
 _USING_BUDGET = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def budget_used(trials: Sequence[FrozenTrial]) -> int:
+    """Trials that count against ``n_trials``: started ones, a failed-and-retried trial once."""
+    return sum(1 for t in trials if t.state in _USING_BUDGET) - sum(1 for t in trials if RETRY_KEY in t.system_attrs)
 _LOCK_NAMESPACE = 0x4C6F5241  # "LoRA": first key of the PostgreSQL advisory lock
 
 
@@ -132,9 +137,7 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
 
     def _count_used(self, study_id: int, conn: Any) -> int:
         if self.rdb is None:
-            trials = self.inner.get_all_trials(study_id, deepcopy=False)
-            used = sum(1 for t in trials if t.state in _USING_BUDGET)
-            return used - sum(1 for t in trials if RETRY_KEY in t.system_attrs)
+            return budget_used(self.inner.get_all_trials(study_id, deepcopy=False))
         import sqlalchemy as sa
         from optuna.storages._rdb import models
 

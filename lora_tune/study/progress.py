@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from lora_tune.study._resilient import RETRY_KEY
 from lora_tune.study.spec import StudySpec
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -31,10 +32,11 @@ class Outcome:
     counts: dict[str, int]
     best: list[FrozenTrial] = field(default_factory=list)  # one, or the Pareto front
     baseline: FrozenTrial | None = None
+    requeued: int = 0  # failed trials whose parameters ran again (counted once in the budget)
 
     @property
     def finished(self) -> int:
-        return sum(self.counts.get(s.name, 0) for s in _FINISHED)
+        return sum(self.counts.get(s.name, 0) for s in _FINISHED) - self.requeued
 
     @property
     def gain(self) -> float | None:
@@ -65,7 +67,9 @@ def study_outcome(study: optuna.Study, spec: StudySpec) -> Outcome:
         except ValueError:  # no feasible trial
             best = []
     baseline = next((t for t in complete if t.user_attrs.get("is_baseline")), None)
-    return Outcome(study.study_name, spec.metrics, spec.directions, spec.study.n_trials, counts, best, baseline)
+    requeued = sum(1 for t in trials if RETRY_KEY in t.system_attrs and t.state.is_finished())
+    return Outcome(study.study_name, spec.metrics, spec.directions, spec.study.n_trials, counts, best, baseline,
+                   requeued)
 
 
 # -- live progress ---------------------------------------------------------------------------
@@ -158,7 +162,8 @@ def render_outcome(outcome: Outcome, console: Console) -> None:
     c = outcome.counts
     console.print(
         f"[bold]{outcome.name}[/]: {outcome.finished}/{outcome.budget} trials finished "
-        f"({c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed)"
+        f"({c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed"
+        + (f", of which {outcome.requeued} ran again)" if outcome.requeued else ")")
     )
     if not outcome.best:
         console.print("no completed feasible trial yet")

@@ -398,8 +398,9 @@ class _RunCounter:
 
 
 def _used(study: optuna.Study) -> int:
-    states = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return len(study.get_trials(deepcopy=False, states=states))
+    from lora_tune.study._resilient import budget_used
+
+    return budget_used(study.get_trials(deepcopy=False))
 
 
 def _grid_exhausted(study: optuna.Study) -> bool:
