@@ -185,13 +185,18 @@ def list_cmd(storage: str | None) -> None:
     """List the studies in the storage."""
     import optuna
 
-    from lora_tune.study.storage import dispose_storage, mask_url, open_storage, resolve_storage_url
+    from lora_tune.study.storage import dispose_storage, mask_url, open_storage, reading_problem, resolve_storage_url
 
     url = resolve_storage_url(storage, None)
     console = _console()
-    if not _storage_exists(url):
+    from lora_tune.errors import ConfigError
+
+    problem = reading_problem(url)
+    if problem and problem.endswith("does not exist"):
         console.print(f"no studies in {mask_url(url)} (it does not exist yet)")
         return
+    if problem:
+        raise ConfigError("--storage", mask_url(url), "a lora-tune (Optuna) storage", problem)
     store = open_storage(url)
     try:
         with _quiet_optuna():
@@ -246,25 +251,14 @@ def show_cmd(name: str, storage: str | None, top: int) -> None:
 
 # -- helpers ---------------------------------------------------------------------------------------
 
-def _storage_exists(url: str) -> bool:
-    """False for an SQLite file or journal that does not exist (opening would create it)."""
-    from lora_tune.study.storage import is_journal_url, journal_path, storage_kind
-
-    if is_journal_url(url):
-        return os.path.exists(journal_path(url))
-    if storage_kind(url) == "sqlite":
-        path = url.split("://", 1)[1]
-        path = path[1:] if path.startswith("/") else path
-        return os.path.exists(path.split("?", 1)[0])
-    return True
-
-
 def _require_storage(url: str, name: str) -> None:
+    """Read commands never create a storage (or Optuna's tables in someone else's SQLite file)."""
     from lora_tune.errors import StudyNotFoundError
-    from lora_tune.study.storage import mask_url
+    from lora_tune.study.storage import mask_url, reading_problem
 
-    if not _storage_exists(url):
-        raise StudyNotFoundError(name, mask_url(url) + " (does not exist)", [])
+    problem = reading_problem(url)
+    if problem:
+        raise StudyNotFoundError(name, f"{mask_url(url)} ({problem})", [])
 
 
 def _dispose(study: Any) -> None:

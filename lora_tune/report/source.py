@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -13,22 +12,15 @@ from lora_tune.errors import ConfigError, StudyNotFoundError
 def open_storage_for_reading(storage_url: str) -> Any:
     """The storage behind ``storage_url`` (``lora_tune.study.storage.open_storage``).
 
-    A SQLite or journal file that does not exist is an error (opening it would create an
-    empty one as a side effect of reading).
+    A missing SQLite or journal file, or an SQLite file without Optuna's tables, is an error
+    (opening it would create one, or the tables, as a side effect of reading).
     """
-    from lora_tune.study.storage import journal_path, mask_url, open_storage, storage_kind
+    from lora_tune.study.storage import mask_url, open_storage, reading_problem
 
-    kind = storage_kind(storage_url)
-    path = None
-    if kind == "journal":
-        path = journal_path(storage_url)
-    elif kind == "sqlite":
-        from sqlalchemy.engine import make_url
-
-        path = make_url(storage_url).database
-    if path and not Path(path).is_file():
-        raise ConfigError("--storage", mask_url(storage_url), "an existing database file",
-                          f"{Path(path).resolve()} does not exist. Pass --storage or set $LORA_TUNE_STORAGE.")
+    problem = reading_problem(storage_url)
+    if problem:
+        raise ConfigError("--storage", mask_url(storage_url), "an existing lora-tune (Optuna) storage",
+                          f"{problem}. Pass --storage or set $LORA_TUNE_STORAGE.")
     return open_storage(storage_url)
 
 

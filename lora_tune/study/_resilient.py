@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Container, Iterator, Sequence
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import optuna
 from optuna.storages import BaseStorage

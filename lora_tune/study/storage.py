@@ -13,6 +13,7 @@ enforces the study's global trial budget exactly (see :mod:`lora_tune.study.work
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -133,6 +134,32 @@ def storage_kind(url: str) -> str:
 
 
 _RDB_DIALECTS = ("postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
+
+
+def reading_problem(url: str) -> str | None:
+    """Why a read-only command (list, show, report, export) must not open ``url``, or None.
+
+    Opening a file-backed storage creates it, and on an SQLite file creates Optuna's tables:
+    a missing file, or an SQLite file that holds no Optuna tables, is refused instead."""
+    kind = storage_kind(url)
+    if kind == "journal":
+        path = journal_path(url)
+        return None if os.path.isfile(path) else f"{os.path.abspath(path)} does not exist"
+    if kind != "sqlite":
+        return None
+    from sqlalchemy.engine import make_url
+
+    path = make_url(url).database or ""
+    if not os.path.isfile(path):
+        return f"{os.path.abspath(path)} does not exist"
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            found = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone()
+    except sqlite3.DatabaseError as exc:
+        return f"{os.path.abspath(path)} is not an SQLite database ({exc})"
+    return None if found else f"{os.path.abspath(path)} holds no Optuna study tables"
 
 
 def supports_processes(url: str) -> bool:

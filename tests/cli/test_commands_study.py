@@ -153,3 +153,17 @@ def test_failing_trials_exit_1_with_their_reason(env):
     assert result.exit_code == 1
     assert "ValueError: toy task: evaluate exploded" in result.output
     assert "too many failed trials in a row" in result.output
+
+
+def test_read_commands_leave_a_foreign_sqlite_file_alone(env):
+    import sqlite3
+
+    with sqlite3.connect(env / "other.db") as conn:
+        conn.execute("CREATE TABLE mine (a)")
+    url = f"sqlite:///{env / 'other.db'}"
+    listed = _invoke("study", "list", "--storage", url)
+    assert listed.exit_code == 2 and "holds no Optuna study tables" in listed.output
+    shown = _invoke("study", "show", "x", "--storage", url)
+    assert shown.exit_code == 2
+    with sqlite3.connect(env / "other.db") as conn:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("mine",)]
