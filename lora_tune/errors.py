@@ -106,3 +106,14 @@ class NonFiniteLossError(LoraTuneError):
         self.step = step
         self.value = value
         super().__init__(f"non-finite loss {value} at step {step}")
+
+
+class TrainingOutOfMemoryError(LoraTuneError):
+    """The device ran out of memory while training at ``batch_size``; ``peak_bytes`` is the
+    device's peak allocation when it did."""
+
+    def __init__(self, batch_size: int, peak_bytes: int, device: str = "cuda"):
+        self.batch_size = batch_size
+        self.peak_bytes = peak_bytes
+        self.device = device
+        super().__init__(f"out of memory at batch size {batch_size}, peak {peak_bytes / 2**30:.2f} GiB on {device}")

@@ -102,6 +102,7 @@ def save_best_adapter(
     artifact_dir: str | os.PathLike | None = None,
     base_model_name_or_path: str | None = None,
     force: bool = False,
+    archive: str | os.PathLike | None = None,
 ) -> str | None:
     """Save ``model``'s adapter as an artifact of ``trial`` when the trial is the best so far.
 
@@ -110,6 +111,8 @@ def save_best_adapter(
     (nothing is written). ``config`` is the trial's ``LoraConfig`` (written into both formats);
     ``storage_url`` only picks the default artifact directory; ``base_model_name_or_path``
     goes into PEFT's ``adapter_config.json``. ``force`` saves even when not the best.
+    ``archive`` is an adapter archive already written (by a trial's child process, with
+    :func:`write_adapter_archive`) to upload instead of writing one from ``model``.
     """
     study = trial.study
     if not force and not is_best_so_far(study, value, exclude_number=trial.number):
@@ -117,9 +120,12 @@ def save_best_adapter(
     directory = artifact_dir_for(study, storage_url, artifact_dir)
     store = open_artifact_store(directory)
     with tempfile.TemporaryDirectory(prefix="lora-tune-adapter-") as tmp:
-        archive = Path(tmp) / f"{ADAPTER_PREFIX}{trial.number}.zip"
-        write_adapter_archive(model, archive, config=config, base_model_name_or_path=base_model_name_or_path)
-        artifact_id = upload_artifact(artifact_store=store, file_path=str(archive), study_or_trial=trial)
+        path = Path(tmp) / f"{ADAPTER_PREFIX}{trial.number}.zip"
+        if archive is not None:
+            shutil.copyfile(archive, path)
+        else:
+            write_adapter_archive(model, path, config=config, base_model_name_or_path=base_model_name_or_path)
+        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
     if study.user_attrs.get("artifact_dir") != str(directory):
         study.set_user_attr("artifact_dir", str(directory))
     return artifact_id

@@ -19,20 +19,23 @@ metric, or an exception anywhere in the trial, fails the trial (``fail_reason``,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import socket
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optuna
 
-from lora_tune.errors import NonFiniteLossError
-from lora_tune.study.space import SearchSpace
+from lora_tune.errors import NonFiniteLossError, TrainingOutOfMemoryError
+from lora_tune.study.space import TRAIN_KEYS, SearchSpace
+from lora_tune.study.trial_run import (
+    Hooks, TrialChildError, TrialOutcome, TrialPlan, TrialProcessDied, run_in_child, run_in_process,
+)
 from lora_tune.study.spec import StudySpec
 
 _logger = logging.getLogger(__name__)
@@ -110,90 +113,121 @@ class Objective:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _run(self, trial: optuna.trial.BaseTrial, times: TrialTimes) -> float | list[float]:
-        from lora_tune import LoraConfig, inject
-        from lora_tune.train import TrainConfig, fit
-
-        task = self.get_task()
         values = self.space.sample(trial)
-        lora_kwargs = {k: v for k, v in values.items() if k not in _TRAIN_KEYS}
-        train_kwargs = self.spec.train.model_dump()
-        threads = train_kwargs.pop("threads", None)
-        train_kwargs.update({k: v for k, v in values.items() if k in _TRAIN_KEYS})
+        train = self.spec.train
+        train_values = {k: v for k, v in values.items() if k in TRAIN_KEYS}
+        plan = TrialPlan(
+            task_spec=dict(self.spec.task),
+            lora={k: v for k, v in values.items() if k not in TRAIN_KEYS},
+            train=train.train_config(**train_values), threads=train.threads)
+        targets = plan.lora.get("targets", "all-linear")
+        trial.set_user_attr("target_preset", targets if isinstance(targets, str) else None)
+        isolation = self.isolation()
+        trial.set_user_attr("isolation", isolation)
+        trial.set_user_attr("effective_batch_size", plan.train.effective_batch_size)
 
-        t0 = time.perf_counter()
-        targets = lora_kwargs.get("targets", "all-linear")
-        preset = targets if isinstance(targets, str) else None
-        config = LoraConfig(**lora_kwargs, modules_to_save=list(task.modules_to_save))
-        with _seeded(train_kwargs["seed"]), warnings.catch_warnings():  # init depends on the seed only
-            warnings.filterwarnings("ignore", message="rank .* is larger than min", category=UserWarning)
-            model = task.build_model()
-            report = inject(model, config)
-        if report.warnings:  # kept with the trial instead of printed once per trial
-            trial.set_user_attr("warnings", report.warnings)
-        times.build = time.perf_counter() - t0
-
-        trial.set_user_attr("lora_config", config.to_dict())
-        trial.set_user_attr("target_preset", preset)
-        trial.set_user_attr("target_modules", [name for name, _ in report.targets])
-        trial.set_user_attr("trainable_params", int(report.trainable_after))
-        trial.set_user_attr("adapter_bytes", int(report.adapter_bytes))
-        self._check_constraints(trial, report.trainable_after)
-
+        reports = 0  # evaluations reported so far (a retried attempt goes on counting)
         pruned_at: list[int] = []
+        trainable: list[int] = []
+        t0 = time.perf_counter()
 
-        def on_eval(step: int, eval_index: int, metrics: dict[str, float]) -> bool:
+        def built(report: Any) -> bool:
+            times.build = time.perf_counter() - t0
+            if report.warnings:  # kept with the trial instead of printed once per trial
+                trial.set_user_attr("warnings", report.warnings)
+            trial.set_user_attr("target_modules", [name for name, _ in report.targets])
+            trial.set_user_attr("trainable_params", int(report.trainable_after))
+            trial.set_user_attr("adapter_bytes", int(report.adapter_bytes))
+            trainable.append(int(report.trainable_after))
+            return self._within_constraints(trial, report.trainable_after)
+
+        def evaluated(step: int, eval_index: int, metrics: dict[str, float]) -> bool:
+            nonlocal reports
+            reports += 1
             if not self.prune:
                 return False
-            value = _objective_value(self.metrics[0], metrics, report.trainable_after)
+            value = _objective_value(self.metrics[0], metrics, trainable[-1])
             if not math.isfinite(value):
                 return False  # the final check fails the trial with a clear reason
-            trial.report(value, eval_index)
+            trial.report(value, reports - 1)
             if trial.should_prune():
                 pruned_at.append(eval_index)
                 return True
             return False
 
-        with _torch_threads(threads):
-            result = fit(model, task, TrainConfig(**train_kwargs), on_eval=on_eval)
+        outcome = self._train(trial, plan, Hooks(built, evaluated), isolation)
+        if outcome.result is None:  # stopped after building: a constraint was violated
+            raise optuna.TrialPruned(trial.user_attrs.get("constraint_violation", "stopped before training"))
+        trial.set_user_attr("lora_config", outcome.config.to_dict())
+        result = outcome.result
         times.train, times.compute, times.evaluate = result.seconds, result.compute_seconds, result.eval_seconds
-        trial.set_user_attr("peak_memory_bytes", int(result.peak_memory_bytes))
-        trial.set_user_attr("train_seconds", float(result.seconds))
-        trial.set_user_attr("throughput", float(result.throughput))
-        trial.set_user_attr("train_steps", int(result.steps))
-        trial.set_user_attr("planned_steps", int(result.planned_steps))
-        trial.set_user_attr("metric_values", {k: _jsonable(v) for k, v in result.final_metrics.items()})
+        for key, value in _result_attrs(result).items():
+            trial.set_user_attr(key, value)
         if pruned_at:
             raise optuna.TrialPruned(f"pruned after evaluation {pruned_at[0]} (step {result.steps})")
 
         out = []
         for name in self.metrics:
-            value = _objective_value(name, result.final_metrics, report.trainable_after)
+            value = _objective_value(name, result.final_metrics, trainable[-1])
             if not math.isfinite(value):
                 self._fail(trial, f"metric {name} is {value} after {result.steps} steps")
             out.append(value)
         value = out[0] if len(out) == 1 else out
         if isinstance(trial, optuna.Trial):  # a real study: keep the adapter of each new best
-            _save_adapter_if_best(trial, model, value, config)
+            _save_adapter_if_best(trial, outcome, value)
         return value
 
-    def _check_constraints(self, trial: optuna.trial.BaseTrial, trainable: int) -> None:
+    def isolation(self) -> str:
+        """``process`` or ``none``: ``auto`` is a child process per trial on CUDA."""
+        from lora_tune.train import resolve_device
+
+        chosen = self.spec.train.isolation
+        if chosen == "auto":
+            return "process" if resolve_device(self.spec.train.device).type == "cuda" else "none"
+        return chosen
+
+    def _train(self, trial: optuna.trial.BaseTrial, plan: TrialPlan, hooks: Hooks, isolation: str) -> TrialOutcome:
+        """Run the body where ``isolation`` says; on out-of-memory, fail the trial with the
+        batch size and peak, or (``train.oom: halve_batch``) retry once with half the batch
+        and twice the accumulation."""
+        attempt = plan
+        while True:
+            try:
+                if isolation == "process":
+                    return run_in_child(attempt, hooks)
+                return run_in_process(self.get_task(), attempt, hooks)
+            except TrainingOutOfMemoryError as exc:
+                train = attempt.train
+                if self.spec.train.oom != "halve_batch" or attempt is not plan or train.batch_size < 2:
+                    self._fail(trial, str(exc))
+                half = dataclasses.replace(train, batch_size=train.batch_size // 2,
+                                           gradient_accumulation_steps=train.gradient_accumulation_steps * 2)
+                trial.set_user_attr("oom_retry", f"{exc}; retried with batch size {half.batch_size} "
+                                                 f"x {half.gradient_accumulation_steps} accumulation steps")
+                attempt = dataclasses.replace(plan, train=half)
+            except TrialProcessDied as exc:
+                self._fail(trial, str(exc))
+            except TrialChildError as exc:
+                trial.set_user_attr("traceback", exc.traceback)
+                self._fail(trial, _one_line(str(exc)))
+
+    def _within_constraints(self, trial: optuna.trial.BaseTrial, trainable: int) -> bool:
+        """Record the constraint; False (do not train) when the trial violates it."""
         limit = self.spec.constraints.max_trainable_params
         if limit is None:
-            return
+            return True
         excess = float(trainable - limit)
         trial.set_constraint("max_trainable_params", excess)
         if excess > 0:
             reason = f"infeasible: {trainable:,} trainable parameters > max_trainable_params {limit:,}"
             trial.set_user_attr("constraint_violation", reason)
-            raise optuna.TrialPruned(reason)
+            return False
+        return True
 
     @staticmethod
     def _fail(trial: optuna.trial.BaseTrial, reason: str) -> None:
         trial.set_user_attr("fail_reason", reason)
         raise TrialFailed(reason)
-
-
-_TRAIN_KEYS = ("learning_rate", "weight_decay", "epochs", "batch_size", "grad_clip")
 
 
 def _objective_value(name: str, metrics: dict[str, float], trainable: int) -> float:
@@ -204,43 +238,36 @@ def _objective_value(name: str, metrics: dict[str, float], trainable: int) -> fl
     return float(metrics[name])
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Run with torch's CPU generator seeded, restoring the caller's random state after."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` torch CPU threads (None: unchanged), restoring the previous count."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if n is None or n == previous:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def _result_attrs(result: Any) -> dict[str, Any]:
+    """The trial's user attributes from its :class:`~lora_tune.train.TrainResult`."""
+    return {
+        "peak_memory_bytes": int(result.peak_memory_bytes),
+        "peak_memory_total_bytes": int(result.peak_memory_total_bytes),
+        "train_seconds": float(result.seconds),
+        "throughput": float(result.throughput),
+        "tokens_per_second": float(result.tokens_per_second),
+        "train_tokens": int(result.tokens),
+        "train_steps": int(result.steps),
+        "planned_steps": int(result.planned_steps),
+        "metric_values": {k: _jsonable(v) for k, v in result.final_metrics.items()},
+    }
 
 
-def _save_adapter_if_best(trial: optuna.Trial, model: Any, value: Any, config: Any) -> None:
+def _save_adapter_if_best(trial: optuna.Trial, outcome: TrialOutcome, value: Any) -> None:
     """Artifacts attach only to running trials, so this runs inside the objective. A storage
     problem here is recorded and logged; it does not fail a trial whose metric is sound."""
     from lora_tune.errors import LoraTuneError
     from lora_tune.study.artifacts import save_best_adapter
 
     try:
-        save_best_adapter(trial, model, value, config=config)
+        save_best_adapter(trial, outcome.model, value, config=outcome.config, archive=outcome.adapter_archive)
     except (OSError, LoraTuneError) as exc:
         trial.set_user_attr("artifact_error", _one_line(str(exc)))
         _logger.warning("trial %d: adapter not saved: %s", trial.number, exc)
+    finally:
+        if outcome.adapter_archive:
+            with contextlib.suppress(OSError):
+                os.unlink(outcome.adapter_archive)
 
 
 def _jsonable(value: float) -> float | str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from lora_tune.lora.config import BIASES, INITS, METHODS, QUANT_TYPES
+from lora_tune.train import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS
 
 Problems = list[tuple[str, str]]
 Check = Callable[[Any], "str | None"]
@@ -30,7 +31,6 @@ LORA_DEFAULTS: dict[str, Any] = {
     "quant_bits": None, "quant_type": "nf4", "double_quant": True, "rslora": False,
     "init": "kaiming", "bias": "none",
 }
-TRAIN_KEYS = ("learning_rate", "weight_decay", "epochs", "batch_size", "grad_clip")
 BASELINE = {"rank": 8, "alpha": 16.0, "quant_bits": None}  # plus the task's baseline targets
 _ORDER = ("rank", "alpha", "targets", "quant_bits", "quant_type", "method", "dropout", "rslora")
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "ratio"}
@@ -105,7 +105,16 @@ KEYS: dict[str, KeyRule] = {
     "epochs": KeyRule(_int_at_least(1), "int"),
     "batch_size": KeyRule(_int_at_least(1), "int"),
     "grad_clip": KeyRule(_grad_clip, "float"),
+    "gradient_accumulation_steps": KeyRule(_int_at_least(1), "int"),
+    "warmup_ratio": KeyRule(_number(0.0, inclusive=True, below=1.0), "float"),
+    "lr_scheduler": KeyRule(_one_of(*LR_SCHEDULERS), None),
+    "loraplus_lr_ratio": KeyRule(_number(0.0, inclusive=False), "float"),
+    "optimizer": KeyRule(_one_of(*OPTIMIZERS), None),
+    "precision": KeyRule(_one_of(*PRECISIONS), None),
 }
+# Keys that are training settings (the rest configure LoRA).
+TRAIN_KEYS = ("learning_rate", "weight_decay", "epochs", "batch_size", "grad_clip", "gradient_accumulation_steps",
+              "warmup_ratio", "lr_scheduler", "loraplus_lr_ratio", "optimizer", "precision")
 
 
 def _show(v: Any) -> str:

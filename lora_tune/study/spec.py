@@ -16,6 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from lora_tune.errors import StudySpecError
+from lora_tune.train import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, TrainConfig
+
+ISOLATIONS = ("auto", "process", "none")
+OOM_POLICIES = ("fail", "halve_batch")
+# train: keys the study driver uses itself; the rest are TrainConfig fields.
+DRIVER_TRAIN_KEYS = ("isolation", "oom", "threads")
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "nsga2")
 PRUNERS = ("median", "sha", "hyperband", "none")
@@ -84,21 +90,47 @@ class StudySection(_Section):
         return self
 
 
-class TrainSection(_Section):
-    """Training defaults; any of them may be searched by naming it in ``search_space``."""
+_TRAIN = TrainConfig()  # the one source of the training defaults
 
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    evals_per_epoch: int = Field(2, ge=1)
-    seed: int = 0
-    device: str = "auto"
-    grad_clip: float | None = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)
+
+class TrainSection(_Section):
+    """Training settings (defaults from :class:`lora_tune.train.TrainConfig`); any of the
+    numeric ones may be searched by naming it in ``search_space``."""
+
+    epochs: int = Field(_TRAIN.epochs, ge=1)
+    batch_size: int = Field(_TRAIN.batch_size, ge=1)
+    learning_rate: float = Field(_TRAIN.learning_rate, gt=0)
+    weight_decay: float = Field(_TRAIN.weight_decay, ge=0)
+    evals_per_epoch: int = Field(_TRAIN.evals_per_epoch, ge=1)
+    eval_steps: int | None = Field(_TRAIN.eval_steps, ge=1)
+    seed: int = _TRAIN.seed
+    device: str = _TRAIN.device
+    grad_clip: float | None = Field(_TRAIN.grad_clip, gt=0)
+    max_steps: int | None = Field(_TRAIN.max_steps, ge=1)
+    precision: Literal[PRECISIONS] = _TRAIN.precision  # type: ignore[valid-type]
+    gradient_accumulation_steps: int = Field(_TRAIN.gradient_accumulation_steps, ge=1)
+    lr_scheduler: Literal[LR_SCHEDULERS] = _TRAIN.lr_scheduler  # type: ignore[valid-type]
+    warmup_ratio: float = Field(_TRAIN.warmup_ratio, ge=0, lt=1)
+    warmup_steps: int | None = Field(_TRAIN.warmup_steps, ge=0)
+    gradient_checkpointing: bool = _TRAIN.gradient_checkpointing
+    optimizer: Literal[OPTIMIZERS] = _TRAIN.optimizer  # type: ignore[valid-type]
+    loraplus_lr_ratio: float | None = Field(_TRAIN.loraplus_lr_ratio, gt=0)
+    # Where a trial trains: "process" (a fresh child process per trial: a crash, an
+    # out-of-memory or a leak ends that trial only), "none" (in the driver process) or "auto"
+    # (process on CUDA, none on CPU).
+    isolation: Literal[ISOLATIONS] = "auto"  # type: ignore[valid-type]
+    # On an out-of-memory error: "fail" the trial, or "halve_batch": retry it once with half the
+    # batch and twice the gradient accumulation (same effective batch).
+    oom: Literal[OOM_POLICIES] = "fail"  # type: ignore[valid-type]
     # CPU threads for torch in each trial process (torch.set_num_threads); null keeps torch's
     # default. Small models on a busy or small CPU often train several times faster with 1.
     threads: int | None = Field(None, ge=1)
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The :class:`TrainConfig` of these settings (the driver-only keys left out)."""
+        data = self.model_dump(exclude=set(DRIVER_TRAIN_KEYS))
+        data.update(overrides)
+        return TrainConfig(**data)
 
 
 class ConstraintsSection(_Section):

@@ -1,0 +1,279 @@
+"""The train/eval loop: :func:`fit`. It fires a callback and knows nothing of Optuna.
+
+:func:`fit` trains the parameters that have ``requires_grad`` (after :func:`lora_tune.inject`
+that is the LoRA factors and any ``modules_to_save``) and evaluates the task ``evals_per_epoch``
+times per epoch (or every ``eval_steps`` optimizer steps); after each evaluation it calls
+``on_eval(step, eval_index, metrics)`` and stops when that returns ``True`` (this is how a study
+prunes a trial).
+
+One optimizer step takes ``gradient_accumulation_steps`` micro-batches. Each micro-batch's mean
+loss is weighted by ``task.loss_weight(batch)`` (the units it averages over: examples by
+default, supervised tokens for language models) over the step's total, so accumulating k
+micro-batches of b gives the gradient of one batch of k·b.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from lora_tune.errors import ConfigError, NonFiniteLossError, TrainingOutOfMemoryError
+from lora_tune.train.config import TrainConfig, resolve_device, resolve_precision
+from lora_tune.train.memory import MemoryMeter, peak_total_bytes
+from lora_tune.train.optim import build_optimizer, build_scheduler
+
+OnEval = Callable[[int, int, dict], bool]
+HISTORY_KEYS = ("step", "epoch", "eval_index", "train_loss", "learning_rate", "elapsed")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` did.
+
+    ``steps``/``planned_steps`` count optimizer steps. ``seconds`` is the wall time of the whole
+    loop; ``compute_seconds`` the part spent in forward/backward/optimizer steps and
+    ``eval_seconds`` the part in ``task.evaluate``. ``throughput`` is training examples and
+    ``tokens_per_second`` non-padding tokens (tasks with ``batch_tokens``) per second of
+    compute. ``peak_memory_bytes`` is the growth over the start of the loop,
+    ``peak_memory_total_bytes`` the device's absolute peak. ``history`` holds one dict per
+    evaluation: the :data:`HISTORY_KEYS` and every metric.
+    """
+
+    steps: int
+    planned_steps: int
+    seconds: float
+    examples: int
+    throughput: float
+    peak_memory_bytes: int
+    history: list[dict] = field(default_factory=list)
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
+    compute_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    tokens: int = 0
+    tokens_per_second: float = 0.0
+    peak_memory_total_bytes: int = 0
+    effective_batch_size: int = 0
+
+
+def eval_steps(steps_per_epoch: int, evals_per_epoch: int) -> list[int]:
+    """1-based step numbers within an epoch after which to evaluate (evenly spaced, last = end)."""
+    n = min(evals_per_epoch, steps_per_epoch)
+    return sorted({max(1, round((k + 1) * steps_per_epoch / n)) for k in range(n)})
+
+
+@dataclass
+class _Plan:
+    """Optimizer steps per epoch and in all, and after which steps to evaluate."""
+
+    micro_per_epoch: int
+    steps_per_epoch: int
+    planned: int
+    within_epoch: set[int]
+    every: int | None
+
+    @classmethod
+    def of(cls, n_examples: int, config: TrainConfig) -> "_Plan":
+        micro = max(1, math.ceil(n_examples / config.batch_size))
+        per_epoch = math.ceil(micro / config.gradient_accumulation_steps)
+        planned = per_epoch * config.epochs
+        if config.max_steps is not None:
+            planned = min(planned, config.max_steps)
+        within = set() if config.eval_steps else set(eval_steps(per_epoch, config.evals_per_epoch))
+        return cls(micro, per_epoch, planned, within, config.eval_steps)
+
+    def evaluates_after(self, step: int, step_in_epoch: int) -> bool:
+        if self.every is not None:
+            return step % self.every == 0 or step >= self.planned
+        return step_in_epoch in self.within_epoch or step >= self.planned
+
+
+def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval | None = None) -> TrainResult:
+    """Train ``model`` on ``task`` as ``config`` says; see the module docstring."""
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    amp_dtype = resolve_precision(config.precision, device)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("targets", "(none)", "a model with at least one trainable parameter",
+                          "Inject LoRA (lora_tune.inject) before training.")
+    n_examples = int(task.num_train_examples())
+    if n_examples < 1:
+        raise ConfigError("task", f"{n_examples} training examples", "a task with at least one training example")
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    memory = MemoryMeter(device)
+    model.to(device)
+    plan = _Plan.of(n_examples, config)
+    optimizer = build_optimizer(model, config, device)
+    scheduler = build_scheduler(optimizer, config, plan.planned)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = _State()
+
+    def evaluate(epoch: int) -> bool:
+        """Evaluate, record, and ask ``on_eval`` whether to stop."""
+        t1 = time.perf_counter()
+        with _autocast(device, amp_dtype):
+            metrics = {k: float(v) for k, v in task.evaluate(model, config.batch_size).items()}
+        model.train()
+        state.evaluating += time.perf_counter() - t1
+        memory.sample()
+        index = len(state.history)
+        state.history.append({"step": state.step, "epoch": epoch, "eval_index": index,
+                              "train_loss": sum(state.losses) / max(1, len(state.losses)),
+                              "learning_rate": optimizer.param_groups[0]["lr"],
+                              "elapsed": time.perf_counter() - start, **metrics})
+        state.losses.clear()
+        return bool(on_eval is not None and on_eval(state.step, index, metrics))
+
+    def optimizer_step(micro_batches: list[Any]) -> None:
+        t0 = time.perf_counter()
+        weights = [float(_loss_weight(task, b)) for b in micro_batches]
+        total = sum(weights) or 1.0
+        step_loss = 0.0
+        for batch, weight in zip(micro_batches, weights):
+            batch = task.to_device(batch, device)
+            with _autocast(device, amp_dtype):
+                loss = task.loss(model, batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLossError(state.step + 1, value)
+            scaled = loss * (weight / total)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            step_loss += value * weight / total
+            state.examples += _batch_size(batch)
+            state.tokens += _batch_tokens(task, batch)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.step += 1
+        state.losses.append(step_loss)
+        state.compute += time.perf_counter() - t0
+        memory.sample()
+
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(config.seed)
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            for epoch in range(config.epochs):
+                step_in_epoch = 0
+                for micro_batches in _groups(task.train_batches(config.batch_size, config.seed, epoch),
+                                             config.gradient_accumulation_steps):
+                    optimizer_step(micro_batches)
+                    step_in_epoch += 1
+                    if plan.evaluates_after(state.step, step_in_epoch):
+                        state.stopped = evaluate(epoch)
+                    if state.stopped or state.step >= plan.planned:
+                        break
+                else:  # the task yielded fewer batches than planned: still end the epoch with an evaluation
+                    if state.losses:
+                        state.stopped = evaluate(epoch)
+                if state.stopped or state.step >= plan.planned:
+                    break
+    except torch.OutOfMemoryError as exc:
+        raise TrainingOutOfMemoryError(config.batch_size, peak_total_bytes(device), str(device)) from exc
+    model.eval()
+    seconds = time.perf_counter() - start
+    history = state.history
+    return TrainResult(
+        steps=state.step, planned_steps=plan.planned, seconds=seconds, examples=state.examples,
+        throughput=state.examples / state.compute if state.compute > 0 else 0.0,
+        peak_memory_bytes=memory.peak(), history=history,
+        final_metrics={k: v for k, v in history[-1].items() if k not in HISTORY_KEYS} if history else {},
+        stopped_early=state.stopped, compute_seconds=state.compute, eval_seconds=state.evaluating,
+        tokens=state.tokens, tokens_per_second=state.tokens / state.compute if state.compute > 0 else 0.0,
+        peak_memory_total_bytes=peak_total_bytes(device), effective_batch_size=config.effective_batch_size,
+    )
+
+
+@dataclass
+class _State:
+    step: int = 0
+    examples: int = 0
+    tokens: int = 0
+    compute: float = 0.0
+    evaluating: float = 0.0
+    stopped: bool = False
+    losses: list[float] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Hugging Face models' non-reentrant activation checkpointing (recomputes each block's
+    activations in backward; works with frozen embeddings and with LoRA wrappers inside)."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError("train.gradient_checkpointing", True,
+                          f"false for a {type(model).__name__}",
+                          "gradient checkpointing needs a Hugging Face model that supports it")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
+
+
+def _groups(batches: Any, k: int) -> Iterator[list[Any]]:
+    """Consecutive groups of ``k`` micro-batches (the last group may be shorter)."""
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == k:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def warm_up() -> None:
+    """Pay torch's one-off lazy imports of the optimizer machinery (about a second) now, so the
+    first trial of a process is not charged for them. Called by :func:`lora_tune.tasks.build_task`."""
+    layer = torch.nn.Linear(1, 1)
+    torch.optim.AdamW(layer.parameters(), lr=1e-3)
+
+
+def _loss_weight(task: Any, batch: Any) -> float:
+    """The units ``task.loss(batch)`` averages over: ``task.loss_weight`` when the task has it,
+    else the examples in the batch."""
+    weigh = getattr(task, "loss_weight", None)
+    return float(weigh(batch)) if weigh is not None else float(_batch_size(batch))
+
+
+def _batch_tokens(task: Any, batch: Any) -> int:
+    count = getattr(task, "batch_tokens", None)
+    return int(count(batch)) if count is not None else 0
+
+
+def _batch_size(batch: Any) -> int:
+    """Examples in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, dict):
+        items = list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        items = list(batch)
+    else:
+        return 1
+    for item in items:
+        size = _batch_size(item) if isinstance(item, (torch.Tensor, dict, list, tuple)) else 0
+        if size:
+            return size
+    return 1
