@@ -22,6 +22,9 @@ class LoraConfig:
     ``scale`` is ``alpha / rank`` (``alpha / sqrt(rank)`` with ``rslora``).
     ``targets`` is a preset name (see :func:`lora_tune.target_presets`) or a list of
     module-name patterns: exact names, ``.suffix`` matches, globs, or ``re:`` regexes.
+    ``enable_lora`` picks the parts (q/k/v) of fused qkv layers adapted by default, and
+    ``qkv_sizes`` (pattern -> [q_rows, k_rows, v_rows]) says how a fused layer's output splits
+    where lora-tune cannot read it from the model's head counts.
     """
 
     rank: int = 8
@@ -39,6 +42,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     bias: str = "none"
     enable_lora: list[str] | None = None
+    qkv_sizes: dict[str, list[int]] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -85,6 +89,7 @@ class LoraConfig:
             ) or len(set(parts)) != len(parts):
                 raise ConfigError("enable_lora", parts, "None (all parts) or a non-empty list drawn from ['q', 'k', 'v']")
             self.enable_lora = [p for p in QKV_PARTS if p in parts]
+        self.qkv_sizes = _sizes_map("qkv_sizes", self.qkv_sizes)
 
     # -- helpers ---------------------------------------------------------------
     def scale_for(self, rank: int, alpha: float) -> float:
@@ -126,6 +131,18 @@ def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
 def _bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(name, value, "true or false")
+
+
+def _sizes_map(name: str, value: Any) -> dict[str, list[int]]:
+    allowed = "a mapping of module pattern -> [q_rows, k_rows, v_rows] (three integers >= 1)"
+    if not isinstance(value, Mapping):
+        raise ConfigError(name, value, allowed)
+    out = {}
+    for key, sizes in value.items():
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or len(sizes) != len(QKV_PARTS):
+            raise ConfigError(f"{name}[{key!r}]", sizes, allowed)
+        out[str(key)] = [_positive_int(f"{name}[{key!r}]", s) for s in sizes]
+    return out
 
 
 def _str_list(name: str, value: Any) -> list[str]:

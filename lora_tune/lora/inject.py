@@ -25,6 +25,7 @@ from lora_tune.lora.layers import (
     LoraMultiheadAttention,
     LORA_WRAPPERS,
     QKV,
+    enabled_sizes,
 )
 from lora_tune.lora.quant import QuantizedWeight
 from lora_tune.lora.targets import (
@@ -92,12 +93,14 @@ def _expand_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], st
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
     """Dry run: the (name, type) pairs ``inject`` would adapt with this config."""
-    return [(t.name, t.type_name) for t in _resolve(model, config)[0]]
+    return [(t.name, t.type_name) for t in resolve(model, config)[0]]
 
 
-def _resolve(model: nn.Module, config: LoraConfig) -> tuple[list[Target], str | None]:
+def resolve(model: nn.Module, config: LoraConfig) -> tuple[list[Target], str | None]:
+    """The targets ``config`` selects in ``model`` and the preset name used, if any; the model
+    is not changed."""
     names, preset = _expand_targets(model, config)
-    targets = resolve_targets(model, names, config.exclude, config.enable_lora)
+    targets = resolve_targets(model, names, config.exclude, config.enable_lora, config.qkv_sizes)
     return targets, preset
 
 
@@ -139,7 +142,9 @@ def _pissa(matrix: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, 
     return A, B
 
 
-def _build(target: Target, config: LoraConfig, warn: list[str]) -> nn.Module:
+def build_wrapper(target: Target, config: LoraConfig, warn: list[str]) -> nn.Module:
+    """The initialised wrapper around ``target.module`` (not yet swapped into the model);
+    rank warnings are appended to ``warn``."""
     name, module, kind = target.name, target.module, target.kind
     r = _lookup(config.rank_pattern, name, config.rank)
     alpha = _lookup(config.alpha_pattern, name, config.alpha)
@@ -152,8 +157,8 @@ def _build(target: Target, config: LoraConfig, warn: list[str]) -> nn.Module:
     elif kind in ("linear", "fused", "conv1d_gpt2"):
         transposed = type(module).__name__ == "Conv1D" and not isinstance(module, nn.Linear)
         parts = tuple(p in target.parts for p in QKV) if kind == "fused" else None
-        wrapper = LoraLinear(module, r, alpha, transposed=transposed, parts=parts, **kw)
-        dims = [wrapper.in_features, wrapper.out_features // (3 if parts else 1)]
+        wrapper = LoraLinear(module, r, alpha, transposed=transposed, parts=parts, part_sizes=target.part_sizes, **kw)
+        dims = [wrapper.in_features, *(enabled_sizes(parts, wrapper.part_sizes) if parts else [wrapper.out_features])]
     elif kind == "embedding":
         if module.max_norm is not None:
             raise ConfigError("targets", name, "embeddings without max_norm",
@@ -172,18 +177,17 @@ def _build(target: Target, config: LoraConfig, warn: list[str]) -> nn.Module:
 
 
 def _pairs(wrapper: nn.Module):
-    """(key of the base weight, module holding lora_A/lora_B, enabled parts) per adapted weight."""
+    """(key of the base weight, module holding lora_A/lora_B and its parts) per adapted weight."""
     if isinstance(wrapper, LoraMultiheadAttention):
-        for key, proj in wrapper.projections().items():
-            yield key, proj, proj.parts
+        yield from wrapper.projections().items()
     else:
-        yield wrapper.weight_name, wrapper, getattr(wrapper, "parts", None)
+        yield wrapper.weight_name, wrapper
 
 
 def _init_wrapper(wrapper: nn.Module, config: LoraConfig, kind: str) -> None:
     r = wrapper.r
     pending = {}
-    for key, holder, parts in _pairs(wrapper):
+    for key, holder in _pairs(wrapper):
         A, B = holder.lora_A, holder.lora_B
         if config.init != "pissa":
             _init_pair(A, B, config.init, kind, r)
@@ -191,17 +195,18 @@ def _init_wrapper(wrapper: nn.Module, config: LoraConfig, kind: str) -> None:
         # PiSSA on the matrix view of the base weight, part by part; the base keeps the residual.
         w0 = wrapper._base_param(key)
         matrix = _weight_to_matrix(wrapper, w0)
-        rows = list(matrix.chunk(len(parts), 0)) if parts else [matrix]
-        on = [i for i, p in enumerate(parts)] if parts else [0]
-        on = [i for i in on if (parts[i] if parts else True)]
+        parts = getattr(holder, "parts", None) or (True,)
+        sizes = getattr(holder, "part_sizes", None) or (matrix.shape[0],)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
         As, Bs = [], []
         residual = matrix.clone().to(torch.promote_types(matrix.dtype, torch.float32))
-        for k, i in enumerate(on):
-            a, b = _pissa(rows[i], r, wrapper.scaling)
+        for on, start, size in zip(parts, starts, sizes):
+            if not on:
+                continue
+            a, b = _pissa(matrix[start:start + size], r, wrapper.scaling)
             As.append(a)
             Bs.append(b)
-            block = slice(i * rows[0].shape[0], (i + 1) * rows[0].shape[0]) if parts else slice(None)
-            residual[block] -= wrapper.scaling * (b.to(B.dtype).to(a.dtype) @ a.to(A.dtype).to(a.dtype))
+            residual[start:start + size] -= wrapper.scaling * (b.to(B.dtype).to(a.dtype) @ a.to(A.dtype).to(a.dtype))
         with torch.no_grad():
             A.copy_(torch.cat(As).view_as(A).to(A.dtype))
             B.copy_(torch.cat(Bs).view_as(B).to(B.dtype))
@@ -227,7 +232,7 @@ def _matrix_to_weight(wrapper, m: torch.Tensor) -> torch.Tensor:
 
 def _quantize(wrapper: nn.Module, config: LoraConfig) -> dict[str, QuantizedWeight]:
     out = {}
-    for key, _, _ in _pairs(wrapper):
+    for key, _ in _pairs(wrapper):
         w = wrapper._pending_base.get(key, wrapper._base_param(key))
         out[key] = QuantizedWeight(w, config.quant_bits, config.quant_type, config.double_quant)
     return out
@@ -239,7 +244,7 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
     if not isinstance(config, LoraConfig):
         raise ConfigError("config", type(config).__name__, "a lora_tune.LoraConfig")
     trainable_before = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    targets, preset = _resolve(model, config)
+    targets, preset = resolve(model, config)
     save_patterns = [parse_pattern(p, "modules_to_save") for p in config.modules_to_save]
     saved = [n for n, _ in model.named_modules() if n and any(p.matches(n) for p in save_patterns)]
     if config.modules_to_save and not saved:
@@ -263,7 +268,7 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
     warn: list[str] = []
     built: list[tuple[Target, nn.Module, dict]] = []
     for t in targets:
-        wrapper = _build(t, config, warn)
+        wrapper = build_wrapper(t, config, warn)
         quant = _quantize(wrapper, config) if config.quant_bits in (4, 8) else {}
         built.append((t, wrapper, quant))
 

@@ -29,30 +29,44 @@ QKV = ("q", "k", "v")
 
 
 # -- low-rank algebra shared by every wrapper --------------------------------------------------
-def lowrank_matrix(A: torch.Tensor, B: torch.Tensor, groups: int) -> torch.Tensor:
-    """``B @ A`` for ``groups`` independent blocks stacked along the output: A is (g*r, in),
-    B is (g*p, r); returns (g*p, in)."""
-    if groups == 1:
-        return B @ A
-    r = A.shape[0] // groups
-    p = B.shape[0] // groups
-    return torch.bmm(B.view(groups, p, r), A.view(groups, r, -1)).reshape(groups * p, -1)
+# A fused layer's output is made of parts (q, k, v) of ``sizes`` rows each; the enabled parts
+# have one rank-r pair each: A is (n*r, in) and B is (sum of the enabled sizes, r).
+def equal_sizes(out: int, n: int = len(QKV)) -> tuple[int, ...]:
+    """``n`` equal parts of ``out`` rows (nn.MultiheadAttention's packed in_proj, GPT-2's c_attn)."""
+    if out % n:
+        raise ValueError(f"{out} output rows do not split into {n} equal parts; pass the part sizes")
+    return (out // n,) * n
 
 
-def parts_matrix(A: torch.Tensor, B: torch.Tensor, parts: Sequence[bool] | None) -> torch.Tensor:
+def enabled_sizes(parts: Sequence[bool], sizes: Sequence[int]) -> list[int]:
+    return [size for size, on in zip(sizes, parts) if on]
+
+
+def parts_matrix(A: torch.Tensor, B: torch.Tensor, parts: Sequence[bool] | None,
+                 sizes: Sequence[int] | None = None) -> torch.Tensor:
     """The full (out, in) low-rank matrix of a pair laid out per enabled part (or one pair)."""
-    m = lowrank_matrix(A, B, sum(parts) if parts else 1)
-    return scatter_parts(m, parts, dim=0) if parts else m
+    if not parts:
+        return B @ A
+    on = enabled_sizes(parts, sizes)
+    blocks = torch.cat([b @ a for b, a in zip(B.split(on), A.chunk(len(on)))])
+    return scatter_parts(blocks, parts, sizes, dim=0)
 
 
-def scatter_parts(blocks: torch.Tensor, enabled: Sequence[bool], dim: int) -> torch.Tensor:
+def scatter_parts(blocks: torch.Tensor, enabled: Sequence[bool], sizes: Sequence[int], dim: int) -> torch.Tensor:
     """Place the enabled parts' blocks (stacked along ``dim``) into a zero-filled full tensor
-    with ``len(enabled)`` parts, out of place."""
+    whose parts have ``sizes`` entries along ``dim``, out of place."""
     if all(enabled):
         return blocks
-    chunks = list(blocks.chunk(sum(enabled), dim=dim))
-    zero = torch.zeros_like(chunks[0])
-    return torch.cat([chunks.pop(0) if on else zero for on in enabled], dim=dim)
+    chunks = iter(blocks.split(enabled_sizes(enabled, sizes), dim=dim))
+    out = []
+    for size, on in zip(sizes, enabled):
+        if on:
+            out.append(next(chunks))
+        else:
+            shape = list(blocks.shape)
+            shape[dim] = size
+            out.append(blocks.new_zeros(shape))
+    return torch.cat(out, dim=dim)
 
 
 def scale_for(r: int, alpha: float, rslora: bool) -> float:
@@ -229,28 +243,27 @@ class LoraLinear(LoraLayer):
     """nn.Linear, transformers' GPT-2 ``Conv1D`` (``transposed``: weight is in x out), and fused
     qkv projections (``parts``: which of q/k/v get a delta; the others get none at all).
 
-    With parts, ``lora_A`` is (n*r, in) and ``lora_B`` is (n*out/3, r) for the n enabled parts
-    (loralib's MergedLinear layout): each part has its own rank-r pair."""
+    A fused layer's output rows are q, k, v blocks of ``part_sizes`` rows (equal thirds when not
+    given; grouped-query attention has smaller k and v). ``lora_A`` is (n*r, in) and ``lora_B``
+    is (rows of the n enabled parts, r) (loralib's MergedLinear layout): each part has its own
+    rank-r pair."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, *, transposed: bool = False,
-                 parts: Sequence[bool] | None = None, **kw):
+                 parts: Sequence[bool] | None = None, part_sizes: Sequence[int] | None = None, **kw):
         super().__init__(base_layer, r, alpha, **kw)
         w = base_layer.weight
         out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
         self.in_features, self.out_features = in_f, out_f
         self.transposed = transposed
         self.parts = tuple(parts) if parts is not None else None
+        self.part_sizes = _part_sizes(out_f, self.parts, part_sizes)
         n = sum(self.parts) if self.parts else 1
-        part_out = out_f // len(self.parts) if self.parts else out_f
+        rows = sum(enabled_sizes(self.parts, self.part_sizes)) if self.parts else out_f
         self.lora_A = nn.Parameter(w.new_zeros(n * r, in_f))
-        self.lora_B = nn.Parameter(w.new_zeros(n * part_out, r))
-
-    @property
-    def n_groups(self) -> int:
-        return sum(self.parts) if self.parts else 1
+        self.lora_B = nn.Parameter(w.new_zeros(rows, r))
 
     def _matrix_from(self, A: torch.Tensor) -> torch.Tensor:
-        return parts_matrix(A, self.lora_B, self.parts)
+        return parts_matrix(A, self.lora_B, self.parts, self.part_sizes)
 
     def _to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.t() if self.transposed else matrix
@@ -260,18 +273,29 @@ class LoraLinear(LoraLayer):
 
     def _lora_branch(self, x):
         h = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling
-        g = self.n_groups
-        if g == 1:
-            out = F.linear(h, self.lora_B)
-        else:
-            r, p = self.r, self.lora_B.shape[0] // g
-            hs = h.unflatten(-1, (g, r))
-            out = torch.einsum("...gr,gpr->...gp", hs, self.lora_B.view(g, p, r)).flatten(-2)
-        return scatter_parts(out, self.parts, dim=-1) if self.parts else out
+        if not self.parts:
+            return F.linear(h, self.lora_B)
+        on = enabled_sizes(self.parts, self.part_sizes)
+        out = torch.cat([F.linear(hi, b) for hi, b in zip(h.chunk(len(on), -1), self.lora_B.split(on))], -1)
+        return scatter_parts(out, self.parts, self.part_sizes, dim=-1)
 
     def extra_repr(self) -> str:
-        extra = f", parts={[n for n, on in zip(QKV, self.parts) if on]}" if self.parts else ""
+        extra = ""
+        if self.parts:
+            extra = f", parts={[n for n, on in zip(QKV, self.parts) if on]}"
+            if len(set(self.part_sizes)) > 1:
+                extra += f", part_sizes={list(self.part_sizes)}"
         return f"in={self.in_features}, out={self.out_features}, " + super().extra_repr() + extra
+
+
+def _part_sizes(out: int, parts: tuple[bool, ...] | None, sizes: Sequence[int] | None) -> tuple[int, ...] | None:
+    if parts is None:
+        return None
+    if sizes is None:
+        return equal_sizes(out, len(parts))
+    if len(sizes) != len(parts) or sum(sizes) != out:
+        raise ValueError(f"part sizes {list(sizes)} do not split {out} output rows into {len(parts)} parts")
+    return tuple(int(s) for s in sizes)
 
 
 class LoraEmbedding(LoraLayer):
@@ -346,16 +370,17 @@ class LoraProjection(nn.Module):
         super().__init__()
         self.r = r
         self.parts = tuple(parts) if parts is not None else None
+        self.part_sizes = _part_sizes(out_features, self.parts, None)  # the packed in_proj is 3 x embed_dim
         n = sum(self.parts) if self.parts else 1
-        part_out = out_features // len(self.parts) if self.parts else out_features
+        rows = sum(enabled_sizes(self.parts, self.part_sizes)) if self.parts else out_features
         self.lora_A = nn.Parameter(like.new_zeros(n * r, in_features))
-        self.lora_B = nn.Parameter(like.new_zeros(n * part_out, r))
+        self.lora_B = nn.Parameter(like.new_zeros(rows, r))
 
     def lora_matrix(self) -> torch.Tensor:
         return self._matrix_from(self.lora_A)
 
     def _matrix_from(self, A: torch.Tensor) -> torch.Tensor:
-        return parts_matrix(A, self.lora_B, self.parts)
+        return parts_matrix(A, self.lora_B, self.parts, self.part_sizes)
 
 
 class LoraMultiheadAttention(_LoraState):

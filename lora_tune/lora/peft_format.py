@@ -37,7 +37,8 @@ from lora_tune.lora.state import (
     expected_after_inject,
     lora_state_dict,
 )
-from lora_tune.lora.targets import is_fused_qkv, parse_pattern, supported_kind
+from lora_tune.lora.layers import enabled_sizes
+from lora_tune.lora.targets import fused_sizes, parse_pattern
 
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -83,12 +84,9 @@ def _peft_alpha(site: Site, rslora: bool) -> float:
     return site.scaling * (math.sqrt(rank) if rslora else rank)
 
 
-def _block_diagonal_B(B: torch.Tensor, groups: int, r: int) -> torch.Tensor:
-    p = B.shape[0] // groups
-    full = B.new_zeros(B.shape[0], groups * r)
-    for i in range(groups):
-        full[i * p:(i + 1) * p, i * r:(i + 1) * r] = B[i * p:(i + 1) * p]
-    return full
+def _block_diagonal_B(B: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Per-part B factors (stacked rows of ``sizes``) -> one B of rank len(sizes)*r."""
+    return torch.block_diag(*B.split(sizes))
 
 
 def _outermost(names: list[str]) -> list[str]:
@@ -111,7 +109,7 @@ def to_peft(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: dict[
         elif site.kind == "embedding":
             out[f"{PEFT_PREFIX}{module}.lora_embedding_{leaf[-1]}"] = t
         elif site.kind == "fused" and leaf == "lora_B":
-            out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = _block_diagonal_B(t, len(site.parts), site.r)
+            out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = _block_diagonal_B(t, list(site.part_sizes))
         else:
             out[f"{PEFT_PREFIX}{module}.{leaf}.weight"] = t
     # anchored: PEFT matches keys as (.*\.)?KEY$, so a bare "0" would also hit module "1.0"
@@ -218,18 +216,23 @@ def _refuse_mha(model: nn.Module, names: list[str], source: str) -> None:
 
 def _unblock(A: torch.Tensor, B: torch.Tensor, site: Site, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A PEFT pair over a fused qkv layer -> lora-tune's per-part factors, if B is block-diagonal."""
-    on = [i for i, p in enumerate("qkv") if p in site.parts]
+    sizes = site.part_sizes
+    enabled = [p in site.parts for p in "qkv"]
+    on = [i for i, p in enumerate(enabled) if p]
     g, r = len(on), site.r
-    p = B.shape[0] // 3
     if A.shape[0] != g * r or B.shape[1] != g * r:
         raise AdapterFormatError(
             f"{source}: {site.name!r} has one PEFT pair of rank {A.shape[0]} but the model adapts it as {g} fused "
             f"parts of rank {r}; load into a model without LoRA layers so lora-tune adapts it as PEFT did")
-    ours = B.new_zeros(g * p, r)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    ours = B.new_zeros(sum(enabled_sizes(enabled, sizes)), r)
     mask = torch.ones_like(B, dtype=torch.bool)
+    row = 0
     for k, i in enumerate(on):
-        ours[k * p:(k + 1) * p] = B[i * p:(i + 1) * p, k * r:(k + 1) * r]
-        mask[i * p:(i + 1) * p, k * r:(k + 1) * r] = False
+        rows, cols = slice(starts[i], starts[i] + sizes[i]), slice(k * r, (k + 1) * r)
+        ours[row:row + sizes[i]] = B[rows, cols]
+        mask[rows, cols] = False
+        row += sizes[i]
     if torch.any(B[mask] != 0):
         raise AdapterFormatError(
             f"{source}: {site.name!r}: the PEFT lora_B is not block-diagonal over the q/k/v parts, so it cannot be "
@@ -285,8 +288,7 @@ def peft_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], so
     unknown = sorted(m for m in pairs if m not in modules)
     if unknown:
         raise AdapterFormatError(f"{source}: the adapter names modules this model does not have: {unknown[:8]}")
-    plain_fused = tuple(m for m in pairs if supported_kind(modules[m]) in ("linear", "conv1d_gpt2")
-                        and is_fused_qkv(m, modules[m]))
+    plain_fused = tuple(m for m in pairs if fused_sizes(model, m, modules[m]) is not None)
     bias = meta.get("bias", "none")
     save = meta.get("modules_to_save") or []
     try:
@@ -302,8 +304,7 @@ def peft_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], so
         raise AdapterFormatError(f"{source}: adapter_config.json has a value lora-tune cannot use: {exc}") from None
     for mod, e in pairs.items():
         mapped[f"{mod}.lora_A"], mapped[f"{mod}.lora_B"] = e["A"], e["B"]
-    names = list(pairs)
-    expected = expected_after_inject(model, cfg, names, plain_fused)
+    expected = expected_after_inject(model, cfg, plain_fused)
     check_tensors(mapped, expected, {k for k in expected if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}, source)
     if save:
         missing = [p for p in cfg.modules_to_save

@@ -23,7 +23,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,10 @@ from torch import nn
 
 from lora_tune.errors import AdapterFormatError, ConfigError
 from lora_tune.lora.config import LoraConfig
-from lora_tune.lora.inject import inject, lora_layers
-from lora_tune.lora.layers import LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention
-from lora_tune.lora.targets import parse_pattern
+from lora_tune.lora.fused import out_features
+from lora_tune.lora.inject import build_wrapper, inject, lora_layers, resolve
+from lora_tune.lora.layers import LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention, equal_sizes
+from lora_tune.lora.targets import fused_sizes, parse_pattern
 
 __all__ = ["lora_state_dict", "save_adapter", "load_adapter", "FORMATS"]
 
@@ -48,7 +49,8 @@ LORA_SUFFIXES = ("lora_A", "lora_B")
 # -- what is adapted ----------------------------------------------------------------------------
 @dataclass
 class Site:
-    """One adapted module: its name, wrapper family, rank, alpha, scaling and parts."""
+    """One adapted module: its name, wrapper family, rank, alpha, scaling, parts and (fused qkv)
+    the rows of each part."""
 
     name: str
     wrapper: nn.Module
@@ -62,10 +64,28 @@ class Site:
     def selector_name(self) -> str:
         return f"{self.name}[{','.join(self.parts)}]" if self.parts else self.name
 
+    @property
+    def part_sizes(self) -> tuple[int, ...] | None:
+        """Output rows of q, k and v of a fused qkv layer (enabled or not); None for other kinds."""
+        return tuple(self.wrapper.part_sizes) if self.kind == "fused" else None
+
     def meta(self) -> dict[str, Any]:
         base = self.wrapper.base_layer
+        sizes = self.part_sizes
         return {"kind": self.kind, "type": type(base).__name__, "r": self.r, "alpha": self.alpha,
-                "scaling": self.scaling, "parts": list(self.parts) if self.parts else None}
+                "scaling": self.scaling, "parts": list(self.parts) if self.parts else None,
+                "part_sizes": list(sizes) if sizes else None}
+
+
+def saved_part_sizes(entry: dict, out: int) -> tuple[int, ...] | None:
+    """The q/k/v rows a saved fused module was trained with (adapters saved before lora-tune
+    recorded them split every fused layer into equal thirds); None if that cannot be."""
+    if entry.get("part_sizes"):
+        return tuple(int(s) for s in entry["part_sizes"])
+    try:
+        return equal_sizes(out)
+    except ValueError:
+        return None
 
 
 def adapted_sites(model: nn.Module) -> list[Site]:
@@ -313,42 +333,42 @@ def inject_exact(model: nn.Module, config: LoraConfig, plain_fused: tuple[str, .
     model._lora_tune_config = config
 
 
-def expected_after_inject(model: nn.Module, config: LoraConfig, names: list[str],
+def expected_after_inject(model: nn.Module, config: LoraConfig,
                           plain_fused: tuple[str, ...] = ()) -> dict[str, torch.Size]:
-    """Parameter names and shapes the model would have after injecting ``config`` -- found by
-    injecting into a weightless (meta-device) copy of just the target modules."""
-    modules = dict(model.named_modules())
-    skeleton = nn.Module()
-    for name in names:
-        if name not in modules:
-            continue
-        module = modules[name]
-        memo: dict[int, Any] = {}
-        for t in list(module.parameters()) + list(module.buffers()):
-            meta_t = torch.empty_like(t, device="meta")
-            memo[id(t)] = nn.Parameter(meta_t, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta_t
-        owner = skeleton
-        *path, leaf = name.split(".")
-        for part in path:
-            if not hasattr(owner, part):
-                owner.add_module(part, nn.Module())
-            owner = getattr(owner, part)
-        owner.add_module(leaf, copy.deepcopy(module, memo))
+    """Parameter names and shapes the model would have after injecting ``config`` (and turning
+    ``plain_fused`` into plain pairs, as :func:`inject_exact` does) -- found by resolving the
+    targets on the model itself, then building their wrappers around weightless (meta-device)
+    copies of the target modules."""
     dry = LoraConfig.from_dict({**config.to_dict(), "quant_bits": None, "init": "kaiming",
                                 "modules_to_save": [], "bias": "none"})
     try:
+        targets, _ = resolve(model, dry)
+        shapes = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the real inject repeats any rank warning
-            inject_exact(skeleton, dry, plain_fused)
+            for t in targets:
+                t = replace(t, module=_meta_copy(t.module))
+                if t.name in plain_fused:
+                    t = replace(t, kind="linear", parts=None, part_sizes=None)
+                wrapper = build_wrapper(t, dry, [])
+                shapes.update({f"{t.name}.{k}": p.shape for k, p in wrapper.named_parameters()})
     except ConfigError as exc:
         raise AdapterFormatError(f"the saved adapter does not fit this model: {exc}") from None
-    shapes = {k: p.shape for k, p in skeleton.named_parameters()}
     # parameters of non-target modules keep their names
-    target_set = set(names)
+    target_set = {t.name for t in targets}
     for k, t in model.state_dict(keep_vars=True).items():
         if not any(k.startswith(n + ".") for n in target_set):
             shapes[k] = t.shape
     return shapes
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers live on the meta device (no memory)."""
+    memo: dict[int, Any] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        meta_t = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta_t, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta_t
+    return copy.deepcopy(module, memo)
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], required: set[str],
@@ -389,7 +409,6 @@ def _lora_tune_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tenso
         required = set(lora_state_dict(model))
         check_tensors(tensors, expected, required, source)
         return LoadPlan(tensors)
-    names = list(modules_meta)
     items = [(n, tuple(m["parts"]) if m.get("parts") else None) for n, m in modules_meta.items()]
     cfg = LoraConfig.from_dict({
         **saved_cfg.to_dict(), "targets": exact_targets(items), "exclude": [], "enable_lora": None,
@@ -402,7 +421,8 @@ def _lora_tune_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tenso
             raise AdapterFormatError(f"{source}: module {name!r}: the saved config gives scaling {scaling:g} but the "
                                      f"adapter was trained with {m.get('scaling')}; "
                                      "adapter_config.json is inconsistent")
-    expected = expected_after_inject(model, cfg, names)
+    _check_part_sizes(model, cfg, modules_meta, source)
+    expected = expected_after_inject(model, cfg)
     required = {k for k in expected if _is_lora_key(k)} | set(meta.get("extra_keys") or [])
     check_tensors(tensors, expected, required, source)
     return LoadPlan(tensors, config=cfg, record=saved_cfg)
@@ -427,3 +447,27 @@ def _check_sites(sites: list[Site], modules_meta: dict, source: str) -> None:
             raise AdapterFormatError(
                 f"{source}: module {name!r} has scaling {s.scaling:g} in the model but {m.get('scaling')} in the "
                 "adapter (alpha / rank / rslora differ); inject with the adapter's config or load into a fresh model")
+        if s.kind == "fused":
+            _same_split(name, s.part_sizes, saved_part_sizes(m, s.wrapper.out_features), source)
+
+
+def _check_part_sizes(model: nn.Module, cfg: LoraConfig, modules_meta: dict, source: str) -> None:
+    """Fused layers of the adapter must split in the model as they did when it was trained."""
+    modules = dict(model.named_modules())
+    for name, m in modules_meta.items():
+        if m.get("kind") != "fused" or name not in modules:
+            continue
+        module = modules[name]
+        try:
+            here = fused_sizes(model, name, module, cfg.qkv_sizes)
+        except ConfigError as exc:
+            raise AdapterFormatError(f"{source}: the saved adapter does not fit this model: {exc}") from None
+        _same_split(name, here, saved_part_sizes(m, out_features(module)), source)
+
+
+def _same_split(name: str, here: tuple[int, ...] | None, saved: tuple[int, ...] | None, source: str) -> None:
+    if here is None or saved is None or tuple(here) != tuple(saved):
+        raise AdapterFormatError(
+            f"{source}: fused module {name!r} splits into q/k/v rows {list(saved) if saved else None} in the adapter "
+            f"but {list(here) if here else 'not at all'} in this model; the adapter was trained for another layout "
+            "(set LoraConfig.qkv_sizes if lora-tune reads this model's head counts wrongly)")

@@ -7,17 +7,20 @@ A target pattern is one of
 * a glob (``layers.*.q_proj``), matched against the full name;
 * ``re:REGEX``, matched with ``re.fullmatch`` against the full name.
 Any pattern may end with a part selector ``[q,v]`` (drawn from q, k, v, o) that picks parts of
-a fused qkv projection or of nn.MultiheadAttention (``o`` = its out_proj).
+a fused qkv projection (split as :func:`lora_tune.lora.fused.qkv_sizes` says) or of
+nn.MultiheadAttention (``o`` = its out_proj).
 """
 from __future__ import annotations
 
 import fnmatch
 import re
 from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 from torch import nn
 
 from lora_tune.errors import ConfigError, NoMatchingModulesError, UnsupportedLayerError
+from lora_tune.lora.fused import Sizes, has_fused_name, qkv_sizes, split_problem
 
 _SELECTOR = re.compile(r"^(?P<pattern>.*?)\[(?P<parts>[qkvo](?:\s*,\s*[qkvo])*)\]$")
 _GLOB_CHARS = set("*?[")
@@ -26,10 +29,10 @@ Q_NAMES = {"q", "query", "q_proj", "q_lin", "wq", "to_q", "queries", "q_attn"}
 K_NAMES = {"k", "key", "k_proj", "k_lin", "wk", "to_k", "keys"}
 V_NAMES = {"v", "value", "v_proj", "v_lin", "wv", "to_v", "values"}
 O_NAMES = {"o", "o_proj", "out_proj", "out_lin", "wo", "to_out", "attn_out"}
-FUSED_NAMES = {"qkv", "c_attn", "in_proj", "query_key_value", "wqkv", "qkv_proj", "to_qkv", "w_pack"}
 HEAD_NAMES = {"lm_head", "classifier", "score", "head", "out_head", "qa_outputs", "fc_out", "output_layer",
               "decoder", "predictions"}
-MLP_NAMES = {"fc1", "fc2", "c_fc", "linear1", "linear2", "up_proj", "down_proj", "gate_proj", "lin1", "lin2",
+MLP_NAMES = {"fc1", "fc2", "c_fc", "linear1", "linear2", "up_proj", "down_proj", "gate_proj", "gate_up_proj",
+             "lin1", "lin2",
              "w1", "w2", "w3", "dense_h_to_4h", "dense_4h_to_h", "wi", "wo_ffn", "fc_in", "fc_out_ffn"}
 MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "experts")
 ATTN_WORDS = ("attn", "attention", "self_attn", "mha")
@@ -43,7 +46,9 @@ def supported_kind(module: nn.Module) -> str | None:
         # bitsandbytes' Linear4bit / Linear8bitLt hold integer weights: use quant_bits instead
         return "linear" if module.weight is not None and module.weight.is_floating_point() else None
     if isinstance(module, nn.Embedding):
-        return "embedding"
+        # a subclass with its own forward (Gemma's scaled embedding, OPT's learned positions) is
+        # not a plain table lookup, so a delta on its table is not what it computes
+        return "embedding" if type(module).forward is nn.Embedding.forward else None
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return "conv"
     if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers") and hasattr(module, "nf"):
@@ -93,16 +98,19 @@ class Target:
     kind: str
     parts: tuple[str, ...] | None = None          # q/k/v(/o) for fused qkv and MHA
     type_name: str = ""
+    part_sizes: Sizes | None = None                # output rows of q, k, v of a fused qkv layer
     notes: list[str] = field(default_factory=list)
 
 
-def is_fused_qkv(name: str, module: nn.Module) -> bool:
-    last = name.rsplit(".", 1)[-1].lower()
-    kind = supported_kind(module)
-    if kind not in ("linear", "conv1d_gpt2") or last not in FUSED_NAMES:
-        return False
-    out = module.weight.shape[1] if kind == "conv1d_gpt2" else module.out_features
-    return out % 3 == 0
+def fused_sizes(model: nn.Module, name: str, module: nn.Module,
+                overrides: Mapping[str, Sequence[int]] | None = None) -> Sizes | None:
+    """q/k/v output rows of a supported fused qkv layer (see :func:`lora_tune.lora.fused.qkv_sizes`),
+    with ``overrides`` (``LoraConfig.qkv_sizes``: pattern -> sizes) taking precedence; None for
+    any other layer."""
+    if supported_kind(module) not in ("linear", "conv1d_gpt2"):
+        return None
+    given = next((v for k, v in (overrides or {}).items() if parse_pattern(k, "qkv_sizes").matches(name)), None)
+    return qkv_sizes(model, name, module, given)
 
 
 def _inside_wrapper(name: str, wrapped_prefixes: set[str]) -> bool:
@@ -134,9 +142,13 @@ def _mha_children(model: nn.Module) -> dict[str, str]:
     return {f"{n}.out_proj": n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
 
 
-def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str],
-                    default_parts: list[str] | None, presets: dict[str, list[str]] | None = None) -> list[Target]:
-    """Turn patterns into Targets (or raise a typed error naming the patterns and candidates)."""
+def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], default_parts: list[str] | None,
+                    qkv_overrides: Mapping[str, Sequence[int]] | None = None) -> list[Target]:
+    """Turn patterns into Targets (or raise a typed error naming the patterns and candidates).
+
+    ``default_parts`` (``LoraConfig.enable_lora``) are the parts of fused layers and
+    nn.MultiheadAttention adapted when a pattern has no selector; ``qkv_overrides``
+    (``LoraConfig.qkv_sizes``) give the split of fused layers."""
     patterns = [parse_pattern(t) for t in targets]
     excl = [parse_pattern(t, "exclude") for t in exclude]
     candidates = named_candidates(model)
@@ -153,7 +165,7 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str],
             if p.text in wrappers or _inside_wrapper(p.text, wrappers):
                 raise ConfigError("targets", p.text, "modules that are not adapted yet",
                                   f"{p.text!r} already carries LoRA; unmerge/unload before injecting again")
-            raise UnsupportedLayerError(p.text, type(modules[p.text]).__name__, SUPPORTED_TYPES)
+            raise UnsupportedLayerError(p.text, _type_description(modules[p.text]), SUPPORTED_TYPES)
 
     chosen: dict[str, Target] = {}
 
@@ -164,21 +176,20 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str],
                 parts = tuple(p for p in parts if p != "o")
             if not parts:
                 return
-        elif kind in ("linear", "conv1d_gpt2") and is_fused_qkv(name, module):
+        elif (sizes := fused_sizes(model, name, module, qkv_overrides)) is not None:
             sel = parts if parts is not None else tuple(default_parts or ("q", "k", "v"))
             parts = tuple(p for p in sel if p != "o") or None
             kind = "fused"
             if parts is None:
                 return
-        elif parts is not None:
-            raise ConfigError("targets", f"{pattern.text}[{','.join(parts)}]",
-                              "part selectors [q,k,v,o] on fused qkv layers and nn.MultiheadAttention only",
-                              f"It matched {name!r}, a {type(module).__name__}; drop the selector or name the projections")
+        else:
+            _refuse_parts(model, name, module, kind, parts, pattern, default_parts)
         if name in chosen and chosen[name].parts and parts:
             merged = tuple(p for p in ("q", "k", "v", "o") if p in chosen[name].parts or p in parts)
             chosen[name].parts = merged
             return
-        chosen[name] = Target(name, module, kind, parts, type(module).__name__)
+        chosen[name] = Target(name, module, kind, parts, type(module).__name__,
+                              part_sizes=sizes if kind == "fused" else None)
 
     all_names = [n for n, _, _ in candidates] + list(mha_of)
     matched: set[int] = set()
@@ -208,17 +219,45 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str],
     return [chosen[n] for n in sorted(chosen, key=list(modules).index)]
 
 
+def _refuse_parts(model: nn.Module, name: str, module: nn.Module, kind: str, parts: tuple[str, ...] | None,
+                  pattern: Pattern, default_parts: list[str] | None) -> None:
+    """Part selection on a layer that has no parts to select is an error (for a fused qkv layer
+    whose split is unknown: adapting it whole would also adapt the parts not asked for)."""
+    unsplittable = kind in ("linear", "conv1d_gpt2") and has_fused_name(name)
+    fix = f"set LoraConfig.qkv_sizes={{{name!r}: [q_rows, k_rows, v_rows]}}, or drop the part selection to adapt it whole"
+    if parts is not None:
+        selector = f"{pattern.text}[{','.join(parts)}]"
+        if unsplittable:
+            raise ConfigError("targets", selector, "part selectors on fused qkv layers whose split is known",
+                              f"{split_problem(model, name, module)}; {fix}")
+        raise ConfigError("targets", selector,
+                          "part selectors [q,k,v,o] on fused qkv layers and nn.MultiheadAttention only",
+                          f"It matched {name!r}, a {type(module).__name__}; drop the selector or name the projections")
+    if unsplittable and default_parts and set(default_parts) != {"q", "k", "v"}:
+        raise ConfigError("enable_lora", default_parts, "parts of fused qkv layers whose split is known",
+                          f"{split_problem(model, name, module)}; {fix}")
+
+
+def _type_description(module: nn.Module) -> str:
+    name = type(module).__name__
+    if isinstance(module, nn.Embedding):
+        return f"{name} (an nn.Embedding subclass with its own forward, which LoRA on its table would not follow)"
+    return name
+
+
 def _is_wrapper(module: nn.Module) -> bool:
     from lora_tune.lora.layers import LORA_WRAPPERS  # noqa: PLC0415
 
     return isinstance(module, LORA_WRAPPERS)
 
 
-def _role(name: str, module: nn.Module) -> str:
+def _role(model: nn.Module, name: str, module: nn.Module) -> str:
     last = name.rsplit(".", 1)[-1].lower()
     path = name.lower()
-    if is_fused_qkv(name, module):
+    if fused_sizes(model, name, module) is not None:
         return "qkv"
+    if has_fused_name(name):
+        return "qkv_whole"  # a fused projection whose split is unknown: adapted as one layer
     if last in Q_NAMES:
         return "q"
     if last in K_NAMES:
@@ -245,7 +284,9 @@ def target_presets(model: nn.Module) -> dict[str, list[str]]:
 
     ``attention-qv``, ``attention``, ``mlp``, ``all-linear`` (every Linear-like layer but the
     output head), ``embeddings``, ``conv``. Fused qkv layers and nn.MultiheadAttention appear
-    with a part selector (``name[q,v]``). Empty presets are left out."""
+    with a part selector (``name[q,v]``); a fused layer whose q/k/v split is unknown is in
+    ``attention`` (whole) but not in ``attention-qv``. Output heads are in none of them.
+    Empty presets are left out."""
     qv, attn, mlp, linear, emb, conv = [], [], [], [], [], []
     for name, module, kind in named_candidates(model):
         if kind == "mha":
@@ -259,7 +300,7 @@ def target_presets(model: nn.Module) -> dict[str, list[str]]:
         if kind == "conv":
             conv.append(name)
             continue
-        role = _role(name, module)
+        role = _role(model, name, module)
         if role == "head":
             continue
         linear.append(name)
@@ -269,7 +310,7 @@ def target_presets(model: nn.Module) -> dict[str, list[str]]:
         elif role in ("q", "v"):
             qv.append(name)
             attn.append(name)
-        elif role in ("k", "o"):
+        elif role in ("k", "o", "qkv_whole"):
             attn.append(name)
         elif role == "mlp":
             mlp.append(name)

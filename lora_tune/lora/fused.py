@@ -1,0 +1,133 @@
+"""Fused q/k/v projections: recognising them and telling how their output rows split.
+
+A fused projection computes q, k and v with one weight whose output rows are the three blocks
+``[q | k | v]`` one after the other. With multi-head attention the blocks are equal thirds
+(GPT-2's ``c_attn``, ViT's ``qkv``); with grouped-query attention they are not: Phi-3's
+``qkv_proj`` has ``(H + 2*KV) * head_dim`` rows, ``H * head_dim`` of them for q.
+
+:func:`qkv_sizes` is the one place that decides the split. Everything that splits a fused
+layer (part selectors ``name[q,v]``, ``enable_lora``, PiSSA, the PEFT format) uses its answer;
+a layer it cannot split is adapted as one plain layer, and asking for parts of it is an error.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from lora_tune.errors import ConfigError
+
+FUSED_NAMES = {"qkv", "c_attn", "in_proj", "query_key_value", "wqkv", "qkv_proj", "to_qkv", "w_pack"}
+"""Last name components of fused q/k/v projections (lower case)."""
+
+INTERLEAVED_QKV_MODEL_TYPES = frozenset(
+    {"bloom", "codegen", "falcon", "gpt_neox", "gpt_neox_japanese", "internlm2", "persimmon"})
+"""transformers model types whose fused projection interleaves q/k/v rows per head or group
+instead of stacking three blocks: their fused layers are adapted whole."""
+
+# attribute names, on an attention module or on its transformers config, in order of preference
+_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_n_heads")
+_KV_GROUPS = ("num_key_value_groups",)
+_HEAD_DIM = ("head_dim",)
+
+Sizes = tuple[int, int, int]
+
+
+def out_features(module: nn.Module) -> int:
+    """Output size of a Linear or of transformers' GPT-2 ``Conv1D`` (weight stored in x out)."""
+    return module.weight.shape[0] if isinstance(module, nn.Linear) else module.weight.shape[1]
+
+
+def has_fused_name(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in FUSED_NAMES
+
+
+def qkv_sizes(model: nn.Module, name: str, module: nn.Module, given: Sequence[int] | None = None) -> Sizes | None:
+    """Output rows of q, k and v in the fused projection ``name`` of ``model``, or None when it is
+    not a fused projection that lora-tune can split.
+
+    In order: ``given`` (the sizes ``LoraConfig.qkv_sizes`` gives for the layer; they must add up
+    to the output size); None for a layer whose name
+    is not a fused name, or in a model type that interleaves its rows; the head counts of the
+    nearest enclosing module that states them (itself or its transformers ``config``):
+    ``(H*d, KV*d, KV*d)``, None if that does not add up to the output size; and with no head
+    counts anywhere, equal thirds when the output size divides by 3."""
+    out = out_features(module)
+    if given is not None:
+        if sum(given) != out:
+            raise ConfigError("qkv_sizes", list(given), f"three sizes adding up to {out}, the output size of {name!r}")
+        return tuple(int(s) for s in given)
+    if not has_fused_name(name):
+        return None
+    enclosing = _enclosing(model, name)
+    if _model_type(enclosing) in INTERLEAVED_QKV_MODEL_TYPES:
+        return None
+    heads = _head_counts(enclosing)
+    if heads is None:
+        return (out // 3,) * 3 if out % 3 == 0 else None
+    return _grouped_split(out, *heads)
+
+
+def split_problem(model: nn.Module, name: str, module: nn.Module) -> str:
+    """Why :func:`qkv_sizes` gives no split for ``name`` (for error messages)."""
+    out = out_features(module)
+    enclosing = _enclosing(model, name)
+    model_type = _model_type(enclosing)
+    if model_type in INTERLEAVED_QKV_MODEL_TYPES:
+        why = f"{model_type!r} models interleave q/k/v rows per head, so they are not three blocks"
+    elif (heads := _head_counts(enclosing)) is not None:
+        h, kv, d = heads
+        why = f"its {out} output rows do not fit {h} query and {kv} key/value heads" + (f" of size {d}" if d else "")
+    else:
+        why = f"no head counts are known and {out} output rows do not divide into three equal parts"
+    return f"lora-tune cannot tell how {name!r} splits into q, k, v: {why}"
+
+
+def _enclosing(model: nn.Module, name: str) -> list[nn.Module]:
+    """The modules around ``name``, innermost first, ending with the model itself."""
+    path = name.split(".")[:-1]
+    return [model.get_submodule(".".join(path[:i])) for i in range(len(path), -1, -1)]
+
+
+def _read(sources: Sequence[object], names: Sequence[str]) -> int | None:
+    for source in sources:
+        for attr in names:
+            value = getattr(source, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _head_counts(enclosing: list[nn.Module]) -> tuple[int, int, int | None] | None:
+    """(query heads, key/value heads, head size or None) from the innermost module stating a
+    query head count, each read from the module or else its ``config``."""
+    for module in enclosing:
+        sources = [module, getattr(module, "config", None)]
+        heads = _read(sources, _HEADS)
+        if heads is None:
+            continue
+        kv = _read(sources, _KV_HEADS)
+        groups = _read(sources, _KV_GROUPS)
+        if kv is None and groups is not None and heads % groups == 0:
+            kv = heads // groups
+        return heads, kv or heads, _read(sources, _HEAD_DIM)
+    return None
+
+
+def _model_type(enclosing: list[nn.Module]) -> str | None:
+    for module in enclosing:
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        if isinstance(model_type, str):
+            return model_type
+    return None
+
+
+def _grouped_split(out: int, heads: int, kv: int, head_dim: int | None) -> Sizes | None:
+    units = heads + 2 * kv
+    if head_dim is None:
+        if out % units:
+            return None
+        head_dim = out // units
+    sizes = (heads * head_dim, kv * head_dim, kv * head_dim)
+    return sizes if sum(sizes) == out else None
