@@ -1,4 +1,4 @@
-"""Built-in tasks: ``digits``, ``text-classification``, ``causal-lm`` and ``python``.
+"""Built-in tasks: ``digits``, ``text-classification``, ``causal-lm``, ``sft`` and ``python``.
 
 ``build_task(spec)`` turns the study file's ``task:`` mapping into a :class:`Task`;
 ``validate_task_spec(spec)`` lists every problem as ``(path, message)`` without building anything
@@ -11,11 +11,12 @@ from typing import Any, Mapping
 
 from lora_tune.tasks.base import Problems, Task, raise_problems
 
-TASK_TYPES = ("digits", "text-classification", "causal-lm", "python")
+TASK_TYPES = ("digits", "text-classification", "causal-lm", "sft", "python")
 _MODULES = {
     "digits": "lora_tune.tasks.digits",
     "text-classification": "lora_tune.tasks.text_classification",
     "causal-lm": "lora_tune.tasks.causal_lm",
+    "sft": "lora_tune.tasks.sft",
     "python": "lora_tune.tasks.python_factory",
 }
 

@@ -1,0 +1,393 @@
+"""Instruction data for the ``sft`` task: reading files, the three formats, and label masks.
+
+Formats (``task.format``; detected from the columns when omitted, in this order):
+
+``messages``
+    a column of conversations ``[{role, content}, ...]``; roles :data:`ROLES`.
+``prompt-completion``
+    two string columns; the prompt becomes one user turn when there is a chat template.
+``text``
+    one string column; every token is supervised.
+
+**Label masks.** An example is rendered to one string and tokenized once, with character offsets
+(so a fast tokenizer is needed). With a chat template, assistant message ``i`` spans from the end
+of ``render(messages[:i], add_generation_prompt=True)`` to the end of ``render(messages[:i + 1])``:
+its content and the template's end-of-turn marker, exactly as the template writes them. A token is
+supervised when its first character lies in such a span; with ``train_on: all`` every token is.
+Some templates render a turn differently once later turns follow (e.g. ones that drop reasoning
+from the history); for such a turn the span is the assistant content string itself, located in the
+full rendering, and the turn is counted in :attr:`Split.content_only_turns`. Without a chat
+template a prompt-completion example is ``prompt + completion`` (plain concatenation) with EOS
+appended and supervised, and the tokenizer's BOS in front when it adds one.
+
+The first label of every example is ``-100``: nothing predicts it, and in a packed block it would
+otherwise be predicted from the previous example.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from lora_tune.errors import ConfigError
+from lora_tune.tasks.base import cache_dir
+
+FORMATS = ("messages", "prompt-completion", "text")
+ROLES = ("system", "user", "assistant", "tool")
+TRAIN_ON = ("completion", "all")
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+EVAL_SPLITS = ("validation", "eval", "test")
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Column names of the data files (``task.*_column``)."""
+
+    messages: str = "messages"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    text: str = "text"
+
+    def needed(self, fmt: str) -> dict[str, str]:
+        """``{spec key: column}`` that ``fmt`` reads."""
+        if fmt == "messages":
+            return {"messages_column": self.messages}
+        if fmt == "prompt-completion":
+            return {"prompt_column": self.prompt, "completion_column": self.completion}
+        return {"text_column": self.text}
+
+
+@dataclass(frozen=True)
+class Table:
+    """The rows of one data file, with where they came from (for error messages)."""
+
+    source: str
+    field: str  # "task.train_file" or "task.eval_file"
+    columns: tuple[str, ...]
+    rows: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One rendered, tokenized example. ``prompt_ids`` / ``reference`` feed generation metrics
+    (the conversation up to its last assistant message, and that message); None for ``text``."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_ids: list[int] | None = None
+    reference: str | None = None
+
+    @property
+    def supervised(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE)
+
+
+@dataclass
+class Split:
+    """The examples of a split that fit ``max_length``, and what was left out."""
+
+    examples: list[Example] = field(default_factory=list)
+    too_long: int = 0
+    content_only_turns: int = 0
+
+
+# -- reading --------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[Any]:
+    """``datasets`` offline and without progress bars or info logs, restoring its settings."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    level = datasets.utils.logging.get_verbosity()
+    bars = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield datasets
+    finally:
+        datasets.utils.logging.set_verbosity(level)
+        if bars:
+            datasets.utils.enable_progress_bars()
+
+
+def check_data_path(value: Any) -> str | None:
+    """None when ``value`` is a data file with a known suffix or a ``save_to_disk`` directory."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        return f"must be a data file path, got {value!r}"
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            return f"directory {str(path)!r} is not a datasets save_to_disk directory"
+        return None
+    if not path.is_file():
+        return f"file not found: {str(path)!r}"
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        return f"{str(path)!r} has suffix {path.suffix!r}; allowed: {', '.join(DATA_SUFFIXES)} or a save_to_disk directory"
+    return None
+
+
+def read_table(source: str, field: str) -> Table:
+    """Rows of a data file (``datasets``' json/csv/parquet builders) or a ``save_to_disk`` directory.
+
+    Builders cache under ``cache_dir()/datasets``. A DatasetDict directory gives its ``train``
+    split for the training file and ``validation``, ``eval`` or ``test`` for the evaluation file
+    (or its only split).
+    """
+    path = Path(source).expanduser()
+    try:
+        with _quiet_datasets() as datasets:
+            if path.is_dir():
+                data = datasets.load_from_disk(str(path), keep_in_memory=True)
+                if isinstance(data, datasets.DatasetDict):
+                    data = data[_pick_split(list(data), field, source)]
+            else:
+                builder = DATA_SUFFIXES[path.suffix.lower()]
+                options: dict[str, Any] = {}
+                if builder == "csv":  # keep "007" and "4" as text
+                    options = {"dtype": str, "sep": "\t" if path.suffix.lower() == ".tsv" else ","}
+                data = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True,
+                                             cache_dir=str(cache_dir() / "datasets"), **options)
+            return Table(source, field, tuple(data.column_names), data.to_list())
+    except ConfigError:
+        raise
+    except Exception as exc:  # datasets/pyarrow raise many types for malformed files
+        raise ConfigError(field, source, "a readable .jsonl, .json, .csv, .tsv or .parquet file, or a "
+                          "datasets save_to_disk directory", f"{type(exc).__name__}: {exc}") from None
+
+
+def _pick_split(names: list[str], field: str, source: str) -> str:
+    wanted = ("train",) if field.endswith("train_file") else EVAL_SPLITS
+    for name in wanted:
+        if name in names:
+            return name
+    if len(names) == 1:
+        return names[0]
+    raise ConfigError(field, source, f"a DatasetDict with a split named {' or '.join(wanted)}",
+                      f"its splits: {', '.join(names)}")
+
+
+def detect_format(table: Table, columns: Columns, given: str | None) -> str:
+    """``given`` (its columns checked), else the first format whose columns ``table`` has."""
+    present = ", ".join(table.columns)
+    if given is not None:
+        for key, column in columns.needed(given).items():
+            if column not in table.columns:
+                raise ConfigError(f"task.{key}", column, f"a column of {table.source!r} (format {given})",
+                                  f"its columns: {present}")
+        return given
+    for fmt in FORMATS:
+        if all(column in table.columns for column in columns.needed(fmt).values()):
+            return fmt
+    layouts = "; ".join(f"{fmt}: {', '.join(columns.needed(fmt).values())}" for fmt in FORMATS)
+    raise ConfigError("task.format", None, f"data whose columns fit one format ({layouts})",
+                      f"{table.source!r} has the columns {present}; name them with messages_column, "
+                      "prompt_column/completion_column or text_column")
+
+
+# -- rows -> conversations ------------------------------------------------------------------
+
+def _as_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _bad_row(table: Table, key: str, column: str, number: int, problem: str, allowed: str) -> ConfigError:
+    return ConfigError(f"task.{key}", column, allowed, f"row {number} of {table.source!r}: {problem}")
+
+
+def row_messages(table: Table, row: dict[str, Any], number: int, fmt: str, columns: Columns) -> list[dict[str, str]]:
+    """The conversation of one row (prompt-completion: a user turn and an assistant turn)."""
+    if fmt == "prompt-completion":
+        prompt, completion = _as_text(row.get(columns.prompt)), _as_text(row.get(columns.completion))
+        if prompt is None:
+            raise _bad_row(table, "prompt_column", columns.prompt, number, f"prompt {row.get(columns.prompt)!r}",
+                           "a string prompt")
+        if completion is None or not completion.strip():
+            raise _bad_row(table, "completion_column", columns.completion, number,
+                           f"completion {row.get(columns.completion)!r}", "a non-empty string completion")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    value = row.get(columns.messages)
+    if not isinstance(value, list) or not value:
+        raise _bad_row(table, "messages_column", columns.messages, number, f"{value!r}",
+                       "a non-empty list of {role, content} messages")
+    messages = []
+    for index, message in enumerate(value):
+        where = f"message {index}"
+        if not isinstance(message, dict):
+            raise _bad_row(table, "messages_column", columns.messages, number, f"{where} is {message!r}",
+                           "messages that are {role, content} mappings")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise _bad_row(table, "messages_column", columns.messages, number, f"{where} has role {role!r}",
+                           "roles " + ", ".join(ROLES))
+        if not isinstance(content, str):
+            raise _bad_row(table, "messages_column", columns.messages, number,
+                           f"{where} has content {content!r}", "string contents")
+        if role == "assistant" and not content.strip():
+            raise _bad_row(table, "messages_column", columns.messages, number,
+                           f"{where} is an empty assistant message", "non-empty assistant messages")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _bad_row(table, "messages_column", columns.messages, number, "no assistant message",
+                       "conversations with at least one assistant message")
+    return messages
+
+
+def row_text(table: Table, row: dict[str, Any], number: int, columns: Columns) -> str:
+    text = _as_text(row.get(columns.text))
+    if text is None or not text.strip():
+        raise _bad_row(table, "text_column", columns.text, number, f"text {row.get(columns.text)!r}",
+                       "non-empty string texts")
+    return text
+
+
+# -- rendering and label masks --------------------------------------------------------------
+
+class Renderer:
+    """Renders conversations with a chat template (or plain concatenation) and builds labels."""
+
+    def __init__(self, tokenizer: Any, template: str | None, train_on: str):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.train_on = train_on
+        self.bos = _leading_bos(tokenizer)
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def render(self, messages: Sequence[dict[str, str]], generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+
+    def tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(out["input_ids"]), [tuple(o) for o in out["offset_mapping"]]
+
+    def assistant_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]], int]:
+        """The rendered conversation, the character spans of its assistant turns, and how many
+        turns fell back to their content string (see the module docstring)."""
+        full = self.render(messages)
+        spans: list[tuple[int, int]] = []
+        fallbacks = 0
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, through = self.render(messages[:i], generation_prompt=True), self.render(messages[:i + 1])
+            cursor = spans[-1][1] if spans else 0
+            if full.startswith(before) and full.startswith(through) and cursor <= len(before) < len(through):
+                spans.append((len(before), len(through)))
+                continue
+            start = full.find(message["content"], cursor)
+            if start < 0:
+                raise ConfigError("task.chat_template", "(the chat template)",
+                                  "a template that writes each assistant message's content verbatim",
+                                  f"assistant content {message['content'][:60]!r} is not in the rendering")
+            spans.append((start, start + len(message["content"])))
+            fallbacks += 1
+        return full, spans, fallbacks
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> tuple[Example, int]:
+        """The example of one conversation, and its count of content-only turns."""
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        if self.template is None:  # prompt-completion without a chat template
+            prompt, completion = messages[0]["content"], messages[1]["content"]
+            text = prompt + completion
+            ids, offsets = self.tokens(text)
+            spans = [(0 if self.train_on == "all" else len(prompt), len(text))]
+            labels = _labels(ids, offsets, spans)
+            prompt_ids = self.bos + self.tokens(prompt)[0]
+            ids, labels = self.bos + ids + self.eos, [IGNORE] * len(self.bos) + labels + self.eos
+            fallbacks = 0
+        else:
+            text, spans, fallbacks = self.assistant_spans(messages)
+            if self.train_on == "all":
+                spans = [(0, len(text))]
+            ids, offsets = self.tokens(text)
+            labels = _labels(ids, offsets, spans)
+            prompt_ids = self.tokens(self.render(messages[:last], generation_prompt=True))[0]
+        labels[0] = IGNORE
+        return Example(ids, labels, prompt_ids, messages[last]["content"]), fallbacks
+
+    def end_of_turn_id(self) -> int | None:
+        """The special token the template closes an assistant turn with (a stop token for
+        generation), or None: found by rendering a one-exchange probe conversation."""
+        if self.template is None:
+            return None
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
+        text, spans, _ = self.assistant_spans(probe)
+        end = text.find("Yes", spans[0][0]) + len("Yes")
+        ids, offsets = self.tokens(text)
+        after = next((token for token, (start, _) in zip(ids, offsets) if start >= end), None)
+        return after if after in self.tokenizer.all_special_ids else None
+
+    def encode_text(self, text: str) -> Example:
+        ids = self.bos + self.tokens(text)[0] + self.eos
+        return Example(ids, [IGNORE] + ids[1:])
+
+
+def _leading_bos(tokenizer: Any) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer puts BOS in front of a text by itself, else ``[]``."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """``ids`` where a token's first character lies in one of ``spans`` (sorted), else IGNORE."""
+    labels = [IGNORE] * len(ids)
+    k = 0
+    for i, (start, _end) in enumerate(offsets):
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        if k < len(spans) and spans[k][0] <= start:
+            labels[i] = ids[i]
+    return labels
+
+
+def encode_table(table: Table, fmt: str, columns: Columns, renderer: Renderer, max_length: int) -> Split:
+    """Every row of ``table`` as an :class:`Example`; rows longer than ``max_length`` are counted
+    in ``too_long`` and left out."""
+    split = Split()
+    for number, row in enumerate(table.rows, 1):
+        if fmt == "text":
+            example, fallbacks = renderer.encode_text(row_text(table, row, number, columns)), 0
+        else:
+            example, fallbacks = renderer.encode_messages(row_messages(table, row, number, fmt, columns))
+        if len(example.input_ids) > max_length:
+            split.too_long += 1
+            continue
+        if example.supervised == 0:
+            raise ConfigError("task.train_on", renderer.train_on, "settings that supervise at least one token",
+                              f"row {number} of {table.source!r} has no supervised token")
+        split.examples.append(example)
+        split.content_only_turns += fallbacks
+    return split
+
+
+# -- packing --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Block:
+    """Whole examples concatenated; ``position_ids`` restart at 0 at each example."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+
+
+def pack(examples: Sequence[Example], max_length: int) -> list[Block]:
+    """Examples in order, concatenated into blocks of at most ``max_length`` tokens; an example
+    that does not fit in the current block starts the next one (no example is split)."""
+    blocks: list[Block] = []
+    for example in examples:
+        if not blocks or len(blocks[-1].input_ids) + len(example.input_ids) > max_length:
+            blocks.append(Block([], [], []))
+        block = blocks[-1]
+        block.input_ids.extend(example.input_ids)
+        block.labels.extend(example.labels)
+        block.position_ids.extend(range(len(example.input_ids)))
+    return blocks
