@@ -9,8 +9,9 @@ import torch
 from torch.func import functional_call
 
 
-def delta_for(kind: str, A: torch.Tensor, B: torch.Tensor, shape, parts=None) -> torch.Tensor:
-    """The weight delta B @ A laid out like the base weight (unscaled)."""
+def delta_for(kind: str, A: torch.Tensor, B: torch.Tensor, shape, parts=None, sizes=None) -> torch.Tensor:
+    """The weight delta B @ A laid out like the base weight (unscaled). A fused layer's output
+    rows are q, k, v blocks of ``sizes`` rows (default: equal thirds)."""
     if kind in ("linear",):
         return B @ A
     if kind == "gpt2":
@@ -21,16 +22,17 @@ def delta_for(kind: str, A: torch.Tensor, B: torch.Tensor, shape, parts=None) ->
         return (B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)).reshape(shape)
     if kind in ("fused", "fused_t", "proj"):
         # parts: booleans for q, k, v; each enabled part has its own rank-r pair
-        n_on = sum(parts)
-        r = A.shape[0] // n_on
-        p = B.shape[0] // n_on
-        rows, k = [], 0
-        for on in parts:
+        out = shape[1] if kind == "fused_t" else shape[0]
+        sizes = sizes or [out // len(parts)] * len(parts)
+        r = A.shape[0] // sum(parts)
+        rows, k, row = [], 0, 0
+        for on, size in zip(parts, sizes):
             if on:
-                rows.append(B[k * p:(k + 1) * p] @ A[k * r:(k + 1) * r])
+                rows.append(B[row:row + size] @ A[k * r:(k + 1) * r])
                 k += 1
+                row += size
             else:
-                rows.append(torch.zeros(p, A.shape[1], dtype=A.dtype))
+                rows.append(torch.zeros(size, A.shape[1], dtype=A.dtype))
         full = torch.cat(rows, 0)
         return full.t() if kind == "fused_t" else full
     raise ValueError(kind)

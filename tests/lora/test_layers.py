@@ -4,7 +4,11 @@ For every case two adapted layers are stacked (so that gradients of the *upstrea
 through a LoRA layer with B != 0), the factors are randomised, and the outputs and the
 gradients w.r.t. A, B of both layers and w.r.t. the input are compared with an autograd
 reference that builds W0 + s * B @ A explicitly in float64 and calls the original torch module
-(tests/lora/reference.py)."""
+(tests/lora/reference.py).
+
+The grouped-query cases put a fused projection inside a module stating its head counts, as a
+transformers attention module does; the reference splits q/k/v by the sizes written in the case
+table (``SPLITS``), not by anything the injector computes."""
 from __future__ import annotations
 
 import copy
@@ -47,6 +51,18 @@ class Stack(nn.Module):
         return x
 
 
+class HeadCountStack(Stack):
+    """A Stack that states grouped-query head counts (query heads, key/value heads, head size)."""
+
+    def __init__(self, heads: tuple[int, int, int], **layers: nn.Module):
+        super().__init__(**layers)
+        self.num_heads, self.num_key_value_heads, self.head_dim = heads
+
+
+# q/k/v rows of the grouped-query cases: (H*d, KV*d, KV*d)
+SPLITS = {"fused_qkv_gqa_qv": (8, 2, 2), "gpt2_conv1d_gqa_k": (8, 4, 4)}
+
+
 def _mha_separate(E=8):
     return nn.MultiheadAttention(E, 2, kdim=5, vdim=7, batch_first=True)
 
@@ -61,6 +77,11 @@ def _cases():
                          lambda: torch.randn(3, 6, generator=g), {"enable_lora": ["q", "v"]}),
         "gpt2_conv1d": (lambda: Stack(c_attn=Conv1D(15, 6), c_proj=Conv1D(4, 15)),
                         lambda: torch.randn(2, 3, 6, generator=g), {"enable_lora": ["k"]}),
+        # 4 query heads, 1 key/value head of size 2: 12 rows, which equal thirds would split wrongly
+        "fused_qkv_gqa_qv": (lambda: HeadCountStack((4, 1, 2), qkv_proj=nn.Linear(6, 12), o_proj=nn.Linear(12, 6)),
+                             lambda: torch.randn(3, 6, generator=g), {"enable_lora": ["q", "v"]}),
+        "gpt2_conv1d_gqa_k": (lambda: HeadCountStack((4, 2, 2), c_attn=Conv1D(16, 6), c_proj=Conv1D(4, 16)),
+                              lambda: torch.randn(2, 3, 6, generator=g), {"enable_lora": ["k"]}),
         "embedding": (lambda: Stack(emb=nn.Embedding(11, 6, padding_idx=0), fc=nn.Linear(6, 4)),
                       lambda: torch.tensor([[0, 3, 5, 0], [10, 1, 2, 3]]), {}),
         "conv1d": (lambda: Stack(c1=nn.Conv1d(4, 6, 3, stride=2, dilation=2, padding=2, padding_mode="reflect"),
@@ -81,7 +102,8 @@ def _cases():
 
 
 def _adapted_params(model: nn.Module, name: str, wrapper: nn.Module):
-    """[(key of the base weight in the original module, A name, B name, kind, parts)]"""
+    """[(key of the base weight in the original module, A name, B name, kind, parts)]; the
+    sizes of fused parts come from SPLITS (equal thirds for the other cases)."""
     if isinstance(wrapper, LoraMultiheadAttention):
         out = []
         for key, proj in wrapper.projections().items():
@@ -131,12 +153,13 @@ def run_case(case: str, method: str, bits, dtype, seed: int = 0):
     for name in model.names:
         wrapper = getattr(model, name)
         for key, a_name, b_name, kind, parts in _adapted_params(model, name, wrapper):
+            sizes = SPLITS.get(case) if kind in ("fused", "fused_t") else None
             A = params[a_name].detach().double().requires_grad_(True)
             B = params[b_name].detach().double().requires_grad_(True)
             leaves[a_name], leaves[b_name] = A, B
             w0 = wrapper.base_weight(key) if isinstance(wrapper, LoraMultiheadAttention) else wrapper.base_weight()
             w0 = w0.detach().double()
-            weights[f"{name}.{key}"] = w0 + wrapper.scaling * delta_for(kind, A, B, w0.shape, parts)
+            weights[f"{name}.{key}"] = w0 + wrapper.scaling * delta_for(kind, A, B, w0.shape, parts, sizes)
     x_ref = x.detach().double().requires_grad_(True) if x.is_floating_point() else x
     y_ref = reference_call(original, weights, (x_ref,))
     (y_ref * upstream.double()).sum().backward()
