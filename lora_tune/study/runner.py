@@ -157,19 +157,53 @@ def _model_problems(spec: StudySpec, task: Any) -> list[tuple[str, str]]:
     from lora_tune.train import resolve_device
 
     problems: list[tuple[str, str]] = []
+    space = SearchSpace.from_spec(spec.search_space)
     try:
-        resolve_device(spec.train.device)
+        device = resolve_device(spec.train.device)
     except ConfigError as exc:
         problems.append(("train.device", str(exc).split(": ", 1)[-1]))
-    choices = SearchSpace.from_spec(spec.search_space).values_of("targets")
-    if choices:
+        device = None
+    if device is not None:
+        problems += _device_problems(spec, space, task, device)
+    choices = space.values_of("targets")
+    model = None
+    if spec.train.gradient_checkpointing:
         model = task.build_model()
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            problems.append(("train.gradient_checkpointing", f"got true; allowed: false for this task's "
+                             f"{type(model).__name__} (only Hugging Face models that support it can recompute activations)"))
+    if choices:
+        model = model if model is not None else task.build_model()
         for value in choices:
             targets = value.split("|") if isinstance(value, str) and "|" in value else value
             try:
                 find_targets(model, LoraConfig(targets=targets))
             except ConfigError as exc:
                 problems.append(("search_space.targets", f"{value!r} does not fit the task's model: {exc}"))
+    return problems
+
+
+def _device_problems(spec: StudySpec, space: SearchSpace, task: Any, device: Any) -> list[tuple[str, str]]:
+    """Precisions (fixed or searched) and the task's weight dtype that ``device`` cannot run."""
+    import torch
+
+    from lora_tune.train import resolve_precision
+
+    problems: list[tuple[str, str]] = []
+    searched = space.values_of("precision")
+    for precision in searched or [spec.train.precision]:
+        try:
+            resolve_precision(precision, device)
+        except ConfigError as exc:
+            path = "search_space.precision" if searched else "train.precision"
+            problems.append((path, str(exc).split(": ", 1)[-1]))
+    dtype = getattr(task, "weight_dtype", None)
+    if dtype == torch.float16 and device.type == "cpu":
+        problems.append(("task.dtype", "got 'float16'; allowed: auto, bfloat16 or float32 on a CPU "
+                         "(float16 weights need a CUDA device)"))
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        problems.append(("task.dtype", f"got 'bfloat16'; allowed: auto, float16 or float32 on "
+                         f"{torch.cuda.get_device_name(device)}, which has no bfloat16 support"))
     return problems
 
 

@@ -108,7 +108,7 @@ def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval 
     memory = MemoryMeter(device)
     model.to(device)
     plan = _Plan.of(n_examples, config)
-    optimizer = build_optimizer(model, config, device)
+    optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, plan.planned)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -125,13 +125,14 @@ def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval 
         index = len(state.history)
         state.history.append({"step": state.step, "epoch": epoch, "eval_index": index,
                               "train_loss": sum(state.losses) / max(1, len(state.losses)),
-                              "learning_rate": optimizer.param_groups[0]["lr"],
+                              "learning_rate": state.last_lr,
                               "elapsed": time.perf_counter() - start, **metrics})
         state.losses.clear()
         return bool(on_eval is not None and on_eval(state.step, index, metrics))
 
     def optimizer_step(micro_batches: list[Any]) -> None:
         t0 = time.perf_counter()
+        state.last_lr = optimizer.param_groups[0]["lr"]
         weights = [float(_loss_weight(task, b)) for b in micro_batches]
         total = sum(weights) or 1.0
         step_loss = 0.0
@@ -180,7 +181,7 @@ def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval 
                     if state.stopped or state.step >= plan.planned:
                         break
                 else:  # the task yielded fewer batches than planned: still end the epoch with an evaluation
-                    if state.losses:
+                    if state.losses and plan.every is None:
                         state.stopped = evaluate(epoch)
                 if state.stopped or state.step >= plan.planned:
                     break
@@ -208,6 +209,7 @@ class _State:
     compute: float = 0.0
     evaluating: float = 0.0
     stopped: bool = False
+    last_lr: float = 0.0  # the learning rate of the latest optimizer step (first group)
     losses: list[float] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 

@@ -28,13 +28,11 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     groups = parameter_groups(model, config)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
-    if device.type != "cuda":
-        raise ConfigError("train.optimizer", config.optimizer, "adamw on a CPU",
-                          "bitsandbytes' 8-bit and paged optimizers need a CUDA device")
+    # bitsandbytes runs its 8-bit optimizers on the CPU too; paged ones fall back to unpaged there.
     try:
         import bitsandbytes.optim as bnb_optim  # noqa: PLC0415 - optional dependency
     except ImportError as exc:

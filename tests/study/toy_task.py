@@ -2,9 +2,14 @@
 
 ``make_task(**options)`` builds it; options: ``n_train``, ``n_test``, ``seed``,
 ``nan_after`` (the loss becomes NaN after that many calls), ``fail_in`` ("build_model" or
-"evaluate": raise there). The base model is a fixed random init, so LoRA has real work to do.
+"evaluate": raise there), ``die_at_loss_call`` (SIGKILL its own process at that call: for
+trials in a child process only), ``oom_above_batch`` (raise torch's OutOfMemoryError for
+training batches larger than that). The base model is a fixed random init, so LoRA has real work to do.
 """
 from __future__ import annotations
+
+import os
+import signal
 
 import torch
 from torch import nn
@@ -49,7 +54,8 @@ class ToyTask(Task):
     baseline_targets = "attention-qv"
 
     def __init__(self, n_train: int = 192, n_test: int = 96, seed: int = 0, nan_after: int | None = None,
-                 fail_in: str | None = None):
+                 fail_in: str | None = None, die_at_loss_call: int | None = None,
+                 oom_above_batch: int | None = None):
         gen = torch.Generator().manual_seed(seed)
         centers = torch.randn(CLASSES, FEATURES, generator=gen) * 1.5
         def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +66,7 @@ class ToyTask(Task):
         torch.manual_seed(seed)
         self._base = ToyModel().eval()
         self.nan_after, self.fail_in, self.calls = nan_after, fail_in, 0
+        self.die_at_loss_call, self.oom_above_batch = die_at_loss_call, oom_above_batch
 
     def build_model(self) -> nn.Module:
         if self.fail_in == "build_model":
@@ -78,6 +85,10 @@ class ToyTask(Task):
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         self.calls += 1
         x, y = batch
+        if self.die_at_loss_call is not None and self.calls >= self.die_at_loss_call:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.oom_above_batch is not None and len(y) > self.oom_above_batch:
+            raise torch.OutOfMemoryError(f"toy task: no room for a batch of {len(y)}")
         loss = nn.functional.cross_entropy(model(x), y)
         if self.nan_after is not None and self.calls > self.nan_after:
             loss = loss * float("nan")
