@@ -9,8 +9,15 @@ serves Linear, Conv, Embedding and MultiheadAttention weights, on CPU and CUDA:
   scale per output row.
 
 Dequantized weights never require grad; gradients reach the input and the LoRA factors.
+
+Importing bitsandbytes on a CPU with AVX512-BF16 logs a warning that the optional ``kernels``
+package (a faster 4-bit matmul downloaded from the Hugging Face Hub) is missing; bitsandbytes then
+uses its built-in kernels, which is all lora-tune needs (it only packs and unpacks weights). That
+one notice is moved to this module's DEBUG log; every other bitsandbytes message is left alone.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -19,8 +26,33 @@ from lora_tune.errors import QuantizationError
 
 BLOCKSIZE_4BIT = 64
 
+log = logging.getLogger(__name__)
+
+
+class _OptionalKernelNotice(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning
+    (logging it at DEBUG here instead) and passes every other record."""
+
+    LOGGER = "bitsandbytes.backends.cpu.ops"
+    PREFIX = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
+        log.debug("bitsandbytes uses its built-in CPU 4-bit kernels: %s", message)
+        return False
+
+    @classmethod
+    def install(cls) -> None:
+        """Attach the filter to the bitsandbytes logger that emits the notice (once)."""
+        logger = logging.getLogger(cls.LOGGER)
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
+
 
 def _bnb_functional():
+    _OptionalKernelNotice.install()  # before the import, which is when bitsandbytes logs it
     try:
         import bitsandbytes.functional as bnbf  # noqa: PLC0415
     except ImportError as exc:  # pragma: no cover - depends on the environment
