@@ -47,21 +47,26 @@ def qkv_sizes(model: nn.Module, name: str, module: nn.Module, given: Sequence[in
     """Output rows of q, k and v in the fused projection ``name`` of ``model``, or None when it is
     not a fused projection that lora-tune can split.
 
-    In order: ``given`` (the sizes ``LoraConfig.qkv_sizes`` gives for the layer; they must add up
-    to the output size); None for a layer whose name
-    is not a fused name, or in a model type that interleaves its rows; the head counts of the
-    nearest enclosing module that states them (itself or its transformers ``config``):
-    ``(H*d, KV*d, KV*d)``, None if that does not add up to the output size; and with no head
-    counts anywhere, equal thirds when the output size divides by 3."""
+    * ``given`` (what ``LoraConfig.qkv_sizes`` says for the layer) wins; it must add up to the
+      output size, and is refused for model types that interleave q/k/v rows;
+    * a layer whose name is not a fused name, or in a model type that interleaves, gives None;
+    * otherwise the head counts of the nearest enclosing module stating them (on itself or its
+      transformers ``config``) give ``(H*d, KV*d, KV*d)``, or None if that does not add up to
+      the output size;
+    * with no head counts anywhere, an output size divisible by 3 gives equal thirds."""
+    if given is None and not has_fused_name(name):
+        return None
     out = out_features(module)
+    enclosing = _enclosing(model, name)
+    interleaved = _model_type(enclosing) in INTERLEAVED_QKV_MODEL_TYPES
     if given is not None:
+        if interleaved:
+            raise ConfigError("qkv_sizes", list(given), "sizes for layers whose q/k/v rows form three blocks",
+                              split_problem(model, name, module))
         if sum(given) != out:
             raise ConfigError("qkv_sizes", list(given), f"three sizes adding up to {out}, the output size of {name!r}")
         return tuple(int(s) for s in given)
-    if not has_fused_name(name):
-        return None
-    enclosing = _enclosing(model, name)
-    if _model_type(enclosing) in INTERLEAVED_QKV_MODEL_TYPES:
+    if interleaved:
         return None
     heads = _head_counts(enclosing)
     if heads is None:

@@ -78,7 +78,7 @@ def _expand_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], st
     if isinstance(config.targets, list):
         return config.targets, None
     name = config.targets
-    presets = target_presets(model)
+    presets = target_presets(model, config.qkv_sizes)
     if name in presets:
         return presets[name], name
     if name in PRESET_NAMES:

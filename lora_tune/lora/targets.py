@@ -152,6 +152,7 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], de
     patterns = [parse_pattern(t) for t in targets]
     excl = [parse_pattern(t, "exclude") for t in exclude]
     candidates = named_candidates(model)
+    _check_overrides(qkv_overrides or {}, candidates)
     by_name = {n: (m, k) for n, m, k in candidates}
     mha_of = _mha_children(model)
     modules = dict(model.named_modules())
@@ -170,6 +171,7 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], de
     chosen: dict[str, Target] = {}
 
     def add(name: str, module: nn.Module, kind: str, parts: tuple[str, ...] | None, pattern: Pattern) -> None:
+        sizes = None
         if kind == "mha":
             parts = parts if parts is not None else tuple((default_parts or ["q", "k", "v"])) + ("o",)
             if any(e.matches(f"{name}.out_proj") for e in excl):
@@ -188,8 +190,7 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], de
             merged = tuple(p for p in ("q", "k", "v", "o") if p in chosen[name].parts or p in parts)
             chosen[name].parts = merged
             return
-        chosen[name] = Target(name, module, kind, parts, type(module).__name__,
-                              part_sizes=sizes if kind == "fused" else None)
+        chosen[name] = Target(name, module, kind, parts, type(module).__name__, part_sizes=sizes)
 
     all_names = [n for n, _, _ in candidates] + list(mha_of)
     matched: set[int] = set()
@@ -217,6 +218,15 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], de
     if unmatched:  # a typo next to a valid pattern must not pass silently
         raise NoMatchingModulesError(unmatched, names, exclude)
     return [chosen[n] for n in sorted(chosen, key=list(modules).index)]
+
+
+def _check_overrides(overrides: Mapping[str, Sequence[int]], candidates: list[tuple[str, nn.Module, str]]) -> None:
+    """A ``qkv_sizes`` pattern that names no Linear-like layer of the model is a typo."""
+    linear = [n for n, _, k in candidates if k in ("linear", "conv1d_gpt2")]
+    for pattern in overrides:
+        if not any(parse_pattern(pattern, "qkv_sizes").matches(n) for n in linear):
+            raise ConfigError("qkv_sizes", pattern, "patterns naming fused qkv layers of the model",
+                              "Linear layers of the model: " + ", ".join(linear[:20]) + (" ..." if len(linear) > 20 else ""))
 
 
 def _refuse_parts(model: nn.Module, name: str, module: nn.Module, kind: str, parts: tuple[str, ...] | None,
@@ -251,10 +261,10 @@ def _is_wrapper(module: nn.Module) -> bool:
     return isinstance(module, LORA_WRAPPERS)
 
 
-def _role(model: nn.Module, name: str, module: nn.Module) -> str:
+def _role(model: nn.Module, name: str, module: nn.Module, qkv_sizes: Mapping[str, Sequence[int]] | None) -> str:
     last = name.rsplit(".", 1)[-1].lower()
     path = name.lower()
-    if fused_sizes(model, name, module) is not None:
+    if fused_sizes(model, name, module, qkv_sizes) is not None:
         return "qkv"
     if has_fused_name(name):
         return "qkv_whole"  # a fused projection whose split is unknown: adapted as one layer
@@ -279,13 +289,14 @@ def _role(model: nn.Module, name: str, module: nn.Module) -> str:
     return "other"  # e.g. a patch embedding or a pooler: in all-linear only
 
 
-def target_presets(model: nn.Module) -> dict[str, list[str]]:
+def target_presets(model: nn.Module, qkv_sizes: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[str]]:
     """Presets discovered from module names and types; each is a concrete list of target names.
 
     ``attention-qv``, ``attention``, ``mlp``, ``all-linear`` (every Linear-like layer but the
     output head), ``embeddings``, ``conv``. Fused qkv layers and nn.MultiheadAttention appear
     with a part selector (``name[q,v]``); a fused layer whose q/k/v split is unknown is in
-    ``attention`` (whole) but not in ``attention-qv``. Output heads are in none of them.
+    ``attention`` (whole) but not in ``attention-qv``; ``qkv_sizes`` (``LoraConfig.qkv_sizes``)
+    gives splits lora-tune cannot read from the model. Output heads are in none of them.
     Empty presets are left out."""
     qv, attn, mlp, linear, emb, conv = [], [], [], [], [], []
     for name, module, kind in named_candidates(model):
@@ -300,7 +311,7 @@ def target_presets(model: nn.Module) -> dict[str, list[str]]:
         if kind == "conv":
             conv.append(name)
             continue
-        role = _role(model, name, module)
+        role = _role(model, name, module, qkv_sizes)
         if role == "head":
             continue
         linear.append(name)

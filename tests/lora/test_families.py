@@ -183,3 +183,43 @@ def test_embedding_subclasses_with_their_own_forward_are_not_adapted():
     assert target_presets(opt)["embeddings"] == ["model.decoder.embed_tokens"]
     with pytest.raises(ConfigError, match="own forward"):
         inject(gemma, LoraConfig(targets=["model.embed_tokens"]))
+
+
+class OddAttention(torch.nn.Module):
+    """States 4 heads, but its fused projection's 50 rows fit no split of 4 query heads."""
+
+    num_heads = 4
+
+    def __init__(self):
+        super().__init__()
+        self.qkv_proj = torch.nn.Linear(8, 50)
+        self.o_proj = torch.nn.Linear(30, 8)
+
+
+def test_unknown_split_is_adapted_whole_unless_qkv_sizes_gives_it():
+    model = torch.nn.ModuleDict({"attn": OddAttention()})
+    presets = target_presets(model)
+    assert presets["attention"] == ["attn.qkv_proj", "attn.o_proj"] and "attention-qv" not in presets
+    with pytest.raises(ConfigError, match="50 output rows do not fit 4 query and 4 key/value heads.*qkv_sizes"):
+        inject(model, LoraConfig(targets=["qkv_proj[q,v]"]))
+    given = {"attn.qkv_proj": [30, 10, 10]}
+    assert target_presets(model, given)["attention-qv"] == ["attn.qkv_proj[q,v]"]
+    inject(model, LoraConfig(rank=2, targets="attention-qv", qkv_sizes=given))
+    assert model["attn"].qkv_proj.part_sizes == (30, 10, 10) and model["attn"].qkv_proj.lora_B.shape == (40, 2)
+
+
+@pytest.mark.parametrize("sizes, match", [
+    ({"qkv_proj": [32, 16]}, r"qkv_sizes\['qkv_proj'\]: got \[32, 16\]"),
+    ({"qkv_proj": [32, 0, 16]}, "an integer >= 1"),
+    ({"qkv_prj": [32, 16, 16]}, "qkv_sizes: got 'qkv_prj'; allowed: patterns naming fused qkv layers"),
+])
+def test_bad_qkv_sizes_are_refused(sizes, match):
+    with pytest.raises(ConfigError, match=match):
+        inject(tiny_causal_lm("phi3"), LoraConfig(targets="attention-qv", qkv_sizes=sizes))
+
+
+def test_qkv_sizes_cannot_split_an_interleaved_layer():
+    model = tiny_causal_lm("gpt_neox", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64)
+    with pytest.raises(ConfigError, match="three blocks.*interleave"):
+        inject(model, LoraConfig(targets=["query_key_value[q]"], qkv_sizes={"query_key_value": [32, 32, 32]}))
