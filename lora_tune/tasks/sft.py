@@ -416,6 +416,11 @@ class SFTTask(Task):
         """Non-padding input tokens of a batch."""
         return int(batch["attention_mask"].sum())
 
+    def loss_weight(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """The units :meth:`loss` averages over: the supervised tokens of the batch (so gradient
+        accumulation weighs micro-batches by tokens)."""
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
     def token_loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over the supervised tokens of a batch, and their number."""
         inputs = {"input_ids": batch["input_ids"]}

@@ -82,3 +82,37 @@ def write_table(path: Path, rows: list[dict]) -> Path:
 def _one_thread(one_torch_thread):
     """A shared 2-core machine thrashes with more threads (see tests/conftest.py)."""
     yield
+
+
+# -- sft: a chat tokenizer and small instruction data -----------------------------------------
+
+CHAT_CORPUS = [
+    "What is 12 plus 35? 47", "What is 9 minus 4? 5", "Reverse the words: red blue green",
+    "green blue red", "What is the capital of France? Paris", "Spell backwards: cat tac",
+    "You are a terse assistant. Answer with the answer only.", "Q: what is 2 plus 2?\nA: 4",
+]
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE tokenizer with the tiny ChatML-like template (lora_tune.models.tiny_lm)."""
+    from lora_tune.models.tiny_lm import build_chat_tokenizer
+
+    path = tmp_path_factory.mktemp("chat-tokenizer")
+    build_chat_tokenizer(CHAT_CORPUS * 5, path, vocab_size=300)
+    return path
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer_dir(chat_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tokenizer without a chat template."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("plain-tokenizer")
+    for item in chat_tokenizer_dir.iterdir():
+        if item.name != "chat_template.jinja":
+            shutil.copy(item, path / item.name)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
