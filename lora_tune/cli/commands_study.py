@@ -125,6 +125,7 @@ def optimize_cmd(name: str, storage: str | None, n_trials: int | None, timeout: 
 def run_cmd(study_file: Path, storage: str | None, name: str | None, n_trials: int | None, timeout: float | None) -> None:
     """Create (or resume) the study in STUDY_FILE, optimize it, and print the best trial
     and its gain over the baseline."""
+    from lora_tune.study.objective import resolve_isolation
     from lora_tune.study.runner import create_study
     from lora_tune.study.spec import load_spec_file, spec_from_stored
     from lora_tune.study.storage import resolve_storage_url
@@ -136,7 +137,10 @@ def run_cmd(study_file: Path, storage: str | None, name: str | None, n_trials: i
     task = build_task(dict(spec.task))  # built once, for checking and for the trials
     with _quiet_optuna():
         study = create_study(spec, url, name=name, resume=True, task=task)
-    _optimize_and_report(study, spec_from_stored(study.user_attrs["spec"]), url, n_trials, timeout, task)
+    stored = spec_from_stored(study.user_attrs["spec"])
+    if resolve_isolation(stored) == "process":
+        task = None  # trials build their own in child processes: don't hold a copy of the model here
+    _optimize_and_report(study, stored, url, n_trials, timeout, task)
 
 
 def _optimize_and_report(study: Any, spec: Any, url: str, n_trials: int | None, timeout: float | None,

@@ -68,6 +68,8 @@ class Objective:
     space: SearchSpace = field(init=False)
 
     def __post_init__(self) -> None:
+        if resolve_isolation(self.spec) == "process":
+            self.task = None  # each trial's child builds its own; the driver keeps no model in memory
         self.space = SearchSpace.from_spec(self.spec.search_space)
         self.metrics = self.spec.metrics
         self.prune = not self.spec.is_multi_objective
@@ -178,13 +180,8 @@ class Objective:
         return value
 
     def isolation(self) -> str:
-        """``process`` or ``none``: ``auto`` is a child process per trial on CUDA."""
-        from lora_tune.train import resolve_device
-
-        chosen = self.spec.train.isolation
-        if chosen == "auto":
-            return "process" if resolve_device(self.spec.train.device).type == "cuda" else "none"
-        return chosen
+        """``process`` or ``none`` (see :func:`resolve_isolation`)."""
+        return resolve_isolation(self.spec)
 
     def _train(self, trial: optuna.trial.BaseTrial, plan: TrialPlan, hooks: Hooks, isolation: str) -> TrialOutcome:
         """Run the body where ``isolation`` says; on out-of-memory, fail the trial with the
@@ -228,6 +225,17 @@ class Objective:
     def _fail(trial: optuna.trial.BaseTrial, reason: str) -> None:
         trial.set_user_attr("fail_reason", reason)
         raise TrialFailed(reason)
+
+
+def resolve_isolation(spec: StudySpec) -> str:
+    """Where trials train: ``process`` or ``none``; ``auto`` is a child process per trial when
+    training on CUDA (where an out-of-memory or a leak must not take the driver down)."""
+    from lora_tune.train import resolve_device
+
+    chosen = spec.train.isolation
+    if chosen == "auto":
+        return "process" if resolve_device(spec.train.device).type == "cuda" else "none"
+    return chosen
 
 
 def _objective_value(name: str, metrics: dict[str, float], trainable: int) -> float:

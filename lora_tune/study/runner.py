@@ -25,6 +25,8 @@ from lora_tune.errors import ConfigError, StudyNotFoundError, StudySpecError
 from lora_tune.study.objective import Objective, TrialFailed
 from lora_tune.study.space import SearchSpace, baseline_params
 from lora_tune.study.spec import StudySpec, resolve_objective, spec_from_stored
+from lora_tune.tasks import validate_task_spec
+from lora_tune.tasks.base import raise_problems
 
 _logger = logging.getLogger("lora_tune.study")
 Callback = Callable[[optuna.Study, FrozenTrial], None]
@@ -374,7 +376,10 @@ def optimize(study: optuna.Study, spec: StudySpec, n_trials: int | None = None, 
             spec = spec_from_stored(stored) if stored else prepare_spec(spec, task)[0]
         objective = Objective(spec, task)
     spec = objective.spec
-    objective.get_task()  # a bad task section fails here, not once per trial
+    if objective.isolation() == "none":
+        objective.get_task()  # a bad task section fails here, not once per trial
+    else:  # trials build the task in their own processes; check the section without loading it
+        raise_problems(validate_task_spec(dict(spec.task)), spec.task)
     timeout = timeout if timeout is not None else spec.study.timeout
     warning = pruning_warning(spec)
     if warning:
