@@ -34,7 +34,8 @@ import optuna
 from lora_tune.errors import NonFiniteLossError, TrainingOutOfMemoryError
 from lora_tune.study.space import TRAIN_KEYS, SearchSpace
 from lora_tune.study.trial_run import (
-    Hooks, TrialChildError, TrialOutcome, TrialPlan, TrialProcessDied, run_in_child, run_in_process,
+    Hooks, TrialChildError, TrialOutcome, TrialPlan, TrialProcessDied, release_memory, run_in_child,
+    run_in_process,
 )
 from lora_tune.study.spec import StudySpec
 
@@ -109,6 +110,8 @@ class Objective:
             trial.set_user_attr("traceback", traceback.format_exc()[-8000:])
             self._fail(trial, f"{type(exc).__name__}: {_one_line(str(exc))}")
         finally:
+            if self.isolation() == "none":
+                release_memory()  # the trial's model is gone: give its CUDA cache back
             times.total = time.perf_counter() - start
             if self.on_times is not None:
                 self.on_times(trial.number, times)

@@ -97,22 +97,18 @@ def build_and_train(task: Any, plan: TrialPlan, hooks: Hooks) -> TrialOutcome:
 
 
 def run_in_process(task: Any, plan: TrialPlan, hooks: Hooks) -> TrialOutcome:
-    """The body in this process; memory of a failed trial is released before re-raising."""
-    try:
-        return build_and_train(task, plan, hooks)
-    except BaseException:
-        release_memory()
-        raise
+    """The body in this process; the caller calls :func:`release_memory` when done with it."""
+    return build_and_train(task, plan, hooks)
 
 
 def release_memory() -> None:
-    """Give cached CUDA blocks back after a trial (no-op on CPU)."""
+    """Collect the trial's garbage and give cached CUDA blocks back (no-op without CUDA)."""
     import gc
 
     import torch
 
-    gc.collect()
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
