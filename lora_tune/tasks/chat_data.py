@@ -26,6 +26,7 @@ otherwise be predicted from the previous example.
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,9 +147,7 @@ def read_table(source: str, field: str) -> Table:
                     data = data[_pick_split(list(data), field, source)]
             else:
                 builder = DATA_SUFFIXES[path.suffix.lower()]
-                options: dict[str, Any] = {}
-                if builder == "csv":  # keep "007" and "4" as text
-                    options = {"dtype": str, "sep": "\t" if path.suffix.lower() == ".tsv" else ","}
+                options = _csv_options(path, datasets) if builder == "csv" else {}
                 data = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True,
                                              cache_dir=str(cache_dir() / "datasets"), **options)
             return Table(source, field, tuple(data.column_names), data.to_list())
@@ -157,6 +156,15 @@ def read_table(source: str, field: str) -> Table:
     except Exception as exc:  # datasets/pyarrow raise many types for malformed files
         raise ConfigError(field, source, "a readable .jsonl, .json, .csv, .tsv or .parquet file, or a "
                           "datasets save_to_disk directory", f"{type(exc).__name__}: {exc}") from None
+
+
+def _csv_options(path: Path, datasets: Any) -> dict[str, Any]:
+    """Every column read as text, as written ("007" stays "007", "NA" stays "NA")."""
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh, delimiter=sep), [])
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return {"sep": sep, "features": features, "keep_default_na": False}
 
 
 def _pick_split(names: list[str], field: str, source: str) -> str:
