@@ -8,11 +8,15 @@ A fused projection computes q, k and v with one weight whose output rows are the
 :func:`qkv_sizes` is the one place that decides the split. Everything that splits a fused
 layer (part selectors ``name[q,v]``, ``enable_lora``, PiSSA, the PEFT format) uses its answer;
 a layer it cannot split is adapted as one plain layer, and asking for parts of it is an error.
+
+The second half is the layout of per-part LoRA factors over such a split, shared by the fused
+Linear wrapper and nn.MultiheadAttention's packed in_proj.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from lora_tune.errors import ConfigError
@@ -70,7 +74,7 @@ def qkv_sizes(model: nn.Module, name: str, module: nn.Module, given: Sequence[in
         return None
     heads = _head_counts(enclosing)
     if heads is None:
-        return (out // 3,) * 3 if out % 3 == 0 else None
+        return equal_sizes(out) if out % 3 == 0 else None
     return _grouped_split(out, *heads)
 
 
@@ -136,3 +140,61 @@ def _grouped_split(out: int, heads: int, kv: int, head_dim: int | None) -> Sizes
         head_dim = out // units
     sizes = (heads * head_dim, kv * head_dim, kv * head_dim)
     return sizes if sum(sizes) == out else None
+
+
+# -- the per-part layout of LoRA factors --------------------------------------------------------
+# A fused layer's output is made of parts (q, k, v) of ``sizes`` rows each; the enabled parts
+# have one rank-r pair each: A is (n*r, in) and B is (sum of the enabled sizes, r).
+def equal_sizes(out: int, n: int = 3) -> tuple[int, ...]:
+    """``n`` equal parts of ``out`` rows (nn.MultiheadAttention's packed in_proj, GPT-2's c_attn)."""
+    if out % n:
+        raise ValueError(f"{out} output rows do not split into {n} equal parts; pass the part sizes")
+    return (out // n,) * n
+
+
+def enabled_sizes(parts: Sequence[bool], sizes: Sequence[int]) -> list[int]:
+    return [size for size, on in zip(sizes, parts) if on]
+
+
+def part_slices(sizes: Sequence[int]) -> list[slice]:
+    """The rows of each part: ``sizes`` (8, 2, 2) -> rows 0:8, 8:10, 10:12."""
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    return [slice(end - size, end) for size, end in zip(sizes, ends)]
+
+
+def parts_matrix(A: torch.Tensor, B: torch.Tensor, parts: Sequence[bool] | None,
+                 sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """The full (out, in) low-rank matrix of a pair laid out per enabled part (or one pair)."""
+    if not parts:
+        return B @ A
+    on = enabled_sizes(parts, sizes)
+    blocks = torch.cat([b @ a for b, a in zip(B.split(on), A.chunk(len(on)))])
+    return scatter_parts(blocks, parts, sizes, dim=0)
+
+
+def scatter_parts(blocks: torch.Tensor, enabled: Sequence[bool], sizes: Sequence[int], dim: int) -> torch.Tensor:
+    """Place the enabled parts' blocks (stacked along ``dim``) into a zero-filled full tensor
+    whose parts have ``sizes`` entries along ``dim``, out of place."""
+    if all(enabled):
+        return blocks
+    chunks = iter(blocks.split(enabled_sizes(enabled, sizes), dim=dim))
+    out = []
+    for size, on in zip(sizes, enabled):
+        if on:
+            out.append(next(chunks))
+        else:
+            shape = list(blocks.shape)
+            shape[dim] = size
+            out.append(blocks.new_zeros(shape))
+    return torch.cat(out, dim=dim)
+
+
+def checked_sizes(out: int, parts: tuple[bool, ...] | None, sizes: Sequence[int] | None) -> tuple[int, ...] | None:
+    """The part sizes of a wrapper with ``parts`` over ``out`` rows: ``sizes`` checked, or equal parts."""
+    if parts is None:
+        return None
+    if sizes is None:
+        return equal_sizes(out, len(parts))
+    if len(sizes) != len(parts) or sum(sizes) != out:
+        raise ValueError(f"part sizes {list(sizes)} do not split {out} output rows into {len(parts)} parts")
+    return tuple(int(s) for s in sizes)

@@ -25,8 +25,8 @@ from lora_tune.lora.layers import (
     LoraMultiheadAttention,
     LORA_WRAPPERS,
     QKV,
-    enabled_sizes,
 )
+from lora_tune.lora.fused import enabled_sizes, part_slices
 from lora_tune.lora.quant import QuantizedWeight
 from lora_tune.lora.targets import (
     PRESET_NAMES,
@@ -196,17 +196,14 @@ def _init_wrapper(wrapper: nn.Module, config: LoraConfig, kind: str) -> None:
         w0 = wrapper._base_param(key)
         matrix = _weight_to_matrix(wrapper, w0)
         parts = getattr(holder, "parts", None) or (True,)
-        sizes = getattr(holder, "part_sizes", None) or (matrix.shape[0],)
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        rows = part_slices(getattr(holder, "part_sizes", None) or (matrix.shape[0],))
         As, Bs = [], []
         residual = matrix.clone().to(torch.promote_types(matrix.dtype, torch.float32))
-        for on, start, size in zip(parts, starts, sizes):
-            if not on:
-                continue
-            a, b = _pissa(matrix[start:start + size], r, wrapper.scaling)
+        for block in (block for block, on in zip(rows, parts) if on):
+            a, b = _pissa(matrix[block], r, wrapper.scaling)
             As.append(a)
             Bs.append(b)
-            residual[start:start + size] -= wrapper.scaling * (b.to(B.dtype).to(a.dtype) @ a.to(A.dtype).to(a.dtype))
+            residual[block] -= wrapper.scaling * (b.to(B.dtype).to(a.dtype) @ a.to(A.dtype).to(a.dtype))
         with torch.no_grad():
             A.copy_(torch.cat(As).view_as(A).to(A.dtype))
             B.copy_(torch.cat(Bs).view_as(B).to(B.dtype))

@@ -23,52 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_tune.lora.fused import checked_sizes, enabled_sizes, parts_matrix, scatter_parts
 from lora_tune.lora.quant import QuantizedWeight
 
 QKV = ("q", "k", "v")
 
 
 # -- low-rank algebra shared by every wrapper --------------------------------------------------
-# A fused layer's output is made of parts (q, k, v) of ``sizes`` rows each; the enabled parts
-# have one rank-r pair each: A is (n*r, in) and B is (sum of the enabled sizes, r).
-def equal_sizes(out: int, n: int = len(QKV)) -> tuple[int, ...]:
-    """``n`` equal parts of ``out`` rows (nn.MultiheadAttention's packed in_proj, GPT-2's c_attn)."""
-    if out % n:
-        raise ValueError(f"{out} output rows do not split into {n} equal parts; pass the part sizes")
-    return (out // n,) * n
-
-
-def enabled_sizes(parts: Sequence[bool], sizes: Sequence[int]) -> list[int]:
-    return [size for size, on in zip(sizes, parts) if on]
-
-
-def parts_matrix(A: torch.Tensor, B: torch.Tensor, parts: Sequence[bool] | None,
-                 sizes: Sequence[int] | None = None) -> torch.Tensor:
-    """The full (out, in) low-rank matrix of a pair laid out per enabled part (or one pair)."""
-    if not parts:
-        return B @ A
-    on = enabled_sizes(parts, sizes)
-    blocks = torch.cat([b @ a for b, a in zip(B.split(on), A.chunk(len(on)))])
-    return scatter_parts(blocks, parts, sizes, dim=0)
-
-
-def scatter_parts(blocks: torch.Tensor, enabled: Sequence[bool], sizes: Sequence[int], dim: int) -> torch.Tensor:
-    """Place the enabled parts' blocks (stacked along ``dim``) into a zero-filled full tensor
-    whose parts have ``sizes`` entries along ``dim``, out of place."""
-    if all(enabled):
-        return blocks
-    chunks = iter(blocks.split(enabled_sizes(enabled, sizes), dim=dim))
-    out = []
-    for size, on in zip(sizes, enabled):
-        if on:
-            out.append(next(chunks))
-        else:
-            shape = list(blocks.shape)
-            shape[dim] = size
-            out.append(blocks.new_zeros(shape))
-    return torch.cat(out, dim=dim)
-
-
 def scale_for(r: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
@@ -256,7 +217,7 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = in_f, out_f
         self.transposed = transposed
         self.parts = tuple(parts) if parts is not None else None
-        self.part_sizes = _part_sizes(out_f, self.parts, part_sizes)
+        self.part_sizes = checked_sizes(out_f, self.parts, part_sizes)
         n = sum(self.parts) if self.parts else 1
         rows = sum(enabled_sizes(self.parts, self.part_sizes)) if self.parts else out_f
         self.lora_A = nn.Parameter(w.new_zeros(n * r, in_f))
@@ -286,16 +247,6 @@ class LoraLinear(LoraLayer):
             if len(set(self.part_sizes)) > 1:
                 extra += f", part_sizes={list(self.part_sizes)}"
         return f"in={self.in_features}, out={self.out_features}, " + super().extra_repr() + extra
-
-
-def _part_sizes(out: int, parts: tuple[bool, ...] | None, sizes: Sequence[int] | None) -> tuple[int, ...] | None:
-    if parts is None:
-        return None
-    if sizes is None:
-        return equal_sizes(out, len(parts))
-    if len(sizes) != len(parts) or sum(sizes) != out:
-        raise ValueError(f"part sizes {list(sizes)} do not split {out} output rows into {len(parts)} parts")
-    return tuple(int(s) for s in sizes)
 
 
 class LoraEmbedding(LoraLayer):
@@ -370,7 +321,7 @@ class LoraProjection(nn.Module):
         super().__init__()
         self.r = r
         self.parts = tuple(parts) if parts is not None else None
-        self.part_sizes = _part_sizes(out_features, self.parts, None)  # the packed in_proj is 3 x embed_dim
+        self.part_sizes = checked_sizes(out_features, self.parts, None)  # the packed in_proj is 3 x embed_dim
         n = sum(self.parts) if self.parts else 1
         rows = sum(enabled_sizes(self.parts, self.part_sizes)) if self.parts else out_features
         self.lora_A = nn.Parameter(like.new_zeros(n * r, in_features))

@@ -37,7 +37,7 @@ from lora_tune.lora.state import (
     expected_after_inject,
     lora_state_dict,
 )
-from lora_tune.lora.layers import enabled_sizes
+from lora_tune.lora.fused import enabled_sizes, part_slices
 from lora_tune.lora.targets import fused_sizes, parse_pattern
 
 PEFT_PREFIX = "base_model.model."
@@ -224,15 +224,13 @@ def _unblock(A: torch.Tensor, B: torch.Tensor, site: Site, source: str) -> tuple
         raise AdapterFormatError(
             f"{source}: {site.name!r} has one PEFT pair of rank {A.shape[0]} but the model adapts it as {g} fused "
             f"parts of rank {r}; load into a model without LoRA layers so lora-tune adapts it as PEFT did")
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    theirs, ours_rows = part_slices(sizes), part_slices(enabled_sizes(enabled, sizes))
     ours = B.new_zeros(sum(enabled_sizes(enabled, sizes)), r)
     mask = torch.ones_like(B, dtype=torch.bool)
-    row = 0
     for k, i in enumerate(on):
-        rows, cols = slice(starts[i], starts[i] + sizes[i]), slice(k * r, (k + 1) * r)
-        ours[row:row + sizes[i]] = B[rows, cols]
-        mask[rows, cols] = False
-        row += sizes[i]
+        cols = slice(k * r, (k + 1) * r)
+        ours[ours_rows[k]] = B[theirs[i], cols]
+        mask[theirs[i], cols] = False
     if torch.any(B[mask] != 0):
         raise AdapterFormatError(
             f"{source}: {site.name!r}: the PEFT lora_B is not block-diagonal over the q/k/v parts, so it cannot be "

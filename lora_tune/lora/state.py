@@ -32,9 +32,9 @@ from torch import nn
 
 from lora_tune.errors import AdapterFormatError, ConfigError
 from lora_tune.lora.config import LoraConfig
-from lora_tune.lora.fused import out_features
+from lora_tune.lora.fused import equal_sizes, out_features
 from lora_tune.lora.inject import build_wrapper, inject, lora_layers, resolve
-from lora_tune.lora.layers import LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention, equal_sizes
+from lora_tune.lora.layers import LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention
 from lora_tune.lora.targets import fused_sizes, parse_pattern
 
 __all__ = ["lora_state_dict", "save_adapter", "load_adapter", "FORMATS"]

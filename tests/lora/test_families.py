@@ -223,3 +223,21 @@ def test_qkv_sizes_cannot_split_an_interleaved_layer():
                            intermediate_size=64)
     with pytest.raises(ConfigError, match="three blocks.*interleave"):
         inject(model, LoraConfig(targets=["query_key_value[q]"], qkv_sizes={"query_key_value": [32, 32, 32]}))
+
+
+def test_pissa_on_gqa_parts_keeps_outputs_and_factors_the_selected_rows():
+    model = tiny_causal_lm("phi3").double()
+    ids = tokens()
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    w0 = qkv.weight.detach().clone()
+    with torch.no_grad():
+        before = model(ids).logits
+    inject(model, LoraConfig(rank=4, alpha=4.0, targets=["qkv_proj[q,v]"], init="pissa"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-9, atol=1e-9)
+    wrapper = model.model.layers[0].self_attn.qkv_proj
+    residual = wrapper.base_layer.weight.detach()
+    k_rows = slice(Q_ROWS, Q_ROWS + KV_ROWS)
+    assert torch.equal(residual[k_rows], w0[k_rows])                 # k keeps its full weight
+    for rows in (slice(0, Q_ROWS), slice(Q_ROWS + KV_ROWS, None)):   # q and v lose their top-4 directions
+        torch.testing.assert_close(torch.linalg.svdvals(residual[rows])[0], torch.linalg.svdvals(w0[rows])[4])
