@@ -74,8 +74,9 @@ def config_problems(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         known = sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if t in CONFIG_MAPPING)
-        return [("model_type", f"must be a transformers model type with a causal-LM class (e.g. "
-                 f"{', '.join(TINY_SIZES)}; {len(known)} known), got {model_type!r}")]
+        message = (f"must be a transformers model type with a causal-LM class (e.g. {', '.join(TINY_SIZES)}; "
+                   f"{len(known)} known), got {model_type!r}")
+        return [("model_type", message)]
     config_class = CONFIG_MAPPING[model_type]
     allowed = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
     allowed |= set(getattr(config_class, "attribute_map", {}))

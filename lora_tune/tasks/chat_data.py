@@ -153,7 +153,7 @@ def read_table(source: str, field: str) -> Table:
             return Table(source, field, tuple(data.column_names), data.to_list())
     except ConfigError:
         raise
-    except Exception as exc:  # datasets/pyarrow raise many types for malformed files
+    except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many types for malformed files
         raise ConfigError(field, source, "a readable .jsonl, .json, .csv, .tsv or .parquet file, or a "
                           "datasets save_to_disk directory", f"{type(exc).__name__}: {exc}") from None
 
@@ -326,8 +326,13 @@ class Renderer:
         generation), or None: found by rendering a one-exchange probe conversation."""
         if self.template is None:
             return None
+        from jinja2 import TemplateError
+
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
-        text, spans, _ = self.assistant_spans(probe)
+        try:
+            text, spans, _ = self.assistant_spans(probe)
+        except (TemplateError, ConfigError):
+            return None
         end = text.find("Yes", spans[0][0]) + len("Yes")
         ids, offsets = self.tokens(text)
         after = next((token for token, (start, _) in zip(ids, offsets) if start >= end), None)
@@ -359,12 +364,19 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[in
 def encode_table(table: Table, fmt: str, columns: Columns, renderer: Renderer, max_length: int) -> Split:
     """Every row of ``table`` as an :class:`Example`; rows longer than ``max_length`` are counted
     in ``too_long`` and left out."""
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
     split = Split()
     for number, row in enumerate(table.rows, 1):
         if fmt == "text":
             example, fallbacks = renderer.encode_text(row_text(table, row, number, columns)), 0
         else:
-            example, fallbacks = renderer.encode_messages(row_messages(table, row, number, fmt, columns))
+            messages = row_messages(table, row, number, fmt, columns)
+            try:
+                example, fallbacks = renderer.encode_messages(messages)
+            except TemplateError as exc:  # e.g. raise_exception('System role not supported')
+                raise ConfigError("task.chat_template", "(the chat template)", "a template that renders this data",
+                                  f"row {number} of {table.source!r}: {exc}") from None
         if len(example.input_ids) > max_length:
             split.too_long += 1
             continue

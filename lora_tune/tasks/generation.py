@@ -48,13 +48,14 @@ class GenerateSettings:
     max_examples: int | None = None
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any]) -> "GenerateSettings":
+    def from_spec(cls, spec: Mapping[str, Any]) -> GenerateSettings:
         return cls(**{k: v for k, v in spec.items() if v is not None})
 
 
 def _check_metric(value: Any) -> str | None:
-    if is_str(value) or value in BUILTIN_METRICS:
-        return is_str(value)  # None for a built-in name
+    not_text = is_str(value)
+    if not_text or value in BUILTIN_METRICS:
+        return not_text
     target, _, func = value.rpartition(":")
     if not target or not func.isidentifier():
         return (f"must be one of {', '.join(BUILTIN_METRICS)}, or 'package.module:function' / "

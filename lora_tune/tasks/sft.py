@@ -83,8 +83,9 @@ def _check_model(value: Any) -> str | None:
 
 
 def _check_tokenizer(value: Any) -> str | None:
-    if is_str(value):
-        return is_str(value)
+    not_text = is_str(value)
+    if not_text:
+        return not_text
     path = Path(value).expanduser()
     if path.is_dir():
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
@@ -94,8 +95,9 @@ def _check_tokenizer(value: Any) -> str | None:
 
 
 def _check_template(value: Any) -> str | None:
-    if is_str(value):
-        return is_str(value)
+    not_text = is_str(value)
+    if not_text:
+        return not_text
     if "{{" in value or "{%" in value or Path(value).expanduser().is_file():
         return None
     return f"must be a Jinja template or the path of a file holding one; {value!r} is neither"
@@ -109,16 +111,12 @@ def _check_generate(value: Any) -> str | None:
     return None if isinstance(value, Mapping) else f"must be a mapping (max_new_tokens, metric, max_examples), got {value!r}"
 
 
-def _check_data(value: Any) -> str | None:
-    return check_data_path(value)
-
-
 FIELDS = {
     "type": Field(is_choice(("sft",)), required=True),
     "model": Field(_check_model, required=True, help="a local model directory or {config: {model_type: ...}}"),
     "tokenizer": Field(_check_tokenizer),
-    "train_file": Field(_check_data, required=True, help="a .jsonl/.json/.csv/.parquet file or save_to_disk dir"),
-    "eval_file": Field(_check_data),
+    "train_file": Field(check_data_path, required=True, help="a .jsonl/.json/.csv/.parquet file or save_to_disk dir"),
+    "eval_file": Field(check_data_path),
     "eval_fraction": Field(is_fraction),
     "format": Field(is_choice(FORMATS)),
     "messages_column": Field(is_str),
@@ -182,7 +180,7 @@ class SFTSettings:
     generate: GenerateSettings | None = None
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any]) -> "SFTSettings":
+    def from_spec(cls, spec: Mapping[str, Any]) -> SFTSettings:
         given = {k: v for k, v in spec.items() if v is not None and k != "type"}
         names = {key: given.pop(f"{key}_column") for key in ("messages", "prompt", "completion", "text")
                  if f"{key}_column" in given}

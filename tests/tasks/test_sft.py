@@ -310,7 +310,7 @@ def test_batched_left_padded_generation_matches_one_by_one(tmp_path, chat_tokeni
     assert generation.stop_ids == [task.tokenizer.eos_token_id]
     assert len({len(p) for p in generation.prompts}) > 2  # left padding is exercised
     model = task.build_model()
-    kwargs = dict(pad_id=task.pad_id, stop_ids=generation.stop_ids, max_new_tokens=6)
+    kwargs = {"pad_id": task.pad_id, "stop_ids": generation.stop_ids, "max_new_tokens": 6}
     batched = greedy_generate(model, generation.prompts, batch_size=4, **kwargs)
     single = greedy_generate(model, generation.prompts, batch_size=1, **kwargs)
     assert batched == single
@@ -400,3 +400,10 @@ def test_spec_problems_are_listed_with_paths(tmp_path, chat_tokenizer_dir):
     text = {"type": "sft", "model": {"config": dict(LLAMA)}, "tokenizer": str(chat_tokenizer_dir), "format": "text",
             "train_on": "completion", "generate": {}, "train_file": spec["train_file"]}
     assert set(dict(validate_task_spec(text))) == {"task.train_on", "task.generate"}
+
+
+def test_a_template_that_refuses_the_data(tmp_path, chat_tokenizer_dir):
+    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                 + CHATML)
+    error = _error(spec_for(tmp_path, chat_tokenizer_dir, CONVERSATIONS, chat_template=no_system))
+    assert error.field == "task.chat_template" and "row 2" in str(error) and "System role not supported" in str(error)
