@@ -7,7 +7,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lora_tune.quiet import quiet_bitsandbytes
+
 __version__ = "0.1.0"
+quiet_bitsandbytes()
 
 _EXPORTS = {
     "LoraConfig": "lora_tune.lora.config",

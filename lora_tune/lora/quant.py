@@ -23,36 +23,15 @@ import torch
 from torch import nn
 
 from lora_tune.errors import QuantizationError
+from lora_tune.quiet import quiet_bitsandbytes
 
 BLOCKSIZE_4BIT = 64
 
 log = logging.getLogger(__name__)
 
 
-class _OptionalKernelNotice(logging.Filter):
-    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning
-    (logging it at DEBUG here instead) and passes every other record."""
-
-    LOGGER = "bitsandbytes.backends.cpu.ops"
-    PREFIX = "Failed to load CPU gemm_4bit_forward from kernels-community"
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not message.startswith(self.PREFIX):
-            return True
-        log.debug("bitsandbytes uses its built-in CPU 4-bit kernels: %s", message)
-        return False
-
-    @classmethod
-    def install(cls) -> None:
-        """Attach the filter to the bitsandbytes logger that emits the notice (once)."""
-        logger = logging.getLogger(cls.LOGGER)
-        if not any(isinstance(f, cls) for f in logger.filters):
-            logger.addFilter(cls())
-
-
 def _bnb_functional():
-    _OptionalKernelNotice.install()  # before the import, which is when bitsandbytes logs it
+    quiet_bitsandbytes()  # before the import, which is when bitsandbytes logs it
     try:
         import bitsandbytes.functional as bnbf  # noqa: PLC0415
     except ImportError as exc:  # pragma: no cover - depends on the environment

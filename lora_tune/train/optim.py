@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lora_tune.errors import ConfigError
+from lora_tune.quiet import quiet_bitsandbytes
 from lora_tune.train.config import TrainConfig
 
 LORA_B_SUFFIX = "lora_B"  # the name of every wrapper's up-projection (lora_tune.lora.layers)
@@ -33,6 +34,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     # bitsandbytes runs its 8-bit optimizers on the CPU too; paged ones fall back to unpaged there.
+    quiet_bitsandbytes()
     try:
         import bitsandbytes.optim as bnb_optim  # noqa: PLC0415 - optional dependency
     except ImportError as exc:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lora_tune.lora import quant
+from lora_tune.quiet import OptionalKernelNotice
 
 pytest.importorskip("bitsandbytes")
 
@@ -55,7 +56,7 @@ def test_notice_is_kept_at_debug_level(bitsandbytes_emits_the_notice):
 
 def test_other_bitsandbytes_warnings_still_get_through(caplog):
     quant.QuantizedWeight(torch.zeros(4, 64), 4)  # installs the filter
-    logger = logging.getLogger(quant._OptionalKernelNotice.LOGGER)
+    logger = logging.getLogger(OptionalKernelNotice.LOGGER)
     with caplog.at_level(logging.WARNING):
         logger.warning("a real problem: %s", "libbitsandbytes_cpu.so not found")
         logger.warning(NOTICE + ": No module named 'kernels'")
