@@ -314,7 +314,7 @@ class Renderer:
         else:
             text, spans, fallbacks = self.assistant_spans(messages)
             if self.train_on == "all":
-                spans = [(0, len(text))]
+                spans, fallbacks = [(0, len(text))], 0
             ids, offsets = self.tokens(text)
             labels = _labels(ids, offsets, spans)
             prompt_ids = self.tokens(self.render(messages[:last], generation_prompt=True))[0]

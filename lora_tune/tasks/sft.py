@@ -63,7 +63,7 @@ from lora_tune.tasks.chat_data import (
     FORMATS, IGNORE, TRAIN_ON, Block, Columns, Example, Renderer, Split, Table, check_data_path, detect_format,
     encode_table, pack, read_table,
 )
-from lora_tune.tasks.generation import GenerateSettings, GenerationEval, resolve_scorer, validate_generate
+from lora_tune.tasks.generation import GenerateSettings, GenerationEval, Scorer, resolve_scorer, validate_generate
 from lora_tune.tasks.hf import check_model_ref, quiet_transformers, resolve_model_ref
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,22 @@ def _tables(settings: SFTSettings) -> tuple[Table, Table]:
     return tuple(Table(t.source, t.field, t.columns, _subset(t.rows, n, s)) for t, n, s in limits)
 
 
+def _resolve_format(settings: SFTSettings, template: str | None, train: Table, held_out: Table) -> tuple[str, str]:
+    """The data format (given or detected; both files must fit it) and what to supervise."""
+    fmt = detect_format(train, settings.columns, settings.format)
+    detect_format(held_out, settings.columns, fmt)
+    if fmt == "messages" and template is None:
+        raise ConfigError("task.chat_template", None, "a Jinja chat template (a string or a file path)",
+                          "format messages needs one and the tokenizer has none")
+    if fmt == "text" and settings.train_on == "completion":
+        raise ConfigError("task.train_on", "completion", "all (or leave it out) for format text",
+                          f"{train.source!r} was detected as format text")
+    if fmt == "text" and settings.generate is not None:
+        raise ConfigError("task.generate", "(given)", "format messages or prompt-completion",
+                          f"{train.source!r} was detected as format text, which has no prompts")
+    return fmt, settings.train_on or ("all" if fmt == "text" else "completion")
+
+
 def _load_model(settings: SFTSettings, tokenizer: Any) -> tuple[torch.nn.Module, str]:
     dtype = DTYPES[settings.dtype]
     if isinstance(settings.model, Mapping):
@@ -325,35 +341,24 @@ class SFTTask(Task):
         self.settings = settings = SFTSettings.from_spec(spec)
         self.modules_to_save: list[str] = []
         self.warnings: list[str] = []
-        tokenizer = _load_tokenizer(settings)
-        self.tokenizer = tokenizer
-        template = _chat_template(settings, tokenizer)
+        scorer = resolve_scorer(settings.generate.metric) if settings.generate else None  # fail before loading
+        self.tokenizer = _load_tokenizer(settings)
+        template = _chat_template(settings, self.tokenizer)
         train_table, eval_table = _tables(settings)
-        self.format = detect_format(train_table, settings.columns, settings.format)
-        detect_format(eval_table, settings.columns, self.format)
-        if self.format == "messages" and template is None:
-            raise ConfigError("task.chat_template", None, "a Jinja chat template (a string or a file path)",
-                              "format messages needs one and the tokenizer has none")
-        if self.format == "text" and settings.train_on == "completion":
-            raise ConfigError("task.train_on", "completion", "all (or leave it out) for format text",
-                              f"{train_table.source!r} was detected as format text")
-        if self.format == "text" and settings.generate is not None:
-            raise ConfigError("task.generate", "(given)", "format messages or prompt-completion",
-                              f"{train_table.source!r} was detected as format text, which has no prompts")
-        self.train_on = settings.train_on or ("all" if self.format == "text" else "completion")
-        self.renderer = Renderer(tokenizer, template if self.format != "text" else None, self.train_on)
+        self.format, self.train_on = _resolve_format(settings, template, train_table, eval_table)
+        self.renderer = Renderer(self.tokenizer, template if self.format != "text" else None, self.train_on)
         self.train = self._encode(train_table)
         self.eval = self._encode(eval_table)
-        model, self.model_ref = _load_model(settings, tokenizer)
+        model, self.model_ref = _load_model(settings, self.tokenizer)
         model.config.use_cache = False
         _check_fits(model, settings, (self.train, self.eval))
         self.weight_dtype: torch.dtype = next(model.parameters()).dtype
-        self.pad_id = special_token_ids(tokenizer).get("pad_token_id", 0)
+        self.pad_id = special_token_ids(self.tokenizer).get("pad_token_id", 0)
         self.blocks: list[Block] | None = None
         self.packing_isolated = False
         if settings.packing:
             self._pack(model)
-        self.generation = self._generation(model) if settings.generate else None
+        self.generation = self._generation(model, scorer) if scorer else None
         self.metrics = ("eval_loss", "perplexity") + ((self.generation.scorer.name,) if self.generation else ())
         self.eval_order = sorted(range(len(self.eval.examples)), key=lambda i: -len(self.eval.examples[i].input_ids))
         self.template = ModelTemplate(model)
@@ -385,14 +390,14 @@ class SFTTask(Task):
             self._warn(f"{type(model).__name__} does not separate packed examples by position_ids; "
                        "packed examples attend across their boundaries within a block")
 
-    def _generation(self, model: torch.nn.Module) -> GenerationEval:
+    def _generation(self, model: torch.nn.Module, scorer: Scorer) -> GenerationEval:
         generate = self.settings.generate
         examples = self.eval.examples[:generate.max_examples or None]
         stops = [self.tokenizer.eos_token_id, self.renderer.end_of_turn_id()]
         model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         stops += model_eos if isinstance(model_eos, list) else [model_eos]
         return GenerationEval(
-            scorer=resolve_scorer(generate.metric), prompts=[e.prompt_ids for e in examples],
+            scorer=scorer, prompts=[e.prompt_ids for e in examples],
             references=[e.reference for e in examples], tokenizer=self.tokenizer, pad_id=self.pad_id,
             stop_ids=sorted({int(s) for s in stops if s is not None}), max_new_tokens=generate.max_new_tokens)
 
