@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -134,9 +135,10 @@ def check_data_path(value: Any) -> str | None:
 def read_table(source: str, field: str) -> Table:
     """Rows of a data file (``datasets``' json/csv/parquet builders) or a ``save_to_disk`` directory.
 
-    Builders cache under ``cache_dir()/datasets``. A DatasetDict directory gives its ``train``
-    split for the training file and ``validation``, ``eval`` or ``test`` for the evaluation file
-    (or its only split).
+    A file is parsed into memory through a scratch cache under :func:`cache_dir` that is deleted
+    right after, so nothing is left behind and no stale cache is ever reused. A DatasetDict
+    directory gives its ``train`` split for the training file and ``validation``, ``eval`` or
+    ``test`` for the evaluation file (or its only split).
     """
     path = Path(source).expanduser()
     try:
@@ -145,12 +147,14 @@ def read_table(source: str, field: str) -> Table:
                 data = datasets.load_from_disk(str(path), keep_in_memory=True)
                 if isinstance(data, datasets.DatasetDict):
                     data = data[_pick_split(list(data), field, source)]
-            else:
-                builder = DATA_SUFFIXES[path.suffix.lower()]
-                options = _csv_options(path, datasets) if builder == "csv" else {}
+                return Table(source, field, tuple(data.column_names), data.to_list())
+            builder = DATA_SUFFIXES[path.suffix.lower()]
+            options = _csv_options(path, datasets) if builder == "csv" else {}
+            cache_dir().mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="datasets-", dir=cache_dir()) as scratch:
                 data = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True,
-                                             cache_dir=str(cache_dir() / "datasets"), **options)
-            return Table(source, field, tuple(data.column_names), data.to_list())
+                                             cache_dir=scratch, **options)
+                return Table(source, field, tuple(data.column_names), data.to_list())
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many types for malformed files

@@ -116,3 +116,12 @@ def plain_tokenizer_dir(chat_tokenizer_dir: Path, tmp_path_factory: pytest.TempP
     config.pop("chat_template", None)
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
+
+
+@pytest.fixture(scope="module")
+def sft_cache(tmp_path_factory: pytest.TempPathFactory):
+    """LORA_TUNE_CACHE pointed at a fresh directory for one module (sft's scratch dataset caches)."""
+    path = tmp_path_factory.mktemp("sft-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORA_TUNE_CACHE", str(path))
+        yield path

@@ -15,6 +15,8 @@ from lora_tune.tasks.chat_data import IGNORE
 from lora_tune.tasks.generation import greedy_generate
 from tests.tasks.conftest import write_table
 
+pytestmark = pytest.mark.usefixtures("sft_cache")
+
 LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
          "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512}
 SYSTEM = {"role": "system", "content": "You are a terse assistant."}

@@ -12,6 +12,8 @@ from tests.tasks.conftest import write_table
 from tests.tasks.test_sft import CONVERSATIONS, LLAMA, PC_ROWS
 
 
+pytestmark = pytest.mark.usefixtures("sft_cache")
+
 def spec(tokenizer_dir, train, held_out=None, **extra):
     out = {"type": "sft", "model": {"config": dict(LLAMA)}, "tokenizer": str(tokenizer_dir), "train_file": str(train),
            **extra}
@@ -142,3 +144,12 @@ def test_chat_tokenizer_toolkit(chat_tokenizer_dir):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text  # byte-level: lossless
     assert [tokenizer.decode([i]) for i in tokenizer("123", add_special_tokens=False)["input_ids"]] == ["1", "2", "3"]
+
+
+def test_reading_leaves_no_cache_behind(tmp_path, chat_tokenizer_dir, sft_cache):
+    path = write_table(tmp_path / "train.jsonl", PC_ROWS)
+    build_task(spec(chat_tokenizer_dir, path, path))
+    assert list(sft_cache.iterdir()) == []
+    rows = PC_ROWS[:2] + [{"prompt": "What is 1 plus 1?", "completion": "2"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # same name and size class: re-read, not cached
+    assert completions(build_task(spec(chat_tokenizer_dir, path, path)))[-1] == "2"

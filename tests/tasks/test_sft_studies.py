@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
 from lora_tune.cli.main import cli
 from lora_tune.study.runner import prepare_spec
 from lora_tune.study.spec import check_spec, load_spec_file
+
+pytestmark = pytest.mark.usefixtures("sft_cache")
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = ROOT / "studies"
