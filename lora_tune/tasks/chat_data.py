@@ -14,9 +14,12 @@ Formats (``task.format``; detected from the columns when omitted, in this order)
 of ``render(messages[:i], add_generation_prompt=True)`` to the end of ``render(messages[:i + 1])``:
 its content and the template's end-of-turn marker, exactly as the template writes them. A token is
 supervised when its first character lies in such a span; with ``train_on: all`` every token is.
-Some templates render a turn differently once later turns follow (e.g. ones that drop reasoning
-from the history); for such a turn the span is the assistant content string itself, located in the
-full rendering, and the turn is counted in :attr:`Split.content_only_turns`. Without a chat
+(For ChatML that is ``content<|im_end|>\n``: the newline the template writes before the next turn
+is part of it.) Some templates render a turn differently once later turns follow: one that appends
+EOS after the last message only, one that drops reasoning from the history. For such a turn the span
+ends where the tokens of the full rendering and of ``render(messages[:i + 1])`` part, when that
+covers the content; otherwise it is the assistant content string alone, located in the full
+rendering, and the turn is counted in :attr:`Split.content_only_turns`. Without a chat
 template a prompt-completion example is ``prompt + completion`` (plain concatenation) with EOS
 appended and supervised, and the tokenizer's BOS in front when it adds one.
 
@@ -294,14 +297,32 @@ class Renderer:
             if full.startswith(before) and full.startswith(through) and cursor <= len(before) < len(through):
                 spans.append((len(before), len(through)))
                 continue
-            start = full.find(message["content"], cursor)
-            if start < 0:
-                raise ConfigError("task.chat_template", "(the chat template)",
-                                  "a template that writes each assistant message's content verbatim",
-                                  f"assistant content {message['content'][:60]!r} is not in the rendering")
-            spans.append((start, start + len(message["content"])))
-            fallbacks += 1
+            span, content_only = self._diverging_span(full, before, through, message["content"], cursor)
+            spans.append(span)
+            fallbacks += content_only
         return full, spans, fallbacks
+
+    def _diverging_span(self, full: str, before: str, through: str, content: str, cursor: int) -> tuple[tuple[int, int], bool]:
+        """The span of an assistant turn that ``full`` renders differently from ``through`` (the
+        conversation ending with it): from the end of ``before`` (or the content, where ``before``
+        is not a prefix) to the end of the tokens ``full`` and ``through`` share, as long as they
+        cover the content (e.g. a template that appends EOS after the last turn only); else the
+        content string alone (``True``: a content-only turn)."""
+        content_start = full.find(content, max(cursor, len(before) if full.startswith(before) else cursor))
+        if content_start < 0:
+            raise ConfigError("task.chat_template", "(the chat template)",
+                              "a template that writes each assistant message's content verbatim",
+                              f"assistant content {content[:60]!r} is not in the rendering")
+        content_end = content_start + len(content)
+        start = len(before) if full.startswith(before) and cursor <= len(before) <= content_start else content_start
+        full_ids, full_offsets = self.tokens(full)
+        shared = 0
+        for a, b in zip(full_ids, self.tokens(through)[0]):
+            if a != b:
+                break
+            shared += 1
+        end = full_offsets[shared - 1][1] if shared else 0
+        return ((start, end), False) if end >= content_end else ((content_start, content_end), True)
 
     def encode_messages(self, messages: list[dict[str, str]]) -> tuple[Example, int]:
         """The example of one conversation, and its count of content-only turns."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_tune.errors import ConfigError
-from lora_tune.models.tiny_lm import TINY_SIZES, tiny_config
+from lora_tune.models.tiny_lm import CHAT_TEMPLATE, TINY_SIZES, tiny_config
 from lora_tune.tasks import build_task, validate_task_spec
 from lora_tune.tasks.chat_data import IGNORE
 from lora_tune.tasks.generation import greedy_generate
@@ -121,18 +121,29 @@ def test_a_given_chat_template_decides_the_spans(tmp_path, chat_tokenizer_dir, a
         assert (example.input_ids, example.labels) == by_hand(task.tokenizer, pieces)
 
 
-# The last assistant turn ends with <|end|>, earlier ones with a newline: not prefix-stable.
-LAST_TURN_DIFFERS = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
-                     "{% if loop.last and m['role'] == 'assistant' %}<|end|>{% else %}{{ '\\n' }}{% endif %}"
-                     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+# Templates that render a turn differently once later turns follow (not prefix-stable):
+# EOS after the last message only (as Phi-3's does), and a think block on the last assistant turn only.
+EOS_AT_END = CHAT_TEMPLATE + "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}"
+THINK_ON_LAST = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}"
+                 "{% if loop.last and m['role'] == 'assistant' %}{{ '<think></think>' }}{% endif %}"
+                 "{{ m['content'] + '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
 
-def test_turns_rendered_differently_later_fall_back_to_their_content(tmp_path, chat_tokenizer_dir):
+def test_a_turn_ends_where_the_template_renderings_part(tmp_path, chat_tokenizer_dir):
     row = chat(PAIRS[1], PAIRS[2])
-    task = build_task(spec_for(tmp_path, chat_tokenizer_dir, [row], chat_template=LAST_TURN_DIFFERS))
+    task = build_task(spec_for(tmp_path, chat_tokenizer_dir, [row], chat_template=EOS_AT_END))
+    pieces = tiny_template_pieces(row["messages"]) + [("<|end|>", True)]  # every turn keeps its <|end|>
+    example = task.train.examples[0]
+    assert (example.input_ids, example.labels) == by_hand(task.tokenizer, pieces)
+    assert task.train.content_only_turns == 0 and task.warnings == []
+
+
+def test_turns_rendered_differently_inside_fall_back_to_their_content(tmp_path, chat_tokenizer_dir):
+    row = chat(PAIRS[1], PAIRS[2])
+    task = build_task(spec_for(tmp_path, chat_tokenizer_dir, [row], chat_template=THINK_ON_LAST))
     user1, answer1, user2, answer2 = (m["content"] for m in row["messages"])
-    pieces = [(f"<|user|>\n{user1}\n<|assistant|>\n", False), (answer1, True), (f"\n<|user|>\n{user2}\n<|assistant|>\n", False),
-              (answer2 + "<|end|>", True)]
+    pieces = [("<|bos|><|user|>\n" + user1 + "<|end|><|assistant|>\n", False), (answer1, True),
+              ("<|end|><|user|>\n" + user2 + "<|end|><|assistant|>\n", False), ("<think></think>" + answer2 + "<|end|>", True)]
     example = task.train.examples[0]
     assert (example.input_ids, example.labels) == by_hand(task.tokenizer, pieces)
     assert task.train.content_only_turns == 1 and "content strings" in task.warnings[0]
