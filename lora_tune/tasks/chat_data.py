@@ -131,7 +131,8 @@ def check_data_path(value: Any) -> str | None:
     if not path.is_file():
         return f"file not found: {str(path)!r}"
     if path.suffix.lower() not in DATA_SUFFIXES:
-        return f"{str(path)!r} has suffix {path.suffix!r}; allowed: {', '.join(DATA_SUFFIXES)} or a save_to_disk directory"
+        return (f"{str(path)!r} has suffix {path.suffix!r}; allowed: {', '.join(DATA_SUFFIXES)} "
+                "or a save_to_disk directory")
     return None
 
 
@@ -302,7 +303,8 @@ class Renderer:
             fallbacks += content_only
         return full, spans, fallbacks
 
-    def _diverging_span(self, full: str, before: str, through: str, content: str, cursor: int) -> tuple[tuple[int, int], bool]:
+    def _diverging_span(self, full: str, before: str, through: str, content: str,
+                        cursor: int) -> tuple[tuple[int, int], bool]:
         """The span of an assistant turn that ``full`` renders differently from ``through`` (the
         conversation ending with it): from the end of ``before`` (or the content, where ``before``
         is not a prefix) to the end of the tokens ``full`` and ``through`` share, as long as they

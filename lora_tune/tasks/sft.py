@@ -108,7 +108,9 @@ def _check_bool(value: Any) -> str | None:
 
 
 def _check_generate(value: Any) -> str | None:
-    return None if isinstance(value, Mapping) else f"must be a mapping (max_new_tokens, metric, max_examples), got {value!r}"
+    if isinstance(value, Mapping):
+        return None
+    return f"must be a mapping (max_new_tokens, metric, max_examples), got {value!r}"
 
 
 FIELDS = {
@@ -150,7 +152,7 @@ def validate_spec(spec: Any) -> Problems:
         problems.append(("task.eval_fraction", "give either eval_file or eval_fraction, not both"))
     if spec.get("format") == "text":
         if spec.get("train_on") == "completion":
-            problems.append(("task.train_on", "must be 'all' (or left out) with format: text; a text has no completion"))
+            problems.append(("task.train_on", "must be 'all' (or left out) with format: text (a text has no completion)"))
         if spec.get("generate") is not None:
             problems.append(("task.generate", "needs format messages or prompt-completion (a text has no prompt)"))
     if isinstance(spec.get("generate"), Mapping):
@@ -235,12 +237,13 @@ def _tables(settings: SFTSettings) -> tuple[Table, Table]:
         if len(train.rows) - n_eval < 1:
             raise ConfigError("task.train_file", f"{len(train.rows)} rows", "at least two rows with eval_fraction",
                               "Give more data or an eval_file.")
-        held_out = Table(train.source, "task.train_file", train.columns, [train.rows[i] for i in sorted(order[-n_eval:])])
+        held_out = Table(train.source, train.field, train.columns, [train.rows[i] for i in sorted(order[-n_eval:])])
         train = Table(train.source, train.field, train.columns, [train.rows[i] for i in sorted(order[:-n_eval])])
     for table in (train, held_out):
         if not table.rows:
             raise ConfigError(table.field, table.source, "a data file with at least one row")
-    limits = ((train, settings.max_train_examples, settings.seed), (held_out, settings.max_eval_examples, settings.seed + 1))
+    limits = ((train, settings.max_train_examples, settings.seed),
+              (held_out, settings.max_eval_examples, settings.seed + 1))
     return tuple(Table(t.source, t.field, t.columns, _subset(t.rows, n, s)) for t, n, s in limits)
 
 
@@ -287,7 +290,8 @@ def _check_fits(model: torch.nn.Module, settings: SFTSettings, splits: Sequence[
     top = max(max(e.input_ids) for split in splits for e in split.examples)
     if top >= embeddings:
         raise ConfigError("task.tokenizer", settings.tokenizer or settings.model,
-                          f"a tokenizer whose ids fit the model's {embeddings} embeddings", f"token id {top} is out of range")
+                          f"a tokenizer whose ids fit the model's {embeddings} embeddings",
+                          f"token id {top} is out of range")
 
 
 def packing_isolates(model: torch.nn.Module) -> bool:
@@ -412,8 +416,9 @@ class SFTTask(Task):
 
     def train_batches(self, batch_size: int, seed: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         rows: Sequence[Example | Block] = self.blocks if self.blocks is not None else self.train.examples
+        positions = self.blocks is not None and self.packing_isolated
         for idx in index_batches(len(rows), batch_size, seed, epoch):
-            yield collate([rows[i] for i in idx.tolist()], self.pad_id, self.packing_isolated and self.blocks is not None)
+            yield collate([rows[i] for i in idx.tolist()], self.pad_id, positions)
 
     def batch_tokens(self, batch: Mapping[str, torch.Tensor]) -> int:
         """Non-padding input tokens of a batch."""

@@ -126,7 +126,8 @@ def test_a_given_chat_template_decides_the_spans(tmp_path, chat_tokenizer_dir, a
 EOS_AT_END = CHAT_TEMPLATE + "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}"
 THINK_ON_LAST = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}"
                  "{% if loop.last and m['role'] == 'assistant' %}{{ '<think></think>' }}{% endif %}"
-                 "{{ m['content'] + '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+                 "{{ m['content'] + '<|end|>' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
 
 def test_a_turn_ends_where_the_template_renderings_part(tmp_path, chat_tokenizer_dir):
@@ -143,14 +144,16 @@ def test_turns_rendered_differently_inside_fall_back_to_their_content(tmp_path, 
     task = build_task(spec_for(tmp_path, chat_tokenizer_dir, [row], chat_template=THINK_ON_LAST))
     user1, answer1, user2, answer2 = (m["content"] for m in row["messages"])
     pieces = [("<|bos|><|user|>\n" + user1 + "<|end|><|assistant|>\n", False), (answer1, True),
-              ("<|end|><|user|>\n" + user2 + "<|end|><|assistant|>\n", False), ("<think></think>" + answer2 + "<|end|>", True)]
+              ("<|end|><|user|>\n" + user2 + "<|end|><|assistant|>\n", False),
+              ("<think></think>" + answer2 + "<|end|>", True)]
     example = task.train.examples[0]
     assert (example.input_ids, example.labels) == by_hand(task.tokenizer, pieces)
     assert task.train.content_only_turns == 1 and "content strings" in task.warnings[0]
 
 
 def test_plain_concatenation_without_a_chat_template(tmp_path, plain_tokenizer_dir):
-    rows = [{"prompt": "Q: what is 2 plus 2?\nA:", "completion": " 4"}, {"prompt": "Spell backwards: cat\n", "completion": "tac"}]
+    rows = [{"prompt": "Q: what is 2 plus 2?\nA:", "completion": " 4"},
+            {"prompt": "Spell backwards: cat\n", "completion": "tac"}]
     task = build_task(spec_for(tmp_path, plain_tokenizer_dir, rows))
     assert task.renderer.template is None
     eos = task.tokenizer.eos_token_id
@@ -218,7 +221,8 @@ def test_examples_longer_than_max_length_are_dropped_and_counted(tmp_path, chat_
     kept = lengths.count(short)
     task = build_task(spec_for(tmp_path, chat_tokenizer_dir, CONVERSATIONS, max_length=short))
     assert len(task.train.examples) == kept and task.train.too_long == len(CONVERSATIONS) - kept > 0
-    assert task.describe()["dropped_too_long"] == {"train": len(CONVERSATIONS) - kept, "eval": len(CONVERSATIONS) - kept}
+    dropped = len(CONVERSATIONS) - kept
+    assert task.describe()["dropped_too_long"] == {"train": dropped, "eval": dropped}
     assert any("longer than max_length" in w for w in task.warnings)
     with pytest.raises(ConfigError) as info:
         build_task(spec_for(tmp_path, chat_tokenizer_dir, CONVERSATIONS, max_length=short - 1))
@@ -296,7 +300,8 @@ def test_model_directory_with_its_tokenizer_and_bf16_weights(tmp_path, chat_toke
 
 def test_config_models_are_seeded(tmp_path, chat_tokenizer_dir):
     def head(seed):
-        return build_task(spec_for(tmp_path, chat_tokenizer_dir, CONVERSATIONS[:1], seed=seed)).build_model().lm_head.weight
+        task = build_task(spec_for(tmp_path, chat_tokenizer_dir, CONVERSATIONS[:1], seed=seed))
+        return task.build_model().lm_head.weight
 
     assert torch.equal(head(0), head(0)) and not torch.equal(head(0), head(1))
 
@@ -362,7 +367,8 @@ def test_unknown_role_names_the_column_and_the_roles(tmp_path, chat_tokenizer_di
 
 
 def test_missing_column_names_file_column_and_columns_present(tmp_path, chat_tokenizer_dir):
-    error = _error(spec_for(tmp_path, chat_tokenizer_dir, PC_ROWS, format="prompt-completion", prompt_column="question"))
+    error = _error(spec_for(tmp_path, chat_tokenizer_dir, PC_ROWS, format="prompt-completion",
+                            prompt_column="question"))
     assert error.field == "task.prompt_column"
     assert "question" in str(error) and "train.jsonl" in str(error) and "prompt, completion" in str(error)
 
@@ -390,7 +396,8 @@ def test_messages_need_a_chat_template(tmp_path, plain_tokenizer_dir):
 
 
 def test_metric_that_cannot_be_imported(tmp_path, chat_tokenizer_dir):
-    error = _error(spec_for(tmp_path, chat_tokenizer_dir, CONVERSATIONS, generate={"metric": "no_such_module_xyz:score"}))
+    error = _error(spec_for(tmp_path, chat_tokenizer_dir, CONVERSATIONS,
+                            generate={"metric": "no_such_module_xyz:score"}))
     assert error.field == "task.generate.metric" and "no_such_module_xyz" in str(error)
 
 

@@ -27,7 +27,8 @@ def completions(task):
 
 
 def test_csv_keeps_numbers_as_written(tmp_path, chat_tokenizer_dir):
-    rows = [{"prompt": "Pad 7 to three digits", "completion": "007"}, {"prompt": "What is 2 plus 2?", "completion": "4"}]
+    rows = [{"prompt": "Pad 7 to three digits", "completion": "007"},
+            {"prompt": "What is 2 plus 2?", "completion": "4"}]
     path = write_table(tmp_path / "train.csv", rows)
     task = build_task(spec(chat_tokenizer_dir, path, path))
     assert task.format == "prompt-completion" and completions(task) == ["007", "4"]
@@ -54,7 +55,8 @@ def test_save_to_disk_dataset_dict_gives_train_and_validation_splits(tmp_path, c
     datasets.DatasetDict({"train": datasets.Dataset.from_list(PC_ROWS[:4]),
                           "validation": datasets.Dataset.from_list(PC_ROWS[4:])}).save_to_disk(str(saved))
     task = build_task(spec(chat_tokenizer_dir, saved, saved))
-    assert len(task.train.examples) == 4 and [e.reference for e in task.eval.examples] == [r["completion"] for r in PC_ROWS[4:]]
+    assert len(task.train.examples) == 4
+    assert [e.reference for e in task.eval.examples] == [r["completion"] for r in PC_ROWS[4:]]
     several = tmp_path / "several"
     datasets.DatasetDict({"a": datasets.Dataset.from_list(PC_ROWS), "b": datasets.Dataset.from_list(PC_ROWS)}
                          ).save_to_disk(str(several))
@@ -110,7 +112,8 @@ def test_eval_fraction_split_and_seeded_subsets(tmp_path, chat_tokenizer_dir):
     train, held_out = completions(task), [e.reference for e in task.eval.examples]
     assert len(train) == 30 and len(held_out) == 10 and not set(train) & set(held_out)
     assert build_task(spec(chat_tokenizer_dir, path, eval_fraction=0.25, seed=2)).eval.examples == task.eval.examples
-    assert [e.reference for e in build_task(spec(chat_tokenizer_dir, path, eval_fraction=0.25, seed=3)).eval.examples] != held_out
+    reseeded = build_task(spec(chat_tokenizer_dir, path, eval_fraction=0.25, seed=3))
+    assert [e.reference for e in reseeded.eval.examples] != held_out
     capped = build_task(spec(chat_tokenizer_dir, path, path, max_train_examples=5, max_eval_examples=3))
     assert len(capped.train.examples) == 5 and len(capped.eval.examples) == 3
     ordered = [int(c) for c in completions(capped)]
