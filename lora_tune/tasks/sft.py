@@ -152,7 +152,7 @@ def validate_spec(spec: Any) -> Problems:
         problems.append(("task.eval_fraction", "give either eval_file or eval_fraction, not both"))
     if spec.get("format") == "text":
         if spec.get("train_on") == "completion":
-            problems.append(("task.train_on", "must be 'all' (or left out) with format: text (a text has no completion)"))
+            problems.append(("task.train_on", "must be 'all' (or left out) with format: text, which has no completion"))
         if spec.get("generate") is not None:
             problems.append(("task.generate", "needs format messages or prompt-completion (a text has no prompt)"))
     if isinstance(spec.get("generate"), Mapping):
