@@ -40,7 +40,14 @@ the model is called with ``position_ids`` and no attention mask, from which tran
 block-diagonal causal mask (flash-attention uses the same positions for variable-length kernels).
 Whether the model really keeps examples apart is measured once when the task is built; a model
 that does not (e.g. OPT, whose positions come from the attention mask) is trained with examples
-attending across block boundaries, and :attr:`SFTTask.warnings` says so.
+attending across block boundaries, and :attr:`SFTTask.warnings` says so. Evaluation never packs.
+
+Beyond the Task protocol the task has ``batch_tokens(batch)`` (non-padding input tokens, for
+tokens/s), ``loss_weight(batch)`` (the supervised tokens ``loss`` averages over, so gradient
+accumulation weighs micro-batches by tokens), ``weight_dtype`` (the dtype the weights were loaded
+in) and ``warnings`` (examples left out, content-only turns, packing that mixes examples; also
+logged). Batches are right-padded to their own longest row, and the model is always called with
+``use_cache=False`` (the config's ``use_cache`` is off too), which gradient checkpointing needs.
 """
 from __future__ import annotations
 
@@ -274,11 +281,13 @@ def _load_model(settings: SFTSettings, tokenizer: Any) -> tuple[torch.nn.Module,
                 raise ConfigError("task.model.config", dict(settings.model["config"]),
                                   "config keys transformers accepts for this model_type", str(exc)) from None
         return (model.to(dtype) if dtype is not None else model), f"config:{keys['model_type']}"
-    from transformers import AutoModelForCausalLM
+    import transformers
+    from packaging.version import Version
 
     ref = resolve_model_ref(settings.model)
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"  # renamed in 4.56
     with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype or "auto", local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(ref, local_files_only=True, **{key: dtype or "auto"})
     return model, ref
 
 
@@ -333,8 +342,7 @@ def collate(rows: Sequence[Example | Block], pad_id: int, with_positions: bool) 
 # -- the task -------------------------------------------------------------------------------
 
 class SFTTask(Task):
-    """See the module docstring. ``weight_dtype`` is the dtype the weights were loaded in;
-    ``warnings`` lists what was left out or approximated (also logged)."""
+    """See the module docstring."""
 
     name = "sft"
     default_metric = "eval_loss"
