@@ -116,7 +116,7 @@ def release_memory() -> None:
 
 def run_in_child(plan: TrialPlan, hooks: Hooks, poll_seconds: float = 0.5) -> TrialOutcome:
     """The body in a fresh child process; see the module docstring."""
-    ctx = _context()
+    ctx = _context(plan.task_spec.get("type"))
     parent_end, child_end = ctx.Pipe()
     with tempfile.TemporaryDirectory(prefix="lora-tune-trial-") as tmp:
         plan = TrialPlan(**{**plan.__dict__, "adapter_archive": str(Path(tmp) / "adapter.zip")})
@@ -138,10 +138,19 @@ def run_in_child(plan: TrialPlan, hooks: Hooks, poll_seconds: float = 0.5) -> Tr
             _stop(process, wait=5.0 if finished else 0.0)
 
 
-def _context() -> Any:
-    """The forkserver context, with its server preloading the modules every child needs."""
+def _context(task_type: str | None) -> Any:
+    """The forkserver context; its server (started with the first trial) preloads the modules
+    every child needs, with the module of the task type (e.g. transformers for ``sft``)."""
+    import importlib
+
+    from lora_tune.tasks import TASK_TYPES, task_module_name
+
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(PRELOAD))
+    extra: list[str] = []
+    if task_type in TASK_TYPES:
+        name = task_module_name(task_type)
+        extra = [name, *getattr(importlib.import_module(name), "HEAVY_IMPORTS", ())]
+    ctx.set_forkserver_preload(list(PRELOAD) + extra)
     return ctx
 
 

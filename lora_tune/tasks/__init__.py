@@ -24,7 +24,12 @@ __all__ = ["TASK_TYPES", "Task", "build_task", "validate_task_spec"]
 
 
 def _module(task_type: str) -> Any:
-    return importlib.import_module(_MODULES[task_type])
+    return importlib.import_module(task_module_name(task_type))
+
+
+def task_module_name(task_type: str) -> str:
+    """The module that implements a built-in task type."""
+    return _MODULES[task_type]
 
 
 def validate_task_spec(spec: Mapping) -> Problems:

@@ -35,6 +35,9 @@ from lora_tune.tasks.base import (
 from lora_tune.tasks.files import read_text
 from lora_tune.tasks.hf import check_model_ref, quiet_transformers, resolve_model_ref
 
+# Libraries a trial's child process needs: its fork server imports them once (study/trial_run.py).
+HEAVY_IMPORTS = ("transformers", "transformers.modeling_utils")
+
 BYTE_VOCAB = 256
 GPT2_INT_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
 GPT2_FLOAT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range")

@@ -34,6 +34,9 @@ from lora_tune.tasks.base import (
 from lora_tune.tasks.files import TABLE_SUFFIXES, read_columns, read_table
 from lora_tune.tasks.hf import check_model_ref, fresh_module_names, quiet_transformers, resolve_model_ref
 
+# Libraries a trial's child process needs: its fork server imports them once (study/trial_run.py).
+HEAVY_IMPORTS = ("transformers", "transformers.modeling_utils")
+
 HEAD_NAMES = ("pre_classifier", "classifier", "score")
 
 FIELDS = {

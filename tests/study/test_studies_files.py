@@ -24,9 +24,11 @@ def test_study_file_validates(path, monkeypatch):
     first = path.read_text().splitlines()[0]
     assert first.startswith(f"# Run: lora-tune run studies/{path.name}")
     spec, problems = check_spec(yaml.safe_load(path.read_text()))
-    # Data outside the repository (../shared, for the bigger example studies) may be absent on
-    # this machine; any other problem is a defect of the file.
-    absent = [(p, m) for p, m in problems if m.startswith("file not found") and "'../" in m]
+    # Data outside the repository (../shared, for the bigger example studies) and a real model
+    # the user puts under ./models (sft-llama) may be absent on this machine; any other problem
+    # is a defect of the file (tests/tasks/test_sft_studies.py validates sft-llama with a model).
+    absent = [(p, m) for p, m in problems if (m.startswith("file not found") and "'../" in m)
+              or (p == "task.model" and m.startswith("model directory not found: 'models/"))]
     assert [x for x in problems if x not in absent] == []
     if not problems:
         assert spec is not None and spec.study.name
