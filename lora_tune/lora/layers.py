@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_tune.lora.fused import checked_sizes, enabled_sizes, parts_matrix, scatter_parts
-from lora_tune.lora.quant import QuantizedWeight
+from lora_tune.lora.quant import QuantizedWeight, quantized_linear
 
 QKV = ("q", "k", "v")
 
@@ -181,8 +181,13 @@ class LoraLayer(_LoraState):
         if self.method == "merged":
             w0 = self.base_weight()
             return self._forward_with(x, w0 + self._dropped_delta().to(w0.dtype))
-        base = self.base_layer(x) if self.base_weight_q is None else self._forward_with(x, self.base_weight())
+        base = self.base_layer(x) if self.base_weight_q is None else self._quantized_base_forward(x)
         return base + self._lora_branch(x)
+
+    def _quantized_base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen quantized base's output (wrappers that can re-dequantize in backward
+        override this to keep the dense weight out of autograd's saved tensors)."""
+        return self._forward_with(x, self.base_weight())
 
     def _to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -231,6 +236,9 @@ class LoraLinear(LoraLayer):
 
     def _forward_with(self, x, weight):
         return F.linear(x, weight.t() if self.transposed else weight, self.base_layer.bias)
+
+    def _quantized_base_forward(self, x):
+        return quantized_linear(x, self.base_weight_q, self.base_layer.bias, self.transposed)
 
     def _lora_branch(self, x):
         h = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lora_tune.errors import QuantizationError
@@ -119,6 +120,40 @@ class QuantizedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, bits={self.bits}, type={self.quant_type}, dtype={self.dtype}"
+
+
+class _QuantizedLinear(torch.autograd.Function):
+    """``F.linear(x, dequantize(q), bias)`` that keeps only the quantized weight for backward
+    and dequantizes it again there. Plain autograd would keep the dense copy of every layer's
+    weight alive from forward to backward: for a 4-bit base that undoes most of its memory
+    saving. The base weight is frozen, so only the input (and a trainable bias) get gradients."""
+
+    @staticmethod
+    def forward(ctx, x, bias, qweight, transposed):  # type: ignore[override]
+        ctx.qweight, ctx.transposed, ctx.x_dtype = qweight, transposed, x.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return F.linear(x, _linear_layout(qweight.dequantize(), transposed), bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = _linear_layout(ctx.qweight.dequantize(), ctx.transposed).to(grad.dtype)
+            grad_x = (grad @ weight).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None, None
+
+
+def _linear_layout(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return weight.t() if transposed else weight
+
+
+def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None,
+                     transposed: bool = False) -> torch.Tensor:
+    """A linear layer over a quantized frozen weight (``transposed``: GPT-2 ``Conv1D`` layout,
+    in x out) whose backward re-dequantizes instead of keeping the dense weight."""
+    return _QuantizedLinear.apply(x, bias, qweight, transposed)
 
 
 def warm_up() -> None:
