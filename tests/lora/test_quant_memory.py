@@ -38,7 +38,7 @@ def test_no_dense_base_weight_is_saved_for_backward(bits):
     assert (256, 64) not in shapes and (64, 256) not in shapes, shapes
     plain = model[2]  # the same layer through plain autograd keeps its dense weight
     plain._quantized_base_forward = lambda inp: plain._forward_with(inp, plain.base_weight())
-    assert (64, 256) in _saved_shapes(model, x)
+    assert {(64, 256), (256, 64)} & set(_saved_shapes(model, x))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
