@@ -1,0 +1,83 @@
+"""Run by tests/study/test_callbacks_ddp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU).
+
+Every rank trains the same tiny LoRA Llama with transformers' Trainer and a LoraTuneCallback.
+Rank 0 runs one trial of the Optuna study in STORAGE (its pruner prunes at the second report);
+rank 1 gives the callback a spy "trial" that writes down any call made to it. Each rank writes
+OUT/rank<r>.json: its final global step, whether it was pruned, its summary and the spy's calls.
+
+    python -m torch.distributed.run --nproc_per_node 2 ddp_callback_script.py STORAGE STUDY OUT
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import optuna
+import torch
+
+from tests.study.callback_models import TokenSequences, tiny_lora_llama, training_args
+
+
+class PruneAtSecondReport(optuna.pruners.BasePruner):
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return len(trial.intermediate_values) >= 2
+
+
+class SpyTrial:
+    """Stands in for a trial on rank 1: the callback must never call it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def report(self, value: float, step: int) -> None:
+        self.calls.append(f"report({value}, {step})")
+
+    def should_prune(self) -> bool:
+        self.calls.append("should_prune()")
+        return False
+
+    def set_user_attr(self, key: str, value: object) -> None:
+        self.calls.append(f"set_user_attr({key!r})")
+
+
+def main(storage: str, study_name: str, out: Path) -> None:
+    from transformers import Trainer
+
+    from lora_tune.study.hf_callback import LoraTuneCallback
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    spy = SpyTrial()
+    result: dict = {"rank": rank}
+
+    def objective(trial: optuna.trial.BaseTrial | SpyTrial) -> float:
+        callback = LoraTuneCallback(trial)
+        trainer = Trainer(model=tiny_lora_llama(), args=training_args(out / "trainer", max_steps=8, ddp_backend="gloo",
+                                                                      include_num_input_tokens_seen="non_padding"),
+                          train_dataset=TokenSequences(64, seed=0), eval_dataset=TokenSequences(16, seed=1),
+                          callbacks=[callback])
+        trainer.train()
+        result.update(global_step=trainer.state.global_step, max_steps=trainer.state.max_steps,
+                      pruned=callback.pruned, summary=callback.summary.user_attrs(),
+                      evaluations=[e.eval_index for e in callback.summary.evaluations],
+                      world_size=torch.distributed.get_world_size(),
+                      num_input_tokens_seen=trainer.state.num_input_tokens_seen)
+        callback.raise_if_pruned()
+        return callback.summary.metric_values["eval_loss"]
+
+    if rank == 0:
+        study = optuna.load_study(study_name=study_name, storage=storage, pruner=PruneAtSecondReport())
+        study.optimize(objective, n_trials=1)
+    else:
+        try:
+            objective(spy)
+        except optuna.TrialPruned:
+            pass
+    result["spy_calls"] = spy.calls
+    (out / f"rank{rank}.json").write_text(json.dumps(result), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
