@@ -27,6 +27,8 @@ _EXPORTS = {
     "load_adapter": "lora_tune.lora.state",
     "AdapterLoRa": "lora_tune.lora.facade",
     "load_config": "lora_tune.export",
+    "LoraTuneCallback": "lora_tune.study.hf_callback",
+    "LoraTuneLightningCallback": "lora_tune.study.lightning_callback",
     "LoraTuneError": "lora_tune.errors",
     "ConfigError": "lora_tune.errors",
     "NoMatchingModulesError": "lora_tune.errors",
