@@ -143,7 +143,11 @@ def write_adapter_archive(model: Any, archive: Path, *, config: Any = None,
     manifest: dict[str, Any] = {"formats": [], "skipped": {}}
     with tempfile.TemporaryDirectory(prefix="lora-tune-formats-") as tmp:
         root = Path(tmp)
-        for fmt in FORMATS:
+        if hasattr(model, "peft_config"):  # adapted by PEFT itself (the trainer task's injector: peft)
+            model.save_pretrained(str(root / "peft"))
+            manifest["formats"].append("peft")
+            manifest["skipped"]["lora-tune"] = "the model was adapted by PEFT (injector: peft)"
+        for fmt in () if hasattr(model, "peft_config") else FORMATS:
             try:
                 extra = {"base_model_name_or_path": base_model_name_or_path} if fmt == "peft" else {}
                 save_adapter(model, root / fmt, format=fmt, config=config, **extra)

@@ -37,7 +37,7 @@ from lora_tune.study.trial_run import (
     Hooks, TrialChildError, TrialOutcome, TrialPlan, TrialProcessDied, release_memory, run_in_child,
     run_in_process,
 )
-from lora_tune.study.spec import StudySpec
+from lora_tune.study.spec import DRIVER_TRAIN_KEYS, StudySpec
 
 _logger = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ class Objective:
         plan = TrialPlan(
             task_spec=dict(self.spec.task),
             lora={k: v for k, v in values.items() if k not in TRAIN_KEYS},
-            train=train.train_config(**train_values), threads=train.threads)
+            train=train.train_config(**train_values), threads=train.threads, params=dict(values),
+            explicit_train=tuple(sorted((train.model_fields_set | set(train_values)) - set(DRIVER_TRAIN_KEYS))))
         targets = plan.lora.get("targets", "all-linear")
         trial.set_user_attr("target_preset", targets if isinstance(targets, str) else None)
         isolation = self.isolation()

@@ -168,8 +168,12 @@ class StudySpec(_Section):
         return len(self.metrics) > 1
 
     def to_stored(self) -> dict[str, Any]:
-        """The JSON-able dict stored as the study's ``spec`` user attribute."""
-        return self.model_dump(mode="json")
+        """The JSON-able dict stored as the study's ``spec`` user attribute. ``train`` holds the
+        settings the file gives (defaults are derived again on loading), so tasks that drive
+        their own trainer can tell the study's settings from the defaults."""
+        data = self.model_dump(mode="json")
+        data["train"] = self.train.model_dump(mode="json", exclude_unset=True)
+        return data
 
 
 # -- loading ------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ class TrialPlan:
     train: Any  # lora_tune.train.TrainConfig
     threads: int | None = None
     adapter_archive: str | None = None  # where the child writes the trained adapter
+    params: dict = field(default_factory=dict)  # the trial's sampled values
+    explicit_train: tuple[str, ...] = ()  # training settings the study sets (file or search space)
 
 
 @dataclass
@@ -84,15 +86,21 @@ def build_and_train(task: Any, plan: TrialPlan, hooks: Hooks) -> TrialOutcome:
     from lora_tune.train import fit
 
     config = LoraConfig(**plan.lora, modules_to_save=list(task.modules_to_save))
+    adapt = getattr(task, "adapt", None)  # tasks may adapt with another injector (trainer: PEFT)
     with _seeded(plan.train.seed), warnings.catch_warnings():  # init depends on the seed only
         warnings.filterwarnings("ignore", message="rank .* is larger than min", category=UserWarning)
         model = task.build_model()
-        report = inject(model, config)
+        model, report = adapt(model, config) if adapt is not None else (model, inject(model, config))
     outcome = TrialOutcome(report=report, config=config, model=model)
     if not hooks.built(report):
         return outcome
+    train_adapted = getattr(task, "train_adapted", None)  # tasks with their own trainer
     with _torch_threads(plan.threads):
-        outcome.result = fit(model, task, plan.train, on_eval=hooks.evaluated)
+        if train_adapted is not None:
+            outcome.result = train_adapted(model, plan.train, hooks.evaluated, params=plan.params,
+                                           explicit=plan.explicit_train)
+        else:
+            outcome.result = fit(model, task, plan.train, on_eval=hooks.evaluated)
     return outcome
 
 

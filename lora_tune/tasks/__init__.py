@@ -1,4 +1,4 @@
-"""Built-in tasks: ``digits``, ``text-classification``, ``causal-lm``, ``sft`` and ``python``.
+"""Built-in tasks: ``digits``, ``text-classification``, ``causal-lm``, ``sft``, ``trainer`` and ``python``.
 
 ``build_task(spec)`` turns the study file's ``task:`` mapping into a :class:`Task`;
 ``validate_task_spec(spec)`` lists every problem as ``(path, message)`` without building anything
@@ -11,14 +11,15 @@ from typing import Any, Mapping
 
 from lora_tune.tasks.base import Problems, Task, raise_problems
 
-TASK_TYPES = ("digits", "text-classification", "causal-lm", "sft", "python")
 _MODULES = {
     "digits": "lora_tune.tasks.digits",
     "text-classification": "lora_tune.tasks.text_classification",
     "causal-lm": "lora_tune.tasks.causal_lm",
     "sft": "lora_tune.tasks.sft",
+    "trainer": "lora_tune.tasks.trainer",
     "python": "lora_tune.tasks.python_factory",
 }
+TASK_TYPES = tuple(_MODULES)
 
 __all__ = ["TASK_TYPES", "Task", "build_task", "validate_task_spec"]
 

@@ -42,6 +42,21 @@ def check_model_ref(value: Any) -> str | None:
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_tokenizer_ref(value: Any) -> str | None:
+    """None when ``value`` names a tokenizer directory (or a loadable model); else a message."""
+    if not isinstance(value, str) or not value.strip():
+        return f"must be a tokenizer directory or a model reference, got {value!r}"
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            return f"directory {str(path)!r} has no {' or '.join(TOKENIZER_FILES)}"
+        return None
+    return check_model_ref(value)
+
+
 def resolve_model_ref(value: str) -> str:
     """A path or cached hub id ``from_pretrained`` can load offline; LookupError when there is none."""
     alias = MODEL_ALIASES.get(value.lower())

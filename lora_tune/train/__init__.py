@@ -5,10 +5,10 @@ from lora_tune.train.config import (
 from lora_tune.train.loop import (
     HISTORY_KEYS, TrainResult, enable_gradient_checkpointing, eval_steps, fit, warm_up,
 )
-from lora_tune.train.optim import lr_factor, parameter_groups, warmup_steps
+from lora_tune.train.optim import build_optimizer, lr_factor, parameter_groups, warmup_steps
 
 __all__ = [
-    "HISTORY_KEYS", "LR_SCHEDULERS", "OPTIMIZERS", "PRECISIONS", "TrainConfig", "TrainResult",
+    "HISTORY_KEYS", "LR_SCHEDULERS", "build_optimizer", "OPTIMIZERS", "PRECISIONS", "TrainConfig", "TrainResult",
     "enable_gradient_checkpointing", "eval_steps", "fit", "lr_factor", "parameter_groups",
     "resolve_device", "resolve_precision", "warm_up", "warmup_steps",
 ]

@@ -1,0 +1,363 @@
+"""``trainer``: your own Hugging Face ``Trainer`` (or TRL ``SFTTrainer``) inside a LoRA search.
+
+Spec keys::
+
+    type: trainer
+    factory: my_train.py:make_trainer    # or package.module:function
+    args: {max_length: 256}              # optional keyword arguments for the factory
+    model: path/to/hf-model-dir          # a local directory, or {config: {model_type: llama, ...}}
+    # model_factory: my_train.py:make_model   # instead of model: a function returning the base model
+    model_class: causal-lm               # causal-lm | sequence-classification (with model:)
+    num_labels: 2                        # sequence-classification only
+    tokenizer: path/to/tokenizer-dir     # optional (default: the model directory); passed to the factory
+    dtype: auto                          # auto | bfloat16 | float16 | float32 (weights as loaded)
+    injector: lora-tune                  # lora-tune | peft: who adapts the model
+    metrics: [eval_loss]                 # what trainer.evaluate() returns that a study may optimize
+    modules_to_save: [score]             # optional: trained fully (default: freshly initialised heads)
+    seed: 0                              # config: initialisation
+
+Per trial lora-tune copies the base model, adapts it with the trial's LoRA config (its own
+injector, or PEFT's ``get_peft_model`` with :meth:`LoraConfig.to_peft` for ``injector: peft``)
+and calls ``factory(model=..., tokenizer=..., params=..., callbacks=[...], output_dir=..., **args)``,
+which returns a ``transformers.Trainer``. ``params`` holds the trial's sampled values. Every
+training setting that the study sets (in ``train:`` or in ``search_space``) then replaces the
+trainer's ``TrainingArguments`` value (:data:`TRAINING_ARGUMENTS`), LoRA+ included, so the
+factory cannot silently train with other settings than the trial records. The callback reports
+every evaluation to the study and stops training when the trial is pruned; the trial's value is
+``trainer.evaluate()[metric]``.
+
+``factory`` is imported when the study is checked (a missing one is exit 2 at ``validate``);
+what it returns is checked in the trial (not a Trainer: the trial fails with that reason).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from lora_tune.errors import ConfigError
+from lora_tune.tasks.base import (
+    Field, ModelTemplate, Problems, Task, check_spec, is_choice, is_int, is_str, is_str_list,
+)
+from lora_tune.tasks.hf import (
+    check_model_ref, check_tokenizer_ref, fresh_module_names, quiet_transformers, resolve_model_ref,
+)
+
+# Libraries a trial's child process needs: its fork server imports them once (study/trial_run.py).
+HEAVY_IMPORTS = ("transformers", "transformers.modeling_utils", "transformers.trainer")
+
+MODEL_CLASSES = ("causal-lm", "sequence-classification")
+INJECTORS = ("lora-tune", "peft")
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# lora-tune's optimizer names -> TrainingArguments.optim
+HF_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw": "paged_adamw_32bit",
+                 "paged_adamw_8bit": "paged_adamw_8bit"}
+
+
+def _check_factory(value: Any) -> str | None:
+    if not isinstance(value, str) or value.count(":") != 1 or not all(value.split(":")):
+        return f"must be 'path/to/file.py:function' or 'package.module:function', got {value!r}"
+    from lora_tune.tasks.python_factory import load_factory
+
+    try:
+        load_factory(value)
+    except ConfigError as exc:
+        return str(exc).split(": ", 1)[-1]
+    return None
+
+
+def _check_model(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        if set(value) != {"config"} or not isinstance(value["config"], Mapping):
+            return "a mapping model must be {config: {model_type: ..., hidden_size: ..., ...}}"
+        return None
+    return check_model_ref(value)
+
+
+def _check_args(value: Any) -> str | None:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        return f"must be a mapping of keyword arguments for the factory, got {value!r}"
+    reserved = sorted(set(value) & set(FACTORY_KWARGS))
+    return f"must not set {', '.join(reserved)} (lora-tune passes them)" if reserved else None
+
+
+FACTORY_KWARGS = ("model", "tokenizer", "params", "callbacks", "output_dir")
+
+FIELDS = {
+    "type": Field(is_choice(("trainer",)), required=True),
+    "factory": Field(_check_factory, required=True, help="'my_train.py:make_trainer'"),
+    "args": Field(_check_args),
+    "model": Field(_check_model),
+    "model_factory": Field(_check_factory),
+    "model_class": Field(is_choice(MODEL_CLASSES)),
+    "num_labels": Field(is_int(1)),
+    "tokenizer": Field(check_tokenizer_ref),
+    "dtype": Field(is_choice(tuple(DTYPES))),
+    "injector": Field(is_choice(INJECTORS)),
+    "metrics": Field(is_str_list),
+    "modules_to_save": Field(is_str_list),
+    "seed": Field(is_int(0)),
+}
+
+
+def validate_spec(spec: Any) -> Problems:
+    problems = check_spec(spec, FIELDS)
+    if not isinstance(spec, Mapping):
+        return problems
+    if (spec.get("model") is None) == (spec.get("model_factory") is None):
+        problems.append(("task.model", "give exactly one of model (a directory or {config: ...}) or model_factory"))
+    if spec.get("model_factory") is not None:
+        for key in ("model_class", "num_labels", "dtype"):
+            if spec.get(key) is not None:
+                problems.append((f"task.{key}", "applies to model:, not to model_factory"))
+    if spec.get("num_labels") is not None and spec.get("model_class", "causal-lm") != "sequence-classification":
+        problems.append(("task.num_labels", "applies to model_class: sequence-classification only"))
+    return problems
+
+
+@dataclass(frozen=True)
+class TrainingArgument:
+    """How one lora-tune training setting becomes ``TrainingArguments`` values."""
+
+    names: tuple[str, ...]
+    convert: Callable[[Any, Any], dict[str, Any]]
+
+
+def _same(name: str) -> TrainingArgument:
+    return TrainingArgument((name,), lambda value, config: {name: value})
+
+
+def _scheduler(value: str, config: Any) -> dict[str, Any]:
+    warm = config.warmup_steps if config.warmup_steps is not None else config.warmup_ratio
+    return {"lr_scheduler_type": "constant_with_warmup" if value == "constant" and warm else value}
+
+
+def _warmup(_: Any, config: Any) -> dict[str, Any]:
+    # TrainingArguments.warmup_steps: an int is a step count, a float below 1 a ratio.
+    return {"warmup_steps": config.warmup_steps if config.warmup_steps is not None else float(config.warmup_ratio)}
+
+
+def _precision(value: str, config: Any) -> dict[str, Any]:
+    return {"bf16": value == "bf16", "fp16": value == "fp16"} if value != "auto" else {}
+
+
+# lora-tune training setting -> TrainingArguments fields (what the study sets reaches the trainer)
+TRAINING_ARGUMENTS: dict[str, TrainingArgument] = {
+    "learning_rate": _same("learning_rate"),
+    "weight_decay": _same("weight_decay"),
+    "batch_size": TrainingArgument(("per_device_train_batch_size",),
+                                   lambda v, c: {"per_device_train_batch_size": v}),
+    "gradient_accumulation_steps": _same("gradient_accumulation_steps"),
+    "epochs": TrainingArgument(("num_train_epochs",), lambda v, c: {"num_train_epochs": float(v)}),
+    "max_steps": TrainingArgument(("max_steps",), lambda v, c: {"max_steps": -1 if v is None else v}),
+    "lr_scheduler": TrainingArgument(("lr_scheduler_type",), _scheduler),
+    "warmup_ratio": TrainingArgument(("warmup_steps",), _warmup),
+    "warmup_steps": TrainingArgument(("warmup_steps",), _warmup),
+    "grad_clip": TrainingArgument(("max_grad_norm",), lambda v, c: {"max_grad_norm": 0.0 if v is None else v}),
+    "seed": _same("seed"),
+    "precision": TrainingArgument(("bf16", "fp16"), _precision),
+    "gradient_checkpointing": TrainingArgument(
+        ("gradient_checkpointing",),
+        lambda v, c: {"gradient_checkpointing": v, "gradient_checkpointing_kwargs": {"use_reentrant": False}}),
+    "optimizer": TrainingArgument(("optim",), lambda v, c: {"optim": HF_OPTIMIZERS[v]}),
+    "eval_steps": TrainingArgument(("eval_steps",), lambda v, c: {"eval_strategy": "steps", "eval_steps": v}
+                                   if v is not None else {}),
+    "device": TrainingArgument(("use_cpu",), lambda v, c: {"use_cpu": v == "cpu"}),
+}
+
+
+def training_overrides(config: Any, keys: Any) -> dict[str, Any]:
+    """``TrainingArguments`` values for the training settings named in ``keys``."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        rule = TRAINING_ARGUMENTS.get(key)
+        if rule is not None:
+            out.update(rule.convert(getattr(config, key), config))
+    return out
+
+
+def apply_training_arguments(trainer: Any, overrides: Mapping[str, Any]) -> None:
+    """Set ``overrides`` on ``trainer.args`` and rebuild what the trainer derived from them at
+    construction (its train batch size and its accelerator's gradient accumulation), as
+    transformers' own hyperparameter search does."""
+    for name, value in overrides.items():
+        if not hasattr(trainer.args, name):
+            raise ConfigError("train", name, "settings that transformers' TrainingArguments has",
+                              f"this transformers version has no TrainingArguments.{name}")
+        setattr(trainer.args, name, value)
+    if hasattr(trainer, "_train_batch_size"):  # transformers' own cache of it (see test_trainer_task)
+        trainer._train_batch_size = trainer.args.train_batch_size
+    trainer.create_accelerator_and_postprocess()
+
+
+class TrainerTask(Task):
+    """See the module docstring."""
+
+    name = "trainer"
+    baseline_targets = "attention-qv"
+
+    def __init__(self, spec: dict):
+        from lora_tune.tasks.python_factory import load_factory
+
+        self.spec = spec
+        self.factory = load_factory(spec["factory"])
+        self.args = dict(spec.get("args") or {})
+        self.injector = spec.get("injector") or "lora-tune"
+        self.metrics = tuple(spec.get("metrics") or ("eval_loss",))
+        self.default_metric = self.metrics[0]
+        self.default_direction = "minimize" if self.default_metric.endswith(("loss", "perplexity")) else "maximize"
+        self.tokenizer = self._tokenizer()
+        model, fresh = self._base_model()
+        self.modules_to_save = list(spec.get("modules_to_save") or fresh)
+        self.weight_dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        self.template = ModelTemplate(model)
+        self.warnings: list[str] = []
+
+    # -- the base model ------------------------------------------------------------------------
+    def _tokenizer(self) -> Any:
+        ref = self.spec.get("tokenizer") or (self.spec.get("model") if isinstance(self.spec.get("model"), str) else None)
+        if ref is None:
+            return None
+        from transformers import AutoTokenizer
+
+        local = Path(str(ref)).expanduser()
+        with quiet_transformers():
+            try:
+                source = str(local) if local.is_dir() else resolve_model_ref(ref)
+                return AutoTokenizer.from_pretrained(source, local_files_only=True)
+            except (OSError, ValueError, LookupError) as exc:
+                if self.spec.get("tokenizer"):
+                    raise ConfigError("task.tokenizer", ref, "a directory holding a Hugging Face tokenizer",
+                                      str(exc)) from None
+                return None  # a model directory without a tokenizer: the factory brings its own
+
+    def _base_model(self) -> tuple[torch.nn.Module, list[str]]:
+        spec = self.spec
+        if spec.get("model_factory"):
+            from lora_tune.tasks.python_factory import load_factory
+
+            model = load_factory(spec["model_factory"])()
+            if not isinstance(model, torch.nn.Module):
+                raise ConfigError("task.model_factory", spec["model_factory"], "a function returning an nn.Module",
+                                  f"it returned a {type(model).__name__}")
+            return model, []
+        import transformers
+
+        classification = spec.get("model_class") == "sequence-classification"
+        auto = transformers.AutoModelForSequenceClassification if classification else transformers.AutoModelForCausalLM
+        extra = {"num_labels": spec["num_labels"]} if spec.get("num_labels") else {}
+        dtype = DTYPES[spec.get("dtype") or "auto"]
+        if isinstance(spec["model"], Mapping):
+            config = dict(spec["model"]["config"])
+            if self.tokenizer is not None:
+                config.setdefault("vocab_size", len(self.tokenizer))
+                if self.tokenizer.pad_token_id is not None:
+                    config.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+            kind = config.pop("model_type")
+            with quiet_transformers(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(spec.get("seed") or 0))
+                try:
+                    model = auto.from_config(transformers.AutoConfig.for_model(kind, **config, **extra))
+                except (TypeError, ValueError, KeyError) as exc:
+                    raise ConfigError("task.model.config", dict(spec["model"]["config"]),
+                                      "config keys transformers accepts for this model_type", str(exc)) from None
+            return (model.to(dtype) if dtype is not None else model), []
+        with quiet_transformers():
+            model, info = auto.from_pretrained(resolve_model_ref(spec["model"]), local_files_only=True,
+                                               output_loading_info=True, dtype=dtype or "auto", **extra)
+        return model, fresh_module_names(info.get("missing_keys", []))
+
+    def build_model(self) -> torch.nn.Module:
+        return self.template.fresh()
+
+    def num_train_examples(self) -> int:
+        return 0  # the factory's trainer owns the data
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "factory": self.spec["factory"], "injector": self.injector,
+                "metrics": list(self.metrics)}
+
+    # -- adapting ---------------------------------------------------------------------------------
+    def adapt(self, model: torch.nn.Module, config: Any) -> tuple[torch.nn.Module, Any]:
+        """Inject ``config`` with lora-tune's injector, or with PEFT (``injector: peft``)."""
+        from lora_tune import inject
+
+        if self.injector == "lora-tune":
+            return model, inject(model, config)
+        return peft_adapt(model, config)
+
+    # -- training -----------------------------------------------------------------------------------
+    def train_adapted(self, model: torch.nn.Module, config: Any, on_eval: Any, *, params: Mapping[str, Any],
+                      explicit: Any) -> Any:
+        """Build the user's trainer around ``model``, apply the study's settings, train, evaluate."""
+        import transformers
+
+        from lora_tune.train import TrainResult, build_optimizer
+        from lora_tune.train.hf_callback import EvaluationReporter
+
+        reporter = EvaluationReporter(report=on_eval, metric=self.default_metric)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="lora-tune-trainer-") as output_dir:
+            kwargs = dict(self.args, model=model, params=dict(params), callbacks=[reporter], output_dir=output_dir)
+            if self.tokenizer is not None:
+                kwargs["tokenizer"] = self.tokenizer
+            trainer = self.factory(**kwargs)
+            if not isinstance(trainer, transformers.Trainer):
+                raise TypeError(f"{self.spec['factory']} returned a {type(trainer).__name__}, not a "
+                                "transformers.Trainer (or a subclass such as trl.SFTTrainer)")
+            if trainer.model is not model and getattr(trainer.model, "base_model", None) is None:
+                raise TypeError(f"{self.spec['factory']} built its trainer around another model than the "
+                                "one it was given; pass model=model to the Trainer")
+            if reporter not in trainer.callback_handler.callbacks:
+                trainer.add_callback(reporter)
+            apply_training_arguments(trainer, training_overrides(config, explicit))
+            if config.loraplus_lr_ratio is not None:
+                trainer.optimizer = build_optimizer(trainer.model, config)
+            trainer.train()
+            metrics = {} if reporter.stopped else reporter.final(trainer.evaluate())
+        summary = reporter.summary
+        return TrainResult(
+            steps=summary.train_steps, planned_steps=summary.planned_steps, seconds=time.perf_counter() - start,
+            examples=summary.train_steps * trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps,
+            throughput=summary.throughput, peak_memory_bytes=summary.peak_memory_bytes,
+            history=list(reporter.history), final_metrics=metrics, stopped_early=reporter.stopped,
+            compute_seconds=summary.train_seconds, tokens=summary.train_tokens,
+            tokens_per_second=summary.tokens_per_second, peak_memory_total_bytes=summary.peak_memory_total_bytes,
+            effective_batch_size=trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps)
+
+
+def peft_adapt(model: torch.nn.Module, config: Any) -> tuple[torch.nn.Module, Any]:
+    """``peft.get_peft_model`` with ``config.to_peft(model)``, and lora-tune's report of it."""
+    from peft import get_peft_model
+
+    from lora_tune.lora.inject import InjectReport
+
+    if config.quant_bits is not None:
+        raise ConfigError("quant_bits", config.quant_bits, "null with injector: peft",
+                          "PEFT quantizes the base when the model is loaded (BitsAndBytesConfig); "
+                          "use injector: lora-tune to search quant_bits")
+    total = sum(p.numel() for p in model.parameters())
+    before = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    peft_model = get_peft_model(model, config.to_peft(model))
+    targets = [(name, type(m).__name__) for name, m in peft_model.named_modules()
+               if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    lora = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    report = InjectReport(
+        targets=targets, trainable_before=before,
+        trainable_after=sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        total_params=total, adapter_bytes=sum(p.numel() * p.element_size() for p in lora),
+        preset=config.targets if isinstance(config.targets, str) else None)
+    return peft_model, report
+
+
+def build(spec: dict) -> TrainerTask:
+    return TrainerTask(spec)
+
+
+__all__ = ["TRAINING_ARGUMENTS", "TrainerTask", "apply_training_arguments", "build", "peft_adapt",
+           "training_overrides", "validate_spec"]
+
