@@ -1,11 +1,13 @@
 """Run by tests/study/test_callbacks_ddp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU).
 
-Every rank trains the same tiny LoRA Llama with transformers' Trainer and a LoraTuneCallback.
-Rank 0 runs one trial of the Optuna study in STORAGE (its pruner prunes at the second report);
-rank 1 gives the callback a spy "trial" that writes down any call made to it. Each rank writes
-OUT/rank<r>.json: its final global step, whether it was pruned, its summary and the spy's calls.
+Every rank trains the same tiny model, with transformers' Trainer and a LoraTuneCallback
+(FRAMEWORK ``hf``) or with Lightning's DDP strategy and a LoraTuneLightningCallback
+(``lightning``), validating after every step. Rank 0 runs one trial of the Optuna study in
+STORAGE (its pruner prunes at the second report); rank 1 gives the callback a spy "trial" that
+writes down any call made to it. Each rank writes OUT/rank<r>.json: its final global step,
+whether it was pruned, its summary and the spy's calls.
 
-    python -m torch.distributed.run --nproc_per_node 2 ddp_callback_script.py STORAGE STUDY OUT
+    python -m torch.distributed.run --nproc_per_node 2 ddp_callback_script.py FRAMEWORK STORAGE STUDY OUT
 """
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
 
-from tests.study.callback_models import TokenSequences, tiny_lora_llama, training_args
+MAX_STEPS = 8
 
 
 class PruneAtSecondReport(optuna.pruners.BasePruner):
@@ -42,30 +45,45 @@ class SpyTrial:
         self.calls.append(f"set_user_attr({key!r})")
 
 
-def main(storage: str, study_name: str, out: Path) -> None:
+def train_hf(trial: Any, out: Path) -> tuple[Any, dict]:
     from transformers import Trainer
 
     from lora_tune.study.hf_callback import LoraTuneCallback
+    from tests.study.callback_models import TokenSequences, tiny_lora_llama, training_args
 
+    callback = LoraTuneCallback(trial)
+    args = training_args(out / "trainer", max_steps=MAX_STEPS, ddp_backend="gloo",
+                         include_num_input_tokens_seen="non_padding")
+    trainer = Trainer(model=tiny_lora_llama(), args=args, train_dataset=TokenSequences(64, seed=0),
+                      eval_dataset=TokenSequences(16, seed=1), callbacks=[callback])
+    trainer.train()
+    return callback, {"global_step": trainer.state.global_step, "max_steps": trainer.state.max_steps,
+                      "num_input_tokens_seen": trainer.state.num_input_tokens_seen}
+
+
+def train_lightning(trial: Any, out: Path) -> tuple[Any, dict]:
+    from lora_tune.study.lightning_callback import LoraTuneLightningCallback
+    from tests.study.lightning_models import fit
+
+    callback = LoraTuneLightningCallback(trial, "val_loss")
+    trainer = fit(callback, out, max_steps=MAX_STEPS, devices=2, strategy="ddp")
+    return callback, {"global_step": trainer.global_step, "max_steps": trainer.max_steps}
+
+
+def main(framework: str, storage: str, study_name: str, out: Path) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
+    train = {"hf": train_hf, "lightning": train_lightning}[framework]
     spy = SpyTrial()
     result: dict = {"rank": rank}
 
-    def objective(trial: optuna.trial.BaseTrial | SpyTrial) -> float:
-        callback = LoraTuneCallback(trial)
-        trainer = Trainer(model=tiny_lora_llama(), args=training_args(out / "trainer", max_steps=8, ddp_backend="gloo",
-                                                                      include_num_input_tokens_seen="non_padding"),
-                          train_dataset=TokenSequences(64, seed=0), eval_dataset=TokenSequences(16, seed=1),
-                          callbacks=[callback])
-        trainer.train()
-        result.update(global_step=trainer.state.global_step, max_steps=trainer.state.max_steps,
-                      pruned=callback.pruned, summary=callback.summary.user_attrs(),
+    def objective(trial: Any) -> float:
+        callback, facts = train(trial, out)
+        result.update(facts, pruned=callback.pruned, summary=callback.summary.user_attrs(),
                       evaluations=[e.eval_index for e in callback.summary.evaluations],
-                      world_size=torch.distributed.get_world_size(),
-                      num_input_tokens_seen=trainer.state.num_input_tokens_seen)
+                      world_size=torch.distributed.get_world_size())
         callback.raise_if_pruned()
-        return callback.summary.metric_values["eval_loss"]
+        return next(iter(callback.summary.metric_values.values()))
 
     if rank == 0:
         study = optuna.load_study(study_name=study_name, storage=storage, pruner=PruneAtSecondReport())
@@ -80,4 +98,4 @@ def main(storage: str, study_name: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4]))
