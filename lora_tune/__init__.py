@@ -14,6 +14,7 @@ quiet_bitsandbytes()
 
 _EXPORTS = {
     "LoraConfig": "lora_tune.lora.config",
+    "SearchSpace": "lora_tune.study.space",
     "inject": "lora_tune.lora.inject",
     "InjectReport": "lora_tune.lora.inject",
     "find_targets": "lora_tune.lora.inject",
