@@ -267,7 +267,8 @@ class RunMeter:
 
     def __init__(self, model: Any, device: torch.device):
         self.device = device
-        self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
+        params = model.parameters() if model is not None else ()
+        self.trainable_params = sum(p.numel() for p in params if p.requires_grad)
         self.memory = MemoryMeter(device)
         self.start = time.perf_counter()
         self.compute = 0.0
@@ -308,12 +309,13 @@ class RunMeter:
         tokens, examples = (int(sum(r[i] for r in ranks)) for i in (0, 1))
         compute, wall, peak, peak_total = (max(r[i] for r in ranks) for i in (2, 3, 4, 5))
         return CallbackSummary(
-            trainable_params=self.trainable_params, peak_memory_bytes=int(peak), peak_memory_total_bytes=int(peak_total),
-            train_seconds=wall, compute_seconds=compute,
+            trainable_params=self.trainable_params, peak_memory_bytes=int(peak),
+            peak_memory_total_bytes=int(peak_total), train_seconds=wall, compute_seconds=compute,
             throughput=examples / compute if compute > 0 else 0.0,
             tokens_per_second=tokens / compute if compute > 0 else 0.0,
-            train_tokens=tokens, train_examples=examples, train_steps=int(train_steps), planned_steps=int(planned_steps),
-            evaluations=list(pruning.evaluations), pruned_at=pruning.pruned_at, metric_values=dict(pruning.last_metrics))
+            train_tokens=tokens, train_examples=examples, train_steps=int(train_steps),
+            planned_steps=int(planned_steps), evaluations=list(pruning.evaluations), pruned_at=pruning.pruned_at,
+            metric_values=dict(pruning.last_metrics))
 
 
 def record(pruning: Pruning, summary: CallbackSummary) -> None:
@@ -342,7 +344,12 @@ def batch_examples(batch: Any) -> int:
     """Examples in a batch: the first dimension of its first tensor (0 when it has none)."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
-    items = list(batch.values()) if isinstance(batch, Mapping) else list(batch) if isinstance(batch, (list, tuple)) else []
+    if isinstance(batch, Mapping):
+        items = list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        items = list(batch)
+    else:
+        return 0
     for item in items:
         size = batch_examples(item)
         if size:

@@ -90,6 +90,20 @@ def transformers():
     return pytest.importorskip("transformers")
 
 
+def test_the_callbacks_are_exported_lazily(transformers) -> None:
+    pytest.importorskip("lightning.pytorch")
+    import lightning.pytorch as pl
+
+    import lora_tune
+    from lora_tune.study import callbacks, hf_callback, lightning_callback
+
+    assert lora_tune.LoraTuneCallback is callbacks.LoraTuneCallback is hf_callback.LoraTuneCallback
+    assert lora_tune.LoraTuneLightningCallback is lightning_callback.LoraTuneLightningCallback
+    assert {"LoraTuneCallback", "LoraTuneLightningCallback"} <= set(lora_tune.__all__)
+    assert issubclass(lora_tune.LoraTuneCallback, transformers.TrainerCallback)
+    assert issubclass(lora_tune.LoraTuneLightningCallback, pl.Callback)
+
+
 def hf_objective(transformers, tmp_path, seen: dict):
     """An objective as a user writes it: a fresh model, the callback, train, raise, score."""
 
@@ -133,7 +147,8 @@ def test_trainer_trials_complete_and_prune_with_their_measurements(transformers,
         assert attrs["train_tokens"] == measured["tokens"] > 0  # the Trainer's own non-padding count
         assert attrs["tokens_per_second"] > 0 and attrs["throughput"] > 0
         assert attrs["peak_memory_total_bytes"] > 0 and attrs["peak_memory_bytes"] >= 0
-        assert math.isclose(attrs["metric_values"]["eval_loss"], trial.intermediate_values[max(trial.intermediate_values)])
+        last = trial.intermediate_values[max(trial.intermediate_values)]
+        assert math.isclose(attrs["metric_values"]["eval_loss"], last)
     assert done.value == pytest.approx(done.intermediate_values[5], rel=1e-4)  # the same model, evaluated again
 
 

@@ -10,7 +10,7 @@ from tests.study.callback_models import TokenSequences
 
 pytest.importorskip("lightning.pytorch")
 
-from tests.study.lightning_models import MAX_STEPS, fit  # noqa: E402 - needs lightning
+from tests.study.lightning_models import MAX_STEPS, fit  # after the skip: needs lightning
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
