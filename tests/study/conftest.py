@@ -37,3 +37,10 @@ def make_spec(**sections: Any) -> StudySpec:
 @pytest.fixture(scope="session")
 def toy_task() -> ToyTask:
     return ToyTask()
+
+
+@pytest.fixture(autouse=True)
+def _artifacts_in_tmp(tmp_path, monkeypatch):
+    """Studies in memory keep their adapters under the working directory by default; keep the
+    tests' ones out of the checkout."""
+    monkeypatch.setenv("LORA_TUNE_ARTIFACTS", str(tmp_path / "lora_tune_artifacts"))

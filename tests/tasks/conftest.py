@@ -125,3 +125,10 @@ def sft_cache(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORA_TUNE_CACHE", str(path))
         yield path
+
+
+@pytest.fixture(autouse=True)
+def _artifacts_in_tmp(tmp_path, monkeypatch):
+    """Studies in memory keep their adapters under the working directory by default; keep the
+    tests' ones out of the checkout."""
+    monkeypatch.setenv("LORA_TUNE_ARTIFACTS", str(tmp_path / "lora_tune_artifacts"))

@@ -1,0 +1,191 @@
+"""The ``trainer`` task: a user's real transformers.Trainer / trl.SFTTrainer inside a study."""
+from __future__ import annotations
+
+import copy
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from lora_tune.study.objective import Objective, TrialFailed
+from lora_tune.study.spec import resolve_objective, validate_spec
+from lora_tune.tasks import build_task, validate_task_spec
+from tests.tasks import trainer_factories
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+FACTORIES = "tests/tasks/trainer_factories.py"
+LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+PARAMS = {"rank": 4, "alpha_ratio": 2.0, "targets": "attention-qv", "learning_rate": 5e-3}
+
+
+def _raw(factory: str = "make_trainer", args: dict | None = None, **task) -> dict:
+    return {
+        "study": {"name": "trainer-test", "n_trials": 3, "sampler": {"type": "random", "seed": 0},
+                  "pruner": {"type": "none"}},
+        "task": {"type": "trainer", "factory": f"{FACTORIES}:{factory}", "args": args or {},
+                 "model": {"config": LLAMA}, "tokenizer": "studies/data/sft/tokenizer", **task},
+        "search_space": {"rank": {"choices": [4, 8]}, "alpha": {"ratio": [1, 2]},
+                         "targets": {"choices": ["attention-qv", "all-linear"]},
+                         "learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
+        "train": {"device": "cpu", "threads": 1},
+    }
+
+
+@pytest.fixture(scope="module")
+def trainer_task():
+    return build_task(dict(_raw()["task"]))
+
+
+class PruneTrialAtReport(optuna.pruners.BasePruner):
+    """Prunes trial ``number`` once it has ``reports`` intermediate values."""
+
+    def __init__(self, number: int, reports: int = 2):
+        self.number, self.reports = number, reports
+
+    def prune(self, study, trial):
+        return trial.number == self.number and len(trial.intermediate_values) >= self.reports
+
+
+def _run(raw: dict, task, n_trials: int, pruner=None, params=PARAMS) -> optuna.Study:
+    spec = resolve_objective(validate_spec(raw), task)
+    study = optuna.create_study(direction="minimize", pruner=pruner or optuna.pruners.NopPruner())
+    for _ in range(n_trials):
+        study.enqueue_trial(params)
+    study.optimize(Objective(spec, task), n_trials=n_trials, catch=(TrialFailed,))
+    return study
+
+
+def test_a_study_of_real_trainer_trials_completes_and_prunes(trainer_task):
+    study = _run(_raw(), trainer_task, 2, PruneTrialAtReport(1))
+    done, pruned = study.trials
+    assert done.state == TrialState.COMPLETE, done.user_attrs.get("fail_reason")
+    assert pruned.state == TrialState.PRUNED
+    assert pruned.user_attrs["train_steps"] < pruned.user_attrs["planned_steps"] == done.user_attrs["planned_steps"]
+    assert list(pruned.intermediate_values) == [0, 1]
+    # 64 examples, the factory's batch 8, 1 epoch, an evaluation every 2 steps, then the final one
+    assert done.user_attrs["planned_steps"] == done.user_attrs["train_steps"] == 8
+    assert list(done.intermediate_values) == [0, 1, 2, 3, 4]
+    assert done.value == pytest.approx(done.intermediate_values[3])  # evaluate() after the last step
+    # r=4 on 2 layers' q_proj (64 -> 64) and v_proj (64 -> 32 rows: 2 key/value heads)
+    assert done.user_attrs["trainable_params"] == 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))
+    assert done.user_attrs["tokens_per_second"] > 0 and done.user_attrs["train_tokens"] > 0
+    assert done.user_attrs["peak_memory_total_bytes"] > 0
+
+
+def test_the_best_trainer_adapter_exports_and_reloads_with_the_same_metric(trainer_task, tmp_path):
+    from lora_tune import load_adapter
+    from lora_tune.study.artifacts import artifact_dir_for, extract_adapter
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    spec = resolve_objective(validate_spec(_raw()), trainer_task)
+    study = optuna.create_study(direction="minimize", storage=storage, study_name="export")
+    study.enqueue_trial(PARAMS)
+    study.optimize(Objective(spec, trainer_task), n_trials=1, catch=(TrialFailed,))
+    best = study.best_trial
+    extract_adapter(study, best, tmp_path / "adapter", artifact_dir_for(study, storage))
+    model = trainer_task.build_model()
+    load_adapter(model, tmp_path / "adapter" / "lora-tune")
+    trainer = trainer_factories.make_trainer(model=model, tokenizer=trainer_task.tokenizer, params={}, callbacks=[],
+                                             output_dir=str(tmp_path / "out"))
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(best.value, abs=1e-5)
+
+
+def test_sft_trainer_trials_complete_and_prune():
+    raw = _raw("make_sft_trainer")
+    task = build_task(dict(raw["task"]))
+    study = _run(raw, task, 2, PruneTrialAtReport(1))
+    done, pruned = study.trials
+    assert done.state == TrialState.COMPLETE, done.user_attrs.get("fail_reason")
+    assert pruned.state == TrialState.PRUNED
+    assert pruned.user_attrs["train_steps"] < pruned.user_attrs["planned_steps"]
+    assert done.value > 0 and done.user_attrs["tokens_per_second"] > 0
+
+
+def test_the_studys_training_settings_reach_the_trainers_arguments(trainer_task, monkeypatch):
+    built = []
+    original = trainer_factories.make_trainer
+
+    def recording(**kwargs):
+        trainer = original(**kwargs)
+        built.append(trainer)
+        return trainer
+
+    monkeypatch.setattr(trainer_factories, "make_trainer", recording)
+    raw = _raw()
+    raw["train"].update({"batch_size": 4, "gradient_accumulation_steps": 2, "lr_scheduler": "cosine",
+                         "warmup_ratio": 0.25, "loraplus_lr_ratio": 16, "max_steps": 4})
+    task = copy.copy(trainer_task)
+    task.factory = recording
+    trial = _run(raw, task, 1).trials[0]
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    args = built[0].args
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_steps) == (4, 2, 4)
+    assert str(args.lr_scheduler_type.value if hasattr(args.lr_scheduler_type, "value") else args.lr_scheduler_type) \
+        == "cosine" and args.warmup_steps == 0.25
+    assert args.learning_rate == pytest.approx(PARAMS["learning_rate"])
+    assert args.per_device_eval_batch_size == 16  # not a study setting: the factory's own value stays
+    groups = {g["name"]: g for g in built[0].optimizer.param_groups}
+    assert groups["lora_B"]["initial_lr"] == pytest.approx(16 * PARAMS["learning_rate"])
+    assert trial.user_attrs["effective_batch_size"] == 8 and trial.user_attrs["train_steps"] == 4
+
+
+@pytest.mark.parametrize("args, reason", [
+    ({"explode": True}, "RuntimeError: the user's factory exploded"),
+    ({"not_a_trainer": True}, "returned a dict, not a transformers.Trainer"),
+])
+def test_a_factory_that_fails_or_returns_no_trainer_fails_the_trial_and_the_study_goes_on(trainer_task, args, reason):
+    task = copy.copy(trainer_task)
+    task.args = args
+    study = _run(_raw(), task, 1)
+    trial = study.trials[0]
+    assert trial.state == TrialState.FAIL and reason in trial.user_attrs["fail_reason"]
+
+
+def test_a_metric_the_trainer_does_not_return_lists_those_it_does(trainer_task):
+    task = copy.copy(trainer_task)
+    task.metrics, task.default_metric = ("eval_accuracy",), "eval_accuracy"
+    raw = _raw(metrics=["eval_accuracy"])
+    trial = _run(raw, task, 1).trials[0]
+    assert trial.state == TrialState.FAIL
+    assert "eval_accuracy" in trial.user_attrs["fail_reason"] and "eval_loss" in trial.user_attrs["fail_reason"]
+
+
+@pytest.mark.parametrize("task, path", [
+    ({"factory": f"{FACTORIES}:no_such_function"}, "task.factory"),
+    ({"factory": "missing_file.py:make_trainer"}, "task.factory"),
+    ({"factory": "not a reference"}, "task.factory"),
+    ({"model": None}, "task.model"),
+    ({"injector": "loralib"}, "task.injector"),
+    ({"args": {"model": 1}}, "task.args"),
+])
+def test_bad_task_keys_are_found_before_anything_runs(task, path):
+    spec = {**_raw()["task"], **task}
+    spec = {k: v for k, v in spec.items() if v is not None}
+    assert path in [p for p, _ in validate_task_spec(spec)]
+
+
+def test_transformers_still_caches_the_train_batch_size_where_lora_tune_resets_it(trainer_task, tmp_path):
+    """apply_training_arguments resets Trainer._train_batch_size as transformers' own search
+    does; a transformers release without it must fail here, loudly."""
+    trainer = trainer_factories.make_trainer(model=trainer_task.build_model(), tokenizer=trainer_task.tokenizer,
+                                             params={}, callbacks=[], output_dir=str(tmp_path))
+    assert trainer._train_batch_size == trainer.args.train_batch_size
+    assert callable(trainer.create_accelerator_and_postprocess)
+
+
+def test_the_model_given_to_the_factory_is_the_adapted_copy(trainer_task):
+    seen = []
+    task = copy.copy(trainer_task)
+
+    def factory(model, **kwargs):
+        seen.append(model)
+        return trainer_factories.make_trainer(model=model, **kwargs)
+
+    task.factory = factory
+    _run(_raw(), task, 1)
+    names = [n for n, p in seen[0].named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert all(not p.requires_grad for n, p in seen[0].named_parameters() if "lora_" not in n)
+    assert isinstance(seen[0], torch.nn.Module)
