@@ -1,157 +1,30 @@
-"""Pruning callbacks for training scripts written by hand: what the framework callbacks share.
+"""Pruning callbacks bound to an Optuna trial, for training scripts written by hand.
 
-:class:`~lora_tune.study.hf_callback.LoraTuneCallback` (a ``transformers.TrainerCallback``) and
-:class:`~lora_tune.study.lightning_callback.LoraTuneLightningCallback` (a ``lightning.pytorch``
-``Callback``) are thin adapters over two framework-free pieces defined here:
-
-* :class:`Pruning` turns each evaluation into a go/stop decision. It is given either an Optuna
-  trial, which it reports to (``trial.report(value, eval_index)``, ``trial.should_prune()``), or
-  a ``report(step, eval_index, metrics) -> stop?`` function, the :data:`OnEval` signature of
-  lora-tune's own trial body; a trial becomes such a function (:func:`trial_reporter`), so both
-  take the same path. Under ``torch.distributed`` only rank 0 decides; the decision is broadcast
-  to every rank so that all of them stop after the same step.
-* :class:`RunMeter` measures the run as :func:`lora_tune.train.fit` does: compute seconds
-  (the time inside optimizer steps: forward, backward, optimizer; not evaluation or logging),
-  training examples and non-padding tokens per second of it, peak memory
-  (:class:`~lora_tune.train.memory.MemoryMeter`), steps run and planned. At the end of training
-  it combines the ranks' counts and gives a :class:`CallbackSummary`, whose
-  :meth:`~CallbackSummary.user_attrs` are the trial user attributes lora-tune's own trials carry.
-
-transformers and lightning are imported only by the adapter modules; this one needs neither.
+:class:`LoraTuneCallback` (``transformers.Trainer``, TRL's ``SFTTrainer``) and
+:class:`LoraTuneLightningCallback` (``lightning.pytorch``) are the Optuna-free reporting
+callbacks of :mod:`lora_tune.train` with a trial behind them: each evaluation during training
+goes to ``trial.report(value, eval_index)`` and ``trial.should_prune()`` decides (on rank 0 under
+DDP; the decision reaches every rank); :meth:`raise_if_pruned` after training raises
+``optuna.TrialPruned``; at the end rank 0 writes the run's measurements as the trial user
+attributes lora-tune's own trials carry. Both load their framework on first use.
 """
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import optuna
-import torch
 
 from lora_tune.errors import ConfigError
-from lora_tune.train.memory import MemoryMeter, peak_total_bytes
+from lora_tune.train.callbacks import CallbackSummary, Pruning, Report, metric_key
 
-Report = Callable[[int, int, dict], bool]  # (global step, eval index, metrics) -> stop training?
-
-# broadcast codes of rank 0's decision
-_GO, _STOP, _FAILED = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class EvalRecord:
-    """One evaluation: its 0-based index (the step Optuna sees), the global optimizer step it
-    followed, and the monitored metric's value (None when no metric is monitored)."""
-
-    eval_index: int
-    step: int
-    value: float | None
-
-
-@dataclass
-class CallbackSummary:
-    """What a callback measured over one training run (all ranks combined under DDP).
-
-    ``train_seconds`` is the wall time from train begin to train end; ``throughput`` (examples)
-    and ``tokens_per_second`` (non-padding tokens) are per second of compute, the time inside
-    optimizer steps. ``peak_memory_bytes`` is the growth over the start of training and
-    ``peak_memory_total_bytes`` the device's absolute peak (the largest rank's under DDP).
-    """
-
-    trainable_params: int = 0
-    peak_memory_bytes: int = 0
-    peak_memory_total_bytes: int = 0
-    train_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    throughput: float = 0.0
-    tokens_per_second: float = 0.0
-    train_tokens: int = 0
-    train_examples: int = 0
-    train_steps: int = 0
-    planned_steps: int = 0
-    evaluations: list[EvalRecord] = field(default_factory=list)
-    pruned_at: EvalRecord | None = None
-    metric_values: dict[str, float] = field(default_factory=dict)  # the last evaluation's metrics
-
-    def user_attrs(self) -> dict[str, Any]:
-        """The trial user attributes, named as lora-tune's own trials name them."""
-        return {
-            "trainable_params": int(self.trainable_params),
-            "peak_memory_bytes": int(self.peak_memory_bytes),
-            "peak_memory_total_bytes": int(self.peak_memory_total_bytes),
-            "train_seconds": float(self.train_seconds),
-            "throughput": float(self.throughput),
-            "tokens_per_second": float(self.tokens_per_second),
-            "train_tokens": int(self.train_tokens),
-            "train_steps": int(self.train_steps),
-            "planned_steps": int(self.planned_steps),
-            "metric_values": {k: v if math.isfinite(v) else str(v) for k, v in self.metric_values.items()},
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# -- torch.distributed ------------------------------------------------------------------------------
-
-def distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if distributed() else 0
-
-
-def _collective_device() -> torch.device:
-    """Where a tensor must be for the default process group: CPU for gloo (and mpi), else the
-    current accelerator (nccl and the like)."""
-    backend = str(torch.distributed.get_backend())
-    if "gloo" in backend or "mpi" in backend:
-        return torch.device("cpu")
-    accelerator = torch.accelerator.current_accelerator()
-    if accelerator is None:
-        return torch.device("cpu")
-    return torch.device(accelerator.type, torch.accelerator.current_device_index())
-
-
-def broadcast_code(code: int) -> int:
-    """Rank 0's ``code`` on every rank (a no-op without an initialized process group)."""
-    if not distributed() or torch.distributed.get_world_size() == 1:
-        return code
-    tensor = torch.tensor([code], dtype=torch.int64, device=_collective_device())
-    torch.distributed.broadcast(tensor, src=0)
-    return int(tensor.item())
-
-
-def gather_values(values: list[float]) -> list[list[float]]:
-    """Every rank's ``values`` (one list per rank, rank order); just ``[values]`` alone."""
-    if not distributed() or torch.distributed.get_world_size() == 1:
-        return [list(values)]
-    mine = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    everyone = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(everyone, mine)
-    return [t.tolist() for t in everyone]
-
-
-# -- deciding ------------------------------------------------------------------------------------------
-
-def metric_key(metric: str, metrics: Mapping[str, Any], field_name: str = "metric") -> str:
-    """The key of ``metric`` in ``metrics``: the name itself, or with the ``eval_`` prefix that
-    transformers' Trainer adds (as its ``metric_for_best_model`` accepts both)."""
-    if metric in metrics:
-        return metric
-    if f"eval_{metric}" in metrics:
-        return f"eval_{metric}"
-    returned = ", ".join(sorted(metrics)) or "(none)"
-    raise ConfigError(field_name, metric, f"a metric the evaluation returned: {returned}",
-                      f"Pass {field_name}= one of those (or compute the metric in the evaluation, "
-                      "e.g. with compute_metrics or self.log).")
+__all__ = ["TrialBinding", "trial_pruning", "trial_reporter"]
 
 
 def trial_reporter(trial: optuna.trial.BaseTrial, metric: str) -> Report:
-    """A :data:`Report` that reports ``metric`` to ``trial`` at the evaluation's index and returns
-    the pruner's answer. A non-finite value is not reported (and does not prune), as in
-    lora-tune's own trials, whose final check fails such a trial."""
+    """A :data:`~lora_tune.train.callbacks.Report` that reports ``metric`` to ``trial`` at the
+    evaluation's index and returns the pruner's answer. A non-finite value is not reported (and
+    does not prune), as in lora-tune's own trials, whose final check fails such a trial."""
 
     def report(step: int, eval_index: int, metrics: dict) -> bool:
         value = float(metrics[metric_key(metric, metrics)])
@@ -161,6 +34,23 @@ def trial_reporter(trial: optuna.trial.BaseTrial, metric: str) -> Report:
         return bool(trial.should_prune())
 
     return report
+
+
+def trial_pruning(trial: optuna.trial.BaseTrial | None, metric: str | None, report: Report | None,
+                  direction: str | None, metric_field: str = "metric") -> Pruning:
+    """The :class:`~lora_tune.train.callbacks.Pruning` of a callback given a ``trial`` (reported
+    to) or a ``report`` function (deciding itself), checked (see :func:`_check_trial`)."""
+    if trial is not None and report is not None:
+        raise ConfigError("report", report, "None when a trial is given",
+                          "Pass either trial= (report to it) or report= (decide yourself), not both.")
+    if metric is None and trial is not None:
+        raise ConfigError(metric_field, None, "the name of the metric to report to the trial")
+    if direction is not None and direction.lower() not in ("minimize", "maximize"):
+        raise ConfigError("direction", direction, "'minimize', 'maximize' or None")
+    if trial is not None:
+        _check_trial(trial, direction)
+        report = trial_reporter(trial, metric)
+    return Pruning(metric, report, metric_field)
 
 
 def _check_trial(trial: Any, direction: str | None) -> None:
@@ -183,178 +73,25 @@ def _check_trial(trial: Any, direction: str | None) -> None:
                           "that goes the same way, or create the study with the other direction.")
 
 
-class Pruning:
-    """The go/stop decision after each evaluation (see the module docstring).
+class TrialBinding:
+    """What the trial-bound callbacks add to their reporting base class; subclasses set
+    ``trial`` and build their ``pruning`` with :func:`trial_pruning`."""
 
-    ``metric`` is checked on every rank (so a missing one fails everywhere, naming the metrics
-    the evaluation did return) and its value is recorded; None monitors nothing (only with
-    ``report``). Evaluations after the decision to stop are not reported again.
-    """
-
-    def __init__(self, trial: optuna.trial.BaseTrial | None, metric: str | None, report: Report | None,
-                 direction: str | None, metric_field: str = "metric"):
-        if trial is not None and report is not None:
-            raise ConfigError("report", report, "None when a trial is given",
-                              "Pass either trial= (report to it) or report= (decide yourself), not both.")
-        if metric is None and trial is not None:
-            raise ConfigError(metric_field, None, "the name of the metric to report to the trial")
-        if direction is not None and direction.lower() not in ("minimize", "maximize"):
-            raise ConfigError("direction", direction, "'minimize', 'maximize' or None")
-        if trial is not None:
-            _check_trial(trial, direction)
-        self.trial = trial
-        self.metric = metric
-        self.metric_field = metric_field
-        self.report = report if report is not None else (trial_reporter(trial, metric) if trial is not None else None)
-        self.reset()
-
-    def reset(self) -> None:
-        self.evaluations: list[EvalRecord] = []
-        self.pruned_at: EvalRecord | None = None
-        self.last_metrics: dict[str, float] = {}
-
-    @property
-    def main(self) -> bool:
-        """Whether this process reports (and writes to the trial): rank 0."""
-        return rank() == 0
-
-    def evaluated(self, step: int, metrics: Mapping[str, Any]) -> bool:
-        """Record an evaluation after global ``step``; True when training should stop."""
-        if self.pruned_at is not None:
-            return True
-        metrics = {k: float(v) for k, v in metrics.items() if _is_number(v)}
-        value = float(metrics[metric_key(self.metric, metrics, self.metric_field)]) if self.metric else None
-        record = EvalRecord(len(self.evaluations), int(step), value)
-        self.evaluations.append(record)
-        self.last_metrics = metrics
-        code = _GO
-        if self.main and self.report is not None:
-            try:
-                code = _STOP if self.report(record.step, record.eval_index, dict(metrics)) else _GO
-            except BaseException:
-                broadcast_code(_FAILED)  # let the other ranks fail too instead of waiting
-                raise
-        code = broadcast_code(code)
-        if code == _FAILED:
-            raise RuntimeError(f"rank 0 failed while reporting evaluation {record.eval_index} (step {record.step}); "
-                               "see its error")
-        if code == _STOP:
-            self.pruned_at = record
-        return self.pruned_at is not None
+    trial: optuna.trial.BaseTrial | None
+    pruning: Pruning
 
     def raise_if_pruned(self) -> None:
-        """Raise ``optuna.TrialPruned`` when the decision was to stop (on every rank)."""
-        if self.pruned_at is not None:
-            raise optuna.TrialPruned(f"pruned after evaluation {self.pruned_at.eval_index} "
-                                     f"(step {self.pruned_at.step})")
+        """Raise ``optuna.TrialPruned`` ("pruned after evaluation i (step s)") when pruned (on
+        every rank)."""
+        at = self.pruning.pruned_at
+        if at is not None:
+            raise optuna.TrialPruned(f"pruned after evaluation {at.eval_index} (step {at.step})")
 
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.numel() == 1
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# -- measuring ------------------------------------------------------------------------------------------
-
-class RunMeter:
-    """Time, examples, tokens, memory and steps of one training run (see the module docstring).
-
-    Token counts may be device tensors (added without a host sync) and are read at the end.
-    On CUDA each step's end synchronizes the device, so compute time is the GPU's, not the
-    time the host took to queue the work.
-    """
-
-    def __init__(self, model: Any, device: torch.device):
-        self.device = device
-        params = model.parameters() if model is not None else ()
-        self.trainable_params = sum(p.numel() for p in params if p.requires_grad)
-        self.memory = MemoryMeter(device)
-        self.start = time.perf_counter()
-        self.compute = 0.0
-        self.examples = 0
-        self.tokens: Any = 0
-        self._step_start: float | None = None
-
-    def step_begin(self) -> None:
-        self._step_start = time.perf_counter()
-
-    def step_end(self) -> None:
-        if self._step_start is None:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.compute += time.perf_counter() - self._step_start
-        self._step_start = None
-        self.memory.sample()
-
-    @property
-    def in_step(self) -> bool:
-        return self._step_start is not None
-
-    def batch(self, batch: Any) -> None:
-        """Count a training micro-batch's examples and non-padding tokens."""
-        self.examples += batch_examples(batch)
-        tokens = batch_tokens(batch)
-        if tokens is not None:
-            self.tokens = self.tokens + tokens
-
-    def finish(self, pruning: Pruning, train_steps: int, planned_steps: int) -> CallbackSummary:
-        """The summary, every rank's counts combined (a collective call under DDP)."""
-        self.memory.sample()
-        tokens = int(self.tokens.item()) if isinstance(self.tokens, torch.Tensor) else int(self.tokens)
-        wall = time.perf_counter() - self.start
-        ranks = gather_values([tokens, self.examples, self.compute, wall, self.memory.peak(),
-                               peak_total_bytes(self.device)])
-        tokens, examples = (int(sum(r[i] for r in ranks)) for i in (0, 1))
-        compute, wall, peak, peak_total = (max(r[i] for r in ranks) for i in (2, 3, 4, 5))
-        return CallbackSummary(
-            trainable_params=self.trainable_params, peak_memory_bytes=int(peak),
-            peak_memory_total_bytes=int(peak_total), train_seconds=wall, compute_seconds=compute,
-            throughput=examples / compute if compute > 0 else 0.0,
-            tokens_per_second=tokens / compute if compute > 0 else 0.0,
-            train_tokens=tokens, train_examples=examples, train_steps=int(train_steps),
-            planned_steps=int(planned_steps), evaluations=list(pruning.evaluations), pruned_at=pruning.pruned_at,
-            metric_values=dict(pruning.last_metrics))
-
-
-def record(pruning: Pruning, summary: CallbackSummary) -> None:
-    """Write the summary to the trial as user attributes (rank 0 only; no trial: nothing)."""
-    if pruning.trial is not None and pruning.main:
-        for key, value in summary.user_attrs().items():
-            pruning.trial.set_user_attr(key, value)
-
-
-def batch_tokens(batch: Any) -> Any:
-    """Non-padding tokens of a batch mapping: the sum of its ``attention_mask`` (a 0-d tensor),
-    else the size of its ``input_ids`` (no padding to tell apart, e.g. packed or padding-free
-    batches); None for a batch without either."""
-    if not isinstance(batch, Mapping):
-        return None
-    mask = batch.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2:  # (batch, seq); 4-d masks are additive
-        return mask.detach().sum()
-    ids = batch.get("input_ids")
-    if isinstance(ids, torch.Tensor):
-        return ids.numel()
-    return None
-
-
-def batch_examples(batch: Any) -> int:
-    """Examples in a batch: the first dimension of its first tensor (0 when it has none)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        items = list(batch.values())
-    elif isinstance(batch, (list, tuple)):
-        items = list(batch)
-    else:
-        return 0
-    for item in items:
-        size = batch_examples(item)
-        if size:
-            return size
-    return 0
+    def finished(self, summary: CallbackSummary) -> None:
+        """Write the summary to the trial as user attributes (rank 0 only; no trial: nothing)."""
+        if self.trial is not None and self.pruning.main:
+            for key, value in summary.user_attrs().items():
+                self.trial.set_user_attr(key, value)
 
 
 def __getattr__(name: str) -> Any:

@@ -13,24 +13,44 @@ training setting (``learning_rate``, ``weight_decay``, ``epochs``, ``batch_size`
 Trial parameter names and encodings are those of docs/architecture.md: ``quant_bits`` 0
 means no quantization, an explicit ``targets`` list is stored ``|``-joined, and
 ``quant_type`` is sampled only when ``quant_bits`` is 4.
+
+For your own Optuna objective: ``space = SearchSpace.from_file("study.yaml")`` (or
+:meth:`SearchSpace.from_dict`), then ``space.suggest(trial)`` -> a :class:`lora_tune.LoraConfig`
+and ``space.suggest_training(trial)`` -> the training settings, with the same trial parameters
+as lora-tune's own studies. Any object with Optuna's ``suggest_int`` / ``suggest_float`` /
+``suggest_categorical`` will do; this module does not import optuna.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from lora_tune.lora.config import BIASES, INITS, METHODS, QUANT_TYPES
+import yaml
+
+from lora_tune.errors import ConfigError, StudySpecError
+from lora_tune.lora.config import BIASES, INITS, METHODS, QUANT_BITS, QUANT_TYPES, LoraConfig
+from lora_tune.study.spec import StudySpec, _UniqueKeyLoader
 from lora_tune.train import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS
 
 Problems = list[tuple[str, str]]
 Check = Callable[[Any], "str | None"]
 
-LORA_DEFAULTS: dict[str, Any] = {
-    "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": "all-linear", "method": "parallel",
-    "quant_bits": None, "quant_type": "nf4", "double_quant": True, "rslora": False,
-    "init": "kaiming", "bias": "none",
-}
+def _field_defaults(cls: type) -> dict[str, Any]:
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+LORA_DEFAULTS: Mapping[str, Any] = MappingProxyType(_field_defaults(LoraConfig))  # one source: LoraConfig
+STUDY_SECTIONS = tuple(StudySpec.model_fields)  # a mapping with any of these keys is a whole study file
 BASELINE = {"rank": 8, "alpha": 16.0, "quant_bits": None}  # plus the task's baseline targets
 _ORDER = ("rank", "alpha", "targets", "quant_bits", "quant_type", "method", "dropout", "rslora")
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "ratio"}
@@ -73,7 +93,7 @@ def _targets(v: Any) -> str | None:
 
 
 def _quant_bits(v: Any) -> str | None:
-    if v is None or (isinstance(v, int) and not isinstance(v, bool) and v in (4, 8, 16, 32)):
+    if (v is None or (isinstance(v, int) and not isinstance(v, bool))) and v in QUANT_BITS:
         return None
     return f"got {v!r}; allowed: null (no quantization), 8, 4"
 
@@ -174,16 +194,77 @@ def _key(v: Any) -> Any:
 
 @dataclass
 class SearchSpace:
+    """The compiled ``search_space`` of a study file: one :class:`Param` per key."""
+
     params: list[Param]
 
     @classmethod
     def from_spec(cls, raw: Mapping[str, Any]) -> "SearchSpace":
-        problems = check_search_space(raw, {})
-        if problems:
-            from lora_tune.errors import StudySpecError
+        """From a validated-or-not ``search_space`` mapping; raises StudySpecError with every problem."""
+        return cls.from_dict(raw)
 
-            raise StudySpecError(problems)
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> "SearchSpace":
+        """From a whole study file as a dict (its ``search_space`` section is used) or from a
+        ``search_space`` mapping itself. Raises StudySpecError listing every problem with its
+        path (``search_space.rank.low: ...``); ``source`` names the file in the message."""
+        if not isinstance(data, Mapping):
+            kind = "empty" if data is None else type(data).__name__
+            raise StudySpecError([("(file)", f"expected a mapping (a study file or its search_space); got {kind}")],
+                                 source=source)
+        problems: Problems = []
+        raw, study = data, {}
+        if any(k in STUDY_SECTIONS for k in data):
+            problems += [(str(k), "unknown key; allowed: " + ", ".join(STUDY_SECTIONS))
+                         for k in data if k not in STUDY_SECTIONS]
+            raw = data.get("search_space") or {}
+            study = data.get("study") if isinstance(data.get("study"), Mapping) else {}
+            if not isinstance(raw, Mapping):
+                problems.append(("search_space", f"must be a mapping of parameter -> spec, got {raw!r}"))
+                raw = {}
+        problems += check_search_space(raw, study)
+        if problems:
+            raise StudySpecError(problems, source=source)
         return cls([_compile(key, raw[key]) for key in _ordered(raw)])
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "SearchSpace":
+        """From the ``search_space`` section of a study file (or a YAML file holding only a search
+        space). Only that section is checked, so the ``task`` needs nothing installed or present;
+        raises StudySpecError naming the file and each bad key."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise StudySpecError([("(file)", f"no such file: {str(path)!r}")], source=str(path)) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StudySpecError([("(file)", f"cannot read {str(path)!r}: {exc}")], source=str(path)) from None
+        try:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # safe_load that refuses duplicate keys
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(file)"
+            raise StudySpecError([(where, f"not valid YAML: {getattr(exc, 'problem', None) or exc}")],
+                                 source=str(path)) from None
+        return cls.from_dict(data, source=str(path))
+
+    def suggest(self, trial: Any, **fixed: Any) -> LoraConfig:
+        """The trial's :class:`lora_tune.LoraConfig`: the space's LoRA keys suggested (or fixed) as
+        lora-tune's studies suggest them, every other field at LoraConfig's default or as
+        ``fixed`` gives it (e.g. ``modules_to_save=["classifier"]``; a key the space sets is an
+        error). ``trial`` is an Optuna trial, a ``FixedTrial``, or anything with ``suggest_*``."""
+        clash = sorted(set(fixed) & {p.key for p in self.params})
+        if clash:
+            raise ConfigError(clash[0], fixed[clash[0]], "LoraConfig fields the search space does not set",
+                              f"the search space already sets {clash[0]!r}; give it in one place")
+        values = self._sample(trial, lambda key: key not in TRAIN_KEYS)
+        return LoraConfig.from_dict({**values, **fixed})
+
+    def suggest_training(self, trial: Any) -> dict[str, Any]:
+        """The trial's training settings of the space (``learning_rate``, ``batch_size``, ... --
+        :data:`TRAIN_KEYS`), as ``{key: value}`` for the keys the space has: fields of
+        :class:`lora_tune.train.TrainConfig`."""
+        return self._sample(trial, lambda key: key in TRAIN_KEYS)
 
     def values_of(self, key: str) -> list[Any]:
         """Every value ``key`` can take in a trial (decoded: lists stay lists); [] if absent."""
@@ -209,8 +290,11 @@ class SearchSpace:
         ``quant_type`` is suggested only when ``quant_bits`` is 4; ``alpha`` from a ratio is
         ``ratio × rank``.
         """
+        return self._sample(trial, lambda key: True)
+
+    def _sample(self, trial: Any, wanted: Callable[[str], bool]) -> dict[str, Any]:
         values: dict[str, Any] = {}
-        for p in self.params:
+        for p in (p for p in self.params if wanted(p.key)):
             if p.key == "quant_type" and p.sampled and values.get("quant_bits", LORA_DEFAULTS["quant_bits"]) != 4:
                 continue
             if p.kind == "fixed":

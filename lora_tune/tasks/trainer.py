@@ -41,7 +41,7 @@ import torch
 
 from lora_tune.errors import ConfigError
 from lora_tune.tasks.base import (
-    Field, ModelTemplate, Problems, Task, check_spec, is_choice, is_int, is_str, is_str_list,
+    Field, ModelTemplate, Problems, Task, check_spec, is_choice, is_int, is_str_list,
 )
 from lora_tune.tasks.hf import (
     check_model_ref, check_tokenizer_ref, fresh_module_names, quiet_transformers, resolve_model_ref,
@@ -170,6 +170,12 @@ TRAINING_ARGUMENTS: dict[str, TrainingArgument] = {
 }
 
 
+# TrainingArguments fields that newer transformers renamed (the old name stays as an alias that is
+# read only at construction): both are set.
+RENAMED = {"gradient_checkpointing": "activation_checkpointing",
+           "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+
+
 def training_overrides(config: Any, keys: Any) -> dict[str, Any]:
     """``TrainingArguments`` values for the training settings named in ``keys``."""
     out: dict[str, Any] = {}
@@ -185,10 +191,12 @@ def apply_training_arguments(trainer: Any, overrides: Mapping[str, Any]) -> None
     construction (its train batch size and its accelerator's gradient accumulation), as
     transformers' own hyperparameter search does."""
     for name, value in overrides.items():
-        if not hasattr(trainer.args, name):
+        names = [n for n in (name, RENAMED.get(name)) if n is not None and hasattr(trainer.args, n)]
+        if not names:
             raise ConfigError("train", name, "settings that transformers' TrainingArguments has",
                               f"this transformers version has no TrainingArguments.{name}")
-        setattr(trainer.args, name, value)
+        for attr in names:
+            setattr(trainer.args, attr, value)
     if hasattr(trainer, "_train_batch_size"):  # transformers' own cache of it (see test_trainer_task)
         trainer._train_batch_size = trainer.args.train_batch_size
     trainer.create_accelerator_and_postprocess()
@@ -297,9 +305,10 @@ class TrainerTask(Task):
         import transformers
 
         from lora_tune.train import TrainResult, build_optimizer
-        from lora_tune.train.hf_callback import EvaluationReporter
+        from lora_tune.train.callbacks import metric_key
+        from lora_tune.train.hf_callback import ReportingCallback
 
-        reporter = EvaluationReporter(report=on_eval, metric=self.default_metric)
+        reporter = ReportingCallback(self.default_metric, report=on_eval)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="lora-tune-trainer-") as output_dir:
             kwargs = dict(self.args, model=model, params=dict(params), callbacks=[reporter], output_dir=output_dir)
@@ -314,19 +323,26 @@ class TrainerTask(Task):
                                 "one it was given; pass model=model to the Trainer")
             if reporter not in trainer.callback_handler.callbacks:
                 trainer.add_callback(reporter)
+            for printer in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
+                trainer.remove_callback(printer)  # the study's progress display reports instead
             apply_training_arguments(trainer, training_overrides(config, explicit))
             if config.loraplus_lr_ratio is not None:
                 trainer.optimizer = build_optimizer(trainer.model, config)
             trainer.train()
-            metrics = {} if reporter.stopped else reporter.final(trainer.evaluate())
-        summary = reporter.summary
+            final: dict[str, float] = {}
+            if not reporter.pruned:  # the trial's value: a final evaluation of the trained model
+                returned = trainer.evaluate()
+                final = {k: float(v) for k, v in returned.items() if isinstance(v, (int, float))}
+                final[self.default_metric] = final[metric_key(self.default_metric, final)]
+        s = reporter.summary
+        history = [{"step": e.step, "eval_index": e.eval_index, self.default_metric: e.value}
+                   for e in reporter.pruning.evaluations]
         return TrainResult(
-            steps=summary.train_steps, planned_steps=summary.planned_steps, seconds=time.perf_counter() - start,
-            examples=summary.train_steps * trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps,
-            throughput=summary.throughput, peak_memory_bytes=summary.peak_memory_bytes,
-            history=list(reporter.history), final_metrics=metrics, stopped_early=reporter.stopped,
-            compute_seconds=summary.train_seconds, tokens=summary.train_tokens,
-            tokens_per_second=summary.tokens_per_second, peak_memory_total_bytes=summary.peak_memory_total_bytes,
+            steps=s.train_steps, planned_steps=s.planned_steps, seconds=time.perf_counter() - start,
+            examples=s.train_examples, throughput=s.throughput, peak_memory_bytes=s.peak_memory_bytes,
+            history=history, final_metrics=final, stopped_early=reporter.pruned,
+            compute_seconds=s.compute_seconds, tokens=s.train_tokens, tokens_per_second=s.tokens_per_second,
+            peak_memory_total_bytes=s.peak_memory_total_bytes,
             effective_batch_size=trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps)
 
 

@@ -1,106 +1,106 @@
-"""A transformers ``TrainerCallback`` that hands every evaluation to a ``report`` function and
-stops training when it says so; it knows nothing of Optuna (the study layer binds it to a trial).
+"""``ReportingCallback``: a ``transformers.TrainerCallback`` that hands every evaluation during
+training to a ``report(step, eval_index, metrics) -> stop?`` function and measures the run as
+:func:`lora_tune.train.fit` does. It knows nothing of Optuna: the study layer's
+``LoraTuneCallback`` binds it to a trial, and the ``trainer`` task to its trial body.
 
-``report(step, eval_index, metrics) -> bool`` is called after each evaluation with the trainer's
-global step, the 0-based number of the evaluation and the metrics dict ``Trainer.evaluate``
-returned; ``True`` stops training (``control.should_training_stop``). The callback also keeps a
-:class:`TrainingSummary` of the run. This module imports transformers: import it only where
-transformers is installed.
+The shared logic is in :mod:`lora_tune.train.callbacks`; this module maps the Trainer's events
+onto it and is the only one here that imports transformers.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
-from transformers import TrainerCallback
 
-from lora_tune.errors import ConfigError
-from lora_tune.train.memory import MemoryMeter, peak_total_bytes
+from lora_tune.train.callbacks import CallbackSummary, Pruning, Report, RunMeter
 
-Report = Callable[[int, int, dict], bool]
-
-
-@dataclass
-class TrainingSummary:
-    """What a Trainer run did, under the names lora-tune's trials record."""
-
-    trainable_params: int = 0
-    train_steps: int = 0
-    planned_steps: int = 0
-    train_seconds: float = 0.0
-    train_tokens: int = 0
-    tokens_per_second: float = 0.0
-    throughput: float = 0.0
-    peak_memory_bytes: int = 0
-    peak_memory_total_bytes: int = 0
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("the Trainer callbacks need transformers: pip install 'lora-tune[hf]'") from exc
 
 
-def metric_value(metrics: Mapping[str, Any], metric: str) -> float:
-    """``metrics[metric]`` as a float; ConfigError listing what the trainer returned otherwise."""
-    if metric not in metrics:
-        raise ConfigError("metric", metric, "a metric the trainer's evaluate() returns: "
-                          + ", ".join(sorted(str(k) for k in metrics)))
-    return float(metrics[metric])
+class ReportingCallback(TrainerCallback):
+    """After each evaluation during ``trainer.train()``, ``report(global_step, eval_index,
+    metrics)`` decides whether to stop (``control.should_training_stop``; under DDP rank 0
+    decides and every rank stops after the same step); ``metric`` (with or without the Trainer's
+    ``eval_`` prefix) must be among the metrics, else :class:`~lora_tune.errors.ConfigError`
+    lists those returned. Evaluations outside ``train()`` are not reported. At the end of
+    training :attr:`summary` holds a :class:`~lora_tune.train.callbacks.CallbackSummary`, and
+    :meth:`finished` is called with it. Tokens are non-padding tokens (``attention_mask`` sums,
+    else ``input_ids`` sizes) of every training forward pass, counted by a forward pre-hook on the
+    model while an optimizer step runs.
+    """
 
+    def __init__(self, metric: str | None = "eval_loss", *, report: Report | None = None,
+                 pruning: Pruning | None = None):
+        self.pruning = pruning if pruning is not None else Pruning(metric, report)
+        self.summary: CallbackSummary | None = None
+        self._meter: RunMeter | None = None
+        self._hook: Any = None
 
-class EvaluationReporter(TrainerCallback):
-    """See the module docstring. ``metric`` must be among each evaluation's metrics (a missing
-    one is a ConfigError listing those returned). Tokens are counted by the trainer
-    (``include_num_input_tokens_seen="non_padding"``, which :meth:`on_init_end` turns on)."""
+    @property
+    def pruned(self) -> bool:
+        return self.pruning.pruned_at is not None
 
-    def __init__(self, report: Report, metric: str = "eval_loss"):
-        self.report = report
-        self.metric = metric
-        self.history: list[dict] = []
-        self.stopped = False
-        self.summary = TrainingSummary()
-        self._meter: MemoryMeter | None = None
-        self._start = 0.0
-        self._tokens_before = 0
+    def finished(self, summary: CallbackSummary) -> None:
+        """Called on rank 0 and every other rank with the run's summary (subclasses record it)."""
 
-    # -- events ----------------------------------------------------------------------------------
-    def on_init_end(self, args, state, control, **kwargs):
-        if getattr(args, "include_num_input_tokens_seen", "no") in ("no", False):
-            args.include_num_input_tokens_seen = "non_padding"
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if getattr(args, "include_num_input_tokens_seen", "no") in ("no", False):
-            args.include_num_input_tokens_seen = "non_padding"
+    # -- Trainer events ---------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self.pruning.reset()
+        self.summary = None
+        self._meter = RunMeter(model, _device(model, args))
+        self._remove_hook()
         if model is not None:
-            self.summary.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self._meter = MemoryMeter(args.device if isinstance(args.device, torch.device) else torch.device("cpu"))
-        self._tokens_before = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-        self._start = time.perf_counter()
+            self._hook = model.register_forward_pre_hook(_counter(self._meter), with_kwargs=True)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._meter is not None:
-            self._meter.sample()
+            self._meter.step_begin()
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        metrics = dict(metrics or {})
-        metric_value(metrics, self.metric)
-        index = len(self.history)
-        self.history.append({"step": state.global_step, "epoch": state.epoch, "eval_index": index,
-                             "elapsed": time.perf_counter() - self._start, **metrics})
-        if self.report(state.global_step, index, metrics):
-            self.stopped = True
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._meter is not None:
+            self._meter.step_end()
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
+        if self._meter is None:  # not inside train()
+            return
+        if self.pruning.evaluated(state.global_step, metrics or {}):
             control.should_training_stop = True
+        self._meter.memory.sample()
 
-    def on_train_end(self, args, state, control, **kwargs):
-        s = self.summary
-        s.train_steps, s.planned_steps = int(state.global_step), int(state.max_steps)
-        s.train_seconds = time.perf_counter() - self._start
-        s.train_tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0) - self._tokens_before
-        s.tokens_per_second = s.train_tokens / s.train_seconds if s.train_seconds > 0 else 0.0
-        examples = s.train_steps * args.train_batch_size * args.gradient_accumulation_steps
-        s.throughput = examples / s.train_seconds if s.train_seconds > 0 else 0.0
-        if self._meter is not None:
-            s.peak_memory_bytes = self._meter.peak()
-            s.peak_memory_total_bytes = peak_total_bytes(self._meter.device)
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._remove_hook()
+        if self._meter is None:
+            return
+        self.summary = self._meter.finish(self.pruning, state.global_step, state.max_steps)
+        self._meter = None
+        self.finished(self.summary)
 
-    def final(self, metrics: Mapping[str, Any]) -> dict[str, float]:
-        """The final evaluation's metrics as floats (``metric`` checked)."""
-        metric_value(metrics, self.metric)
-        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def _counter(meter: RunMeter) -> Callable[..., None]:
+    """A forward pre-hook counting the batch of each forward pass inside an optimizer step (the
+    Trainer calls ``model(**inputs)``; evaluation runs outside steps and is not counted)."""
+
+    def count(module: Any, args: tuple, kwargs: dict) -> None:
+        if not (meter.in_step and module.training):
+            return
+        if not kwargs and args and isinstance(args[0], torch.Tensor):
+            kwargs = {"input_ids": args[0]}
+        meter.batch(kwargs)
+
+    return count
+
+
+def _device(model: Any, args: Any) -> torch.device:
+    """The device the model trains on: its first parameter's, else the Trainer's."""
+    if model is not None:
+        for param in model.parameters():
+            return param.device
+    return torch.device(getattr(args, "device", "cpu"))

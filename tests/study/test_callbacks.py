@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lora_tune.errors import ConfigError
-from lora_tune.study.callbacks import EvalRecord, Pruning, metric_key
+from lora_tune.study.callbacks import TrialBinding, trial_pruning
+from lora_tune.train.callbacks import EvalRecord, metric_key
 from tests.study.callback_models import TokenSequences, tiny_lora_llama, training_args
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -44,7 +45,7 @@ def test_metric_key_takes_the_trainer_prefix_and_lists_what_was_returned() -> No
 def test_pruning_reports_eval_indices_skips_non_finite_values_and_stops_reporting_once_pruned() -> None:
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=5.0))
     trial = study.ask()
-    pruning = Pruning(trial, "eval_loss", None, None)
+    pruning = trial_pruning(trial, "eval_loss", None, None)
     assert not pruning.evaluated(10, {"eval_loss": 1.0})
     assert not pruning.evaluated(20, {"eval_loss": float("nan")})  # not reported, still counted
     assert pruning.evaluated(30, {"eval_loss": 9.0})  # over the threshold: prune
@@ -52,8 +53,10 @@ def test_pruning_reports_eval_indices_skips_non_finite_values_and_stops_reportin
     assert study.trials[0].intermediate_values == {0: 1.0, 2: 9.0}
     assert pruning.pruned_at == EvalRecord(2, 30, 9.0)
     assert [e.step for e in pruning.evaluations] == [10, 20, 30]
+    binding = TrialBinding()
+    binding.trial, binding.pruning = trial, pruning
     with pytest.raises(optuna.TrialPruned, match=r"pruned after evaluation 2 \(step 30\)"):
-        pruning.raise_if_pruned()
+        binding.raise_if_pruned()
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -66,21 +69,23 @@ def test_pruning_rejects_inconsistent_arguments(kwargs: dict, field: str) -> Non
     trial = optuna.create_study(direction="minimize").ask()
     arguments = {"metric": "eval_loss", "report": None, "direction": None, **kwargs}
     with pytest.raises(ConfigError) as info:
-        Pruning(trial, **arguments)
+        trial_pruning(trial, **arguments)
     assert info.value.field == field
 
 
 def test_pruning_rejects_multi_objective_trials() -> None:
     trial = optuna.create_study(directions=["minimize", "minimize"]).ask()
     with pytest.raises(ConfigError, match="single-objective"):
-        Pruning(trial, "eval_loss", None, None)
+        trial_pruning(trial, "eval_loss", None, None)
 
 
-def test_the_core_module_imports_neither_transformers_nor_lightning() -> None:
-    code = ("import sys, lora_tune.study.callbacks; "
+def test_the_core_modules_import_neither_transformers_nor_lightning_and_the_train_one_no_optuna() -> None:
+    code = ("import sys, lora_tune.train.callbacks; "
+            "print(sorted(m for m in ('transformers', 'lightning', 'trl', 'optuna') if m in sys.modules)); "
+            "import lora_tune.study.callbacks; "
             "print(sorted(m for m in ('transformers', 'lightning', 'trl') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]"
+    assert done.stdout.split() == ["[]", "[]"]
 
 
 # -- transformers Trainer --------------------------------------------------------------------------
