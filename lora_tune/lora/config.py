@@ -110,6 +110,72 @@ class LoraConfig:
             raise ConfigError(unknown[0], data[unknown[0]], "fields of LoraConfig: " + ", ".join(sorted(known)))
         return cls(**dict(data))
 
+    # -- PEFT (torch and peft are imported on use) -------------------------------
+    def to_peft(self, model: Any) -> Any:
+        """The ``peft.LoraConfig`` that adapts ``model`` as this config does.
+
+        The targets are resolved on ``model`` by lora-tune's resolver and written as the exact
+        module names (a list, or one regex where a name list would also match other modules);
+        ranks and alphas that differ from ``rank`` / ``alpha`` go into ``rank_pattern`` /
+        ``alpha_pattern`` anchored to one module each. ``dropout``, ``rslora``, ``bias``, ``init``
+        (kaiming -> True, gaussian -> "gaussian", pissa -> "pissa") and ``modules_to_save`` map to
+        their PEFT fields. Names are relative to ``model``: give the same model (or the same
+        architecture) to ``peft.get_peft_model``. ``task_type`` is left None; note that PEFT's
+        SEQ_CLS / TOKEN_CLS task types add ``classifier`` / ``score`` to ``modules_to_save``.
+
+        A fused qkv layer adapted on all of q, k, v (GPT-2's ``c_attn``) becomes PEFT's one pair of
+        rank ``r`` over the whole layer, its usual recipe; lora-tune trains one pair per part
+        there (A repeated per part reproduces PEFT's pair). To carry weights trained with
+        lora-tune into PEFT, use ``save_adapter(model, path, format="peft")``, which writes such
+        a layer as one block-diagonal pair of rank 3r.
+
+        ``quant_bits`` does not block: PEFT quantizes at model load, not in its LoraConfig (pass
+        ``transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant)``, or ``load_in_8bit=True``, to
+        ``from_pretrained``, then ``peft.prepare_model_for_kbit_training``). Call ``to_peft`` on the
+        unquantized model or one of the same architecture.
+
+        Raises ConfigError, naming the field, for what PEFT's LoraConfig cannot express:
+        ``method="merged"``, nn.MultiheadAttention, fused qkv part selectors (``c_attn[q,v]``,
+        ``enable_lora``), grouped / dilated / non-zero-padded convs, ``init="pissa"`` on layers
+        other than Linear / Conv1D, ``modules_to_save`` names PEFT would match more widely, and
+        a model that already carries LoRA layers; and whatever ``inject`` would raise.
+        """
+        from lora_tune.lora.peft_config import to_peft_config  # noqa: PLC0415
+
+        return to_peft_config(self, model)
+
+    @classmethod
+    def from_peft(cls, source: Any) -> "LoraConfig":
+        """A LoraConfig from a ``peft.LoraConfig``, a dict of its fields, or a PEFT adapter
+        directory (its ``adapter_config.json``; the weights are not read -- ``load_adapter``
+        loads them).
+
+        ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``bias``, ``init_lora_weights``
+        (True, "gaussian", "pissa"), ``target_modules``, ``exclude_modules``, ``modules_to_save``,
+        ``rank_pattern`` and ``alpha_pattern`` are translated with PEFT's matching rules (a name
+        list: the module or a dotted suffix; a string: a fullmatched regex; ``"all-linear"``:
+        lora-tune's preset of that name; pattern keys: ``(.*\\.)?KEY$``; modules_to_save: any
+        name ending with the entry, plus the heads PEFT adds for SEQ_CLS / TOKEN_CLS /
+        QUESTION_ANS). A field a dict leaves out takes PEFT's default (``lora_alpha`` 8).
+        Metadata (``task_type``, ``base_model_name_or_path``, ``inference_mode``, ...) and
+        ``fan_in_fan_out`` (lora-tune reads the layout from the layer) are not needed.
+
+        Raises ConfigError naming the PEFT field for every PEFT option lora-tune lacks:
+        ``use_dora``, ``lora_bias``, ``target_parameters``, ``layers_to_transform``,
+        ``megatron_config``, ``trainable_token_indices``, ``layer_replication``, LoftQ / EVA /
+        CorDA / ... configs, ``init_lora_weights`` other than True / "gaussian" / "pissa", and
+        a missing ``target_modules``.
+
+        Differences to know: lora-tune adapts a fused qkv layer (GPT-2's ``c_attn``) with one
+        pair per q/k/v part where PEFT uses one pair for the layer (a superset: PEFT's pair
+        loads into it, see ``load_adapter``); each target pattern must match something, where
+        PEFT only needs one of them to.
+        """
+        from lora_tune.lora.peft_config import from_peft_config  # noqa: PLC0415
+
+        return from_peft_config(source)
+
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -13,8 +13,10 @@ Without the ``base_model.model.`` prefix PEFT silently keeps its random init, so
 mandatory and reading a file without it is refused.
 
 A fused qkv layer with all of q, k, v adapted (GPT-2's ``c_attn``) is written as one pair of
-rank 3r whose B is block-diagonal -- the same function. Layers PEFT computes differently from
-lora-tune are refused with the reason.
+rank 3r whose B is block-diagonal -- the same function; a PEFT pair of rank r over such a layer
+(PEFT's own recipe) loads into lora-tune's per-part pairs of rank r with A repeated per part.
+Layers PEFT computes differently from lora-tune are refused with the reason. The config fields
+are also what :meth:`lora_tune.LoraConfig.to_peft` builds (see :mod:`lora_tune.lora.peft_config`).
 """
 from __future__ import annotations
 
@@ -42,9 +44,14 @@ from lora_tune.lora.targets import fused_sizes, parse_pattern
 
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
-_INITS_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
-_UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "target_parameters", "trainable_token_indices",
-                       "layer_replication", "alora_invocation_tokens", "use_qalora", "layers_to_transform")
+INITS_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
+# PEFT LoraConfig fields that lora-tune reads, and those that do not change what is computed
+# (metadata, runtime settings, PEFT's own layout flags, options read only with a refused one).
+# Any other field set to a true value is an option lora-tune does not have.
+PEFT_READ_FIELDS = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+                    "use_rslora", "bias", "modules_to_save", "init_lora_weights", "rank_pattern", "alpha_pattern")
+PEFT_IGNORED_FIELDS = ("peft_version", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+                       "fan_in_fan_out", "runtime_config", "megatron_core", "qalora_group_size", "layers_pattern")
 _SUGGEST = " Save it with format='lora-tune' instead (lora_tune.load_adapter reads it back)."
 
 
@@ -93,9 +100,78 @@ def _outermost(names: list[str]) -> list[str]:
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
 
 
+def peft_key(name: str) -> str:
+    """A rank_pattern / alpha_pattern key that PEFT matches to ``name`` only: PEFT matches keys as
+    ``(.*\\.)?KEY$``, so a bare ``0`` would also hit module ``1.0``."""
+    return "^" + re.escape(name)
+
+
+def peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """``target_modules`` that PEFT matches to exactly ``names``: the list of names where no other
+    module's name ends with ``.NAME`` (PEFT matches a list by dotted suffix), else one regex
+    (PEFT fullmatches a string)."""
+    wanted = set(names)
+    if not any(k not in wanted and any(k.endswith("." + n) for n in names) for k, _ in model.named_modules()):
+        return list(names)
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def peft_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """The outermost modules ``cfg.modules_to_save`` selects in ``model``."""
+    patterns = [parse_pattern(p, "modules_to_save") for p in cfg.modules_to_save]
+    return _outermost([n for n, _ in model.named_modules() if n and any(p.matches(n) for p in patterns)])
+
+
+def peft_meta(model: nn.Module, sites: list[Site], cfg: LoraConfig, base_model_name_or_path: str | None, *,
+              fused_rank: str, inference_mode: bool) -> dict[str, Any]:
+    """The PEFT LoraConfig fields for adapting ``sites`` of ``model`` as ``cfg`` says.
+
+    A fused qkv layer adapted on q, k and v becomes one PEFT pair: of rank 3r with the same
+    scaling (``fused_rank="blocks"``, which holds lora-tune's per-part pairs as a block-diagonal B:
+    what a saved adapter needs), or of rank r (``"shared"``: PEFT's own recipe for such a layer)."""
+    if fused_rank == "blocks":
+        rank_of, alpha_of = _peft_rank, (lambda s: _peft_alpha(s, cfg.rslora))
+    else:
+        rank_of, alpha_of = (lambda s: s.r), (lambda s: s.alpha)
+    if base_model_name_or_path is None:
+        hf_config = getattr(model, "config", None)
+        base_model_name_or_path = (getattr(hf_config, "name_or_path", None)
+                                   or getattr(hf_config, "_name_or_path", None) or None)
+    saved = peft_modules_to_save(model, cfg)
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": peft_target_modules(model, [s.name for s in sites]),
+        "exclude_modules": None,
+        "use_rslora": cfg.rslora,
+        "bias": cfg.bias,
+        "modules_to_save": saved or None,
+        "rank_pattern": {peft_key(s.name): rank_of(s) for s in sites if rank_of(s) != cfg.rank},
+        "alpha_pattern": {peft_key(s.name): alpha_of(s) for s in sites if alpha_of(s) != cfg.alpha},
+        "fan_in_fan_out": any(s.kind == "conv1d_gpt2" or (s.kind == "fused" and s.wrapper.transposed)
+                              for s in sites),
+        "init_lora_weights": INITS_TO_PEFT[cfg.init],
+        "inference_mode": inference_mode,
+        "use_dora": False,
+        "lora_bias": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+
+
+def unrepresentable_sites(sites: list[Site], init: str) -> list[str]:
+    """``"name: why"`` for each site PEFT would compute differently from lora-tune."""
+    return [f"{s.name}: {why}" for s in sites if (why := _unrepresentable(s, init))]
+
+
 def to_peft(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: dict[str, torch.Tensor],
             base_model_name_or_path: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
-    problems = [f"{s.name}: {why}" for s in sites if (why := _unrepresentable(s, cfg.init))]
+    problems = unrepresentable_sites(sites, cfg.init)
     if problems:
         raise AdapterFormatError("format='peft' cannot represent these layers faithfully: "
                                  + "; ".join(problems) + "." + _SUGGEST)
@@ -112,40 +188,7 @@ def to_peft(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: dict[
             out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = _block_diagonal_B(t, list(site.part_sizes))
         else:
             out[f"{PEFT_PREFIX}{module}.{leaf}.weight"] = t
-    # anchored: PEFT matches keys as (.*\.)?KEY$, so a bare "0" would also hit module "1.0"
-    rank_pattern = {"^" + re.escape(s.name): _peft_rank(s) for s in sites if _peft_rank(s) != cfg.rank}
-    alpha_pattern = {"^" + re.escape(s.name): _peft_alpha(s, cfg.rslora) for s in sites
-                     if _peft_alpha(s, cfg.rslora) != cfg.alpha}
-    save_patterns = [parse_pattern(p, "modules_to_save") for p in cfg.modules_to_save]
-    saved = _outermost([n for n, _ in model.named_modules() if n and any(p.matches(n) for p in save_patterns)])
-    if base_model_name_or_path is None:
-        hf_config = getattr(model, "config", None)
-        base_model_name_or_path = (getattr(hf_config, "name_or_path", None)
-                                   or getattr(hf_config, "_name_or_path", None) or None)
-    meta = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": cfg.rank,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": [s.name for s in sites],
-        "exclude_modules": None,
-        "use_rslora": cfg.rslora,
-        "bias": cfg.bias,
-        "modules_to_save": saved or None,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": any(s.kind == "conv1d_gpt2" or (s.kind == "fused" and s.wrapper.transposed)
-                              for s in sites),
-        "init_lora_weights": _INITS_TO_PEFT[cfg.init],
-        "inference_mode": True,
-        "use_dora": False,
-        "lora_bias": False,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "revision": None,
-    }
+    meta = peft_meta(model, sites, cfg, base_model_name_or_path, fused_rank="blocks", inference_mode=True)
     return meta, out, PEFT_WEIGHTS
 
 
@@ -184,8 +227,15 @@ def _split_keys(tensors: dict[str, torch.Tensor], source: str):
     return pairs, other
 
 
+def unsupported_peft_options(meta: dict) -> list[str]:
+    """The fields of a PEFT LoraConfig (as a dict) that set an option lora-tune does not have
+    (DoRA, LoRA bias, layers_to_transform, target_parameters, LoftQ/EVA/CorDA configs, ...)."""
+    known = set(PEFT_READ_FIELDS) | set(PEFT_IGNORED_FIELDS)
+    return [f for f, value in meta.items() if f not in known and value]
+
+
 def _check_peft_fields(meta: dict, source: str) -> str:
-    used = [f for f in _UNSUPPORTED_FIELDS if meta.get(f)]
+    used = unsupported_peft_options(meta)
     if used:
         raise AdapterFormatError(f"{source}: PEFT options lora-tune does not support: " + ", ".join(
             f"{f}={meta[f]!r}" for f in used))
@@ -215,11 +265,16 @@ def _refuse_mha(model: nn.Module, names: list[str], source: str) -> None:
 
 
 def _unblock(A: torch.Tensor, B: torch.Tensor, site: Site, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A PEFT pair over a fused qkv layer -> lora-tune's per-part factors, if B is block-diagonal."""
+    """A PEFT pair over a fused qkv layer -> lora-tune's per-part factors: a pair of rank g*r whose B
+    is block-diagonal (what lora-tune writes), or, with q, k and v all adapted, a pair of rank r
+    (PEFT's own: every part gets the same A)."""
     sizes = site.part_sizes
     enabled = [p in site.parts for p in "qkv"]
     on = [i for i, p in enumerate(enabled) if p]
     g, r = len(on), site.r
+    if g == len(sizes) and A.shape[0] == r and B.shape[1] == r:
+        # PEFT's one pair shared by q, k and v (its recipe for a fused layer): each part gets A
+        return A.repeat(g, 1), B
     if A.shape[0] != g * r or B.shape[1] != g * r:
         raise AdapterFormatError(
             f"{source}: {site.name!r} has one PEFT pair of rank {A.shape[0]} but the model adapts it as {g} fused "

@@ -1,0 +1,223 @@
+"""lora-tune's LoraConfig <-> PEFT's ``peft.LoraConfig`` (behind :meth:`LoraConfig.to_peft` and
+:meth:`LoraConfig.from_peft`).
+
+``to_peft`` resolves the targets on the model with lora-tune's own resolver (a dry run of
+``inject`` on a weightless copy, so every check of ``inject`` applies) and writes the result as
+PEFT matches it: exact module names, per-module ranks and alphas anchored to one module each.
+The fields are built by :func:`lora_tune.lora.peft_format.peft_meta`, the code that writes
+PEFT adapter directories. ``from_peft`` translates PEFT's fields with PEFT's matching rules and
+refuses every PEFT option lora-tune does not have, naming the PEFT field.
+
+peft is imported only by ``to_peft`` (to build the ``peft.LoraConfig``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lora_tune.errors import AdapterFormatError, ConfigError
+from lora_tune.lora.config import LoraConfig
+from lora_tune.lora.inject import inject, lora_layers
+from lora_tune.lora.peft_format import (
+    INITS_TO_PEFT,
+    peft_meta,
+    unrepresentable_sites,
+    unsupported_peft_options,
+)
+from lora_tune.lora.state import CONFIG_FILE, Site, _meta_copy, adapted_sites
+
+# PEFT defaults of the fields from_peft reads (used where a dict leaves one out)
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+                 "init_lora_weights": True}
+# the heads PEFT adds to modules_to_save for these task types (PeftModelFor... classes)
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+# LoraConfig field -> the PEFT field it is read from (for error messages)
+_PEFT_NAMES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
+               "exclude": "exclude_modules", "rslora": "use_rslora", "init": "init_lora_weights"}
+_PLAIN_NAME = re.compile(r"[\w-]+(?:\.[\w-]+)*")
+
+
+# -- lora-tune -> PEFT ---------------------------------------------------------------------------
+def planned_sites(model: nn.Module, config: LoraConfig) -> list[Site]:
+    """The modules ``inject(model, config)`` would adapt, with their rank, alpha and parts: found by
+    injecting into a copy of the model whose tensors live on the meta device (no memory, and
+    the model is not changed). Raises what ``inject`` raises."""
+    ghost = _meta_copy(model)
+    inject(ghost, LoraConfig.from_dict({**config.to_dict(), "quant_bits": None}))
+    return adapted_sites(ghost)
+
+
+def to_peft_config(config: LoraConfig, model: nn.Module) -> Any:
+    """See :meth:`lora_tune.LoraConfig.to_peft`."""
+    import peft  # noqa: PLC0415 - optional dependency, loaded on use
+
+    if config.method != "parallel":
+        raise ConfigError("method", config.method, "'parallel' for PEFT",
+                          "PEFT always computes the LoRA branch beside the frozen layer; train with method "
+                          "'parallel' (the same function), and merge after training with PeftModel.merge_and_unload()")
+    _refuse_adapted(model, peft)
+    sites = planned_sites(model, config)
+    layer_problems = unrepresentable_sites(sites, "kaiming")
+    if layer_problems:
+        raise ConfigError("targets", [s.selector_name for s in sites],
+                          "layers PEFT computes as lora-tune does (Linear, GPT-2 Conv1D, Embedding, plain Conv, "
+                          "fused qkv layers with all of q, k, v)",
+                          "; ".join(layer_problems) + ". Exclude these layers, or train with lora-tune")
+    init_problems = unrepresentable_sites(sites, config.init)
+    if init_problems:
+        raise ConfigError("init", config.init, "'kaiming' or 'gaussian' for these layers", "; ".join(init_problems))
+    meta = peft_meta(model, sites, config, None, fused_rank="shared", inference_mode=False)
+    _check_modules_to_save(model, [s.name for s in sites], meta["modules_to_save"] or [])
+    return peft.LoraConfig(**{k: v for k, v in meta.items() if k != "peft_type"})
+
+
+def _refuse_adapted(model: nn.Module, peft: Any) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
+
+    lora = [n for n, _ in lora_layers(model)]
+    theirs = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    if lora or theirs:
+        raise ConfigError("model", type(model).__name__, "the base model, without LoRA layers",
+                          f"it already carries {'lora-tune' if lora else 'PEFT'} LoRA layers "
+                          f"({(lora or theirs)[0]!r}, ...); PEFT wraps the base layers itself, so pass the model "
+                          "before lora_tune.inject / peft.get_peft_model")
+
+
+def _check_modules_to_save(model: nn.Module, targets: list[str], saved: list[str]) -> None:
+    """PEFT makes every module whose name *ends with* a modules_to_save entry trainable, and skips
+    targets whose name contains one as a dotted component; refuse names for which either rule
+    would reach other modules than lora-tune's."""
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    reached = [n for n in names if any(n.endswith(m) for m in saved)]
+    extra = sorted(set(n for n in reached if not any(n == s or n.startswith(s + ".") for s in saved)))
+    skipped = [t for t in targets if any(re.match(rf"(^|.*\.){m}($|\..*)", t) for m in saved)]
+    if extra or skipped:
+        why = (f"PEFT would also make {extra[:4]} trainable (it matches modules_to_save by plain suffix)" if extra
+               else f"PEFT would leave the targets {skipped[:4]} un-adapted (it skips targets inside a module to save)")
+        raise ConfigError("modules_to_save", saved, "modules whose names PEFT matches to these modules only", why)
+
+
+# -- PEFT -> lora-tune ---------------------------------------------------------------------------
+def from_peft_config(source: Any) -> LoraConfig:
+    """See :meth:`lora_tune.LoraConfig.from_peft`."""
+    meta = _peft_fields(source)
+    peft_type = meta.get("peft_type")
+    if peft_type is not None and str(getattr(peft_type, "value", peft_type)) != "LORA":
+        raise ConfigError("peft_type", peft_type, "'LORA'", "only PEFT LoRA configs translate to a LoraConfig")
+    unsupported = unsupported_peft_options(meta)
+    if unsupported:
+        field = unsupported[0]
+        others = f" (also set: {', '.join(unsupported[1:])})" if len(unsupported) > 1 else ""
+        raise ConfigError(field, meta[field], "unset (None / False / empty), PEFT's default",
+                          f"lora-tune has no equivalent of PEFT's {field}{others}")
+    get = {**PEFT_DEFAULTS, **{k: v for k, v in meta.items() if v is not None}}.get
+    task = str(getattr(meta.get("task_type"), "value", meta.get("task_type")))
+    saved = _names(meta.get("modules_to_save"), "modules_to_save")
+    saved += [h for h in TASK_HEADS.get(task, ()) if h not in saved]
+    try:
+        return LoraConfig(
+            rank=get("r"), alpha=get("lora_alpha"), dropout=get("lora_dropout"),
+            targets=_targets(meta.get("target_modules")),
+            exclude=_patterns(meta.get("exclude_modules"), "exclude_modules"),
+            rslora=get("use_rslora"), init=_init(get("init_lora_weights")), bias=get("bias"),
+            rank_pattern={_pattern_key(k, "rank_pattern"): v for k, v in (meta.get("rank_pattern") or {}).items()},
+            alpha_pattern={_pattern_key(k, "alpha_pattern"): v for k, v in (meta.get("alpha_pattern") or {}).items()},
+            # PEFT makes every module whose name ends with an entry trainable
+            modules_to_save=["re:.*" + re.escape(m) for m in saved],
+        )
+    except ConfigError as exc:
+        if exc.field.split("[")[0] not in _PEFT_NAMES:
+            raise
+        head = exc.field.split("[")[0]
+        raise ConfigError(_PEFT_NAMES[head] + exc.field[len(head):], exc.value, exc.allowed) from None
+
+
+def _peft_fields(source: Any) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        return dict(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        file = path / CONFIG_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise AdapterFormatError(f"{path}: not a PEFT adapter directory (expected {CONFIG_FILE} inside it)")
+        try:
+            meta = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise AdapterFormatError(f"{file}: not readable JSON ({exc})") from None
+        if not isinstance(meta, dict) or "peft_type" not in meta:
+            hint = " (a lora-tune adapter: read it with lora_tune.load_adapter)" if isinstance(meta, dict) and \
+                meta.get("format") == "lora-tune" else ""
+            raise AdapterFormatError(f"{file}: not a PEFT adapter config (no \"peft_type\"){hint}")
+        return meta
+    if callable(getattr(source, "to_dict", None)) and hasattr(source, "peft_type"):
+        return dict(source.to_dict())
+    raise ConfigError("source", type(source).__name__,
+                      "a peft.LoraConfig, a dict of its fields, or a PEFT adapter directory")
+
+
+def _name_pattern(name: str) -> str:
+    """A lora-tune pattern matching what PEFT matches for a name in a list: the module itself or
+    any module whose name ends with ``.name``."""
+    return name if _PLAIN_NAME.fullmatch(name) else r"re:(?:.*\.)?" + re.escape(name)
+
+
+def _names(value: Any, field: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(field, value, "a list of module names")
+    return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+
+
+def _regex(text: str, field: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ConfigError(field, text, "a valid regular expression", str(exc)) from None
+    return "re:" + text
+
+
+def _targets(value: Any) -> str | list[str]:
+    if value is None or (not isinstance(value, str) and not value):
+        raise ConfigError("target_modules", value, "module names, or a regex PEFT fullmatches",
+                          "PEFT fills in defaults per model type (e.g. q_proj, v_proj for Llama) that lora-tune does "
+                          "not guess: name the modules, or use lora-tune's targets='attention-qv'")
+    if isinstance(value, str):
+        # PEFT's all-linear and lora-tune's agree on decoder LMs (every Linear/Conv1D but the output head)
+        return "all-linear" if value.lower() == "all-linear" else [_regex(value, "target_modules")]
+    return [_name_pattern(n) for n in _names(value, "target_modules")]
+
+
+def _patterns(value: Any, field: str) -> list[str]:
+    if isinstance(value, str):
+        return [_regex(value, field)]
+    return [_name_pattern(n) for n in _names(value, field)]
+
+
+def _pattern_key(key: str, field: str) -> str:
+    """A rank_pattern / alpha_pattern key as PEFT matches it (``(.*\\.)?KEY$``) -> a lora-tune pattern;
+    ``^name`` with ``name`` escaped (what to_peft writes) stays one exact name."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(field, key, "regex keys")
+    literal = re.sub(r"\\(.)", r"\1", key[1:])
+    if key.startswith("^") and re.escape(literal) == key[1:]:
+        return "re:" + key[1:]
+    return _regex(rf"(?:.*\.)?(?:{key})", f"{field}[{key!r}]")
+
+
+def _init(value: Any) -> str:
+    for ours, theirs in INITS_TO_PEFT.items():
+        if value is theirs or (isinstance(theirs, str) and value == theirs):
+            return ours
+    raise ConfigError("init_lora_weights", value, "True (kaiming-uniform A, B = 0), 'gaussian' or 'pissa'",
+                      "False starts B random (the adapted model does not start at the base model); OLoRA, LoftQ, "
+                      "EVA, CorDA, fast-SVD PiSSA and the other PEFT inits have no lora-tune equivalent")
