@@ -157,12 +157,12 @@ class LoraLayer(_LoraState):
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in the base weight's layout."""
-        return self._to_weight(self.lora_matrix()) * self.scaling
+        return self._to_weight(self.lora_matrix().mul_(self.scaling))  # B @ A is fresh: scale it in place
 
     def _dropped_delta(self) -> torch.Tensor:
         if self.training and self.dropout_p > 0:
             A = F.dropout(self.lora_A, self.dropout_p, True)
-            return self._to_weight(self._matrix_from(A)) * self.scaling
+            return self._to_weight(self._matrix_from(A).mul_(self.scaling))
         return self.delta_weight()
 
     @property
@@ -180,7 +180,7 @@ class LoraLayer(_LoraState):
             return self.base_layer(x) if dense is None else self._forward_with(x, dense)
         if self.method == "merged":
             w0 = self.base_weight()
-            return self._forward_with(x, w0 + self._dropped_delta().to(w0.dtype))
+            return self._forward_with(x, _plus(w0, self._dropped_delta(), fresh=self.base_weight_q is not None))
         base = self.base_layer(x) if self.base_weight_q is None else self._quantized_base_forward(x)
         return base + self._lora_branch(x)
 
@@ -197,7 +197,9 @@ class LoraLayer(_LoraState):
 
     def _lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         """``scaling * B(A(dropout(x)))``; the scale is applied to the rank-r intermediate,
-        the smallest tensor on the path."""
+        the smallest tensor on the path, in place: A's output is fresh and saved by nothing
+        (B's matmul saves the scaled one), so an out-of-place product would only add a small
+        transient per layer, served from the heap, whose holes raise peak RSS."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -241,7 +243,7 @@ class LoraLinear(LoraLayer):
         return quantized_linear(x, self.base_weight_q, self.base_layer.bias, self.transposed)
 
     def _lora_branch(self, x):
-        h = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling
+        h = F.linear(self.lora_dropout(x), self.lora_A).mul_(self.scaling)
         if not self.parts:
             return F.linear(h, self.lora_B)
         on = enabled_sizes(self.parts, self.part_sizes)
@@ -287,7 +289,7 @@ class LoraEmbedding(LoraLayer):
         pad = self.base_layer.padding_idx
         if self.base_layer.scale_grad_by_freq:  # the frequency scaling applies to the whole delta
             return self._embed(x, self.delta_weight(), pad)
-        out = (self._embed(x, self.lora_A.t(), pad) * self.scaling) @ self.lora_B.t()
+        out = self._embed(x, self.lora_A.t(), pad).mul_(self.scaling) @ self.lora_B.t()
         if pad is not None:
             # The merged reference gives the padding row no gradient at all (not even to B).
             out = torch.where((x == pad).unsqueeze(-1), out.detach(), out)
@@ -317,7 +319,7 @@ class LoraConv(LoraLayer):
         x = self.lora_dropout(x)
         if self.base_layer.groups == 1:
             # A as a conv with the base layer's geometry, then B as a 1x1 conv.
-            return self._conv(self.base_layer._conv_forward(x, self.lora_A, None) * self.scaling, self.lora_B)
+            return self._conv(self.base_layer._conv_forward(x, self.lora_A, None).mul_(self.scaling), self.lora_B)
         return self.base_layer._conv_forward(x, self.delta_weight(), None)
 
 
@@ -412,11 +414,11 @@ class LoraMultiheadAttention(_LoraState):
         return self._base_param(key)
 
     def delta_weight(self, key: str) -> torch.Tensor:
-        return self.projections()[key].lora_matrix() * self.scaling
+        return self.projections()[key].lora_matrix().mul_(self.scaling)
 
     def _dropped_delta(self, proj: LoraProjection) -> torch.Tensor:
         A = F.dropout(proj.lora_A, self.dropout_p, True) if self.training and self.dropout_p > 0 else proj.lora_A
-        return proj._matrix_from(A) * self.scaling
+        return proj._matrix_from(A).mul_(self.scaling)
 
     def effective_weights(self) -> dict[str, torch.Tensor]:
         """Every weight F.multi_head_attention_forward needs, adapted ones rebuilt out of place."""
@@ -432,7 +434,7 @@ class LoraMultiheadAttention(_LoraState):
                 continue
             w0 = self.base_weight(key)
             if key in projs and not self.merged:
-                w0 = w0 + self._dropped_delta(projs[key]).to(w0.dtype)
+                w0 = _plus(w0, self._dropped_delta(projs[key]), fresh=self._is_quantized(key))
             out[key] = w0
         return out
 
@@ -468,6 +470,14 @@ class LoraMultiheadAttention(_LoraState):
         parts = [n for n, on in zip(QKV, self.in_parts or ()) if on]
         return (f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:.4g}, method={self.method}, "
                 f"in_parts={parts}, out_proj={self.adapt_out}")
+
+
+def _plus(w0: torch.Tensor, delta: torch.Tensor, fresh: bool) -> torch.Tensor:
+    """``w0 + delta`` in ``w0``'s dtype and layout. A ``fresh`` w0 (a dequantized copy that nothing
+    else holds) takes the sum in place, which saves a dense weight-sized allocation per call; the
+    values are the same either way (same operands, same order)."""
+    delta = delta.to(w0.dtype)
+    return w0.add_(delta) if fresh else w0 + delta
 
 
 def _qkey(key: str) -> str:

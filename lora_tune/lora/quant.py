@@ -88,6 +88,7 @@ class QuantizedWeight(nn.Module):
         return self
 
     def dequantize(self) -> torch.Tensor:
+        """The dense weight, as a new tensor on every call (callers may write into it)."""
         bnbf = _bnb_functional()
         with torch.no_grad():
             if self.bits == 4:
@@ -98,7 +99,8 @@ class QuantizedWeight(nn.Module):
                 w = bnbf.dequantize_4bit(self.data, state)
             else:
                 w = bnbf.int8_vectorwise_dequant(self.data, self.row_scale)
-        return w.reshape(self.shape).to(self.dtype)
+            w = w.reshape(self.shape).to(self.dtype)
+        return w.detach()  # not a view made under no_grad, which autograd forbids writing into
 
     def storage_bytes(self) -> int:
         """Bytes this weight occupies per layer (packed data and scales; the shared code tables
