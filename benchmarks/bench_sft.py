@@ -398,24 +398,37 @@ FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 def memory(args) -> dict[str, dict]:
     """``{"fixed" | "default": {"lora-tune" | "peft": child result}}``: glibc's mmap threshold
-    fixed at its initial 128 KiB, and left dynamic (the default)."""
+    fixed at its initial 128 KiB, and left dynamic (the default). Each side runs ``--mem-reps``
+    fresh processes (sides alternating); its peak is the median of theirs (one run varies by
+    about 1 MiB)."""
     out: dict[str, dict] = {"fixed": {}, "default": {}}
     for allocator, extra in (("fixed", FIXED_MMAP_THRESHOLD), ("default", {})):
-        for side in ("lora-tune", "peft"):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", side, "--threads",
-                   str(args.threads), "--batch", str(args.batch), "--max-length", str(args.max_length),
-                   "--rank", str(args.rank), "--mem-steps", str(args.mem_steps)]
-            env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | extra
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, env=env)
-            if proc.returncode:
-                raise SystemExit(f"memory child {side} failed:\n{proc.stderr[-3000:]}")
-            got = out[allocator][side] = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs: dict[str, list[dict]] = {"lora-tune": [], "peft": []}
+        for rep in range(args.mem_reps):
+            for side in (("lora-tune", "peft") if rep % 2 == 0 else ("peft", "lora-tune")):
+                runs[side].append(memory_run(side, args, extra))
+        for side, results in runs.items():
+            peaks = sorted(r["peak_rss_growth_bytes"] for r in results)
+            got = out[allocator][side] = dict(results[0], peak_rss_growth_bytes=statistics.median(peaks))
             print(f"  4-bit {side:9s} ({allocator} mmap threshold) weights {got['weight_bytes'] / 2**20:.2f} MiB, "
-                  f"peak RSS growth {got['peak_rss_growth_bytes'] / 2**20:.1f} MiB", file=sys.stderr, flush=True)
+                  f"peak RSS growth median {got['peak_rss_growth_bytes'] / 2**20:.1f} MiB of "
+                  + ", ".join(f"{p / 2**20:.1f}" for p in peaks), file=sys.stderr, flush=True)
         if out[allocator]["lora-tune"]["trainable"] != out[allocator]["peft"]["trainable"]:
             raise SystemExit(f"4-bit configs differ: {out[allocator]['lora-tune']['trainable']:,} vs "
                              f"{out[allocator]['peft']['trainable']:,} trainable parameters")
     return out
+
+
+def memory_run(side: str, args, extra: dict) -> dict:
+    """One fresh memory-child process for ``side``; its JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", side, "--threads",
+           str(args.threads), "--batch", str(args.batch), "--max-length", str(args.max_length),
+           "--rank", str(args.rank), "--mem-steps", str(args.mem_steps)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | extra
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode:
+        raise SystemExit(f"memory child {side} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -468,7 +481,8 @@ def print_table(rows: list[dict], settings: dict, speed: list[Throughput]) -> No
           f"transformers {s['transformers']}, trl {s['trl']}, peft {s['peft']}, bitsandbytes {s['bitsandbytes']}, "
           f"{s['threads']} thread(s), {s['clock']} time; median of {s['reps']} repetitions (sides alternating) of "
           f"{s['steps']} timed steps after {s['warmup']} warm-up steps; 4-bit: one fresh process per side and "
-          f"allocator setting, peak over {s['mem_steps'] + 1} fit() steps after a warm-up forward/backward\n")
+          f"allocator setting, peak over {s['mem_steps'] + 1} fit() steps after a warm-up forward/backward, "
+          f"median of {s['mem_reps']} processes per side\n")
     print("| measurement | lora-tune | TRL + PEFT (4-bit: PEFT + bitsandbytes) | ratio | goal | met |")
     print("|---|---:|---:|---:|---:|:---:|")
     for r in rows:
@@ -492,7 +506,7 @@ def settings_of(args, task) -> dict:
     inject(model, lora_tune_config(args.rank))
     return {"vocab": len(task.tokenizer), "max_length": args.max_length, "batch": args.batch, "rank": args.rank,
             "threads": args.threads, "clock": args.clock, "reps": args.reps, "steps": args.steps,
-            "warmup": args.warmup, "mem_steps": args.mem_steps, "trainable": trainable(model),
+            "warmup": args.warmup, "mem_steps": args.mem_steps, "mem_reps": args.mem_reps, "trainable": trainable(model),
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
             "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "quick": args.quick}
 
@@ -521,6 +535,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps at the start of each run")
     ap.add_argument("--mem-steps", type=int, default=5, help="training steps of each 4-bit memory process")
+    ap.add_argument("--mem-reps", type=int, default=5, help="4-bit memory processes per side (median)")
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--no-memory", action="store_true", help="skip the 4-bit memory rows")
     ap.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
@@ -534,7 +549,7 @@ def main() -> None:
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.quick:
-        args.reps, args.steps, args.warmup, args.mem_steps = 1, 4, 1, 3
+        args.reps, args.steps, args.warmup, args.mem_steps, args.mem_reps = 1, 4, 1, 3, 1
     torch.set_num_threads(args.threads)
     quiet()
     if args.memory_child:
