@@ -62,7 +62,7 @@ def to_peft_config(config: LoraConfig, model: nn.Module) -> Any:
         raise ConfigError("method", config.method, "'parallel' for PEFT",
                           "PEFT always computes the LoRA branch beside the frozen layer; train with method "
                           "'parallel' (the same function), and merge after training with PeftModel.merge_and_unload()")
-    _refuse_adapted(model, peft)
+    _refuse_adapted(model)
     sites = planned_sites(model, config)
     layer_problems = unrepresentable_sites(sites, "kaiming")
     if layer_problems:
@@ -78,7 +78,7 @@ def to_peft_config(config: LoraConfig, model: nn.Module) -> Any:
     return peft.LoraConfig(**{k: v for k, v in meta.items() if k != "peft_type"})
 
 
-def _refuse_adapted(model: nn.Module, peft: Any) -> None:
+def _refuse_adapted(model: nn.Module) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
 
     lora = [n for n, _ in lora_layers(model)]
@@ -96,7 +96,7 @@ def _check_modules_to_save(model: nn.Module, targets: list[str], saved: list[str
     would reach other modules than lora-tune's."""
     names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
     reached = [n for n in names if any(n.endswith(m) for m in saved)]
-    extra = sorted(set(n for n in reached if not any(n == s or n.startswith(s + ".") for s in saved)))
+    extra = sorted({n for n in reached if not any(n == s or n.startswith(s + ".") for s in saved)})
     skipped = [t for t in targets if any(re.match(rf"(^|.*\.){m}($|\..*)", t) for m in saved)]
     if extra or skipped:
         why = (f"PEFT would also make {extra[:4]} trainable (it matches modules_to_save by plain suffix)" if extra

@@ -122,7 +122,7 @@ def test_peft_model_from_to_peft_matches_inject(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", [c for c in sorted(CASES) if c.startswith("llama")])
-def test_lora_tune_weights_load_into_the_to_peft_model(case):
+def test_lora_tune_weights_load_into_the_to_peft_model(tmp_path, case):
     """The other way: inject, random weights, save_adapter(format='peft') -> the PEFT model from
     to_peft takes them key for key and computes the same outputs; to_peft's fields are the
     ones save_adapter writes."""
@@ -132,12 +132,9 @@ def test_lora_tune_weights_load_into_the_to_peft_model(case):
     randomize(ours)
     with torch.no_grad():
         want = logits(ours)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_adapter(ours, tmp, format="peft", config=cfg)
-        saved = json.loads(open(f"{tmp}/adapter_config.json").read())
-        weights = load_file(f"{tmp}/adapter_model.safetensors")
+    save_adapter(ours, tmp_path, format="peft", config=cfg)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    weights = load_file(tmp_path / "adapter_model.safetensors")
     pcfg = cfg.to_peft(build())
     for key in ("r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "rank_pattern", "alpha_pattern",
                 "init_lora_weights", "modules_to_save", "fan_in_fan_out"):
@@ -218,16 +215,13 @@ def test_config_read_from_a_peft_saved_directory_reproduces_peft(tmp_path, build
     torch.testing.assert_close(logits(ours), want, **TOLERANCE)
 
 
-def test_peft_pair_of_rank_r_on_fused_qkv_loads_with_a_repeated_per_part():
+def test_peft_pair_of_rank_r_on_fused_qkv_loads_with_a_repeated_per_part(tmp_path):
     pm = quiet_peft_model(gpt2(), peft.LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn"], fan_in_fan_out=True))
     randomize(pm, seed=2)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        pm.save_pretrained(tmp)
-        ours = gpt2()
-        inject(ours, LoraConfig.from_peft(tmp))
-        load_adapter(ours, tmp)
+    pm.save_pretrained(str(tmp_path))
+    ours = gpt2()
+    inject(ours, LoraConfig.from_peft(tmp_path))
+    load_adapter(ours, tmp_path)
     c_attn = dict(lora_layers(ours))["transformer.h.0.attn.c_attn"]
     assert c_attn.parts is not None and c_attn.lora_A.shape == (9, 32)  # three per-part pairs of rank 3
     torch.testing.assert_close(c_attn.lora_A[:3], c_attn.lora_A[6:])
@@ -265,7 +259,7 @@ def test_suffix_semantics_match_peft():
                                 "rank_pattern": {r"layers\.1\..*": 2}})
     pm = quiet_peft_model(llama(), peft.LoraConfig(target_modules=["self_attn.q_proj", "layers.1.mlp.up_proj"],
                                                    rank_pattern={r"layers\.1\..*": 2}))
-    ours = dict((s[0], s[2]) for s in sites(model, cfg)[0])
+    ours = {s[0]: s[2] for s in sites(model, cfg)[0]}
     theirs = {n.removeprefix("base_model.model."): m.r["default"] for n, m in pm.named_modules()
               if hasattr(m, "lora_A") and hasattr(m, "r")}
     assert ours == theirs and set(ours.values()) == {8, 2}
