@@ -359,7 +359,8 @@ def peft_adapt(model: torch.nn.Module, config: Any) -> tuple[torch.nn.Module, An
     total = sum(p.numel() for p in model.parameters())
     before = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peft_model = get_peft_model(model, config.to_peft(model))
-    targets = [(name, type(m).__name__) for name, m in peft_model.named_modules()
+    prefix = "base_model.model."  # PeftModel -> LoraModel -> the model: names as the model has them
+    targets = [(name.removeprefix(prefix), type(m).__name__) for name, m in peft_model.named_modules()
                if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     lora = [p for n, p in peft_model.named_parameters() if "lora_" in n]
     report = InjectReport(

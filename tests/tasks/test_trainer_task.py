@@ -190,3 +190,56 @@ def test_the_model_given_to_the_factory_is_the_adapted_copy(trainer_task):
     assert names and all("lora_" in n for n in names)
     assert all(not p.requires_grad for n, p in seen[0].named_parameters() if "lora_" not in n)
     assert isinstance(seen[0], torch.nn.Module)
+
+
+def _peft_task(trainer_task):
+    task = copy.copy(trainer_task)
+    task.injector = "peft"
+    return task
+
+
+def test_injector_peft_trains_through_peft_and_exports_a_peft_adapter(trainer_task):
+    study = _run(_raw(injector="peft"), _peft_task(trainer_task), 1)
+    trial = study.trials[0]
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    ours = _run(_raw(), trainer_task, 1).trials[0]
+    assert trial.user_attrs["target_modules"] == ours.user_attrs["target_modules"]
+    assert trial.user_attrs["trainable_params"] == ours.user_attrs["trainable_params"]
+    # Same seed and config; the LoRA A factors are initialised by different code (so differ), and
+    # after 8 steps the two eval losses agree to 1 % (measured: 5.8878 vs 5.8768, 0.19 %).
+    assert trial.value == pytest.approx(ours.value, rel=1e-2)
+
+
+def test_injector_peft_and_lora_tune_train_identically_from_the_same_initial_factors(trainer_task):
+    """The trainer task's two injectors are the same computation: PEFT's model given lora-tune's
+    initial A and B (with B non-zero so that every step differs) trains to the same eval loss."""
+    from lora_tune import LoraConfig
+    from lora_tune.tasks.trainer import peft_adapt
+    from lora_tune.train import TrainConfig
+
+    config = LoraConfig(rank=4, alpha=8, targets="attention-qv", init="gaussian")
+    ours, report = trainer_task.adapt(trainer_task.build_model(), config)
+    torch.manual_seed(3)
+    for name, _ in report.targets:
+        ours.get_submodule(name).lora_B.data.normal_(0, 0.02)
+    theirs, _ = peft_adapt(trainer_task.build_model(), config)
+    for name, _ in report.targets:
+        mine, peft_layer = ours.get_submodule(name), theirs.get_submodule(f"base_model.model.{name}")
+        peft_layer.lora_A["default"].weight.data.copy_(mine.lora_A.data)
+        peft_layer.lora_B["default"].weight.data.copy_(mine.lora_B.data)
+    train = TrainConfig(device="cpu")
+    values = []
+    for model in (ours, theirs):
+        trainer_task.train_adapted(model, train, lambda *a: False, params={}, explicit=("device",))
+        trainer = trainer_factories.make_trainer(model=model, tokenizer=trainer_task.tokenizer, params={},
+                                                 callbacks=[], output_dir="/tmp/lora-tune-equal")
+        values.append(trainer.evaluate()["eval_loss"])
+    assert values[0] == pytest.approx(values[1], abs=1e-4)
+
+
+def test_injector_peft_refuses_quant_bits_with_the_reason(trainer_task):
+    raw = _raw(injector="peft")
+    raw["search_space"]["quant_bits"] = {"choices": [None, 8]}
+    study = _run(raw, _peft_task(trainer_task), 1, params={**PARAMS, "quant_bits": 8})
+    trial = study.trials[0]
+    assert trial.state == TrialState.FAIL and "quant_bits" in trial.user_attrs["fail_reason"]
