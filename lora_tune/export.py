@@ -67,7 +67,8 @@ def _version(package: str) -> str | None:
 
 
 def choose_trial(study: Any, number: int | None = None) -> Any:
-    """The trial to export: ``number`` when given (it must be complete), else the best one.
+    """The trial to export: ``number`` when given (it must be complete), else the best one (with
+    confirmation runs, the original trial of the config with the best mean).
 
     A multi-objective study has no single best trial: ``number`` is then required.
     """
@@ -92,7 +93,10 @@ def choose_trial(study: Any, number: int | None = None) -> Any:
         front = sorted(t.number for t in study.best_trials)
         raise ConfigError("--trial", None, "one of the Pareto-optimal trials: " + ", ".join(map(str, front)),
                           "A multi-objective study has no single best trial.")
-    return frame.best_trial(study)
+    from lora_tune.study.confirm import best_confirmed
+
+    confirmed = best_confirmed(study)  # study.confirm: the config with the best mean over seeds
+    return confirmed.trial if confirmed is not None else frame.best_trial(study)
 
 
 def best_config_dict(study: Any, trial: Any, storage_url: str | None = None) -> dict[str, Any]:

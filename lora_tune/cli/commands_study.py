@@ -122,7 +122,11 @@ def optimize_cmd(name: str, storage: str | None, n_trials: int | None, timeout: 
               help="Run at most this many trials in this process (the study's budget still applies).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop starting trials after this many seconds.")
-def run_cmd(study_file: Path, storage: str | None, name: str | None, n_trials: int | None, timeout: float | None) -> None:
+@click.option("--warm-start", "warm_from", default=None, metavar="STUDY",
+              help="Enqueue the best configs of an earlier study first (targets re-resolved on this model).")
+@click.option("--warm-storage", default=None, help="The storage of --warm-start's study (default: --storage).")
+def run_cmd(study_file: Path, storage: str | None, name: str | None, n_trials: int | None, timeout: float | None,
+            warm_from: str | None, warm_storage: str | None) -> None:
     """Create (or resume) the study in STUDY_FILE, optimize it, and print the best trial
     and its gain over the baseline."""
     from lora_tune.study.objective import resolve_isolation
@@ -135,12 +139,37 @@ def run_cmd(study_file: Path, storage: str | None, name: str | None, n_trials: i
     spec = load_spec_file(study_file)
     url = resolve_storage_url(storage, spec.study.storage)
     task = build_task(dict(spec.task))  # built once, for checking and for the trials
+    warm = _warm_configs(warm_from, warm_storage or url) if warm_from else None  # checked before writing
     with _quiet_optuna():
         study = create_study(spec, url, name=name, resume=True, task=task)
     stored = spec_from_stored(study.user_attrs["spec"])
+    if warm:
+        from lora_tune.study.space import SearchSpace
+        from lora_tune.study.warm_start import warm_start
+
+        added = warm_start(study, SearchSpace.from_spec(stored.search_space), warm, task, origin=f"study {warm_from}")
+        _console().print(f"warm start: {added} config(s) of study {warm_from!r} enqueued")
     if resolve_isolation(stored) == "process":
         task = None  # trials build their own in child processes: don't hold a copy of the model here
     _optimize_and_report(study, stored, url, n_trials, timeout, task)
+
+
+def _warm_configs(name: str, url: str) -> list[dict]:
+    """The best configs of study ``name`` in ``url`` (exit 2 when it is missing or has none)."""
+    import optuna
+
+    from lora_tune.errors import StudyNotFoundError
+    from lora_tune.study.storage import mask_url, open_storage
+    from lora_tune.study.warm_start import configs_from_study
+
+    _require_storage(url, name)
+    with _quiet_optuna():
+        store = open_storage(url)
+        names = optuna.get_all_study_names(store)
+        if name not in names:
+            raise StudyNotFoundError(name, mask_url(url), names)
+        source = optuna.load_study(study_name=name, storage=store)
+        return configs_from_study(source)
 
 
 def _optimize_and_report(study: Any, spec: Any, url: str, n_trials: int | None, timeout: float | None,
@@ -158,10 +187,23 @@ def _optimize_and_report(study: Any, spec: Any, url: str, n_trials: int | None, 
     try:
         with _quiet_optuna(), StudyProgress(study, spec, console) as progress:
             result = optimize(study, spec, n_trials=n_trials, timeout=timeout, callbacks=[progress], task=task)
+        confirm = spec.study.confirm
+        if confirm is not None and result.stop_reason == "budget":
+            from lora_tune.study.confirm import confirm_top
+            from lora_tune.study.objective import Objective
+
+            with _quiet_optuna():
+                runs = confirm_top(study, Objective(spec, task), confirm.top, confirm.seeds)
+            console.print(f"confirmation: {len(runs)} run(s) of the top {confirm.top} config(s) "
+                          f"with {confirm.seeds} more seed(s) each")
         outcome = study_outcome(study, spec)
         console.print(f"this process ran {result.trials_run} trial(s) in {result.seconds:.1f} s "
                       f"(stopped: {_REASONS.get(result.stop_reason, result.stop_reason)})")
         render_outcome(outcome, console)
+        from lora_tune.study.confirm import describe
+
+        for line in describe(study, outcome.baseline):
+            console.print(line)
     finally:
         _dispose(study)
     if result.stop_reason in ("failures", "interrupted"):

@@ -42,6 +42,8 @@ from lora_tune.study.spec import DRIVER_TRAIN_KEYS, StudySpec
 _logger = logging.getLogger(__name__)
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+CONFIRM_KEY = "confirm_of"  # user attr of a confirmation run: the number of the trial it repeats
+SEED_KEY = "seed"  # user attr of a confirmation run: its training seed
 
 
 class TrialFailed(Exception):
@@ -124,7 +126,9 @@ class Objective:
         plan = TrialPlan(
             task_spec=dict(self.spec.task),
             lora={k: v for k, v in values.items() if k not in TRAIN_KEYS},
-            train=train.train_config(**train_values), threads=train.threads, params=dict(values),
+            train=train.train_config(**train_values, data_fraction=self.data_fraction(trial),
+                                     **({"seed": int(trial.user_attrs[SEED_KEY])} if SEED_KEY in trial.user_attrs else {})),
+            threads=train.threads, params=dict(values),
             explicit_train=tuple(sorted((train.model_fields_set | set(train_values)) - set(DRIVER_TRAIN_KEYS))))
         targets = plan.lora.get("targets", "all-linear")
         trial.set_user_attr("target_preset", targets if isinstance(targets, str) else None)
@@ -156,6 +160,8 @@ class Objective:
             if not math.isfinite(value):
                 return False  # the final check fails the trial with a clear reason
             trial.report(value, reports - 1)
+            if step < self.min_steps:  # study.fidelity.min_steps: no decision this early
+                return False
             if trial.should_prune():
                 pruned_at.append(eval_index)
                 return True
@@ -169,6 +175,8 @@ class Objective:
         times.train, times.compute, times.evaluate = result.seconds, result.compute_seconds, result.eval_seconds
         for key, value in _result_attrs(result).items():
             trial.set_user_attr(key, value)
+        trial.set_user_attr("fidelity", {"data_fraction": plan.train.data_fraction, "steps": int(result.steps),
+                                         "planned_steps": int(result.planned_steps)})
         if pruned_at:
             raise optuna.TrialPruned(f"pruned after evaluation {pruned_at[0]} (step {result.steps})")
 
@@ -182,6 +190,19 @@ class Objective:
         if isinstance(trial, optuna.Trial):  # a real study: keep the adapter of each new best
             _save_adapter_if_best(trial, outcome, value)
         return value
+
+    @property
+    def min_steps(self) -> int:
+        fidelity = self.spec.study.fidelity
+        return fidelity.min_steps or 0 if fidelity is not None else 0
+
+    def data_fraction(self, trial: optuna.trial.BaseTrial) -> float:
+        """The trial's data fraction: ``study.fidelity``'s first, or its last for a confirmation run."""
+        fidelity = self.spec.study.fidelity
+        if fidelity is None:
+            return 1.0
+        confirming = CONFIRM_KEY in trial.user_attrs
+        return fidelity.confirm_fraction if confirming else fidelity.trial_fraction
 
     def isolation(self) -> str:
         """``process`` or ``none`` (see :func:`resolve_isolation`)."""

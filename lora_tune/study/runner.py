@@ -248,6 +248,10 @@ def create_study(spec: StudySpec, storage_url: str, name: str | None = None, res
     if baseline is not None and not _has_baseline(study):
         study.enqueue_trial(baseline, user_attrs={"is_baseline": True})
         _baseline_grid_point(study)
+    if resolved.study.warm_start == "defaults":
+        from lora_tune.study.warm_start import PRIOR, warm_start
+
+        warm_start(study, SearchSpace.from_spec(resolved.search_space), PRIOR, task, origin="defaults")
     return study
 
 

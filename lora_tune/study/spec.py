@@ -52,6 +52,39 @@ class PrunerSpec(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ConfirmSpec(_Section):
+    """After the budget, re-run the ``top`` configs with ``seeds`` more seeds each."""
+
+    top: int = Field(3, ge=1)
+    seeds: int = Field(2, ge=1)
+
+
+class FidelitySpec(_Section):
+    """Cheaper trials: no pruning decision before ``min_steps`` optimizer steps, and each epoch
+    on a random ``data_fraction`` of the training data (a list: trials use its first value,
+    confirmation runs its last)."""
+
+    min_steps: int | None = Field(None, ge=1)
+    data_fraction: float | list[float] = 1.0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "FidelitySpec":
+        values = self.data_fraction if isinstance(self.data_fraction, list) else [self.data_fraction]
+        if not values or any(not (0 < v <= 1) for v in values):
+            raise ValueError(f"`data_fraction` must be a number in (0, 1] or a list of them, got {self.data_fraction!r}")
+        if values != sorted(values):
+            raise ValueError(f"`data_fraction` lists fractions in increasing order, got {values}")
+        return self
+
+    @property
+    def trial_fraction(self) -> float:
+        return self.data_fraction[0] if isinstance(self.data_fraction, list) else self.data_fraction
+
+    @property
+    def confirm_fraction(self) -> float:
+        return self.data_fraction[-1] if isinstance(self.data_fraction, list) else self.data_fraction
+
+
 class StudySection(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     storage: str | None = None
@@ -67,6 +100,10 @@ class StudySection(_Section):
     heartbeat_interval: int | None = Field(None, ge=1)
     grace_period: int | None = Field(None, ge=1)
     failed_trial_retries: int = Field(2, ge=0)
+    # Enqueue well-known good configs first (lora_tune/study/warm_start.py PRIOR).
+    warm_start: Literal["defaults"] | None = None
+    confirm: ConfirmSpec | None = None
+    fidelity: FidelitySpec | None = None
 
     @model_validator(mode="after")
     def _objective_shape(self) -> "StudySection":
@@ -375,7 +412,8 @@ def unknown_key_hint(problems: Problems) -> Problems:
     """Add the allowed keys to "unknown key" messages of the fixed sections."""
     sections = {
         "study": StudySection, "train": TrainSection, "constraints": ConstraintsSection,
-        "study.sampler": SamplerSpec, "study.pruner": PrunerSpec, "": StudySpec,
+        "study.sampler": SamplerSpec, "study.pruner": PrunerSpec, "study.confirm": ConfirmSpec,
+        "study.fidelity": FidelitySpec, "": StudySpec,
     }
     out: Problems = []
     for path, message in problems:

@@ -48,6 +48,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     loraplus_lr_ratio: float | None = None
     eval_steps: int | None = None
+    data_fraction: float = 1.0  # each epoch trains on a random fraction of the data (multi-fidelity)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "evals_per_epoch", "gradient_accumulation_steps"):
@@ -69,6 +70,8 @@ class TrainConfig:
         if self.loraplus_lr_ratio is not None and (
                 not _finite_number(self.loraplus_lr_ratio) or self.loraplus_lr_ratio <= 0):
             raise ConfigError("train.loraplus_lr_ratio", self.loraplus_lr_ratio, "null or a finite number > 0")
+        if not _finite_number(self.data_fraction) or not 0 < self.data_fraction <= 1:
+            raise ConfigError("study.fidelity.data_fraction", self.data_fraction, "a number > 0 and <= 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError("train.seed", self.seed, "an integer")
         if not isinstance(self.gradient_checkpointing, bool):

@@ -14,6 +14,7 @@ micro-batches of b gives the gradient of one batch of k·b.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ class _Plan:
 
     @classmethod
     def of(cls, n_examples: int, config: TrainConfig) -> "_Plan":
-        micro = max(1, math.ceil(n_examples / config.batch_size))
+        micro = max(1, math.ceil(math.ceil(n_examples / config.batch_size) * config.data_fraction))
         per_epoch = math.ceil(micro / config.gradient_accumulation_steps)
         planned = per_epoch * config.epochs
         if config.max_steps is not None:
@@ -172,8 +173,9 @@ def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval 
             optimizer.zero_grad(set_to_none=True)
             for epoch in range(config.epochs):
                 step_in_epoch = 0
-                for micro_batches in _groups(task.train_batches(config.batch_size, config.seed, epoch),
-                                             config.gradient_accumulation_steps):
+                batches = itertools.islice(task.train_batches(config.batch_size, config.seed, epoch),
+                                           plan.micro_per_epoch)  # data_fraction < 1: a random part
+                for micro_batches in _groups(batches, config.gradient_accumulation_steps):
                     optimizer_step(micro_batches)
                     step_in_epoch += 1
                     if plan.evaluates_after(state.step, step_in_epoch):

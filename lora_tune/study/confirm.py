@@ -1,0 +1,180 @@
+"""Confirmed winners and the compute a study used.
+
+LoRA objectives are noisy: the same config at another seed often moves the metric by more than
+the gap between neighbouring configs, so "best of N" is optimistic. With ``study.confirm:
+{top: k, seeds: s}`` :func:`confirm_top` re-runs the k best distinct configs with s more seeds
+each, after the budget. Each run is stored as a finished trial with user attributes
+``confirm_of`` (the trial it repeats) and ``seed``; they do not use the trial budget (they are
+created with ``study.add_trial``), but they count in :func:`compute_used`.
+
+:func:`config_groups` gathers each config's runs (the original trial and its confirmations)
+with their mean and standard deviation; ``export`` takes the best mean, and the summary says
+when the best config's gain over the baseline is within the noise.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+import optuna
+from optuna.trial import FixedTrial, FrozenTrial, TrialState
+
+from lora_tune.study.objective import CONFIRM_KEY, SEED_KEY, Objective, TrialFailed
+
+NESTED_KEY = "nested_parent"  # user attr of a result scored from another trial's training (nested ranks)
+
+
+@dataclass(frozen=True)
+class ConfigGroup:
+    """One config's runs: ``trial`` is the original, ``values`` every run's value (original first)."""
+
+    trial: FrozenTrial
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Compute in full-trial equivalents (a trial that ran all its planned steps is 1)."""
+
+    used: float  # what the trials ran
+    results: int  # configs scored (trials, plus nested-rank results that cost no training)
+    confirm: float  # the part spent on confirmation runs
+
+    @property
+    def saved(self) -> float:
+        """The share of compute that pruning and nesting saved against training every result fully."""
+        return 1.0 - self.used / self.results if self.results else 0.0
+
+
+def confirm_top(study: optuna.Study, objective: Objective, top: int, seeds: int) -> list[FrozenTrial]:
+    """Re-run the ``top`` best distinct configs with ``seeds`` new seeds each (skipping runs that
+    exist already, so it is safe to call again); returns the runs it added."""
+    complete = _originals(study)
+    if not complete or len(study.directions) != 1:
+        return []
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    ranked = sorted(complete, key=lambda t: t.value, reverse=reverse)
+    chosen: list[FrozenTrial] = []
+    for trial in ranked:
+        if not any(trial.params == other.params for other in chosen):
+            chosen.append(trial)
+        if len(chosen) == top:
+            break
+    done = {(t.user_attrs[CONFIRM_KEY], t.user_attrs[SEED_KEY]) for t in study.get_trials(deepcopy=False)
+            if CONFIRM_KEY in t.user_attrs}
+    base_seed = objective.spec.train.seed
+    added = []
+    for trial in chosen:
+        for k in range(1, seeds + 1):
+            seed = base_seed + 1000 * k  # far from the study's own seed; the same for every config
+            if (trial.number, seed) in done:
+                continue
+            added.append(_run(study, objective, trial, seed))
+    return added
+
+
+def _run(study: optuna.Study, objective: Objective, original: FrozenTrial, seed: int) -> FrozenTrial:
+    fixed = FixedTrial(dict(original.params))
+    fixed.set_user_attr(CONFIRM_KEY, original.number)
+    fixed.set_user_attr(SEED_KEY, seed)
+    state, value = TrialState.COMPLETE, None
+    try:
+        value = objective(fixed)
+    except (TrialFailed, optuna.TrialPruned):
+        state = TrialState.FAIL
+    frozen = optuna.trial.create_trial(
+        state=state, value=value, params=dict(original.params), distributions=dict(original.distributions),
+        user_attrs=dict(fixed.user_attrs))
+    study.add_trial(frozen)
+    return frozen
+
+
+def _originals(study: optuna.Study) -> list[FrozenTrial]:
+    """Complete single-objective trials that are neither confirmation runs nor nested results."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values is not None and len(t.values) == 1 and CONFIRM_KEY not in t.user_attrs]
+
+
+def config_groups(study: optuna.Study) -> list[ConfigGroup]:
+    """Every original trial with the values of its confirmation runs, best mean first (none for
+    a multi-objective study)."""
+    if len(study.directions) != 1:
+        return []
+    runs: dict[int, list[float]] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if CONFIRM_KEY in t.user_attrs and t.value is not None:
+            runs.setdefault(int(t.user_attrs[CONFIRM_KEY]), []).append(float(t.value))
+    groups = [ConfigGroup(t, (float(t.value), *runs.get(t.number, []))) for t in _originals(study)]
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(groups, key=lambda g: (len(g.values) > 1, g.mean if reverse else -g.mean), reverse=True)
+
+
+def best_confirmed(study: optuna.Study) -> ConfigGroup | None:
+    """The confirmed config with the best mean, or None when nothing was confirmed."""
+    confirmed = [g for g in config_groups(study) if len(g.values) > 1]
+    return confirmed[0] if confirmed else None
+
+
+def within_noise(best: ConfigGroup, baseline_value: float) -> bool:
+    """Whether the baseline lies within two standard deviations of the best config's mean."""
+    return abs(best.mean - baseline_value) <= 2 * best.std
+
+
+def compute_used(study: optuna.Study) -> Compute:
+    """Full-trial equivalents of every finished trial (pruned ones count their share of steps;
+    nested-rank results cost nothing of their own; confirmation runs count in full)."""
+    used = confirm = 0.0
+    results = 0
+    for t in study.get_trials(deepcopy=False):
+        if not t.state.is_finished():
+            continue
+        results += 1
+        if NESTED_KEY in t.user_attrs:
+            continue
+        share = _share(t)
+        used += share
+        if CONFIRM_KEY in t.user_attrs:
+            confirm += share
+    return Compute(used, results, confirm)
+
+
+def _share(trial: FrozenTrial) -> float:
+    steps, planned = trial.user_attrs.get("train_steps"), trial.user_attrs.get("planned_steps")
+    if isinstance(steps, (int, float)) and isinstance(planned, (int, float)) and planned > 0:
+        share = min(1.0, steps / planned)
+    else:  # failed before training, or pruned as infeasible: no training compute
+        share = 0.0 if trial.state != TrialState.COMPLETE else 1.0
+    fraction = (trial.user_attrs.get("fidelity") or {}).get("data_fraction", 1.0)
+    return share * float(fraction) if isinstance(fraction, (int, float)) and math.isfinite(fraction) else share
+
+
+def describe(study: optuna.Study, baseline: FrozenTrial | None) -> list[str]:
+    """Lines for the end-of-run summary: compute used and saved, confirmed winners."""
+    c = compute_used(study)
+    lines = [f"compute: {c.used:.1f} full-trial equivalents for {c.results} results "
+             f"({c.saved:.0%} saved by pruning, nesting and data fractions"
+             + (f"; {c.confirm:.1f} of it on confirmation runs)" if c.confirm else ")")]
+    best = best_confirmed(study)
+    if best is not None:
+        lines.append(f"best confirmed config: trial #{best.trial.number}, mean {best.mean:.4f} ± {best.std:.4f} "
+                     f"over {len(best.values)} seeds")
+        if baseline is not None and baseline.value is not None:
+            if within_noise(best, baseline.value):
+                lines.append(f"the gain over the baseline ({baseline.value:.4f}) is within the noise "
+                             f"(2 × {best.std:.4f}): it may not be real")
+            else:
+                lines.append(f"the gain over the baseline ({baseline.value:.4f}) is {abs(best.mean - baseline.value):.4f}, "
+                             f"more than 2 standard deviations of the best config")
+    return lines
+
+
+__all__ = ["Compute", "ConfigGroup", "best_confirmed", "compute_used", "config_groups", "confirm_top", "describe",
+           "within_noise"]
