@@ -1,0 +1,57 @@
+"""`lora-tune init`: a study file that validates for the model it was written for."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from lora_tune.cli.main import cli
+from lora_tune.study.runner import prepare_spec
+from lora_tune.study.spec import load_spec_file
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "studies" / "data" / "sft"
+
+
+def _init(tmp_path, *args):
+    out = tmp_path / "study.yaml"
+    result = CliRunner().invoke(cli, ["init", *args, "-o", str(out)])
+    return result, out
+
+
+def test_init_for_a_decoder_writes_an_sft_study_that_validates(tmp_path):
+    from transformers import AutoTokenizer
+
+    from lora_tune.models.tiny_lm import save_tiny_model
+
+    model = save_tiny_model("qwen2", tmp_path / "qwen", tokenizer=AutoTokenizer.from_pretrained(str(DATA / "tokenizer")))
+    result, out = _init(tmp_path, str(model), "--train-file", str(DATA / "train.jsonl"),
+                        "--eval-file", str(DATA / "eval.jsonl"))
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert text.startswith(f"# Run: lora-tune run {out}")
+    data = yaml.safe_load(text)
+    assert data["task"]["type"] == "sft" and data["study"]["pruner"]["type"] == "hyperband"
+    assert data["study"]["warm_start"] == "defaults" and data["search_space"]["quant_bits"] == {"choices": [None, 4]}
+    assert data["search_space"]["targets"]["choices"] == ["attention-qv", "attention", "mlp", "all-linear"]
+    # the tiny model's k/v projections have 32 rows: ranks above that do not fit
+    rank = data["search_space"]["rank"]
+    assert max(rank.get("nested") or rank.get("choices")) <= 32
+    lr = data["search_space"]["learning_rate"]
+    assert lr["low"] < 2e-4 < lr["high"] <= 1e-3  # decoder LLM range, about 10x full fine-tuning
+    spec, task, _ = prepare_spec(load_spec_file(out))
+    assert task.name == "sft" and spec.study.confirm.top == 3
+
+
+def test_init_digits_validates_and_refuses_to_overwrite(tmp_path):
+    result, out = _init(tmp_path, "digits")
+    assert result.exit_code == 0, result.output
+    assert load_spec_file(out).task["type"] == "digits"
+    again, _ = _init(tmp_path, "digits")
+    assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_init_of_something_that_is_not_a_model_is_exit_2(tmp_path):
+    result, out = _init(tmp_path, str(tmp_path / "nowhere"))
+    assert result.exit_code == 2 and "MODEL_OR_TASK" in result.output and not out.exists()
