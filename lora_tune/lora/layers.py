@@ -34,6 +34,21 @@ def scale_for(r: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
+def active_factor(module: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Nested ranks (DyLoRA; set by :mod:`lora_tune.lora.nested`): ``lora_A`` / ``lora_B`` as the
+    forward reads them. With ``module.active_rank = b`` (unset or None: the whole rank r) they
+    read as their first b components: B's first b columns, and the first b rows of each of A's
+    per-part blocks of r rows. Parameters, state dicts and optimizers still see the whole tensors
+    (the first b components get the gradients)."""
+    b = module.__dict__.get("active_rank")
+    if b is None or name not in ("lora_A", "lora_B"):
+        return value
+    if name == "lora_B":
+        return value[:, :b]
+    n = value.shape[0] // module.__dict__["r"]
+    return value[:b] if n == 1 else value.unflatten(0, (n, -1))[:, :b].flatten(0, 1)
+
+
 class _LoraState(nn.Module):
     """r, alpha, scaling, method, dropout and merge state shared by every wrapper.
 
@@ -135,7 +150,7 @@ class LoraLayer(_LoraState):
     # attributes such as in_features / padding_idx / stride are read from the base layer
     def __getattr__(self, name: str):
         try:
-            return super().__getattr__(name)
+            return active_factor(self, name, super().__getattr__(name))  # nested ranks: see active_factor
         except AttributeError:
             modules = self.__dict__.get("_modules", {})
             if "base_layer" in modules and name not in ("weight",):
@@ -336,6 +351,9 @@ class LoraProjection(nn.Module):
         rows = sum(enabled_sizes(self.parts, self.part_sizes)) if self.parts else out_features
         self.lora_A = nn.Parameter(like.new_zeros(n * r, in_features))
         self.lora_B = nn.Parameter(like.new_zeros(rows, r))
+
+    def __getattr__(self, name: str):
+        return active_factor(self, name, super().__getattr__(name))  # nested ranks: see active_factor
 
     def lora_matrix(self) -> torch.Tensor:
         return self._matrix_from(self.lora_A)
