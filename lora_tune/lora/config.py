@@ -25,6 +25,9 @@ class LoraConfig:
     ``enable_lora`` picks the parts (q/k/v) of fused qkv layers adapted by default, and
     ``qkv_sizes`` (pattern -> [q_rows, k_rows, v_rows]) says how a fused layer's output splits
     where lora-tune cannot read it from the model's head counts.
+    ``use_dora`` trains DoRA (weight-decomposed LoRA, see :mod:`lora_tune.lora.dora`): a magnitude
+    per output row on top of the low-rank direction, for Linear, fused qkv, GPT-2 Conv1D,
+    Conv1d/2d/3d and Embedding targets.
     """
 
     rank: int = 8
@@ -44,6 +47,7 @@ class LoraConfig:
     enable_lora: list[str] | None = None
     qkv_sizes: dict[str, list[int]] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         self.rank = _positive_int("rank", self.rank)
@@ -72,6 +76,7 @@ class LoraConfig:
         _choice("quant_type", self.quant_type, QUANT_TYPES)
         _bool("double_quant", self.double_quant)
         _bool("rslora", self.rslora)
+        _bool("use_dora", self.use_dora)
         _choice("init", self.init, INITS)
         _choice("bias", self.bias, BIASES)
         if not isinstance(self.rank_pattern, Mapping):
@@ -122,6 +127,7 @@ class LoraConfig:
         their PEFT fields. Names are relative to ``model``: give the same model (or the same
         architecture) to ``peft.get_peft_model``. ``task_type`` is left None; note that PEFT's
         SEQ_CLS / TOKEN_CLS task types add ``classifier`` / ``score`` to ``modules_to_save``.
+        ``use_dora`` maps to PEFT's ``use_dora`` (the same function: see :mod:`lora_tune.lora.dora`).
 
         A fused qkv layer adapted on all of q, k, v (GPT-2's ``c_attn``) becomes PEFT's one pair of
         rank ``r`` over the whole layer, its usual recipe; lora-tune trains one pair per part
@@ -153,7 +159,7 @@ class LoraConfig:
 
         ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``bias``, ``init_lora_weights``
         (True, "gaussian", "pissa"), ``target_modules``, ``exclude_modules``, ``modules_to_save``,
-        ``rank_pattern`` and ``alpha_pattern`` are translated with PEFT's matching rules (a name
+        ``rank_pattern``, ``alpha_pattern`` and ``use_dora`` are translated with PEFT's matching rules (a name
         list: the module or a dotted suffix; a string: a fullmatched regex; ``"all-linear"``:
         lora-tune's preset of that name; pattern keys: ``(.*\\.)?KEY$``; modules_to_save: any
         name ending with the entry, plus the heads PEFT adds for SEQ_CLS / TOKEN_CLS /
@@ -162,7 +168,7 @@ class LoraConfig:
         ``fan_in_fan_out`` (lora-tune reads the layout from the layer) are not needed.
 
         Raises ConfigError naming the PEFT field for every PEFT option lora-tune lacks:
-        ``use_dora``, ``lora_bias``, ``target_parameters``, ``layers_to_transform``,
+        ``lora_bias``, ``target_parameters``, ``layers_to_transform``,
         ``megatron_config``, ``trainable_token_indices``, ``layer_replication``, LoftQ / EVA /
         CorDA / ... configs, ``init_lora_weights`` other than True / "gaussian" / "pissa", and
         a missing ``target_modules``.

@@ -172,9 +172,10 @@ def parts_matrix(A: torch.Tensor, B: torch.Tensor, parts: Sequence[bool] | None,
     return scatter_parts(blocks, parts, sizes, dim=0)
 
 
-def scatter_parts(blocks: torch.Tensor, enabled: Sequence[bool], sizes: Sequence[int], dim: int) -> torch.Tensor:
-    """Place the enabled parts' blocks (stacked along ``dim``) into a zero-filled full tensor
-    whose parts have ``sizes`` entries along ``dim``, out of place."""
+def scatter_parts(blocks: torch.Tensor, enabled: Sequence[bool], sizes: Sequence[int], dim: int,
+                  fill: float = 0.0) -> torch.Tensor:
+    """Place the enabled parts' blocks (stacked along ``dim``) into a full tensor whose parts
+    have ``sizes`` entries along ``dim`` and whose disabled parts hold ``fill``, out of place."""
     if all(enabled):
         return blocks
     chunks = iter(blocks.split(enabled_sizes(enabled, sizes), dim=dim))
@@ -185,8 +186,17 @@ def scatter_parts(blocks: torch.Tensor, enabled: Sequence[bool], sizes: Sequence
         else:
             shape = list(blocks.shape)
             shape[dim] = size
-            out.append(blocks.new_zeros(shape))
+            out.append(blocks.new_full(shape, fill))
     return torch.cat(out, dim=dim)
+
+
+def gather_parts(full: torch.Tensor, enabled: Sequence[bool], sizes: Sequence[int], dim: int = 0) -> torch.Tensor:
+    """The enabled parts of ``full`` (parts of ``sizes`` entries along ``dim``), stacked: the inverse
+    of :func:`scatter_parts`."""
+    if all(enabled):
+        return full
+    return torch.cat([full.narrow(dim, s.start, s.stop - s.start)
+                      for s, on in zip(part_slices(sizes), enabled) if on], dim=dim)
 
 
 def checked_sizes(out: int, parts: tuple[bool, ...] | None, sizes: Sequence[int] | None) -> tuple[int, ...] | None:

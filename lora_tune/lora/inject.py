@@ -18,7 +18,9 @@ from torch import nn
 
 from lora_tune.errors import ConfigError
 from lora_tune.lora.config import LoraConfig
+from lora_tune.lora.dora import DORA_KINDS
 from lora_tune.lora.layers import (
+    ADAPTER_PARAMS,
     LoraConv,
     LoraEmbedding,
     LoraLinear,
@@ -149,6 +151,12 @@ def build_wrapper(target: Target, config: LoraConfig, warn: list[str]) -> nn.Mod
     r = _lookup(config.rank_pattern, name, config.rank)
     alpha = _lookup(config.alpha_pattern, name, config.alpha)
     kw = dict(rslora=config.rslora, dropout=config.dropout, method=config.method)
+    if config.use_dora:
+        if kind not in DORA_KINDS:
+            raise ConfigError("use_dora", True, "true only for Linear, fused qkv, GPT-2 Conv1D, Conv1d/2d/3d and "
+                              "Embedding targets", f"{name!r} is a {target.type_name} ({kind}), which has no DoRA; "
+                              "exclude it (exclude: [...]) or set use_dora: false")
+        kw["use_dora"] = True
     if kind == "mha":
         parts = target.parts or ("q", "k", "v", "o")
         in_parts = tuple(p in parts for p in QKV)
@@ -267,11 +275,14 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
     for t in targets:
         wrapper = build_wrapper(t, config, warn)
         quant = _quantize(wrapper, config) if config.quant_bits in (4, 8) else {}
+        if config.use_dora:  # m = ||W0 + s*B@A|| of the weight the layer will compute with
+            key = wrapper.weight_name
+            wrapper.init_magnitude(quant[key].dequantize() if quant else wrapper._pending_base.get(key))
         built.append((t, wrapper, quant))
 
     # Phase 2: commit. (LoRA factors of an earlier inject keep training.)
     for n, p in model.named_parameters():
-        if not n.endswith(("lora_A", "lora_B")):
+        if not n.endswith(ADAPTER_PARAMS):
             p.requires_grad_(False)
     modules = dict(model.named_modules())
     for t, wrapper, quant in built:
@@ -291,7 +302,7 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
             parent_name, _, child = alias.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
         for n, p in wrapper.named_parameters():
-            if n.endswith(("lora_A", "lora_B")):
+            if n.endswith(ADAPTER_PARAMS):
                 p.requires_grad_(True)
             elif config.bias == "lora_only" and n.endswith("bias"):
                 p.requires_grad_(True)
@@ -323,7 +334,7 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
 
 
 def _lora_params(model: nn.Module) -> list[torch.Tensor]:
-    return [p for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))]
+    return [p for n, p in model.named_parameters() if n.endswith(ADAPTER_PARAMS)]
 
 
 def _quantized(model: nn.Module):
@@ -360,9 +371,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         for key in wrapper._adapted_keys():
             w = wrapper._merged_dense.get(key)
             if w is None:
-                w = wrapper.base_weight(key)  # already holds the delta after an in-place merge
-                if not wrapper.merged:
-                    w = w + wrapper._delta_for(key).to(w.dtype)
+                # an in-place merge already holds the delta
+                w = wrapper.base_weight(key) if wrapper.merged else wrapper._merged_weight(key)
             _set_param(wrapper.base_layer, key, w)
         aliases = [n for n, m in model.named_modules(remove_duplicate=False) if m is wrapper]
         for alias in aliases:

@@ -13,6 +13,9 @@ factors ``lora_A`` (r x in) and ``lora_B`` (out x r), so the adapted weight is
 ``merge()`` folds the delta into the base weight (backing up the original so that
 ``unmerge()`` restores it bit for bit); with a quantized base the merged weight is kept dense
 beside the quantized one instead.
+
+With ``use_dora`` the single-weight wrappers learn a magnitude per output row as well
+(``lora_magnitude``; see :mod:`lora_tune.lora.dora`).
 """
 from __future__ import annotations
 
@@ -23,10 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_tune.lora.fused import checked_sizes, enabled_sizes, parts_matrix, scatter_parts
+from lora_tune.lora.dora import DoraMixin
+from lora_tune.lora.fused import checked_sizes, enabled_sizes, gather_parts, parts_matrix, scatter_parts
 from lora_tune.lora.quant import QuantizedWeight, quantized_linear
 
 QKV = ("q", "k", "v")
+ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude")
+"""Names of the trainable adapter parameters of every wrapper (``lora_magnitude``: DoRA only)."""
 
 
 # -- low-rank algebra shared by every wrapper --------------------------------------------------
@@ -78,6 +84,10 @@ class _LoraState(nn.Module):
     def _delta_for(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def _merged_weight(self, key: str) -> torch.Tensor:
+        """The adapted weight ``key`` as one tensor (what merge() stores), computed from the unmerged base."""
+        return _plus(self.base_weight(key), self._delta_for(key), fresh=self._is_quantized(key))
+
     def _is_quantized(self, key: str) -> bool:
         raise NotImplementedError
 
@@ -99,14 +109,13 @@ class _LoraState(nn.Module):
         if self.merged:
             return
         for key in self._adapted_keys():
-            delta = self._delta_for(key)
+            merged = self._merged_weight(key)
             if self._is_quantized(key) or self.shared_base:
-                w0 = self.base_weight(key)
-                self._merged_dense[key] = (w0 + delta.to(w0.dtype)).detach()
+                self._merged_dense[key] = merged.detach()
             else:
                 p = self._base_param(key)
                 self._merge_backup[key] = p.detach().clone()
-                p.add_(delta.to(p.dtype))
+                p.copy_(merged)
         self.merged = True
 
     @torch.no_grad()
@@ -120,23 +129,27 @@ class _LoraState(nn.Module):
         self.merged = False
 
 
-class LoraLayer(_LoraState):
+class LoraLayer(DoraMixin, _LoraState):
     """Common state and merge logic of the single-weight wrappers.
 
-    Subclasses define how the low-rank matrix maps onto the base weight (``_to_weight``), the
-    layer's functional forward with an explicit weight (``_forward_with``) and the cheap
-    parallel branch (``_lora_branch``).
+    Subclasses define how the low-rank matrix maps onto the base weight (``_to_weight`` and its
+    inverse ``_to_matrix``), the layer's functional forward with an explicit weight
+    (``_forward_with``), the cheap parallel branch (``_lora_branch``) and, for DoRA, how a
+    per-row vector broadcasts over the weight and the output (``_weight_view``, ``_out_view``).
     """
 
     lora_A: nn.Parameter
     lora_B: nn.Parameter
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, *, rslora: bool = False,
-                 dropout: float = 0.0, method: str = "parallel", weight_name: str = "weight"):
+                 dropout: float = 0.0, method: str = "parallel", weight_name: str = "weight",
+                 use_dora: bool = False):
         super().__init__(base_layer, r, alpha, rslora, dropout, method)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.weight_name = weight_name
         self.base_weight_q: QuantizedWeight | None = None
+        self.use_dora = use_dora
+        self.register_parameter("lora_magnitude", None)
 
     def _adapted_keys(self) -> list[str]:
         return [self.weight_name]
@@ -175,18 +188,26 @@ class LoraLayer(_LoraState):
         return self._to_weight(self.lora_matrix().mul_(self.scaling))  # B @ A is fresh: scale it in place
 
     def _dropped_delta(self) -> torch.Tensor:
-        if self.training and self.dropout_p > 0:
+        if self._dropout_active():
             A = F.dropout(self.lora_A, self.dropout_p, True)
             return self._to_weight(self._matrix_from(A).mul_(self.scaling))
         return self.delta_weight()
 
+    def _dropout_active(self) -> bool:
+        return self.training and isinstance(self.lora_dropout, nn.Dropout)
+
+    def _merged_weight(self, key: str | None = None) -> torch.Tensor:
+        w0, fresh = self.base_weight(), self.base_weight_q is not None
+        if self.use_dora:
+            return self._dora_weight(w0, self.delta_weight(), fresh)
+        return _plus(w0, self.delta_weight(), fresh)
+
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight ``W0 + delta`` (for code that reads ``module.weight``)."""
+        """The effective weight ``W0 + delta`` (DoRA: ``W'``), for code that reads ``module.weight``."""
         if self.merged:
             return self._merged_dense.get(self.weight_name, self.base_weight())
-        w0 = self.base_weight()
-        return w0 + self.delta_weight().to(w0.dtype)
+        return self._merged_weight()
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,24 +215,59 @@ class LoraLayer(_LoraState):
             dense = self._merged_dense.get(self.weight_name)
             return self.base_layer(x) if dense is None else self._forward_with(x, dense)
         if self.method == "merged":
-            w0 = self.base_weight()
-            return self._forward_with(x, _plus(w0, self._dropped_delta(), fresh=self.base_weight_q is not None))
-        base = self.base_layer(x) if self.base_weight_q is None else self._quantized_base_forward(x)
-        return base + self._lora_branch(x)
+            w0, fresh = self.base_weight(), self.base_weight_q is not None
+            delta = self._dropped_delta()
+            if self.use_dora:  # the norm follows the undropped factors
+                undropped = self.delta_weight() if self._dropout_active() else delta
+                return self._forward_with(x, self._dora_weight(w0, delta, fresh, undropped))
+            return self._forward_with(x, _plus(w0, delta, fresh))
+        if self.use_dora:
+            return self._dora_parallel(x)
+        return self._base_out(x) + self._lora_branch(self.lora_dropout(x))
 
-    def _quantized_base_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _base_out(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The frozen base layer's output, with or without its bias."""
+        if self.base_weight_q is not None:
+            return self._quantized_base_forward(x) if bias else self._quantized_base_forward(x, bias=False)
+        return self.base_layer(x) if bias else self._forward_with(x, self.base_weight(), bias=False)
+
+    def _quantized_base_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """The frozen quantized base's output (wrappers that can re-dequantize in backward
         override this to keep the dense weight out of autograd's saved tensors)."""
-        return self._forward_with(x, self.base_weight())
+        return self._forward_with(x, self.base_weight(), bias)
 
     def _to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``_to_weight``: the base weight as rows of ``B @ A``."""
         raise NotImplementedError
 
+    def _forward_with(self, x: torch.Tensor, weight: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _weight_view(self, rows: torch.Tensor) -> torch.Tensor:
+        """A vector over output rows, shaped to scale the weight row by row (DoRA)."""
+        raise NotImplementedError
+
+    def _out_view(self, rows: torch.Tensor) -> torch.Tensor:
+        """A vector over output rows, shaped to scale the layer's output (DoRA): its last axis."""
+        return rows
+
+    def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self.base_layer, "bias", None)
+        return out if bias is None else out.add_(self._out_view(bias))
+
+    def _rows(self, full: torch.Tensor) -> torch.Tensor:
+        """The adapted rows of a vector over all output rows (all of them but in fused part layers)."""
+        return full
+
+    def _full_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``_rows``, with 1 on rows that are not adapted."""
+        return rows
+
     def _lora_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """``scaling * B(A(dropout(x)))``; the scale is applied to the rank-r intermediate,
+        """``scaling * B(A(x))`` on the (already dropped-out) input; the scale is applied to the rank-r intermediate,
         the smallest tensor on the path, in place: A's output is fresh and saved by nothing
         (B's matmul saves the scaled one), so an out-of-place product would only add a small
         transient per layer, served from the heap, whose holes raise peak RSS."""
@@ -219,7 +275,8 @@ class LoraLayer(_LoraState):
 
     def extra_repr(self) -> str:
         q = f", bits={self.base_weight_q.bits}" if self.base_weight_q is not None else ""
-        return f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:.4g}, method={self.method}{q}"
+        dora = ", dora" if self.use_dora else ""
+        return f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:.4g}, method={self.method}{q}{dora}"
 
 
 class LoraLinear(LoraLayer):
@@ -244,6 +301,7 @@ class LoraLinear(LoraLayer):
         rows = sum(enabled_sizes(self.parts, self.part_sizes)) if self.parts else out_f
         self.lora_A = nn.Parameter(w.new_zeros(n * r, in_f))
         self.lora_B = nn.Parameter(w.new_zeros(rows, r))
+        self._add_magnitude()
 
     def _matrix_from(self, A: torch.Tensor) -> torch.Tensor:
         return parts_matrix(A, self.lora_B, self.parts, self.part_sizes)
@@ -251,14 +309,26 @@ class LoraLinear(LoraLayer):
     def _to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.t() if self.transposed else matrix
 
-    def _forward_with(self, x, weight):
-        return F.linear(x, weight.t() if self.transposed else weight, self.base_layer.bias)
+    def _to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t() if self.transposed else weight
 
-    def _quantized_base_forward(self, x):
-        return quantized_linear(x, self.base_weight_q, self.base_layer.bias, self.transposed)
+    def _weight_view(self, rows):
+        return rows.view(1, -1) if self.transposed else rows.view(-1, 1)
+
+    def _rows(self, full):
+        return gather_parts(full, self.parts, self.part_sizes) if self.parts else full
+
+    def _full_rows(self, rows):
+        return scatter_parts(rows, self.parts, self.part_sizes, dim=0, fill=1.0) if self.parts else rows
+
+    def _forward_with(self, x, weight, bias=True):
+        return F.linear(x, weight.t() if self.transposed else weight, self.base_layer.bias if bias else None)
+
+    def _quantized_base_forward(self, x, bias=True):
+        return quantized_linear(x, self.base_weight_q, self.base_layer.bias if bias else None, self.transposed)
 
     def _lora_branch(self, x):
-        h = F.linear(self.lora_dropout(x), self.lora_A).mul_(self.scaling)
+        h = F.linear(x, self.lora_A).mul_(self.scaling)
         if not self.parts:
             return F.linear(h, self.lora_B)
         on = enabled_sizes(self.parts, self.part_sizes)
@@ -281,24 +351,39 @@ class LoraEmbedding(LoraLayer):
 
     def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, **kw):
         super().__init__(base_layer, r, alpha, **kw)
+        self.lora_dropout = nn.Identity()  # dropout on token ids makes no sense; embeddings take none
         w = base_layer.weight
         self.lora_A = nn.Parameter(w.new_zeros(r, w.shape[0]))
         self.lora_B = nn.Parameter(w.new_zeros(w.shape[1], r))
+        self._add_magnitude()
 
     def _to_weight(self, matrix):
         return matrix.t()
+
+    def _to_matrix(self, weight):
+        return weight.t()
+
+    def _weight_view(self, rows):  # rows of B @ A are the embedding dimensions: the table's columns
+        return rows.view(1, -1)
 
     def _embed(self, x, weight, padding_idx, max_norm=None):
         e = self.base_layer
         return F.embedding(x, weight, padding_idx, max_norm, e.norm_type, e.scale_grad_by_freq, False)
 
-    def _forward_with(self, x, weight):
+    def _forward_with(self, x, weight, bias=True):  # an embedding has no bias
         e = self.base_layer
         # the frozen table never needs a sparse gradient; a merged weight cannot take one
         return F.embedding(x, weight, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, False)
 
-    def _dropped_delta(self):  # dropout on token ids makes no sense; embeddings take none
-        return self.delta_weight()
+    def _dora_parallel(self, x):
+        if self.base_layer.scale_grad_by_freq:  # the frequency scaling applies to the whole weight
+            return self._forward_with(x, self._dora_weight(self.base_weight(), self.delta_weight(),
+                                                           self.base_weight_q is not None))
+        out = super()._dora_parallel(x)
+        pad = self.base_layer.padding_idx
+        if pad is not None:  # as in the merged reference: no gradient from padding positions, m's included
+            out = torch.where((x == pad).unsqueeze(-1), out.detach(), out)
+        return out
 
     def _lora_branch(self, x):
         pad = self.base_layer.padding_idx
@@ -323,15 +408,24 @@ class LoraConv(LoraLayer):
         self.lora_A = nn.Parameter(w.new_zeros(r, *w.shape[1:]))
         self.lora_B = nn.Parameter(w.new_zeros(w.shape[0], r, *([1] * (w.dim() - 2))))
         self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+        self._add_magnitude()
 
     def _to_weight(self, matrix):
         return matrix.view(self.lora_B.shape[0], *self.lora_A.shape[1:])
 
-    def _forward_with(self, x, weight):
-        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+    def _to_matrix(self, weight):
+        return weight.reshape(weight.shape[0], -1)
+
+    def _weight_view(self, rows):
+        return rows.view(-1, *([1] * (self.lora_A.dim() - 1)))
+
+    def _out_view(self, rows):  # channels come before the spatial axes
+        return rows.view(-1, *([1] * (self.lora_A.dim() - 2)))
+
+    def _forward_with(self, x, weight, bias=True):
+        return self.base_layer._conv_forward(x, weight, self.base_layer.bias if bias else None)
 
     def _lora_branch(self, x):
-        x = self.lora_dropout(x)
         if self.base_layer.groups == 1:
             # A as a conv with the base layer's geometry, then B as a 1x1 conv.
             return self._conv(self.base_layer._conv_forward(x, self.lora_A, None).mul_(self.scaling), self.lora_B)

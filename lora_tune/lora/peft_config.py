@@ -34,7 +34,7 @@ from lora_tune.lora.state import CONFIG_FILE, Site, _meta_copy, adapted_sites
 
 # PEFT defaults of the fields from_peft reads (used where a dict leaves one out)
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-                 "init_lora_weights": True}
+                 "init_lora_weights": True, "use_dora": False}
 # the heads PEFT adds to modules_to_save for these task types (PeftModelFor... classes)
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
               "QUESTION_ANS": ("qa_outputs",)}
@@ -131,6 +131,7 @@ def from_peft_config(source: Any) -> LoraConfig:
             alpha_pattern={_pattern_key(k, "alpha_pattern"): v for k, v in (meta.get("alpha_pattern") or {}).items()},
             # PEFT makes every module whose name ends with an entry trainable
             modules_to_save=["re:.*" + re.escape(m) for m in saved],
+            use_dora=get("use_dora"),
         )
     except ConfigError as exc:
         if exc.field.split("[")[0] not in _PEFT_NAMES:

@@ -7,6 +7,8 @@ against the end of module names, ...) and ``adapter_model.safetensors`` with key
 * ``base_model.model.<module>.lora_A.weight`` (r x in; conv: r x in x *k) and ``.lora_B.weight``
   (out x r; conv: out x r x 1...) for Linear, GPT-2 Conv1D (``fan_in_fan_out``) and Conv;
 * ``base_model.model.<module>.lora_embedding_A`` (r x vocab) / ``lora_embedding_B`` (dim x r);
+* with ``use_dora``, ``base_model.model.<module>.lora_magnitude_vector``: lora-tune's
+  ``lora_magnitude`` (one entry per row of B @ A), shaped (1, out, 1, ...) for Conv;
 * biases and ``modules_to_save`` state under their model names with the same prefix.
 
 Without the ``base_model.model.`` prefix PEFT silently keeps its random init, so writing it is
@@ -29,7 +31,7 @@ from torch import nn
 
 from lora_tune.errors import AdapterFormatError, ConfigError
 from lora_tune.lora.config import LoraConfig
-from lora_tune.lora.layers import LoraMultiheadAttention
+from lora_tune.lora.layers import ADAPTER_PARAMS, LoraMultiheadAttention
 from lora_tune.lora.state import (
     LoadPlan,
     Site,
@@ -49,7 +51,8 @@ INITS_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
 # (metadata, runtime settings, PEFT's own layout flags, options read only with a refused one).
 # Any other field set to a true value is an option lora-tune does not have.
 PEFT_READ_FIELDS = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
-                    "use_rslora", "bias", "modules_to_save", "init_lora_weights", "rank_pattern", "alpha_pattern")
+                    "use_rslora", "bias", "modules_to_save", "init_lora_weights", "rank_pattern", "alpha_pattern",
+                    "use_dora")
 PEFT_IGNORED_FIELDS = ("peft_version", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
                        "fan_in_fan_out", "runtime_config", "megatron_core", "qalora_group_size", "layers_pattern")
 _SUGGEST = " Save it with format='lora-tune' instead (lora_tune.load_adapter reads it back)."
@@ -75,6 +78,8 @@ def _unrepresentable(site: Site, init: str) -> str | None:
                 "adapt (and train) the disabled parts too")
     if site.kind == "conv" and (why := _conv_reason(site.wrapper.base_layer)):
         return why
+    if site.use_dora and site.kind == "fused" and len(site.parts) != 3:
+        return "DoRA on some parts of a fused qkv layer: PEFT's magnitude would rescale the other parts too"
     if init == "pissa" and site.kind not in ("linear", "conv1d_gpt2"):
         return f"init='pissa' on a {site.kind} layer: PEFT would rebuild the PiSSA residual differently"
     return None
@@ -156,7 +161,7 @@ def peft_meta(model: nn.Module, sites: list[Site], cfg: LoraConfig, base_model_n
                               for s in sites),
         "init_lora_weights": INITS_TO_PEFT[cfg.init],
         "inference_mode": inference_mode,
-        "use_dora": False,
+        "use_dora": any(s.use_dora for s in sites),
         "lora_bias": False,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -180,8 +185,11 @@ def to_peft(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: dict[
     for key, t in tensors.items():
         module, _, leaf = key.rpartition(".")
         site = by_name.get(module)
-        if site is None or leaf not in ("lora_A", "lora_B"):
+        if site is None or leaf not in ("lora_A", "lora_B", "lora_magnitude"):
             out[PEFT_PREFIX + key] = t
+        elif leaf == "lora_magnitude":  # PEFT keeps a conv's as (1, out, 1, ...)
+            shape = (1, -1, *[1] * (site.wrapper.lora_A.dim() - 2)) if site.kind == "conv" else (-1,)
+            out[f"{PEFT_PREFIX}{module}.lora_magnitude_vector"] = t.reshape(shape)
         elif site.kind == "embedding":
             out[f"{PEFT_PREFIX}{module}.lora_embedding_{leaf[-1]}"] = t
         elif site.kind == "fused" and leaf == "lora_B":
@@ -202,7 +210,7 @@ def _pattern_value(patterns: dict, name: str, default):
 
 
 def _split_keys(tensors: dict[str, torch.Tensor], source: str):
-    """PEFT keys -> ({module: {"A": t, "B": t, "embedding": bool}}, {model key: t})."""
+    """PEFT keys -> ({module: {"A": t, "B": t, "M": DoRA magnitude (if any), "embedding": bool}}, {model key: t})."""
     bad = sorted(k for k in tensors if not k.startswith(PEFT_PREFIX))
     if bad:
         raise AdapterFormatError(
@@ -213,18 +221,33 @@ def _split_keys(tensors: dict[str, torch.Tensor], source: str):
     for key, t in tensors.items():
         rest = key[len(PEFT_PREFIX):]
         m = re.fullmatch(r"(?P<mod>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))", rest)
-        if m:
+        magnitude = re.fullmatch(r"(?P<mod>.+)\.lora_magnitude_vector", rest)
+        if magnitude:
+            pairs.setdefault(magnitude["mod"], {})["M"] = t
+        elif m:
             entry = pairs.setdefault(m["mod"], {})
             entry[m["ab"] or m["eab"]] = t
-            entry["embedding"] = m["eab"] is not None
+            entry["embedding"] = m["eab"] is not None or entry.get("embedding", False)
         elif ".lora_" in rest or rest.startswith("lora_"):
             raise AdapterFormatError(f"{source}: key {key!r} is a PEFT LoRA variant lora-tune does not support")
         else:
             other[rest] = t
     for mod, entry in pairs.items():
         if "A" not in entry or "B" not in entry:
-            raise AdapterFormatError(f"{source}: module {mod!r} has only one of its lora_A / lora_B tensors")
+            raise AdapterFormatError(f"{source}: module {mod!r} has only one of its lora_A / lora_B tensors"
+                                     + (" (and a lora_magnitude_vector)" if "M" in entry else ""))
     return pairs, other
+
+
+def _magnitudes(meta: dict, pairs: dict, source: str) -> bool:
+    """Whether the adapter is DoRA; every adapted module must then have a magnitude, and only then."""
+    use_dora = bool(meta.get("use_dora", False))
+    wrong = sorted(m for m, e in pairs.items() if ("M" in e) != use_dora)
+    if wrong:
+        have = "lacks the lora_magnitude_vector" if use_dora else "has a lora_magnitude_vector"
+        raise AdapterFormatError(f"{source}: use_dora={use_dora} but module {wrong[0]!r} {have}"
+                                 + (f" (also {wrong[1:4]})" if len(wrong) > 1 else ""))
+    return use_dora
 
 
 def unsupported_peft_options(meta: dict) -> list[str]:
@@ -298,6 +321,7 @@ def peft_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], so
     pairs, other = _split_keys(tensors, source)
     if not pairs:
         raise AdapterFormatError(f"{source}: no lora_A / lora_B tensors in {PEFT_WEIGHTS}")
+    use_dora = _magnitudes(meta, pairs, source)
     _refuse_mha(model, list(pairs), source)
     rslora = bool(meta.get("use_rslora", False))
     try:
@@ -330,8 +354,16 @@ def peft_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], so
             if not math.isclose(site.scaling, scale[mod], rel_tol=1e-6):
                 raise AdapterFormatError(f"{source}: {mod!r} has scaling {site.scaling:g} in the model but "
                                          f"{scale[mod]:g} in the adapter (r, lora_alpha, use_rslora)")
+            if site.use_dora != use_dora:
+                raise AdapterFormatError(f"{source}: {mod!r} is adapted with use_dora={site.use_dora} in the model "
+                                         f"but the adapter has use_dora={use_dora}; inject with the adapter's config "
+                                         "or load into a fresh model")
+            if use_dora and (why := _unrepresentable(site, "kaiming")):
+                raise AdapterFormatError(f"{source}: {mod!r}: {why}")
             A, B = _unblock(e["A"], e["B"], site, source) if site.kind == "fused" else (e["A"], e["B"])
             mapped[f"{mod}.lora_A"], mapped[f"{mod}.lora_B"] = A, B
+            if use_dora:
+                mapped[f"{mod}.lora_magnitude"] = e["M"].reshape(-1)
         expected = {**{k: t.shape for k, t in model.state_dict(keep_vars=True).items()},
                     **{k: p.shape for k, p in model.named_parameters()}}
         check_tensors(mapped, expected, set(lora_state_dict(model)), source)
@@ -351,14 +383,16 @@ def peft_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], so
             rank_pattern={"re:" + re.escape(m): ranks[m] for m in pairs},
             alpha_pattern={"re:" + re.escape(m): alphas[m] for m in pairs},
             bias=bias if bias in ("none", "all", "lora_only") else "none",
-            modules_to_save=list(save) if isinstance(save, (list, tuple)) else [save],
+            modules_to_save=list(save) if isinstance(save, (list, tuple)) else [save], use_dora=use_dora,
         )
     except ConfigError as exc:
         raise AdapterFormatError(f"{source}: adapter_config.json has a value lora-tune cannot use: {exc}") from None
     for mod, e in pairs.items():
         mapped[f"{mod}.lora_A"], mapped[f"{mod}.lora_B"] = e["A"], e["B"]
+        if use_dora:
+            mapped[f"{mod}.lora_magnitude"] = e["M"].reshape(-1)
     expected = expected_after_inject(model, cfg, plain_fused)
-    check_tensors(mapped, expected, {k for k in expected if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}, source)
+    check_tensors(mapped, expected, {k for k in expected if k.rsplit(".", 1)[-1] in ADAPTER_PARAMS}, source)
     if save:
         missing = [p for p in cfg.modules_to_save
                    if not any(parse_pattern(p, "modules_to_save").matches(n) for n in modules if n)]

@@ -34,7 +34,7 @@ from lora_tune.errors import AdapterFormatError, ConfigError
 from lora_tune.lora.config import LoraConfig
 from lora_tune.lora.fused import equal_sizes, out_features
 from lora_tune.lora.inject import build_wrapper, inject, lora_layers, resolve
-from lora_tune.lora.layers import LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention
+from lora_tune.lora.layers import ADAPTER_PARAMS, LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention
 from lora_tune.lora.targets import fused_sizes, parse_pattern
 
 __all__ = ["lora_state_dict", "save_adapter", "load_adapter", "FORMATS"]
@@ -43,7 +43,7 @@ FORMATS = ("lora-tune", "peft")
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
-LORA_SUFFIXES = ("lora_A", "lora_B")
+LORA_SUFFIXES = ADAPTER_PARAMS  # lora_A, lora_B and DoRA's lora_magnitude
 
 
 # -- what is adapted ----------------------------------------------------------------------------
@@ -61,6 +61,10 @@ class Site:
     parts: tuple[str, ...] | None  # q/k/v for fused qkv; q/k/v/o for MultiheadAttention
 
     @property
+    def use_dora(self) -> bool:
+        return bool(getattr(self.wrapper, "use_dora", False))
+
+    @property
     def selector_name(self) -> str:
         return f"{self.name}[{','.join(self.parts)}]" if self.parts else self.name
 
@@ -74,7 +78,7 @@ class Site:
         sizes = self.part_sizes
         return {"kind": self.kind, "type": type(base).__name__, "r": self.r, "alpha": self.alpha,
                 "scaling": self.scaling, "parts": list(self.parts) if self.parts else None,
-                "part_sizes": list(sizes) if sizes else None}
+                "part_sizes": list(sizes) if sizes else None, "use_dora": self.use_dora}
 
 
 def saved_part_sizes(entry: dict, out: int) -> tuple[int, ...] | None:
@@ -176,6 +180,7 @@ def config_for(model: nn.Module, sites: list[Site], config: LoraConfig | None) -
         quant_type=quant.quant_type if quant is not None and quant.bits == 4 else "nf4",
         double_quant=bool(getattr(getattr(quant, "_state", None), "nested", True)),
         rslora=rslora, bias=bias, modules_to_save=["re:" + re.escape(o) for o in owners],
+        use_dora=any(s.use_dora for s in sites),
     )
 
 
@@ -324,7 +329,8 @@ def inject_exact(model: nn.Module, config: LoraConfig, plain_fused: tuple[str, .
     for name in plain_fused:
         old = modules[name]
         new = LoraLinear(old.base_layer, old.r, old.lora_alpha, transposed=old.transposed,
-                         rslora=config.rslora, dropout=config.dropout, method=config.method)
+                         rslora=config.rslora, dropout=config.dropout, method=config.method,
+                         use_dora=config.use_dora)  # the magnitude (all rows either way) is loaded
         new.scaling = old.scaling
         new.base_weight_q = old.base_weight_q
         new.to(old.lora_A.device)
@@ -443,6 +449,11 @@ def _check_sites(sites: list[Site], modules_meta: dict, source: str) -> None:
             raise AdapterFormatError(
                 f"{source}: module {name!r} is adapted as {s.kind} r={s.r} parts={s.parts} in the model but as "
                 f"{m.get('kind')} r={m.get('r')} parts={saved_parts} in the adapter")
+        if s.use_dora != bool(m.get("use_dora", False)):
+            raise AdapterFormatError(
+                f"{source}: module {name!r} is adapted with use_dora={s.use_dora} in the model but "
+                f"use_dora={bool(m.get('use_dora', False))} in the adapter; inject with the adapter's config "
+                "or load into a fresh model")
         if not math.isclose(s.scaling, float(m.get("scaling", float("nan"))), rel_tol=1e-6):
             raise AdapterFormatError(
                 f"{source}: module {name!r} has scaling {s.scaling:g} in the model but {m.get('scaling')} in the "

@@ -43,3 +43,29 @@ def reference_call(module: torch.nn.Module, weights: dict[str, torch.Tensor], ar
     ref = copy.deepcopy(module).double()
     params = {k: v.double() if v.is_floating_point() else v for k, v in weights.items()}
     return functional_call(ref, params, args, kwargs or {})
+
+
+def dora_weight(kind: str, w: torch.Tensor, m: torch.Tensor, parts=None, sizes=None) -> torch.Tensor:
+    """DoRA from the paper: ``m * W / ||W||`` per output feature of the adapted weight ``W`` (laid out
+    like the base weight), the norm detached. The output features are the rows of a Linear or Conv
+    weight, the columns of a GPT-2 Conv1D weight (in x out), and -- PEFT's convention -- the columns
+    (embedding dimensions) of an Embedding table. In a fused layer only the adapted parts' rows
+    have a magnitude (``m`` covers them in order); the other rows are left as they are."""
+    transposed = kind in ("gpt2", "fused_t", "embedding")
+    rows = w.t() if transposed else w.reshape(w.shape[0], -1)
+    norm = rows.norm(dim=1).detach()
+    if parts is not None and kind in ("fused", "fused_t"):
+        sizes = sizes or [rows.shape[0] // len(parts)] * len(parts)
+        scale, start, used = [], 0, 0
+        for on, size in zip(parts, sizes):
+            if on:
+                scale.append(m[used:used + size] / norm[start:start + size])
+                used += size
+            else:
+                scale.append(torch.ones(size, dtype=rows.dtype))
+            start += size
+        scale = torch.cat(scale)
+    else:
+        scale = m / norm
+    out = rows * scale[:, None]
+    return out.t() if transposed else out.reshape(w.shape)

@@ -20,7 +20,7 @@ from torch import nn
 import lora_tune
 from lora_tune.lora.layers import LoraMultiheadAttention
 
-from .reference import delta_for, reference_call
+from .reference import delta_for, dora_weight, reference_call
 
 pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -126,19 +126,23 @@ def _adapted_params(model: nn.Module, name: str, wrapper: nn.Module):
     return [("weight", f"{name}.lora_A", f"{name}.lora_B", kind, getattr(wrapper, "parts", None))]
 
 
-def run_case(case: str, method: str, bits, dtype, seed: int = 0):
+def run_case(case: str, method: str, bits, dtype, seed: int = 0, use_dora: bool = False):
+    """With ``use_dora`` the reference rescales each adapted weight with reference.dora_weight."""
     build, make_x, extra = _cases()[case]
     torch.manual_seed(seed)
     model = build().to(dtype)
     original = copy.deepcopy(model)
     report = lora_tune.inject(model, lora_tune.LoraConfig(rank=R, alpha=ALPHA, targets=list(model.names),
-                                                          method=method, quant_bits=bits, **extra))
+                                                          method=method, quant_bits=bits, use_dora=use_dora,
+                                                          **extra))
     assert [n for n, _ in report.targets] == model.names
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith(("lora_A", "lora_B")):
                 p.copy_(torch.randn(p.shape, generator=gen).to(dtype) * 0.5)
+            elif n.endswith("lora_magnitude"):  # away from the norm it starts at, so that m / n != 1
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=gen).to(dtype))
     x = make_x()
     x = x.to(dtype) if x.is_floating_point() else x
     if x.is_floating_point():
@@ -159,7 +163,12 @@ def run_case(case: str, method: str, bits, dtype, seed: int = 0):
             leaves[a_name], leaves[b_name] = A, B
             w0 = wrapper.base_weight(key) if isinstance(wrapper, LoraMultiheadAttention) else wrapper.base_weight()
             w0 = w0.detach().double()
-            weights[f"{name}.{key}"] = w0 + wrapper.scaling * delta_for(kind, A, B, w0.shape, parts, sizes)
+            w = w0 + wrapper.scaling * delta_for(kind, A, B, w0.shape, parts, sizes)
+            if use_dora:
+                m_name = f"{name}.lora_magnitude"
+                leaves[m_name] = M = params[m_name].detach().double().requires_grad_(True)
+                w = dora_weight(kind, w, M, parts, sizes)
+            weights[f"{name}.{key}"] = w
     x_ref = x.detach().double().requires_grad_(True) if x.is_floating_point() else x
     y_ref = reference_call(original, weights, (x_ref,))
     (y_ref * upstream.double()).sum().backward()

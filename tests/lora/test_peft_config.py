@@ -266,7 +266,7 @@ def test_suffix_semantics_match_peft():
 
 
 @pytest.mark.parametrize("fields, field", [
-    ({"target_modules": ["q_proj"], "use_dora": True}, "use_dora"),
+    ({"target_modules": ["q_proj"], "use_dora": "yes"}, "use_dora"),
     ({"target_modules": ["q_proj"], "lora_bias": True}, "lora_bias"),
     ({"target_modules": ["q_proj"], "target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
     ({"target_modules": ["q_proj"], "layers_to_transform": [0]}, "layers_to_transform"),
@@ -295,9 +295,9 @@ def test_from_peft_refuses_what_lora_tune_lacks_naming_the_peft_field(fields, fi
     assert err.value.field == field and field in str(err.value)
 
 
-def test_from_peft_refuses_a_real_dora_config_and_bad_sources(tmp_path):
-    with pytest.raises(ConfigError, match="use_dora"):
-        LoraConfig.from_peft(peft.LoraConfig(target_modules=["q_proj"], use_dora=True))
+def test_from_peft_refuses_a_real_lora_bias_config_and_bad_sources(tmp_path):
+    with pytest.raises(ConfigError, match="lora_bias"):
+        LoraConfig.from_peft(peft.LoraConfig(target_modules=["q_proj"], lora_bias=True))
     with pytest.raises(ValueError, match="not a PEFT adapter directory"):
         LoraConfig.from_peft(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"format": "lora-tune"}))

@@ -266,8 +266,8 @@ def test_peft_saved_multihead_attention_is_refused(tmp_path):
 
 
 def test_unsupported_peft_variant_is_refused(tmp_path):
-    peft_saved(tmp_path, bert, r=2, target_modules=["query"], use_dora=True)
-    with pytest.raises(AdapterFormatError, match="use_dora=True"):
+    peft_saved(tmp_path, bert, r=2, target_modules=["query"], lora_bias=True)
+    with pytest.raises(AdapterFormatError, match="lora_bias=True"):
         load_adapter(bert(), tmp_path)
 
 
