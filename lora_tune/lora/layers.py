@@ -597,5 +597,4 @@ def _qkey(key: str) -> str:
     return key.replace(".", "__")
 
 
-LORA_WRAPPERS = (_LoraState,)
-"""Every wrapper family (these, and :class:`lora_tune.lora.experts.LoraExperts`) derives from _LoraState."""
+LORA_WRAPPERS = (LoraLayer, LoraMultiheadAttention)

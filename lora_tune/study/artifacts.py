@@ -93,7 +93,7 @@ def is_best_so_far(study: optuna.Study, value: float | Sequence[float], exclude_
 
 
 def save_best_adapter(
-    trial: optuna.Trial,
+    trial: optuna.Trial | FrozenTrial,
     model: Any,
     value: float | Sequence[float],
     *,
@@ -103,6 +103,7 @@ def save_best_adapter(
     base_model_name_or_path: str | None = None,
     force: bool = False,
     archive: str | os.PathLike | None = None,
+    attach_to: optuna.Trial | None = None,
 ) -> str | None:
     """Save ``model``'s adapter as an artifact of ``trial`` when the trial is the best so far.
 
@@ -113,8 +114,11 @@ def save_best_adapter(
     goes into PEFT's ``adapter_config.json``. ``force`` saves even when not the best.
     ``archive`` is an adapter archive already written (by a trial's child process, with
     :func:`write_adapter_archive`) to upload instead of writing one from ``model``.
+    ``attach_to``: the running trial that stores the artifact, when ``trial`` is a finished one
+    (a nested rank's result is stored on its parent, which trained it; the file name, and
+    :func:`adapter_artifacts`, say whose it is).
     """
-    study = trial.study
+    study = (attach_to or trial).study
     if not force and not is_best_so_far(study, value, exclude_number=trial.number):
         return None
     directory = artifact_dir_for(study, storage_url, artifact_dir)
@@ -125,7 +129,7 @@ def save_best_adapter(
             shutil.copyfile(archive, path)
         else:
             write_adapter_archive(model, path, config=config, base_model_name_or_path=base_model_name_or_path)
-        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=attach_to or trial)
     if study.user_attrs.get("artifact_dir") != str(directory):
         study.set_user_attr("artifact_dir", str(directory))
     return artifact_id
@@ -165,9 +169,14 @@ def write_adapter_archive(model: Any, archive: Path, *, config: Any = None,
 
 
 def adapter_artifacts(study: optuna.Study, trial: FrozenTrial) -> list[Any]:
-    """Artifact metadata of the adapter archives saved for ``trial``."""
-    metas = get_all_artifact_meta(trial, storage=study._storage)
-    return [m for m in metas if m.filename.startswith(ADAPTER_PREFIX) and m.filename.endswith(".zip")]
+    """Artifact metadata of the adapter archives saved for ``trial`` (a nested rank's result keeps
+    them on its parent trial, user attribute ``nested_parent``)."""
+    owner = trial
+    parent = trial.user_attrs.get("nested_parent")
+    if parent is not None:
+        owner = next((t for t in study.get_trials(deepcopy=False) if t.number == parent), trial)
+    name = f"{ADAPTER_PREFIX}{trial.number}.zip"
+    return [m for m in get_all_artifact_meta(owner, storage=study._storage) if m.filename == name]
 
 
 def trials_with_adapters(study: optuna.Study) -> list[int]:

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import optuna
 
 from lora_tune.errors import NonFiniteLossError, TrainingOutOfMemoryError
+from lora_tune.study.nested import record_nested_ranks
 from lora_tune.study.space import TRAIN_KEYS, SearchSpace
 from lora_tune.study.trial_run import (
     Hooks, TrialChildError, TrialOutcome, TrialPlan, TrialProcessDied, release_memory, run_in_child,
@@ -129,6 +130,7 @@ class Objective:
             train=train.train_config(**train_values, data_fraction=self.data_fraction(trial),
                                      **({"seed": int(trial.user_attrs[SEED_KEY])} if SEED_KEY in trial.user_attrs else {})),
             threads=train.threads, params=dict(values),
+            nested=None if trial.user_attrs.get("is_baseline") else self.space.nested_ranks(trial.params),
             explicit_train=tuple(sorted((train.model_fields_set | set(train_values)) - set(DRIVER_TRAIN_KEYS))))
         targets = plan.lora.get("targets", "all-linear")
         trial.set_user_attr("target_preset", targets if isinstance(targets, str) else None)
@@ -178,6 +180,7 @@ class Objective:
         trial.set_user_attr("fidelity", {"data_fraction": plan.train.data_fraction, "steps": int(result.steps),
                                          "planned_steps": int(result.planned_steps)})
         if pruned_at:
+            record_nested_ranks(trial, self, plan.nested, outcome, None)  # nested ranks: the smaller ones, pruned too
             raise optuna.TrialPruned(f"pruned after evaluation {pruned_at[0]} (step {result.steps})")
 
         out = []
@@ -189,6 +192,7 @@ class Objective:
         value = out[0] if len(out) == 1 else out
         if isinstance(trial, optuna.Trial):  # a real study: keep the adapter of each new best
             _save_adapter_if_best(trial, outcome, value)
+        record_nested_ranks(trial, self, plan.nested, outcome, value)  # nested ranks: one result per smaller rank
         return value
 
     @property

@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lora_tune.errors import ConfigError, StudyNotFoundError, StudySpecError
 from lora_tune.study.objective import Objective, TrialFailed
+from lora_tune.study.nested import nested_problems
 from lora_tune.study.space import SearchSpace, baseline_params
 from lora_tune.study.spec import StudySpec, resolve_objective, spec_from_stored
 from lora_tune.tasks import validate_task_spec
@@ -182,6 +183,7 @@ def _model_problems(spec: StudySpec, task: Any) -> list[tuple[str, str]]:
                 find_targets(model, LoraConfig(targets=targets))
             except ConfigError as exc:
                 problems.append(("search_space.targets", f"{value!r} does not fit the task's model: {exc}"))
+    problems += nested_problems(space, task, model)  # search_space.rank.nested against the model
     return problems
 
 

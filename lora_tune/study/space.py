@@ -8,7 +8,12 @@ training setting (``learning_rate``, ``weight_decay``, ``epochs``, ``batch_size`
 - ``{type: int|float, low, high, log: false, step: null}``, a range;
 - ``{choices: [...]}``, a categorical;
 - for ``alpha`` only, ``{ratio: [0.5, 1, 2]}``: the trial samples ``alpha_ratio`` and uses
-  ``alpha = ratio × rank``.
+  ``alpha = ratio × rank``;
+- for ``rank`` only, ``{nested: [4, 8, 16, 32]}`` (increasing; ``nested_dropout: false`` to train
+  without it): nested ranks. The trial trains rank R = the largest with nested rank dropout and
+  scores every listed rank (:mod:`lora_tune.study.nested`); its parameter ``rank`` is R, and the
+  rank-r adapter of the same parameters has ``alpha`` as the space gives it for rank r (a ratio
+  keeps its ratio, a fixed alpha stays).
 
 Trial parameter names and encodings are those of docs/architecture.md: ``quant_bits`` 0
 means no quantization, an explicit ``targets`` list is stored ``|``-joined, and
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -33,6 +39,7 @@ import yaml
 
 from lora_tune.errors import ConfigError, StudySpecError
 from lora_tune.lora.config import BIASES, INITS, METHODS, QUANT_BITS, QUANT_TYPES, LoraConfig
+from lora_tune.lora.nested import NestedRanks
 from lora_tune.study.spec import StudySpec, _UniqueKeyLoader
 from lora_tune.train import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS
 
@@ -53,7 +60,7 @@ LORA_DEFAULTS: Mapping[str, Any] = MappingProxyType(_field_defaults(LoraConfig))
 STUDY_SECTIONS = tuple(StudySpec.model_fields)  # a mapping with any of these keys is a whole study file
 BASELINE = {"rank": 8, "alpha": 16.0, "quant_bits": None}  # plus the task's baseline targets
 _ORDER = ("rank", "alpha", "targets", "quant_bits", "quant_type", "method", "dropout", "rslora")
-_SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "ratio"}
+_SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "ratio", "nested", "nested_dropout"}
 
 
 # -- per-key value checks --------------------------------------------------------------------
@@ -149,7 +156,7 @@ class Param:
 
     key: str
     name: str
-    kind: str  # "fixed" | "int" | "float" | "categorical" | "ratio"
+    kind: str  # "fixed" | "int" | "float" | "categorical" | "ratio" | "nested" (rank only; value = R)
     value: Any = None
     low: float | None = None
     high: float | None = None
@@ -157,12 +164,20 @@ class Param:
     step: float | None = None
     choices: list[Any] = field(default_factory=list)  # encoded (what Optuna stores)
     decoded: dict[Any, Any] = field(default_factory=dict)  # encoded -> value for the config
+    nested_dropout: bool = True  # nested ranks: train with nested rank dropout
 
     @property
     def sampled(self) -> bool:
-        return self.kind != "fixed"
+        """Whether a sampler chooses the value (a nested rank is always R, recorded as a param)."""
+        return self.kind not in ("fixed", "nested")
 
     def suggest(self, trial: Any) -> Any:
+        if self.kind == "nested":
+            # a single-valued parameter, never sampled; an enqueued trial may fix another rank
+            # (the baseline's 8), which Optuna would warn about as outside [R, R]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=f"Fixed parameter {self.name} with value")
+                return trial.suggest_int(self.name, int(self.value), int(self.value))
         if self.kind == "int":
             step = int(self.step) if self.step else 1
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=step, log=self.log)
@@ -266,11 +281,29 @@ class SearchSpace:
         :class:`lora_tune.train.TrainConfig`."""
         return self._sample(trial, lambda key: key in TRAIN_KEYS)
 
+    def nested_ranks(self, params: Mapping[str, Any]) -> NestedRanks | None:
+        """The nested ranks a trial with these parameters (Optuna's names, as ``trial.params``)
+        trains, or None: the space has no nested rank, or the trial's rank is not the largest
+        listed (an enqueued baseline or warm start trains its own rank plainly)."""
+        p = self["rank"]
+        if p is None or p.kind != "nested" or params.get("rank") != p.value:
+            return None
+        at = [self.at_rank(params, r) for r in p.choices]
+        return NestedRanks(tuple(p.choices), tuple(float(v.get("alpha", LORA_DEFAULTS["alpha"])) for v in at),
+                           rslora=bool(at[-1].get("rslora", LORA_DEFAULTS["rslora"])), sample=p.nested_dropout)
+
+    def at_rank(self, params: Mapping[str, Any], rank: int) -> dict[str, Any]:
+        """What :meth:`sample` gives for these trial parameters with ``rank`` instead (the alpha of a
+        ratio follows the rank): the values of a nested rank's own result."""
+        return self.sample(_Replay({**params, "rank": rank}))
+
     def values_of(self, key: str) -> list[Any]:
         """Every value ``key`` can take in a trial (decoded: lists stay lists); [] if absent."""
         p = self[key]
         if p is None:
             return []
+        if p.kind == "nested":
+            return list(p.choices)
         if not p.sampled:
             return [p.value]
         if p.kind != "categorical":
@@ -330,6 +363,18 @@ class SearchSpace:
         return grid, problems
 
 
+class _Replay:
+    """A trial-like object answering every suggestion from recorded parameters."""
+
+    def __init__(self, params: Mapping[str, Any]):
+        self.params = dict(params)
+
+    def suggest_int(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.params[name]
+
+    suggest_float = suggest_categorical = suggest_int
+
+
 def _ordered(raw: Mapping[str, Any]) -> list[str]:
     first = [k for k in _ORDER if k in raw]
     return first + [k for k in raw if k not in first]
@@ -339,6 +384,10 @@ def _compile(key: str, value: Any) -> Param:
     rule = KEYS[key]
     if not isinstance(value, Mapping):
         return Param(key, key, "fixed", value=value)
+    if "nested" in value:
+        ranks = [int(r) for r in value["nested"]]
+        return Param(key, key, "nested", value=ranks[-1], choices=ranks,
+                     nested_dropout=bool(value.get("nested_dropout", True)))
     if "ratio" in value:
         choices = [float(r) for r in value["ratio"]]
         return Param(key, "alpha_ratio", "ratio", choices=choices)
@@ -365,6 +414,12 @@ def check_search_space(raw: Mapping[str, Any], study: Mapping[str, Any]) -> Prob
             problems.append((path, "unknown parameter; allowed: " + ", ".join(KEYS)))
             continue
         problems += _check_entry(key, value, path)
+    if not problems and isinstance(raw.get("rank"), Mapping) and "nested" in raw["rank"]:
+        init = raw.get("init")
+        inits = init.get("choices", []) if isinstance(init, Mapping) else [init]
+        if "pissa" in inits:  # PiSSA moves the top-R components out of the base weight
+            problems.append(("search_space.init", "pissa does not work with nested ranks (the base weight loses all "
+                             "R principal components, a truncated adapter puts back only r); use kaiming or gaussian"))
     if not problems and isinstance(study.get("sampler"), Mapping) and study["sampler"].get("type") == "grid":
         problems += SearchSpace([_compile(k, raw[k]) for k in _ordered(raw)]).grid()[1]
     return problems
@@ -378,7 +433,9 @@ def _check_entry(key: str, value: Any, path: str) -> Problems:
     unknown = sorted(set(value) - _SPEC_KEYS)
     if unknown:
         return [(f"{path}.{unknown[0]}", "unknown key; allowed: type, low, high, log, step (a range), "
-                 "choices" + (", ratio" if key == "alpha" else ""))]
+                 "choices" + (", ratio" if key == "alpha" else "") + (", nested" if key == "rank" else ""))]
+    if "nested" in value or "nested_dropout" in value:
+        return _check_nested(key, value, path)
     if "ratio" in value:
         return _check_ratio(key, value, path)
     if "choices" in value:
@@ -399,6 +456,32 @@ def _check_ratio(key: str, value: Mapping[str, Any], path: str) -> Problems:
         message = _number(0.0, inclusive=False)(r)
         if message:
             out.append((f"{path}.ratio[{i}]", message))
+    return out
+
+
+def _check_nested(key: str, value: Mapping[str, Any], path: str) -> Problems:
+    if key != "rank":
+        return [(f"{path}.nested", "only `rank` can be nested")]
+    extra = sorted(set(value) - {"nested", "nested_dropout"})
+    if extra:
+        return [(path, f"`nested` cannot be combined with {', '.join(extra)}; allowed with it: nested_dropout")]
+    if "nested" not in value:
+        return [(f"{path}.nested", "is required with nested_dropout (a list of ranks, e.g. [4, 8, 16, 32])")]
+    ranks = value["nested"]
+    if not isinstance(ranks, list) or len(ranks) < 2:
+        return [(f"{path}.nested", f"must list at least two ranks in increasing order, e.g. [4, 8, 16, 32]; "
+                 f"got {ranks!r}")]
+    out: Problems = []
+    for i, r in enumerate(ranks):
+        message = _int_at_least(1)(r)
+        if message:
+            out.append((f"{path}.nested[{i}]", message))
+    if not out and any(a >= b for a, b in zip(ranks, ranks[1:])):
+        out.append((f"{path}.nested", f"must list the ranks in increasing order, each once; got {ranks!r} "
+                    f"(e.g. {sorted(set(ranks))!r})"))
+    dropout = value.get("nested_dropout", True)
+    if not isinstance(dropout, bool):
+        out.append((f"{path}.nested_dropout", f"must be true or false, got {dropout!r}"))
     return out
 
 
@@ -477,7 +560,9 @@ def baseline_params(space: SearchSpace, train_defaults: Mapping[str, Any], basel
     problems: Problems = []
     rank = wanted["rank"]
     rank_param = space["rank"]
-    if rank_param is not None and not rank_param.sampled:
+    if rank_param is not None and rank_param.kind == "nested":
+        params["rank"] = rank  # the baseline trains the conventional rank plainly, not nested
+    elif rank_param is not None and not rank_param.sampled:
         rank = rank_param.value
     for p in space.sampled:
         path = f"search_space.{p.key}"

@@ -45,6 +45,7 @@ class TrialPlan:
     adapter_archive: str | None = None  # where the child writes the trained adapter
     params: dict = field(default_factory=dict)  # the trial's sampled values
     explicit_train: tuple[str, ...] = ()  # training settings the study sets (file or search space)
+    nested: Any = None  # lora_tune.lora.nested.NestedRanks: train with nested ranks, score each
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrialOutcome:
     model: Any = None
     adapter_archive: str | None = None
     warnings: list[str] = field(default_factory=list)
+    rank_archives: dict[int, str] = field(default_factory=dict)  # nested ranks, from a child: rank -> archive
 
 
 class TrialProcessDied(LoraTuneError):
@@ -83,6 +85,7 @@ class TrialChildError(LoraTuneError):
 def build_and_train(task: Any, plan: TrialPlan, hooks: Hooks) -> TrialOutcome:
     """Build, inject, check (``hooks.built``), train (``hooks.evaluated`` after each evaluation)."""
     from lora_tune import LoraConfig, inject
+    from lora_tune.lora.nested import NestedTask
     from lora_tune.train import fit
 
     config = LoraConfig(**plan.lora, modules_to_save=list(task.modules_to_save))
@@ -100,7 +103,8 @@ def build_and_train(task: Any, plan: TrialPlan, hooks: Hooks) -> TrialOutcome:
             outcome.result = train_adapted(model, plan.train, hooks.evaluated, params=plan.params,
                                            explicit=plan.explicit_train)
         else:
-            outcome.result = fit(model, task, plan.train, on_eval=hooks.evaluated)
+            fit_task = task if plan.nested is None else NestedTask(task, model, plan.nested, plan.train.seed)
+            outcome.result = fit(model, fit_task, plan.train, on_eval=hooks.evaluated)
     return outcome
 
 
@@ -136,14 +140,20 @@ def run_in_child(plan: TrialPlan, hooks: Hooks, poll_seconds: float = 0.5) -> Tr
             outcome = _serve(parent_end, process, hooks, poll_seconds)
             finished = True
             if outcome.adapter_archive:  # keep it past the temporary directory
-                kept = tempfile.NamedTemporaryFile(prefix="lora-tune-adapter-", suffix=".zip", delete=False)
-                kept.close()
-                os.replace(outcome.adapter_archive, kept.name)
-                outcome.adapter_archive = kept.name
+                outcome.adapter_archive = _keep(outcome.adapter_archive)
+            outcome.rank_archives = {r: _keep(path) for r, path in outcome.rank_archives.items()}
             return outcome
         finally:
             parent_end.close()
             _stop(process, wait=5.0 if finished else 0.0)
+
+
+def _keep(path: str) -> str:
+    """Move a file out of the trial's temporary directory; returns its new path."""
+    kept = tempfile.NamedTemporaryFile(prefix="lora-tune-adapter-", suffix=".zip", delete=False)
+    kept.close()
+    os.replace(path, kept.name)
+    return kept.name
 
 
 def _context(task_type: str | None) -> Any:
@@ -189,8 +199,9 @@ def _serve(conn: Any, process: Any, hooks: Hooks, poll_seconds: float) -> TrialO
         elif kind == "eval":
             conn.send(bool(hooks.evaluated(*payload)))
         elif kind == "done":
-            result, config, archive, archive_error = payload
-            outcome = TrialOutcome(report=report, config=config, result=result, adapter_archive=archive)
+            result, config, archive, archive_error, rank_archives = payload
+            outcome = TrialOutcome(report=report, config=config, result=result, adapter_archive=archive,
+                                   rank_archives=rank_archives)
             if archive_error:
                 outcome.warnings.append(f"adapter not written: {archive_error}")
             return outcome
@@ -219,16 +230,21 @@ def _child_main(conn: Any, plan: TrialPlan) -> None:
         outcome = build_and_train(task, plan, Hooks(built, evaluated))
         if outcome.result is None:
             return
-        archive, archive_error = None, None
+        archive, archive_error, rank_archives = None, None, {}
         if plan.adapter_archive:
             from lora_tune.study.artifacts import write_adapter_archive
 
             try:
                 write_adapter_archive(outcome.model, Path(plan.adapter_archive), config=outcome.config)
                 archive = plan.adapter_archive
+                if plan.nested is not None:  # each smaller rank's truncated adapter too
+                    from lora_tune.study.nested import write_rank_archives
+
+                    rank_archives = write_rank_archives(outcome.model, plan.nested, outcome.config,
+                                                        Path(plan.adapter_archive).parent)
             except (OSError, LoraTuneError) as exc:
                 archive_error = str(exc)
-        conn.send(("done", outcome.result, outcome.config, archive, archive_error))
+        conn.send(("done", outcome.result, outcome.config, archive, archive_error, rank_archives))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         with contextlib.suppress(Exception):
             conn.send(("error", *_describe_error(exc)))
