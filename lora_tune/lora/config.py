@@ -28,6 +28,13 @@ class LoraConfig:
     ``use_dora`` trains DoRA (weight-decomposed LoRA, see :mod:`lora_tune.lora.dora`): a magnitude
     per output row on top of the low-rank direction, for Linear, fused qkv, GPT-2 Conv1D,
     Conv1d/2d/3d and Embedding targets.
+    ``layers`` restricts LoRA to some of the model's repeated blocks: ``{"first": N}``,
+    ``{"last": N}`` or a list of block indices, in every layer stack (both stacks of an
+    encoder-decoder model); None or ``"all"`` adapts every block. Targets outside the blocks
+    (a pooler, a projection between stacks) are then left out. ``layers_pattern`` names the
+    stacks ``layers`` counts in (their attribute name, e.g. ``["layers"]`` or ``["block"]``, as
+    PEFT's ``layers_pattern``); None means every stack :func:`lora_tune.lora.blocks.layer_stacks`
+    finds.
     """
 
     rank: int = 8
@@ -48,6 +55,8 @@ class LoraConfig:
     qkv_sizes: dict[str, list[int]] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
     use_dora: bool = False
+    layers: dict[str, int] | list[int] | None = None
+    layers_pattern: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.rank = _positive_int("rank", self.rank)
@@ -95,6 +104,11 @@ class LoraConfig:
                 raise ConfigError("enable_lora", parts, "None (all parts) or a non-empty list drawn from ['q', 'k', 'v']")
             self.enable_lora = [p for p in QKV_PARTS if p in parts]
         self.qkv_sizes = _sizes_map("qkv_sizes", self.qkv_sizes)
+        self.layers = normalize_layers(self.layers)
+        if self.layers_pattern is not None:
+            self.layers_pattern = _str_list("layers_pattern", self.layers_pattern)
+            if not self.layers_pattern:
+                raise ConfigError("layers_pattern", self.layers_pattern, "None or a non-empty list of layer-stack names")
 
     # -- helpers ---------------------------------------------------------------
     def scale_for(self, rank: int, alpha: float) -> float:
@@ -215,6 +229,30 @@ def _sizes_map(name: str, value: Any) -> dict[str, list[int]]:
             raise ConfigError(f"{name}[{key!r}]", sizes, allowed)
         out[str(key)] = [_positive_int(f"{name}[{key!r}]", s) for s in sizes]
     return out
+
+
+LAYERS_ALLOWED = "None or 'all' (every block), {'first': N} or {'last': N} (N >= 1), or a list of block indices (>= 0)"
+
+
+def normalize_layers(value: Any) -> dict[str, int] | list[int] | None:
+    """``LoraConfig.layers`` checked and normalised: None, ``{"first": N}``, ``{"last": N}`` or a
+    sorted list of distinct block indices (``"all"`` becomes None)."""
+    if value is None or value == "all":
+        return None
+    if isinstance(value, Mapping):
+        if len(value) != 1 or next(iter(value)) not in ("first", "last"):
+            raise ConfigError("layers", dict(value), LAYERS_ALLOWED)
+        (side, n), = value.items()
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"layers.{side}", n, "an integer >= 1 (how many blocks)")
+        return {side: int(n)}
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    ):
+        if len(set(value)) != len(value):
+            raise ConfigError("layers", list(value), "a list of distinct block indices")
+        return sorted(int(i) for i in value)
+    raise ConfigError("layers", value, LAYERS_ALLOWED)
 
 
 def _str_list(name: str, value: Any) -> list[str]:

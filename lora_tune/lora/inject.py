@@ -28,12 +28,15 @@ from lora_tune.lora.layers import (
     LORA_WRAPPERS,
     QKV,
 )
+from lora_tune.lora.blocks import block_filter, selected_blocks
+from lora_tune.lora.experts import LoraExperts
 from lora_tune.lora.fused import enabled_sizes, part_slices
 from lora_tune.lora.quant import QuantizedWeight
 from lora_tune.lora.targets import (
     PRESET_NAMES,
     Pattern,
     Target,
+    model_stacks,
     parse_pattern,
     resolve_targets,
     target_presets,
@@ -84,8 +87,10 @@ def _expand_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], st
     if name in presets:
         return presets[name], name
     if name in PRESET_NAMES:
-        raise ConfigError("targets", name, "presets this model has: " + ", ".join(sorted(presets)),
-                          f"The model has no layers for preset {name!r}.")
+        why = (f"{type(model).__name__} has no expert weight stacks (3-D parameters of a mixture-of-experts "
+               "module stating num_experts); it is a dense model: use 'mlp' for its feed-forward layers"
+               if name == "experts" else f"The model has no layers for preset {name!r}.")
+        raise ConfigError("targets", name, "presets this model has: " + ", ".join(sorted(presets)), why)
     # a single string that is not a preset is one pattern
     looks_like_pattern = any(c in name for c in ".*?[") or name.startswith("re:")
     if looks_like_pattern or any(Pattern(name).matches(n) for n, _ in model.named_modules() if n):
@@ -102,7 +107,12 @@ def resolve(model: nn.Module, config: LoraConfig) -> tuple[list[Target], str | N
     """The targets ``config`` selects in ``model`` and the preset name used, if any; the model
     is not changed."""
     names, preset = _expand_targets(model, config)
-    targets = resolve_targets(model, names, config.exclude, config.enable_lora, config.qkv_sizes)
+    inside = None
+    if config.layers is not None or config.layers_pattern is not None:
+        stacks = model_stacks(model)
+        inside = block_filter(stacks, selected_blocks(stacks, config.layers, config.layers_pattern))
+    targets = resolve_targets(model, names, config.exclude, config.enable_lora, config.qkv_sizes, inside=inside,
+                              layers=config.layers, strict_layers=preset is None)
     return targets, preset
 
 
@@ -167,6 +177,9 @@ def build_wrapper(target: Target, config: LoraConfig, warn: list[str]) -> nn.Mod
         parts = tuple(p in target.parts for p in QKV) if kind == "fused" else None
         wrapper = LoraLinear(module, r, alpha, transposed=transposed, parts=parts, part_sizes=target.part_sizes, **kw)
         dims = [wrapper.in_features, *(enabled_sizes(parts, wrapper.part_sizes) if parts else [wrapper.out_features])]
+    elif kind == "experts":
+        wrapper = LoraExperts(module, r, alpha, params=target.parts, **kw)
+        dims = [min(p.lora_A.shape[-1], p.lora_B.shape[-2]) for p in wrapper.projections().values()]
     elif kind == "embedding":
         if module.max_norm is not None:
             raise ConfigError("targets", name, "embeddings without max_norm",
@@ -186,7 +199,7 @@ def build_wrapper(target: Target, config: LoraConfig, warn: list[str]) -> nn.Mod
 
 def _pairs(wrapper: nn.Module):
     """(key of the base weight, module holding lora_A/lora_B and its parts) per adapted weight."""
-    if isinstance(wrapper, LoraMultiheadAttention):
+    if isinstance(wrapper, (LoraMultiheadAttention, LoraExperts)):
         yield from wrapper.projections().items()
     else:
         yield wrapper.weight_name, wrapper
@@ -197,6 +210,9 @@ def _init_wrapper(wrapper: nn.Module, config: LoraConfig, kind: str) -> None:
     pending = {}
     for key, holder in _pairs(wrapper):
         A, B = holder.lora_A, holder.lora_B
+        if kind == "experts":
+            pending.update(_init_experts(wrapper, key, holder, config.init))
+            continue
         if config.init != "pissa":
             _init_pair(A, B, config.init, kind, r)
             continue
@@ -219,6 +235,32 @@ def _init_wrapper(wrapper: nn.Module, config: LoraConfig, kind: str) -> None:
     wrapper._pending_base = pending  # applied to the model only when inject commits
 
 
+def _init_experts(wrapper: LoraExperts, key: str, pairs: nn.Module, init: str) -> dict[str, torch.Tensor]:
+    """Per-expert init of one expert stack: A kaiming-uniform (bound 1/sqrt(in), as for a Linear)
+    or gaussian, B = 0; or PiSSA on each expert's matrix, the stack keeping the residuals."""
+    A, B = pairs.lora_A, pairs.lora_B
+    with torch.no_grad():
+        if init == "gaussian":
+            A.normal_(0.0, 1.0 / wrapper.r)
+            B.zero_()
+            return {}
+        if init == "kaiming":
+            bound = 1.0 / math.sqrt(A.shape[-1])
+            A.uniform_(-bound, bound)
+            B.zero_()
+            return {}
+        w0 = wrapper._base_param(key)
+        matrices = w0.transpose(1, 2) if wrapper.transposed else w0
+        residual = matrices.to(torch.promote_types(w0.dtype, torch.float32)).clone()
+        for e in range(matrices.shape[0]):
+            a, b = _pissa(matrices[e], wrapper.r, wrapper.scaling)
+            A[e].copy_(a.to(A.dtype))
+            B[e].copy_(b.to(B.dtype))
+            residual[e] -= wrapper.scaling * (B[e].to(a.dtype) @ A[e].to(a.dtype))
+    residual = residual.transpose(1, 2) if wrapper.transposed else residual
+    return {key: residual.to(w0.dtype).contiguous()}
+
+
 def _weight_to_matrix(wrapper, w0: torch.Tensor) -> torch.Tensor:
     if isinstance(wrapper, LoraLinear):
         return w0.t() if wrapper.transposed else w0
@@ -239,7 +281,10 @@ def _quantize(wrapper: nn.Module, config: LoraConfig) -> dict[str, QuantizedWeig
     out = {}
     for key, _ in _pairs(wrapper):
         w = wrapper._pending_base.get(key, wrapper._base_param(key))
-        out[key] = QuantizedWeight(w, config.quant_bits, config.quant_type, config.double_quant)
+        if isinstance(wrapper, LoraExperts):
+            out[key] = wrapper.quantize(key, w, config.quant_bits, config.quant_type, config.double_quant)
+        else:
+            out[key] = QuantizedWeight(w, config.quant_bits, config.quant_type, config.double_quant)
     return out
 
 
@@ -293,7 +338,7 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
         del wrapper._pending_base
         for key, qw in quant.items():
             _drop_base_param(wrapper, key)
-            if isinstance(wrapper, LoraMultiheadAttention):
+            if isinstance(wrapper, (LoraMultiheadAttention, LoraExperts)):
                 wrapper.base_weight_q[key.replace(".", "__")] = qw
             else:
                 wrapper.base_weight_q = qw
@@ -319,7 +364,7 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
 
     adapter = _lora_params(model)
     model._lora_tune_config = config  # read by save_adapter (bias mode, modules_to_save, init)
-    resolved = [t.name if t.parts is None or t.kind == "linear" else f"{t.name}[{','.join(t.parts)}]" for t in targets]
+    resolved = [name for t in targets for name in _resolved_names(t)]
     return InjectReport(
         targets=[(t.name, t.type_name) for t in targets],
         trainable_before=trainable_before,
@@ -331,6 +376,13 @@ def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
         resolved_names=resolved,
         warnings=warn,
     )
+
+
+def _resolved_names(t: Target) -> list[str]:
+    """Patterns that select exactly ``t`` again (expert stacks by their parameter names)."""
+    if t.kind == "experts":
+        return [f"{t.name}.{p}" for p in t.parts]
+    return [t.name if t.parts is None or t.kind == "linear" else f"{t.name}[{','.join(t.parts)}]"]
 
 
 def _lora_params(model: nn.Module) -> list[torch.Tensor]:

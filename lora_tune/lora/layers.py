@@ -597,4 +597,5 @@ def _qkey(key: str) -> str:
     return key.replace(".", "__")
 
 
-LORA_WRAPPERS = (LoraLayer, LoraMultiheadAttention)
+LORA_WRAPPERS = (_LoraState,)
+"""Every wrapper family (these, and :class:`lora_tune.lora.experts.LoraExperts`) derives from _LoraState."""

@@ -73,6 +73,11 @@ def to_peft_config(config: LoraConfig, model: nn.Module) -> Any:
     init_problems = unrepresentable_sites(sites, config.init)
     if init_problems:
         raise ConfigError("init", config.init, "'kaiming' or 'gaussian' for these layers", "; ".join(init_problems))
+    experts = [s.name for s in sites if s.kind == "experts"]
+    if experts and config.dropout:
+        raise ConfigError("dropout", config.dropout, "0 when expert stacks are targeted",
+                          f"PEFT's target_parameters (here {experts[0]!r}, ...) refuses lora_dropout; lora-tune "
+                          "drops entries of A there, which PEFT has no option for")
     meta = peft_meta(model, sites, config, None, fused_rank="shared", inference_mode=False)
     _check_modules_to_save(model, [s.name for s in sites], meta["modules_to_save"] or [])
     return peft.LoraConfig(**{k: v for k, v in meta.items() if k != "peft_type"})
@@ -121,10 +126,12 @@ def from_peft_config(source: Any) -> LoraConfig:
     task = str(getattr(meta.get("task_type"), "value", meta.get("task_type")))
     saved = _names(meta.get("modules_to_save"), "modules_to_save")
     saved += [h for h in TASK_HEADS.get(task, ()) if h not in saved]
+    layers, layers_pattern = _layers(meta)
     try:
         return LoraConfig(
             rank=get("r"), alpha=get("lora_alpha"), dropout=get("lora_dropout"),
-            targets=_targets(meta.get("target_modules")),
+            targets=_targets(meta.get("target_modules"), meta.get("target_parameters")),
+            layers=layers, layers_pattern=layers_pattern,
             exclude=_patterns(meta.get("exclude_modules"), "exclude_modules"),
             rslora=get("use_rslora"), init=_init(get("init_lora_weights")), bias=get("bias"),
             rank_pattern={_pattern_key(k, "rank_pattern"): v for k, v in (meta.get("rank_pattern") or {}).items()},
@@ -187,7 +194,37 @@ def _regex(text: str, field: str) -> str:
     return "re:" + text
 
 
-def _targets(value: Any) -> str | list[str]:
+def _layers(meta: dict[str, Any]) -> tuple[list[int] | None, list[str] | None]:
+    """``layers_to_transform`` / ``layers_pattern`` -> ``layers`` / ``layers_pattern``. PEFT does not
+    apply them to ``target_parameters``, so an expert stack named without its block index would be
+    adapted in every block there and only in the chosen ones here: refused."""
+    value = meta.get("layers_to_transform")
+    if value is None or value == []:
+        return None, None
+    indices = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(indices, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ConfigError("layers_to_transform", value, "a block index or a list of block indices")
+    unindexed = [t for t in meta.get("target_parameters") or [] if not re.search(r"(^|\.)\d+\.", t)]
+    if unindexed:
+        raise ConfigError("target_parameters", unindexed, "full parameter names (with the block index) when "
+                          "layers_to_transform is set",
+                          "PEFT adapts target_parameters in every block whatever layers_to_transform says, while "
+                          "lora-tune's `layers` applies to every target")
+    pattern = meta.get("layers_pattern")
+    patterns = None if not pattern else ([pattern] if isinstance(pattern, str) else list(pattern))
+    return sorted(set(indices)), patterns
+
+
+def _targets(value: Any, parameters: Any = None) -> str | list[str]:
+    """``target_modules`` (and ``target_parameters``: expert stacks, matched by full name or dotted
+    suffix as PEFT does) -> lora-tune targets."""
+    stacks = [_name_pattern(n) for n in _names(parameters, "target_parameters")]
+    if stacks and (value is None or (not isinstance(value, str) and not value)):
+        return stacks
+    if stacks:
+        if isinstance(value, str) and value.lower() == "all-linear":
+            return "all-linear"  # lora-tune's all-linear includes the expert stacks
+        return _targets(value) + stacks if not isinstance(value, str) else [_regex(value, "target_modules"), *stacks]
     if value is None or (not isinstance(value, str) and not value):
         raise ConfigError("target_modules", value, "module names, or a regex PEFT fullmatches",
                           "PEFT fills in defaults per model type (e.g. q_proj, v_proj for Llama) that lora-tune does "

@@ -42,6 +42,13 @@ from lora_tune.lora.state import (
     lora_state_dict,
 )
 from lora_tune.lora.fused import enabled_sizes, part_slices
+from lora_tune.lora.peft_targets import (
+    expert_entries,
+    experts_to_peft,
+    nesting,
+    peft_pattern_keys,
+    peft_target_fields,
+)
 from lora_tune.lora.targets import fused_sizes, parse_pattern
 
 PEFT_PREFIX = "base_model.model."
@@ -52,7 +59,7 @@ INITS_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
 # Any other field set to a true value is an option lora-tune does not have.
 PEFT_READ_FIELDS = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
                     "use_rslora", "bias", "modules_to_save", "init_lora_weights", "rank_pattern", "alpha_pattern",
-                    "use_dora")
+                    "use_dora", "target_parameters", "layers_to_transform", "layers_pattern")
 PEFT_IGNORED_FIELDS = ("peft_version", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
                        "fan_in_fan_out", "runtime_config", "megatron_core", "qalora_group_size", "layers_pattern")
 _SUGGEST = " Save it with format='lora-tune' instead (lora_tune.load_adapter reads it back)."
@@ -111,16 +118,6 @@ def peft_key(name: str) -> str:
     return "^" + re.escape(name)
 
 
-def peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
-    """``target_modules`` that PEFT matches to exactly ``names``: the list of names where no other
-    module's name ends with ``.NAME`` (PEFT matches a list by dotted suffix), else one regex
-    (PEFT fullmatches a string)."""
-    wanted = set(names)
-    if not any(k not in wanted and any(k.endswith("." + n) for n in names) for k, _ in model.named_modules()):
-        return list(names)
-    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
-
-
 def peft_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """The outermost modules ``cfg.modules_to_save`` selects in ``model``."""
     patterns = [parse_pattern(p, "modules_to_save") for p in cfg.modules_to_save]
@@ -143,28 +140,33 @@ def peft_meta(model: nn.Module, sites: list[Site], cfg: LoraConfig, base_model_n
         base_model_name_or_path = (getattr(hf_config, "name_or_path", None)
                                    or getattr(hf_config, "_name_or_path", None) or None)
     saved = peft_modules_to_save(model, cfg)
+    where = peft_target_fields(model, sites, cfg.layers)
+    experts = any(s.kind == "experts" for s in sites)
     return {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": peft_target_modules(model, [s.name for s in sites]),
+        # PEFT refuses dropout on expert stacks; a saved adapter (for inference) does not need it
+        "lora_dropout": 0.0 if experts and inference_mode else cfg.dropout,
+        "target_modules": where["target_modules"],
+        "target_parameters": where["target_parameters"],
         "exclude_modules": None,
         "use_rslora": cfg.rslora,
         "bias": cfg.bias,
         "modules_to_save": saved or None,
-        "rank_pattern": {peft_key(s.name): rank_of(s) for s in sites if rank_of(s) != cfg.rank},
-        "alpha_pattern": {peft_key(s.name): alpha_of(s) for s in sites if alpha_of(s) != cfg.alpha},
+        "rank_pattern": {peft_key(k): rank_of(s) for s in sites if rank_of(s) != cfg.rank for k in peft_pattern_keys(s)},
+        "alpha_pattern": {peft_key(k): alpha_of(s) for s in sites if alpha_of(s) != cfg.alpha
+                          for k in peft_pattern_keys(s)},
         "fan_in_fan_out": any(s.kind == "conv1d_gpt2" or (s.kind == "fused" and s.wrapper.transposed)
                               for s in sites),
         "init_lora_weights": INITS_TO_PEFT[cfg.init],
         "inference_mode": inference_mode,
         "use_dora": any(s.use_dora for s in sites),
         "lora_bias": False,
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        "layers_to_transform": where["layers_to_transform"],
+        "layers_pattern": where["layers_pattern"],
         "revision": None,
     }
 
@@ -182,6 +184,11 @@ def to_peft(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: dict[
                                  + "; ".join(problems) + "." + _SUGGEST)
     by_name = {s.name: s for s in sites}
     out: dict[str, torch.Tensor] = {}
+    for s in (s for s in sites if s.kind == "experts"):
+        for param in s.parts:
+            A, B = experts_to_peft(tensors.pop(f"{s.name}.{param}.lora_A"), tensors.pop(f"{s.name}.{param}.lora_B"))
+            path = PEFT_PREFIX + nesting(s.name, s.parts, param)
+            out[f"{path}.lora_A.weight"], out[f"{path}.lora_B.weight"] = A, B
     for key, t in tensors.items():
         module, _, leaf = key.rpartition(".")
         site = by_name.get(module)
@@ -322,7 +329,8 @@ def peft_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], so
     if not pairs:
         raise AdapterFormatError(f"{source}: no lora_A / lora_B tensors in {PEFT_WEIGHTS}")
     use_dora = _magnitudes(meta, pairs, source)
-    _refuse_mha(model, list(pairs), source)
+    pairs = expert_entries(model, meta, pairs, source)  # expert stacks by parameter name, lora-tune layout
+    _refuse_mha(model, [m for m, e in pairs.items() if "site" not in e], source)
     rslora = bool(meta.get("use_rslora", False))
     try:
         base_r, base_alpha = int(meta["r"]), float(meta["lora_alpha"])
@@ -330,9 +338,9 @@ def peft_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], so
         raise AdapterFormatError(f"{source}: adapter_config.json needs numeric 'r' and 'lora_alpha'") from None
     ranks, alphas = {}, {}
     for mod, e in pairs.items():
-        ranks[mod] = int(e["A"].shape[0])
+        ranks[mod] = int(e.get("r", e["A"].shape[0]))
         declared = int(_pattern_value(meta.get("rank_pattern"), mod, base_r))
-        if ranks[mod] != declared or e["B"].shape[1] != ranks[mod]:
+        if ranks[mod] != declared or e["B"].shape[-1 if "site" in e else 1] != ranks[mod]:
             raise AdapterFormatError(f"{source}: {mod!r}: config says rank {declared}, tensors have "
                                      f"lora_A {tuple(e['A'].shape)} and lora_B {tuple(e['B'].shape)}")
         alphas[mod] = float(_pattern_value(meta.get("alpha_pattern"), mod, base_alpha))
@@ -342,12 +350,13 @@ def peft_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], so
     mapped = dict(other)
     if sites:
         have = {s.name: s for s in sites}
-        missing, extra = sorted(set(pairs) - set(have)), sorted(set(have) - set(pairs))
+        theirs = {e.get("site", m) for m, e in pairs.items()}
+        missing, extra = sorted(theirs - set(have)), sorted(set(have) - theirs)
         if missing or extra:
             raise AdapterFormatError(f"{source}: the PEFT adapter adapts other modules than the model; only in the "
                                      f"adapter: {missing}; only in the model: {extra}")
         for mod, e in pairs.items():
-            site = have[mod]
+            site = have[e.get("site", mod)]
             if e["embedding"] != (site.kind == "embedding"):
                 raise AdapterFormatError(f"{source}: {mod!r} is a {site.kind} layer in the model but the adapter "
                                          f"stores {'embedding' if e['embedding'] else 'linear/conv'} factors")
@@ -370,18 +379,24 @@ def peft_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], so
         return LoadPlan(mapped)
 
     modules = dict(model.named_modules())
-    unknown = sorted(m for m in pairs if m not in modules)
+    unknown = sorted(m for m, e in pairs.items() if e.get("site", m) not in modules)
     if unknown:
         raise AdapterFormatError(f"{source}: the adapter names modules this model does not have: {unknown[:8]}")
-    plain_fused = tuple(m for m in pairs if fused_sizes(model, m, modules[m]) is not None)
+    plain_fused = tuple(m for m, e in pairs.items() if "site" not in e and fused_sizes(model, m, modules[m]) is not None)
+    holder = {m: e.get("site", m) for m, e in pairs.items()}  # rank / alpha are per wrapper: per experts module
+    for m in pairs:
+        twin = next((o for o in pairs if holder[o] == holder[m] and (ranks[o], alphas[o]) != (ranks[m], alphas[m])), None)
+        if twin is not None:
+            raise AdapterFormatError(f"{source}: expert stacks {m!r} and {twin!r} have different ranks or alphas; "
+                                     "lora-tune adapts the stacks of one experts module with one rank and alpha")
     bias = meta.get("bias", "none")
     save = meta.get("modules_to_save") or []
     try:
         cfg = LoraConfig(
             rank=base_r, alpha=base_alpha, dropout=float(meta.get("lora_dropout", 0.0) or 0.0),
             targets=exact_targets([(m, None) for m in pairs]), rslora=rslora, init=init,
-            rank_pattern={"re:" + re.escape(m): ranks[m] for m in pairs},
-            alpha_pattern={"re:" + re.escape(m): alphas[m] for m in pairs},
+            rank_pattern={"re:" + re.escape(holder[m]): ranks[m] for m in pairs},
+            alpha_pattern={"re:" + re.escape(holder[m]): alphas[m] for m in pairs},
             bias=bias if bias in ("none", "all", "lora_only") else "none",
             modules_to_save=list(save) if isinstance(save, (list, tuple)) else [save], use_dora=use_dora,
         )

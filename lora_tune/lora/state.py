@@ -32,6 +32,7 @@ from torch import nn
 
 from lora_tune.errors import AdapterFormatError, ConfigError
 from lora_tune.lora.config import LoraConfig
+from lora_tune.lora.experts import LoraExperts
 from lora_tune.lora.fused import equal_sizes, out_features
 from lora_tune.lora.inject import build_wrapper, inject, lora_layers, resolve
 from lora_tune.lora.layers import ADAPTER_PARAMS, LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention
@@ -54,11 +55,11 @@ class Site:
 
     name: str
     wrapper: nn.Module
-    kind: str                      # linear | fused | conv1d_gpt2 | embedding | conv | mha
+    kind: str                      # linear | fused | conv1d_gpt2 | embedding | conv | mha | experts
     r: int
     alpha: float
     scaling: float
-    parts: tuple[str, ...] | None  # q/k/v for fused qkv; q/k/v/o for MultiheadAttention
+    parts: tuple[str, ...] | None  # q/k/v for fused qkv; q/k/v/o for MultiheadAttention; stacks for experts
 
     @property
     def use_dora(self) -> bool:
@@ -67,6 +68,13 @@ class Site:
     @property
     def selector_name(self) -> str:
         return f"{self.name}[{','.join(self.parts)}]" if self.parts else self.name
+
+    @property
+    def target_names(self) -> list[str]:
+        """Patterns that select exactly this site (expert stacks by their parameter names)."""
+        if self.kind == "experts":
+            return [f"{self.name}.{p}" for p in self.parts]
+        return [self.selector_name]
 
     @property
     def part_sizes(self) -> tuple[int, ...] | None:
@@ -105,6 +113,8 @@ def adapted_sites(model: nn.Module) -> list[Site]:
             parts, kind = None, "embedding"
         elif isinstance(w, LoraConv):
             parts, kind = None, "conv"
+        elif isinstance(w, LoraExperts):
+            parts, kind = w.params, "experts"
         else:  # pragma: no cover - a new wrapper family without a save rule
             raise AdapterFormatError(f"module {name!r}: no save rule for {type(w).__name__}")
         sites.append(Site(name, w, kind, int(w.r), float(w.lora_alpha), float(w.scaling), parts))
@@ -208,7 +218,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "lora-
 
         meta = {
             "format": "lora-tune", "format_version": FORMAT_VERSION, "lora_tune_version": __version__,
-            "lora_config": cfg.to_dict(), "target_modules": [s.selector_name for s in sites],
+            "lora_config": cfg.to_dict(), "target_modules": [n for s in sites for n in s.target_names],
             "modules": {s.name: s.meta() for s in sites},
             "extra_keys": sorted(k for k in tensors if not _is_lora_key(k)),
         }
@@ -322,6 +332,18 @@ def exact_targets(names_with_parts: list[tuple[str, tuple[str, ...] | None]]) ->
     return ["re:" + re.escape(n) + (f"[{','.join(p)}]" if p else "") for n, p in names_with_parts]
 
 
+def _saved_targets(modules_meta: dict) -> list[str]:
+    """Exact patterns for the modules of a saved lora-tune adapter (expert stacks by parameter)."""
+    out = []
+    for name, m in modules_meta.items():
+        parts = tuple(m["parts"]) if m.get("parts") else None
+        if m.get("kind") == "experts":
+            out += exact_targets([(f"{name}.{p}", None) for p in parts])
+        else:
+            out += exact_targets([(name, parts)])
+    return out
+
+
 def inject_exact(model: nn.Module, config: LoraConfig, plain_fused: tuple[str, ...] = ()) -> None:
     """inject(), then (for PEFT adapters) turn the named fused qkv wrappers into one plain pair."""
     inject(model, config)
@@ -415,9 +437,9 @@ def _lora_tune_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tenso
         required = set(lora_state_dict(model))
         check_tensors(tensors, expected, required, source)
         return LoadPlan(tensors)
-    items = [(n, tuple(m["parts"]) if m.get("parts") else None) for n, m in modules_meta.items()]
     cfg = LoraConfig.from_dict({
-        **saved_cfg.to_dict(), "targets": exact_targets(items), "exclude": [], "enable_lora": None,
+        **saved_cfg.to_dict(), "targets": _saved_targets(modules_meta), "exclude": [], "enable_lora": None,
+        "layers": None, "layers_pattern": None,
         "rank_pattern": {"re:" + re.escape(n): int(m["r"]) for n, m in modules_meta.items()},
         "alpha_pattern": {"re:" + re.escape(n): float(m["alpha"]) for n, m in modules_meta.items()},
     })

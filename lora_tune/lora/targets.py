@@ -9,34 +9,30 @@ A target pattern is one of
 Any pattern may end with a part selector ``[q,v]`` (drawn from q, k, v, o) that picks parts of
 a fused qkv projection (split as :func:`lora_tune.lora.fused.qkv_sizes` says) or of
 nn.MultiheadAttention (``o`` = its out_proj).
+
+Expert weight stacks of mixture-of-experts modules (:mod:`lora_tune.lora.experts`) are matched
+by the name of the parameter: ``model.layers.0.mlp.experts.gate_up_proj`` (so ``.gate_up_proj``,
+``experts`` or ``mlp`` select them too), and adapted by one wrapper per experts module.
+Presets come from each layer's role (:mod:`lora_tune.lora.roles`), and ``LoraConfig.layers``
+keeps the targets inside the chosen blocks (:mod:`lora_tune.lora.blocks`).
 """
 from __future__ import annotations
 
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from torch import nn
 
 from lora_tune.errors import ConfigError, NoMatchingModulesError, UnsupportedLayerError
+from lora_tune.lora.blocks import LayerStack, layer_stacks
+from lora_tune.lora.experts import expert_parameters
 from lora_tune.lora.fused import Sizes, has_fused_name, qkv_sizes, split_problem
+from lora_tune.lora.roles import layer_role
 
 _SELECTOR = re.compile(r"^(?P<pattern>.*?)\[(?P<parts>[qkvo](?:\s*,\s*[qkvo])*)\]$")
 _GLOB_CHARS = set("*?[")
-
-Q_NAMES = {"q", "query", "q_proj", "q_lin", "wq", "to_q", "queries", "q_attn"}
-K_NAMES = {"k", "key", "k_proj", "k_lin", "wk", "to_k", "keys"}
-V_NAMES = {"v", "value", "v_proj", "v_lin", "wv", "to_v", "values"}
-O_NAMES = {"o", "o_proj", "out_proj", "out_lin", "wo", "to_out", "attn_out"}
-HEAD_NAMES = {"lm_head", "classifier", "score", "head", "out_head", "qa_outputs", "fc_out", "output_layer",
-              "decoder", "predictions"}
-MLP_NAMES = {"fc1", "fc2", "c_fc", "linear1", "linear2", "up_proj", "down_proj", "gate_proj", "gate_up_proj",
-             "lin1", "lin2",
-             "w1", "w2", "w3", "dense_h_to_4h", "dense_4h_to_h", "wi", "wo_ffn", "fc_in", "fc_out_ffn"}
-MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "experts")
-ATTN_WORDS = ("attn", "attention", "self_attn", "mha")
-
 
 def supported_kind(module: nn.Module) -> str | None:
     """The wrapper family for a module, or None when the injector cannot adapt it."""
@@ -57,7 +53,7 @@ def supported_kind(module: nn.Module) -> str | None:
 
 
 SUPPORTED_TYPES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention",
-                   "transformers Conv1D (GPT-2)")
+                   "transformers Conv1D (GPT-2)", "expert weight stacks (3-D parameters of a module stating num_experts)")
 
 
 @dataclass(frozen=True)
@@ -96,7 +92,7 @@ class Target:
     name: str
     module: nn.Module
     kind: str
-    parts: tuple[str, ...] | None = None          # q/k/v(/o) for fused qkv and MHA
+    parts: tuple[str, ...] | None = None          # q/k/v(/o) for fused qkv and MHA; stack names for experts
     type_name: str = ""
     part_sizes: Sizes | None = None                # output rows of q, k, v of a fused qkv layer
     notes: list[str] = field(default_factory=list)
@@ -118,7 +114,8 @@ def _inside_wrapper(name: str, wrapped_prefixes: set[str]) -> bool:
 
 
 def named_candidates(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """Supported modules, skipping the insides of LoRA wrappers and of nn.MultiheadAttention."""
+    """Supported modules, skipping the insides of LoRA wrappers and of nn.MultiheadAttention; an
+    expert weight stack appears as ``(module name + "." + parameter, experts module, "expert")``."""
     from lora_tune.lora.layers import LORA_WRAPPERS  # noqa: PLC0415
 
     skip: set[str] = set()
@@ -134,7 +131,16 @@ def named_candidates(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
             skip.add(name)
         if kind is not None:
             out.append((name, module, kind))
+        out += [(f"{name}.{param}", module, "expert") for param in expert_parameters(module)]
     return out
+
+
+def model_stacks(model: nn.Module) -> list[LayerStack]:
+    """The model's layer stacks (see :func:`lora_tune.lora.blocks.layer_stacks`)."""
+    from lora_tune.lora.layers import LORA_WRAPPERS  # noqa: PLC0415
+
+    return layer_stacks(model, lambda m: supported_kind(m) is not None or bool(expert_parameters(m))
+                        or isinstance(m, LORA_WRAPPERS))
 
 
 def _mha_children(model: nn.Module) -> dict[str, str]:
@@ -143,12 +149,16 @@ def _mha_children(model: nn.Module) -> dict[str, str]:
 
 
 def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], default_parts: list[str] | None,
-                    qkv_overrides: Mapping[str, Sequence[int]] | None = None) -> list[Target]:
+                    qkv_overrides: Mapping[str, Sequence[int]] | None = None, *,
+                    inside: Callable[[str], bool] | None = None, layers: object = None,
+                    strict_layers: bool = True) -> list[Target]:
     """Turn patterns into Targets (or raise a typed error naming the patterns and candidates).
 
     ``default_parts`` (``LoraConfig.enable_lora``) are the parts of fused layers and
     nn.MultiheadAttention adapted when a pattern has no selector; ``qkv_overrides``
-    (``LoraConfig.qkv_sizes``) give the split of fused layers."""
+    (``LoraConfig.qkv_sizes``) give the split of fused layers. ``inside(name)`` (from
+    ``LoraConfig.layers``, written ``layers``) keeps only layers in the chosen blocks; with
+    ``strict_layers`` a pattern whose every match lies outside them is an error naming it."""
     patterns = [parse_pattern(t) for t in targets]
     excl = [parse_pattern(t, "exclude") for t in exclude]
     candidates = named_candidates(model)
@@ -186,6 +196,14 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], de
                 return
         else:
             _refuse_parts(model, name, module, kind, parts, pattern, default_parts)
+        if kind == "expert":
+            holder, _, param = name.rpartition(".")
+            if holder in chosen:
+                have = chosen[holder].parts
+                chosen[holder].parts = tuple(p for p in expert_parameters(module) if p in have or p == param)
+            else:
+                chosen[holder] = Target(holder, module, "experts", (param,), type(module).__name__)
+            return
         if name in chosen and chosen[name].parts and parts:
             merged = tuple(p for p in ("q", "k", "v", "o") if p in chosen[name].parts or p in parts)
             chosen[name].parts = merged
@@ -194,12 +212,16 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], de
 
     all_names = [n for n, _, _ in candidates] + list(mha_of)
     matched: set[int] = set()
+    outside: dict[int, str] = {}  # pattern -> a layer it matched outside the chosen blocks
     for name in all_names:
         ancestors = [name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)]
         excluded = any(e.matches(n) for e in excl for n in [name, *ancestors])
         for i, p in enumerate(patterns):
             # a pattern naming a container (not itself adaptable) selects the layers inside it
             if not (p.matches(name) or any(a not in by_name and p.matches(a) for a in ancestors)):
+                continue
+            if inside is not None and not inside(name):
+                outside.setdefault(i, name)
                 continue
             matched.add(i)
             if excluded:
@@ -212,9 +234,16 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], de
             module, kind = by_name[name]
             add(name, module, kind, p.parts, p)
     names = [n for n, _, _ in candidates]
+    only_outside = [i for i in outside if i not in matched]
+    if inside is not None and (not chosen or (strict_layers and only_outside)):
+        i = only_outside[0] if only_outside else next(iter(outside), None)
+        why = (f"target {targets[i]!r} matches only layers outside them (e.g. {outside[i]!r})" if i is not None
+               else "none of the targets lies in them")
+        raise ConfigError("layers", layers, "a choice of blocks holding the targets", f"{why}; widen `layers` or "
+                          "change the targets")
     if not chosen:
         raise NoMatchingModulesError(targets, names, exclude)
-    unmatched = [t for i, t in enumerate(targets) if i not in matched]
+    unmatched = [t for i, t in enumerate(targets) if i not in matched and i not in outside]
     if unmatched:  # a typo next to a valid pattern must not pass silently
         raise NoMatchingModulesError(unmatched, names, exclude)
     return [chosen[n] for n in sorted(chosen, key=list(modules).index)]
@@ -261,73 +290,66 @@ def _is_wrapper(module: nn.Module) -> bool:
     return isinstance(module, LORA_WRAPPERS)
 
 
-def _role(model: nn.Module, name: str, module: nn.Module, qkv_sizes: Mapping[str, Sequence[int]] | None) -> str:
-    last = name.rsplit(".", 1)[-1].lower()
-    path = name.lower()
-    if fused_sizes(model, name, module, qkv_sizes) is not None:
-        return "qkv"
-    if has_fused_name(name):
-        return "qkv_whole"  # a fused projection whose split is unknown: adapted as one layer
-    if last in Q_NAMES:
-        return "q"
-    if last in K_NAMES:
-        return "k"
-    if last in V_NAMES:
-        return "v"
-    in_attn = any(w in path.split(".")[i] for i in range(len(path.split(".")) - 1) for w in ATTN_WORDS)
-    if last in O_NAMES or (in_attn and last in {"dense", "c_proj", "proj", "out", "output"}):
-        return "o"
-    parts_ = path.split(".")
-    in_mlp = any(w in part for part in parts_[:-1] for w in MLP_WORDS)
-    if not in_mlp and (last in HEAD_NAMES or path.startswith(("cls.", "lm_head", "classifier", "head."))):
-        return "head"
-    parts = path.split(".")
-    if last in MLP_NAMES or any(w in part for part in parts[:-1] for w in MLP_WORDS) or (
-        last == "dense" and len(parts) > 1 and parts[-2] == "output"
-    ):
-        return "mlp"
-    return "other"  # e.g. a patch embedding or a pooler: in all-linear only
+def classify(model: nn.Module, qkv_sizes: Mapping[str, Sequence[int]] | None = None
+             ) -> list[tuple[str, nn.Module, str, str]]:
+    """(name, module, kind, role) of every adaptable layer, in module order; roles as
+    :mod:`lora_tune.lora.roles` gives them (``expert`` for expert stacks, ``mha`` for
+    nn.MultiheadAttention, ``embedding`` / ``conv`` for those kinds)."""
+    modules = dict(model.named_modules())
+    stacks = model_stacks(model)
+    out = []
+    for name, module, kind in named_candidates(model):
+        if kind in ("mha", "embedding", "conv", "expert"):
+            role = kind
+        else:
+            role = layer_role(model, modules, name, module, fused=fused_sizes(model, name, module, qkv_sizes) is not None,
+                              fused_name=has_fused_name(name), stacks=stacks,
+                              has_experts=lambda m: bool(expert_parameters(m)))
+        out.append((name, module, kind, role))
+    return out
 
 
 def target_presets(model: nn.Module, qkv_sizes: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[str]]:
-    """Presets discovered from module names and types; each is a concrete list of target names.
+    """Presets from each layer's role (see :mod:`lora_tune.lora.roles`); each is a concrete list of
+    target names.
 
-    ``attention-qv``, ``attention``, ``mlp``, ``all-linear`` (every Linear-like layer but the
-    output head), ``embeddings``, ``conv``. Fused qkv layers and nn.MultiheadAttention appear
-    with a part selector (``name[q,v]``); a fused layer whose q/k/v split is unknown is in
-    ``attention`` (whole) but not in ``attention-qv``; ``qkv_sizes`` (``LoraConfig.qkv_sizes``)
-    gives splits lora-tune cannot read from the model. Output heads are in none of them.
-    Empty presets are left out."""
-    qv, attn, mlp, linear, emb, conv = [], [], [], [], [], []
-    for name, module, kind in named_candidates(model):
-        if kind == "mha":
+    ``attention-qv`` (q and v), ``attention`` (q, k, v, o and fused qkv, self- and
+    cross-attention), ``mlp`` (feed-forward layers and expert stacks), ``experts`` (the expert
+    weight stacks of mixture-of-experts blocks), ``all-linear`` (every Linear-like layer and
+    expert stack but the output head and the routers), ``embeddings``, ``conv``. Fused qkv layers
+    and nn.MultiheadAttention appear with a part selector (``name[q,v]``); a fused layer whose
+    q/k/v split is unknown is in ``attention`` (whole) but not in ``attention-qv``; ``qkv_sizes``
+    (``LoraConfig.qkv_sizes``) gives splits lora-tune cannot read from the model. Output heads and
+    routers are in none of them. Empty presets are left out."""
+    qv, attn, mlp, experts, linear, emb, conv = [], [], [], [], [], [], []
+    for name, _, _, role in classify(model, qkv_sizes):
+        if role == "mha":
             qv.append(f"{name}[q,v]")
             attn.append(name)
             linear.append(name)
-            continue
-        if kind == "embedding":
+        elif role == "embedding":
             emb.append(name)
-            continue
-        if kind == "conv":
+        elif role == "conv":
             conv.append(name)
+        elif role in ("head", "router"):
             continue
-        role = _role(model, name, module, qkv_sizes)
-        if role == "head":
-            continue
-        linear.append(name)
-        if role == "qkv":
-            qv.append(f"{name}[q,v]")
-            attn.append(name)
-        elif role in ("q", "v"):
-            qv.append(name)
-            attn.append(name)
-        elif role in ("k", "o", "qkv_whole"):
-            attn.append(name)
-        elif role == "mlp":
-            mlp.append(name)
-    presets = {"attention-qv": qv, "attention": attn, "mlp": mlp, "all-linear": linear,
+        else:
+            linear.append(name)
+            if role == "qkv":
+                qv.append(f"{name}[q,v]")
+                attn.append(name)
+            elif role in ("q", "v"):
+                qv.append(name)
+                attn.append(name)
+            elif role in ("k", "o", "qkv_whole"):
+                attn.append(name)
+            elif role in ("mlp", "expert"):
+                mlp.append(name)
+                if role == "expert":
+                    experts.append(name)
+    presets = {"attention-qv": qv, "attention": attn, "mlp": mlp, "experts": experts, "all-linear": linear,
                "embeddings": emb, "conv": conv}
     return {k: v for k, v in presets.items() if v}
 
 
-PRESET_NAMES = ("attention-qv", "attention", "mlp", "all-linear", "embeddings", "conv")
+PRESET_NAMES = ("attention-qv", "attention", "mlp", "experts", "all-linear", "embeddings", "conv")

@@ -268,8 +268,10 @@ def test_suffix_semantics_match_peft():
 @pytest.mark.parametrize("fields, field", [
     ({"target_modules": ["q_proj"], "use_dora": "yes"}, "use_dora"),
     ({"target_modules": ["q_proj"], "lora_bias": True}, "lora_bias"),
-    ({"target_modules": ["q_proj"], "target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
-    ({"target_modules": ["q_proj"], "layers_to_transform": [0]}, "layers_to_transform"),
+    # PEFT ignores layers_to_transform for target_parameters; lora-tune's `layers` would not
+    ({"target_modules": ["q_proj"], "target_parameters": ["mlp.experts.gate_up_proj"], "layers_to_transform": [0]},
+     "target_parameters"),
+    ({"target_modules": ["q_proj"], "layers_to_transform": "last"}, "layers_to_transform"),
     ({"target_modules": ["q_proj"], "megatron_config": {"tensor_model_parallel_size": 2}}, "megatron_config"),
     ({"target_modules": ["q_proj"], "trainable_token_indices": [1, 2]}, "trainable_token_indices"),
     ({"target_modules": ["q_proj"], "layer_replication": [[0, 2]]}, "layer_replication"),
