@@ -2,10 +2,13 @@
 
     python benchmarks/bench_injector.py            # prints a markdown table
     python benchmarks/bench_injector.py --quick    # fewer repetitions, for a smoke run
+    python benchmarks/bench_injector.py --only dora  # the DoRA rows alone
 
 Measured side by side in one process, same LoRA config for lora-tune and PEFT:
 * training-step time (forward, loss, backward, AdamW step) of lora-tune vs PEFT (goal <= 1.00x)
   and vs full fine-tuning (goal <= 0.75x);
+* the same for DoRA (``use_dora=True`` vs PEFT's ``use_dora=True``, goal <= 1.00x), and what DoRA
+  costs over plain LoRA in lora-tune (context);
 * inference of the merged lora-tune model (``lora_tune.merge``) vs the base model (goal <= 1.02x);
 * bits per parameter of the 4-bit base with double quantization (goal <= 4.13) and of the
   8-bit base (goal <= 8.1), from ``QuantizedWeight.storage_bytes()``.
@@ -110,6 +113,36 @@ def training_rows(targets: list[str], label: str, args, batch: dict) -> list[tup
     ]
 
 
+def dora_rows(targets: list[str], label: str, args, batch: dict) -> list[tuple]:
+    """DoRA training step, lora-tune vs PEFT (same config, same trainable tensors), and DoRA's cost
+    over plain LoRA within lora-tune."""
+    import peft
+
+    from lora_tune import LoraConfig, inject
+
+    models = {}
+    for name, dora in (("lora-tune DoRA", True), ("lora-tune LoRA", False)):
+        models[name] = build_bert()
+        inject(models[name], LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=targets, use_dora=dora))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models["PEFT DoRA"] = peft.get_peft_model(build_bert(), peft.LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets, use_dora=True))
+    for model in models.values():
+        randomize_lora(model)
+    trainers = {k: Trainer(k, m, batch) for k, m in models.items()}
+    if trainers["lora-tune DoRA"].trainable != trainers["PEFT DoRA"].trainable:
+        raise SystemExit(f"configs differ: {trainers['lora-tune DoRA'].trainable} vs "
+                         f"{trainers['PEFT DoRA'].trainable} trainable")
+    times = time_interleaved({k: t.step for k, t in trainers.items()}, args.reps, args.inner, args.warmup)
+    ours, theirs, plain = times["lora-tune DoRA"], times["PEFT DoRA"], times["lora-tune LoRA"]
+    n = trainers["lora-tune DoRA"].trainable
+    return [
+        (f"DoRA train step, {label} (r={args.rank}, {n:,} trainable): lora-tune vs PEFT", ours, theirs, "<= 1.00x"),
+        (f"(context) DoRA vs plain LoRA train step, {label}, lora-tune", ours, plain, "-"),
+    ]
+
+
 def inference_row(args, batch: dict) -> tuple:
     from lora_tune import LoraConfig, inject, merge
 
@@ -159,6 +192,8 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="reps=3, inner=1: a smoke run, not a measurement")
+    ap.add_argument("--only", choices=["all", "lora", "dora"], default="all",
+                    help="lora: the LoRA, inference and bits rows; dora: the DoRA rows")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                     help="cpu: process CPU time (default; with --threads 1 it counts the same work as wall time); "
                          "wall: perf_counter")
@@ -173,9 +208,14 @@ def main() -> None:
              "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
              "labels": torch.randint(0, 2, (args.batch,))}
 
-    rows = training_rows(["query", "value"], "q,v", args, batch)
-    rows += training_rows(["query", "key", "value", "dense"], "all-linear", args, batch)
-    rows.append(inference_row(args, batch))
+    rows = []
+    if args.only in ("all", "lora"):
+        rows += training_rows(["query", "value"], "q,v", args, batch)
+        rows += training_rows(["query", "key", "value", "dense"], "all-linear", args, batch)
+        rows.append(inference_row(args, batch))
+    if args.only in ("all", "dora"):
+        rows += dora_rows(["query", "value"], "q,v", args, batch)
+        rows += dora_rows(["query", "key", "value", "dense"], "all-linear", args, batch)
 
     print(f"MiniLM-sized BERT (6 layers, hidden 384, 12 heads, ffn 1536), batch {args.batch}x{args.seq}, "
           f"CPU, torch {torch.__version__}, {args.threads} thread(s), {args.clock} time, median of {args.reps} "
@@ -186,6 +226,8 @@ def main() -> None:
         ratio = ours / ref
         met = "-" if goal == "-" else ("yes" if ratio <= float(goal.strip("<= x")) else "no")
         print(f"| {label} | {1000 * ours:.1f} ms | {1000 * ref:.1f} ms | {ratio:.3f}x | {goal} | {met} |")
+    if args.only == "dora":
+        return
     print("\n| quantized base (all-linear weights of the BERT) | bits/param (all) | worst layer | goal | met |")
     print("|---|---:|---:|---:|:---:|")
     for label, bpp, worst, goal, n_layers, numel in bits_rows():

@@ -212,7 +212,10 @@ def presets_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
 def cost_data(study: optuna.Study, x: str = "trainable_params", objective: int = 0) -> dict[str, Any]:
     """Metric vs. a cost (``x``: a user attribute), coloured by quant bits, Pareto front marked.
 
-    The front minimises the cost and optimises the metric in the study's direction.
+    The front minimises the cost and optimises the metric in the study's direction. When the
+    complete trials differ in ``use_dora`` (DoRA trains slower and holds more memory), each
+    quant-bits group is split in two: ``series`` labels every point ``"<bits>, DoRA"`` or
+    ``"<bits>, LoRA"``; otherwise the series are the quant bits alone.
     """
     if x not in COST_AXES:
         from lora_tune.errors import ConfigError
@@ -225,16 +228,22 @@ def cost_data(study: optuna.Study, x: str = "trainable_params", objective: int =
         if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost):
             continue
         points.append({"number": t.number, "x": cost, "y": t.values[objective],
-                       "quant_bits": frame.quant_bits_of(t), "preset": frame.preset_of(t),
+                       "quant_bits": frame.quant_bits_of(t), "use_dora": frame.use_dora_of(t),
+                       "preset": frame.preset_of(t),
                        "rank": frame.param_or_config(t, "rank"),
                        "is_baseline": bool(t.user_attrs.get("is_baseline"))})
     mask = pareto_mask([(p["x"], p["y"]) for p in points], [False, maximize])
     for p, on_front in zip(points, mask):
         p["pareto"] = on_front
     front = sorted((p for p in points if p["pareto"]), key=lambda p: p["x"])
+    bits_order = sorted({p["quant_bits"] for p in points}, key=lambda b: (b != "none", b))
+    dora_varies = len({p["use_dora"] for p in points}) > 1
+    for p in points:
+        p["series"] = f"{p['quant_bits']}, {'DoRA' if p['use_dora'] else 'LoRA'}" if dora_varies else p["quant_bits"]
+    series = sorted({p["series"] for p in points}, key=lambda s: (bits_order.index(s.split(",")[0]), s))
     return {"metric": metric, "maximize": maximize, "x": x, "x_label": COST_AXES[x],
             "points": points, "front_numbers": [p["number"] for p in front],
-            "quant_bits": sorted({p["quant_bits"] for p in points}, key=lambda b: (b != "none", b))}
+            "quant_bits": bits_order, "dora_varies": dora_varies, "series": series}
 
 
 def curves_data(study: optuna.Study) -> dict[str, Any]:

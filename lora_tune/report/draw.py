@@ -141,19 +141,20 @@ def draw_presets(d: dict[str, Any], title: str) -> go.Figure:
 def draw_cost(d: dict[str, Any], title: str) -> go.Figure:
     mib = d["x"].endswith("_bytes")
     label = d["x_label"].replace("(bytes)", "(MiB)") if mib else d["x_label"]
-    fig = _layout(go.Figure(), title, xaxis_title=label, yaxis_title=d["metric"], legend_title="quant bits")
+    legend = "quant bits, LoRA / DoRA" if d.get("dora_varies") else "quant bits"
+    fig = _layout(go.Figure(), title, xaxis_title=label, yaxis_title=d["metric"], legend_title=legend)
     if not d["points"]:
         return _empty(fig, "no complete trial recorded " + d["x"])
 
     def xs(pts: list[dict[str, Any]]) -> list[float]:
         return [p["x"] / 2**20 if mib else p["x"] for p in pts]
 
-    for bits in d["quant_bits"]:
-        pts = [p for p in d["points"] if p["quant_bits"] == bits]
+    for series in d["series"]:  # colour: quant bits; symbol: diamond for DoRA, star for the baseline
+        pts = [p for p in d["points"] if p["series"] == series]
         fig.add_trace(go.Scatter(
-            x=xs(pts), y=[p["y"] for p in pts], mode="markers", name=bits,
-            marker={"size": 9, "color": BITS_COLOURS.get(bits),
-                    "symbol": ["star" if p["is_baseline"] else "circle" for p in pts],
+            x=xs(pts), y=[p["y"] for p in pts], mode="markers", name=series,
+            marker={"size": 9, "color": BITS_COLOURS.get(pts[0]["quant_bits"]),
+                    "symbol": ["star" if p["is_baseline"] else "diamond" if p["use_dora"] else "circle" for p in pts],
                     "line": {"width": [2 if p["pareto"] else 0 for p in pts], "color": "#000"}},
             text=[f"trial #{p['number']} {p['preset']} r={p['rank']}" for p in pts]))
     front = sorted((p for p in d["points"] if p["pareto"]), key=lambda p: p["x"])

@@ -119,6 +119,15 @@ def quant_bits_of(trial: FrozenTrial) -> str:
     return str(int(bits))
 
 
+def use_dora_of(trial: FrozenTrial) -> bool:
+    """Whether a trial trained DoRA (its ``use_dora`` param, else its LoRA config; default False)."""
+    value = trial.params.get("use_dora")
+    if value is None:
+        cfg = trial.user_attrs.get("lora_config") or {}
+        value = cfg.get("use_dora") if isinstance(cfg, dict) else None
+    return bool(value)
+
+
 def alpha_axis(trials: Sequence[FrozenTrial]) -> tuple[str, str]:
     """Which parameter is the alpha axis: (param name, axis label)."""
     if any("alpha" in t.params for t in trials):

@@ -125,6 +125,7 @@ KEYS: dict[str, KeyRule] = {
     "method": KeyRule(_one_of(*METHODS), None),
     "double_quant": KeyRule(_one_of(True, False), None),
     "rslora": KeyRule(_one_of(True, False), None),
+    "use_dora": KeyRule(_one_of(True, False), None),
     "init": KeyRule(_one_of(*INITS), None),
     "bias": KeyRule(_one_of(*BIASES), None),
     "learning_rate": KeyRule(_number(0.0, inclusive=False), "float"),

@@ -52,7 +52,7 @@ def settings_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     lora = dict(trial.user_attrs.get("lora_config") or {})
     preset = trial.user_attrs.get("target_preset")
     out = {k: lora[k] for k in ("rank", "alpha", "dropout", "quant_bits", "quant_type", "method", "rslora",
-                                "init", "bias") if k in lora}
+                                "init", "bias", "use_dora") if k in lora}
     out["targets"] = preset if preset else lora.get("targets")
     for name, value in trial.params.items():
         if name not in out and name not in ("alpha_ratio", "targets", "rank", "quant_bits"):

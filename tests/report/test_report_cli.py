@@ -30,7 +30,7 @@ def test_report_writes_html(storage, tmp_path):
     code, stdout, stderr = run("report", "digits-a", "--storage", storage, "-o", str(out))
     assert code == 0, stderr
     html = out.read_text()
-    assert "wrote" in stdout and "digits-a" in html and html.count('<section class="panel') == 11
+    assert "wrote" in stdout and "digits-a" in html and html.count('<section class="panel') == 12
 
 
 def test_unknown_study_exits_2_and_lists_the_studies(storage, tmp_path):
