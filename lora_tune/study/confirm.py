@@ -57,7 +57,8 @@ class Compute:
 def confirm_top(study: optuna.Study, objective: Objective, top: int, seeds: int) -> list[FrozenTrial]:
     """Re-run the ``top`` best distinct configs with ``seeds`` new seeds each (skipping runs that
     exist already, so it is safe to call again); returns the runs it added."""
-    complete = _originals(study)
+    # a nested-rank result was scored by truncating its parent's training: confirm trained configs
+    complete = [t for t in _originals(study) if NESTED_KEY not in t.user_attrs]
     if not complete or len(study.directions) != 1:
         return []
     reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
