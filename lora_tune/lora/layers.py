@@ -16,117 +16,51 @@ beside the quantized one instead.
 
 With ``use_dora`` the single-weight wrappers learn a magnitude per output row as well
 (``lora_magnitude``; see :mod:`lora_tune.lora.dora`).
+
+This module holds the single-weight wrappers (Linear / GPT-2 Conv1D / fused qkv, Embedding, Conv);
+nn.MultiheadAttention's is in :mod:`lora_tune.lora.attention` and the state every wrapper shares in
+:mod:`lora_tune.lora.base`; both are re-exported here.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_tune.lora.attention import LoraMultiheadAttention, LoraProjection
+from lora_tune.lora.base import (
+    ADAPTER_PARAMS,
+    QKV,
+    _LoraState,
+    _plus,
+    active_factor,
+    scale_for,
+)
 from lora_tune.lora.dora import DoraMixin
-from lora_tune.lora.fused import checked_sizes, enabled_sizes, gather_parts, parts_matrix, scatter_parts
+from lora_tune.lora.fused import (
+    checked_sizes,
+    enabled_sizes,
+    gather_parts,
+    parts_matrix,
+    scatter_parts,
+)
 from lora_tune.lora.quant import QuantizedWeight, quantized_linear
 
-QKV = ("q", "k", "v")
-ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude")
-"""Names of the trainable adapter parameters of every wrapper (``lora_magnitude``: DoRA only)."""
-
-
-# -- low-rank algebra shared by every wrapper --------------------------------------------------
-def scale_for(r: int, alpha: float, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
-def active_factor(module: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
-    """Nested ranks (DyLoRA; set by :mod:`lora_tune.lora.nested`): ``lora_A`` / ``lora_B`` as the
-    forward reads them. With ``module.active_rank = b`` (unset or None: the whole rank r) they
-    read as their first b components: B's first b columns, and the first b rows of each of A's
-    per-part blocks of r rows. Parameters, state dicts and optimizers still see the whole tensors
-    (the first b components get the gradients)."""
-    b = module.__dict__.get("active_rank")
-    if b is None or name not in ("lora_A", "lora_B"):
-        return value
-    if name == "lora_B":
-        return value[:, :b]
-    n = value.shape[0] // module.__dict__["r"]
-    return value[:b] if n == 1 else value.unflatten(0, (n, -1))[:, :b].flatten(0, 1)
-
-
-class _LoraState(nn.Module):
-    """r, alpha, scaling, method, dropout and merge state shared by every wrapper.
-
-    A wrapper adapts one or more base weights, each named by a key (``"weight"``,
-    ``"in_proj_weight"``, ``"out_proj.weight"``...). ``merge()`` adds each delta to its weight in
-    place, keeping a backup for a bit-exact ``unmerge()``; a quantized weight, or one tied to
-    another module (``shared_base``), gets a dense merged copy instead.
-    """
-
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, rslora: bool, dropout: float, method: str):
-        super().__init__()
-        self.base_layer = base_layer
-        self.r = r
-        self.lora_alpha = alpha
-        self.scaling = scale_for(r, alpha, rslora)
-        self.method = method
-        self.dropout_p = dropout
-        self.merged = False
-        self.shared_base = False
-        self._merge_backup: dict[str, torch.Tensor] = {}
-        self._merged_dense: dict[str, torch.Tensor] = {}
-
-    # subclasses say which weights they adapt and how to read them
-    def _adapted_keys(self) -> list[str]:
-        raise NotImplementedError
-
-    def _delta_for(self, key: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _merged_weight(self, key: str) -> torch.Tensor:
-        """The adapted weight ``key`` as one tensor (what merge() stores), computed from the unmerged base."""
-        return _plus(self.base_weight(key), self._delta_for(key), fresh=self._is_quantized(key))
-
-    def _is_quantized(self, key: str) -> bool:
-        raise NotImplementedError
-
-    def _base_param(self, key: str) -> torch.Tensor:
-        obj = self.base_layer
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        return obj
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)  # merged copies follow .to(dtype / device) like buffers
-        for store in (self._merge_backup, self._merged_dense):
-            for key in store:
-                store[key] = fn(store[key])
-        return self
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        for key in self._adapted_keys():
-            merged = self._merged_weight(key)
-            if self._is_quantized(key) or self.shared_base:
-                self._merged_dense[key] = merged.detach()
-            else:
-                p = self._base_param(key)
-                self._merge_backup[key] = p.detach().clone()
-                p.copy_(merged)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        for key, backup in self._merge_backup.items():
-            self._base_param(key).copy_(backup)
-        self._merge_backup.clear()
-        self._merged_dense.clear()
-        self.merged = False
+__all__ = [
+    "ADAPTER_PARAMS",
+    "LORA_WRAPPERS",
+    "QKV",
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraMultiheadAttention",
+    "LoraProjection",
+    "active_factor",
+    "scale_for",
+]
 
 
 class LoraLayer(DoraMixin, _LoraState):
@@ -430,171 +364,6 @@ class LoraConv(LoraLayer):
             # A as a conv with the base layer's geometry, then B as a 1x1 conv.
             return self._conv(self.base_layer._conv_forward(x, self.lora_A, None).mul_(self.scaling), self.lora_B)
         return self.base_layer._conv_forward(x, self.delta_weight(), None)
-
-
-class LoraProjection(nn.Module):
-    """The low-rank pair of one projection inside nn.MultiheadAttention (in_proj, q/k/v, out)."""
-
-    def __init__(self, out_features: int, in_features: int, r: int, like: torch.Tensor,
-                 parts: Sequence[bool] | None = None):
-        super().__init__()
-        self.r = r
-        self.parts = tuple(parts) if parts is not None else None
-        self.part_sizes = checked_sizes(out_features, self.parts, None)  # the packed in_proj is 3 x embed_dim
-        n = sum(self.parts) if self.parts else 1
-        rows = sum(enabled_sizes(self.parts, self.part_sizes)) if self.parts else out_features
-        self.lora_A = nn.Parameter(like.new_zeros(n * r, in_features))
-        self.lora_B = nn.Parameter(like.new_zeros(rows, r))
-
-    def __getattr__(self, name: str):
-        return active_factor(self, name, super().__getattr__(name))  # nested ranks: see active_factor
-
-    def lora_matrix(self) -> torch.Tensor:
-        return self._matrix_from(self.lora_A)
-
-    def _matrix_from(self, A: torch.Tensor) -> torch.Tensor:
-        return parts_matrix(A, self.lora_B, self.parts, self.part_sizes)
-
-
-class LoraMultiheadAttention(_LoraState):
-    """nn.MultiheadAttention: deltas on the packed in_proj (per-part q/k/v), or on separate
-    q/k/v weights when kdim/vdim differ, and on out_proj.
-
-    Attention is not linear in its weights (L(x, W0) + L(x, dW) != L(x, W0 + dW)), so both
-    methods compute the adapted projections' weights W0 + s*BA (out of place) and call torch's
-    own ``F.multi_head_attention_forward``: the branch form of ``parallel`` applies to each
-    projection, which this computes exactly."""
-
-    def __init__(self, base_layer: nn.MultiheadAttention, r: int, alpha: float, *, rslora: bool = False,
-                 dropout: float = 0.0, method: str = "parallel", in_parts: Sequence[bool] | None = (True,) * 3,
-                 adapt_out: bool = True):
-        super().__init__(base_layer, r, alpha, rslora, dropout, method)
-        self.in_parts = tuple(in_parts) if in_parts is not None and any(in_parts) else None
-        self.adapt_out = adapt_out
-        self.base_weight_q = nn.ModuleDict()
-        E = base_layer.embed_dim
-        like = base_layer.out_proj.weight
-        if self.in_parts is not None:
-            if base_layer._qkv_same_embed_dim:
-                self.in_proj = LoraProjection(3 * E, E, r, like, self.in_parts)
-            else:
-                dims = {"q": E, "k": base_layer.kdim, "v": base_layer.vdim}
-                for name, on in zip(QKV, self.in_parts):
-                    if on:
-                        self.add_module(f"{name}_proj", LoraProjection(E, dims[name], r, like))
-        if adapt_out:
-            self.out_proj = LoraProjection(E, E, r, like)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules", {})
-            if name == "_qkv_same_embed_dim":
-                return False  # keeps torch's Transformer fast paths (which read raw weights) off
-            if "base_layer" in modules:
-                return getattr(modules["base_layer"], name)
-            raise
-
-    def _adapted_keys(self) -> list[str]:
-        return list(self.projections())
-
-    def _delta_for(self, key: str) -> torch.Tensor:
-        return self.delta_weight(key)
-
-    def _is_quantized(self, key: str) -> bool:
-        return _qkey(key) in self.base_weight_q
-
-    # name of each adapted base weight -> its LoraProjection
-    def projections(self) -> dict[str, LoraProjection]:
-        out = {}
-        if self.in_parts is not None:
-            if "in_proj" in self._modules:
-                out["in_proj_weight"] = self.in_proj
-            else:
-                for name, on in zip(QKV, self.in_parts):
-                    if on:
-                        out[f"{name}_proj_weight"] = self._modules[f"{name}_proj"]
-        if self.adapt_out:
-            out["out_proj.weight"] = self.out_proj
-        return out
-
-    def base_weight(self, key: str) -> torch.Tensor:
-        qkey = _qkey(key)
-        if qkey in self.base_weight_q:
-            return self.base_weight_q[qkey].dequantize()
-        return self._base_param(key)
-
-    def delta_weight(self, key: str) -> torch.Tensor:
-        return self.projections()[key].lora_matrix().mul_(self.scaling)
-
-    def _dropped_delta(self, proj: LoraProjection) -> torch.Tensor:
-        A = F.dropout(proj.lora_A, self.dropout_p, True) if self.training and self.dropout_p > 0 else proj.lora_A
-        return proj._matrix_from(A).mul_(self.scaling)
-
-    def effective_weights(self) -> dict[str, torch.Tensor]:
-        """Every weight F.multi_head_attention_forward needs, adapted ones rebuilt out of place."""
-        b = self.base_layer
-        names = ["out_proj.weight"] + (
-            ["in_proj_weight"] if b._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-        )
-        projs = self.projections()
-        out = {}
-        for key in names:
-            if self.merged and key in self._merged_dense:
-                out[key] = self._merged_dense[key]
-                continue
-            w0 = self.base_weight(key)
-            if key in projs and not self.merged:
-                w0 = _plus(w0, self._dropped_delta(projs[key]), fresh=self._is_quantized(key))
-            out[key] = w0
-        return out
-
-    @property
-    def in_proj_weight(self):
-        if not self.base_layer._qkv_same_embed_dim:
-            return None
-        return self.effective_weights()["in_proj_weight"]
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        b = self.base_layer
-        w = self.effective_weights()
-        is_batched = query.dim() == 3
-        if b.batch_first and is_batched:
-            query, key, value = (t.transpose(1, 0) for t in (query, key, value))
-        separate = not b._qkv_same_embed_dim
-        out, weights = F.multi_head_attention_forward(
-            query, key, value, b.embed_dim, b.num_heads,
-            None if separate else w["in_proj_weight"], b.in_proj_bias, b.bias_k, b.bias_v,
-            b.add_zero_attn, b.dropout, w["out_proj.weight"], b.out_proj.bias,
-            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
-            attn_mask=attn_mask, use_separate_proj_weight=separate,
-            q_proj_weight=w.get("q_proj_weight"), k_proj_weight=w.get("k_proj_weight"),
-            v_proj_weight=w.get("v_proj_weight"), average_attn_weights=average_attn_weights,
-            is_causal=is_causal,
-        )
-        if b.batch_first and is_batched:
-            out = out.transpose(1, 0)
-        return out, weights
-
-    def extra_repr(self) -> str:
-        parts = [n for n, on in zip(QKV, self.in_parts or ()) if on]
-        return (f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:.4g}, method={self.method}, "
-                f"in_parts={parts}, out_proj={self.adapt_out}")
-
-
-def _plus(w0: torch.Tensor, delta: torch.Tensor, fresh: bool) -> torch.Tensor:
-    """``w0 + delta`` in ``w0``'s dtype and layout. A ``fresh`` w0 (a dequantized copy that nothing
-    else holds) takes the sum in place, which saves a dense weight-sized allocation per call; the
-    values are the same either way (same operands, same order)."""
-    delta = delta.to(w0.dtype)
-    return w0.add_(delta) if fresh else w0 + delta
-
-
-def _qkey(key: str) -> str:
-    """ModuleDict keys cannot contain dots."""
-    return key.replace(".", "__")
 
 
 LORA_WRAPPERS = (_LoraState,)

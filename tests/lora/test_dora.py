@@ -13,7 +13,17 @@ import lora_tune
 from lora_tune import ConfigError, LoraConfig, inject, load_adapter, save_adapter
 from lora_tune.lora.inject import lora_layers
 
-from .test_layers import ALPHA, CASES, R, Stack, _adapted_case, _cases, _rel, _wrapped_key, run_case
+from .test_layers import (
+    ALPHA,
+    CASES,
+    R,
+    Stack,
+    _adapted_case,
+    _cases,
+    _rel,
+    _wrapped_key,
+    run_case,
+)
 
 pytest.importorskip("bitsandbytes")
 
@@ -35,7 +45,7 @@ def _randomize(model: nn.Module, seed: int = 0) -> None:
 @pytest.mark.parametrize("method", ["parallel", "merged"])
 @pytest.mark.parametrize("case", DORA_CASES)
 def test_outputs_and_gradients_match_reference(case, method, bits, dtype):
-    y, y_ref, grads, model = run_case(case, method, bits, dtype, use_dora=True)
+    y, y_ref, grads, _ = run_case(case, method, bits, dtype, use_dora=True)
     out_tol, grad_tol = (1e-5, 5e-5) if dtype == torch.float32 else (5e-2, 2.5e-1)
     assert _rel(y, y_ref) < out_tol, f"output off by {_rel(y, y_ref):.2e}"
     magnitudes = [n for n in grads if n.endswith("lora_magnitude")]

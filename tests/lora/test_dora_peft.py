@@ -20,7 +20,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 TOKENS = tokens(batch=2, length=9)
-TOL = dict(rtol=1e-5, atol=1e-6)
+TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def gpt2():
@@ -103,7 +103,7 @@ def test_our_dora_adapter_gives_the_same_outputs_in_peft(tmp_path, case):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
     pm = quiet(peft.PeftModel.from_pretrained, build(), str(tmp_path))
     assert any(n.endswith("lora_magnitude_vector.default.weight") for n, _ in pm.named_parameters())
-    tol = dict(rtol=1e-5, atol=1e-5) if case in ("convs", "llama-pissa") else TOL
+    tol = {"rtol": 1e-5, "atol": 1e-5} if case in ("convs", "llama-pissa") else TOL
     torch.testing.assert_close(outputs(pm), ours, **tol)
     again = build()  # and back through lora-tune's PEFT reader
     load_adapter(again, tmp_path)
@@ -119,7 +119,7 @@ def test_peft_dora_adapter_loads_with_peft_outputs(tmp_path, case):
     randomize(pm, seed=11)
     want = outputs(pm)
     quiet(pm.save_pretrained, str(tmp_path))
-    tol = dict(rtol=1e-5, atol=1e-5) if case in ("convs", "llama-pissa") else TOL
+    tol = {"rtol": 1e-5, "atol": 1e-5} if case in ("convs", "llama-pissa") else TOL
     fresh = build()
     load_adapter(fresh, tmp_path)
     torch.testing.assert_close(outputs(fresh), want, **tol)
@@ -196,7 +196,7 @@ def test_a_magnitude_missing_from_a_dora_file_is_refused(tmp_path):
     pm = quiet(peft.get_peft_model, bert(), peft.LoraConfig(r=2, target_modules=["query"], use_dora=True))
     quiet(pm.save_pretrained, str(tmp_path))
     weights = load_file(tmp_path / "adapter_model.safetensors")
-    dropped = sorted(k for k in weights if "magnitude" in k)[0]
+    dropped = min(k for k in weights if "magnitude" in k)
     save_file({k: v for k, v in weights.items() if k != dropped}, tmp_path / "adapter_model.safetensors")
     model = bert()
     with pytest.raises(AdapterFormatError, match="lacks the lora_magnitude_vector"):
