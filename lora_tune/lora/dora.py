@@ -78,8 +78,9 @@ class DoraMixin:
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             # PEFT's form: the dropped input also feeds the correction of the base output
             xd = self.lora_dropout(x)
-            scale = scale.to(x.dtype)
-            return self._base_out(x) + (scale - 1) * self._base_out(xd, bias=False) + scale * self._lora_branch(xd)
+            base = self._base_out(x)
+            scale = scale.to(base.dtype)  # the base output's dtype (autocast's, if on)
+            return base + (scale - 1) * self._base_out(xd, bias=False) + scale * self._lora_branch(xd)
         y = self._base_out(x, bias=False)  # fresh, saved by nothing: the branch is added in place
         y = y.add_(self._lora_branch(x))
         return self._add_bias(y * scale.to(y.dtype))  # y is saved for the magnitude's gradient

@@ -241,3 +241,24 @@ def test_use_dora_on_multihead_attention_is_refused_and_the_model_untouched(case
 def test_use_dora_must_be_a_bool():
     with pytest.raises(ConfigError, match="use_dora: got 'yes'; allowed: true or false"):
         LoraConfig(use_dora="yes")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("method", ["parallel", "merged"])
+def test_trains_under_bf16_autocast(method, bits, dropout):
+    """Mixed precision (the trainer's precision: bf16): the output keeps autocast's dtype in every
+    path and the magnitude, the factors and a trainable bias get gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    inject(model, LoraConfig(rank=4, targets=["0", "2"], quant_bits=bits, method=method, dropout=dropout,
+                             bias="lora_only", use_dora=True))
+    _randomize(model)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.randn(4, 16))
+    assert y.dtype == torch.bfloat16
+    y.float().pow(2).sum().backward()
+    layer = model[0]
+    for p in (layer.lora_magnitude, layer.lora_A, layer.lora_B, layer.base_layer.bias):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
