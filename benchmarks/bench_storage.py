@@ -1,34 +1,35 @@
-"""Coordination overhead of workers sharing one storage.
+"""Coordination overhead of workers sharing one study, at realistic trial lengths.
 
-1. Throughput: a 0.5 s objective (5 reports, 0.1 s sleep each), TPE over 4 parameters,
-   1 worker vs W workers (separate processes) on PostgreSQL; the speed-up of W workers
-   over 1 should approach W. ``--mode plain`` runs the same with plain Optuna
-   (``study.optimize`` on ``RDBStorage``, ``MaxTrialsCallback`` for the budget) for reference.
-2. Storage time per trial: create, report x5, finish (no sampling, no sleep), in ms, for
-   SQLite, journal file and PostgreSQL, through lora-tune's storage and plain Optuna's.
+Each worker process runs one trial of the toy objective: TPE over 4 parameters, ``--sleep``
+seconds of "training" (default 30) with ``--reports`` intermediate reports (default 5). What
+the worker spends outside the objective's sleep - starting the trial under the budget lock,
+sampling, the reports, heartbeats, finishing it - is the coordination overhead, reported as
+a share of the trial's time. 1, 8 and 32 workers, on PostgreSQL directly and through one
+``lora-tune storage-proxy``; the budget (one trial per worker) must come out exact, and the
+PostgreSQL connections lora-tune held are sampled throughout (``pg_stat_activity``).
 
     python benchmarks/bench_storage.py --postgres postgresql+psycopg://postgres@127.0.0.1:5432/test
-    python benchmarks/bench_storage.py --postgres URL --workers 8 --trials-per-worker 12 --mode both
-    python benchmarks/bench_storage.py --postgres URL --profile   # CPU and SQL per trial, by layer
+    python benchmarks/bench_storage.py --workers 1,8 --modes direct --sleep 5   # a quick look
 
+The worker processes import neither torch nor the LoRA code (light enough for 32 on 2 cores).
 The benchmark creates and drops its own database next to the one in the URL.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import optuna
-import warnings
-warnings.filterwarnings("ignore", message="Heartbeat of storage")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -36,83 +37,114 @@ sys.path.insert(0, str(REPO))
 from lora_tune.study.storage import dispose_storage, mask_url, open_storage  # noqa: E402
 from lora_tune.study.workers import run_worker  # noqa: E402
 
-SLEEP, REPORTS = 0.5, 5
 
-
-def objective(trial: optuna.Trial) -> float:
-    a = trial.suggest_float("a", 1e-4, 1e-1, log=True)
-    b = trial.suggest_int("b", 1, 64, log=True)
-    c = trial.suggest_categorical("c", ["qv", "attention", "mlp", "all"])
-    d = trial.suggest_float("d", 0.0, 0.3)
-    value = a * b + d + len(c)
-    for step in range(REPORTS):
-        time.sleep(SLEEP / REPORTS)
-        trial.report(value + step, step)
-    return value
-
-
-# --------------------------------------------------------------------------- worker processes
-def worker_main(mode: str, url: str, name: str, budget: int) -> None:
-    """One worker process; prints the CPU seconds its trial loop used (imports excluded)."""
+# --------------------------------------------------------------------------- one worker process
+def worker_main(url: str, name: str, sleep: float, reports: int) -> None:
+    """Run trials until the budget is used; print one JSON line of timings per trial."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    sampler = optuna.samplers.TPESampler(seed=os.getpid())
-    if mode == "plain":
-        study = optuna.load_study(study_name=name, storage=url, sampler=sampler)
-        callback = optuna.study.MaxTrialsCallback(budget, states=None)
-        start = time.process_time()
-        study.optimize(objective, callbacks=[callback])
-    else:
-        storage = open_storage(url)
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        start = time.process_time()
-        run_worker(study, objective, budget=budget, reseed=False)
-        dispose_storage(storage)
-    print(f"CPU {time.process_time() - start}", flush=True)
+    storage = open_storage(url, proxy_wait_seconds=120)
+    study = optuna.load_study(study_name=name, storage=storage,
+                              sampler=optuna.samplers.TPESampler(seed=os.getpid()))
+    timings: list[dict[str, float]] = []
+    mark: dict[str, float] = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        mark["objective_start"] = time.perf_counter()
+        a = trial.suggest_float("a", 1e-4, 1e-1, log=True)
+        b = trial.suggest_int("b", 1, 64, log=True)
+        c = trial.suggest_categorical("c", ["qv", "attention", "mlp", "all"])
+        d = trial.suggest_float("d", 0.0, 0.3)
+        value, slept = a * b + d + len(c), 0.0
+        for step in range(reports):
+            t0 = time.perf_counter()
+            time.sleep(sleep / reports)
+            slept += time.perf_counter() - t0
+            trial.report(value + step, step)
+        mark["slept"] = slept
+        return value
+
+    def told(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        end = time.perf_counter()
+        timings.append({"trial_s": end - mark["loop_start"], "sleep_s": mark["slept"],
+                        "before_objective_s": mark["objective_start"] - mark["loop_start"]})
+        mark["loop_start"] = end  # the next trial's coordination starts now
+
+    mark["loop_start"] = time.perf_counter()
+    stats = run_worker(study, objective, callbacks=[told], wait_for_running=False, reseed=False)
+    dispose_storage(storage)
+    print(json.dumps({"timings": timings, "trials": stats.trials}), flush=True)
 
 
-def throughput(mode: str, url: str, workers: int, trials: int) -> dict[str, float]:
+# --------------------------------------------------------------------------- the measurement
+def connections(url: str) -> int:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = :d AND application_name = 'lora-tune'"
+            ), {"d": sa.engine.make_url(url).database}).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def run(pg: str, mode: str, workers: int, sleep: float, reports: int) -> dict[str, float]:
     name = f"bench-{mode}-{workers}-{uuid.uuid4().hex[:6]}"
-    if mode == "plain":
-        optuna.create_study(study_name=name, storage=url)
-    else:
-        storage = open_storage(url)
-        optuna.create_study(study_name=name, storage=storage)
-        dispose_storage(storage)
-    start = time.perf_counter()
-    cmd = [sys.executable, __file__, "--worker", mode, url, name, str(trials)]
+    storage = open_storage(pg)
+    study = optuna.create_study(study_name=name, storage=storage)
+    study.set_user_attr("n_trials", workers)  # the budget: one trial per worker
+    dispose_storage(storage)
+    proxy = None
+    url = pg
+    if mode == "proxy":
+        port = _free_port()
+        env = {k: v for k, v in os.environ.items() if k != "LORA_TUNE_STORAGE"}
+        proxy = subprocess.Popen([sys.executable, "-m", "lora_tune.cli.main", "storage-proxy", "--storage", pg,
+                                  "--port", str(port), "--max-connections", "8"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"grpc://127.0.0.1:{port}"
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(1.0):
+            samples.append(connections(pg))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    cmd = [sys.executable, __file__, "--worker", url, name, str(sleep), str(reports)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
-    cpu = 0.0
+    timings: list[dict[str, float]] = []
     for p in procs:
         out, _ = p.communicate()
-        cpu += sum(float(line.split()[1]) for line in out.splitlines() if line.startswith("CPU "))
-    wall = time.perf_counter() - start
-    study = optuna.load_study(study_name=name, storage=url)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-    first = min(t.datetime_start for t in done)
-    last = max(t.datetime_complete for t in done)
-    span = (last - first).total_seconds()
-    return {"trials": len(done), "span_s": span, "wall_s": wall, "trials_per_s": len(done) / span,
-            "cpu_per_trial_s": cpu / len(done)}
+        for line in out.splitlines():
+            if line.startswith("{"):
+                timings += json.loads(line)["timings"]
+    stop.set()
+    sampler.join()
+    if proxy is not None:
+        proxy.terminate()
+        proxy.wait()
+    check = open_storage(pg)
+    finished = [t for t in optuna.load_study(study_name=name, storage=check).get_trials(deepcopy=False)]
+    dispose_storage(check)
+    overhead = [t["trial_s"] - t["sleep_s"] for t in timings]
+    return {
+        "trials": len(finished), "complete": sum(t.state.name == "COMPLETE" for t in finished),
+        "overhead_ms": statistics.median(overhead) * 1000, "overhead_max_ms": max(overhead) * 1000,
+        "share": statistics.median(t["trial_s"] - t["sleep_s"] for t in timings) / statistics.median(
+            t["trial_s"] for t in timings),
+        "share_max": max((t["trial_s"] - t["sleep_s"]) / t["trial_s"] for t in timings),
+        "before_ms": statistics.median(t["before_objective_s"] for t in timings) * 1000,
+        "connections_max": max(samples) if samples else 0,
+    }
 
 
-# -------------------------------------------------------------------------- storage time/trial
-def storage_time(url: str, wrapped: bool, n: int = 40) -> float:
-    storage = open_storage(url) if wrapped else optuna.storages.get_storage(
-        optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url.split(":", 1)[1]))
-        if url.startswith("journal:") else url)
-    study = optuna.create_study(study_name=f"st-{uuid.uuid4().hex[:6]}", storage=storage,
-                                sampler=optuna.samplers.RandomSampler(seed=0))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        trial = study.ask()
-        for step in range(REPORTS):
-            trial.report(float(step), step)
-        study.tell(trial, 1.0)
-        times.append(time.perf_counter() - t0)
-    if wrapped:
-        dispose_storage(storage)
-    return statistics.median(times[5:]) * 1000
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -130,80 +162,33 @@ def scratch_database(base: str):
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def profile(url: str, trials: int) -> None:
-    """Where one worker's CPU goes: sampling (TPE minus random) vs storage and bookkeeping."""
-    import sqlalchemy as sa
-
-    global SLEEP
-    SLEEP = 0.0
-    print(f"\n{trials} trials in one process, no sleep; CPU ms per trial and SQL statements per trial")
-    print("\n| storage layer | sampler | CPU ms/trial | SQL statements/trial |")
-    print("|---|---|---|---|")
-    for sampler_name in ("random", "tpe"):
-        for layer in ("plain Optuna", "lora-tune"):
-            sampler = (optuna.samplers.RandomSampler(seed=0) if sampler_name == "random"
-                       else optuna.samplers.TPESampler(seed=0))
-            if layer == "plain Optuna":
-                rdb = optuna.storages.RDBStorage(url)
-                storage, engine = optuna.storages.get_storage(rdb), rdb.engine
-            else:
-                storage = open_storage(url)
-                engine = storage.rdb.engine
-            statements = [0]
-            sa.event.listen(engine, "before_cursor_execute", lambda *a, **k: statements.__setitem__(0, statements[0] + 1))
-            study = optuna.create_study(study_name=f"prof-{uuid.uuid4().hex[:6]}", storage=storage, sampler=sampler)
-            statements[0] = 0
-            start = time.process_time()
-            if layer == "plain Optuna":
-                study.optimize(objective, n_trials=trials)
-            else:
-                run_worker(study, objective, budget=trials, reseed=False)
-            cpu = (time.process_time() - start) / trials * 1000
-            print(f"| {layer} | {sampler_name} | {cpu:.1f} | {statements[0] / trials:.0f} |", flush=True)
-            dispose_storage(storage)
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        mode, url, name, budget = sys.argv[2:6]
-        worker_main(mode, url, name, int(budget))
+        url, name, sleep, reports = sys.argv[2:6]
+        worker_main(url, name, float(sleep), int(reports))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--postgres", default=os.environ.get("LORA_TUNE_TEST_POSTGRES_URL",
                                                              "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--trials-per-worker", type=int, default=12)
-    parser.add_argument("--mode", choices=["lora-tune", "plain", "both"], default="lora-tune")
-    parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--skip-storage", action="store_true")
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--workers", default="1,8,32", help="comma-separated worker counts")
+    parser.add_argument("--modes", default="direct,proxy", help="direct, proxy or both")
+    parser.add_argument("--sleep", type=float, default=30.0, help="seconds of sleep per trial")
+    parser.add_argument("--reports", type=int, default=5, help="intermediate reports per trial")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     with scratch_database(args.postgres) as pg:
-        print(f"PostgreSQL: {mask_url(args.postgres)} (scratch database)")
-        if args.profile:
-            profile(pg, 100)
-            return
-        if not args.skip_throughput:
-            modes = ["lora-tune", "plain"] if args.mode == "both" else [args.mode]
-            print(f"\n| storage layer | workers | trials | trials/s | speed-up | CPU/trial, trial loop (ms) |")
-            print("|---|---|---|---|---|---|")
-            for mode in modes:
-                one = throughput(mode, pg, 1, args.trials_per_worker)
-                many = throughput(mode, pg, args.workers, args.trials_per_worker * args.workers)
-                for w, r in ((1, one), (args.workers, many)):
-                    print(f"| {mode} | {w} | {r['trials']} | {r['trials_per_s']:.2f} | "
-                          f"{r['trials_per_s'] / one['trials_per_s']:.2f}x | {r['cpu_per_trial_s'] * 1000:.0f} |",
-                          flush=True)
-        if not args.skip_storage:
-            with tempfile.TemporaryDirectory() as tmp:
-                urls = {"SQLite": "sqlite:///{}/{}.db", "journal file": "journal:{}/{}.log", "PostgreSQL": pg}
-                print("\n| storage | lora-tune ms/trial | plain Optuna ms/trial |")
-                print("|---|---|---|")
-                for label, url in urls.items():  # separate files: SQLite's WAL mode sticks to a file
-                    ours = storage_time(url.format(tmp, "ours"), wrapped=True)
-                    plain = storage_time(url.format(tmp, "plain"), wrapped=False)
-                    print(f"| {label} | {ours:.1f} | {plain:.1f} |", flush=True)
+        print(f"PostgreSQL: {mask_url(args.postgres)} (scratch database); {args.sleep:g} s sleep and "
+              f"{args.reports} reports per trial, one trial per worker\n")
+        print("| storage | workers | trials (budget) | overhead/trial, median (max) | share of trial time, "
+              "median (max) | before the objective | PostgreSQL connections, max |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for mode in args.modes.split(","):
+            for workers in (int(w) for w in args.workers.split(",")):
+                r = run(pg, mode, workers, args.sleep, args.reports)
+                label = "PostgreSQL directly" if mode == "direct" else "through storage-proxy"
+                print(f"| {label} | {workers} | {r['trials']} ({workers}) | {r['overhead_ms']:.0f} ms "
+                      f"({r['overhead_max_ms']:.0f} ms) | {r['share'] * 100:.2f} % ({r['share_max'] * 100:.2f} %) | "
+                      f"{r['before_ms']:.0f} ms | {r['connections_max']} |", flush=True)
 
 
 if __name__ == "__main__":

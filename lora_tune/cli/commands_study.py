@@ -46,12 +46,21 @@ def validate_cmd(study_file: Path) -> None:
     Besides the schema, this builds the task (its data and pretrained model, cached) to check
     metric names and that the baseline fits the search space. Nothing is written to a storage.
     """
+    from lora_tune.errors import StudySpecError
     from lora_tune.study.runner import prepare_spec
     from lora_tune.study.space import SearchSpace
     from lora_tune.study.spec import load_spec_file
+    from lora_tune.study.storage import storage_problem
 
     spec = load_spec_file(study_file)
-    resolved, _task, baseline = prepare_spec(spec)
+    problem = storage_problem(spec.study.storage) if spec.study.storage else None
+    storage_errors = [("study.storage", problem)] if problem else []  # what `study create` refuses too
+    try:
+        resolved, _task, baseline = prepare_spec(spec)
+    except StudySpecError as exc:
+        raise StudySpecError(storage_errors + exc.errors, source=exc.source) from None
+    if storage_errors:
+        raise StudySpecError(storage_errors, source=str(study_file))
     space = SearchSpace.from_spec(resolved.search_space)
     console = _console()
     objective = ", ".join(f"{d} {m}" for m, d in zip(resolved.metrics, resolved.directions))
@@ -232,6 +241,7 @@ def list_cmd(storage: str | None) -> None:
     import optuna
 
     from lora_tune.study.storage import dispose_storage, mask_url, open_storage, reading_problem, resolve_storage_url
+    from lora_tune.study.storages.budget import budget_done, study_budget
 
     url = resolve_storage_url(storage, None)
     console = _console()
@@ -251,16 +261,16 @@ def list_cmd(storage: str | None) -> None:
         for col in ("name", "objective", "trials", "complete", "pruned", "failed", "best", "started"):
             table.add_column(col)
         for s in sorted(summaries, key=lambda s: s.study_name):
-            spec = s.user_attrs.get("spec") or {}
-            budget = (spec.get("study") or {}).get("n_trials")
+            budget = study_budget(s.user_attrs)
             metrics = s.user_attrs.get("metrics") or [f"value{i}" for i in range(len(s.directions))]
             objective = ", ".join(f"{d.name.lower()} {m}" for m, d in zip(metrics, s.directions))
-            trials = store.get_all_trials(s._study_id, deepcopy=False)
+            trials = optuna.load_study(study_name=s.study_name, storage=store).get_trials(deepcopy=False)
             count = {st: sum(1 for t in trials if t.state.name == st) for st in ("COMPLETE", "PRUNED", "FAIL")}
             best = ""
             if s.best_trial is not None and len(s.directions) == 1:
                 best = f"{s.best_trial.value:.4g} (#{s.best_trial.number})"
-            table.add_row(s.study_name, objective, f"{s.n_trials}" + (f"/{budget}" if budget else ""),
+            done = budget_done(trials)  # counted as `study show` and the budget count it
+            table.add_row(s.study_name, objective, f"{done}" + (f"/{budget}" if budget else ""),
                           str(count["COMPLETE"]), str(count["PRUNED"]), str(count["FAIL"]), best,
                           s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else "")
         console.print(table if summaries else f"no studies in {mask_url(url)}")
@@ -308,10 +318,10 @@ def _require_storage(url: str, name: str) -> None:
 
 
 def _dispose(study: Any) -> None:
-    from lora_tune.study.storage import dispose_storage
+    from lora_tune.study.storage import close_study
 
     with contextlib.suppress(Exception):
-        dispose_storage(study._storage)
+        close_study(study)
 
 
 @contextlib.contextmanager

@@ -1,19 +1,22 @@
 """CLI: ``lora-tune worker NAME`` - run trials of a stored study until its budget is used.
 
 Start one per GPU, on as many machines as you like, all with the same ``--storage``
-(PostgreSQL for several machines); the study's ``n_trials`` is shared by all of them.
-``--jobs N`` starts N worker processes on this machine.
+(PostgreSQL, or ``grpc://HOST:PORT`` of a ``lora-tune storage-proxy`` in front of it, for
+several machines); the study's ``n_trials`` is shared by all of them. ``--jobs N`` starts N
+worker processes on this machine. The CLI is thin: loading is :mod:`lora_tune.study.runner`'s,
+the trial loop :mod:`lora_tune.study.workers`'.
 """
 from __future__ import annotations
 
 import importlib
-import os
 import logging
-from typing import Any, Callable
+import os
+from collections.abc import Callable
+from typing import Any
 
 import click
 
-from lora_tune.errors import ConfigError, StudyNotFoundError
+from lora_tune.errors import ConfigError
 
 
 def register(cli: click.Group, study: click.Group) -> None:
@@ -24,8 +27,9 @@ def register(cli: click.Group, study: click.Group) -> None:
 @click.command("worker")
 @click.argument("name")
 @click.option("--storage", "storage_url", default=None, metavar="URL",
-              help="Study storage: postgresql+psycopg://USER@HOST/DB, journal:PATH or sqlite:///FILE "
-                   "(default: $LORA_TUNE_STORAGE, then sqlite:///lora_tune.db).")
+              help="Study storage: postgresql+psycopg://USER@HOST/DB, grpc://HOST:PORT (a lora-tune "
+                   "storage-proxy), journal:PATH or sqlite:///FILE (default: $LORA_TUNE_STORAGE, then "
+                   "sqlite:///lora_tune.db).")
 @click.option("--jobs", "-j", type=int, default=1, show_default=True,
               help="Worker processes to start on this machine (needs a journal or database storage).")
 @click.option("--n-trials", type=int, default=None, help="Run at most this many trials in this worker.")
@@ -38,8 +42,9 @@ def worker(name: str, storage_url: str | None, jobs: int, n_trials: int | None, 
            objective_path: str | None, quiet: bool) -> None:
     """Run trials of study NAME until its n_trials budget is used by all workers together.
 
-    Start one per GPU on any number of machines with the same --storage; a killed worker's
-    trial is failed by heartbeat and retried with the same parameters by another worker.
+    Start one per GPU on any number of machines with the same --storage (a database, or
+    grpc://HOST:PORT of a `lora-tune storage-proxy`); a killed worker's trial is failed by
+    heartbeat and retried with the same parameters by another worker.
     """
     from lora_tune.study import storage as st
     from lora_tune.study import workers as wk
@@ -56,15 +61,16 @@ def worker(name: str, storage_url: str | None, jobs: int, n_trials: int | None, 
         raise ConfigError("--timeout", timeout, "a number of seconds > 0")
     url = st.resolve_storage_url(storage_url, None)
     wk.check_parallel_storage(url, jobs)
+    if objective_path:  # a plain Optuna study: no torch, no study file
+        from lora_tune.study.samplers import load_plain_study
 
-    study, spec = _load(name, url, plain=objective_path is not None)
-    storage = study._storage
+        study, spec = load_plain_study(name, url), None
+    else:  # its own sampler seed per process, so concurrent workers do not propose the same points
+        from lora_tune.study import runner
+
+        study, spec = runner.load_study(name, url, seed_offset=os.getpid())
     try:
-        settings = _spec_settings(spec)
-        st.configure_heartbeat(storage, **settings)
-        retries = settings["failed_trial_retries"]
-        if retries is None:
-            retries = st.DEFAULT_FAILED_TRIAL_RETRIES
+        objective = _import_objective(objective_path) if objective_path else None
         if jobs > 1:
             extra = ["--quiet"] if quiet else []
             if objective_path:
@@ -76,7 +82,7 @@ def worker(name: str, storage_url: str | None, jobs: int, n_trials: int | None, 
             if not quiet:
                 click.echo(f"starting {jobs} workers on study {name!r} in {st.mask_url(url)}")
             try:
-                failed = wk.run_jobs(study, url, jobs, extra_args=extra, failed_trial_retries=retries)
+                failed = wk.run_jobs(study, url, jobs, extra_args=extra)
             except KeyboardInterrupt:
                 _summary(study, quiet, "interrupted; the workers re-queued their running trials")
                 raise click.exceptions.Exit(130) from None
@@ -86,77 +92,19 @@ def worker(name: str, storage_url: str | None, jobs: int, n_trials: int | None, 
             return
         if not quiet:
             click.echo(f"worker {wk.worker_id()} on study {name!r} in {st.mask_url(url)}")
-        if objective_path:
-            stats = wk.run_worker(study, _import_objective(objective_path), n_trials=n_trials,
-                                  timeout=timeout, failed_trial_retries=retries)
+        if objective is not None:
+            stats = wk.run_worker(study, objective, n_trials=n_trials, timeout=timeout)
             if stats.interrupted:
                 _summary(study, quiet, f"interrupted; re-queued trial(s) {stats.requeued or 'none'}")
                 raise click.exceptions.Exit(130)
             _summary(study, quiet, f"this worker ran {stats.trials} trial(s)")
             return
-        from lora_tune.study import runner
-
         result = runner.optimize(study, spec, n_trials=n_trials, timeout=timeout)
         _summary(study, quiet, f"this worker ran {result.trials_run} trial(s), stopped by {result.stop_reason}")
         if result.stop_reason == "interrupted":
             raise click.exceptions.Exit(130)
     finally:
-        st.dispose_storage(storage)
-
-
-def _load(name: str, url: str, *, plain: bool) -> tuple[Any, Any]:
-    """The study and its stored study file (``None`` for a plain Optuna study)."""
-    import optuna
-
-    from lora_tune.study import storage as st
-
-    if not plain:
-        from lora_tune.study import runner
-
-        # its own sampler seed per process, so concurrent workers do not propose the same points
-        return runner.load_study(name, url, seed_offset=os.getpid())
-    storage = st.open_storage(url)
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-        sampler = _plain_sampler(study.user_attrs.get("sampler"))
-        if sampler is not None:
-            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        return study, study.user_attrs.get("spec")
-    except KeyError:
-        available = [s.study_name for s in storage.get_all_studies()]
-        st.dispose_storage(storage)
-        raise StudyNotFoundError(name, st.mask_url(url), available) from None
-
-
-def _plain_sampler(options: Any) -> Any:
-    """The sampler a plain study names in its ``sampler`` user attribute (TPE when absent).
-
-    ``{"type": "grid", "search_space": {...}}``, ``{"type": "random", "seed": 0}`` or
-    ``{"type": "tpe", "seed": 0}``.
-    """
-    import optuna
-
-    if options is None:
-        return None
-    kind = options.get("type") if isinstance(options, dict) else None
-    seed = options.get("seed") if isinstance(options, dict) else None
-    if kind == "grid" and isinstance(options.get("search_space"), dict):
-        return optuna.samplers.GridSampler(options["search_space"], seed=seed)
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    raise ConfigError("study user attribute sampler", options,
-                      "{type: grid, search_space: {...}} | {type: random} | {type: tpe}")
-
-
-def _spec_settings(spec: Any) -> dict[str, Any]:
-    """Heartbeat settings of the study file (a StudySpec, or its stored dict form)."""
-    section = spec.get("study") if isinstance(spec, dict) else getattr(spec, "study", None)
-    keys = ("heartbeat_interval", "grace_period", "failed_trial_retries")
-    if isinstance(section, dict):
-        return {key: section.get(key) for key in keys}
-    return {key: getattr(section, key, None) for key in keys}
+        st.close_study(study)
 
 
 def _import_objective(path: str) -> Callable[..., Any]:

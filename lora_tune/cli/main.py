@@ -40,9 +40,9 @@ def study() -> None:
 
 
 def _register() -> None:
-    from lora_tune.cli import commands_init, commands_report, commands_study, commands_worker
+    from lora_tune.cli import commands_init, commands_proxy, commands_report, commands_study, commands_worker
 
-    for module in (commands_init, commands_study, commands_worker, commands_report):
+    for module in (commands_init, commands_study, commands_worker, commands_proxy, commands_report):
         module.register(cli, study)
 
 

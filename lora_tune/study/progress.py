@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lora_tune.study._resilient import RETRY_KEY
+from lora_tune.study.storages.budget import budget_done
+from lora_tune.study.storages.marks import RETRY_KEY
 from lora_tune.study.spec import StudySpec
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -33,9 +34,12 @@ class Outcome:
     best: list[FrozenTrial] = field(default_factory=list)  # one, or the Pareto front
     baseline: FrozenTrial | None = None
     requeued: int = 0  # failed trials whose parameters ran again (counted once in the budget)
+    done: int | None = None  # budget slots done (storages.budget.budget_done), as the storage counts
 
     @property
     def finished(self) -> int:
+        if self.done is not None:
+            return self.done
         return sum(self.counts.get(s.name, 0) for s in _FINISHED) - self.requeued
 
     @property
@@ -69,7 +73,7 @@ def study_outcome(study: optuna.Study, spec: StudySpec) -> Outcome:
     baseline = next((t for t in complete if t.user_attrs.get("is_baseline")), None)
     requeued = sum(1 for t in trials if RETRY_KEY in t.system_attrs and t.state.is_finished())
     return Outcome(study.study_name, spec.metrics, spec.directions, spec.study.n_trials, counts, best, baseline,
-                   requeued)
+                   requeued, budget_done(trials))
 
 
 # -- live progress ---------------------------------------------------------------------------

@@ -22,10 +22,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lora_tune.errors import ConfigError, StudyNotFoundError, StudySpecError
+from lora_tune.study import _optuna_private as private
 from lora_tune.study.objective import Objective, TrialFailed
 from lora_tune.study.nested import nested_problems
 from lora_tune.study.space import SearchSpace, baseline_params
+from lora_tune.study.samplers import SAMPLERS as _SAMPLERS
+from lora_tune.study.samplers import make_sampler
 from lora_tune.study.spec import StudySpec, resolve_objective, spec_from_stored
+from lora_tune.study.storages.budget import budget_used
 from lora_tune.tasks import validate_task_spec
 from lora_tune.tasks.base import raise_problems
 
@@ -34,14 +38,6 @@ Callback = Callable[[optuna.Study, FrozenTrial], None]
 # Parts of a stored spec that define what the trials mean; a resumed study must keep them.
 _FROZEN_SECTIONS = ("task", "search_space", "train", "constraints")
 
-_SAMPLERS: dict[str, Callable[[], type]] = {
-    "tpe": lambda: optuna.samplers.TPESampler,
-    "random": lambda: optuna.samplers.RandomSampler,
-    "grid": lambda: optuna.samplers.GridSampler,
-    "cmaes": lambda: optuna.samplers.CmaEsSampler,
-    "gp": lambda: optuna.samplers.GPSampler,
-    "nsga2": lambda: optuna.samplers.NSGAIISampler,
-}
 _NOT_OPTIONS = {"seed", "search_space", "constraints_func", "independent_sampler", "source_trials",
                 "mutation", "crossover", "elite_population_selection_strategy",
                 "child_generation_strategy", "after_trial_strategy", "gamma", "weights"}
@@ -76,9 +72,7 @@ def build_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.Base
             raise StudySpecError([("search_space", "the grid sampler needs at least one sampled parameter")])
         kwargs["search_space"] = grid
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return _SAMPLERS[s.type]()(seed=seed, **kwargs)
+        return make_sampler(s.type, seed, kwargs)
     except (TypeError, ValueError) as exc:
         raise StudySpecError([("study.sampler.options", str(exc))]) from None
 
@@ -280,15 +274,11 @@ def _baseline_grid_point(study: optuna.Study) -> None:
                if t.user_attrs.get("is_baseline")]
     if not waiting:
         return
-    fixed = waiting[0].system_attrs.get("fixed_params", {})
-    names = sampler._param_names
-    if set(fixed) != set(names):
-        return
-    for index, point in enumerate(sampler._all_grids):
-        if all(fixed[n] == v for n, v in zip(names, point)):
-            study._storage.set_trial_system_attr(waiting[0]._trial_id, "search_space", sampler._search_space)
-            study._storage.set_trial_system_attr(waiting[0]._trial_id, "grid_id", index)
-            return
+    index = private.grid_index(sampler, waiting[0].system_attrs.get(private.FIXED_PARAMS_KEY, {}))
+    if index is not None:
+        storage, trial_id = private.study_storage(study), private.trial_id(waiting[0])
+        storage.set_trial_system_attr(trial_id, private.GRID_SPACE_KEY, private.grid_space(sampler))
+        storage.set_trial_system_attr(trial_id, private.GRID_ID_KEY, index)
 
 
 def load_study(name: str, storage_url: str, *, seed_offset: int = 0) -> tuple[optuna.Study, StudySpec]:
@@ -297,13 +287,10 @@ def load_study(name: str, storage_url: str, *, seed_offset: int = 0) -> tuple[op
     ``seed_offset`` is added to the sampler seed: give each concurrent worker its own
     (e.g. its process id) so that they do not all propose the same parameters.
     """
-    from lora_tune.study.storage import configure_heartbeat, open_storage
+    from lora_tune.study.storage import open_storage
 
     storage = open_storage(storage_url)
     spec = _stored_spec(storage, name, storage_url)
-    configure_heartbeat(storage, heartbeat_interval=spec.study.heartbeat_interval,
-                        grace_period=spec.study.grace_period,
-                        failed_trial_retries=spec.study.failed_trial_retries)
     study = optuna.load_study(study_name=name, storage=storage,
                               sampler=build_sampler(spec, seed_offset), pruner=build_pruner(spec))
     return study, spec
@@ -312,9 +299,7 @@ def load_study(name: str, storage_url: str, *, seed_offset: int = 0) -> tuple[op
 def _open(storage_url: str, spec: StudySpec) -> optuna.storages.BaseStorage:
     from lora_tune.study.storage import open_storage
 
-    return open_storage(storage_url, heartbeat_interval=spec.study.heartbeat_interval,
-                        grace_period=spec.study.grace_period,
-                        failed_trial_retries=spec.study.failed_trial_retries)
+    return open_storage(storage_url)  # heartbeats and retries: the worker reads them from the study
 
 
 def _stored_spec(storage: Any, name: str, storage_url: str) -> StudySpec:
@@ -373,7 +358,7 @@ def optimize(study: optuna.Study, spec: StudySpec, n_trials: int | None = None, 
     other workers' running trials, SIGTERM handling); ``reseed`` gives this process its own
     random stream (for concurrent workers sharing a seeded sampler).
     """
-    from lora_tune.study._resilient import ResilientStorage
+    from lora_tune.study.storage import OpenedStorage
     from lora_tune.study.workers import run_worker
 
     if objective is None:
@@ -392,11 +377,10 @@ def optimize(study: optuna.Study, spec: StudySpec, n_trials: int | None = None, 
         _logger.warning(warning)
     counter = _RunCounter(spec.study.max_consecutive_failures)
     start = time.monotonic()
-    if isinstance(study._storage, ResilientStorage):
+    if isinstance(private.study_storage(study), OpenedStorage):  # the budget is the stored study's
         stats = run_worker(
-            study, objective, budget=spec.study.n_trials, n_trials=n_trials, timeout=timeout,
+            study, objective, n_trials=n_trials, timeout=timeout,
             callbacks=[counter, *callbacks], catch=(TrialFailed,), reseed=reseed,
-            failed_trial_retries=spec.study.failed_trial_retries,
         )
         interrupted, budget_reached = stats.interrupted, stats.budget_reached
     else:  # a plain Optuna storage (e.g. in memory, one process): enforce the budget here
@@ -443,8 +427,6 @@ class _RunCounter:
 
 
 def _used(study: optuna.Study) -> int:
-    from lora_tune.study._resilient import budget_used
-
     return budget_used(study.get_trials(deepcopy=False))
 
 

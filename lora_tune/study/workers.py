@@ -3,15 +3,16 @@
 :func:`run_worker` runs trials until the study's global budget (its ``n_trials``) is used.
 The budget is exact across any number of workers: the storage starts a trial only after
 counting, under a lock shared by every worker, the trials that already use the budget
-(:class:`~lora_tune.study._resilient.ResilientStorage`). A worker that finds the budget used
-while other workers' trials still run waits for them: if one of those workers dies, its trial
-is failed and re-queued with the same parameters, and a waiting worker runs it. A dead worker
-is recognised by its heartbeat going stale (RDB storages, any machine) or, on the same machine,
-at once by its process id being gone (any storage, journal files included).
+(:mod:`lora_tune.study.storages.budget`; behind a storage proxy, the proxy's storage does
+it). A worker that finds the budget used while other workers' trials still run waits for
+them: if one of those workers dies, its trial is failed and re-queued with the same
+parameters, and a waiting worker runs it. A dead worker is recognised by its heartbeat going
+stale (:mod:`lora_tune.study.heartbeat`, any storage, any machine) or, on the same machine,
+at once by its process id being gone.
 
 :func:`run_jobs` starts N worker processes (``lora-tune worker``) sharing a storage that
-several processes can use (a journal file or a database server, never plain SQLite). When a
-child dies, its unfinished trials are failed and re-queued at once.
+several processes can use (a journal file, a database server or a storage proxy, never plain
+SQLite). When a child dies, its unfinished trials are failed and re-queued at once.
 """
 from __future__ import annotations
 
@@ -32,8 +33,11 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lora_tune.errors import ConfigError
-from lora_tune.study._resilient import WORKER_KEY, BudgetReached, ResilientStorage, worker_id
-from lora_tune.study.storage import mask_url, storage_kind
+from lora_tune.study import _optuna_private as private
+from lora_tune.study.heartbeat import HeartbeatSettings, StaleWatch, TrialHeartbeat
+from lora_tune.study.storage import OpenedStorage, mask_url, storage_kind
+from lora_tune.study.storages.budget import BudgetReached, budget_done, study_budget
+from lora_tune.study.storages.marks import WORKER_KEY, worker_id
 
 _logger = logging.getLogger("lora_tune.workers")
 
@@ -49,68 +53,58 @@ class WorkerStats:
     budget_reached: bool = False
     interrupted: bool = False
     requeued: list[int] = dataclasses.field(default_factory=list)
-
-
-def study_budget(study: optuna.Study) -> int | None:
-    """The study's global ``n_trials`` from its stored study file (``spec`` user attribute)."""
-    attrs = study.user_attrs
-    spec = attrs.get("spec")
-    if isinstance(spec, dict) and isinstance(spec.get("study"), dict):
-        value = spec["study"].get("n_trials")
-        if value is not None:
-            return int(value)
-    value = attrs.get("n_trials")
-    return int(value) if value is not None else None
+    lost: list[int] = dataclasses.field(default_factory=list)  # trials failed by others while running here
 
 
 def run_worker(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], Any],
     *,
-    budget: int | None = None,
     n_trials: int | None = None,
     timeout: float | None = None,
     callbacks: Iterable[Callback] = (),
     catch: tuple[type[BaseException], ...] = (Exception,),
-    wait_for_running: bool | None = None,
+    settings: HeartbeatSettings | None = None,
+    wait_for_running: bool = True,
     poll_interval: float = 0.5,
     reseed: bool = True,
-    failed_trial_retries: int = 2,
 ) -> WorkerStats:
     """Run trials of ``study`` in this process until its budget is used.
 
-    ``budget``: the study's total number of trials across all workers (``None``: read it from
-    the stored study file; still ``None``: no global budget). ``n_trials`` / ``timeout``
-    limit this worker only. Exceptions from the objective fail the trial, not the worker
-    (``catch``). SIGTERM fails the running trial and re-queues its parameters (up to
-    ``failed_trial_retries`` times), then the worker returns with ``interrupted`` set.
+    The budget is the study's own (:func:`~lora_tune.study.storages.budget.study_budget`; none:
+    run until ``n_trials`` / ``timeout``, which limit this worker only). Exceptions from the
+    objective fail the trial, not the worker (``catch``). ``settings``: heartbeats and retries
+    (default: the stored study file's). SIGTERM fails the running trial and re-queues its
+    parameters, then the worker returns with ``interrupted`` set.
 
     When the budget is used but trials still run, the worker waits for them
-    (``wait_for_running``; default: with heartbeats, or while a live worker on this machine
-    runs one), because a dead worker's trial is re-queued and must be run by someone.
-    Trials of dead workers on this machine are re-queued at once, without heartbeats.
+    (``wait_for_running``): a dead worker's trial is re-queued and must be run by someone.
+    A trial of this worker that another worker failed as stale meanwhile is dropped (logged,
+    counted in ``lost``); its retry runs the same parameters.
     """
-    storage = study._storage
-    if not isinstance(storage, ResilientStorage):
+    storage = private.study_storage(study)
+    if not isinstance(storage, OpenedStorage):
         raise TypeError("run_worker needs a study opened with lora_tune.study.storage.open_storage")
     claim_sqlite(storage.url)
-    budget = study_budget(study) if budget is None else budget
-    storage.set_budget(study._study_id, budget)
-    heartbeats = storage.get_heartbeat_interval() is not None
+    settings = settings or HeartbeatSettings.from_study(study.user_attrs)
     if reseed:  # workers sharing a seeded sampler must not all draw the same points
         study.sampler.reseed_rng()
-    lock_grid_sampler(study)
-    # trials left RUNNING by a crashed earlier run on this machine: retry them now, not after
-    # a heartbeat grace period (and at all with journal files, which have no heartbeats)
-    recover_dead_local_workers(study, failed_trial_retries)
-
-    stats = WorkerStats()
+    order_grid_choices(study)
+    watch = StaleWatch(settings.grace)
     current: dict[str, int] = {}
+
+    def recover() -> list[int]:
+        return recover_trials(study, watch, settings, exclude=current.values())
+
+    # trials left RUNNING by a crashed earlier run on this machine: retried now
+    stats = WorkerStats(requeued=[])
+    recover()
     callbacks = list(callbacks)
 
     def tracked(trial: optuna.Trial) -> Any:
-        current["trial_id"] = trial._trial_id
-        return objective(trial)
+        current["trial_id"] = private.trial_id(trial)
+        with TrialHeartbeat(storage, current["trial_id"], settings.interval, on_beat=recover):
+            return objective(trial)
 
     def count(study_: optuna.Study, trial: FrozenTrial) -> None:
         stats.trials += 1
@@ -128,27 +122,38 @@ def run_worker(
                         study.optimize(tracked, n_trials=1, callbacks=[*callbacks, count], catch=catch)
                     wait = poll_interval
                 except BudgetReached:
-                    if budget is None or storage.budget_done(study._study_id) >= budget:
+                    budget = study_budget(study.user_attrs)
+                    trials = study.get_trials(deepcopy=False)
+                    if budget is None or budget_done(trials) >= budget:
                         stats.budget_reached = True
                         break
-                    if recover_dead_local_workers(study, failed_trial_retries):
-                        continue  # a dead local worker's trial is queued again: run it
-                    waiting = wait_for_running if wait_for_running is not None else (
-                        heartbeats or _local_worker_alive(study))
-                    if not waiting:
+                    if recover():
+                        continue  # a dead worker's trial is queued again: run it
+                    running = [t for t in trials if t.state == TrialState.RUNNING]
+                    if not (wait_for_running and running):
                         stats.budget_reached = True
                         break
                     # others still run trials; one may die, be failed and re-queued: look again
                     # soon, then less often (at least every 2 s or heartbeat interval)
                     time.sleep(wait)
-                    wait = min(wait * 2, max(poll_interval, min(2.0, storage.get_heartbeat_interval() or 2.0)))
-                if study._stop_flag:  # e.g. GridSampler: every grid point was evaluated
+                    wait = min(wait * 2, max(poll_interval, min(2.0, settings.interval)))
+                except Exception as exc:
+                    lost = _lost_trial(study, current.pop("trial_id", None), exc)
+                    if lost is None:
+                        raise
+                    stats.lost.append(lost.number)
+                    _logger.warning(
+                        "trial %d was failed by another worker while this one ran it (no heartbeat "
+                        "reached the storage for %.0f s); its result is dropped and its retry runs "
+                        "the same parameters", lost.number, settings.grace)
+                if private.stop_requested(study):  # e.g. GridSampler: every grid point was evaluated
                     break
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM, in a trial or while waiting
             stats.interrupted = True
             trial_id = current.pop("trial_id", None)
             if trial_id is not None:
-                stats.requeued += requeue_trials(study, [trial_id], failed_trial_retries, failed_by_us=True)
+                stats.requeued += requeue_trials(study, [trial_id], settings.failed_trial_retries,
+                                                 failed_by_us=True)
     storage.remove_session()
     return stats
 
@@ -159,27 +164,57 @@ def _done(stats: WorkerStats, n_trials: int | None, timeout: float | None, start
     return timeout is not None and time.monotonic() - start >= timeout
 
 
-def lock_grid_sampler(study: optuna.Study) -> None:
-    """Make a GridSampler pick its grid point under the study lock: no point twice.
+def _lost_trial(study: optuna.Study, trial_id: int | None, exc: BaseException) -> FrozenTrial | None:
+    """This worker's trial, if ``exc`` says someone else finished it meanwhile (a worker that
+    judged it stale): Optuna then refuses the update or the tell of an already finished trial."""
+    refused = isinstance(exc, optuna.exceptions.UpdateFinishedTrialError) or (
+        isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a "))
+    if trial_id is None or not refused:
+        return None
+    trial = private.study_storage(study).get_trial(trial_id)
+    return trial if trial.state.is_finished() else None
 
-    Optuna's GridSampler chooses an unvisited grid point at random and records it on the
-    trial; two workers doing that at the same moment can choose the same point. Under the
-    lock, the second one sees the first one's RUNNING trial and its point.
+
+def order_grid_choices(study: optuna.Study, limit: float = 30.0) -> None:
+    """Make a GridSampler choose grid points in trial-number order: no point twice, no lock.
+
+    Optuna's GridSampler gives trial number ``n`` grid point ``n`` while numbers are below the
+    grid size, and otherwise picks an unvisited point at random; two trials picking at the same
+    moment can pick the same point. Here a trial picks only once every trial with a lower
+    number has picked (trial numbers are unique, handed out by the storage), so it sees their
+    points. This needs nothing but reads, so it works through a storage proxy too. A lower
+    trial that never picks (its worker died) is waited for at most ``limit`` seconds.
     """
     sampler = study.sampler
-    storage = study._storage
-    if not isinstance(sampler, optuna.samplers.GridSampler) or getattr(sampler, "_lora_tune_locked", False):
-        return
-    if not isinstance(storage, ResilientStorage):
+    if not isinstance(sampler, optuna.samplers.GridSampler) or getattr(sampler, "_lora_tune_ordered", False):
         return
     original = sampler.before_trial
 
     def before_trial(study_: optuna.Study, trial: FrozenTrial) -> None:
-        with storage.study_lock(study_._study_id):
-            original(study_, trial)
+        if not _grid_assigned(trial):
+            _wait_for_lower_picks(study_, trial, limit)
+        original(study_, trial)
 
     sampler.before_trial = before_trial  # type: ignore[method-assign]
-    sampler._lora_tune_locked = True  # type: ignore[attr-defined]
+    sampler._lora_tune_ordered = True  # type: ignore[attr-defined]
+
+
+def _grid_assigned(trial: FrozenTrial) -> bool:
+    return private.GRID_ID_KEY in trial.system_attrs or private.FIXED_PARAMS_KEY in trial.system_attrs
+
+
+def _wait_for_lower_picks(study: optuna.Study, trial: FrozenTrial, limit: float) -> None:
+    storage, deadline, pause = private.study_storage(study), time.monotonic() + limit, 0.01
+    while True:
+        running = storage.get_all_trials(private.study_id(study), deepcopy=False, states=(TrialState.RUNNING,))
+        if not any(t.number < trial.number and not _grid_assigned(t) for t in running):
+            return
+        if time.monotonic() > deadline:
+            _logger.warning("trial %d: an earlier trial has not chosen its grid point for %.0f s; choosing anyway",
+                            trial.number, limit)
+            return
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def requeue_trials(study: optuna.Study, trial_ids: Sequence[int], max_retry: int, *,
@@ -191,7 +226,7 @@ def requeue_trials(study: optuna.Study, trial_ids: Sequence[int], max_retry: int
     (someone else failed and re-queued them), except, with ``failed_by_us``, FAIL trials this
     process failed itself (an interrupted trial).
     """
-    storage = study._storage
+    storage = private.study_storage(study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
@@ -212,37 +247,35 @@ def requeue_trials(study: optuna.Study, trial_ids: Sequence[int], max_retry: int
         failed = storage.get_trial(trial_id)
         if failed.state != TrialState.FAIL:
             continue
-        retry(study, failed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry(study, failed)
         # the callback re-queues unless the trial's retry history is already max_retry long
         if len(failed.system_attrs.get("retry_history", [])) < max_retry:
             requeued.append(failed.number)
     return requeued
 
 
-def recover_dead_local_workers(study: optuna.Study, max_retry: int) -> list[int]:
-    """Fail and re-queue RUNNING trials whose worker ran on this machine and has exited.
-
-    Needs no heartbeat: the worker's ``hostname:pid`` is on the trial. A worker on another
-    machine (or in another container) is never judged from here.
-    """
+def recover_trials(study: optuna.Study, watch: StaleWatch, settings: HeartbeatSettings,
+                   exclude: Iterable[int] = ()) -> list[int]:
+    """Fail and re-queue the RUNNING trials of dead workers: those of this machine whose
+    process is gone (at once) and those whose heartbeat ``watch`` finds stale."""
+    storage = private.study_storage(study)
+    running = storage.get_all_trials(private.study_id(study), deepcopy=False, states=(TrialState.RUNNING,))
+    skip = set(exclude)
     host, me = worker_id().rpartition(":")[0], os.getpid()
     requeued = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in running:
         where, _, pid = str(trial.system_attrs.get(WORKER_KEY, "")).rpartition(":")
-        if where == host and pid.isdigit() and int(pid) != me and not _alive(int(pid)):
-            requeued += requeue_trials(study, [trial._trial_id], max_retry,
+        if (where == host and pid.isdigit() and int(pid) != me and not _alive(int(pid))
+                and private.trial_id(trial) not in skip):
+            requeued += requeue_trials(study, [private.trial_id(trial)], settings.failed_trial_retries,
                                        reason=f"its worker {where}:{pid} exited mid-trial")
+    for trial in watch.stale(running, skip):
+        requeued += requeue_trials(study, [private.trial_id(trial)], settings.failed_trial_retries,
+                                   reason=f"no heartbeat for {settings.grace:.0f} s (study.grace_period): "
+                                          f"its worker {trial.system_attrs.get(WORKER_KEY, '?')} is presumed dead")
     return requeued
-
-
-def _local_worker_alive(study: optuna.Study) -> bool:
-    """Whether a RUNNING trial belongs to a live worker on this machine."""
-    host = worker_id().rpartition(":")[0]
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        where, _, pid = str(trial.system_attrs.get(WORKER_KEY, "")).rpartition(":")
-        if where == host and pid.isdigit() and _alive(int(pid)):
-            return True
-    return False
 
 
 def _alive(pid: int) -> bool:
@@ -262,7 +295,7 @@ def _alive(pid: int) -> bool:
 def recover_worker(study: optuna.Study, worker: str, max_retry: int) -> list[int]:
     """Fail and re-queue the RUNNING trials of a worker (``hostname:pid``) known to be dead."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    ids = [t._trial_id for t in running if t.system_attrs.get(WORKER_KEY) == worker]
+    ids = [private.trial_id(t) for t in running if t.system_attrs.get(WORKER_KEY) == worker]
     return requeue_trials(study, ids, max_retry)
 
 
@@ -303,6 +336,7 @@ def check_parallel_storage(url: str, jobs: int) -> None:
 
 
 _SQLITE_CLAIMS: dict[str, int] = {}
+_SQLITE_CLAIMS_LOCK = threading.Lock()
 
 
 def claim_sqlite(url: str) -> None:
@@ -317,8 +351,12 @@ def claim_sqlite(url: str) -> None:
 
     database = sa.engine.make_url(url).database or ""
     path = os.path.abspath(database) + ".lora-tune.pid"
-    if path in _SQLITE_CLAIMS:
-        return
+    with _SQLITE_CLAIMS_LOCK:  # threads of this process share the claim
+        if path not in _SQLITE_CLAIMS:
+            _claim_file(url, path)
+
+
+def _claim_file(url: str, path: str) -> None:
     try:
         import fcntl
     except ImportError:  # Windows: no claim
@@ -371,7 +409,7 @@ def run_jobs(
     jobs: int,
     *,
     extra_args: Sequence[str] = (),
-    failed_trial_retries: int = 2,
+    failed_trial_retries: int | None = None,
     max_rounds: int = 3,
     env: dict[str, str] | None = None,
 ) -> int:
@@ -384,6 +422,8 @@ def run_jobs(
     Ctrl-C stops the children (each re-queues its running trial) and then this process.
     """
     check_parallel_storage(url, jobs)
+    if failed_trial_retries is None:
+        failed_trial_retries = HeartbeatSettings.from_study(study.user_attrs).failed_trial_retries
     base_env = dict(os.environ if env is None else env)
     gpus = visible_gpus(base_env)
     name = study.study_name
@@ -406,8 +446,10 @@ def run_jobs(
                 for child in children:
                     child.wait()
                 raise
-            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-            if not waiting:
+            trials = study.get_trials(deepcopy=False)
+            waiting = [t for t in trials if t.state == TrialState.WAITING]
+            budget = study_budget(study.user_attrs)
+            if not waiting or (budget is not None and budget_done(trials) >= budget):
                 break
             _logger.warning("%d queued trial(s) left after the workers exited; starting workers again",
                             len(waiting))

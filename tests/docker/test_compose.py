@@ -54,7 +54,7 @@ def compose() -> dict:
 
 
 def test_services(compose):
-    assert set(compose["services"]) == {"postgres", "create", "worker", "dashboard"}
+    assert set(compose["services"]) == {"postgres", "proxy", "create", "worker", "dashboard"}
     assert {"pgdata"} <= set(compose["volumes"])
 
 
@@ -77,7 +77,7 @@ def _resolve(args: list[str]) -> tuple[click.Command, list[str]]:
     return command, rest
 
 
-@pytest.mark.parametrize("service", ["create", "worker", "dashboard"])
+@pytest.mark.parametrize("service", ["proxy", "create", "worker", "dashboard"])
 def test_every_command_is_a_real_lora_tune_command_line(compose, service):
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["lora-tune"]' in dockerfile
@@ -100,7 +100,8 @@ def test_study_file_and_name_agree(compose):
 
 def test_workers_wait_for_database_and_study(compose):
     worker = compose["services"]["worker"]
-    assert worker["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["proxy"]["condition"] == "service_healthy"
+    assert compose["services"]["proxy"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert worker["depends_on"]["create"]["condition"] == "service_completed_successfully"
     assert worker["restart"] == "on-failure"
     assert int(worker["deploy"]["replicas"]) == int(env_example()["WORKERS"])
@@ -109,11 +110,25 @@ def test_workers_wait_for_database_and_study(compose):
 
 def test_storage_url_comes_from_env_file(compose):
     env = env_example()
-    for name in ("create", "worker", "dashboard"):
+    for name in ("proxy", "create", "dashboard"):
         url = compose["services"][name]["environment"]["LORA_TUNE_STORAGE"]
         assert storage_kind(url) == "rdb" and "@postgres:5432/" in url
         assert env["POSTGRES_PASSWORD"] in url  # interpolated from .env, not written in compose.yaml
         assert env["POSTGRES_PASSWORD"] not in mask_url(url)
+
+
+def test_workers_use_the_proxy_and_never_see_the_password(compose):
+    env = env_example()
+    worker, proxy = compose["services"]["worker"], compose["services"]["proxy"]
+    assert worker["environment"] == {"LORA_TUNE_STORAGE": "grpc://proxy:13000"}
+    assert storage_kind(worker["environment"]["LORA_TUNE_STORAGE"]) == "grpc"
+    assert env["POSTGRES_PASSWORD"] not in str(worker)
+    args = proxy["command"]
+    assert args[args.index("--port") + 1] == "13000" and args[args.index("--host") + 1] == "0.0.0.0"
+    assert int(args[args.index("--max-connections") + 1]) == int(env["PROXY_CONNECTIONS"])
+    assert "13000" in " ".join(proxy["healthcheck"]["test"])
+    # the image installs the gRPC extra the proxy and its clients need
+    assert "grpc" in re.search(r"ARG EXTRAS=(\S+)", (DOCKER / "Dockerfile").read_text())[1].split(",")
 
 
 def test_no_secret_inline():
@@ -143,6 +158,7 @@ def test_gpu_override_builds_cuda_image():
     assert "quant" in worker["build"]["args"]["EXTRAS"]
     assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert set(gpu["services"]) <= {"create", "worker", "dashboard"}
+    assert "grpc" in worker["build"]["args"]["EXTRAS"]
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert re.search(r"ARG TORCH_INDEX_URL=\S+/cpu", dockerfile)
 

@@ -11,12 +11,13 @@ import time
 import optuna
 import pytest
 from optuna.trial import TrialState
-
-from lora_tune.study import storage as st
-from lora_tune.study._resilient import BudgetReached, is_transient
-from lora_tune.study.workers import run_worker, study_budget
 from tcp_proxy import OutageProxy
 from workerlib import HERE, REPO, by_state, make_study, reload
+
+from lora_tune.study import storage as st
+from lora_tune.study.storages.budget import BudgetReached, study_budget
+from lora_tune.study.storages.retry import is_transient
+from lora_tune.study.workers import run_worker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
@@ -52,9 +53,8 @@ def test_budget_is_exact_with_threads(tmp_path):
 def test_budget_reached_writes_nothing(tmp_path):
     url = f"journal:{tmp_path / 'j.log'}"
     study = make_study(url, "full", 2)
-    assert study_budget(study) == 2
+    assert study_budget(study.user_attrs) == 2
     run_worker(study, quick)
-    study._storage.set_budget(study._study_id, 2)
     with pytest.raises(BudgetReached, match="2 of 2"):
         study.ask()
     assert len(study.get_trials()) == 2
@@ -71,11 +71,9 @@ def _abandoned_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
 @pytest.mark.parametrize("retries, expected", [(2, {"COMPLETE": 3, "FAIL": 1}), (0, {"COMPLETE": 2, "FAIL": 1})])
 def test_stale_trial_is_failed_and_retried_with_same_params(tmp_path, retries, expected):
     url = f"sqlite:///{tmp_path / 'stale.db'}"
-    study = make_study(url, "stale", 3)
-    st.configure_heartbeat(study._storage, heartbeat_interval=1, grace_period=1, failed_trial_retries=retries)
+    study = make_study(url, "stale", 3, heartbeat_interval=1, grace_period=1, failed_trial_retries=retries)
     lost = _abandoned_trial(study)
-    time.sleep(2.2)  # past the grace period
-    stats = run_worker(study, quick, failed_trial_retries=retries)
+    stats = run_worker(study, quick)
     trials = study.get_trials()
     assert by_state(trials) == expected
     assert trials[lost.number].state == TrialState.FAIL
@@ -90,8 +88,7 @@ def test_stale_trial_is_failed_and_retried_with_same_params(tmp_path, retries, e
 def test_worker_waits_for_running_trials_of_others(tmp_path):
     """Budget used but a trial still runs elsewhere: the worker waits, and runs its retry."""
     url = f"sqlite:///{tmp_path / 'wait.db'}"
-    study = make_study(url, "wait", 2)
-    st.configure_heartbeat(study._storage, heartbeat_interval=1, grace_period=2)
+    study = make_study(url, "wait", 2, heartbeat_interval=1, grace_period=2)
     lost = _abandoned_trial(study)  # a worker "elsewhere" that will die
     start = time.monotonic()
     stats = run_worker(study, quick, poll_interval=0.2)
@@ -193,3 +190,110 @@ def test_requeue_is_bounded_by_max_retry(tmp_path):
     assert requeue_trials(study, [first._trial_id], max_retry=5) == []  # failed by someone else: left alone
     assert requeue_trials(study, [first._trial_id], max_retry=5, failed_by_us=True) == [first.number]
     st.dispose_storage(study._storage)
+
+
+def test_budget_counts_one_slot_per_original_trial():
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from lora_tune.study.storages.budget import budget_done, budget_used
+
+    dist = {"x": FloatDistribution(0, 1)}
+
+    def trial(state, **system_attrs):
+        values = {"value": 1.0} if state == TrialState.COMPLETE else {}
+        return create_trial(state=state, params={"x": 0.5}, distributions=dist, system_attrs=system_attrs, **values)
+
+    failed, done = trial(TrialState.FAIL), trial(TrialState.COMPLETE)
+    queued_retry = trial(TrialState.WAITING, failed_trial=0)
+    assert (budget_used([failed, done, queued_retry]), budget_done([failed, done, queued_retry])) == (2, 1)
+    running_retry = trial(TrialState.RUNNING, failed_trial=0)
+    assert (budget_used([failed, done, running_retry]), budget_done([failed, done, running_retry])) == (2, 1)
+    finished_retry = trial(TrialState.COMPLETE, failed_trial=0)
+    assert (budget_used([failed, done, finished_retry]), budget_done([failed, done, finished_retry])) == (2, 2)
+    enqueued = trial(TrialState.WAITING)  # e.g. the baseline, not started yet
+    assert (budget_used([done, enqueued]), budget_done([done, enqueued])) == (1, 1)
+
+
+def test_started_trials_carry_marks_only_in_budgeted_studies(tmp_path):
+    """lora-tune's one deliberate difference from Optuna's storage contract, and its limits."""
+    from lora_tune.study.storages.marks import HEARTBEAT_KEY, WORKER_KEY, worker_id
+
+    storage = st.open_storage(f"sqlite:///{tmp_path / 'marks.db'}")
+    plain = optuna.create_study(study_name="plain", storage=storage)
+    assert plain.ask() and plain.trials[0].system_attrs == {}  # Optuna's behaviour: nothing added
+    budgeted = optuna.create_study(study_name="budgeted", storage=storage)
+    budgeted.set_user_attr("n_trials", 3)
+    budgeted.ask()
+    marks = budgeted.trials[0].system_attrs
+    assert marks[WORKER_KEY] == worker_id() and isinstance(marks[HEARTBEAT_KEY], float)
+    budgeted.enqueue_trial({"x": 0.5})  # a template trial: as given
+    assert set(budgeted.trials[1].system_attrs) == {"fixed_params"}
+    budgeted.ask()  # popping the queued trial starts it: marked before it runs
+    assert {WORKER_KEY, HEARTBEAT_KEY} <= set(budgeted.trials[1].system_attrs)
+    st.dispose_storage(storage)
+
+
+def test_queued_retry_runs_in_its_own_slot(tmp_path):
+    """A re-queued trial keeps the budget slot of the trial it retries: a new trial cannot take it."""
+    from lora_tune.study.workers import requeue_trials
+
+    study = make_study(f"sqlite:///{tmp_path / 'slot.db'}", "slot", 2)
+    lost = _abandoned_trial(study)
+    study.tell(study.ask(), 1.0)
+    assert requeue_trials(study, [lost._trial_id], max_retry=2) == [lost.number]
+    retry = study.ask()  # Optuna pops the queued retry first; the budget lets it start
+    assert retry.params == lost.params
+    with pytest.raises(BudgetReached):
+        study.ask()
+    st.dispose_storage(study._storage)
+
+
+def test_trial_failed_by_another_worker_is_dropped_and_its_retry_runs(tmp_path):
+    """The worker side of stale trials: a worker that was only slow finds its trial failed and
+    re-queued by another one; it drops that result, logs it, and the retry runs the parameters."""
+    from lora_tune.study.workers import requeue_trials
+
+    url = f"sqlite:///{tmp_path / 'slow.db'}"
+    study = make_study(url, "slow", 2)
+    other = optuna.load_study(study_name="slow", storage=study._storage)
+    seen = []
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        seen.append((trial.number, x))
+        if trial.number == 0:  # meanwhile another worker judged this trial stale
+            requeue_trials(other, [trial._trial_id], max_retry=2, reason="no heartbeat")
+            trial.report(x, 0)  # Optuna refuses: the trial is finished
+        return x
+
+    stats = run_worker(study, objective)
+    assert stats.lost == [0] and stats.budget_reached
+    trials = study.get_trials()
+    assert by_state(trials) == {"FAIL": 1, "COMPLETE": 2}
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 0)
+    assert retry.params["x"] == seen[0][1] and retry.state == TrialState.COMPLETE
+    st.dispose_storage(study._storage)
+
+
+def test_stale_watch_judges_by_its_own_clock():
+    from optuna.trial import create_trial
+
+    from lora_tune.study.heartbeat import StaleWatch
+    from lora_tune.study.storages.marks import HEARTBEAT_KEY
+
+    now = [100.0]
+    watch = StaleWatch(grace=10, clock=lambda: now[0])
+
+    def running(trial_id: int, beat: float | None):
+        trial = create_trial(state=TrialState.RUNNING, system_attrs={} if beat is None else {HEARTBEAT_KEY: beat})
+        trial._trial_id = trial_id
+        return trial
+
+    assert watch.stale([running(1, 5.0), running(2, 1e9), running(3, None)]) == []  # first sighting
+    now[0] = 109.0
+    assert watch.stale([running(1, 5.0), running(2, 1e9 + 30)]) == []
+    now[0] = 111.0
+    stale = watch.stale([running(1, 5.0), running(2, 1e9 + 30), running(3, None)])
+    assert [t._trial_id for t in stale] == [1]  # 2 beat meanwhile; 3 is not a lora-tune trial
+    assert watch.stale([running(1, 5.0)], exclude=[1]) == []

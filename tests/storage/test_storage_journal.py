@@ -10,7 +10,7 @@ import time
 import pytest
 from optuna.trial import TrialState
 
-from lora_tune.study._resilient import WORKER_KEY
+from lora_tune.study.storages.marks import WORKER_KEY
 from workerlib import HERE, REPO, by_state, finish, make_study, reload, start_workers
 
 pytestmark = pytest.mark.slow

@@ -40,6 +40,8 @@ def test_resolve_storage_url_order(monkeypatch, cli_value, env, spec, expected):
         ("mysql+pymysql://u:p@h/db", "rdb", True),
         ("journal:./runs/study.log", "journal", True),
         ("runs/study.log", "journal", True),
+        ("grpc://127.0.0.1:13000", "grpc", True),
+        ("grpc://proxy.cluster.local:8080/", "grpc", True),
     ],
 )
 def test_storage_kind(url, kind, processes):
@@ -54,6 +56,29 @@ def test_storage_kind(url, kind, processes):
 )
 def test_journal_path(url, path):
     assert st.journal_path(url) == path
+
+
+@pytest.mark.parametrize("url", ["grpc://proxy", "grpc://proxy:", "grpc://:13000", "grpc://h:99999",
+                                 "grpc://u:pw@h:1", "grpc://h:x"])
+def test_grpc_url_needs_host_and_port(url):
+    with pytest.raises(ConfigError) as info:
+        st.storage_kind(url)
+    assert "grpc://HOST:PORT" in str(info.value) or "port from 1 to 65535" in str(info.value)
+    assert "pw" not in str(info.value)
+
+
+def test_grpc_address():
+    from lora_tune.study.storages.urls import grpc_address
+
+    assert grpc_address("grpc://10.0.0.5:13000") == ("10.0.0.5", 13000)
+    assert grpc_address("grpc://[::1]:13000") == ("::1", 13000)
+
+
+def test_unknown_scheme_names_what_is_allowed():
+    with pytest.raises(ConfigError) as info:
+        st.storage_kind("notadb://x/y")
+    assert "notadb://x/y" in str(info.value) and "grpc://HOST:PORT" in str(info.value)
+    assert st.storage_problem("notadb://x/y") and st.storage_problem("sqlite:///x.db") is None
 
 
 def test_not_a_url_is_a_config_error():
@@ -93,18 +118,6 @@ def test_log_records_are_masked(caplog):
     assert "topsecret" not in caplog.text and "u:***@h" in caplog.text
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"heartbeat_interval": 0}, "study.heartbeat_interval"),
-    ({"grace_period": -1}, "study.grace_period"),
-    ({"failed_trial_retries": -1}, "study.failed_trial_retries"),
-])
-def test_open_storage_rejects_bad_settings(tmp_path, kwargs, field):
-    with pytest.raises(ConfigError) as info:
-        st.open_storage(f"sqlite:///{tmp_path / 'x.db'}", **kwargs)
-    assert info.value.field == field
-    assert not (tmp_path / "x.db").exists()  # nothing written
-
-
 def test_unreachable_server_error_hides_password():
     with pytest.raises(StorageError) as info:
         st.open_storage("postgresql+psycopg://someone:hunter2@127.0.0.1:1/nowhere", retry_seconds=0)
@@ -112,24 +125,23 @@ def test_unreachable_server_error_hides_password():
     assert "someone:***@127.0.0.1:1/nowhere" in str(info.value)
 
 
-def test_sqlite_heartbeat_defaults(tmp_path):
+def test_heartbeat_settings_come_from_the_stored_study_file():
+    from lora_tune.study.heartbeat import HeartbeatSettings
+
+    assert HeartbeatSettings.from_study({}) == HeartbeatSettings(30, None, 2)
+    assert HeartbeatSettings.from_study({}).grace == 90
+    stored = {"spec": {"study": {"heartbeat_interval": 5, "failed_trial_retries": 0}}}
+    settings = HeartbeatSettings.from_study(stored)
+    assert (settings.interval, settings.grace, settings.failed_trial_retries) == (5, 15, 0)
+    stored["spec"]["study"]["grace_period"] = 7
+    assert HeartbeatSettings.from_study(stored).grace == 7
+
+
+def test_dispose_twice_is_fine(tmp_path):
     storage = st.open_storage(f"sqlite:///{tmp_path / 'x.db'}")
-    try:
-        assert storage.get_heartbeat_interval() == st.DEFAULT_HEARTBEAT_INTERVAL
-        assert storage.rdb.grace_period == 3 * st.DEFAULT_HEARTBEAT_INTERVAL
-        st.configure_heartbeat(storage, heartbeat_interval=5, failed_trial_retries=0)
-        assert (storage.get_heartbeat_interval(), storage.rdb.grace_period) == (5, 15)
-        assert storage.get_heartbeat_stale_trial_callback()._max_retry == 0
-    finally:
-        st.dispose_storage(storage)
-        st.dispose_storage(storage)  # twice is fine
-
-
-def test_journal_has_no_heartbeat(tmp_path):
-    storage = st.open_storage(f"journal:{tmp_path / 'j.log'}")
-    assert storage.get_heartbeat_interval() is None
-    st.configure_heartbeat(storage, heartbeat_interval=3)  # ignored, no error
     st.dispose_storage(storage)
+    st.dispose_storage(storage)
+    assert storage.get_all_studies() == []  # connections reopen on demand
 
 
 def test_parallel_sqlite_refused_with_reason():

@@ -1,5 +1,5 @@
-"""The storage's own writes and reads give the same trials Optuna's RDBStorage gives, on the
-same tables, and refuse the same things."""
+"""Trials read back through lora-tune's storage equal what plain Optuna reads from the same tables;
+plain Optuna processes and lora-tune workers share a study; SQLite in WAL mode; connections closed."""
 from __future__ import annotations
 
 import math
@@ -54,7 +54,7 @@ def test_multi_objective_trials_read_back_identically(url):
     study.optimize(_objective, n_trials=12, catch=(RuntimeError,))
     plain = optuna.load_study(study_name="multi", storage=optuna.storages.RDBStorage(url))
     _same(study.get_trials(), plain.get_trials())
-    # and through a second lora-tune storage (the two-query reader), not the writer's cache
+    # and through a second lora-tune storage, not the writer's cache
     second = st.open_storage(url)
     _same(optuna.load_study(study_name="multi", storage=second).get_trials(), plain.get_trials())
     assert {t.state for t in plain.get_trials()} <= {TrialState.COMPLETE, TrialState.FAIL}

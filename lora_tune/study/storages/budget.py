@@ -1,0 +1,153 @@
+"""The study's exact global trial budget, and the one way it is counted.
+
+A study's budget is its ``n_trials``: the stored study file's ``study.n_trials`` (user
+attribute ``spec``), or for a plain Optuna study its user attribute ``n_trials``. It is a fact
+of the study, so every process that starts trials - workers, a storage proxy serving them -
+reads the same number.
+
+Counting: one budget slot per trial that was started (RUNNING, COMPLETE, PRUNED or FAIL).
+A failed trial re-queued with the same parameters (Optuna's ``RetryHeartbeatStaleTrialCallback``
+marks the copy with ``failed_trial``) keeps its slot: the retry runs in it, so retries are
+not counted again, and a queued retry is never refused for lack of budget. A slot is done
+when the last trial in it finished. :func:`budget_used` and :func:`budget_done` are used by
+the storage, the runner, the progress bar and the CLI alike.
+
+:class:`BudgetedStorage` starts a trial of a budgeted study - a new one, or a queued one -
+only under the study's lock (:mod:`.locks`), after counting; when the budget is used up,
+``create_new_trial`` raises :class:`BudgetReached` and nothing is written. Studies without
+a budget, and trials created from a template (enqueued or added trials), are Optuna's
+behaviour unchanged.
+
+The one documented difference from a plain Optuna storage: a trial started in a *budgeted*
+study carries lora-tune's start marks (:mod:`.marks`) from the moment it exists, written in
+the same call that creates it, so that a worker dying at any point leaves a trial the others
+recognise and retry.
+"""
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Container, Mapping, Sequence
+from typing import Any
+
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from lora_tune.study import _optuna_private as private
+from lora_tune.study.storages.locks import StudyLocks
+from lora_tune.study.storages.marks import RETRY_KEY, start_marks
+from lora_tune.study.storages.wrapper import StorageWrapper
+
+_MESSAGE = "trial budget reached: {used} of {budget} trials started or finished"
+_PARSE = re.compile(r"trial budget reached: (\d+) of (\d+) trials")
+
+
+class BudgetReached(Exception):
+    """The study's global trial budget is used up: no trial was started."""
+
+    def __init__(self, study_id: int, used: int, budget: int):
+        self.study_id, self.used, self.budget = study_id, used, budget
+        super().__init__(_MESSAGE.format(used=used, budget=budget))
+
+    @classmethod
+    def parse(cls, study_id: int, text: str) -> BudgetReached | None:
+        """The BudgetReached whose message is inside ``text`` (e.g. a storage proxy's error)."""
+        found = _PARSE.search(text)
+        return cls(study_id, int(found[1]), int(found[2])) if found else None
+
+
+def study_budget(user_attrs: Mapping[str, Any]) -> int | None:
+    """The study's ``n_trials`` from its user attributes (stored study file, else ``n_trials``)."""
+    spec = user_attrs.get("spec")
+    if isinstance(spec, dict) and isinstance(spec.get("study"), dict):
+        value = spec["study"].get("n_trials")
+        if value is not None:
+            return int(value)
+    value = user_attrs.get("n_trials")
+    return int(value) if value is not None else None
+
+
+def budget_used(trials: Sequence[FrozenTrial]) -> int:
+    """Budget slots in use: started trials that are not retries of a failed one."""
+    return sum(1 for t in trials if t.state != TrialState.WAITING and RETRY_KEY not in t.system_attrs)
+
+
+def budget_done(trials: Sequence[FrozenTrial]) -> int:
+    """Budget slots whose last trial finished (a slot with a retry queued or running is not done)."""
+    finished = sum(1 for t in trials if t.state.is_finished())
+    return finished - sum(1 for t in trials if RETRY_KEY in t.system_attrs)
+
+
+class BudgetedStorage(StorageWrapper):
+    """Starts trials of budgeted studies under the study lock, after counting (see the module).
+
+    ``worker``: recorded on the trials this storage starts (``hostname:pid``); None in a
+    storage proxy, whose clients record their own.
+    """
+
+    def __init__(self, inner: BaseStorage, locks: StudyLocks, worker: str | None):
+        super().__init__(inner)
+        self.locks = locks
+        self.worker = worker
+        self._study_of: dict[int, int] = {}  # trial id -> study id, from the trials read
+
+    def budget(self, study_id: int) -> int | None:
+        return study_budget(self.inner.get_study_user_attrs(study_id))
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        if template_trial is not None or self.budget(study_id) is None:
+            return self._known(study_id, self.inner.create_new_trial(study_id, template_trial))
+        with self.locks.hold(study_id):
+            budget = self.budget(study_id)
+            used = budget_used(self.inner.get_all_trials(study_id, deepcopy=False))
+            if budget is not None and used >= budget:
+                raise BudgetReached(study_id, used, budget)
+            return self._known(study_id, self.inner.create_new_trial(study_id, self._running()))
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState,
+                               values: Sequence[float] | None = None) -> bool:
+        if state != TrialState.RUNNING:
+            return self.inner.set_trial_state_values(trial_id, state, values)
+        study_id = self._study_of.get(trial_id)
+        if study_id is None:
+            study_id = self._find_study(trial_id)
+        if self.budget(study_id) is None:
+            return self.inner.set_trial_state_values(trial_id, state, values)
+        with self.locks.hold(study_id):  # popping a queued trial starts it: the budget applies
+            trial = self.inner.get_trial(trial_id)
+            if trial.state != TrialState.WAITING:
+                return self.inner.set_trial_state_values(trial_id, state, values)  # Optuna's answer
+            budget = self.budget(study_id)
+            used = budget_used(self.inner.get_all_trials(study_id, deepcopy=False))
+            if RETRY_KEY not in trial.system_attrs and budget is not None and used >= budget:
+                return False  # (a queued retry has its slot: never refused)
+            for key, value in start_marks(self.worker).items():  # before it runs: see module
+                self.inner.set_trial_system_attr(trial_id, key, value)
+            return self.inner.set_trial_state_values(trial_id, state, values)
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True,
+                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        trials = self.inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+        for trial in trials:
+            self._study_of[private.trial_id(trial)] = study_id
+        return trials
+
+    def _known(self, study_id: int, trial_id: int) -> int:
+        self._study_of[trial_id] = study_id
+        return trial_id
+
+    def _find_study(self, trial_id: int) -> int:
+        for study in self.inner.get_all_studies():
+            for trial in self.inner.get_all_trials(private.frozen_study_id(study), deepcopy=False):
+                self._study_of[private.trial_id(trial)] = private.frozen_study_id(study)
+        if trial_id not in self._study_of:
+            raise KeyError(f"No trial with trial_id {trial_id} exists.")
+        return self._study_of[trial_id]
+
+    def _running(self) -> FrozenTrial:
+        return FrozenTrial(
+            number=-1, state=TrialState.RUNNING, value=None, values=None,
+            datetime_start=datetime.datetime.now(), datetime_complete=None, params={},
+            distributions={}, user_attrs={}, system_attrs=start_marks(self.worker),
+            intermediate_values={}, trial_id=-1,
+        )

@@ -1,0 +1,97 @@
+"""The private Optuna names lora-tune uses (``lora_tune/study/_optuna_private.py``), checked
+against the installed Optuna: an upgrade that renames or changes one fails here, loudly."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from lora_tune.study import _optuna_private as private
+
+REPO = Path(__file__).resolve().parents[2]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_study_and_trial_ids_and_storage():
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="ids")
+    assert private.study_storage(study) is storage
+    assert private.study_id(study) == storage.get_study_id_from_name("ids")
+    assert private.frozen_study_id(storage.get_all_studies()[0]) == private.study_id(study)
+    trial = study.ask()
+    frozen = study.trials[0]
+    assert private.trial_id(trial) == private.trial_id(frozen)
+    assert storage.get_trial(private.trial_id(trial)).number == 0
+
+
+def test_stop_requested_follows_study_stop():
+    study = optuna.create_study()
+    seen = []
+
+    def objective(trial):
+        seen.append(private.stop_requested(study))
+        study.stop()
+        seen.append(private.stop_requested(study))
+        return 0.0
+
+    study.optimize(objective, n_trials=3)
+    assert seen == [False, True]  # the loop stopped after the first trial
+
+
+def test_cached_rdb_is_what_optuna_uses_for_a_url(tmp_path):
+    rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'c.db'}")
+    cached = private.cached_rdb(rdb)
+    assert type(cached) is type(optuna.storages.get_storage(rdb))
+    study_id = cached.create_new_study([optuna.study.StudyDirection.MINIMIZE], "c")
+    assert rdb.get_study_name_from_id(study_id) == "c"
+    rdb.engine.dispose()
+
+
+def test_grid_sampler_records_and_reads_what_lora_tune_relies_on():
+    space = {"x": [0.0, 1.0, 2.0], "y": [3, 4]}
+    sampler = optuna.samplers.GridSampler(space, seed=0)
+    assert private.grid_space(sampler) == {"x": [0.0, 1.0, 2.0], "y": [3, 4]}
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: t.suggest_float("x", 0, 2) + t.suggest_int("y", 3, 4), n_trials=6)
+    ids = set()
+    for trial in study.trials:
+        assert trial.system_attrs[private.GRID_SPACE_KEY] == private.grid_space(sampler)
+        index = trial.system_attrs[private.GRID_ID_KEY]
+        assert private.grid_index(sampler, trial.params) == index
+        ids.add(index)
+    assert ids == set(range(6)) and private.grid_index(sampler, {"x": 9.0, "y": 3}) is None
+    # an enqueued trial carries fixed_params, and GridSampler then assigns it no grid point itself
+    study.enqueue_trial({"x": 1.0, "y": 3})
+    trial = study.ask()
+    frozen = study._storage.get_trial(trial._trial_id)
+    assert private.FIXED_PARAMS_KEY in frozen.system_attrs and private.GRID_ID_KEY not in frozen.system_attrs
+    assert frozen.state == TrialState.RUNNING
+
+
+def test_grid_sampler_picks_by_trial_number_below_the_grid_size():
+    """order_grid_choices relies on this: trial n < grid size gets grid point n, others wait."""
+    sampler = optuna.samplers.GridSampler({"x": [1, 2, 3]}, seed=0)
+    study = optuna.create_study(sampler=sampler)
+    trials = [study.ask() for _ in range(3)]
+    assert [study._storage.get_trial(t._trial_id).system_attrs["grid_id"] for t in trials] == [0, 1, 2]
+
+
+def test_no_private_optuna_name_outside_the_private_module():
+    """Our storage and worker code reaches Optuna's internals only through _optuna_private."""
+    own = ["lora_tune/study/storage.py", "lora_tune/study/storage_proxy.py", "lora_tune/study/workers.py",
+           "lora_tune/study/heartbeat.py", "lora_tune/cli/commands_worker.py", "lora_tune/cli/commands_proxy.py",
+           *[str(p.relative_to(REPO)) for p in (REPO / "lora_tune/study/storages").glob("*.py")]]
+    for path in own:
+        tree = ast.parse((REPO / path).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                assert node.attr in _OWN_PRIVATE, f"{path}:{node.lineno}: .{node.attr}"
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("optuna"):
+                assert not any(part.startswith("_") for part in node.module.split(".")), f"{path}: {node.module}"
+
+
+# lora-tune's own private attributes (not Optuna's) that these modules use
+_OWN_PRIVATE = {"_forward", "_retry", "_retries", "_drop_connections", "_study_of", "_known", "_find_study",
+                "_running", "_seen", "_lock", "_stop", "_thread", "_run", "_lora_tune_ordered", "_logger"}
