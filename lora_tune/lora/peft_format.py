@@ -32,7 +32,7 @@ from torch import nn
 from lora_tune.errors import AdapterFormatError, ConfigError
 from lora_tune.lora.config import LoraConfig
 from lora_tune.lora.layers import ADAPTER_PARAMS, LoraMultiheadAttention
-from lora_tune.lora.state import (
+from lora_tune.lora.adapter_sites import (
     LoadPlan,
     Site,
     adapted_sites,
