@@ -19,6 +19,7 @@ _EXPORTS = {
     "InjectReport": "lora_tune.lora.inject",
     "find_targets": "lora_tune.lora.inject",
     "target_presets": "lora_tune.lora.inject",
+    "target_coverage": "lora_tune.lora.coverage",
     "merge": "lora_tune.lora.inject",
     "unmerge": "lora_tune.lora.inject",
     "merge_and_unload": "lora_tune.lora.inject",

@@ -44,7 +44,9 @@ def validate_cmd(study_file: Path) -> None:
     """Check STUDY_FILE; exit 0 when valid, 2 with every error otherwise.
 
     Besides the schema, this builds the task (its data and pretrained model, cached) to check
-    metric names and that the baseline fits the search space. Nothing is written to a storage.
+    metric names, that the baseline fits the search space and that every targets / layers choice
+    fits the model, and prints what share of the model's linear weights each choice adapts, with a
+    warning where one matches only part of what it promises. Nothing is written to a storage.
     """
     from lora_tune.errors import StudySpecError
     from lora_tune.study.runner import prepare_spec
@@ -72,6 +74,13 @@ def validate_cmd(study_file: Path) -> None:
     console.print(f"  searches: {', '.join(sampled) or '(nothing)'}" + (f"; fixed: {', '.join(fixed)}" if fixed else ""))
     if baseline is not None:
         console.print(f"  baseline: {baseline}")
+    from lora_tune.study.coverage import space_coverage
+
+    console.print("  coverage (share of the model's linear weights each target choice adapts):")
+    for record in space_coverage(resolved, _task):  # the task prepare_spec built
+        console.print(f"    {record.describe()}", markup=False)
+        for warning in record.warnings:
+            console.print("      [yellow]warning:[/] " + warning.replace("[", "\\["))
 
 
 # -- study create -------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """The model's repeated blocks (layer stacks) and ``LoraConfig.layers``: which of them get LoRA.
 
-A layer stack is an ``nn.ModuleList`` (or an ``nn.Sequential`` of two or more) whose entries are
-all of one type and each hold a layer the injector can adapt, and which is not inside another
-stack: ``model.layers`` (Llama, Mixtral), ``transformer.h`` (GPT-2), ``bert.encoder.layer``,
+A layer stack is an ``nn.ModuleList`` whose entries each hold a layer the injector can adapt
+(their types may differ: hybrid models mix attention and other blocks), or an ``nn.Sequential``
+of two or more such entries of one type, that is not inside another stack: ``model.layers`` (Llama, Mixtral), ``transformer.h`` (GPT-2), ``bert.encoder.layer``,
 ``encoder.block`` and ``decoder.block`` (T5), ``model.encoder.layers`` and
 ``model.decoder.layers`` (BART, Whisper). A stack nested in a block (old-style expert lists,
-T5's per-block ``layer`` list, whose entries differ) is part of that block.
+T5's per-block ``layer`` list) is part of that block.
 
 ``layers`` counts in every stack (or in those ``layers_pattern`` names): ``{"last": 2}`` on a
 T5 adapts the last two encoder blocks and the last two decoder blocks. An index or a count a
@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 from torch import nn
 
 from lora_tune.errors import ConfigError
-from lora_tune.lora.config import LAYERS_ALLOWED
+from lora_tune.lora.config import LAYERS_ALLOWED, layers_label
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,12 @@ def layer_stacks(model: nn.Module, adaptable: Callable[[nn.Module], bool]) -> li
             continue
         children = list(module.children())
         if isinstance(module, nn.ModuleList):
-            enough = len(children) >= 1
+            ok = len(children) >= 1
         elif isinstance(module, nn.Sequential):
-            enough = len(children) >= 2
+            ok = len(children) >= 2 and len({type(c) for c in children}) == 1
         else:
             continue
-        if not enough or len({type(c) for c in children}) != 1:
+        if not ok:
             continue
         if all(holds_adaptable(c) for c in children):
             stacks.append(LayerStack(name, len(children)))
@@ -82,17 +82,6 @@ def locate(name: str, stacks: Sequence[LayerStack]) -> tuple[LayerStack, int] | 
         if index is not None:
             return stack, index
     return None
-
-
-def layers_label(layers: Any) -> str:
-    """How a ``layers`` value is written in trial parameters and reports: ``all``, ``first:2``,
-    ``last:4``, ``0|1|2``."""
-    if layers is None or layers == "all":
-        return "all"
-    if isinstance(layers, Mapping):
-        (side, n), = layers.items()
-        return f"{side}:{n}"
-    return "|".join(str(i) for i in layers)
 
 
 def select_stacks(stacks: Sequence[LayerStack], layers_pattern: Sequence[str] | None) -> list[LayerStack]:

@@ -234,11 +234,32 @@ def _sizes_map(name: str, value: Any) -> dict[str, list[int]]:
 LAYERS_ALLOWED = "None or 'all' (every block), {'first': N} or {'last': N} (N >= 1), or a list of block indices (>= 0)"
 
 
+def layers_label(layers: Any) -> str:
+    """How a ``layers`` value is written in trial parameters and reports: ``all``, ``first:2``,
+    ``last:4``, ``0|1|2`` (:func:`normalize_layers` reads these back)."""
+    layers = normalize_layers(layers)
+    if layers is None:
+        return "all"
+    if isinstance(layers, Mapping):
+        (side, n), = layers.items()
+        return f"{side}:{n}"
+    return "|".join(str(i) for i in layers)
+
+
 def normalize_layers(value: Any) -> dict[str, int] | list[int] | None:
     """``LoraConfig.layers`` checked and normalised: None, ``{"first": N}``, ``{"last": N}`` or a
-    sorted list of distinct block indices (``"all"`` becomes None)."""
+    sorted list of distinct block indices. ``"all"`` becomes None, and the labels of
+    :func:`layers_label` (``"last:4"``, ``"0|1|2"``) their values."""
     if value is None or value == "all":
         return None
+    if isinstance(value, str):
+        side, colon, n = value.partition(":")
+        if colon and side in ("first", "last") and n.strip().isdigit():
+            value = {side: int(n)}
+        elif all(part.strip().isdigit() for part in value.split("|")):
+            value = [int(part) for part in value.split("|")]
+        else:
+            raise ConfigError("layers", value, LAYERS_ALLOWED + ", or such a value written 'last:4', 'first:2', '0|1|2'")
     if isinstance(value, Mapping):
         if len(value) != 1 or next(iter(value)) not in ("first", "last"):
             raise ConfigError("layers", dict(value), LAYERS_ALLOWED)

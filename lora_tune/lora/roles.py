@@ -18,8 +18,9 @@ The presets are built from these roles, so they mean the same thing in every fam
 * **head**: an output layer outside the blocks -- named as one (``lm_head``, ``classifier``,
   ``score``, ...), inside one (RoBERTa's ``classifier.out_proj``), whose weight is tied to an
   embedding, or whose output size is the vocabulary (Whisper's ``proj_out``).
-* **other**: any other layer outside the blocks (BERT's pooler, OPT's ``project_in``): neither
-  attention nor MLP; in ``all-linear`` only.
+* **other**: any other layer outside the blocks (BERT's pooler, OPT's ``project_in``), and the
+  layers of a non-attention sequence mixer (``mixer``, ``mamba``, ``ssm`` modules of hybrid
+  models): neither attention nor MLP; in ``all-linear`` only.
 
 Names are the fallback only where the tree says nothing (a model without blocks or
 attention/MLP modules): ``q_proj``-like names are attention, ``fc1`` / ``linear1``-like names MLP.
@@ -52,6 +53,7 @@ MLP_NAMES = {"fc1", "fc2", "c_fc", "linear1", "linear2", "up_proj", "down_proj",
 _ATTENTION_WORDS = ("attention", "attn")
 _MLP_WORDS = ("mlp", "feedforward", "feed_forward", "intermediate", "expert", "moe", "ffn")
 _MLP_TOKENS = {"ff", "fc"}
+_OTHER_WORDS = ("mixer", "mamba", "ssm", "recurrent", "rnn")  # sequence mixers of hybrid models
 _ROUTER_TOKENS = {"gate", "router", "gating"}
 _CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
 
@@ -61,12 +63,14 @@ def _tokens(text: str) -> set[str]:
 
 
 def _scope_of(text: str) -> str | None:
-    """'attention', 'mlp' or None for an attribute or type name."""
+    """'attention', 'mlp', 'other' (a non-attention sequence mixer) or None for an attribute or type name."""
     low = text.lower()
     if any(w in low for w in _ATTENTION_WORDS) or "mha" in _tokens(text):
         return "attention"
     if any(w in low for w in _MLP_WORDS) or _tokens(text) & _MLP_TOKENS:
         return "mlp"
+    if any(w in low for w in _OTHER_WORDS):
+        return "other"
     return None
 
 
@@ -110,6 +114,18 @@ def _is_head(model: nn.Module, modules: dict[str, nn.Module], name: str, module:
     return isinstance(vocab, int) and out == vocab and isinstance(module, nn.Linear)
 
 
+def _named_attention(modules: dict[str, nn.Module], name: str, fused_name: bool) -> bool:
+    """Where the tree says nothing: q/k/v-like names, a fused qkv name, or an output projection
+    beside q/k/v-like siblings (a bare ``in_proj`` / ``out_proj`` is also what Mamba mixers have)."""
+    parent, _, last = name.rpartition(".")
+    last = last.lower()
+    if last in Q_NAMES | K_NAMES | V_NAMES or (fused_name and last != "in_proj"):
+        return True
+    holder = modules.get(parent)
+    siblings = {n.lower() for n, _ in holder.named_children()} if holder is not None else set()
+    return last in {"o_proj", "out_proj", "attn_out", "wo", "o"} and bool(siblings & (Q_NAMES | K_NAMES | V_NAMES))
+
+
 def layer_role(model: nn.Module, modules: dict[str, nn.Module], name: str, module: nn.Module, *,
                fused: bool, fused_name: bool, stacks: Sequence[LayerStack], has_experts) -> str:
     """The role of the Linear-like layer ``name``: q, k, v, o, qkv (a fused projection whose split
@@ -122,8 +138,9 @@ def layer_role(model: nn.Module, modules: dict[str, nn.Module], name: str, modul
         return "head"
     if _is_router(modules, name, has_experts):
         return "router"
-    named_attention = fused_name or last in Q_NAMES | K_NAMES | V_NAMES | {"o_proj", "out_proj", "attn_out"}
-    if scope == "attention" or (scope is None and named_attention):
+    if scope == "other":
+        return "other"
+    if scope == "attention" or (scope is None and _named_attention(modules, name, fused_name)):
         if fused:
             return "qkv"
         if fused_name:

@@ -128,6 +128,19 @@ def draw_rank_alpha(d: dict[str, Any], title: str) -> go.Figure:
     return fig
 
 
+def draw_layers(d: Any, title: str) -> go.Figure:
+    """``d``: :class:`lora_tune.report.layer_ranges.LayersPanel` -- a box of the metric per layer range."""
+    fig = _layout(go.Figure(), title, xaxis_title="layers LoRA was on", yaxis_title=d.metric, showlegend=False)
+    if not d.ranges:
+        return _empty(fig)
+    for r in d.ranges:
+        fig.add_trace(go.Box(y=[p.value for p in r.points], name=f"{r.label} (n={r.n})", boxpoints="all",
+                             jitter=0.4, pointpos=0,
+                             text=[f"trial #{p.number}, targets {p.targets}" + (" (baseline)" if p.is_baseline else "")
+                                   for p in r.points]))
+    return fig
+
+
 def draw_presets(d: dict[str, Any], title: str) -> go.Figure:
     fig = _layout(go.Figure(), title, xaxis_title="target preset", yaxis_title=d["metric"], showlegend=False)
     if not d["presets"]:

@@ -9,7 +9,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lora_tune.report import data, draw
+from lora_tune.report import data, draw, layer_ranges
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ PANELS: dict[str, Panel] = {p.name: p for p in (
     Panel("importances", "Parameter importances", data.importances_data, draw.draw_importances),
     Panel("rank_alpha", "Best metric by rank × alpha", data.rank_alpha_data, draw.draw_rank_alpha, True),
     Panel("presets", "Metric by target preset", data.presets_data, draw.draw_presets, True),
+    Panel("layers", "Metric by layer range", layer_ranges.layers_data, draw.draw_layers, True),
     Panel("cost", "Metric vs. cost", data.cost_data, draw.draw_cost, True),
     Panel("curves", "Learning curves", data.curves_data, draw.draw_curves, True),
     Panel("parallel", "Parallel coordinates", data.parallel_data, draw.draw_parallel, True),

@@ -148,9 +148,10 @@ def prepare_spec(spec: StudySpec, task: Any = None) -> tuple[StudySpec, Any, dic
 
 
 def _model_problems(spec: StudySpec, task: Any) -> list[tuple[str, str]]:
-    """What only the task's model can tell: every target choice must match layers of it, and
-    the training device must exist here. Caught now, these would fail every trial later."""
-    from lora_tune import LoraConfig, find_targets
+    """What only the task's model can tell: every target and layers choice must match layers of it
+    (:mod:`lora_tune.study.coverage`), and the training device must exist here. Caught now, these
+    would fail every trial later."""
+    from lora_tune.study.coverage import check_choices
     from lora_tune.train import resolve_device
 
     problems: list[tuple[str, str]] = []
@@ -162,7 +163,7 @@ def _model_problems(spec: StudySpec, task: Any) -> list[tuple[str, str]]:
         device = None
     if device is not None:
         problems += _device_problems(spec, space, task, device)
-    choices = space.values_of("targets")
+    choices = space.values_of("targets") or space.values_of("layers")
     model = None
     if spec.train.gradient_checkpointing:
         model = task.build_model()
@@ -171,12 +172,7 @@ def _model_problems(spec: StudySpec, task: Any) -> list[tuple[str, str]]:
                              f"{type(model).__name__} (only Hugging Face models that support it can recompute activations)"))
     if choices:
         model = model if model is not None else task.build_model()
-        for value in choices:
-            targets = value.split("|") if isinstance(value, str) and "|" in value else value
-            try:
-                find_targets(model, LoraConfig(targets=targets))
-            except ConfigError as exc:
-                problems.append(("search_space.targets", f"{value!r} does not fit the task's model: {exc}"))
+        problems += check_choices(model, space)[1]
     problems += nested_problems(space, task, model)  # search_space.rank.nested against the model
     return problems
 
@@ -216,6 +212,7 @@ def create_study(spec: StudySpec, storage_url: str, name: str | None = None, res
     ``study.baseline``, the conventional baseline is enqueued once.
     """
     from lora_tune import __version__
+    from lora_tune.study.coverage import coverage_attr, space_coverage
     from lora_tune.study.storage import mask_url
 
     name = name or spec.study.name
@@ -236,6 +233,7 @@ def create_study(spec: StudySpec, storage_url: str, name: str | None = None, res
     study.set_user_attr("spec", resolved.to_stored())
     study.set_user_attr("metrics", resolved.metrics)
     study.set_user_attr("lora_tune_version", __version__)
+    study.set_user_attr("target_coverage", coverage_attr(space_coverage(resolved, task)))
     _record_artifact_dir(study, storage_url)
     if study.metric_names != resolved.metrics:
         with warnings.catch_warnings():

@@ -16,8 +16,10 @@ training setting (``learning_rate``, ``weight_decay``, ``epochs``, ``batch_size`
   keeps its ratio, a fixed alpha stays).
 
 Trial parameter names and encodings are those of docs/architecture.md: ``quant_bits`` 0
-means no quantization, an explicit ``targets`` list is stored ``|``-joined, and
-``quant_type`` is sampled only when ``quant_bits`` is 4.
+means no quantization, an explicit ``targets`` list is stored ``|``-joined, ``layers`` is stored
+as ``all``, ``first:N``, ``last:N`` or ``|``-joined block indices (``0|1|2``), and
+``quant_type`` is sampled only when ``quant_bits`` is 4. ``layers: {last: 4}`` (a mapping with
+``first`` or ``last``) is a plain value, not a range.
 
 For your own Optuna objective: ``space = SearchSpace.from_file("study.yaml")`` (or
 :meth:`SearchSpace.from_dict`), then ``space.suggest(trial)`` -> a :class:`lora_tune.LoraConfig`
@@ -38,7 +40,16 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from lora_tune.errors import ConfigError, StudySpecError
-from lora_tune.lora.config import BIASES, INITS, METHODS, QUANT_BITS, QUANT_TYPES, LoraConfig
+from lora_tune.lora.config import (
+    BIASES,
+    INITS,
+    METHODS,
+    QUANT_BITS,
+    QUANT_TYPES,
+    LoraConfig,
+    layers_label,
+    normalize_layers,
+)
 from lora_tune.lora.nested import NestedRanks
 from lora_tune.study.spec import StudySpec, _UniqueKeyLoader
 from lora_tune.train import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS
@@ -59,7 +70,7 @@ def _field_defaults(cls: type) -> dict[str, Any]:
 LORA_DEFAULTS: Mapping[str, Any] = MappingProxyType(_field_defaults(LoraConfig))  # one source: LoraConfig
 STUDY_SECTIONS = tuple(StudySpec.model_fields)  # a mapping with any of these keys is a whole study file
 BASELINE = {"rank": 8, "alpha": 16.0, "quant_bits": None}  # plus the task's baseline targets
-_ORDER = ("rank", "alpha", "targets", "quant_bits", "quant_type", "method", "dropout", "rslora")
+_ORDER = ("rank", "alpha", "targets", "layers", "quant_bits", "quant_type", "method", "dropout", "rslora")
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "ratio", "nested", "nested_dropout"}
 
 
@@ -99,6 +110,19 @@ def _targets(v: Any) -> str | None:
     return f"must be a preset name or a non-empty list of module-name patterns (without '|'), got {v!r}"
 
 
+def _layers(v: Any) -> str | None:
+    try:
+        normalize_layers(v)
+    except ConfigError as exc:
+        return f"got {v!r}; allowed: {exc.allowed}"
+    return None
+
+
+def _plain_value(key: str, value: Any) -> bool:
+    """Whether ``value`` fixes ``key`` (rather than being a range / choices spec)."""
+    return not isinstance(value, Mapping) or (key == "layers" and bool(value) and set(value) <= {"first", "last"})
+
+
 def _quant_bits(v: Any) -> str | None:
     if (v is None or (isinstance(v, int) and not isinstance(v, bool))) and v in QUANT_BITS:
         return None
@@ -120,6 +144,7 @@ KEYS: dict[str, KeyRule] = {
     "alpha": KeyRule(_number(0.0, inclusive=False), "float"),
     "dropout": KeyRule(_number(0.0, inclusive=True, below=1.0), "float"),
     "targets": KeyRule(_targets, None),
+    "layers": KeyRule(_layers, None),
     "quant_bits": KeyRule(_quant_bits, None),
     "quant_type": KeyRule(_one_of(*QUANT_TYPES), None),
     "method": KeyRule(_one_of(*METHODS), None),
@@ -194,12 +219,16 @@ def encode_choice(key: str, value: Any) -> Any:
         return "|".join(value)
     if key == "quant_bits":
         return 0 if value in (None, 16, 32) else value
+    if key == "layers":
+        return layers_label(value)
     return value
 
 
 def _decode_choice(key: str, value: Any) -> Any:
     if key == "quant_bits":
         return None if value in (None, 16, 32) else value
+    if key == "layers":
+        return normalize_layers(value)
     return value
 
 
@@ -383,7 +412,7 @@ def _ordered(raw: Mapping[str, Any]) -> list[str]:
 
 def _compile(key: str, value: Any) -> Param:
     rule = KEYS[key]
-    if not isinstance(value, Mapping):
+    if _plain_value(key, value):
         return Param(key, key, "fixed", value=value)
     if "nested" in value:
         ranks = [int(r) for r in value["nested"]]
@@ -428,7 +457,7 @@ def check_search_space(raw: Mapping[str, Any], study: Mapping[str, Any]) -> Prob
 
 def _check_entry(key: str, value: Any, path: str) -> Problems:
     rule = KEYS[key]
-    if not isinstance(value, Mapping):
+    if _plain_value(key, value):
         message = rule.check(value)
         return [(path, message)] if message else []
     unknown = sorted(set(value) - _SPEC_KEYS)

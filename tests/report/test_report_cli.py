@@ -30,7 +30,7 @@ def test_report_writes_html(storage, tmp_path):
     code, stdout, stderr = run("report", "digits-a", "--storage", storage, "-o", str(out))
     assert code == 0, stderr
     html = out.read_text()
-    assert "wrote" in stdout and "digits-a" in html and html.count('<section class="panel') == 12
+    assert "wrote" in stdout and "digits-a" in html and html.count('<section class="panel') == 13
 
 
 def test_unknown_study_exits_2_and_lists_the_studies(storage, tmp_path):
@@ -101,8 +101,8 @@ def test_report_can_save_the_lora_figures_into_the_study(tmp_path):
     study = optuna.load_study(study_name="figs", storage=url)
     keys = study._storage.get_study_system_attrs(study._study_id)
     saved = {k.split(":")[3] for k in keys if k.startswith("dashboard:plot_data:lora-tune:")}
-    assert saved == {"03-rank_alpha", "04-presets", "05-cost", "06-cost", "07-curves", "08-parallel",
-                     "09-timeline"}
+    assert saved == {"03-rank_alpha", "04-presets", "05-layers", "06-cost", "07-cost", "08-cost", "09-curves",
+                     "10-parallel", "11-timeline"}
 
 
 @pytest.mark.parametrize("storage", ["sqlite:///{d}/typo.db", "journal:{d}/typo.log"])

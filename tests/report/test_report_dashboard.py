@@ -24,8 +24,9 @@ def test_save_figures_stores_the_lora_panels_once():
     definition = load_definition("single-objective")
     expected = [figure_id(i, s.panel, s.title) for i, s in enumerate(definition.panels)
                 if PANELS[s.panel].lora_specific]
-    assert ids == expected and len(ids) == 8
-    assert "lora-tune:05-cost:metric-vs-trainable-parameters" in ids
+    assert ids == expected and len(ids) == 9
+    assert "lora-tune:05-layers:metric-by-layer-range" in ids
+    assert "lora-tune:06-cost:metric-vs-trainable-parameters" in ids
     figures = get_plotly_graph_objects(study._storage.get_study_system_attrs(study._study_id))
     assert sorted(figures) == sorted(ids)
     heatmap = json.loads(figures[ids[0]])
@@ -59,7 +60,7 @@ def test_dashboard_cli_serves_studies_trials_figures_and_artifacts(tmp_path):
         assert [t["number"] for t in detail["trials"]] == [t.number for t in study.trials]
         assert [t["number"] for t in detail["best_trials"]] == [best.number]
         ids = [g["id"] for g in detail["plotly_graph_objects"]]
-        assert len(ids) == 8 and all(i.startswith("lora-tune:") for i in ids)
+        assert len(ids) == 9 and all(i.startswith("lora-tune:") for i in ids)
         served = [t for t in detail["trials"] if t["number"] == best.number][0]
         assert [a["artifact_id"] for a in served["artifacts"]] == [artifact_id]
         trial_id = served["trial_id"]

@@ -1,0 +1,78 @@
+"""Panel data "metric by layer range": complete trials grouped by the blocks LoRA was on.
+
+A trial's layer range is its ``layers`` parameter (``all``, ``first:N``, ``last:N``, ``0|1|2``,
+as :func:`lora_tune.lora.config.layers_label` writes it), else the ``layers`` of its recorded
+``lora_config``, else ``all``. Typed records, so a refactor breaks loudly; ``draw.draw_layers``
+draws them.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from lora_tune.errors import ConfigError
+from lora_tune.lora.config import layers_label
+from lora_tune.report import frame
+
+
+class LayerPoint(NamedTuple):
+    number: int
+    value: float
+    targets: str          # the trial's target preset (or its explicit list, shortened)
+    is_baseline: bool
+
+
+class LayerRange(NamedTuple):
+    label: str            # all, first:N, last:N, 0|1|2
+    points: list[LayerPoint]
+    best: float
+    mean: float
+
+    @property
+    def n(self) -> int:
+        return len(self.points)
+
+
+class LayersPanel(NamedTuple):
+    metric: str
+    maximize: bool
+    ranges: list[LayerRange]   # all first, then first:N, last:N (larger N first), then index lists
+
+
+def layers_of(trial: FrozenTrial) -> str:
+    """The layer range label of a trial."""
+    value = trial.params.get("layers")
+    if value is None:
+        cfg = trial.user_attrs.get("lora_config") or {}
+        value = cfg.get("layers") if isinstance(cfg, dict) else None
+    try:
+        return layers_label(value)
+    except ConfigError:
+        return str(value)
+
+
+def _order(label: str) -> tuple:
+    side, _, n = label.partition(":")
+    if label == "all":
+        return (0, 0, label)
+    if side in ("first", "last") and n.isdigit():
+        return (1 if side == "last" else 2, -int(n), label)
+    return (3, 0, label)
+
+
+def layers_data(study: optuna.Study, objective: int = 0) -> LayersPanel:
+    """The metric of complete trials by layer range (an objective index for multi-objective studies)."""
+    names = frame.metric_names(study)
+    if not 0 <= objective < len(names):
+        raise ConfigError("objective", objective, f"an index from 0 to {len(names) - 1}")
+    maximize = frame.maximizing(study, objective)
+    groups: dict[str, list[LayerPoint]] = {}
+    for t in sorted(frame.complete_trials(study), key=lambda t: t.number):
+        groups.setdefault(layers_of(t), []).append(
+            LayerPoint(t.number, t.values[objective], frame.preset_of(t), bool(t.user_attrs.get("is_baseline"))))
+    pick = max if maximize else min
+    ranges = [LayerRange(label, pts, pick(p.value for p in pts), sum(p.value for p in pts) / len(pts))
+              for label, pts in sorted(groups.items(), key=lambda kv: _order(kv[0]))]
+    return LayersPanel(names[objective], maximize, ranges)
