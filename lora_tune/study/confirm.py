@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+
 import optuna
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
 
+from lora_tune.study.nested import NESTED_KEY
 from lora_tune.study.objective import CONFIRM_KEY, SEED_KEY, Objective, TrialFailed
-
-NESTED_KEY = "nested_parent"  # user attr of a result scored from another trial's training (nested ranks)
 
 
 @dataclass(frozen=True)

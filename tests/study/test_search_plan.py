@@ -143,3 +143,22 @@ def test_prior_is_the_documented_recipe():
 
 def test_toy_task_fixture_is_the_toy(toy_task):
     assert isinstance(toy_task, ToyTask)
+
+
+def test_results_outside_the_budget_are_named_where_they_are_made():
+    from lora_tune.study.nested import NESTED_KEY
+    from lora_tune.study.storages.budget import OUTSIDE_BUDGET
+
+    assert set(OUTSIDE_BUDGET) == {NESTED_KEY, CONFIRM_KEY}
+
+
+def test_confirmation_runs_do_not_use_the_budget(url, toy_task):
+    from lora_tune.study.storages.budget import budget_done, budget_used
+
+    spec = make_spec(study={"n_trials": 3})
+    study = create_study(spec, url, task=toy_task)
+    resolved = resolve_objective(spec, toy_task)
+    optimize(study, resolved, task=toy_task)
+    confirm_top(study, Objective(resolved, toy_task), top=1, seeds=2)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 5 and budget_used(trials) == budget_done(trials) == 3

@@ -67,14 +67,26 @@ def study_budget(user_attrs: Mapping[str, Any]) -> int | None:
     return int(value) if value is not None else None
 
 
+# User attributes of results that are not trials of the budget: a smaller rank scored from its
+# parent's training (nested ranks, study/nested.py) and a confirmation run (study/confirm.py).
+# Both are added as finished trials (``study.add_trial``) and never start through the budget.
+OUTSIDE_BUDGET = ("nested_parent", "confirm_of")
+
+
+def in_budget(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` is one of the study's ``n_trials`` (see :data:`OUTSIDE_BUDGET`)."""
+    return not any(key in trial.user_attrs for key in OUTSIDE_BUDGET)
+
+
 def budget_used(trials: Sequence[FrozenTrial]) -> int:
     """Budget slots in use: started trials that are not retries of a failed one."""
-    return sum(1 for t in trials if t.state != TrialState.WAITING and RETRY_KEY not in t.system_attrs)
+    return sum(1 for t in trials if t.state != TrialState.WAITING and RETRY_KEY not in t.system_attrs
+               and in_budget(t))
 
 
 def budget_done(trials: Sequence[FrozenTrial]) -> int:
     """Budget slots whose last trial finished (a slot with a retry queued or running is not done)."""
-    finished = sum(1 for t in trials if t.state.is_finished())
+    finished = sum(1 for t in trials if t.state.is_finished() and in_budget(t))
     return finished - sum(1 for t in trials if RETRY_KEY in t.system_attrs)
 
 
@@ -95,12 +107,15 @@ class BudgetedStorage(StorageWrapper):
         return study_budget(self.inner.get_study_user_attrs(study_id))
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        if template_trial is not None or self.budget(study_id) is None:
+        budget = None if template_trial is not None else self.budget(study_id)
+        if budget is None:
             return self._known(study_id, self.inner.create_new_trial(study_id, template_trial))
+        # read the trials once before taking the lock: Optuna's cache then reads only what
+        # changed meanwhile, and the lock is held for as short a time as it can be
+        self.inner.get_all_trials(study_id, deepcopy=False)
         with self.locks.hold(study_id):
-            budget = self.budget(study_id)
             used = budget_used(self.inner.get_all_trials(study_id, deepcopy=False))
-            if budget is not None and used >= budget:
+            if used >= budget:
                 raise BudgetReached(study_id, used, budget)
             return self._known(study_id, self.inner.create_new_trial(study_id, self._running()))
 
