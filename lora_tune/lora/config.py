@@ -142,6 +142,10 @@ class LoraConfig:
         architecture) to ``peft.get_peft_model``. ``task_type`` is left None; note that PEFT's
         SEQ_CLS / TOKEN_CLS task types add ``classifier`` / ``score`` to ``modules_to_save``.
         ``use_dora`` maps to PEFT's ``use_dora`` (the same function: see :mod:`lora_tune.lora.dora`).
+        Expert weight stacks go into ``target_parameters`` by their full parameter names (the same
+        E pairs per stack). With ``layers`` set, the targets are written as their names inside a
+        block plus ``layers_to_transform`` / ``layers_pattern`` where PEFT's rule then matches
+        exactly the same modules (else as exact names; see :mod:`lora_tune.lora.peft_targets`).
 
         A fused qkv layer adapted on all of q, k, v (GPT-2's ``c_attn``) becomes PEFT's one pair of
         rank ``r`` over the whole layer, its usual recipe; lora-tune trains one pair per part
@@ -158,8 +162,9 @@ class LoraConfig:
         Raises ConfigError, naming the field, for what PEFT's LoraConfig cannot express:
         ``method="merged"``, nn.MultiheadAttention, fused qkv part selectors (``c_attn[q,v]``,
         ``enable_lora``), grouped / dilated / non-zero-padded convs, ``init="pissa"`` on layers
-        other than Linear / Conv1D, ``modules_to_save`` names PEFT would match more widely, and
-        a model that already carries LoRA layers; and whatever ``inject`` would raise.
+        other than Linear / Conv1D, ``modules_to_save`` names PEFT would match more widely,
+        ``dropout`` with expert stacks (PEFT's target_parameters refuses it), and a model that
+        already carries LoRA layers; and whatever ``inject`` would raise.
         """
         from lora_tune.lora.peft_config import to_peft_config  # noqa: PLC0415
 
@@ -173,7 +178,9 @@ class LoraConfig:
 
         ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``bias``, ``init_lora_weights``
         (True, "gaussian", "pissa"), ``target_modules``, ``exclude_modules``, ``modules_to_save``,
-        ``rank_pattern``, ``alpha_pattern`` and ``use_dora`` are translated with PEFT's matching rules (a name
+        ``rank_pattern``, ``alpha_pattern``, ``use_dora``, ``target_parameters`` (expert stacks),
+        ``layers_to_transform`` and ``layers_pattern`` (``layers`` as block indices,
+        ``layers_pattern``) are translated with PEFT's matching rules (a name
         list: the module or a dotted suffix; a string: a fullmatched regex; ``"all-linear"``:
         lora-tune's preset of that name; pattern keys: ``(.*\\.)?KEY$``; modules_to_save: any
         name ending with the entry, plus the heads PEFT adds for SEQ_CLS / TOKEN_CLS /
@@ -182,15 +189,18 @@ class LoraConfig:
         ``fan_in_fan_out`` (lora-tune reads the layout from the layer) are not needed.
 
         Raises ConfigError naming the PEFT field for every PEFT option lora-tune lacks:
-        ``lora_bias``, ``target_parameters``, ``layers_to_transform``,
-        ``megatron_config``, ``trainable_token_indices``, ``layer_replication``, LoftQ / EVA /
+        ``lora_bias``, ``megatron_config``, ``trainable_token_indices``, ``layer_replication``, LoftQ / EVA /
         CorDA / ... configs, ``init_lora_weights`` other than True / "gaussian" / "pissa", and
-        a missing ``target_modules``.
+        a missing ``target_modules`` (and ``target_parameters``); ``target_parameters`` named without
+        their block index together with ``layers_to_transform`` (PEFT adapts those in every block).
 
-        Differences to know: lora-tune adapts a fused qkv layer (GPT-2's ``c_attn``) with one
-        pair per q/k/v part where PEFT uses one pair for the layer (a superset: PEFT's pair
-        loads into it, see ``load_adapter``); each target pattern must match something, where
-        PEFT only needs one of them to.
+        Differences to know: lora-tune's ``all-linear`` also adapts expert stacks and never a
+        router (PEFT's adapts Linear routers such as Qwen2-MoE's ``shared_expert_gate``);
+        ``layers`` applies to every target, where PEFT ignores ``layers_to_transform`` for exact
+        names; lora-tune adapts a fused qkv layer (GPT-2's ``c_attn``) with one pair per q/k/v
+        part where PEFT uses one pair for the layer (a superset: PEFT's pair loads into it, see
+        ``load_adapter``); each target pattern must match something, where PEFT only needs one of
+        them to.
         """
         from lora_tune.lora.peft_config import from_peft_config  # noqa: PLC0415
 

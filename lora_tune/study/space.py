@@ -18,8 +18,8 @@ training setting (``learning_rate``, ``weight_decay``, ``epochs``, ``batch_size`
 Trial parameter names and encodings are those of docs/architecture.md: ``quant_bits`` 0
 means no quantization, an explicit ``targets`` list is stored ``|``-joined, ``layers`` is stored
 as ``all``, ``first:N``, ``last:N`` or ``|``-joined block indices (``0|1|2``), and
-``quant_type`` is sampled only when ``quant_bits`` is 4. ``layers: {last: 4}`` (a mapping with
-``first`` or ``last``) is a plain value, not a range.
+``quant_type`` is sampled only when ``quant_bits`` is 4. ``layers: {last: 4}`` is a plain value
+(``layers`` takes a value or ``choices``, never a range).
 
 For your own Optuna objective: ``space = SearchSpace.from_file("study.yaml")`` (or
 :meth:`SearchSpace.from_dict`), then ``space.suggest(trial)`` -> a :class:`lora_tune.LoraConfig`
@@ -120,7 +120,7 @@ def _layers(v: Any) -> str | None:
 
 def _plain_value(key: str, value: Any) -> bool:
     """Whether ``value`` fixes ``key`` (rather than being a range / choices spec)."""
-    return not isinstance(value, Mapping) or (key == "layers" and bool(value) and set(value) <= {"first", "last"})
+    return not isinstance(value, Mapping) or (key == "layers" and "choices" not in value)
 
 
 def _quant_bits(v: Any) -> str | None:

@@ -40,7 +40,8 @@ def test_the_baseline_uses_every_block():
 @pytest.mark.parametrize("layers, path, fragment", [
     ({"choices": [{"last": 0}]}, "search_space.layers.choices[0]", "an integer >= 1"),
     ({"choices": ["last:2", {"last": 2}]}, "search_space.layers.choices", "the same choice twice"),
-    ({"type": "int", "low": 1, "high": 2}, "search_space.layers", "plain value or `choices"),
+    ({"type": "int", "low": 1, "high": 2}, "search_space.layers", "{'first': N} or {'last': N}"),
+    ({"middle": 2}, "search_space.layers", "got {'middle': 2}; allowed: None or 'all'"),
     ("sometimes", "search_space.layers", "written 'last:4'"),
 ])
 def test_bad_layers_in_a_space_name_the_path(layers, path, fragment):
