@@ -33,11 +33,9 @@ import math
 import os
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-import yaml
 
 from lora_tune.errors import ConfigError, StudySpecError
 from lora_tune.lora.config import (
@@ -51,7 +49,7 @@ from lora_tune.lora.config import (
     normalize_layers,
 )
 from lora_tune.lora.nested import NestedRanks
-from lora_tune.study.spec import StudySpec, _UniqueKeyLoader
+from lora_tune.study.spec import StudySpec, load_yaml, read_spec_text
 from lora_tune.train import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS
 
 Problems = list[tuple[str, str]]
@@ -277,20 +275,7 @@ class SearchSpace:
         """From the ``search_space`` section of a study file (or a YAML file holding only a search
         space). Only that section is checked, so the ``task`` needs nothing installed or present;
         raises StudySpecError naming the file and each bad key."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise StudySpecError([("(file)", f"no such file: {str(path)!r}")], source=str(path)) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StudySpecError([("(file)", f"cannot read {str(path)!r}: {exc}")], source=str(path)) from None
-        try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # safe_load that refuses duplicate keys
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(file)"
-            raise StudySpecError([(where, f"not valid YAML: {getattr(exc, 'problem', None) or exc}")],
-                                 source=str(path)) from None
+        data = load_yaml(read_spec_text(path), source=str(path))
         return cls.from_dict(data, source=str(path))
 
     def suggest(self, trial: Any, **fixed: Any) -> LoraConfig:

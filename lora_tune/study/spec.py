@@ -217,25 +217,33 @@ class StudySpec(_Section):
 
 def load_spec_file(path: str | Path) -> StudySpec:
     """Read, parse and validate a study file; raises StudySpecError with every problem."""
+    return parse_spec_text(read_spec_text(path), source=str(path))
+
+
+def read_spec_text(path: str | Path) -> str:
+    """A study file's text; StudySpecError naming the file when it cannot be read."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise StudySpecError([("(file)", f"no such file: {str(path)!r}")], source=str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise StudySpecError([("(file)", f"cannot read {str(path)!r}: {exc}")], source=str(path)) from None
-    return parse_spec_text(text, source=str(path))
 
 
-def parse_spec_text(text: str, source: str | None = None) -> StudySpec:
+def load_yaml(text: str, source: str | None = None) -> Any:
+    """``yaml.safe_load`` that also refuses a key given twice; StudySpecError with the line."""
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader that refuses duplicate keys
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(file)"
         problem = getattr(exc, "problem", None) or str(exc)
         raise StudySpecError([(where, f"not valid YAML: {problem}")], source=source) from None
-    return validate_spec(raw, source=source)
+
+
+def parse_spec_text(text: str, source: str | None = None) -> StudySpec:
+    return validate_spec(load_yaml(text, source), source=source)
 
 
 def validate_spec(raw: Any, source: str | None = None) -> StudySpec:

@@ -42,6 +42,18 @@ def check_model_ref(value: Any) -> str | None:
     return None
 
 
+def check_model_or_config(value: Any) -> str | None:
+    """None for a loadable model reference or ``{config: {model_type: ...}}`` (a model built from
+    a config); else a message."""
+    from collections.abc import Mapping
+
+    if isinstance(value, Mapping):
+        if set(value) != {"config"} or not isinstance(value["config"], Mapping):
+            return "a mapping model must be {config: {model_type: ..., hidden_size: ..., ...}}"
+        return None
+    return check_model_ref(value)
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 

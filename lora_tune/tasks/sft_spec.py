@@ -13,17 +13,9 @@ from lora_tune.models.tiny_lm import config_problems
 from lora_tune.tasks.base import Field, Problems, check_spec, is_choice, is_fraction, is_int, is_str
 from lora_tune.tasks.chat_data import FORMATS, TRAIN_ON, Columns, check_data_path
 from lora_tune.tasks.generation import GenerateSettings, validate_generate
-from lora_tune.tasks.hf import check_model_ref, check_tokenizer_ref
+from lora_tune.tasks.hf import check_model_or_config, check_tokenizer_ref
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def _check_model(value: Any) -> str | None:
-    if isinstance(value, Mapping):
-        if set(value) != {"config"} or not isinstance(value["config"], Mapping):
-            return "a mapping model must be {config: {model_type: ..., hidden_size: ..., ...}}"
-        return None
-    return check_model_ref(value)
 
 
 def is_inline_template(value: str) -> bool:
@@ -52,7 +44,7 @@ def _check_generate(value: Any) -> str | None:
 
 FIELDS = {
     "type": Field(is_choice(("sft",)), required=True),
-    "model": Field(_check_model, required=True, help="a local model directory or {config: {model_type: ...}}"),
+    "model": Field(check_model_or_config, required=True, help="a local model directory or {config: {model_type: ...}}"),
     "tokenizer": Field(check_tokenizer_ref),
     "train_file": Field(check_data_path, required=True, help="a .jsonl/.json/.csv/.parquet file or save_to_disk dir"),
     "eval_file": Field(check_data_path),

@@ -44,7 +44,7 @@ from lora_tune.tasks.base import (
     Field, ModelTemplate, Problems, Task, check_spec, is_choice, is_int, is_str_list,
 )
 from lora_tune.tasks.hf import (
-    check_model_ref, check_tokenizer_ref, fresh_module_names, quiet_transformers, resolve_model_ref,
+    check_model_or_config, check_tokenizer_ref, fresh_module_names, quiet_transformers, resolve_model_ref,
 )
 
 # Libraries a trial's child process needs: its fork server imports them once (study/trial_run.py).
@@ -70,14 +70,6 @@ def _check_factory(value: Any) -> str | None:
     return None
 
 
-def _check_model(value: Any) -> str | None:
-    if isinstance(value, Mapping):
-        if set(value) != {"config"} or not isinstance(value["config"], Mapping):
-            return "a mapping model must be {config: {model_type: ..., hidden_size: ..., ...}}"
-        return None
-    return check_model_ref(value)
-
-
 def _check_args(value: Any) -> str | None:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         return f"must be a mapping of keyword arguments for the factory, got {value!r}"
@@ -91,7 +83,7 @@ FIELDS = {
     "type": Field(is_choice(("trainer",)), required=True),
     "factory": Field(_check_factory, required=True, help="'my_train.py:make_trainer'"),
     "args": Field(_check_args),
-    "model": Field(_check_model),
+    "model": Field(check_model_or_config),
     "model_factory": Field(_check_factory),
     "model_class": Field(is_choice(MODEL_CLASSES)),
     "num_labels": Field(is_int(1)),
