@@ -52,11 +52,12 @@ def validate_cmd(study_file: Path) -> None:
     from lora_tune.study.runner import prepare_spec
     from lora_tune.study.space import SearchSpace
     from lora_tune.study.spec import load_spec_file
-    from lora_tune.study.storage import storage_problem
 
-    spec = load_spec_file(study_file)
-    problem = storage_problem(spec.study.storage) if spec.study.storage else None
-    storage_errors = [("study.storage", problem)] if problem else []  # what `study create` refuses too
+    storage_errors = _storage_errors(study_file)  # what `study create` refuses too, with the rest
+    try:
+        spec = load_spec_file(study_file)
+    except StudySpecError as exc:
+        raise StudySpecError(storage_errors + exc.errors, source=exc.source) from None
     try:
         resolved, _task, baseline = prepare_spec(spec)
     except StudySpecError as exc:
@@ -81,6 +82,21 @@ def validate_cmd(study_file: Path) -> None:
         console.print(f"    {record.describe()}", markup=False)
         for warning in record.warnings:
             console.print("      [yellow]warning:[/] " + warning.replace("[", "\\["))
+
+
+def _storage_errors(study_file: Path) -> list[tuple[str, str]]:
+    """``[("study.storage", why)]`` when the file names a storage URL lora-tune cannot open."""
+    import yaml
+
+    from lora_tune.study.storage import storage_problem
+
+    try:
+        data = yaml.safe_load(study_file.read_text())
+    except (OSError, yaml.YAMLError):
+        return []  # the file itself is reported by load_spec_file
+    url = (data.get("study") or {}).get("storage") if isinstance(data, dict) else None
+    problem = storage_problem(url) if isinstance(url, str) and url.strip() else None
+    return [("study.storage", problem)] if problem else []
 
 
 # -- study create -------------------------------------------------------------------------------

@@ -95,18 +95,22 @@ class TrialHeartbeat:
     this worker on the trial and beats every ``interval`` seconds until the block ends.
 
     ``on_beat()`` runs after each beat (the worker looks for stale trials of others then).
+    ``marked``: the storage already wrote this worker and a first heartbeat when it started the
+    trial (a budgeted study, opened by this process), so the first beat is skipped.
     ``lost`` is set when the trial turned out to be finished by someone else.
     """
 
     def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int, interval: float,
-                 on_beat: Callable[[], Any] | None = None):
+                 on_beat: Callable[[], Any] | None = None, marked: bool = False):
         self.storage, self.trial_id, self.interval, self.on_beat = storage, trial_id, interval, on_beat
+        self.marked = marked  # the storage already recorded this worker and a first heartbeat
         self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lora-tune-heartbeat-{trial_id}", daemon=True)
 
     def __enter__(self) -> TrialHeartbeat:
-        self.beat(first=True)  # before the objective runs: a worker that dies now is noticed
+        if not self.marked:
+            self.beat(first=True)  # before the objective runs: a worker that dies now is noticed
         self._thread.start()
         return self
 

@@ -78,6 +78,12 @@ class OpenedStorage(StorageWrapper):
         layer = self.layer(RetryingStorage)
         return layer.retries if layer is not None else 0
 
+    def marks_trials_as(self, worker: str) -> bool:
+        """Whether this storage marks the trials it starts in budgeted studies as ``worker``'s
+        (it does unless it is a storage proxy's client: the proxy starts them)."""
+        layer = self.layer(BudgetedStorage)
+        return layer is not None and layer.worker == worker
+
     def close(self) -> None:
         """Close this process's connections. Database connections reopen on demand; a storage
         proxy's channel does not (open the storage again)."""

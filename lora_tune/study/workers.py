@@ -91,6 +91,7 @@ def run_worker(
         study.sampler.reseed_rng()
     order_grid_choices(study)
     watch = StaleWatch(settings.grace)
+    marked = study_budget(study.user_attrs) is not None and storage.marks_trials_as(worker_id())
     current: dict[str, int] = {}
 
     def recover() -> list[int]:
@@ -103,7 +104,7 @@ def run_worker(
 
     def tracked(trial: optuna.Trial) -> Any:
         current["trial_id"] = private.trial_id(trial)
-        with TrialHeartbeat(storage, current["trial_id"], settings.interval, on_beat=recover):
+        with TrialHeartbeat(storage, current["trial_id"], settings.interval, on_beat=recover, marked=marked):
             return objective(trial)
 
     def count(study_: optuna.Study, trial: FrozenTrial) -> None:

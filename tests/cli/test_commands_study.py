@@ -167,3 +167,38 @@ def test_read_commands_leave_a_foreign_sqlite_file_alone(env):
     assert shown.exit_code == 2
     with sqlite3.connect(env / "other.db") as conn:
         assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("mine",)]
+
+
+def test_validate_checks_the_storage_url_with_the_other_errors(env):
+    bad = dict(TOY, study={**TOY["study"], "storage": "notadb://somewhere/x"})
+    result = _invoke("validate", str(_write(env / "bad.yaml", bad)))
+    assert result.exit_code == 2, result.output
+    assert "study.storage" in result.output and "notadb://somewhere/x" in result.output
+    assert "postgresql+psycopg://" in result.output  # what is allowed
+    created = _invoke("study", "create", str(env / "bad.yaml"))
+    assert created.exit_code == 2  # the same refusal as study create
+    both = dict(bad, search_space={**TOY["search_space"], "bogus": 1})
+    result = _invoke("validate", str(_write(env / "both.yaml", both)))
+    assert result.exit_code == 2 and "study.storage" in result.output and "search_space.bogus" in result.output
+
+
+def test_list_and_show_count_the_budget_alike(env):
+    """A failed trial whose retry is queued: one budget slot, not done, in list and show alike."""
+    import optuna
+
+    from lora_tune.study.storage import dispose_storage, open_storage
+    from lora_tune.study.workers import requeue_trials
+
+    url = f"sqlite:///{env / 'x.db'}"
+    assert _invoke("study", "create", str(_write(env / "s.yaml", TOY)), "--storage", url).exit_code == 0
+    assert _invoke("study", "optimize", "cli-toy", "--storage", url, "--n-trials", "2").exit_code == 0
+    storage = open_storage(url)
+    study = optuna.load_study(study_name="cli-toy", storage=storage)
+    lost = study.ask()  # a worker that dies: failed, and its parameters queued again
+    assert requeue_trials(study, [lost._trial_id], max_retry=2) == [lost.number]
+    dispose_storage(storage)
+    listed = _invoke("study", "list", "--storage", url)
+    shown = _invoke("study", "show", "cli-toy", "--storage", url)
+    assert listed.exit_code == 0 and shown.exit_code == 0, listed.output + shown.output
+    assert "2/5" in listed.output and "4/5" not in listed.output
+    assert "2/5 trials finished" in shown.output
