@@ -25,6 +25,7 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all
 from optuna.trial import FrozenTrial, TrialState
 
 from lora_tune.errors import AdapterFormatError, ConfigError
+from lora_tune.study import _optuna_private as private
 
 ENV_ARTIFACTS = "LORA_TUNE_ARTIFACTS"
 ARTIFACT_DIRNAME = "lora_tune_artifacts"
@@ -176,7 +177,7 @@ def adapter_artifacts(study: optuna.Study, trial: FrozenTrial) -> list[Any]:
     if parent is not None:
         owner = next((t for t in study.get_trials(deepcopy=False) if t.number == parent), trial)
     name = f"{ADAPTER_PREFIX}{trial.number}.zip"
-    return [m for m in get_all_artifact_meta(owner, storage=study._storage) if m.filename == name]
+    return [m for m in get_all_artifact_meta(owner, storage=private.study_storage(study)) if m.filename == name]
 
 
 def trials_with_adapters(study: optuna.Study) -> list[int]:
