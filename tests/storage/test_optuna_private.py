@@ -95,3 +95,24 @@ def test_no_private_optuna_name_outside_the_private_module():
 # lora-tune's own private attributes (not Optuna's) that these modules use
 _OWN_PRIVATE = {"_forward", "_retry", "_retries", "_drop_connections", "_study_of", "_known", "_find_study",
                 "_running", "_seen", "_lock", "_stop", "_thread", "_run", "_lora_tune_ordered", "_logger"}
+
+
+# Optuna's private names lora-tune has used or might reach for
+_OPTUNA_PRIVATE = {"_storage", "_study_id", "_trial_id", "_stop_flag", "_CachedStorage", "_all_grids",
+                   "_param_names", "_search_space", "_heartbeat", "_backend", "_cached_frozen_trial",
+                   "_thread_local", "_get_stale_trial_ids", "_grpc", "_rdb"}
+
+
+def test_no_optuna_private_name_anywhere_else_in_lora_tune():
+    for path in sorted((REPO / "lora_tune").rglob("*.py")):
+        if path.name == "_optuna_private.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in _OPTUNA_PRIVATE, f"{path.relative_to(REPO)}:{node.lineno}: .{node.attr}"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                for name in names:
+                    if name.startswith("optuna"):
+                        assert not any(p.startswith("_") for p in name.split(".")), f"{path.relative_to(REPO)}: {name}"
