@@ -217,3 +217,11 @@ def test_proxy_refuses_what_it_cannot_serve(storage, field):
 def test_proxy_needs_two_connections():
     result = CliRunner().invoke(cli, ["storage-proxy", "--storage", "sqlite:///x.db", "--max-connections", "1"])
     assert result.exit_code == 2 and "--max-connections" in result.output
+
+
+def test_proxy_whose_database_is_unreachable_at_start_says_so():
+    url = "postgresql+psycopg://bob:hunter2@127.0.0.1:1/db"
+    result = CliRunner().invoke(cli, ["storage-proxy", "--storage", url, "--port", str(free_port())])
+    assert result.exit_code == 1, result.output
+    assert "hunter2" not in result.output and "bob:***@127.0.0.1:1/db" in result.output
+    assert "cannot open storage" in result.output
