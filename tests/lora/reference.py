@@ -69,3 +69,19 @@ def dora_weight(kind: str, w: torch.Tensor, m: torch.Tensor, parts=None, sizes=N
         scale = m / norm
     out = rows * scale[:, None]
     return out.t() if transposed else out.reshape(w.shape)
+
+
+def merge_round_trip(model, x):
+    """``(y, y_merged, y_again)``: the model's output as adapted, after ``lora_tune.merge`` and
+    after ``lora_tune.unmerge`` (no gradients); callers assert with their own tolerances."""
+    import torch
+
+    import lora_tune
+
+    with torch.no_grad():
+        y = model(x)
+        lora_tune.merge(model)
+        y_merged = model(x)
+        lora_tune.unmerge(model)
+        y_again = model(x)
+    return y, y_merged, y_again

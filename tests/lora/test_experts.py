@@ -26,7 +26,7 @@ from lora_tune.lora.experts import LoraExperts
 
 from .hf_families import EXPERTS, mixtral, qwen2_moe
 from .hf_models import HIDDEN, tiny_causal_lm, tokens
-from .reference import reference_call
+from .reference import merge_round_trip, reference_call
 
 pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -176,12 +176,7 @@ def _adapted(layout: str, **config):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_merge_forward_and_unmerge_restores_bits(layout, method):
     model, before, x = _adapted(layout, method=method)
-    with torch.no_grad():
-        y = model(x)
-        lora_tune.merge(model)
-        y_merged = model(x)
-        lora_tune.unmerge(model)
-        y_again = model(x)
+    y, y_merged, y_again = merge_round_trip(model, x)
     assert _rel(y_merged, y) < 1e-6
     assert torch.equal(y_again, y)
     state = model.state_dict()

@@ -20,7 +20,7 @@ from torch import nn
 import lora_tune
 from lora_tune.lora.layers import LoraMultiheadAttention
 
-from .reference import delta_for, dora_weight, reference_call
+from .reference import delta_for, dora_weight, merge_round_trip, reference_call
 
 pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -232,12 +232,7 @@ def test_merge_forward_and_unmerge_restores_bits(case, method):
     model, make_x, before = _adapted_case(case, method=method)
     model.eval()
     x = make_x()
-    with torch.no_grad():
-        y = model(x)
-        lora_tune.merge(model)
-        y_merged = model(x)
-        lora_tune.unmerge(model)
-        y_again = model(x)
+    y, y_merged, y_again = merge_round_trip(model, x)
     assert _rel(y_merged, y) < 1e-5
     assert torch.equal(y_again, y)
     for key, value in before.items():
