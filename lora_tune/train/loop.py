@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lora_tune.errors import ConfigError, NonFiniteLossError, TrainingOutOfMemoryError
+from lora_tune.train.callbacks import batch_examples
 from lora_tune.train.config import TrainConfig, resolve_device, resolve_precision
 from lora_tune.train.memory import MemoryMeter, peak_total_bytes
 from lora_tune.train.optim import build_optimizer, build_scheduler
@@ -267,17 +268,5 @@ def _batch_tokens(task: Any, batch: Any) -> int:
 
 
 def _batch_size(batch: Any) -> int:
-    """Examples in a batch: the first dimension of its first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, dict):
-        items = list(batch.values())
-    elif isinstance(batch, (list, tuple)):
-        items = list(batch)
-    else:
-        return 1
-    for item in items:
-        size = _batch_size(item) if isinstance(item, (torch.Tensor, dict, list, tuple)) else 0
-        if size:
-            return size
-    return 1
+    """Examples in a batch (at least 1): the first dimension of its first tensor."""
+    return batch_examples(batch) or 1
