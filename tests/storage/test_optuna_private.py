@@ -94,7 +94,8 @@ def test_no_private_optuna_name_outside_the_private_module():
 
 # lora-tune's own private attributes (not Optuna's) that these modules use
 _OWN_PRIVATE = {"_forward", "_retry", "_retries", "_drop_connections", "_study_of", "_known", "_find_study",
-                "_running", "_seen", "_lock", "_stop", "_thread", "_run", "_lora_tune_ordered", "_logger"}
+                "_running", "_seen", "_lock", "_stop", "_thread", "_run", "_lora_tune_ordered", "_logger",
+                "_pending", "_starting", "_already_started"}
 
 
 # Optuna's private names lora-tune has used or might reach for

@@ -297,3 +297,62 @@ def test_stale_watch_judges_by_its_own_clock():
     stale = watch.stale([running(1, 5.0), running(2, 1e9 + 30), running(3, None)])
     assert [t._trial_id for t in stale] == [1]  # 2 beat meanwhile; 3 is not a lora-tune trial
     assert watch.stale([running(1, 5.0)], exclude=[1]) == []
+
+
+class _AnswerLost:
+    """A storage layer whose first start (new trial or popped queued trial) is applied, then
+    raises the error a database restart gives: the commit happened, the answer never came."""
+
+    def __new__(cls, inner):
+        from lora_tune.study.storages.wrapper import StorageWrapper
+
+        class AnswerLost(StorageWrapper):
+            lost = 0
+
+            def _lose(self, value):
+                if self.lost == 0:
+                    self.lost += 1
+                    raise ConnectionError("server closed the connection unexpectedly")
+                return value
+
+            def create_new_trial(self, study_id, template_trial=None):
+                created = self.inner.create_new_trial(study_id, template_trial)
+                starts = template_trial is None or template_trial.state == TrialState.RUNNING
+                return self._lose(created) if starts else created  # (not an enqueue)
+
+            def set_trial_state_values(self, trial_id, state, values=None):
+                applied = self.inner.set_trial_state_values(trial_id, state, values)
+                return self._lose(applied) if state == TrialState.RUNNING else applied
+
+        return AnswerLost(inner)
+
+
+@pytest.mark.parametrize("start", ["new", "queued"])
+def test_start_whose_answer_was_lost_is_not_started_twice(tmp_path, start):
+    """A retried start finds the trial its lost attempt created: no orphan RUNNING trial
+    holds a budget slot (what a PostgreSQL restart mid-start used to leave)."""
+    from lora_tune.study.storages.budget import BudgetedStorage
+    from lora_tune.study.storages.locks import StudyLocks
+    from lora_tune.study.storages.marks import START_KEY
+    from lora_tune.study.storages.retry import RetryingStorage
+
+    url = f"sqlite:///{tmp_path / 'lost.db'}"
+    rdb = optuna.storages.RDBStorage(url)
+    lossy = _AnswerLost(rdb)
+    storage = RetryingStorage(BudgetedStorage(lossy, StudyLocks(url, rdb), "host:1"), url=url, retry_seconds=10)
+    study = optuna.create_study(study_name="lost", storage=storage)
+    study.set_user_attr("n_trials", 2)
+    if start == "queued":
+        study.enqueue_trial({"x": 0.25})
+    trial = study.ask()
+    assert lossy.lost == 1 and storage.retries == 1  # the answer really was lost, and retried
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.RUNNING]
+    assert trial.number == trials[0].number and START_KEY in trials[0].system_attrs
+    if start == "queued":
+        assert trial.suggest_float("x", 0.0, 1.0) == 0.25
+    study.tell(trial, 1.0)
+    study.tell(study.ask(), 2.0)  # the budget's other slot
+    with pytest.raises(BudgetReached, match="2 of 2"):
+        study.ask()
+    assert by_state(study.get_trials(deepcopy=False)) == {"COMPLETE": 2}

@@ -22,12 +22,21 @@ The one documented difference from a plain Optuna storage: a trial started in a 
 study carries lora-tune's start marks (:mod:`.marks`) from the moment it exists, written in
 the same call that creates it, so that a worker dying at any point leaves a trial the others
 recognise and retry.
+
+Starting is idempotent over a lost answer: the marks carry a token of the call
+(``lora_tune:start``), and when that call raised - the database restarted after applying it,
+say - the same thread's next start in the study first looks for the trial with that token
+and returns it, so a retried call never leaves an orphan RUNNING trial that holds a budget
+slot until its heartbeat goes stale.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import re
-from collections.abc import Container, Mapping, Sequence
+import threading
+import uuid
+from collections.abc import Container, Iterator, Mapping, Sequence
 from typing import Any
 
 from optuna.storages import BaseStorage
@@ -35,7 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lora_tune.study import _optuna_private as private
 from lora_tune.study.storages.locks import StudyLocks
-from lora_tune.study.storages.marks import RETRY_KEY, start_marks
+from lora_tune.study.storages.marks import RETRY_KEY, START_KEY, start_marks
 from lora_tune.study.storages.wrapper import StorageWrapper
 
 _MESSAGE = "trial budget reached: {used} of {budget} trials started or finished"
@@ -102,6 +111,8 @@ class BudgetedStorage(StorageWrapper):
         self.locks = locks
         self.worker = worker
         self._study_of: dict[int, int] = {}  # trial id -> study id, from the trials read
+        # thread id -> (study id, token) of its start whose answer was lost (see the module)
+        self._pending: dict[int, tuple[int, str]] = {}
 
     def budget(self, study_id: int) -> int | None:
         return study_budget(self.inner.get_study_user_attrs(study_id))
@@ -114,10 +125,16 @@ class BudgetedStorage(StorageWrapper):
         # changed meanwhile, and the lock is held for as short a time as it can be
         self.inner.get_all_trials(study_id, deepcopy=False)
         with self.locks.hold(study_id):
-            used = budget_used(self.inner.get_all_trials(study_id, deepcopy=False))
+            trials = self.inner.get_all_trials(study_id, deepcopy=False)
+            started = self._already_started(study_id, trials)
+            self._pending.pop(threading.get_ident(), None)  # every trial was looked at
+            if started is not None:
+                return self._known(study_id, private.trial_id(started))
+            used = budget_used(trials)
             if used >= budget:
                 raise BudgetReached(study_id, used, budget)
-            return self._known(study_id, self.inner.create_new_trial(study_id, self._running()))
+            with self._starting(study_id) as token:
+                return self._known(study_id, self.inner.create_new_trial(study_id, self._running(token)))
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:
@@ -130,15 +147,18 @@ class BudgetedStorage(StorageWrapper):
             return self.inner.set_trial_state_values(trial_id, state, values)
         with self.locks.hold(study_id):  # popping a queued trial starts it: the budget applies
             trial = self.inner.get_trial(trial_id)
+            if trial.state == TrialState.RUNNING and self._already_started(study_id, [trial]):
+                return True  # this thread's lost attempt started it
             if trial.state != TrialState.WAITING:
                 return self.inner.set_trial_state_values(trial_id, state, values)  # Optuna's answer
             budget = self.budget(study_id)
             used = budget_used(self.inner.get_all_trials(study_id, deepcopy=False))
             if RETRY_KEY not in trial.system_attrs and budget is not None and used >= budget:
                 return False  # (a queued retry has its slot: never refused)
-            for key, value in start_marks(self.worker).items():  # before it runs: see module
-                self.inner.set_trial_system_attr(trial_id, key, value)
-            return self.inner.set_trial_state_values(trial_id, state, values)
+            with self._starting(study_id) as token:
+                for key, value in start_marks(self.worker, token).items():  # before it runs
+                    self.inner.set_trial_system_attr(trial_id, key, value)
+                return self.inner.set_trial_state_values(trial_id, state, values)
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
@@ -146,6 +166,24 @@ class BudgetedStorage(StorageWrapper):
         for trial in trials:
             self._study_of[private.trial_id(trial)] = study_id
         return trials
+
+    @contextlib.contextmanager
+    def _starting(self, study_id: int) -> Iterator[str]:
+        """A fresh start token, remembered for this thread until the start returns."""
+        token = uuid.uuid4().hex
+        self._pending[threading.get_ident()] = (study_id, token)
+        yield token
+        del self._pending[threading.get_ident()]  # answered (not reached on an error)
+
+    def _already_started(self, study_id: int, trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+        """The trial among ``trials`` that this thread's last, unanswered start created."""
+        pending = self._pending.get(threading.get_ident())
+        if pending is None or pending[0] != study_id:
+            return None
+        found = next((t for t in trials if t.system_attrs.get(START_KEY) == pending[1]), None)
+        if found is not None:
+            del self._pending[threading.get_ident()]
+        return found
 
     def _known(self, study_id: int, trial_id: int) -> int:
         self._study_of[trial_id] = study_id
@@ -159,10 +197,10 @@ class BudgetedStorage(StorageWrapper):
             raise KeyError(f"No trial with trial_id {trial_id} exists.")
         return self._study_of[trial_id]
 
-    def _running(self) -> FrozenTrial:
+    def _running(self, token: str) -> FrozenTrial:
         return FrozenTrial(
             number=-1, state=TrialState.RUNNING, value=None, values=None,
             datetime_start=datetime.datetime.now(), datetime_complete=None, params={},
-            distributions={}, user_attrs={}, system_attrs=start_marks(self.worker),
+            distributions={}, user_attrs={}, system_attrs=start_marks(self.worker, token),
             intermediate_values={}, trial_id=-1,
         )

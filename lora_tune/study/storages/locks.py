@@ -64,22 +64,37 @@ def _database_lock(engine: Any, study_id: int) -> Iterator[None]:
     import sqlalchemy as sa
 
     dialect = engine.dialect.name
-    with engine.connect() as conn:
+    conn = engine.connect()
+    try:
         if dialect == "postgresql":
             # transaction-scoped: released on commit, rollback or a dead connection
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:a, :b)"), {"a": _NAMESPACE, "b": int(study_id)})
             try:
                 yield
             finally:
-                conn.rollback()
+                _release(conn.rollback)
             return
         name = f"lora_tune_study_{study_id}"
         conn.execute(sa.text("SELECT GET_LOCK(:n, 600)"), {"n": name})
         try:
             yield
         finally:
-            conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
-            conn.commit()
+            _release(lambda: (conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name}), conn.commit()))
+    finally:
+        _release(conn.close)
+
+
+def _release(step: Any) -> None:
+    """Run a step of giving a database lock back; a connection lost meanwhile (a server
+    restart) already gave it back, and the work done under it stands, so that is no error:
+    raising here would report as failed a trial start that happened."""
+    from lora_tune.study.storages.retry import is_transient
+
+    try:
+        step()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
 
 
 @contextlib.contextmanager
