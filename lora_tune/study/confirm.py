@@ -140,14 +140,15 @@ def compute_used(study: optuna.Study) -> Compute:
         results += 1
         if NESTED_KEY in t.user_attrs:
             continue
-        share = _share(t)
+        share = trial_compute(t)
         used += share
         if CONFIRM_KEY in t.user_attrs:
             confirm += share
     return Compute(used, results, confirm)
 
 
-def _share(trial: FrozenTrial) -> float:
+def trial_compute(trial: FrozenTrial) -> float:
+    """Full-trial equivalents one trial trained (its share of planned steps, times its data fraction)."""
     steps, planned = trial.user_attrs.get("train_steps"), trial.user_attrs.get("planned_steps")
     if isinstance(steps, (int, float)) and isinstance(planned, (int, float)) and planned > 0:
         share = min(1.0, steps / planned)
@@ -177,5 +178,5 @@ def describe(study: optuna.Study, baseline: FrozenTrial | None) -> list[str]:
     return lines
 
 
-__all__ = ["Compute", "ConfigGroup", "best_confirmed", "compute_used", "config_groups", "confirm_top", "describe",
+__all__ = ["Compute", "ConfigGroup", "best_confirmed", "compute_used", "config_groups", "confirm_top", "describe", "trial_compute",
            "within_noise"]

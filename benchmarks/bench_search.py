@@ -1,0 +1,333 @@
+"""Search that costs less and can be trusted: three ways to tune LoRA on MiniLM, side by side.
+
+On TREC and Subj (``../shared/data``), with one fixed small per-trial budget and the same seeds:
+
+* **(a) anchor** - plain Optuna (TPE + median pruner) over PEFT configs, the study a user
+  would write by hand: ``transformers`` + ``peft`` + a plain PyTorch loop, no lora-tune;
+* **(b) lora-tune, previous defaults** - ``lora-tune run`` on a study file as the README
+  wrote them before nested ranks: TPE, median pruner, a baseline trial, ``rank: {choices}``;
+* **(c) lora-tune, cheaper search** - the same study with ``rank: {nested: [...]}``, Hyperband
+  on training steps with ``fidelity.min_steps``, and ``warm_start: defaults``.
+
+Every arm searches the same space (rank, alpha ratio, targets, learning rate) for the same
+number of trials, then re-runs its 3 best distinct configs with 2 more seeds (``study.confirm``
+in lora-tune; the same loop for the anchor). Reported per arm: the best search value, the
+confirmed best (mean ± std over 3 seeds of the config with the best mean), the compute of the
+search in full-trial equivalents (a trial that trained all its planned steps is 1; a pruned one
+its share; a nested-rank result 0, its training is its parent's), the compute until the search
+first reached the anchor's final best, and wall time.
+
+    python benchmarks/bench_search.py                      # both data sets, about 40 minutes on 2 cores
+    python benchmarks/bench_search.py --datasets trec --trials 6   # a quick look
+
+Dev sets are carved from the training files (seeded), so no arm is tuned on a test set.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data"
+RANKS = [4, 8, 16]
+ALPHA_RATIOS = [1, 2, 4]
+TARGETS = ["attention-qv", "attention", "all-linear"]
+LR = (1e-4, 5e-3)
+CONFIRM_TOP, CONFIRM_SEEDS = 3, 2
+# the anchor's PEFT target_modules for lora-tune's presets on a BERT-style encoder
+PEFT_TARGETS = {"attention-qv": ["query", "value"], "attention": ["query", "key", "value", "attention.output.dense"],
+                "all-linear": "all-linear"}
+
+
+def split_data(name: str, out: Path, train_examples: int, dev_examples: int, seed: int = 0) -> tuple[Path, Path]:
+    """A seeded train/dev split of ``{name}_train.csv``: ``train_examples`` rows to train on,
+    ``dev_examples`` held out (the test file is never looked at)."""
+    with open(DATA / f"{name}_train.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    random.Random(seed).shuffle(rows)
+    parts = {"dev": rows[:dev_examples], "train": rows[dev_examples:dev_examples + train_examples]}
+    paths = {}
+    for part, chosen in parts.items():
+        paths[part] = out / f"{name}_{part}.csv"
+        with open(paths[part], "w", newline="") as f:
+            writer = csv.DictWriter(f, ["text", "label"])
+            writer.writeheader()
+            writer.writerows({"text": r["text"], "label": r["label"]} for r in chosen)
+    return paths["train"], paths["dev"]
+
+
+# --- (a) the anchor: plain Optuna over PEFT -------------------------------------------------------
+
+class Anchor:
+    """The objective a user writes with transformers + peft: one trial trains one PEFT config."""
+
+    def __init__(self, train: Path, dev: Path, args: argparse.Namespace):
+        import torch
+        import transformers
+
+        from lora_tune.tasks.hf import resolve_model_ref
+
+        self.args, self.path = args, resolve_model_ref("minilm")
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
+        self.train_rows, self.dev_rows = _rows(train), _rows(dev)
+        self.labels = sorted({label for _, label in self.train_rows})
+        self.steps = math.ceil(len(self.train_rows) / args.batch_size) * args.epochs
+        self.eval_every = max(1, self.steps // args.evals)
+        torch.set_num_threads(args.threads)
+        transformers.logging.set_verbosity_error()
+
+    def batches(self, rows: list[tuple[str, int]]) -> Any:
+        for i in range(0, len(rows), self.args.batch_size):
+            chunk = rows[i:i + self.args.batch_size]
+            enc = self.tokenizer([t for t, _ in chunk], truncation=True, max_length=self.args.max_length,
+                                 padding=True, return_tensors="pt")
+            import torch
+
+            yield enc, torch.tensor([self.labels.index(y) for _, y in chunk])
+
+    def __call__(self, trial: optuna.trial.BaseTrial) -> float:
+        import peft
+        import torch
+        import transformers
+
+        rank = trial.suggest_categorical("rank", RANKS)
+        ratio = trial.suggest_categorical("alpha_ratio", ALPHA_RATIOS)
+        targets = trial.suggest_categorical("targets", TARGETS)
+        lr = trial.suggest_float("learning_rate", *LR, log=True)
+        seed = int(trial.user_attrs.get("seed", 0))
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            self.path, num_labels=len(self.labels))
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=rank, lora_alpha=ratio * rank, lora_dropout=0.1, target_modules=PEFT_TARGETS[targets],
+            task_type=peft.TaskType.SEQ_CLS))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        step, value = 0, 0.0
+        for epoch in range(self.args.epochs):
+            rows = list(self.train_rows)
+            random.Random(seed * 1000 + epoch).shuffle(rows)
+            for enc, y in self.batches(rows):
+                model.train()
+                loss = torch.nn.functional.cross_entropy(model(**enc).logits, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+                step += 1
+                if step % self.eval_every == 0 or step == self.steps:
+                    value = self.evaluate(model)
+                    trial.set_user_attr("train_steps", step)
+                    trial.report(value, step)
+                    if trial.should_prune():
+                        raise optuna.TrialPruned()
+        return value
+
+    def evaluate(self, model: Any) -> float:
+        import torch
+
+        model.eval()
+        right = 0
+        with torch.no_grad():
+            for enc, y in self.batches(self.dev_rows):
+                right += int((model(**enc).logits.argmax(-1) == y).sum())
+        return right / len(self.dev_rows)
+
+
+def _rows(path: Path) -> list[tuple[str, int]]:
+    with open(path, newline="") as f:
+        return [(r["text"], int(r["label"])) for r in csv.DictReader(f)]
+
+
+def run_anchor(train: Path, dev: Path, args: argparse.Namespace) -> dict[str, Any]:
+    objective = Anchor(train, dev, args)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=args.seed),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1))
+    start = time.perf_counter()
+    study.optimize(objective, n_trials=args.trials)
+    search_seconds = time.perf_counter() - start
+    results = [(_anchor_share(t, objective.steps), t.value if t.state.name == "COMPLETE" else None)
+               for t in study.trials]
+    # confirm: the 3 best distinct configs, 2 more seeds each, as lora-tune's study.confirm does
+    complete = sorted((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.value, reverse=True)
+    chosen: list[optuna.trial.FrozenTrial] = []
+    for t in complete:
+        if all(t.params != c.params for c in chosen):
+            chosen.append(t)
+    groups = []
+    for t in chosen[:CONFIRM_TOP]:
+        values = [t.value]
+        for k in range(1, CONFIRM_SEEDS + 1):
+            fixed = optuna.trial.FixedTrial(dict(t.params))
+            fixed.set_user_attr("seed", args.seed + 1000 * k)
+            values.append(objective(fixed))
+        groups.append(values)
+    return _summary(results, groups, search_seconds, time.perf_counter() - start - search_seconds,
+                    len(chosen[:CONFIRM_TOP]) * CONFIRM_SEEDS)
+
+
+def _anchor_share(trial: optuna.trial.FrozenTrial, planned: int) -> float:
+    return min(1.0, trial.user_attrs.get("train_steps", 0) / planned)
+
+
+# --- (b), (c): lora-tune study files ---------------------------------------------------------------
+
+def study_file(arm: str, name: str, train: Path, dev: Path, args: argparse.Namespace) -> dict[str, Any]:
+    cheaper = arm == "c"
+    study: dict[str, Any] = {
+        "name": f"{name}-{arm}", "direction": "maximize", "metric": "accuracy",
+        "sampler": {"type": "tpe", "seed": args.seed},
+        "pruner": ({"type": "hyperband", "options": {"min_resource": 1, "reduction_factor": 3}} if cheaper
+                   else {"type": "median", "options": {"n_startup_trials": 5, "n_warmup_steps": 1}}),
+        "n_trials": args.trials, "baseline": not cheaper,
+        "confirm": {"top": CONFIRM_TOP, "seeds": CONFIRM_SEEDS},
+    }
+    if cheaper:
+        study["warm_start"] = "defaults"
+        study["fidelity"] = {"min_steps": args.min_steps, "data_fraction": args.data_fraction}
+    return {
+        "study": study,
+        "task": {"type": "text-classification", "model": "minilm", "train_file": str(train), "eval_file": str(dev),
+                 "max_length": args.max_length, "seed": args.seed},
+        "search_space": {
+            "rank": {"nested": RANKS} if cheaper else {"choices": RANKS},
+            "alpha": {"ratio": ALPHA_RATIOS},
+            "targets": {"choices": TARGETS},
+            "dropout": 0.1,
+            "learning_rate": {"type": "float", "low": LR[0], "high": LR[1], "log": True},
+        },
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": 5e-4,
+                  "evals_per_epoch": args.evals, "seed": args.seed, "device": "cpu", "threads": args.threads},
+    }
+
+
+def run_lora_tune(arm: str, name: str, train: Path, dev: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    from lora_tune.study.confirm import trial_compute
+    from lora_tune.study.nested import NESTED_KEY
+    from lora_tune.study.objective import CONFIRM_KEY
+
+    path = work / f"{name}-{arm}.yaml"
+    path.write_text(yaml.safe_dump(study_file(arm, name, train, dev, args), sort_keys=False))
+    storage = f"sqlite:///{work / f'{name}-{arm}.db'}"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "lora_tune.cli.main", "run", str(path), "--storage", storage],
+                          cwd=work, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"lora-tune run {path} failed:\n{done.stdout}\n{done.stderr}")
+    print(done.stdout.strip().splitlines()[-1], flush=True)
+    study = optuna.load_study(study_name=f"{name}-{arm}", storage=storage)
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    search = [t for t in trials if CONFIRM_KEY not in t.user_attrs]
+    results = [(0.0 if NESTED_KEY in t.user_attrs else trial_compute(t), t.value if t.state.name == "COMPLETE" else None)
+               for t in search]
+    runs: dict[int, list[float]] = {}
+    for t in trials:
+        if CONFIRM_KEY in t.user_attrs and t.value is not None:
+            runs.setdefault(int(t.user_attrs[CONFIRM_KEY]), []).append(float(t.value))
+    groups = [[next(t.value for t in trials if t.number == n), *values] for n, values in runs.items()]
+    confirm_seconds = sum(t.user_attrs.get("train_seconds", 0.0) for t in trials if CONFIRM_KEY in t.user_attrs)
+    return _summary(results, groups, seconds - confirm_seconds, confirm_seconds, sum(map(len, runs.values())))
+
+
+# --- the table ----------------------------------------------------------------------------------------
+
+def _summary(results: list[tuple[float, float | None]], groups: list[list[float]], search_seconds: float,
+             confirm_seconds: float, confirm_runs: int) -> dict[str, Any]:
+    """``results``: (compute share, value or None) of each search result in the order they finished."""
+    best_group = max(groups, key=statistics.fmean) if groups else []
+    return {
+        "results": results,
+        "best": max((v for _, v in results if v is not None), default=float("nan")),
+        "compute": sum(c for c, _ in results),
+        "confirmed_mean": statistics.fmean(best_group) if best_group else float("nan"),
+        "confirmed_std": statistics.stdev(best_group) if len(best_group) > 1 else 0.0,
+        "confirm_runs": confirm_runs,
+        "search_seconds": search_seconds, "confirm_seconds": confirm_seconds,
+    }
+
+
+def compute_to_reach(results: list[tuple[float, float | None]], target: float) -> float | None:
+    """Full-trial equivalents spent until a result first reached ``target`` (None: never)."""
+    used = 0.0
+    for share, value in results:
+        used += share
+        if value is not None and value >= target - 1e-12:
+            return used
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["trec", "subj"], choices=["trec", "subj"])
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--train-examples", type=int, default=400)
+    parser.add_argument("--dev-examples", type=int, default=250)
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--evals", type=int, default=3, help="evaluations per trial (pruning points)")
+    parser.add_argument("--min-steps", type=int, default=8, help="(c): study.fidelity.min_steps")
+    parser.add_argument("--data-fraction", type=float, nargs="+", default=[1.0], help="(c): study.fidelity.data_fraction")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arms", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    parser.add_argument("--json", type=Path, help="also write every number here")
+    args = parser.parse_args(argv)
+    if len(args.data_fraction) == 1:
+        args.data_fraction = args.data_fraction[0]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out: dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
+        work = Path(tmp)
+        for name in args.datasets:
+            train, dev = split_data(name, work, args.train_examples, args.dev_examples, args.seed)
+            arms: dict[str, Any] = {}
+            for arm in args.arms:
+                print(f"{name} ({arm}) ...", flush=True)
+                arms[arm] = (run_anchor(train, dev, args) if arm == "a"
+                             else run_lora_tune(arm, name, train, dev, work, args))
+            if "a" in arms:
+                for arm in arms.values():
+                    arm["to_anchor_best"] = compute_to_reach(arm["results"], arms["a"]["best"])
+            out[name] = arms
+            print(table(name, arms, args), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+LABELS = {"a": "(a) Optuna TPE + median over PEFT", "b": "(b) lora-tune, previous defaults",
+          "c": "(c) lora-tune, nested + Hyperband + warm start"}
+
+
+def table(name: str, arms: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [f"\n{name}: {args.trials} trials, {args.train_examples} training examples, {args.epochs} epoch, "
+             f"batch {args.batch_size}, dev {args.dev_examples}",
+             "| arm | best (search) | confirmed best (mean ± std, 3 seeds) | search compute | compute to anchor's best "
+             "| search s | confirm s |", "|---|---|---|---|---|---|---|"]
+    for key, arm in arms.items():
+        reach = arm.get("to_anchor_best")
+        anchor = arms.get("a", {}).get("to_anchor_best")
+        reach_text = "never" if reach is None else f"{reach:.2f}" + (
+            f" ({reach / anchor:.0%} of the anchor's)" if anchor and key != "a" else "")
+        lines.append(f"| {LABELS[key]} | {arm['best']:.3f} | {arm['confirmed_mean']:.3f} ± {arm['confirmed_std']:.3f} "
+                     f"| {arm['compute']:.2f} | {reach_text} | {arm['search_seconds']:.0f} | {arm['confirm_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
