@@ -46,9 +46,13 @@ class SamplerSpec(_Section):
 
 
 class PrunerSpec(_Section):
-    """``type`` picks the Optuna pruner; ``options`` are passed to its constructor."""
+    """``type`` picks the Optuna pruner; ``options`` are passed to its constructor.
 
-    type: Literal["median", "sha", "hyperband", "none"] = "median"
+    Hyperband by default: successive halving over the trial's evaluations in several brackets,
+    so that most trials stop after their first evaluations without one aggressive cut-off
+    (the budget is multi-fidelity by default; ``study.fidelity`` makes it cheaper still)."""
+
+    type: Literal["median", "sha", "hyperband", "none"] = "hyperband"
     options: dict[str, Any] = Field(default_factory=dict)
 
 

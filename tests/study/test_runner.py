@@ -164,3 +164,18 @@ def test_grid_study_stops_when_every_point_is_evaluated(url, toy_task):
     assert points == [(4, "all-linear"), (4, "attention-qv"), (8, "all-linear"), (8, "attention-qv")]
     assert [t.user_attrs["is_baseline"] for t in _trials(study)][0] is True
     dispose_storage(study._storage)
+
+
+def test_a_study_file_without_a_pruner_gets_hyperband_over_its_evaluations():
+    import copy
+
+    from lora_tune.study.spec import validate_spec
+    from tests.study.conftest import BASE
+
+    raw = copy.deepcopy(BASE)
+    del raw["study"]["pruner"]
+    raw["train"].update(epochs=2, evals_per_epoch=3)
+    spec = validate_spec(raw)
+    assert spec.study.pruner.type == "hyperband"
+    pruner = build_pruner(spec)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner) and pruner._max_resource == 6
