@@ -1,0 +1,40 @@
+"""The search benchmark's study files are valid lora-tune study files, and its compute count is right."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from lora_tune.study.spec import validate_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_search", REPO / "benchmarks" / "bench_search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arm", ["b", "c"])
+def test_benchmark_study_files_validate(bench, arm, tmp_path):
+    args = argparse.Namespace(
+        trials=4, max_length=32, seed=0, epochs=1, batch_size=8, evals=4, threads=1, min_steps=20, data_fraction=1.0)
+    for name in ("train", "dev"):
+        (tmp_path / f"{name}.csv").write_text("text,label\na,0\nb,1\n")
+    raw = bench.study_file(arm, "trec", tmp_path / "train.csv", tmp_path / "dev.csv", args)
+    spec = validate_spec(raw)
+    assert spec.study.confirm is not None and spec.study.confirm.top == bench.CONFIRM_TOP
+    assert spec.study.pruner.type == ("hyperband" if arm == "c" else "median")
+    assert (spec.study.warm_start == "defaults") == (arm == "c")
+
+
+def test_compute_to_reach_counts_until_the_first_result_at_the_target(bench):
+    results = [(1.0, 0.5), (0.25, None), (0.0, 0.7), (1.0, 0.9)]  # a pruned trial, a nested result
+    assert bench.compute_to_reach(results, 0.7) == 1.25
+    assert bench.compute_to_reach(results, 0.9) == 2.25
+    assert bench.compute_to_reach(results, 0.95) is None
