@@ -179,6 +179,11 @@ class Objective:
             trial.set_user_attr(key, value)
         trial.set_user_attr("fidelity", {"data_fraction": plan.train.data_fraction, "steps": int(result.steps),
                                          "planned_steps": int(result.planned_steps)})
+        if pruned_at and result.steps >= result.planned_steps:
+            # pruned at its last evaluation: it has trained all its steps, so pruning saves nothing
+            # and would throw away a finished result - it completes (and says so)
+            trial.set_user_attr("prune_ignored", f"the pruner said prune at its last evaluation {pruned_at[0]}")
+            pruned_at.clear()
         if pruned_at:
             record_nested_ranks(trial, self, plan.nested, outcome, None)  # nested ranks: the smaller ones, pruned too
             raise optuna.TrialPruned(f"pruned after evaluation {pruned_at[0]} (step {result.steps})")

@@ -118,6 +118,19 @@ def test_pruner_stops_training_and_reports_every_evaluation(toy_task):
     assert trial.user_attrs["train_steps"] == 2 and trial.user_attrs["planned_steps"] == 6
 
 
+def test_a_prune_at_the_last_evaluation_completes_the_trial(toy_task):
+    """All steps are trained by then: pruning would save nothing and throw the result away."""
+    objective = _objective(toy_task, train={"epochs": 2, "evals_per_epoch": 3})
+    # prunes from the last evaluation (step index 5) on only
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=1.01, n_warmup_steps=5))
+    study.enqueue_trial(PARAMS)
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == TrialState.COMPLETE and "last evaluation 5" in trial.user_attrs["prune_ignored"]
+    assert trial.user_attrs["train_steps"] == trial.user_attrs["planned_steps"] == 6
+    assert math.isclose(trial.intermediate_values[5], trial.value)
+
+
 def test_unpruned_trial_reports_each_evaluation(toy_task):
     objective = _objective(toy_task, train={"epochs": 2, "evals_per_epoch": 3})
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner())
