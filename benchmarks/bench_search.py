@@ -224,7 +224,7 @@ def run_lora_tune(arm: str, name: str, train: Path, dev: Path, work: Path, args:
     storage = f"sqlite:///{work / f'{name}-{arm}.db'}"
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "lora_tune.cli.main", "run", str(path), "--storage", storage],
-                          cwd=work, capture_output=True, text=True)
+                          cwd=work, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"lora-tune run {path} failed:\n{done.stdout}\n{done.stderr}")
@@ -315,10 +315,10 @@ LABELS = {"a": "(a) Optuna TPE + median over PEFT", "b": "(b) lora-tune, previou
 
 
 def table(name: str, arms: dict[str, Any], args: argparse.Namespace) -> str:
-    lines = [f"\n{name}: {args.trials} trials, {args.train_examples} training examples, {args.epochs} epoch, "
-             f"batch {args.batch_size}, dev {args.dev_examples}",
-             "| arm | best (search) | confirmed best (mean ± std, 3 seeds) | search compute | compute to anchor's best "
-             "| search s | confirm s |", "|---|---|---|---|---|---|---|"]
+    lines = [(f"\n{name}: {args.trials} trials, {args.train_examples} training examples, {args.epochs} epoch, "
+              f"batch {args.batch_size}, dev {args.dev_examples}"),
+             ("| arm | best (search) | confirmed best (mean ± std, 3 seeds) | search compute | compute to anchor's best "
+              "| search s | confirm s |"), "|---|---|---|---|---|---|---|"]
     for key, arm in arms.items():
         reach = arm.get("to_anchor_best")
         anchor = arms.get("a", {}).get("to_anchor_best")

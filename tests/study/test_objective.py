@@ -22,6 +22,14 @@ def _objective(task, **sections) -> Objective:
     return Objective(resolve_objective(make_spec(**sections), task), task)
 
 
+def _one_trial(task, pruner) -> optuna.trial.FrozenTrial:
+    """One trial of PARAMS, 2 epochs x 3 evaluations, under ``pruner``."""
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    study.enqueue_trial(PARAMS)
+    study.optimize(_objective(task, train={"epochs": 2, "evals_per_epoch": 3}), n_trials=1)
+    return study.trials[0]
+
+
 def test_fixed_trial_trains_and_records_the_documented_attributes(toy_task):
     trial = FixedTrial(PARAMS)
     value = _objective(toy_task)(trial)
@@ -107,12 +115,8 @@ def test_multi_objective_returns_metric_and_trainable_params(toy_task):
 
 
 def test_pruner_stops_training_and_reports_every_evaluation(toy_task):
-    objective = _objective(toy_task, train={"epochs": 2, "evals_per_epoch": 3})
     # a real pruner: any accuracy below 1.01 is pruned once step 1 is reached
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=1.01, n_warmup_steps=1))
-    study.enqueue_trial(PARAMS)
-    study.optimize(objective, n_trials=1)
-    trial = study.trials[0]
+    trial = _one_trial(toy_task, optuna.pruners.ThresholdPruner(lower=1.01, n_warmup_steps=1))
     assert trial.state == TrialState.PRUNED
     assert sorted(trial.intermediate_values) == [0, 1]  # evaluation 0 (warm-up) and 1, then stopped
     assert trial.user_attrs["train_steps"] == 2 and trial.user_attrs["planned_steps"] == 6
@@ -120,23 +124,15 @@ def test_pruner_stops_training_and_reports_every_evaluation(toy_task):
 
 def test_a_prune_at_the_last_evaluation_completes_the_trial(toy_task):
     """All steps are trained by then: pruning would save nothing and throw the result away."""
-    objective = _objective(toy_task, train={"epochs": 2, "evals_per_epoch": 3})
     # prunes from the last evaluation (step index 5) on only
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=1.01, n_warmup_steps=5))
-    study.enqueue_trial(PARAMS)
-    study.optimize(objective, n_trials=1)
-    trial = study.trials[0]
+    trial = _one_trial(toy_task, optuna.pruners.ThresholdPruner(lower=1.01, n_warmup_steps=5))
     assert trial.state == TrialState.COMPLETE and "last evaluation 5" in trial.user_attrs["prune_ignored"]
     assert trial.user_attrs["train_steps"] == trial.user_attrs["planned_steps"] == 6
     assert math.isclose(trial.intermediate_values[5], trial.value)
 
 
 def test_unpruned_trial_reports_each_evaluation(toy_task):
-    objective = _objective(toy_task, train={"epochs": 2, "evals_per_epoch": 3})
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner())
-    study.enqueue_trial(PARAMS)
-    study.optimize(objective, n_trials=1)
-    trial = study.trials[0]
+    trial = _one_trial(toy_task, optuna.pruners.MedianPruner())
     assert trial.state == TrialState.COMPLETE
     assert sorted(trial.intermediate_values) == [0, 1, 2, 3, 4, 5]
     assert math.isclose(trial.intermediate_values[5], trial.value)
