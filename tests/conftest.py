@@ -2,27 +2,44 @@
 
 ``postgres_url``: a fresh PostgreSQL database for this test session, created from the URL in
 ``LORA_TUNE_TEST_POSTGRES_URL`` (e.g. ``postgresql+psycopg://postgres@127.0.0.1:5432/test``)
-and dropped at the end. Without that variable, tests using it are skipped with a message
+and dropped at the end (``fresh_postgres``: one for a single test). Without that variable, tests using it are skipped with a message
 saying how to enable them; with it set, an unreachable server is an error, not a skip.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
 POSTGRES_ENV = "LORA_TUNE_TEST_POSTGRES_URL"
 
 
-def _admin_engine(url: str):
+@contextlib.contextmanager
+def _database(base: str, prefix: str) -> Iterator[str]:
+    """A new, empty database on the server of ``base`` (its URL), dropped afterwards."""
     import sqlalchemy as sa
 
-    return sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        pytest.fail(f"{POSTGRES_ENV} is set but the server cannot be used: {exc.orig}")
+    try:
+        yield sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> str:
+def postgres_url() -> Iterator[str]:
     """URL of an empty database, created for this session and dropped after it."""
     base = os.environ.get(POSTGRES_ENV)
     if not base:
@@ -30,22 +47,15 @@ def postgres_url() -> str:
             f"PostgreSQL tests need a server: set {POSTGRES_ENV}="
             "postgresql+psycopg://USER@HOST:5432/DB (a user allowed to CREATE DATABASE)"
         )
-    import sqlalchemy as sa
-
-    name = f"lora_tune_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    admin = _admin_engine(base)
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError as exc:
-        pytest.fail(f"{POSTGRES_ENV} is set but the server cannot be used: {exc.orig}")
-    url = sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
-    try:
+    with _database(base, "lora_tune_test") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+
+
+@pytest.fixture
+def fresh_postgres(postgres_url: str) -> Iterator[str]:
+    """URL of an empty database of its own for one test (e.g. for counting its connections)."""
+    with _database(postgres_url, "lora_tune_fresh") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

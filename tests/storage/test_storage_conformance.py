@@ -11,30 +11,12 @@ empty database of its own.
 """
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from optuna.testing.pytest_storages import StorageTestCase
 
 from lora_tune.study import storage as st
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
-
-
-@pytest.fixture
-def fresh_postgres(postgres_url):
-    import sqlalchemy as sa
-
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    name = f"conformance_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sa.engine.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "journal", "postgres"])

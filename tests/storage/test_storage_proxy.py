@@ -54,20 +54,6 @@ class Proxy:
         return out
 
 
-@pytest.fixture
-def fresh_postgres(postgres_url):
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    name = f"proxy_{os.getpid()}_{time.monotonic_ns() % 10**8}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sa.engine.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 class ConnectionCounter:
     """Samples, while running, the connections lora-tune holds to one PostgreSQL database."""
 
