@@ -85,3 +85,17 @@ def merge_round_trip(model, x):
         lora_tune.unmerge(model)
         y_again = model(x)
     return y, y_merged, y_again
+
+
+def changed_by_training(model, make_x, *, steps: int = 3, all_params: bool = False, **adamw) -> dict[str, bool]:
+    """Whether each parameter of ``model`` changed over ``steps`` AdamW steps on a squared-output
+    loss. ``all_params``: hand the optimizer every parameter, frozen ones too (they get no gradient,
+    so even weight decay must leave them); otherwise only the trainable ones."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = model.parameters() if all_params else [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, **{"lr": 1e-2, **adamw})
+    for _ in range(steps):
+        opt.zero_grad()
+        model(make_x()).float().pow(2).mean().backward()
+        opt.step()
+    return {n: not torch.equal(p, before[n]) for n, p in model.named_parameters()}

@@ -13,7 +13,7 @@ import lora_tune
 from lora_tune import ConfigError, LoraConfig, inject, load_adapter, save_adapter
 from lora_tune.lora.inject import lora_layers
 
-from .reference import merge_round_trip
+from .reference import changed_by_training, merge_round_trip
 from .test_layers import (
     ALPHA,
     CASES,
@@ -124,19 +124,12 @@ def test_merge_and_unload_gives_plain_layers_with_same_outputs(case, bits):
 @pytest.mark.parametrize("case", DORA_CASES)
 def test_magnitude_trains_and_frozen_weights_stay(case):
     model, make_x, _ = _adapted_case(case, randomize=False, use_dora=True)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    start = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("lora_magnitude")}
-    assert len(start) == 2 and all(p.requires_grad for n, p in model.named_parameters() if n in start)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        opt.zero_grad()
-        model(make_x()).float().pow(2).mean().backward()
-        opt.step()
-    for n, p in model.named_parameters():
-        if n in frozen:
-            assert torch.equal(p, frozen[n]), f"frozen {n} changed"
-        if n in start:
-            assert not torch.equal(p, start[n]), f"{n} did not train"
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    magnitudes = [n for n, _ in model.named_parameters() if n.endswith("lora_magnitude")]
+    assert len(magnitudes) == 2 and all(p.requires_grad for n, p in model.named_parameters() if n in magnitudes)
+    changed = changed_by_training(model, make_x)
+    assert not [n for n in frozen if changed[n]], "frozen weights changed"
+    assert all(changed[n] for n in magnitudes), "a magnitude did not train"
 
 
 def test_fused_parts_not_adapted_keep_their_rows():
