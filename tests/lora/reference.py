@@ -99,3 +99,11 @@ def changed_by_training(model, make_x, *, steps: int = 3, all_params: bool = Fal
         model(make_x()).float().pow(2).mean().backward()
         opt.step()
     return {n: not torch.equal(p, before[n]) for n, p in model.named_parameters()}
+
+
+def randomize_lora_b(model, std: float = 0.3) -> None:
+    """Give every ``lora_B`` random values (freshly injected they are zero: the adapter would be a no-op)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=std)

@@ -26,7 +26,7 @@ from lora_tune.lora.experts import LoraExperts
 
 from .hf_families import EXPERTS, mixtral, qwen2_moe
 from .hf_models import HIDDEN, tiny_causal_lm, tokens
-from .reference import merge_round_trip, reference_call
+from .reference import merge_round_trip, randomize_lora_b, reference_call
 
 pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -359,10 +359,7 @@ def test_adapters_move_between_lora_tune_and_peft_with_the_same_outputs(family, 
     ids = tokens()
     model = copy.deepcopy(base)
     inject(model, LoraConfig(rank=2, alpha=4.0, targets="all-linear", rank_pattern={"model.layers.0.mlp.experts": 3}))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.3)
+    randomize_lora_b(model)
     y = _forward(model, ids)
     ours = tmp_path / "ours"
     lora_tune.save_adapter(model, ours, format="peft")
@@ -385,10 +382,7 @@ def test_a_peft_trained_expert_adapter_loads_with_peft_outputs(tmp_path):
     base = mixtral()
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["experts.down_proj"])
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.3)
+    randomize_lora_b(theirs)
     ids = tokens()
     y = _forward(theirs, ids)
     theirs.save_pretrained(tmp_path)
