@@ -18,7 +18,20 @@ import optuna
 from lora_tune.errors import ConfigError
 from lora_tune.train.callbacks import CallbackSummary, Pruning, Report, metric_key
 
-__all__ = ["TrialBinding", "trial_pruning", "trial_reporter"]
+__all__ = ["TrialBinding", "pruned_after_training", "trial_pruning", "trial_reporter"]
+
+PRUNE_IGNORED_KEY = "prune_ignored"
+
+
+def pruned_after_training(trial: optuna.trial.BaseTrial | None, eval_index: int, steps: int, planned: int) -> bool:
+    """Whether a prune decided at evaluation ``eval_index`` came when all ``planned`` steps were
+    trained (``steps``): then pruning saves nothing and would throw a finished result away, so
+    the trial completes, and ``trial`` (when given) records why as ``prune_ignored``."""
+    if not planned or steps < planned:
+        return False
+    if trial is not None:
+        trial.set_user_attr(PRUNE_IGNORED_KEY, f"the pruner said prune at its last evaluation {eval_index}")
+    return True
 
 
 def trial_reporter(trial: optuna.trial.BaseTrial, metric: str) -> Report:
@@ -82,10 +95,16 @@ class TrialBinding:
 
     def raise_if_pruned(self) -> None:
         """Raise ``optuna.TrialPruned`` ("pruned after evaluation i (step s)") when pruned (on
-        every rank)."""
+        every rank), unless it was pruned after training all its steps
+        (:func:`pruned_after_training`)."""
         at = self.pruning.pruned_at
-        if at is not None:
-            raise optuna.TrialPruned(f"pruned after evaluation {at.eval_index} (step {at.step})")
+        if at is None:
+            return
+        summary = getattr(self, "summary", None)  # the reporting callback's, once training ended
+        if summary is not None and pruned_after_training(self.trial if self.pruning.main else None, at.eval_index,
+                                                         summary.train_steps, summary.planned_steps):
+            return
+        raise optuna.TrialPruned(f"pruned after evaluation {at.eval_index} (step {at.step})")
 
     def finished(self, summary: CallbackSummary) -> None:
         """Write the summary to the trial as user attributes (rank 0 only; no trial: nothing)."""

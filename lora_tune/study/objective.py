@@ -32,6 +32,7 @@ from typing import Any, Callable
 import optuna
 
 from lora_tune.errors import NonFiniteLossError, TrainingOutOfMemoryError
+from lora_tune.study.callbacks import pruned_after_training
 from lora_tune.study.nested import record_nested_ranks
 from lora_tune.study.space import TRAIN_KEYS, SearchSpace
 from lora_tune.study.trial_run import (
@@ -179,10 +180,7 @@ class Objective:
             trial.set_user_attr(key, value)
         trial.set_user_attr("fidelity", {"data_fraction": plan.train.data_fraction, "steps": int(result.steps),
                                          "planned_steps": int(result.planned_steps)})
-        if pruned_at and result.steps >= result.planned_steps:
-            # pruned at its last evaluation: it has trained all its steps, so pruning saves nothing
-            # and would throw away a finished result - it completes (and says so)
-            trial.set_user_attr("prune_ignored", f"the pruner said prune at its last evaluation {pruned_at[0]}")
+        if pruned_at and pruned_after_training(trial, pruned_at[0], result.steps, result.planned_steps):
             pruned_at.clear()
         if pruned_at:
             record_nested_ranks(trial, self, plan.nested, outcome, None)  # nested ranks: the smaller ones, pruned too

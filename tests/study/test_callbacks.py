@@ -237,3 +237,13 @@ def test_trl_sft_trainer_prunes(transformers, tmp_path) -> None:
     assert (trial.user_attrs["train_steps"], trial.user_attrs["planned_steps"]) == (2, 5)
     assert trial.user_attrs["train_tokens"] == seen["tokens"] > 0
     assert trial.user_attrs["trainable_params"] == seen["trainable"]
+
+
+def test_a_prune_at_the_last_evaluation_completes_the_trainer_trial(transformers, tmp_path) -> None:
+    """As in lora-tune's own trials: all steps were trained, so the trial keeps its result."""
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0, n_warmup_steps=5))
+    study.optimize(hf_objective(transformers, tmp_path, {}), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert "last evaluation 5" in trial.user_attrs["prune_ignored"]
+    assert (trial.user_attrs["train_steps"], trial.user_attrs["planned_steps"]) == (6, 6)
