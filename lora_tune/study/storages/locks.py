@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from lora_tune.study.storages.retry import is_transient
 from lora_tune.study.storages.urls import is_journal_url, journal_path, storage_kind
 
 _NAMESPACE = 0x4C6F5241  # "LoRA": first key of the PostgreSQL advisory lock
@@ -88,8 +89,6 @@ def _release(step: Any) -> None:
     """Run a step of giving a database lock back; a connection lost meanwhile (a server
     restart) already gave it back, and the work done under it stands, so that is no error:
     raising here would report as failed a trial start that happened."""
-    from lora_tune.study.storages.retry import is_transient
-
     try:
         step()
     except Exception as exc:
