@@ -31,7 +31,7 @@ from lora_tune.study.samplers import make_sampler
 from lora_tune.study.spec import StudySpec, resolve_objective, spec_from_stored
 from lora_tune.study.storages.budget import budget_used
 from lora_tune.tasks import validate_task_spec
-from lora_tune.tasks.base import raise_problems
+from lora_tune.tasks.base import Task, raise_problems
 
 _logger = logging.getLogger("lora_tune.study")
 Callback = Callable[[optuna.Study, FrozenTrial], None]
@@ -243,9 +243,10 @@ def create_study(spec: StudySpec, storage_url: str, name: str | None = None, res
         study.enqueue_trial(baseline, user_attrs={"is_baseline": True})
         _baseline_grid_point(study)
     if resolved.study.warm_start == "defaults":
-        from lora_tune.study.warm_start import PRIOR, warm_start
+        from lora_tune.study.warm_start import prior, warm_start
 
-        warm_start(study, SearchSpace.from_spec(resolved.search_space), PRIOR, task, origin="defaults")
+        configs = prior(getattr(task, "model_kind", Task.model_kind))
+        warm_start(study, SearchSpace.from_spec(resolved.search_space), configs, task, origin="defaults")
     return study
 
 

@@ -104,7 +104,7 @@ class StudySection(_Section):
     heartbeat_interval: int | None = Field(None, ge=1)
     grace_period: int | None = Field(None, ge=1)
     failed_trial_retries: int = Field(2, ge=0)
-    # Enqueue well-known good configs first (lora_tune/study/warm_start.py PRIOR).
+    # Enqueue well-known good configs first (lora_tune/study/warm_start.py prior).
     warm_start: Literal["defaults"] | None = None
     confirm: ConfirmSpec | None = None
     fidelity: FidelitySpec | None = None

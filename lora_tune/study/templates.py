@@ -4,9 +4,8 @@ from a good search instead of a blank one.
 :func:`study_template` looks at the model (a local Hugging Face directory, ``minilm``, or the
 built-in ``digits`` task) without loading its weights (the model is built on the meta device):
 its discovered target presets, the rank choices that fit its smallest adapted layer, a LoRA
-learning-rate range by model kind (about 10× a full fine-tuning rate: decoder LLMs around
-2e-4, small encoders around 1e-3), Hyperband pruning, the well-known-good warm start and, when
-the space supports it, nested ranks. The result validates as it is once the data paths exist.
+learning-rate range by model kind (around :data:`TYPICAL_LEARNING_RATE`), Hyperband pruning,
+the well-known-good warm start and, when the space supports it, nested ranks. The result validates as it is once the data paths exist.
 """
 from __future__ import annotations
 
@@ -18,7 +17,10 @@ from typing import Any
 from lora_tune.errors import ConfigError
 
 RANKS = (4, 8, 16, 32, 64)
-# LoRA learning-rate ranges (low, high) by kind of model.
+# A typical LoRA learning rate by kind of model (lora_tune.tasks.base.MODEL_KINDS), about 10x its
+# full fine-tuning rate: QLoRA's 2e-4 for decoder LLMs, 1e-3 for small encoders (fully fine-tuned
+# around 1e-4), 5e-3 for small vision models; and the range a search spans around it (low, high).
+TYPICAL_LEARNING_RATE = {"decoder": 2e-4, "encoder": 1e-3, "vision": 5e-3}
 LEARNING_RATES = {"decoder": (5e-5, 5e-4), "encoder": (1e-4, 3e-3), "vision": (1e-3, 3e-2)}
 PRESET_ORDER = ("attention-qv", "attention", "mlp", "all-linear")
 

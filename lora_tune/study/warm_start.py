@@ -7,9 +7,11 @@ Two sources (``lora-tune run --warm-start OTHER`` and ``study.warm_start: defaul
   keeps its name and is resolved again on this model; an explicit target list is kept only if
   every pattern still matches this model; values outside this space are dropped (the sampler
   fills them), numbers are clamped to its ranges.
-* :data:`PRIOR` — well-known good configs from the LoRA literature and practice: rank 16 with
-  alpha 2 × rank on every linear layer (QLoRA's recipe), rank 8 with alpha 16 on attention, at
-  a LoRA learning rate about 10× a full fine-tuning one.
+* :func:`prior` — well-known good configs from the LoRA literature and practice: rank 16 with
+  alpha 2 × rank on every linear layer (QLoRA's recipe), rank 8 with alpha 16 on attention, and
+  rank 32 on every linear layer, at learning rates around the typical LoRA learning rate of the
+  task's kind of model (``Task.model_kind``; about 10× a full fine-tuning rate: 2e-4 for a
+  decoder LLM, 1e-3 for a small encoder, see ``templates.TYPICAL_LEARNING_RATE``).
 
 :func:`enqueue` adds each config once: a config equal to a trial already in the study (waiting,
 running or finished) is not enqueued again.
@@ -28,11 +30,22 @@ from lora_tune.study.space import Param, SearchSpace, encode_choice
 WARM_KEY = "warm_start"  # user attr of an enqueued warm-start trial: where its config came from
 PARAMS_KEY = "enqueued_params"  # ... and the parameters it was enqueued with (a waiting trial has no params)
 
-PRIOR: tuple[dict[str, Any], ...] = (
-    {"rank": 16, "alpha": 32.0, "targets": "all-linear", "learning_rate": 2e-4, "dropout": 0.05},
-    {"rank": 8, "alpha": 16.0, "targets": "attention", "learning_rate": 1e-3, "dropout": 0.0},
-    {"rank": 32, "alpha": 64.0, "targets": "all-linear", "learning_rate": 1e-4, "dropout": 0.05},
+# (config, learning rate as a multiple of the model kind's typical LoRA learning rate)
+PRIOR: tuple[tuple[dict[str, Any], float], ...] = (
+    ({"rank": 16, "alpha": 32.0, "targets": "all-linear", "dropout": 0.05}, 1.0),
+    ({"rank": 8, "alpha": 16.0, "targets": "attention", "dropout": 0.0}, 2.0),
+    ({"rank": 32, "alpha": 64.0, "targets": "all-linear", "dropout": 0.05}, 0.5),
 )
+
+
+def prior(model_kind: str) -> list[dict[str, Any]]:
+    """The :data:`PRIOR` configs with learning rates for ``model_kind`` (see the module docstring)."""
+    from lora_tune.study.templates import TYPICAL_LEARNING_RATE
+
+    if model_kind not in TYPICAL_LEARNING_RATE:
+        raise ConfigError("model_kind", model_kind, ", ".join(TYPICAL_LEARNING_RATE))
+    typical = TYPICAL_LEARNING_RATE[model_kind]
+    return [{**config, "learning_rate": typical * factor} for config, factor in PRIOR]
 
 
 def configs_from_study(source: optuna.Study, top: int = 5) -> list[dict[str, Any]]:

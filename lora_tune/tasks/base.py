@@ -19,6 +19,7 @@ import torch
 from lora_tune.errors import ConfigError
 
 Problems = list[tuple[str, str]]
+MODEL_KINDS = ("decoder", "encoder", "vision")  # Task.model_kind: picks the typical LoRA learning rate
 
 
 class Task:
@@ -30,6 +31,7 @@ class Task:
     default_direction: str = "maximize"
     modules_to_save: list[str] = []
     baseline_targets: str = "attention-qv"
+    model_kind: str = "decoder"  # one of MODEL_KINDS; the warm-start prior's learning rates follow it
 
     def build_model(self) -> torch.nn.Module:
         """A fresh copy of the pretrained base model (CPU, eval mode)."""

@@ -158,6 +158,7 @@ class DigitsTask(Task):
     default_metric = "accuracy"
     default_direction = "maximize"
     baseline_targets = "attention-qv"
+    model_kind = "vision"
 
     def __init__(self, domain: str = "rotate90", max_train_examples: int | None = None,
                  max_eval_examples: int | None = None):

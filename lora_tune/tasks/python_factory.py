@@ -35,7 +35,8 @@ The factory is called once per process as ``factory(**args)`` and returns either
        ``maximize`` or ``minimize`` for the default metric (default: minimize for names ending in
        loss, error, perplexity, mse, mae, rmse, wer or cer; else maximize).
    ``modules_to_save`` (optional), ``baseline_targets`` (optional, default ``attention-qv``),
-   ``name`` (optional).
+   ``model_kind`` (optional: ``decoder``, the default, ``encoder`` or ``vision``; the learning
+   rates of ``warm_start: defaults`` follow it), ``name`` (optional).
 """
 from __future__ import annotations
 
@@ -52,12 +53,13 @@ import torch
 import torch.nn.functional as F
 
 from lora_tune.errors import ConfigError
-from lora_tune.tasks.base import Field, Problems, Task, check_spec, eval_mode, index_batches, is_choice, model_device
+from lora_tune.tasks.base import (MODEL_KINDS, Field, Problems, Task, check_spec, eval_mode, index_batches, is_choice,
+                                  model_device)
 
 PROTOCOL_METHODS = ("build_model", "train_batches", "num_train_examples", "loss", "evaluate", "to_device")
 PROTOCOL_ATTRS = ("name", "metrics", "default_metric", "default_direction", "modules_to_save", "baseline_targets")
 DICT_KEYS = ("model", "train", "eval", "loss", "evaluate", "metrics", "direction", "modules_to_save",
-             "baseline_targets", "name")
+             "baseline_targets", "model_kind", "name")
 
 
 def _check_factory(value: Any) -> str | None:
@@ -220,6 +222,9 @@ class DictTask(Task):
             raise ConfigError("task.factory", self.default_direction, "direction 'maximize' or 'minimize'")
         self.modules_to_save = list(parts.get("modules_to_save") or [])
         self.baseline_targets = parts.get("baseline_targets") or "attention-qv"
+        self.model_kind = parts.get("model_kind") or Task.model_kind
+        if self.model_kind not in MODEL_KINDS:
+            raise ConfigError("task.factory", f"model_kind {self.model_kind!r}", "model_kind " + ", ".join(MODEL_KINDS))
         self.name = parts.get("name") or "python"
 
     def build_model(self) -> torch.nn.Module:

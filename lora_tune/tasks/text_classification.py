@@ -118,6 +118,7 @@ class TextClassificationTask(Task):
     default_metric = "accuracy"
     default_direction = "maximize"
     baseline_targets = "attention-qv"
+    model_kind = "encoder"
 
     def __init__(self, spec: dict):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -8,14 +8,16 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from lora_tune.cli.main import cli
-from lora_tune.errors import StudySpecError
+from lora_tune.errors import ConfigError, StudySpecError
 from lora_tune.export import choose_trial
 from lora_tune.study.confirm import best_confirmed, compute_used, config_groups, confirm_top, within_noise
 from lora_tune.study.objective import CONFIRM_KEY, SEED_KEY, Objective
 from lora_tune.study.runner import create_study, optimize
 from lora_tune.study.space import SearchSpace
 from lora_tune.study.spec import resolve_objective
-from lora_tune.study.warm_start import PARAMS_KEY, PRIOR, WARM_KEY, configs_from_study, project, warm_start
+from lora_tune.study.templates import LEARNING_RATES, TYPICAL_LEARNING_RATE
+from lora_tune.study.warm_start import PARAMS_KEY, PRIOR, WARM_KEY, configs_from_study, prior, project, warm_start
+from lora_tune.tasks.base import MODEL_KINDS
 from tests.study.conftest import BASE, make_spec
 from tests.study.toy_task import ToyTask
 
@@ -32,13 +34,14 @@ def _finished(study):
 def test_warm_start_defaults_enqueues_the_prior_projected_onto_the_space(url, toy_task):
     space = {"rank": {"choices": [4, 8, 16]}, "alpha": {"ratio": [1, 2]},
              "targets": {"choices": ["attention-qv", "attention", "all-linear"]},
-             "learning_rate": {"type": "float", "low": 5e-4, "high": 3e-2, "log": True}}
+             "learning_rate": {"type": "float", "low": 3e-4, "high": 3e-2, "log": True}}
     study = create_study(make_spec(study={"warm_start": "defaults"}, search_space=space), url, task=toy_task)
     warm = [t for t in study.get_trials(states=(TrialState.WAITING,)) if WARM_KEY in t.user_attrs]
     params = [t.user_attrs[PARAMS_KEY] for t in warm]
-    # PRIOR[0]: rank 16, alpha 32 (ratio 2), all-linear, lr 2e-4 clamped to the space's 5e-4
-    assert params[0] == {"rank": 16, "alpha_ratio": 2, "targets": "all-linear", "learning_rate": 5e-4}
-    assert params[1] == {"rank": 8, "alpha_ratio": 2, "targets": "attention", "learning_rate": 1e-3}
+    # the toy task is a decoder: prior 0 is rank 16, alpha 32 (ratio 2), all-linear, lr 2e-4
+    # clamped to the space's 3e-4; prior 1 is rank 8, alpha 16 on attention at 2 x 2e-4
+    assert params[0] == {"rank": 16, "alpha_ratio": 2, "targets": "all-linear", "learning_rate": 3e-4}
+    assert params[1] == {"rank": 8, "alpha_ratio": 2, "targets": "attention", "learning_rate": pytest.approx(4e-4)}
     assert len(params) == 2  # PRIOR[2]'s rank 32 is not a choice here: dropped, not a rank 16 twin
     again = create_study(make_spec(study={"warm_start": "defaults"}, search_space=space), url, resume=True,
                          task=toy_task)
@@ -138,7 +141,34 @@ def test_run_confirms_reports_compute_and_refuses_a_missing_warm_start_study(tmp
 
 
 def test_prior_is_the_documented_recipe():
-    assert PRIOR[0]["rank"] == 16 and PRIOR[0]["alpha"] == 2 * PRIOR[0]["rank"] and PRIOR[0]["targets"] == "all-linear"
+    first = prior("decoder")[0]
+    assert first["rank"] == 16 and first["alpha"] == 2 * first["rank"] and first["targets"] == "all-linear"
+    assert first["learning_rate"] == pytest.approx(2e-4)  # QLoRA's learning rate for a decoder LLM
+
+
+def test_prior_learning_rates_follow_the_model_kind():
+    assert set(TYPICAL_LEARNING_RATE) == set(LEARNING_RATES) == set(MODEL_KINDS)
+    for kind in MODEL_KINDS:
+        low, high = LEARNING_RATES[kind]
+        assert low < TYPICAL_LEARNING_RATE[kind] < high  # lora-tune init's range spans the typical rate
+        rates = [c["learning_rate"] for c in prior(kind)]
+        assert rates == pytest.approx([TYPICAL_LEARNING_RATE[kind] * factor for _, factor in PRIOR])
+    # a small encoder trains LoRA at a higher rate than a decoder LLM: 1e-3 against 2e-4
+    assert prior("encoder")[0]["learning_rate"] == pytest.approx(5 * prior("decoder")[0]["learning_rate"])
+    with pytest.raises(ConfigError, match="model_kind"):
+        prior("llm")
+
+
+def test_warm_start_defaults_uses_the_task_model_kind(url, toy_task, monkeypatch):
+    monkeypatch.setattr(toy_task, "model_kind", "encoder", raising=False)
+    space = {"rank": {"choices": [8, 16]}, "alpha": {"ratio": [1, 2]},
+             "targets": {"choices": ["attention", "all-linear"]},
+             "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True}}
+    spec = make_spec(study={"warm_start": "defaults", "baseline": False}, search_space=space)
+    study = create_study(spec, url, task=toy_task)
+    params = [t.user_attrs[PARAMS_KEY] for t in study.get_trials() if WARM_KEY in t.user_attrs]
+    assert [(p["rank"], p["targets"]) for p in params] == [(16, "all-linear"), (8, "attention")]
+    assert [p["learning_rate"] for p in params] == pytest.approx([1e-3, 2e-3])  # the encoder's, not 2e-4, 4e-4
 
 
 def test_toy_task_fixture_is_the_toy(toy_task):

@@ -44,6 +44,9 @@ FACTORIES = textwrap.dedent('''
 
     def bad_keys():
         return {"model": nn.Linear(1, 1), "train": (torch.zeros(2, 1),), "eval": (torch.zeros(2, 1),), "extra": 1}
+
+    def encoder(kind="encoder"):
+        return {**blobs(), "model_kind": kind}
 ''')
 
 
@@ -116,6 +119,13 @@ def test_bad_factory_references_are_reported(factory, message):
     problems = dict(validate_task_spec({"type": "python", "factory": factory, "args": [1]}))
     assert message in problems["task.factory"]
     assert "task.args" in problems
+
+
+def test_dict_factory_model_kind_defaults_to_decoder_and_is_checked(factory_file):
+    assert build_task({"type": "python", "factory": f"{factory_file}:blobs"}).model_kind == "decoder"
+    assert build_task({"type": "python", "factory": f"{factory_file}:encoder"}).model_kind == "encoder"
+    with pytest.raises(ConfigError, match="model_kind 'llm'.*decoder, encoder, vision"):
+        build_task({"type": "python", "factory": f"{factory_file}:encoder", "args": {"kind": "llm"}})
 
 
 @pytest.mark.parametrize("name, message", [
