@@ -5,7 +5,8 @@ the gap between neighbouring configs, so "best of N" is optimistic. With ``study
 {top: k, seeds: s}`` :func:`confirm_top` re-runs the k best distinct configs with s more seeds
 each, after the budget. Each run is stored as a finished trial with user attributes
 ``confirm_of`` (the trial it repeats) and ``seed``; they do not use the trial budget (they are
-created with ``study.add_trial``), but they count in :func:`compute_used`.
+created with ``study.add_trial``), but they count in :func:`compute_used`. A nested-rank result
+is confirmed by training its parent's config again and reading its rank off that run.
 
 :func:`config_groups` gathers each config's runs (the original trial and its confirmations)
 with their mean and standard deviation; ``export`` takes the best mean, and the summary says
@@ -20,8 +21,10 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
 
-from lora_tune.study.nested import NESTED_KEY
+from lora_tune.study.nested import NESTED_KEY, RANK_VALUES_KEY, RUN_ONLY_ATTRS
 from lora_tune.study.objective import CONFIRM_KEY, SEED_KEY, Objective, TrialFailed
+
+SHARED_KEY = "confirm_shared"  # user attr of a confirmation run that read another run's training
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,13 @@ class Compute:
 
 def confirm_top(study: optuna.Study, objective: Objective, top: int, seeds: int) -> list[FrozenTrial]:
     """Re-run the ``top`` best distinct configs with ``seeds`` new seeds each (skipping runs that
-    exist already, so it is safe to call again); returns the runs it added."""
-    # a nested-rank result was scored by truncating its parent's training: confirm trained configs
-    complete = [t for t in _originals(study) if NESTED_KEY not in t.user_attrs]
+    exist already, so it is safe to call again); returns the runs it added.
+
+    A nested-rank result was scored by truncating its parent's training, so it is confirmed the
+    same way: its parent's config is trained again with the new seed (nested, as the parent
+    was) and its rank's metric is read off that run. One such run serves every chosen result
+    of the same parent; the runs that read it are marked ``confirm_shared`` and cost nothing."""
+    complete = _originals(study)
     if not complete or len(study.directions) != 1:
         return []
     reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
@@ -69,31 +76,56 @@ def confirm_top(study: optuna.Study, objective: Objective, top: int, seeds: int)
             chosen.append(trial)
         if len(chosen) == top:
             break
-    done = {(t.user_attrs[CONFIRM_KEY], t.user_attrs[SEED_KEY]) for t in study.get_trials(deepcopy=False)
-            if CONFIRM_KEY in t.user_attrs}
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    done = {(t.user_attrs[CONFIRM_KEY], t.user_attrs[SEED_KEY]) for t in trials.values() if CONFIRM_KEY in t.user_attrs}
     base_seed = objective.spec.train.seed
-    added = []
+    added: list[FrozenTrial] = []
+    runs: dict[tuple[int, int], tuple[FixedTrial, TrialState, float | None]] = {}  # (trained trial, seed)
     for trial in chosen:
+        trained = trials.get(trial.user_attrs.get(NESTED_KEY), trial)  # the trial whose training scored it
         for k in range(1, seeds + 1):
             seed = base_seed + 1000 * k  # far from the study's own seed; the same for every config
             if (trial.number, seed) in done:
                 continue
-            added.append(_run(study, objective, trial, seed))
+            shared = (trained.number, seed) in runs
+            if not shared:
+                runs[(trained.number, seed)] = _train(objective, trained, trial.number, seed)
+            added.append(_record(study, trial, trained, *runs[(trained.number, seed)], shared=shared))
     return added
 
 
-def _run(study: optuna.Study, objective: Objective, original: FrozenTrial, seed: int) -> FrozenTrial:
-    fixed = FixedTrial(dict(original.params))
-    fixed.set_user_attr(CONFIRM_KEY, original.number)
+def _train(objective: Objective, trained: FrozenTrial, number: int, seed: int
+           ) -> tuple[FixedTrial, TrialState, float | None]:
+    """Train ``trained``'s config again with ``seed``."""
+    fixed = FixedTrial(dict(trained.params))
+    fixed.set_user_attr(CONFIRM_KEY, number)
     fixed.set_user_attr(SEED_KEY, seed)
-    state, value = TrialState.COMPLETE, None
     try:
-        value = objective(fixed)
+        return fixed, TrialState.COMPLETE, objective(fixed)
     except (TrialFailed, optuna.TrialPruned):
-        state = TrialState.FAIL
+        return fixed, TrialState.FAIL, None
+
+
+def _record(study: optuna.Study, original: FrozenTrial, trained: FrozenTrial, fixed: FixedTrial,
+            state: TrialState, value: float | None, shared: bool) -> FrozenTrial:
+    """Store one confirmation run of ``original`` (``trained`` is the trial whose config was trained)."""
+    attrs = {**fixed.user_attrs, CONFIRM_KEY: original.number}
+    if original is not trained:  # a nested rank: its metric in the run, its own config
+        attrs.pop("metric_values", None)  # the trained rank's
+        rank = (original.user_attrs.get("fidelity") or {}).get("rank")
+        values = (fixed.user_attrs.get(RANK_VALUES_KEY) or {}).get(str(rank)) or []
+        value = float(values[0]) if state == TrialState.COMPLETE and values else None
+        state = TrialState.COMPLETE if value is not None else TrialState.FAIL
+        for key in ("lora_config", "trainable_params", "adapter_bytes", "target_modules"):
+            if key in original.user_attrs:
+                attrs[key] = original.user_attrs[key]
+        attrs["fidelity"] = {**(original.user_attrs.get("fidelity") or {}), **(fixed.user_attrs.get("fidelity") or {})}
+    if shared:  # the run's time and memory belong to the record that trained it
+        attrs = {k: v for k, v in attrs.items() if k not in RUN_ONLY_ATTRS}
+        attrs[SHARED_KEY] = True
     frozen = optuna.trial.create_trial(
-        state=state, value=value, params=dict(original.params), distributions=dict(original.distributions),
-        user_attrs=dict(fixed.user_attrs))
+        state=state, value=value if state == TrialState.COMPLETE else None, params=dict(original.params),
+        distributions=dict(original.distributions), user_attrs=attrs)
     study.add_trial(frozen)
     return frozen
 
@@ -131,14 +163,15 @@ def within_noise(best: ConfigGroup, baseline_value: float) -> bool:
 
 def compute_used(study: optuna.Study) -> Compute:
     """Full-trial equivalents of every finished trial (pruned ones count their share of steps;
-    nested-rank results cost nothing of their own; confirmation runs count in full)."""
+    nested-rank results cost nothing of their own, nor do confirmation runs that read another
+    run's training; confirmation runs count in full)."""
     used = confirm = 0.0
     results = 0
     for t in study.get_trials(deepcopy=False):
         if not t.state.is_finished():
             continue
         results += 1
-        if NESTED_KEY in t.user_attrs:
+        if NESTED_KEY in t.user_attrs or SHARED_KEY in t.user_attrs:
             continue
         share = trial_compute(t)
         used += share

@@ -44,10 +44,11 @@ _logger = logging.getLogger(__name__)
 
 NESTED_KEY = "nested_parent"  # user attr of a result scored from another trial's training
 RANKS_KEY = "nested_ranks"  # user attr of a nested trial: every rank it scored
+RANK_VALUES_KEY = "nested_rank_values"  # ... of a run outside a study (a confirmation): {rank: values}
 # parent measurements that belong to its training run, not to a truncation of its adapter
-_NOT_COPIED = ("train_seconds", "throughput", "tokens_per_second", "train_tokens", "peak_memory_bytes",
-               "peak_memory_total_bytes", "oom_retry", "traceback", "fail_reason", "artifact_error",
-               "constraint_violation", "metric_values", RANKS_KEY)
+RUN_ONLY_ATTRS = ("train_seconds", "throughput", "tokens_per_second", "train_tokens", "peak_memory_bytes",
+                  "peak_memory_total_bytes", "oom_retry", "traceback", "fail_reason", "artifact_error",
+                  "constraint_violation", "metric_values", RANKS_KEY)
 
 
 def rank_config(config: Any, nested: NestedRanks, r: int) -> Any:
@@ -70,7 +71,9 @@ def record_nested_ranks(trial: optuna.trial.BaseTrial, objective: Any, nested: N
     trial.set_user_attr(RANKS_KEY, list(nested.ranks))
     archives = dict(getattr(outcome, "rank_archives", None) or {})
     try:
-        if not isinstance(trial, optuna.Trial):
+        if not isinstance(trial, optuna.Trial):  # e.g. a confirmation run: it keeps each rank's values
+            trial.set_user_attr(RANK_VALUES_KEY, {str(r): _rank_values(objective, final.get(r, {}))[0]
+                                                  for r in nested.smaller})
             return []
         added = [_add_rank(trial, objective, nested, outcome, r, final.get(r, {}), value is None)
                  for r in nested.smaller]
@@ -85,16 +88,11 @@ def record_nested_ranks(trial: optuna.trial.BaseTrial, objective: Any, nested: N
 
 def _add_rank(trial: optuna.Trial, objective: Any, nested: NestedRanks, outcome: Any, r: int,
               metrics: dict[str, float], pruned: bool) -> FrozenTrial:
-    from lora_tune.study.objective import _objective_value
-
     result = outcome.result
-    metrics = dict(metrics)
-    trainable = int(metrics.pop("trainable_params", 0))
-    adapter_bytes = int(metrics.pop("adapter_bytes", 0))
+    values, metrics, trainable, adapter_bytes = _rank_values(objective, metrics)
     names = objective.metrics
-    values = [_objective_value(name, metrics, trainable) for name in names] if metrics else []
     state = TrialState.PRUNED if pruned else TrialState.COMPLETE
-    attrs = {k: v for k, v in trial.user_attrs.items() if k not in _NOT_COPIED}
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in RUN_ONLY_ATTRS}
     attrs.update({
         NESTED_KEY: trial.number,
         "fidelity": {**(trial.user_attrs.get("fidelity") or {}), "rank": r, "trained_rank": nested.top},
@@ -119,6 +117,18 @@ def _add_rank(trial: optuna.Trial, objective: Any, nested: NestedRanks, outcome:
         constraints={"max_trainable_params": float(trainable - limit)} if limit is not None else None)
     trial.study.add_trial(frozen)
     return frozen
+
+
+def _rank_values(objective: Any, metrics: dict[str, float]) -> tuple[list[float], dict[str, float], int, int]:
+    """One rank's objective values (empty when it has no metrics), its other metrics, its
+    trainable parameters and adapter bytes."""
+    from lora_tune.study.objective import _objective_value
+
+    metrics = dict(metrics)
+    trainable = int(metrics.pop("trainable_params", 0))
+    adapter_bytes = int(metrics.pop("adapter_bytes", 0))
+    values = [_objective_value(name, metrics, trainable) for name in objective.metrics] if metrics else []
+    return values, metrics, trainable, adapter_bytes
 
 
 def _save_best_ranks(trial: optuna.Trial, nested: NestedRanks, outcome: Any, value: Any,

@@ -16,8 +16,9 @@ from lora_tune.cli.main import cli
 from lora_tune.errors import StudySpecError
 from lora_tune.export import export_best
 from lora_tune.study.artifacts import adapter_artifacts
-from lora_tune.study.nested import NESTED_KEY, nested_problems
-from lora_tune.study.objective import Objective
+from lora_tune.study.confirm import SHARED_KEY, compute_used, confirm_top
+from lora_tune.study.nested import NESTED_KEY, RANK_VALUES_KEY, nested_problems
+from lora_tune.study.objective import CONFIRM_KEY, SEED_KEY, Objective
 from lora_tune.study.space import SearchSpace, baseline_params, check_search_space
 from lora_tune.study.spec import resolve_objective
 from tests.study.conftest import BASE, make_spec
@@ -77,6 +78,30 @@ def test_the_rank_r_result_without_nested_dropout_equals_a_normal_trial_with_the
     assert value == expected
     assert nested.user_attrs["metric_values"] == plain.user_attrs["metric_values"]
     assert nested.user_attrs["lora_config"] == plain.user_attrs["lora_config"]
+
+
+def test_confirming_a_nested_rank_trains_its_parent_again_and_reads_its_rank(toy_task):
+    objective = _objective(toy_task, train={"epochs": 2})
+    study = _study(objective)
+    ranks = _ranks(study)
+    runs = confirm_top(study, objective, top=3, seeds=1)  # the parent (rank 8) and its ranks 2 and 4
+    by_original = {r.user_attrs[CONFIRM_KEY]: r for r in runs}
+    assert sorted(by_original) == [0, *sorted(t.number for t in ranks.values())]
+    # one training run of the parent's config with the new seed scored all three
+    again = FixedTrial(PARAMS)
+    again.set_user_attr(CONFIRM_KEY, 0)
+    again.set_user_attr(SEED_KEY, runs[0].user_attrs[SEED_KEY])
+    value = objective(again)
+    assert by_original[0].value == value
+    for r, t in ranks.items():
+        run = by_original[t.number]
+        assert run.state == TrialState.COMPLETE and run.value == again.user_attrs[RANK_VALUES_KEY][str(r)][0]
+        assert run.params == t.params and run.user_attrs["lora_config"]["rank"] == r
+        assert run.user_attrs["fidelity"]["rank"] == r
+    assert len({by_original[t.number].value for t in ranks.values()} | {value}) > 1  # the ranks were told apart
+    assert sum(SHARED_KEY in r.user_attrs for r in runs) == 2
+    assert compute_used(study).confirm == pytest.approx(1.0)  # the shared run is counted once
+    assert confirm_top(study, objective, top=3, seeds=1) == []  # nothing is run twice
 
 
 def test_a_pruned_trial_records_its_smaller_ranks_as_pruned_with_their_evaluations(toy_task):
