@@ -38,3 +38,11 @@ def test_compute_to_reach_counts_until_the_first_result_at_the_target(bench):
     assert bench.compute_to_reach(results, 0.7) == 1.25
     assert bench.compute_to_reach(results, 0.9) == 2.25
     assert bench.compute_to_reach(results, 0.95) is None
+
+
+def test_goal_needs_half_the_anchor_compute_and_a_confirmed_best_at_least_the_anchor(bench):
+    a = {"compute": 8.0, "confirmed_mean": 0.80, "to_anchor_best": 3.0}
+    assert bench.goal_met({"a": a, "c": {"to_anchor_best": 4.0, "confirmed_mean": 0.80}})
+    assert not bench.goal_met({"a": a, "c": {"to_anchor_best": 4.5, "confirmed_mean": 0.90}})
+    assert not bench.goal_met({"a": a, "c": {"to_anchor_best": 1.0, "confirmed_mean": 0.79}})
+    assert not bench.goal_met({"a": a, "c": {"to_anchor_best": None, "confirmed_mean": 0.90}})
