@@ -247,7 +247,9 @@ def run_lora_tune(arm: str, name: str, train: Path, dev: Path, work: Path, args:
 
 def _summary(results: list[tuple[float, float | None]], groups: list[list[float]], search_seconds: float,
              confirm_seconds: float, confirm_runs: int) -> dict[str, Any]:
-    """``results``: (compute share, value or None) of each search result in the order they finished."""
+    """``results``: (compute share, value or None) of each search result in trial-number order
+    (for lora-tune, enqueued warm starts come first, so the nested results of the first trial
+    count after all of them: a conservative order for (c))."""
     best_group = max(groups, key=statistics.fmean) if groups else []
     return {
         "results": results,
