@@ -92,6 +92,7 @@ class TrialBinding:
 
     trial: optuna.trial.BaseTrial | None
     pruning: Pruning
+    summary: CallbackSummary | None = None  # set by the reporting base class once training ended
 
     def raise_if_pruned(self) -> None:
         """Raise ``optuna.TrialPruned`` ("pruned after evaluation i (step s)") when pruned (on
@@ -100,7 +101,7 @@ class TrialBinding:
         at = self.pruning.pruned_at
         if at is None:
             return
-        summary = getattr(self, "summary", None)  # the reporting callback's, once training ended
+        summary = self.summary
         if summary is not None and pruned_after_training(self.trial if self.pruning.main else None, at.eval_index,
                                                          summary.train_steps, summary.planned_steps):
             return

@@ -124,8 +124,8 @@ def _record(study: optuna.Study, original: FrozenTrial, trained: FrozenTrial, fi
         attrs = {k: v for k, v in attrs.items() if k not in RUN_ONLY_ATTRS}
         attrs[SHARED_KEY] = True
     frozen = optuna.trial.create_trial(
-        state=state, value=value if state == TrialState.COMPLETE else None, params=dict(original.params),
-        distributions=dict(original.distributions), user_attrs=attrs)
+        state=state, value=value, params=dict(original.params), distributions=dict(original.distributions),
+        user_attrs=attrs)
     study.add_trial(frozen)
     return frozen
 
@@ -211,5 +211,5 @@ def describe(study: optuna.Study, baseline: FrozenTrial | None) -> list[str]:
     return lines
 
 
-__all__ = ["Compute", "ConfigGroup", "best_confirmed", "compute_used", "config_groups", "confirm_top", "describe", "trial_compute",
-           "within_noise"]
+__all__ = ["Compute", "ConfigGroup", "best_confirmed", "compute_used", "config_groups", "confirm_top", "describe",
+           "trial_compute", "within_noise"]

@@ -5,7 +5,8 @@ from a good search instead of a blank one.
 built-in ``digits`` task) without loading its weights (the model is built on the meta device):
 its discovered target presets, the rank choices that fit its smallest adapted layer, a LoRA
 learning-rate range by model kind (around :data:`TYPICAL_LEARNING_RATE`), Hyperband pruning,
-the well-known-good warm start and, when the space supports it, nested ranks. The result validates as it is once the data paths exist.
+the well-known-good warm start and, when the space supports it, nested ranks. The result
+validates as it is once the data paths exist.
 """
 from __future__ import annotations
 

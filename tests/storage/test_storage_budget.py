@@ -17,6 +17,7 @@ from workerlib import HERE, REPO, by_state, make_study, reload
 from lora_tune.study import storage as st
 from lora_tune.study.storages.budget import BudgetReached, study_budget
 from lora_tune.study.storages.retry import is_transient
+from lora_tune.study.storages.wrapper import StorageWrapper
 from lora_tune.study.workers import run_worker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -299,32 +300,26 @@ def test_stale_watch_judges_by_its_own_clock():
     assert watch.stale([running(1, 5.0)], exclude=[1]) == []
 
 
-class _AnswerLost:
+class _AnswerLost(StorageWrapper):
     """A storage layer whose first start (new trial or popped queued trial) is applied, then
     raises the error a database restart gives: the commit happened, the answer never came."""
 
-    def __new__(cls, inner):
-        from lora_tune.study.storages.wrapper import StorageWrapper
+    lost = 0
 
-        class AnswerLost(StorageWrapper):
-            lost = 0
+    def _lose(self, value):
+        if self.lost == 0:
+            self.lost += 1
+            raise ConnectionError("server closed the connection unexpectedly")
+        return value
 
-            def _lose(self, value):
-                if self.lost == 0:
-                    self.lost += 1
-                    raise ConnectionError("server closed the connection unexpectedly")
-                return value
+    def create_new_trial(self, study_id, template_trial=None):
+        created = self.inner.create_new_trial(study_id, template_trial)
+        starts = template_trial is None or template_trial.state == TrialState.RUNNING
+        return self._lose(created) if starts else created  # (not an enqueue)
 
-            def create_new_trial(self, study_id, template_trial=None):
-                created = self.inner.create_new_trial(study_id, template_trial)
-                starts = template_trial is None or template_trial.state == TrialState.RUNNING
-                return self._lose(created) if starts else created  # (not an enqueue)
-
-            def set_trial_state_values(self, trial_id, state, values=None):
-                applied = self.inner.set_trial_state_values(trial_id, state, values)
-                return self._lose(applied) if state == TrialState.RUNNING else applied
-
-        return AnswerLost(inner)
+    def set_trial_state_values(self, trial_id, state, values=None):
+        applied = self.inner.set_trial_state_values(trial_id, state, values)
+        return self._lose(applied) if state == TrialState.RUNNING else applied
 
 
 @pytest.mark.parametrize("start", ["new", "queued"])
