@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from dataclasses import dataclass
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
 
 from lora_tune.study.nested import NESTED_KEY, RANK_VALUES_KEY, RUN_ONLY_ATTRS
@@ -96,12 +98,19 @@ def confirm_top(study: optuna.Study, objective: Objective, top: int, seeds: int)
 
 def _train(objective: Objective, trained: FrozenTrial, number: int, seed: int
            ) -> tuple[FixedTrial, TrialState, float | None]:
-    """Train ``trained``'s config again with ``seed``."""
+    """Train ``trained``'s config again with ``seed`` (the baseline plainly, as it was trained,
+    even when its rank is the largest nested rank)."""
     fixed = FixedTrial(dict(trained.params))
+    baseline = bool(trained.user_attrs.get("is_baseline"))
+    if baseline:
+        fixed.set_user_attr("is_baseline", True)
     fixed.set_user_attr(CONFIRM_KEY, number)
     fixed.set_user_attr(SEED_KEY, seed)
     try:
-        return fixed, TrialState.COMPLETE, objective(fixed)
+        with warnings.catch_warnings():
+            if baseline:  # its rank 8 under a nested rank's IntDistribution(R, R), as when it ran
+                warnings.filterwarnings("ignore", message=r"The value .* of the parameter 'rank' is out of the range")
+            return fixed, TrialState.COMPLETE, objective(fixed)
     except (TrialFailed, optuna.TrialPruned):
         return fixed, TrialState.FAIL, None
 
@@ -109,7 +118,8 @@ def _train(objective: Objective, trained: FrozenTrial, number: int, seed: int
 def _record(study: optuna.Study, original: FrozenTrial, trained: FrozenTrial, fixed: FixedTrial,
             state: TrialState, value: float | None, shared: bool) -> FrozenTrial:
     """Store one confirmation run of ``original`` (``trained`` is the trial whose config was trained)."""
-    attrs = {**fixed.user_attrs, CONFIRM_KEY: original.number}
+    # a confirmation run is not the baseline itself (reports mark one baseline)
+    attrs = {**fixed.user_attrs, CONFIRM_KEY: original.number, "is_baseline": False}
     if original is not trained:  # a nested rank: its metric in the run, its own config
         attrs.pop("metric_values", None)  # the trained rank's
         rank = (original.user_attrs.get("fidelity") or {}).get("rank")
@@ -123,11 +133,28 @@ def _record(study: optuna.Study, original: FrozenTrial, trained: FrozenTrial, fi
     if shared:  # the run's time and memory belong to the record that trained it
         attrs = {k: v for k, v in attrs.items() if k not in RUN_ONLY_ATTRS}
         attrs[SHARED_KEY] = True
+    distributions = {name: _holding(d, original.params[name]) for name, d in original.distributions.items()}
     frozen = optuna.trial.create_trial(
-        state=state, value=value, params=dict(original.params), distributions=dict(original.distributions),
-        user_attrs=attrs)
+        state=state, value=value, params=dict(original.params), distributions=distributions, user_attrs=attrs)
     study.add_trial(frozen)
     return frozen
+
+
+def _holding(distribution: BaseDistribution, value: object) -> BaseDistribution:
+    """``distribution``, or the one value it does not hold. An enqueued baseline keeps its rank 8
+    under a nested rank's ``IntDistribution(R, R)`` (it trains rank 8 plainly); Optuna stores
+    that, but ``create_trial`` refuses it, so its confirmation records the rank as nested results
+    do: a distribution of that value alone."""
+    try:
+        if distribution._contains(distribution.to_internal_repr(value)):
+            return distribution
+    except (ValueError, TypeError):  # a categorical without the value
+        pass
+    if isinstance(distribution, IntDistribution):
+        return IntDistribution(int(value), int(value))
+    if isinstance(distribution, FloatDistribution):
+        return FloatDistribution(float(value), float(value))
+    return CategoricalDistribution([value])
 
 
 def _originals(study: optuna.Study) -> list[FrozenTrial]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -102,6 +103,34 @@ def test_confirming_a_nested_rank_trains_its_parent_again_and_reads_its_rank(toy
     assert sum(SHARED_KEY in r.user_attrs for r in runs) == 2
     assert compute_used(study).confirm == pytest.approx(1.0)  # the shared run is counted once
     assert confirm_top(study, objective, top=3, seeds=1) == []  # nothing is run twice
+
+
+@pytest.mark.parametrize("ranks", [[4, 16], [2, 8]])
+def test_confirming_the_baseline_under_nested_ranks_trains_it_again_plainly(tmp_path, toy_task, ranks):
+    """The baseline trains rank 8 plainly. With a larger nested rank, its rank 8 lies outside the
+    space's IntDistribution(16, 16) (confirming it crashed); with 8 the largest listed rank, its
+    confirmation must not train nested ranks as the other trials of rank 8 do."""
+    from lora_tune.study.runner import create_study, optimize
+
+    spec = make_spec(study={"n_trials": 1, "baseline": True}, search_space={**SPACE, "rank": {"nested": ranks}})
+    study = create_study(spec, f"sqlite:///{tmp_path / 's.db'}", task=toy_task)
+    resolved = resolve_objective(spec, toy_task)
+    optimize(study, resolved, task=toy_task)
+    (baseline,) = study.trials  # n_trials: 1 runs the baseline only
+    assert baseline.user_attrs["is_baseline"] and baseline.params["rank"] == 8
+    assert "nested_ranks" not in baseline.user_attrs
+    objective = Objective(resolved, toy_task)
+    (run,) = confirm_top(study, objective, top=3, seeds=1)
+    assert run.state == TrialState.COMPLETE and run.user_attrs[CONFIRM_KEY] == baseline.number
+    assert run.params == baseline.params and study.trials[-1].params == baseline.params
+    assert "nested_ranks" not in run.user_attrs and not run.user_attrs["is_baseline"]
+    again = FixedTrial(dict(baseline.params))  # the baseline's plain training with the run's seed
+    again.set_user_attr("is_baseline", True)
+    again.set_user_attr(SEED_KEY, run.user_attrs[SEED_KEY])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The value 8 of the parameter 'rank' is out of the range")
+        assert run.value == objective(again)
+    assert confirm_top(study, objective, top=3, seeds=1) == []
 
 
 def test_a_pruned_trial_records_its_smaller_ranks_as_pruned_with_their_evaluations(toy_task):
