@@ -97,6 +97,10 @@ def test_not_a_url_is_a_config_error():
         ("mysql://u:x@h/db?password=y&ssl=1", "mysql://u:***@h/db?password=***&ssl=1"),
         ("sqlite:///lora_tune.db", "sqlite:///lora_tune.db"),
         ("journal:/tmp/a:b@c.log", "journal:/tmp/a:b@c.log"),
+        # an unencoded '@' in the password: masked up to the last '@' before the host
+        ("postgresql+psycopg://postgres:ssS3cr3t@x@host/db", "postgresql+psycopg://postgres:***@host/db"),
+        ("postgresql://u:a@b/c@d@h:5432", "postgresql://u:***@h:5432"),
+        ("grpc://proxy-host:13000", "grpc://proxy-host:13000"),
     ],
 )
 def test_mask_url(url, masked):
@@ -108,6 +112,13 @@ def test_mask_secrets_in_free_text():
     masked = st.mask_secrets(text)
     assert "hunter2" not in masked
     assert "postgresql://admin:***@db:5432/x" in masked and "password=***" in masked
+
+
+def test_mask_secrets_password_with_at_sign_in_free_text():
+    text = "cannot open storage postgresql+psycopg://postgres:ssS3cr3t@x@db:5432/x: timeout; also mysql://a:b@c@d/e"
+    masked = st.mask_secrets(text)
+    assert "ssS3cr3t" not in masked and "x@db" not in masked and "b@c" not in masked
+    assert "postgres:***@db:5432/x: timeout" in masked and "mysql://a:***@d/e" in masked
 
 
 def test_log_records_are_masked(caplog):

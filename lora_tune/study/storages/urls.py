@@ -23,9 +23,10 @@ _RDB_DIALECTS = ("postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql"
 _ALLOWED = ("sqlite:///FILE, postgresql+psycopg://USER@HOST/DB, mysql+pymysql://USER@HOST/DB, "
             "journal:PATH or grpc://HOST:PORT")
 
-# scheme://user:password@  ->  scheme://user:***@   (a password cannot hold '@' or spaces
-# unencoded); key=value forms (libpq DSN, URL query) -> password=***
-_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.\-]*://[^:/@\s]*):([^@\s]+)@")
+# scheme://user:password@host  ->  scheme://user:***@host, up to the LAST '@' before the host
+# (a password may hold an unencoded '@' or '/'; where a query also holds an '@', more is
+# masked, never less); key=value forms (libpq DSN, URL query) -> password=***
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.\-]*://[^:/@\s]*):(\S*)@(?=[^@\s/]*(?:[/?#\s]|$))")
 _KV_PASSWORD = re.compile(r"(?i)\b(password|passwd|pwd)=([^&\s;'\"]+)")
 
 
