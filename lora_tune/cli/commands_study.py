@@ -17,6 +17,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from lora_tune.cli.commands_worker import ALLOW_CODE_HELP, STUDY_FILE_HELP
+from lora_tune.tasks.allow_code import Allowance, trusted_refs
+
 STORAGE_HELP = ("Storage URL (sqlite:///file.db, postgresql+psycopg://user@host/db, journal:file.log). "
                 "Default: $LORA_TUNE_STORAGE, then the study file's study.storage, then sqlite:///lora_tune.db.")
 
@@ -131,7 +134,10 @@ def create_cmd(study_file: Path, storage: str | None, name: str | None, resume: 
               help="Run at most this many trials in this process (the study's budget still applies).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop starting trials after this many seconds.")
-def optimize_cmd(name: str, storage: str | None, n_trials: int | None, timeout: float | None) -> None:
+@click.option("--allow-code", "allow_code", multiple=True, metavar="PATTERN", help=ALLOW_CODE_HELP)
+@click.option("--study-file", type=click.Path(dir_okay=False), default=None, metavar="FILE", help=STUDY_FILE_HELP)
+def optimize_cmd(name: str, storage: str | None, n_trials: int | None, timeout: float | None,
+                 allow_code: tuple[str, ...], study_file: str | None) -> None:
     """Run trials of study NAME in this process until its total budget is reached.
 
     Several processes (here or on other machines, with a shared storage) may optimize the same
@@ -144,7 +150,7 @@ def optimize_cmd(name: str, storage: str | None, n_trials: int | None, timeout: 
     url = resolve_storage_url(storage, None)
     _require_storage(url, name)
     with _quiet_optuna():
-        study, spec = load_study(name, url, seed_offset=os.getpid())
+        study, spec = load_study(name, url, seed_offset=os.getpid(), allow_code=allow_code, study_file=study_file)
     _optimize_and_report(study, spec, url, n_trials, timeout)
 
 
@@ -177,6 +183,8 @@ def run_cmd(study_file: Path, storage: str | None, name: str | None, n_trials: i
     with _quiet_optuna():
         study = create_study(spec, url, name=name, resume=True, task=task)
     stored = spec_from_stored(study.user_attrs["spec"])
+    # read back from the storage: only this file's own names may be imported
+    Allowance.from_operator(trusted=trusted_refs(spec.task)).check(stored.task, f"the stored study {study.study_name!r}")
     if warm:
         from lora_tune.study.space import SearchSpace
         from lora_tune.study.warm_start import warm_start
@@ -316,7 +324,7 @@ def show_cmd(name: str, storage: str | None, top: int) -> None:
     url = resolve_storage_url(storage, None)
     _require_storage(url, name)
     with _quiet_optuna():
-        study, spec = load_study(name, url)
+        study, spec = load_study(name, url, check_code=False)  # shows the spec; builds no task
     try:
         console = _console()
         console.print(f"study {name!r} in {mask_url(url)}: task {spec.task.get('type')}, sampler "

@@ -18,6 +18,12 @@ import click
 
 from lora_tune.errors import ConfigError
 
+ALLOW_CODE_HELP = ("Let the stored study import names matching this shell pattern (its task.factory, "
+                   "model_factory, metric 'module:function'); repeatable; also $LORA_TUNE_ALLOW_CODE "
+                   "(comma-separated). Without it only a --study-file's names are imported.")
+STUDY_FILE_HELP = ("The study file the study was created from: its code names are allowed when the stored "
+                   "task section is the same.")
+
 
 def register(cli: click.Group, study: click.Group) -> None:
     """Add this module's commands to the root group and the `study` group."""
@@ -37,9 +43,13 @@ def register(cli: click.Group, study: click.Group) -> None:
 @click.option("--objective", "objective_path", default=None, metavar="MODULE:FUNCTION",
               help="Run your own Optuna objective instead of the study file's LoRA objective "
                    "(for a plain Optuna study; its user attribute n_trials is the budget).")
+@click.option("--allow-code", "allow_code", multiple=True, metavar="PATTERN",
+              help=ALLOW_CODE_HELP)
+@click.option("--study-file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help=STUDY_FILE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
 def worker(name: str, storage_url: str | None, jobs: int, n_trials: int | None, timeout: float | None,
-           objective_path: str | None, quiet: bool) -> None:
+           objective_path: str | None, allow_code: tuple[str, ...], study_file: str | None, quiet: bool) -> None:
     """Run trials of study NAME until its n_trials budget is used by all workers together.
 
     Start one per GPU on any number of machines with the same --storage (a database, or
@@ -68,7 +78,8 @@ def worker(name: str, storage_url: str | None, jobs: int, n_trials: int | None, 
     else:  # its own sampler seed per process, so concurrent workers do not propose the same points
         from lora_tune.study import runner
 
-        study, spec = runner.load_study(name, url, seed_offset=os.getpid())
+        study, spec = runner.load_study(name, url, seed_offset=os.getpid(), allow_code=allow_code,
+                                        study_file=study_file)
     try:
         objective = _import_objective(objective_path) if objective_path else None
         if jobs > 1:
@@ -79,6 +90,10 @@ def worker(name: str, storage_url: str | None, jobs: int, n_trials: int | None, 
                 extra += ["--n-trials", str(n_trials)]
             if timeout is not None:
                 extra += ["--timeout", str(timeout)]
+            for pattern in allow_code:
+                extra += ["--allow-code", pattern]
+            if study_file is not None:
+                extra += ["--study-file", os.path.abspath(study_file)]
             if not quiet:
                 click.echo(f"starting {jobs} workers on study {name!r} in {st.mask_url(url)}")
             try:

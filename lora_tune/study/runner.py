@@ -16,6 +16,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
@@ -31,6 +32,7 @@ from lora_tune.study.samplers import make_sampler
 from lora_tune.study.spec import StudySpec, resolve_objective, spec_from_stored
 from lora_tune.study.storages.budget import budget_used
 from lora_tune.tasks import validate_task_spec
+from lora_tune.tasks.allow_code import Allowance, same_task, trusted_refs
 from lora_tune.tasks.base import Task, raise_problems
 
 _logger = logging.getLogger("lora_tune.study")
@@ -280,19 +282,58 @@ def _baseline_grid_point(study: optuna.Study) -> None:
         storage.set_trial_system_attr(trial_id, private.GRID_ID_KEY, index)
 
 
-def load_study(name: str, storage_url: str, *, seed_offset: int = 0) -> tuple[optuna.Study, StudySpec]:
+def load_study(name: str, storage_url: str, *, seed_offset: int = 0, allow_code: Sequence[str] = (),
+               study_file: str | Path | None = None, check_code: bool = True) -> tuple[optuna.Study, StudySpec]:
     """Load a study by name; the spec comes from the study itself (a worker needs nothing else).
 
     ``seed_offset`` is added to the sampler seed: give each concurrent worker its own
     (e.g. its process id) so that they do not all propose the same parameters.
+
+    The stored spec came from whoever could write the storage, so every importable name in
+    its task section must be allowed by this process's operator (:mod:`lora_tune.tasks.allow_code`):
+    ``study_file`` (the same task section as stored), ``allow_code`` patterns or
+    ``$LORA_TUNE_ALLOW_CODE``; else :class:`~lora_tune.tasks.allow_code.CodeNotAllowed`, before
+    anything is imported. ``check_code=False`` is for readers that never build the task
+    (``study show``).
     """
-    from lora_tune.study.storage import open_storage
+    from lora_tune.study.storage import dispose_storage, open_storage
 
     storage = open_storage(storage_url)
-    spec = _stored_spec(storage, name, storage_url)
+    try:
+        spec = _stored_spec(storage, name, storage_url)
+        if check_code:
+            operator_allowance(spec, name, allow_code, study_file).check(spec.task, f"the stored study {name!r}")
+    except BaseException:
+        dispose_storage(storage)
+        raise
     study = optuna.load_study(study_name=name, storage=storage,
                               sampler=build_sampler(spec, seed_offset), pruner=build_pruner(spec))
     return study, spec
+
+
+def operator_allowance(stored: StudySpec, name: str, allow_code: Sequence[str] = (),
+                       study_file: str | Path | None = None) -> Allowance:
+    """What this process's operator allowed the stored spec of study ``name`` to import.
+
+    ``study_file`` is read as YAML only (nothing imported); its task section must equal the
+    stored one, value for value, for its names to be trusted (ConfigError naming the keys
+    that differ otherwise)."""
+    trusted: frozenset[str] = frozenset()
+    if study_file is not None:
+        from lora_tune.study.spec import load_yaml, read_spec_text
+
+        raw = load_yaml(read_spec_text(study_file), source=str(study_file))
+        local = raw.get("task") if isinstance(raw, dict) else None
+        if not isinstance(local, dict):
+            raise ConfigError("--study-file", str(study_file), "a study file with a task section")
+        differ = same_task(local, stored.task)
+        if differ:
+            raise ConfigError("--study-file", str(study_file), f"the study file study {name!r} was created from",
+                              "its task section differs from the stored one at "
+                              + ", ".join(f"task.{k}" for k in differ[:5])
+                              + "; the stored study was changed after it was created, or this is another file")
+        trusted = trusted_refs(local)
+    return Allowance.from_operator(allow_code, trusted)
 
 
 def _open(storage_url: str, spec: StudySpec) -> optuna.storages.BaseStorage:

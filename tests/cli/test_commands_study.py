@@ -87,7 +87,7 @@ def test_create_optimize_list_show(env):
     assert "study 'first' ready" in created.output and "(1 trial(s) so far)" in created.output
     again = _invoke("study", "create", str(path), "--storage", url, "--name", "first")
     assert again.exit_code == 2 and "--resume" in again.output
-    opt = _invoke("study", "optimize", "first", "--storage", url, "--n-trials", "2")
+    opt = _invoke("study", "optimize", "first", "--storage", url, "--n-trials", "2", "--study-file", str(path))
     assert opt.exit_code == 0, opt.output
     assert "this process ran 2 trial(s)" in opt.output and "--n-trials reached" in opt.output
     assert "trial   0 complete" in opt.output and "[baseline]" in opt.output
@@ -191,7 +191,8 @@ def test_list_and_show_count_the_budget_alike(env):
 
     url = f"sqlite:///{env / 'x.db'}"
     assert _invoke("study", "create", str(_write(env / "s.yaml", TOY)), "--storage", url).exit_code == 0
-    assert _invoke("study", "optimize", "cli-toy", "--storage", url, "--n-trials", "2").exit_code == 0
+    assert _invoke("study", "optimize", "cli-toy", "--storage", url, "--n-trials", "2",
+                   "--allow-code", "tests.study.*").exit_code == 0
     storage = open_storage(url)
     study = optuna.load_study(study_name="cli-toy", storage=storage)
     lost = study.ask()  # a worker that dies: failed, and its parameters queued again

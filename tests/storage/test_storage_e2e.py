@@ -39,7 +39,7 @@ def test_lora_workers_share_the_budget_and_never_print_the_password(postgres_url
     create = _run(["study", "create", str(study_file), "--storage", url])
     outputs = [create.communicate(timeout=120)]
     assert create.returncode == 0, outputs
-    workers = [_run(["worker", "toy-e2e", "--storage", url]) for _ in range(3)]
+    workers = [_run(["worker", "toy-e2e", "--storage", url, "--study-file", str(study_file)]) for _ in range(3)]
     for worker in workers:
         outputs.append(worker.communicate(timeout=300))
         assert worker.returncode == 0, outputs[-1]

@@ -37,7 +37,7 @@ def test_a_study_searching_use_dora_trains_both_and_the_cost_panels_split_them(t
              "learning_rate": 1e-2}
     spec = make_spec(study={"n_trials": 4, "sampler": {"type": "grid"}}, search_space=space)
     create_study(spec, url, task=toy_task)
-    study, loaded = load_study("toy", url)
+    study, loaded = load_study("toy", url, allow_code=["tests.study.toy_task:*"])
     optimize(study, loaded, task=toy_task)
     trials = [t for t in study.get_trials() if t.state == TrialState.COMPLETE and "use_dora" in t.params]
     assert {t.params["use_dora"] for t in trials} == {False, True}
