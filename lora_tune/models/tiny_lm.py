@@ -138,4 +138,4 @@ def build_chat_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int
                                         additional_special_tokens=list(ROLE_MARKERS))
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)

@@ -99,11 +99,11 @@ def _meta_model(ref: str, kind: str) -> Any:
     import torch
     import transformers
 
-    from lora_tune.tasks.hf import quiet_transformers, resolve_model_ref
+    from lora_tune.tasks.hf import CONFIG_LOAD, quiet_transformers, resolve_model_ref
 
     path = resolve_model_ref(ref)
     with quiet_transformers():
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(path, **CONFIG_LOAD)
         auto = transformers.AutoModelForCausalLM if kind == "decoder" else transformers.AutoModel
         with torch.device("meta"):
             return auto.from_config(config)

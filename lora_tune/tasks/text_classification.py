@@ -26,13 +26,14 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from lora_tune.errors import ConfigError
+from lora_tune.errors import ConfigError, clip, short
 from lora_tune.tasks.base import (
     Field, ModelTemplate, Problems, Task, check_spec, classification_metrics, eval_mode, index_batches,
     is_choice, is_existing_file, is_int, is_str, is_str_list, model_device,
 )
 from lora_tune.tasks.files import TABLE_SUFFIXES, read_columns, read_table
-from lora_tune.tasks.hf import check_model_ref, fresh_module_names, quiet_transformers, resolve_model_ref
+from lora_tune.tasks.hf import (MODEL_LOAD, TOKENIZER_LOAD, check_model_ref, fresh_module_names, quiet_transformers,
+                                resolve_model_ref)
 
 # Libraries a trial's child process needs: its fork server imports them once (study/trial_run.py).
 HEAVY_IMPORTS = ("transformers", "transformers.modeling_utils")
@@ -63,15 +64,18 @@ def validate_spec(spec: Any) -> Problems:
         if f"task.{file_key}" in bad or spec.get(file_key) is None:
             continue
         try:
-            columns = read_columns(spec[file_key])
+            columns = read_columns(spec[file_key], f"task.{file_key}")
+        except ConfigError as exc:
+            problems.append((f"task.{file_key}", f"cannot read {short(spec[file_key])}: {exc.hint or exc.allowed}"))
+            continue
         except (OSError, ValueError) as exc:
-            problems.append((f"task.{file_key}", f"cannot read {spec[file_key]!r}: {exc}"))
+            problems.append((f"task.{file_key}", f"cannot read {short(spec[file_key])}: {exc}"))
             continue
         for col_key, default in (("text_column", "text"), ("label_column", "label")):
             column = spec.get(col_key) or default
             if f"task.{col_key}" not in bad and isinstance(column, str) and column not in columns:
                 problems.append((f"task.{col_key}",
-                                 f"column {column!r} is not in {spec[file_key]!r} (columns: {', '.join(columns)})"))
+                                 f"column {short(column)} is not in {short(spec[file_key])} (columns: {clip(', '.join(columns))})"))
     return problems
 
 
@@ -145,11 +149,11 @@ class TextClassificationTask(Task):
                               f"labels {unseen[:10]} appear only in the evaluation file")
         self.model_ref = resolve_model_ref(spec["model"])
         with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(self.model_ref, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_ref, **TOKENIZER_LOAD)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model, info = AutoModelForSequenceClassification.from_pretrained(
-                    self.model_ref, num_labels=len(self.label_names), local_files_only=True,
+                    self.model_ref, num_labels=len(self.label_names), **MODEL_LOAD,
                     id2label=dict(enumerate(self.label_names)), label2id=label_ids,
                     ignore_mismatched_sizes=True, output_loading_info=True,
                 )

@@ -44,7 +44,8 @@ from lora_tune.tasks.base import (
     Field, ModelTemplate, Problems, Task, check_spec, is_choice, is_int, is_str_list,
 )
 from lora_tune.tasks.hf import (
-    check_model_or_config, check_tokenizer_ref, fresh_module_names, quiet_transformers, resolve_model_ref,
+    MODEL_LOAD, TOKENIZER_LOAD, check_model_or_config, check_tokenizer_ref, fresh_module_names, quiet_transformers,
+    resolve_model_ref,
 )
 
 # Libraries a trial's child process needs: its fork server imports them once (study/trial_run.py).
@@ -228,7 +229,7 @@ class TrainerTask(Task):
         with quiet_transformers():
             try:
                 source = str(local) if local.is_dir() else resolve_model_ref(ref)
-                return AutoTokenizer.from_pretrained(source, local_files_only=True)
+                return AutoTokenizer.from_pretrained(source, **TOKENIZER_LOAD)
             except (OSError, ValueError, LookupError) as exc:
                 if self.spec.get("tokenizer"):
                     raise ConfigError("task.tokenizer", ref, "a directory holding a Hugging Face tokenizer",
@@ -267,7 +268,7 @@ class TrainerTask(Task):
                                       "config keys transformers accepts for this model_type", str(exc)) from None
             return (model.to(dtype) if dtype is not None else model), []
         with quiet_transformers():
-            model, info = auto.from_pretrained(resolve_model_ref(spec["model"]), local_files_only=True,
+            model, info = auto.from_pretrained(resolve_model_ref(spec["model"]), **MODEL_LOAD,
                                                output_loading_info=True, dtype=dtype or "auto", **extra)
         return model, fresh_module_names(info.get("missing_keys", []))
 
