@@ -124,23 +124,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "lora-
 
 
 def _write(path: Path, meta: dict, tensors: dict[str, torch.Tensor], weights_file: str) -> Path:
-    from safetensors.torch import save_file  # noqa: PLC0415
+    """Each file written whole, through a temporary name nobody can predict (lora_tune.files)."""
+    from safetensors.torch import save  # noqa: PLC0415
+
+    from lora_tune.files import write_atomic  # noqa: PLC0415
 
     if path.exists() and not path.is_dir():
         raise AdapterFormatError(f"{path} exists and is not a directory; save_adapter writes a directory")
     path.mkdir(parents=True, exist_ok=True)
     plain = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
-    tmp_w = path / f".{weights_file}.{os.getpid()}.tmp"
-    tmp_c = path / f".{CONFIG_FILE}.{os.getpid()}.tmp"
-    try:
-        save_file(plain, str(tmp_w), metadata={"format": "pt"})
-        tmp_c.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp_w, path / weights_file)
-        os.replace(tmp_c, path / CONFIG_FILE)
-    finally:
-        for tmp in (tmp_w, tmp_c):
-            if tmp.exists():
-                tmp.unlink()
+    write_atomic(path / weights_file, save(plain, metadata={"format": "pt"}))
+    write_atomic(path / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
 
 
