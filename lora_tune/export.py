@@ -9,6 +9,7 @@ settings, the metric and provenance. :func:`load_config` reads it back as a :cla
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from datetime import datetime, timezone
@@ -155,63 +156,99 @@ def best_config_dict(study: Any, trial: Any, storage_url: str | None = None) -> 
 
 def export_best(study: Any, output: str | os.PathLike, *, trial_number: int | None = None,
                 storage_url: str | None = None, adapter_dir: str | os.PathLike | None = None,
-                artifact_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                artifact_dir: str | os.PathLike | None = None,
+                replaced: list[str] | None = None) -> dict[str, Any]:
     """Write ``best.yaml`` (and the adapter when ``adapter_dir`` is given); returns its content.
 
-    Everything is checked before anything is written; the adapter folder is written first and
-    the YAML last, each whole or not at all.
+    Everything is checked and written under hidden temporary names beside the targets first
+    (:mod:`lora_tune.files`); then the adapter folder is renamed into place, then the YAML. A
+    failure places nothing and removes the temporary copies. A kill leaves the old YAML with the
+    old adapter, the new one, or (killed between moving an old adapter aside and renaming the
+    new one in) none, and the same export run again replaces them: an existing YAML file and an
+    adapter folder an earlier export wrote are written over, the copies a killed run left are
+    removed. ``replaced`` collects ``"best.yaml"`` and/or ``"adapter"`` for what was written over.
     """
-    from lora_tune.report.html import write_text_atomic
+    from lora_tune.files import commit, stage_file
 
     trial = choose_trial(study, trial_number)
     content = best_config_dict(study, trial, storage_url)
-    out = Path(output)
-    if out.is_dir() or not (out.parent if str(out.parent) else Path(".")).is_dir():
-        raise ConfigError("output", str(out), "a file path in an existing directory")
-    if adapter_dir is not None:
-        from lora_tune.study.artifacts import artifact_dir_for, extract_adapter
+    out = _output_target(output)
+    staged = tmp = None
+    try:
+        if adapter_dir is not None:
+            from lora_tune.study.artifacts import artifact_dir_for, stage_adapter
 
-        store_dir = artifact_dir_for(study, storage_url, artifact_dir)
-        formats = extract_adapter(study, trial, adapter_dir, store_dir)
-        content["adapter"] = {"path": str(Path(adapter_dir).resolve()), "formats": formats}
-    head = (f"# Best LoRA config of study {study.study_name!r}, trial #{trial.number}.\n"
-            "# Rebuild: lora_tune.inject(model, lora_tune.load_config(\"" + out.name + "\"))\n")
-    write_text_atomic(out, head + yaml.safe_dump(content, sort_keys=False, allow_unicode=True))
+            store_dir = artifact_dir_for(study, storage_url, artifact_dir)
+            staged = stage_adapter(study, trial, adapter_dir, store_dir)
+            content["adapter"] = {"path": str(Path(adapter_dir).resolve()), "formats": staged.formats}
+        head = (f"# Best LoRA config of study {study.study_name!r}, trial #{trial.number}.\n"
+                "# Rebuild: lora_tune.inject(model, lora_tune.load_config(\"" + Path(output).name + "\"))\n")
+        text = head + yaml.safe_dump(content, sort_keys=False, allow_unicode=True)
+        try:
+            tmp = stage_file(out, text)
+        except OSError as exc:
+            raise ConfigError("output", str(output), "a path in an existing, writable directory",
+                              exc.strerror or str(exc)) from None
+        # the adapter first, the YAML last: the YAML never names an adapter that is not there
+        if staged is not None and staged.place() and replaced is not None:
+            replaced.append("adapter")
+        try:
+            existed = commit(tmp, out)
+        except OSError as exc:
+            raise ConfigError("output", str(output), "a writable file path", exc.strerror or str(exc)) from None
+        if existed and replaced is not None:
+            replaced.append("best.yaml")
+    finally:
+        if staged is not None:
+            staged.discard()
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return content
 
 
-def export_trials(study: Any, output: str | os.PathLike) -> Path:
-    """Write the trials table (no Optuna system attributes) as CSV or Parquet, by extension."""
+def _output_target(output: str | os.PathLike) -> Path:
+    """The file that ``-o output`` writes: a symlink there is written through (its target is
+    replaced, the link kept), as before; a folder, a device or a missing folder is refused."""
+    target = Path(os.path.realpath(output))
+    folder = target.parent
+    if target.is_dir():
+        raise ConfigError("output", str(output), "a file path (this is a directory)")
+    if not folder.is_dir():
+        raise ConfigError("output", str(output), "a file path in an existing directory")
+    if os.path.lexists(target) and not target.is_file():  # never replace a device node or a FIFO
+        raise ConfigError("output", str(output), "a regular file path (this is a device, FIFO or socket)")
+    return target
+
+
+def export_trials(study: Any, output: str | os.PathLike, replaced: list[str] | None = None) -> Path:
+    """Write the trials table (no Optuna system attributes) as CSV or Parquet, by extension;
+    returns the file written. ``replaced`` gets its name when it was written over."""
+    from lora_tune.files import write_atomic
     from lora_tune.report import frame
-    from lora_tune.report.html import write_text_atomic
 
     out = Path(output)
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise ConfigError("output", str(out), "a file name ending in .csv or .parquet")
+    target = _output_target(out)
     df = frame.trials_dataframe(study, include_bulky=True)
     if suffix == ".csv":
-        return write_text_atomic(out, df.to_csv(index=False))
-    df = _parquet_safe(df)
-    shown, out = out, Path(os.path.realpath(out))  # a symlink is written through, not replaced
-    folder = out.parent if str(out.parent) else Path(".")
-    if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise ConfigError("output", str(shown), "a writable file path in an existing directory")
-    if out.exists() and not out.is_file():  # never replace a device node or a FIFO
-        raise ConfigError("output", str(shown), "a regular file path (this is a device, FIFO or socket)")
-    tmp = folder / f".{out.name}.tmp"
+        content: Any = df.to_csv(index=False)
+    else:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError("output", str(out),
+                              "a .csv file, or install pyarrow (pip install 'lora-tune[parquet]')") from None
+        content = functools.partial(_parquet_safe(df).to_parquet, index=False)  # into the open file
     try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        raise ConfigError("output", str(out),
-                          "a .csv file, or install pyarrow (pip install 'lora-tune[parquet]')") from None
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
+        existed = write_atomic(target, content)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError("output", str(out), "a writable file path", exc.strerror or str(exc)) from None
-    return out
+        raise ConfigError("output", str(out), "a writable file path in an existing directory",
+                          exc.strerror or str(exc)) from None
+    if existed and replaced is not None:
+        replaced.append(target.name)
+    return target
 
 
 def _parquet_safe(df: Any) -> Any:

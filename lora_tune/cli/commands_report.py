@@ -67,16 +67,22 @@ def dashboard_command(storage: str | None, host: str, port: int, artifact_dir: s
 
 def export_command(name: str, storage: str | None, trial: int | None, output: str, adapter: str | None,
                    artifact_dir: str | None) -> None:
-    """Export study NAME's best trial (or --trial N) as YAML, and its adapter with --adapter DIR."""
+    """Export study NAME's best trial (or --trial N) as YAML, and its adapter with --adapter DIR.
+
+    An existing YAML file is replaced, and so is an adapter folder an earlier export wrote;
+    the output says so."""
     from lora_tune.export import export_best
 
     study, url = _open(name, storage)
+    replaced: list[str] = []
     content = export_best(study, output, trial_number=trial, storage_url=url, adapter_dir=adapter,
-                          artifact_dir=artifact_dir)
+                          artifact_dir=artifact_dir, replaced=replaced)
     metric = content["metric"]
-    click.echo(f"wrote {output}: trial #{content['trial']['number']}, {metric['name']} = {metric['value']}")
+    verb = "overwrote" if "best.yaml" in replaced else "wrote"
+    click.echo(f"{verb} {output}: trial #{content['trial']['number']}, {metric['name']} = {metric['value']}")
     if adapter:
-        click.echo(f"wrote adapter to {adapter} ({', '.join(content['adapter']['formats'])} formats)")
+        done = "overwrote the adapter in" if "adapter" in replaced else "wrote adapter to"
+        click.echo(f"{done} {adapter} ({', '.join(content['adapter']['formats'])} formats)")
 
 
 def export_trials_command(name: str, storage: str | None, output: str) -> None:
@@ -84,8 +90,10 @@ def export_trials_command(name: str, storage: str | None, output: str) -> None:
     from lora_tune.export import export_trials
 
     study, _ = _open(name, storage)
-    path = export_trials(study, output)
-    click.echo(f"wrote {path} ({len(study.get_trials(deepcopy=False))} trials)")
+    replaced: list[str] = []
+    path = export_trials(study, output, replaced=replaced)
+    verb = "overwrote" if replaced else "wrote"
+    click.echo(f"{verb} {path} ({len(study.get_trials(deepcopy=False))} trials)")
 
 
 def register(cli: click.Group, study: click.Group) -> None:

@@ -17,6 +17,8 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -189,20 +191,102 @@ def extract_adapter(study: optuna.Study, trial: FrozenTrial, dest: str | os.Path
     """Write the trial's adapter to ``dest`` (``dest/lora-tune``, ``dest/peft``); returns formats.
 
     ``dest`` is filled in a temporary sibling folder first and renamed into place, so a
-    failure leaves nothing half-written.
+    failure leaves nothing half-written (see :func:`stage_adapter`).
     """
+    staged = stage_adapter(study, trial, dest, artifact_dir)
+    try:
+        staged.place()
+    finally:
+        staged.discard()
+    return staged.formats
+
+
+@dataclass
+class StagedAdapter:
+    """A trial's adapter extracted into ``staging``, a hidden folder beside ``dest``, waiting to be
+    renamed into place by :meth:`place`; :meth:`discard` removes what was not placed."""
+
+    dest: Path
+    staging: Path
+    formats: list[str]
+    replaces: bool  # dest holds an adapter written earlier, which place() replaces
+
+    def place(self) -> bool:
+        """Rename the adapter into place; returns whether an earlier adapter was replaced."""
+        from lora_tune.files import place_dir
+
+        try:
+            return place_dir(self.staging, self.dest, replace=self.replaces)
+        except OSError as exc:
+            raise ConfigError("--adapter", str(self.dest), _DEST_ALLOWED, exc.strerror or str(exc)) from None
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+_DEST_ALLOWED = "a new or empty directory, or an adapter folder written by `lora-tune export`"
+_EXPORTED = {"manifest.json", *FORMATS}  # what an exported adapter folder holds
+
+
+def check_adapter_dest(dest: str | os.PathLike) -> bool:
+    """Refuse an ``--adapter`` path that cannot take the adapter (a symlink, a file, a folder of
+    other things: exit 2, naming --adapter); returns whether it holds an adapter exported
+    earlier, to be replaced."""
+    path = Path(dest)
+    if path.name in ("", ".", ".."):
+        raise ConfigError("--adapter", str(dest), "a directory path ending in a folder name")
+    if path.is_symlink():
+        hint = (f"It is a symlink to {os.readlink(path)}" + ("" if path.exists() else ", which does not exist")
+                + "; give the directory itself.")
+        raise ConfigError("--adapter", str(dest), _DEST_ALLOWED + " (not a symlink)", hint)
+    if not os.path.lexists(path):
+        return False
+    if not path.is_dir():
+        raise ConfigError("--adapter", str(dest), _DEST_ALLOWED, "It is not a directory.")
+    try:
+        entries = list(path.iterdir())
+    except OSError as exc:
+        raise ConfigError("--adapter", str(dest), _DEST_ALLOWED, exc.strerror or str(exc)) from None
+    if not entries:
+        return False
+    if _is_exported_adapter(path, entries):
+        return True
+    raise ConfigError("--adapter", str(dest), _DEST_ALLOWED,
+                      "It holds other files: " + ", ".join(sorted(p.name for p in entries)[:5]))
+
+
+def _is_exported_adapter(path: Path, entries: list[Path]) -> bool:
+    """Whether a folder is one that ``lora-tune export --adapter`` wrote: manifest.json and the
+    format folders, nothing else."""
+    names = {p.name for p in entries}
+    manifest = path / "manifest.json"
+    if not names <= _EXPORTED or "manifest.json" not in names or manifest.is_symlink() or not manifest.is_file():
+        return False
+    if any(p.is_symlink() or not p.is_dir() for p in entries if p.name != "manifest.json"):
+        return False
+    try:
+        return isinstance(json.loads(manifest.read_text(encoding="utf-8")).get("formats"), list)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def stage_adapter(study: optuna.Study, trial: FrozenTrial, dest: str | os.PathLike,
+                  artifact_dir: str | os.PathLike) -> StagedAdapter:
+    """Extract the trial's adapter into a hidden folder beside ``dest`` (checked first with
+    :func:`check_adapter_dest`; its parents are created). The caller places or discards it."""
+    from lora_tune.files import stage_dir
+
+    dest = Path(dest)
+    replaces = check_adapter_dest(dest)
     metas = adapter_artifacts(study, trial)
     if not metas:
         with_adapters = trials_with_adapters(study)
         raise ConfigError("--trial", trial.number, "a trial with a saved adapter: "
                           + (", ".join(f"#{n}" for n in with_adapters) or "none in this study"),
                           "Adapters are saved for trials that were the best so far when they finished.")
-    dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ConfigError("--adapter", str(dest), "a new or empty directory")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        staging = stage_dir(dest)
     except OSError as exc:
         raise ConfigError("--adapter", str(dest), "a writable directory path", exc.strerror) from None
     store = FileSystemArtifactStore(str(artifact_dir))
@@ -213,17 +297,22 @@ def extract_adapter(study: optuna.Study, trial: FrozenTrial, dest: str | os.Path
         except (FileNotFoundError, optuna.artifacts.exceptions.ArtifactNotFound) as exc:
             raise ConfigError("--artifact-dir", str(artifact_dir), "the artifact directory of this study",
                               f"Adapter of trial #{trial.number} not found there ({exc}).") from None
-        with zipfile.ZipFile(archive) as zf:
-            _safe_extract(zf, staging)
-        archive.unlink()
-        manifest = json.loads((staging / "manifest.json").read_text())
-        if dest.exists():
-            dest.rmdir()
-        os.replace(staging, dest)
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                _safe_extract(zf, staging)
+            archive.unlink()
+            formats = list(json.loads((staging / "manifest.json").read_text(encoding="utf-8"))["formats"])
+        except AdapterFormatError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, EOFError, FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+            raise AdapterFormatError(f"the adapter archive of trial #{trial.number} in {artifact_dir} is damaged "
+                                     f"({type(exc).__name__}: {exc})") from None
+        except OSError as exc:
+            raise ConfigError("--adapter", str(dest), "a writable directory path", exc.strerror or str(exc)) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return list(manifest["formats"])
+    return StagedAdapter(dest, staging, formats, replaces)
 
 
 def _safe_extract(zf: zipfile.ZipFile, root: Path) -> None:
