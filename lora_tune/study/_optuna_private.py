@@ -64,3 +64,47 @@ def grid_index(sampler: optuna.samplers.GridSampler, params: dict[str, Any]) -> 
 def grid_space(sampler: optuna.samplers.GridSampler) -> dict[str, list[Any]]:
     """The search space as GridSampler records it on trials (``_search_space``)."""
     return sampler._search_space
+
+
+# -- the gRPC storage proxy. Optuna's server helper (``make_server``) only binds an insecure
+# port and its client (``GrpcStorageProxy``) only opens an insecure channel; lora-tune builds
+# the server from Optuna's servicer, and the client's channel itself, to add a token and TLS.
+
+def add_storage_servicer(server: Any, storage: optuna.storages.BaseStorage) -> None:
+    """Serve ``storage`` on the grpc ``server`` with Optuna's storage proxy servicer, as
+    ``optuna.storages._grpc.server.make_server`` does (``OptunaStorageProxyService``,
+    ``add_StorageServiceServicer_to_server``)."""
+    from optuna.storages._grpc import servicer
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+
+    api_pb2_grpc.add_StorageServiceServicer_to_server(servicer.OptunaStorageProxyService(storage), server)
+
+
+class ChannelGrpcStorageProxy(optuna.storages.GrpcStorageProxy):
+    """Optuna's gRPC client over the channel :meth:`open_channel` returns (a subclass's),
+    instead of ``create_insecure_channel``. ``GrpcStorageProxy._setup`` opens the channel,
+    the stub and the client cache (``_channel``, ``_stub``, ``_cache``) when the client is
+    created and again when it is unpickled; ``_host``/``_port`` are the proxy's address."""
+
+    def open_channel(self, host: str, port: int) -> Any:
+        raise NotImplementedError
+
+    def _setup(self) -> None:
+        from optuna.storages._grpc.auto_generated import api_pb2_grpc
+        from optuna.storages._grpc.client import GrpcClientCache
+
+        self._channel = self.open_channel(self._host, self._port)
+        self._stub = api_pb2_grpc.StorageServiceStub(self._channel)
+        self._cache = GrpcClientCache(self._stub)
+
+    def wait_server_ready(self, timeout: float | None = None) -> None:
+        """Wait until the proxy answers on this client's kind of channel (ConnectionError if not)."""
+        import grpc
+
+        channel = self.open_channel(self._host, self._port)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError as exc:
+            raise ConnectionError("GRPC connection timeout") from exc
+        finally:
+            channel.close()

@@ -3,9 +3,14 @@ against the installed Optuna: an upgrade that renames or changes one fails here,
 from __future__ import annotations
 
 import ast
+import pickle
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from lora_tune.study import _optuna_private as private
@@ -78,6 +83,51 @@ def test_grid_sampler_picks_by_trial_number_below_the_grid_size():
     assert [study._storage.get_trial(t._trial_id).system_attrs["grid_id"] for t in trials] == [0, 1, 2]
 
 
+class _CountingClient(private.ChannelGrpcStorageProxy):
+    """Opens plain channels and counts them: proves Optuna's client gets its channel from us."""
+
+    opened: list[tuple[str, int]] = []
+
+    def open_channel(self, host, port):
+        _CountingClient.opened.append((host, port))
+        return grpc.insecure_channel(f"{host}:{port}")
+
+
+def test_grpc_proxy_server_and_client_from_optunas_parts():
+    """Optuna's servicer on our own grpc server, Optuna's client on our own channel: the names
+    (OptunaStorageProxyService, add_StorageServiceServicer_to_server, StorageServiceStub,
+    GrpcClientCache) and GrpcStorageProxy's _setup/_channel/_stub/_cache/_host/_port."""
+    backend = optuna.storages.InMemoryStorage()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    private.add_storage_servicer(server, backend)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            client = _CountingClient(host="127.0.0.1", port=port)
+        assert _CountingClient.opened == [("127.0.0.1", port)]  # __init__ calls _setup
+        client.wait_server_ready(timeout=10)
+        assert len(_CountingClient.opened) == 2  # and so does our wait_server_ready
+        study = optuna.create_study(storage=client, study_name="parts")
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+        assert len(backend.get_all_trials(backend.get_study_id_from_name("parts"))) == 2
+        again = pickle.loads(pickle.dumps(client))  # __setstate__ calls _setup: a new channel of ours
+        assert len(_CountingClient.opened) == 3 and len(again.get_all_trials(private.study_id(study))) == 2
+        for each in (client, again):
+            each.close()
+            with pytest.raises(ValueError):  # close() closed our channel
+                each.get_all_studies()
+    finally:
+        server.stop(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        lonely = _CountingClient(host="127.0.0.1", port=port)
+    with pytest.raises(ConnectionError):
+        lonely.wait_server_ready(timeout=0.5)
+    lonely.close()
+
+
 def test_no_private_optuna_name_outside_the_private_module():
     """Our storage and worker code reaches Optuna's internals only through _optuna_private."""
     own = ["lora_tune/study/storage.py", "lora_tune/study/storage_proxy.py", "lora_tune/study/workers.py",
@@ -101,7 +151,8 @@ _OWN_PRIVATE = {"_forward", "_retry", "_retries", "_drop_connections", "_study_o
 # Optuna's private names lora-tune has used or might reach for
 _OPTUNA_PRIVATE = {"_storage", "_study_id", "_trial_id", "_stop_flag", "_CachedStorage", "_all_grids",
                    "_param_names", "_search_space", "_heartbeat", "_backend", "_cached_frozen_trial",
-                   "_thread_local", "_get_stale_trial_ids", "_grpc", "_rdb"}
+                   "_thread_local", "_get_stale_trial_ids", "_grpc", "_rdb", "_setup", "_channel", "_stub",
+                   "_cache", "_host", "_port"}
 
 
 def test_no_optuna_private_name_anywhere_else_in_lora_tune():
