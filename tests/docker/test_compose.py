@@ -3,6 +3,8 @@ every command is a real `lora-tune` command line, that PostgreSQL has a volume a
 healthcheck, and that no secret is written inline."""
 from __future__ import annotations
 
+import getpass
+import os
 import re
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import yaml
 
 from lora_tune.cli.main import cli
 from lora_tune.study.storage import mask_url, storage_kind
+from lora_tune.study.storages.grpc import ENV_PROXY_TOKEN_FILE, read_token_file
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 REPO = DOCKER.parent
@@ -54,8 +57,8 @@ def compose() -> dict:
 
 
 def test_services(compose):
-    assert set(compose["services"]) == {"postgres", "proxy", "create", "worker", "dashboard"}
-    assert {"pgdata"} <= set(compose["volumes"])
+    assert set(compose["services"]) == {"postgres", "proxy-token", "proxy", "create", "worker", "dashboard"}
+    assert {"pgdata", "proxy-token"} <= set(compose["volumes"])
 
 
 def test_postgres_has_volume_and_healthcheck(compose):
@@ -120,7 +123,8 @@ def test_storage_url_comes_from_env_file(compose):
 def test_workers_use_the_proxy_and_never_see_the_password(compose):
     env = env_example()
     worker, proxy = compose["services"]["worker"], compose["services"]["proxy"]
-    assert worker["environment"] == {"LORA_TUNE_STORAGE": "grpc://proxy:13000"}
+    assert worker["environment"] == {"LORA_TUNE_STORAGE": "grpc://proxy:13000",
+                                     ENV_PROXY_TOKEN_FILE: "/run/lora-tune/proxy-token"}
     assert storage_kind(worker["environment"]["LORA_TUNE_STORAGE"]) == "grpc"
     assert env["POSTGRES_PASSWORD"] not in str(worker)
     args = proxy["command"]
@@ -173,3 +177,48 @@ def test_dockerfile_copies_existing_paths_not_ignored():
         assert (REPO / src).exists(), f"COPY {src}: not in the repository"
         assert src not in ignored, f"COPY {src}: excluded by Dockerfile.dockerignore"
     assert "docker/.env" in ignored  # the real password never enters the image
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    """``{container path: volume}`` of a service's named volumes (``:ro`` dropped)."""
+    return {v.split(":")[1]: v.split(":")[0] for v in service.get("volumes", []) if not v.startswith(".")}
+
+
+def test_the_proxy_requires_a_token_only_the_workers_get(compose):
+    services = compose["services"]
+    proxy, worker = services["proxy"], services["worker"]
+    args = proxy["command"]
+    token_file = args[args.index("--token-file") + 1]
+    folder = os.path.dirname(token_file)
+    # the proxy and the workers mount the token's volume read-only; the workers name the same file
+    assert worker["environment"][ENV_PROXY_TOKEN_FILE] == token_file
+    for service in (proxy, worker):
+        assert _mounts(service)[folder] == "proxy-token"
+        assert f"proxy-token:{folder}:ro" in service["volumes"]
+    # nobody else does: not the dashboard, not `study create`, not PostgreSQL
+    for name in set(services) - {"proxy", "worker", "proxy-token"}:
+        assert "proxy-token" not in _mounts(services[name]).values(), name
+    # the token is made before the proxy starts, by a one-shot service that holds no database URL
+    maker = services["proxy-token"]
+    assert proxy["depends_on"]["proxy-token"]["condition"] == "service_completed_successfully"
+    assert maker["restart"] == "no" and maker["environment"] == {} and not maker.get("ports")
+    assert _mounts(maker)[folder] == "proxy-token" and token_file in maker["entrypoint"][-1]
+    assert "ports" not in proxy  # reachable on the compose network only
+    assert "--insecure" not in args
+
+
+def test_the_token_maker_writes_a_private_random_token_once(tmp_path):
+    """Run the proxy-token service's script here (its path and user changed to this test's)."""
+    raw = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["proxy-token"]
+    assert raw["entrypoint"][:2] == ["python", "-c"]
+    target = tmp_path / "proxy-token"
+    script = raw["entrypoint"][2].replace("/run/lora-tune/proxy-token", str(target))
+    script = script.replace('getpwnam("lora")', f"getpwnam({getpass.getuser()!r})")
+    exec(compile(script, "proxy-token", "exec"), {})
+    token = read_token_file(str(target), "--token-file")  # what the proxy accepts
+    assert len(token) >= 32 and target.stat().st_mode & 0o777 == 0o600
+    exec(compile(script, "proxy-token", "exec"), {})
+    assert read_token_file(str(target), "--token-file") == token  # kept across restarts
+    target.write_text("\n")
+    exec(compile(script, "proxy-token", "exec"), {})
+    assert read_token_file(str(target), "--token-file") != token  # an empty file is replaced
