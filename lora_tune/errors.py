@@ -6,7 +6,118 @@ subclasses that are also ``ValueError`` into exit code 2 (bad input).
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import itertools
+import reprlib
+from typing import Any, Iterable, Sequence
+
+# How much of a value an error message shows: a few items of a container, a few levels deep, the
+# head and tail of a long string; never more than SHORT_LIMIT characters in all.
+SHORT_LIMIT = 200
+
+
+class _ShortRepr(reprlib.Repr):
+    """``reprlib`` that stays bounded in time and memory for any value a YAML or JSON file can
+    give: containers are read through their first few items only (no sorting of a whole dict or
+    set), subclasses of str/int/list/... are shown like their base types, huge ints are not
+    converted to decimal, and shared or recursive structures stop at ``maxlevel``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdeque = 6
+        self.maxdict = 4
+        self.maxstring = 160
+        self.maxlong = 40
+        self.maxother = 80
+
+    def repr1(self, x: Any, level: int) -> str:
+        for base, method in ((bool, None), (str, self.repr_str), (bytes, self._repr_bytes), (int, self.repr_int),
+                             (list, self.repr_list), (tuple, self.repr_tuple), (dict, self.repr_dict),
+                             (frozenset, self.repr_frozenset), (set, self.repr_set)):
+            if isinstance(x, base):
+                return method(x, level) if method else repr(bool(x))
+        return self.repr_instance(x, level)
+
+    def repr_str(self, x: str, level: int) -> str:
+        n = len(x)
+        if n <= self.maxstring:
+            return repr(x[:n])  # a plain str, even for a subclass
+        head = self.maxstring * 2 // 3
+        return f"{x[:head] + '...' + x[n - (self.maxstring - head):]!r} ({n} characters)"
+
+    def _repr_bytes(self, x: bytes, level: int) -> str:
+        shown = repr(bytes(x[: self.maxstring]))
+        return shown if len(x) <= self.maxstring else f"{shown[:-1]}...' ({len(x)} bytes)"
+
+    def repr_int(self, x: int, level: int) -> str:
+        x = int(x)
+        if x.bit_length() > 4 * self.maxlong:  # no decimal conversion of a huge int
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+    def _items(self, x: Any, limit: int) -> tuple[list[Any], bool]:
+        items = list(itertools.islice(iter(x), limit + 1))
+        return items[:limit], len(items) > limit
+
+    def _sequence(self, x: Any, level: int, limit: int, left: str, right: str, trail: str = "") -> str:
+        n = len(x)
+        if n == 0:
+            return left + right
+        if level <= 0:
+            return left + self.fillvalue + right
+        items, more = self._items(x, limit)
+        parts = [self.repr1(item, level - 1) for item in items]
+        if more:
+            parts.append(f"{self.fillvalue} ({n} items)")
+        return left + ", ".join(parts) + (trail if n == 1 else "") + right
+
+    def repr_list(self, x: list, level: int) -> str:
+        return self._sequence(x, level, self.maxlist, "[", "]")
+
+    def repr_tuple(self, x: tuple, level: int) -> str:
+        return self._sequence(x, level, self.maxtuple, "(", ")", ",")
+
+    def repr_set(self, x: set, level: int) -> str:
+        return self._sequence(x, level, self.maxset, "{", "}") if x else "set()"
+
+    def repr_frozenset(self, x: frozenset, level: int) -> str:
+        return "frozenset(" + self._sequence(x, level, self.maxfrozenset, "{", "}") + ")" if x else "frozenset()"
+
+    def repr_dict(self, x: dict, level: int) -> str:
+        n = len(x)
+        if n == 0:
+            return "{}"
+        if level <= 0:
+            return "{" + self.fillvalue + "}"
+        keys, more = self._items(x, self.maxdict)
+        parts = [f"{self.repr1(k, level - 1)}: {self.repr1(dict.__getitem__(x, k), level - 1)}" for k in keys]
+        if more:
+            parts.append(f"{self.fillvalue} ({n} keys)")
+        return "{" + ", ".join(parts) + "}"
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        try:
+            return super().repr_instance(x, level)
+        except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the error being reported
+            return f"<{type(x).__name__} object>"
+
+
+_SHORT = _ShortRepr()
+
+
+def short(value: Any, limit: int = SHORT_LIMIT) -> str:
+    """``repr(value)`` for an error message, bounded: at most ``limit`` characters, computed in
+    bounded time and memory whatever ``value`` is (a huge list, a deeply shared structure)."""
+    try:
+        text = _SHORT.repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clip(text: str, limit: int = 1000) -> str:
+    """``text`` cut to at most ``limit`` characters (its head and the count of what was left out)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class LoraTuneError(Exception):
@@ -23,7 +134,8 @@ class ConfigError(LoraTuneError, ValueError):
         self.field = field
         self.value = value
         self.allowed = allowed
-        msg = f"{field}: got {value!r}; allowed: {allowed}"
+        self.hint = hint
+        msg = f"{field}: got {short(value)}; allowed: {allowed}"
         if hint:
             msg += f". {hint}"
         super().__init__(msg)
@@ -71,6 +183,10 @@ class QuantizationError(LoraTuneError, ValueError):
     """Quantization was requested but cannot be done (missing bitsandbytes, bad layer)."""
 
 
+# A study file's error message lists at most this many of its errors (``errors`` has them all).
+MAX_SHOWN_ERRORS = 50
+
+
 class StudySpecError(LoraTuneError, ValueError):
     """A study file has one or more errors; ``errors`` holds ``(path, message)`` pairs."""
 
@@ -79,7 +195,9 @@ class StudySpecError(LoraTuneError, ValueError):
         self.source = source
         head = f"{source}: " if source else ""
         lines = [f"{head}{len(self.errors)} error(s) in study file:"]
-        lines += [f"  {path}: {message}" for path, message in self.errors]
+        lines += [f"  {clip(str(path), 200)}: {clip(str(message))}" for path, message in self.errors[:MAX_SHOWN_ERRORS]]
+        if len(self.errors) > MAX_SHOWN_ERRORS:
+            lines.append(f"  ... and {len(self.errors) - MAX_SHOWN_ERRORS} more")
         super().__init__("\n".join(lines))
 
 
