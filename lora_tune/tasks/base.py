@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from lora_tune.errors import ConfigError
+from lora_tune.errors import ConfigError, short
+from lora_tune.tasks.files import regular_file_problem
 
 Problems = list[tuple[str, str]]
 MODEL_KINDS = ("decoder", "encoder", "vision")  # Task.model_kind: picks the typical LoRA learning rate
@@ -188,20 +189,20 @@ def check_spec(spec: Any, fields: Mapping[str, Field], prefix: str = "task") -> 
 
 
 def is_str(value: Any) -> str | None:
-    return None if isinstance(value, str) and value.strip() else f"must be a non-empty string, got {value!r}"
+    return None if isinstance(value, str) and value.strip() else f"must be a non-empty string, got {short(value)}"
 
 
 def is_int(low: int = 1) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            return f"must be an integer >= {low}, got {value!r}"
+            return f"must be an integer >= {low}, got {short(value)}"
         return None
     return check
 
 
 def is_fraction(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        return f"must be a number between 0 and 1 (exclusive), got {value!r}"
+        return f"must be a number between 0 and 1 (exclusive), got {short(value)}"
     return None
 
 
@@ -209,13 +210,13 @@ def is_str_list(value: Any) -> str | None:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        return f"must be a list of module-name patterns, got {value!r}"
+        return f"must be a list of module-name patterns, got {short(value)}"
     return None
 
 
 def is_choice(choices: Sequence[Any]) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
-        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}; got {value!r}"
+        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}; got {short(value)}"
     return check
 
 
@@ -226,10 +227,10 @@ def is_existing_file(suffixes: Sequence[str] = (), many: bool = False) -> Callab
             messages = [check(v) for v in value]
             return next((m for m in messages if m), None)
         if not isinstance(value, (str, os.PathLike)) or not str(value):
-            return f"must be a file path, got {value!r}"
+            return f"must be a file path, got {short(value)}"
         path = Path(value).expanduser()
-        if not path.is_file():
-            return f"file not found: {str(path)!r}"
+        if not path.is_file():  # missing, a directory, a FIFO, a device
+            return regular_file_problem(path) or f"file not found: {short(str(path))}"
         if suffixes and path.suffix.lower() not in suffixes:
             return f"{str(path)!r} has suffix {path.suffix!r}; allowed: {', '.join(suffixes)}"
         return None

@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from lora_tune.errors import ConfigError
+from lora_tune.errors import ConfigError, clip, short
 from lora_tune.tasks.base import cache_dir
+from lora_tune.tasks.files import allow_long_csv_fields, first_non_utf8_line, regular_file_problem
 
 FORMATS = ("messages", "prompt-completion", "text")
 ROLES = ("system", "user", "assistant", "tool")
@@ -109,7 +111,7 @@ def _quiet_datasets() -> Iterator[Any]:
 
     level = datasets.utils.logging.get_verbosity()
     bars = not datasets.utils.are_progress_bars_disabled()
-    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # read_table reports every error itself
     datasets.utils.disable_progress_bars()
     try:
         yield datasets
@@ -122,14 +124,14 @@ def _quiet_datasets() -> Iterator[Any]:
 def check_data_path(value: Any) -> str | None:
     """None when ``value`` is a data file with a known suffix or a ``save_to_disk`` directory."""
     if not isinstance(value, (str, os.PathLike)) or not str(value):
-        return f"must be a data file path, got {value!r}"
+        return f"must be a data file path, got {short(value)}"
     path = Path(value).expanduser()
     if path.is_dir():
         if not any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
             return f"directory {str(path)!r} is not a datasets save_to_disk directory"
         return None
-    if not path.is_file():
-        return f"file not found: {str(path)!r}"
+    if not path.is_file():  # missing, a FIFO, a device
+        return regular_file_problem(path) or f"file not found: {short(str(path))}"
     if path.suffix.lower() not in DATA_SUFFIXES:
         return (f"{str(path)!r} has suffix {path.suffix!r}; allowed: {', '.join(DATA_SUFFIXES)} "
                 "or a save_to_disk directory")
@@ -145,6 +147,12 @@ def read_table(source: str, field: str) -> Table:
     ``test`` for the evaluation file (or its only split).
     """
     path = Path(source).expanduser()
+    allowed = "a readable .jsonl, .json, .csv, .tsv or .parquet file, or a datasets save_to_disk directory"
+    if not path.is_dir():
+        problem = regular_file_problem(path)
+        if problem:
+            raise ConfigError(field, source, allowed, problem)
+    builder = None
     try:
         with _quiet_datasets() as datasets:
             if path.is_dir():
@@ -153,6 +161,8 @@ def read_table(source: str, field: str) -> Table:
                     data = data[_pick_split(list(data), field, source)]
                 return Table(source, field, tuple(data.column_names), data.to_list())
             builder = DATA_SUFFIXES[path.suffix.lower()]
+            if builder == "json":
+                _check_json_start(path, field, source)
             options = _csv_options(path, datasets) if builder == "csv" else {}
             cache_dir().mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix="datasets-", dir=cache_dir()) as scratch:
@@ -162,13 +172,81 @@ def read_table(source: str, field: str) -> Table:
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many types for malformed files
-        raise ConfigError(field, source, "a readable .jsonl, .json, .csv, .tsv or .parquet file, or a "
-                          "datasets save_to_disk directory", f"{type(exc).__name__}: {exc}") from None
+        hint = _text_file_problem(path, builder) if builder in ("json", "csv") else None
+        raise ConfigError(field, source, allowed, clip(hint or f"{type(exc).__name__}: {exc}", 500)) from None
+
+
+def _text_file_problem(path: Path, builder: str) -> str | None:
+    """After ``datasets`` failed on a text file: its first line that is not UTF-8, or (JSON) where
+    it is malformed, or None (then the library's own message is shown). Read line by line, or the
+    JSON document whole as ``datasets`` reads it."""
+    try:
+        where = first_non_utf8_line(path)
+        if where:
+            return f"not UTF-8 text at {where}"
+        return _json_problem(path) if builder == "json" else None
+    except (OSError, ValueError, MemoryError, RecursionError):
+        return None
+
+
+def _check_json_start(path: Path, field: str, source: str) -> None:
+    """Refuse a .json/.jsonl file that is not records, looking at its first bytes only: a top-level
+    list must hold objects (``datasets`` would read ``[1, 2]`` as a ``text`` column of numbers)."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head and path.stat().st_size <= 1 << 16:
+        raise ConfigError(field, source, "a data file with records", "the file is empty")
+    if head[:1] == b"[":
+        rest = head[1:].lstrip(b" \t\r\n")
+        if rest and rest[:1] not in (b"{", b"]"):
+            raise ConfigError(field, source, "a JSON list of records (objects) or JSON Lines (one object a line)",
+                              f"its list holds {_json_kind(rest[:1])}, not objects")
+    elif head[:1] != b"{":
+        raise ConfigError(field, source, "a JSON list of records (objects) or JSON Lines (one object a line)",
+                          f"the file starts with {head[:20]!r}, not an object or a list of objects")
+
+
+def _json_kind(first: bytes) -> str:
+    return {b"[": "lists", b'"': "strings", b"t": "booleans", b"f": "booleans", b"n": "nulls"}.get(first, "numbers")
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a JSON / JSON Lines file is malformed (``line N, column C: ...``, or the first record
+    that is not an object), or None when it looks fine (the error was something else)."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head[:1] == b"[":  # one JSON document (datasets reads it whole too)
+        try:
+            with open(path, encoding="utf-8-sig") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        except (ValueError, RecursionError) as exc:
+            return f"not valid JSON: {clip(str(exc) or type(exc).__name__, 200)}"
+        if isinstance(data, list):
+            bad = next((i for i, item in enumerate(data) if not isinstance(item, dict)), None)
+            if bad is not None:
+                return f"item {bad} of its list is {type(data[bad]).__name__} {short(data[bad], 60)}, not an object"
+        return None
+    with open(path, encoding="utf-8-sig") as fh:  # JSON Lines
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {number}, column {exc.colno}: {exc.msg}"
+            except (ValueError, RecursionError) as exc:
+                return f"line {number}: {clip(str(exc) or type(exc).__name__, 200)}"
+            if not isinstance(row, dict):
+                return f"line {number} is {type(row).__name__} {short(row, 60)}, not an object"
+    return None
 
 
 def _csv_options(path: Path, datasets: Any) -> dict[str, Any]:
     """Every column read as text, as written ("007" stays "007", "NA" stays "NA")."""
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    allow_long_csv_fields()
     with open(path, newline="", encoding="utf-8") as fh:
         header = next(csv.reader(fh, delimiter=sep), [])
     features = datasets.Features({name: datasets.Value("string") for name in header})
@@ -193,14 +271,14 @@ def detect_format(table: Table, columns: Columns, given: str | None) -> str:
         for key, column in columns.needed(given).items():
             if column not in table.columns:
                 raise ConfigError(f"task.{key}", column, f"a column of {table.source!r} (format {given})",
-                                  f"its columns: {present}")
+                                  f"its columns: {clip(present, 300)}")
         return given
     for fmt in FORMATS:
         if all(column in table.columns for column in columns.needed(fmt).values()):
             return fmt
     layouts = "; ".join(f"{fmt}: {', '.join(columns.needed(fmt).values())}" for fmt in FORMATS)
     raise ConfigError("task.format", None, f"data whose columns fit one format ({layouts})",
-                      f"{table.source!r} has the columns {present}; name them with messages_column, "
+                      f"{table.source!r} has the columns {clip(present, 300)}; name them with messages_column, "
                       "prompt_column/completion_column or text_column")
 
 
@@ -223,29 +301,29 @@ def row_messages(table: Table, row: dict[str, Any], number: int, fmt: str, colum
     if fmt == "prompt-completion":
         prompt, completion = _as_text(row.get(columns.prompt)), _as_text(row.get(columns.completion))
         if prompt is None:
-            raise _bad_row(table, "prompt_column", columns.prompt, number, f"prompt {row.get(columns.prompt)!r}",
+            raise _bad_row(table, "prompt_column", columns.prompt, number, f"prompt {short(row.get(columns.prompt))}",
                            "a string prompt")
         if completion is None or not completion.strip():
             raise _bad_row(table, "completion_column", columns.completion, number,
-                           f"completion {row.get(columns.completion)!r}", "a non-empty string completion")
+                           f"completion {short(row.get(columns.completion))}", "a non-empty string completion")
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     value = row.get(columns.messages)
     if not isinstance(value, list) or not value:
-        raise _bad_row(table, "messages_column", columns.messages, number, f"{value!r}",
+        raise _bad_row(table, "messages_column", columns.messages, number, f"{short(value)}",
                        "a non-empty list of {role, content} messages")
     messages = []
     for index, message in enumerate(value):
         where = f"message {index}"
         if not isinstance(message, dict):
-            raise _bad_row(table, "messages_column", columns.messages, number, f"{where} is {message!r}",
+            raise _bad_row(table, "messages_column", columns.messages, number, f"{where} is {short(message)}",
                            "messages that are {role, content} mappings")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise _bad_row(table, "messages_column", columns.messages, number, f"{where} has role {role!r}",
+            raise _bad_row(table, "messages_column", columns.messages, number, f"{where} has role {short(role)}",
                            "roles " + ", ".join(ROLES))
         if not isinstance(content, str):
             raise _bad_row(table, "messages_column", columns.messages, number,
-                           f"{where} has content {content!r}", "string contents")
+                           f"{where} has content {short(content)}", "string contents")
         if role == "assistant" and not content.strip():
             raise _bad_row(table, "messages_column", columns.messages, number,
                            f"{where} is an empty assistant message", "non-empty assistant messages")
@@ -259,7 +337,7 @@ def row_messages(table: Table, row: dict[str, Any], number: int, fmt: str, colum
 def row_text(table: Table, row: dict[str, Any], number: int, columns: Columns) -> str:
     text = _as_text(row.get(columns.text))
     if text is None or not text.strip():
-        raise _bad_row(table, "text_column", columns.text, number, f"text {row.get(columns.text)!r}",
+        raise _bad_row(table, "text_column", columns.text, number, f"text {short(row.get(columns.text))}",
                        "non-empty string texts")
     return text
 
@@ -403,7 +481,7 @@ def encode_table(table: Table, fmt: str, columns: Columns, renderer: Renderer, m
                 example, fallbacks = renderer.encode_messages(messages)
             except TemplateError as exc:  # e.g. raise_exception('System role not supported')
                 raise ConfigError("task.chat_template", "(the chat template)", "a template that renders this data",
-                                  f"row {number} of {table.source!r}: {exc}") from None
+                                  f"row {number} of {table.source!r}: {clip(str(exc), 300)}") from None
         if len(example.input_ids) > max_length:
             split.too_long += 1
             continue
