@@ -37,7 +37,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 
-from lora_tune.errors import ConfigError, StudySpecError
+from lora_tune.errors import ConfigError, StudySpecError, short
 from lora_tune.lora.config import (
     BIASES,
     INITS,
@@ -70,6 +70,11 @@ STUDY_SECTIONS = tuple(StudySpec.model_fields)  # a mapping with any of these ke
 BASELINE = {"rank": 8, "alpha": 16.0, "quant_bits": None}  # plus the task's baseline targets
 _ORDER = ("rank", "alpha", "targets", "layers", "quant_bits", "quant_type", "method", "dropout", "rslora")
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "ratio", "nested", "nested_dropout"}
+# Longest lists a search space may give (far above any real space, and refused before they are
+# looked at, so that a huge list costs no time): the values of a categorical (`choices`, an alpha
+# `ratio`, `nested` ranks), and a list value such as explicit `targets` module names.
+MAX_CHOICES = 1_000
+MAX_LIST_ITEMS = 10_000
 
 
 # -- per-key value checks --------------------------------------------------------------------
@@ -77,18 +82,18 @@ _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "ratio", "nested"
 def _int_at_least(low: int) -> Check:
     def check(v: Any) -> str | None:
         ok = isinstance(v, int) and not isinstance(v, bool) and v >= low
-        return None if ok else f"must be an integer ≥ {low}, got {v!r}"
+        return None if ok else f"must be an integer ≥ {low}, got {short(v)}"
     return check
 
 
 def _number(low: float, *, inclusive: bool, below: float | None = None) -> Check:
     def check(v: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return f"must be a number, got {v!r}"
+            return f"must be a number, got {short(v)}"
         if (v < low) if inclusive else (v <= low):
-            return f"must be {'≥' if inclusive else '>'} {low:g}, got {v!r}"
+            return f"must be {'≥' if inclusive else '>'} {low:g}, got {short(v)}"
         if below is not None and v >= below:
-            return f"must be < {below}, got {v!r}"
+            return f"must be < {below}, got {short(v)}"
         return None
     return check
 
@@ -96,7 +101,7 @@ def _number(low: float, *, inclusive: bool, below: float | None = None) -> Check
 def _one_of(*allowed: Any) -> Check:
     def check(v: Any) -> str | None:
         ok = any(v == a and type(v) is type(a) for a in allowed)
-        return None if ok else f"got {v!r}; allowed: {', '.join(map(_show, allowed))}"
+        return None if ok else f"got {short(v)}; allowed: {', '.join(map(_show, allowed))}"
     return check
 
 
@@ -105,14 +110,14 @@ def _targets(v: Any) -> str | None:
         return None
     if isinstance(v, list) and v and all(isinstance(t, str) and t.strip() and "|" not in t for t in v):
         return None
-    return f"must be a preset name or a non-empty list of module-name patterns (without '|'), got {v!r}"
+    return f"must be a preset name or a non-empty list of module-name patterns (without '|'), got {short(v)}"
 
 
 def _layers(v: Any) -> str | None:
     try:
         normalize_layers(v)
     except ConfigError as exc:
-        return f"got {v!r}; allowed: {exc.allowed}"
+        return f"got {short(v)}; allowed: {exc.allowed}"
     return None
 
 
@@ -124,7 +129,7 @@ def _plain_value(key: str, value: Any) -> bool:
 def _quant_bits(v: Any) -> str | None:
     if (v is None or (isinstance(v, int) and not isinstance(v, bool))) and v in QUANT_BITS:
         return None
-    return f"got {v!r}; allowed: null (no quantization), 8, 4"
+    return f"got {short(v)}; allowed: null (no quantization), 8, 4"
 
 
 def _grad_clip(v: Any) -> str | None:
@@ -169,7 +174,7 @@ TRAIN_KEYS = ("learning_rate", "weight_decay", "epochs", "batch_size", "grad_cli
 
 
 def _show(v: Any) -> str:
-    return "null" if v is None else ("true" if v is True else "false" if v is False else repr(v))
+    return "null" if v is None else ("true" if v is True else "false" if v is False else short(v))
 
 
 # -- compiled parameters ---------------------------------------------------------------------
@@ -263,7 +268,7 @@ class SearchSpace:
             raw = data.get("search_space") or {}
             study = data.get("study") if isinstance(data.get("study"), Mapping) else {}
             if not isinstance(raw, Mapping):
-                problems.append(("search_space", f"must be a mapping of parameter -> spec, got {raw!r}"))
+                problems.append(("search_space", f"must be a mapping of parameter -> spec, got {short(raw)}"))
                 raw = {}
         problems += check_search_space(raw, study)
         if problems:
@@ -286,7 +291,7 @@ class SearchSpace:
         clash = sorted(set(fixed) & {p.key for p in self.params})
         if clash:
             raise ConfigError(clash[0], fixed[clash[0]], "LoraConfig fields the search space does not set",
-                              f"the search space already sets {clash[0]!r}; give it in one place")
+                              f"the search space already sets {short(clash[0])}; give it in one place")
         values = self._sample(trial, lambda key: key not in TRAIN_KEYS)
         return LoraConfig.from_dict({**values, **fixed})
 
@@ -442,6 +447,9 @@ def check_search_space(raw: Mapping[str, Any], study: Mapping[str, Any]) -> Prob
 
 def _check_entry(key: str, value: Any, path: str) -> Problems:
     rule = KEYS[key]
+    too_long = _too_long(key, value, path)
+    if too_long:
+        return too_long
     if _plain_value(key, value):
         message = rule.check(value)
         return [(path, message)] if message else []
@@ -458,6 +466,30 @@ def _check_entry(key: str, value: Any, path: str) -> Problems:
     return _check_range(key, value, path)
 
 
+def _too_long(key: str, value: Any, path: str) -> Problems:
+    """A list over MAX_CHOICES (choices, ratio, nested) or MAX_LIST_ITEMS (a list value such as
+    ``targets`` patterns): refused before any of its items is looked at."""
+    def long_value(item: Any, where: str) -> Problems:
+        if isinstance(item, list) and len(item) > MAX_LIST_ITEMS:
+            return [(where, f"lists {len(item):,} items; a value may list at most {MAX_LIST_ITEMS:,}")]
+        return []
+
+    if _plain_value(key, value):
+        return long_value(value, path)
+    for name in ("choices", "ratio", "nested"):
+        items = value.get(name)
+        if not isinstance(items, list):
+            continue
+        if len(items) > MAX_CHOICES:
+            return [(f"{path}.{name}", f"lists {len(items):,} values; at most {MAX_CHOICES:,} are allowed (a "
+                     "sampler cannot make use of more: give fewer, or a range)")]
+        for i, item in enumerate(items):
+            problems = long_value(item, f"{path}.{name}[{i}]")
+            if problems:
+                return problems
+    return []
+
+
 def _check_ratio(key: str, value: Mapping[str, Any], path: str) -> Problems:
     if key != "alpha":
         return [(f"{path}.ratio", "only `alpha` can be given as a ratio of the rank")]
@@ -465,7 +497,7 @@ def _check_ratio(key: str, value: Mapping[str, Any], path: str) -> Problems:
         return [(path, "`ratio` cannot be combined with other keys")]
     ratios = value["ratio"]
     if not isinstance(ratios, list) or not ratios:
-        return [(f"{path}.ratio", f"must be a non-empty list of numbers > 0, got {ratios!r}")]
+        return [(f"{path}.ratio", f"must be a non-empty list of numbers > 0, got {short(ratios)}")]
     out: Problems = []
     for i, r in enumerate(ratios):
         message = _number(0.0, inclusive=False)(r)
@@ -485,18 +517,18 @@ def _check_nested(key: str, value: Mapping[str, Any], path: str) -> Problems:
     ranks = value["nested"]
     if not isinstance(ranks, list) or len(ranks) < 2:
         return [(f"{path}.nested", f"must list at least two ranks in increasing order, e.g. [4, 8, 16, 32]; "
-                 f"got {ranks!r}")]
+                 f"got {short(ranks)}")]
     out: Problems = []
     for i, r in enumerate(ranks):
         message = _int_at_least(1)(r)
         if message:
             out.append((f"{path}.nested[{i}]", message))
     if not out and any(a >= b for a, b in zip(ranks, ranks[1:])):
-        out.append((f"{path}.nested", f"must list the ranks in increasing order, each once; got {ranks!r} "
-                    f"(e.g. {sorted(set(ranks))!r})"))
+        out.append((f"{path}.nested", f"must list the ranks in increasing order, each once; got {short(ranks)} "
+                    f"(e.g. {short(sorted(set(ranks)))})"))
     dropout = value.get("nested_dropout", True)
     if not isinstance(dropout, bool):
-        out.append((f"{path}.nested_dropout", f"must be true or false, got {dropout!r}"))
+        out.append((f"{path}.nested_dropout", f"must be true or false, got {short(dropout)}"))
     return out
 
 
@@ -506,16 +538,20 @@ def _check_choices(key: str, value: Mapping[str, Any], path: str) -> Problems:
         return [(path, "`choices` cannot be combined with a range (type/low/high/log/step)")]
     choices = value["choices"]
     if not isinstance(choices, list) or not choices:
-        return [(f"{path}.choices", f"must be a non-empty list, got {choices!r}")]
+        return [(f"{path}.choices", f"must be a non-empty list, got {short(choices)}")]
     out: Problems = []
     for i, c in enumerate(choices):
         message = KEYS[key].check(c)
         if message:
             out.append((f"{path}.choices[{i}]", message))
     if not out:
-        encoded = [_key(encode_choice(key, c)) for c in choices]
-        if len(set(encoded)) != len(encoded):
-            out.append((f"{path}.choices", f"lists the same choice twice: {choices!r}"))
+        seen: set[Any] = set()
+        for c in choices:
+            encoded = _key(encode_choice(key, c))
+            if encoded in seen:
+                out.append((f"{path}.choices", f"lists the same choice twice: {short(c)} (in {short(choices)})"))
+                break
+            seen.add(encoded)
     return out
 
 
@@ -525,7 +561,7 @@ def _check_range(key: str, value: Mapping[str, Any], path: str) -> Problems:
         return [(path, f"`{key}` takes a plain value or `choices: [...]`, not a range")]
     kind = value.get("type", rule.numeric)
     if kind not in ("int", "float"):
-        return [(f"{path}.type", f"got {kind!r}; allowed: int, float (or give `choices`)")]
+        return [(f"{path}.type", f"got {short(kind)}; allowed: int, float (or give `choices`)")]
     if kind == "float" and rule.numeric == "int":
         return [(f"{path}.type", f"`{key}` is an integer setting; use type: int")]
     out: Problems = []
@@ -535,28 +571,28 @@ def _check_range(key: str, value: Mapping[str, Any], path: str) -> Problems:
             continue
         v = value[bound]
         if kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
-            out.append((f"{path}.{bound}", f"must be an integer, got {v!r}"))
+            out.append((f"{path}.{bound}", f"must be an integer, got {short(v)}"))
             continue
         message = rule.check(v)
         if message:
             out.append((f"{path}.{bound}", message))
     log, step = value.get("log", False), value.get("step")
     if not isinstance(log, bool):
-        out.append((f"{path}.log", f"must be true or false, got {log!r}"))
+        out.append((f"{path}.log", f"must be true or false, got {short(log)}"))
     if step is not None:
         if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
-            out.append((f"{path}.step", f"must be a number > 0, got {step!r}"))
+            out.append((f"{path}.step", f"must be a number > 0, got {short(step)}"))
         elif kind == "int" and not isinstance(step, int):
-            out.append((f"{path}.step", f"must be an integer for an int range, got {step!r}"))
+            out.append((f"{path}.step", f"must be an integer for an int range, got {short(step)}"))
         elif log is True:
             out.append((f"{path}.step", "cannot be combined with log: true"))
     if out:
         return out
     low, high = value["low"], value["high"]
     if low > high:
-        out.append((f"{path}.high", f"must be ≥ low ({low!r}), got {high!r}"))
+        out.append((f"{path}.high", f"must be ≥ low ({short(low)}), got {short(high)}"))
     if log is True and low <= 0:
-        out.append((f"{path}.low", f"must be > 0 with log: true, got {low!r}"))
+        out.append((f"{path}.low", f"must be > 0 with log: true, got {short(low)}"))
     return out
 
 
@@ -621,7 +657,7 @@ def _clamp(p: Param, value: Any) -> Any:
 
 
 def _outside(what: str, value: Any, p: Param) -> str:
-    where = f"choices {p.choices}" if p.kind in ("categorical", "ratio") else f"[{p.low}, {p.high}]"
+    where = f"choices {short(p.choices)}" if p.kind in ("categorical", "ratio") else f"[{p.low}, {p.high}]"
     return (
         f"the baseline needs {what} = {_show(value)}, which is outside {where}; "
         "add it to the space or set `study.baseline: false`"
