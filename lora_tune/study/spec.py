@@ -77,7 +77,8 @@ class FidelitySpec(_Section):
     def _fractions(self) -> "FidelitySpec":
         values = self.data_fraction if isinstance(self.data_fraction, list) else [self.data_fraction]
         if not values or any(not (0 < v <= 1) for v in values):
-            raise ValueError(f"`data_fraction` must be a number in (0, 1] or a list of them, got {short(self.data_fraction)}")
+            raise ValueError("`data_fraction` must be a number in (0, 1] or a list of them, "
+                             f"got {short(self.data_fraction)}")
         if values != sorted(values):
             raise ValueError(f"`data_fraction` lists fractions in increasing order, got {values}")
         return self
@@ -462,7 +463,8 @@ def objective_problems(spec: StudySpec, task: Any) -> Problems:
     for i, name in enumerate(names):
         if name not in allowed:
             path = "study.metric" if not isinstance(metric, list) else f"study.metric[{i}]"
-            out.append((path, f"unknown metric {short(name)} for task type {task.name!r}; allowed: {', '.join(allowed)}"))
+            out.append((path, f"unknown metric {short(name)} for task type {task.name!r}; "
+                              f"allowed: {', '.join(allowed)}"))
     if names == ["trainable_params"]:
         out.append(("study.metric", "trainable_params alone is not a useful objective; pair it with a task metric"))
     return out
@@ -539,7 +541,9 @@ def _message(err: Mapping[str, Any]) -> str:
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
     msg = err["msg"]
-    return f"{msg[0].lower()}{msg[1:]}, got {short(value)}" if value is not None and not isinstance(value, Mapping) else msg
+    if value is None or isinstance(value, Mapping):
+        return msg
+    return f"{msg[0].lower()}{msg[1:]}, got {short(value)}"
 
 
 def _dedupe(problems: Problems) -> Problems:

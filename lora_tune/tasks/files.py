@@ -80,7 +80,8 @@ def _json_lines(fh: Any, path: Path, field: str) -> Iterator[tuple[int, dict[str
         except json.JSONDecodeError as exc:
             raise ConfigError(field, str(path), allowed, f"line {number}, column {exc.colno}: {exc.msg}") from None
         except (ValueError, RecursionError) as exc:  # an integer of 5000 digits, nesting too deep
-            raise ConfigError(field, str(path), allowed, f"line {number}: {clip(str(exc) or type(exc).__name__, 200)}") from None
+            raise ConfigError(field, str(path), allowed,
+                              f"line {number}: {clip(str(exc) or type(exc).__name__, 200)}") from None
         if not isinstance(row, dict):
             raise ConfigError(field, str(path), allowed, f"line {number} is {type(row).__name__} "
                               f"{short(row, 60)}, not an object")

@@ -74,8 +74,8 @@ def validate_spec(spec: Any) -> Problems:
         for col_key, default in (("text_column", "text"), ("label_column", "label")):
             column = spec.get(col_key) or default
             if f"task.{col_key}" not in bad and isinstance(column, str) and column not in columns:
-                problems.append((f"task.{col_key}",
-                                 f"column {short(column)} is not in {short(spec[file_key])} (columns: {clip(', '.join(columns))})"))
+                problems.append((f"task.{col_key}", f"column {short(column)} is not in {short(spec[file_key])} "
+                                                     f"(columns: {clip(', '.join(columns))})"))
     return problems
 
 
