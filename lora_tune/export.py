@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from lora_tune import __version__
-from lora_tune.errors import ConfigError
+from lora_tune.errors import ConfigError, StudySpecError
 from lora_tune.lora.config import LoraConfig
 
 _ARTIFACT_NAMES = ("artifact_dir_for", "extract_adapter", "save_best_adapter")
@@ -42,13 +42,14 @@ _LORA_PARAMS = {f.name for f in dataclasses.fields(LoraConfig)} | {"alpha_ratio"
 def load_config(path: str | os.PathLike) -> LoraConfig:
     """Read the ``lora`` section of an exported ``best.yaml`` as a ``LoraConfig``."""
     p = Path(path)
+    from lora_tune.study.spec import load_yaml, read_spec_text  # bounded: size, file kind, aliases
+
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as exc:
+        raw = load_yaml(read_spec_text(p), source=str(p))
+    except StudySpecError as exc:
+        where, why = exc.errors[0]
         raise ConfigError("path", str(p), "a readable best.yaml written by `lora-tune export`",
-                          exc.strerror or str(exc)) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError("path", str(p), "valid YAML", str(exc).splitlines()[0]) from None
+                          f"{where}: {why}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("lora"), dict):
         raise ConfigError("lora", None if not isinstance(raw, dict) else raw.get("lora"),
                           f"a mapping of LoraConfig fields in {p}", "Write the file with `lora-tune export`.")

@@ -89,15 +89,16 @@ def validate_cmd(study_file: Path) -> None:
 
 def _storage_errors(study_file: Path) -> list[tuple[str, str]]:
     """``[("study.storage", why)]`` when the file names a storage URL lora-tune cannot open."""
-    import yaml
-
+    from lora_tune.errors import StudySpecError
+    from lora_tune.study.spec import load_yaml, read_spec_text
     from lora_tune.study.storage import storage_problem
 
-    try:
-        data = yaml.safe_load(study_file.read_text())
-    except (OSError, yaml.YAMLError):
+    try:  # the same bounded reader as load_spec_file: size cap, regular files only, aliases capped
+        data = load_yaml(read_spec_text(study_file), source=str(study_file))
+    except StudySpecError:
         return []  # the file itself is reported by load_spec_file
-    url = (data.get("study") or {}).get("storage") if isinstance(data, dict) else None
+    section = data.get("study") if isinstance(data, dict) else None
+    url = section.get("storage") if isinstance(section, dict) else None
     problem = storage_problem(url) if isinstance(url, str) and url.strip() else None
     return [("study.storage", problem)] if problem else []
 

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lora_tune.errors import ConfigError
+from lora_tune.errors import ConfigError, StudySpecError
 from lora_tune.report.panels import PANELS
 
 KINDS = ("single-objective", "multi-objective")
@@ -62,12 +60,13 @@ def find_definition(kind: str) -> Path:
 def load_definition(source: str | Path) -> ReportDefinition:
     """Load a definition by kind (``single-objective``) or from a YAML file path."""
     path = find_definition(str(source)) if str(source) in KINDS else Path(source)
+    from lora_tune.study.spec import load_yaml, read_spec_text  # bounded: size, file kind, aliases
+
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError("definition", str(path), "a readable YAML file", str(exc)) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError("definition", str(path), "valid YAML", str(exc).splitlines()[0]) from None
+        raw = load_yaml(read_spec_text(path), source=str(path))
+    except StudySpecError as exc:
+        where, why = exc.errors[0]
+        raise ConfigError("definition", str(path), "a readable YAML file", f"{where}: {why}") from None
     return parse_definition(raw, str(path))
 
 

@@ -97,9 +97,6 @@ def test_a_fifo_or_a_device_as_the_study_file_is_exit_2(tmp_path, kind):
     assert elapsed < 30
 
 
-@pytest.mark.xfail(reason="`validate` first reads the file for study.storage (commands_study._storage_errors, "
-                          "read_text + yaml.safe_load with no bound) before load_spec_file; that reader has to "
-                          "go through study.spec.read_spec_text", raises=(AssertionError, subprocess.TimeoutExpired))
 @pytest.mark.parametrize("kind", list(SPECIAL))
 def test_validate_refuses_a_fifo_or_a_device(tmp_path, kind):
     make, what = SPECIAL[kind]

@@ -75,7 +75,7 @@ def test_load_unknown_study_lists_the_existing_ones(url, toy_task):
 def test_optimize_runs_the_budget_exactly_and_resumes(url, toy_task):
     spec = make_spec(study={"n_trials": 5})
     create_study(spec, url, task=toy_task)
-    study, loaded = load_study("toy", url)
+    study, loaded = load_study("toy", url, allow_code=["tests.study.toy_task:*"])
     assert loaded.metrics == ["accuracy"]
     first = optimize(study, loaded, n_trials=2, task=toy_task)
     assert first.trials_run == 2 and first.stop_reason == "n_trials"

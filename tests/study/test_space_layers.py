@@ -88,7 +88,7 @@ def test_trials_train_on_the_blocks_they_drew(tmp_path, toy_task):
                                                 "sampler": {"type": "grid", "seed": 0}})
     url = f"sqlite:///{tmp_path / 's.db'}"
     create_study(spec, url, task=toy_task)
-    study, loaded = load_study(spec.study.name, url)
+    study, loaded = load_study(spec.study.name, url, allow_code=["tests.study.toy_task:*"])
     optimize(study, loaded, task=toy_task)
     trials = study.get_trials()
     assert sorted(t.params["layers"] for t in trials) == ["first:1", "last:1"]
