@@ -23,6 +23,13 @@ rendering, and the turn is counted in :attr:`Split.content_only_turns`. Without 
 template a prompt-completion example is ``prompt + completion`` (plain concatenation) with EOS
 appended and supervised, and the tokenizer's BOS in front when it adds one.
 
+A template that marks what the assistant writes with ``{% generation %}...{% endgeneration %}``
+says so itself: there Hugging Face's own mask decides (``apply_chat_template(...,
+return_assistant_tokens_mask=True)``), which supervises every token overlapping a generation block,
+and nothing falls back to content strings. Where a template's generation blocks cover the spans
+above (``content<|end|>`` in the tiny template, say), both give the same labels
+(``tests/tasks/test_sft.py``).
+
 The first label of every example is ``-100``: nothing predicts it, and in a packed block it would
 otherwise be predicted from the previous example.
 """
@@ -32,6 +39,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +55,8 @@ TRAIN_ON = ("completion", "all")
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 EVAL_SPLITS = ("validation", "eval", "test")
 IGNORE = -100
+# How transformers tells a template with generation blocks (utils/chat_template_utils.py).
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 @dataclass(frozen=True)
@@ -345,12 +355,17 @@ def row_text(table: Table, row: dict[str, Any], number: int, columns: Columns) -
 # -- rendering and label masks --------------------------------------------------------------
 
 class Renderer:
-    """Renders conversations with a chat template (or plain concatenation) and builds labels."""
+    """Renders conversations with a chat template (or plain concatenation) and builds labels.
+
+    ``marks_generation``: the template has ``{% generation %}`` blocks, so the tokenizer's own
+    assistant mask supervises the assistant turns (see the module docstring).
+    """
 
     def __init__(self, tokenizer: Any, template: str | None, train_on: str):
         self.tokenizer = tokenizer
         self.template = template
         self.train_on = train_on
+        self.marks_generation = template is not None and GENERATION_BLOCK.search(template) is not None
         self.bos = _leading_bos(tokenizer)
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
@@ -417,14 +432,38 @@ class Renderer:
             ids, labels = self.bos + ids + self.eos, [IGNORE] * len(self.bos) + labels + self.eos
             fallbacks = 0
         else:
-            text, spans, fallbacks = self.assistant_spans(messages)
             if self.train_on == "all":
-                spans, fallbacks = [(0, len(text))], 0
-            ids, offsets = self.tokens(text)
-            labels = _labels(ids, offsets, spans)
+                text = self.assistant_spans(messages)[0]  # (which checks the template writes every answer)
+                ids, offsets = self.tokens(text)
+                labels, fallbacks = _labels(ids, offsets, [(0, len(text))]), 0
+            else:
+                ids, labels, fallbacks = self.assistant_labels(messages)
             prompt_ids = self.tokens(self.render(messages[:last], generation_prompt=True))[0]
         labels[0] = IGNORE
         return Example(ids, labels, prompt_ids, messages[last]["content"]), fallbacks
+
+    def assistant_labels(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int], int]:
+        """The ids of the rendered conversation, labels supervising its assistant turns, and how
+        many turns fell back to their content string: the template's generation blocks when it
+        has them (:meth:`generation_labels`), else the rendering's own spans (:meth:`span_labels`)."""
+        if self.marks_generation:
+            return (*self.generation_labels(messages), 0)
+        return self.span_labels(messages)
+
+    def generation_labels(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """ids and labels from the tokenizer's assistant mask (tokens overlapping a
+        ``{% generation %}`` block); the template must have one."""
+        out = self.tokenizer.apply_chat_template(list(messages), chat_template=self.template, tokenize=True,
+                                                 return_dict=True, return_assistant_tokens_mask=True)
+        ids = list(out["input_ids"])
+        return ids, [token if marked else IGNORE for token, marked in zip(ids, out["assistant_masks"])]
+
+    def span_labels(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int], int]:
+        """ids and labels from :meth:`assistant_spans` (a token whose first character lies in an
+        assistant span is supervised), and the count of content-only turns."""
+        text, spans, fallbacks = self.assistant_spans(messages)
+        ids, offsets = self.tokens(text)
+        return ids, _labels(ids, offsets, spans), fallbacks
 
     def end_of_turn_id(self) -> int | None:
         """The special token the template closes an assistant turn with (a stop token for

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lora_tune.errors import ConfigError
 from lora_tune.models.tiny_lm import CHAT_TEMPLATE, TINY_SIZES, tiny_config
 from lora_tune.tasks import build_task, validate_task_spec
-from lora_tune.tasks.chat_data import IGNORE
+from lora_tune.tasks.chat_data import IGNORE, Renderer
 from lora_tune.tasks.generation import greedy_generate
 from tests.tasks.conftest import write_table
 
@@ -119,6 +119,49 @@ def test_a_given_chat_template_decides_the_spans(tmp_path, chat_tokenizer_dir, a
             else:
                 pieces.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
         assert (example.input_ids, example.labels) == by_hand(task.tokenizer, pieces)
+
+
+# The tiny template and ChatML with {% generation %} around what the assistant writes: they render
+# exactly as without it, and there the tokenizer's assistant mask decides what is supervised.
+TINY_GENERATION = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}"
+                   "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|end|>' }}{% endgeneration %}"
+                   "{% else %}{{ m['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+CHATML_GENERATION = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+                     "{% generation %}{{ m['content'] }}<|im_end|>\n{% endgeneration %}"
+                     "{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("template, without, end", [(TINY_GENERATION, CHAT_TEMPLATE, "<|end|>"),
+                                                   (CHATML_GENERATION, CHATML, "<|im_end|>\n")], ids=["tiny", "chatml"])
+def test_generation_mask_and_own_spans_agree(tmp_path, chat_tokenizer_dir, template, without, end):
+    task = build_task(spec_for(tmp_path, chat_tokenizer_dir, CONVERSATIONS, chat_template=template))
+    renderer = task.renderer
+    assert renderer.marks_generation and not Renderer(task.tokenizer, without, "completion").marks_generation
+    assert renderer.render(CONVERSATIONS[2]["messages"]) == task.tokenizer.apply_chat_template(
+        CONVERSATIONS[2]["messages"], chat_template=without, tokenize=False)
+    for row, example in zip(CONVERSATIONS, task.train.examples):
+        ids, labels = renderer.generation_labels(row["messages"])  # Hugging Face's mask
+        assert (ids, labels, 0) == renderer.span_labels(row["messages"])  # lora-tune's spans
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        assert task.tokenizer.decode([t for t in labels if t != IGNORE]) == end.join(answers) + end
+        assert (example.input_ids, example.labels) == (ids, [IGNORE] + labels[1:])
+        own = Renderer(task.tokenizer, without, "completion").encode_messages(row["messages"])
+        assert (example, 0) == own  # the same example as the template without generation blocks
+    assert sum(len(m["messages"]) > 2 for m in CONVERSATIONS) >= 3  # multi-turn data
+
+
+def test_a_generation_block_decides_what_is_supervised(tmp_path, chat_tokenizer_dir):
+    content_only = TINY_GENERATION.replace("{% generation %}{{ m['content'] + '<|end|>' }}{% endgeneration %}",
+                                           "{% generation %}{{ m['content'] }}{% endgeneration %}{{ '<|end|>' }}")
+    task = build_task(spec_for(tmp_path, chat_tokenizer_dir, CONVERSATIONS, chat_template=content_only))
+    for row, example in zip(CONVERSATIONS, task.train.examples):
+        pieces = [("<|bos|>", False)]
+        for m in row["messages"]:
+            pieces += [(f"<|{m['role']}|>\n", False), (m["content"], m["role"] == "assistant"), ("<|end|>", False)]
+        assert (example.input_ids, example.labels) == by_hand(task.tokenizer, pieces)
+    assert task.train.content_only_turns == 0 and task.warnings == []
 
 
 # Templates that render a turn differently once later turns follow (not prefix-stable):
