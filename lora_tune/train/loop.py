@@ -137,19 +137,22 @@ def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval 
         state.last_lr = optimizer.param_groups[0]["lr"]
         weights = [float(_loss_weight(task, b)) for b in micro_batches]
         total = sum(weights) or 1.0
-        step_loss = 0.0
+        losses = []  # stay on the device: read once per optimizer step, not once per micro-batch
         for batch, weight in zip(micro_batches, weights):
             batch = task.to_device(batch, device)
             with _autocast(device, amp_dtype):
                 loss = task.loss(model, batch)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLossError(state.step + 1, value)
             scaled = loss * (weight / total)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            step_loss += value * weight / total
+            losses.append(loss.detach().reshape(()))
             state.examples += _batch_size(batch)
             state.tokens += _batch_tokens(task, batch)
+        values = torch.stack(losses).tolist()  # the step's one device sync
+        bad = next((value for value in values if not math.isfinite(value)), None)
+        if bad is not None:  # before the optimizer applies anything
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(state.step + 1, bad)
+        step_loss = sum(value * weight / total for value, weight in zip(values, weights))
         if scaler is not None:
             scaler.unscale_(optimizer)
         if config.grad_clip is not None:

@@ -8,9 +8,10 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lora_tune import LoraConfig, inject
-from lora_tune.errors import ConfigError
+from lora_tune.errors import ConfigError, NonFiniteLossError
 from lora_tune.tasks.base import Task, eval_mode, index_batches
 from lora_tune.train import TrainConfig, fit, lr_factor, parameter_groups, resolve_precision, warmup_steps
+from tests.study.toy_task import ToyTask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB, LENGTH = 32, 12
@@ -100,6 +101,70 @@ def test_accumulation_counts_optimizer_steps_and_reports_the_effective_batch():
     assert result.planned_steps == result.steps == 2 * 3  # ceil(ceil(30 / 4) / 3) = 3 per epoch
     assert result.effective_batch_size == 12
     assert result.examples == 60
+
+
+class InfiniteToy(ToyTask):
+    """The toy task whose loss becomes +inf after ``after`` calls (``nan_after`` gives NaN)."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+
+    def loss(self, model, batch):
+        loss = super().loss(model, batch)
+        return loss * float("inf") if self.calls > self.after else loss
+
+
+@pytest.mark.parametrize("poisoned, shown", [(lambda: ToyTask(nan_after=4), "nan"), (lambda: InfiniteToy(4), "inf")],
+                         ids=["nan", "inf"])
+def test_a_non_finite_loss_stops_its_step_before_the_optimizer_applies_it(poisoned, shown):
+    config = {"epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 3, "device": "cpu"}
+    task = poisoned()  # micro-batches 4-6 make step 2; the 5th loss is the first non-finite one
+    model = task.build_model()
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(model, task, TrainConfig(**config))
+    assert (info.value.step, str(info.value.value)) == (2, shown) and f"loss {shown} at step 2" in str(info.value)
+    assert task.calls == 6  # the rest of the step ran, no further step did
+    clean = ToyTask()
+    reference = clean.build_model()
+    fit(reference, clean, TrainConfig(**config, max_steps=1))
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(param, expected), name  # step 1 applied, step 2 not
+        assert param.grad is None, name
+
+
+class HostReads(torch.Tensor):
+    """A loss that counts how often its value is read on the host (on a GPU, each read waits
+    for the device)."""
+
+    count = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__):
+            cls.count += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class CountedToy(ToyTask):
+    def __init__(self):
+        super().__init__()
+        self.values: list[float] = []
+
+    def loss(self, model, batch):
+        loss = super().loss(model, batch)
+        self.values.append(loss.detach().clone())
+        return loss.as_subclass(HostReads)
+
+
+def test_the_loss_is_read_once_per_optimizer_step_not_per_micro_batch(monkeypatch):
+    monkeypatch.setattr(HostReads, "count", 0)
+    task = CountedToy()
+    result = fit(task.build_model(), task, TrainConfig(epochs=1, batch_size=16, gradient_accumulation_steps=4,
+                                                       max_steps=3, evals_per_epoch=1, device="cpu"))
+    assert (result.steps, task.calls, HostReads.count) == (3, 12, 3)
+    # equal micro-batches weigh the same: the logged train loss is the mean of all twelve
+    assert result.history[-1]["train_loss"] == pytest.approx(float(torch.stack(task.values).mean()), rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
