@@ -1,4 +1,5 @@
-"""LoraConfig: what to adapt and how. Validated at construction; imports nothing but the stdlib."""
+"""LoraConfig: what to adapt and how. Validated at construction (each field's facts declared once,
+as a :func:`lora_tune.settings.setting`); imports nothing but the stdlib."""
 from __future__ import annotations
 
 import math
@@ -6,13 +7,20 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 from lora_tune.errors import ConfigError
+from lora_tune.settings import check_settings, setting
 
 METHODS = ("parallel", "merged")
 INITS = ("kaiming", "gaussian", "pissa")
 BIASES = ("none", "all", "lora_only")
-QUANT_BITS = (None, 4, 8, 16, 32)
+QUANT_BITS = (None, 4, 8, 16, 32)  # None, 16 and 32: not quantized (see quantized_bits)
 QUANT_TYPES = ("nf4", "fp4")
 QKV_PARTS = ("q", "k", "v")
+
+
+def quantized_bits(bits: int | None) -> int | None:
+    """What a ``quant_bits`` value means: 4 or 8 (the base is quantized to that many bits), or
+    None (not quantized: None, 16 or 32)."""
+    return None if bits in (16, 32) else bits
 
 
 @dataclass
@@ -37,35 +45,32 @@ class LoraConfig:
     finds.
     """
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: str | list[str] = "all-linear"
+    rank: int = setting(8, int, ge=1, searchable=True)
+    alpha: float = setting(16.0, float, gt=0, searchable=True)
+    dropout: float = setting(0.0, float, ge=0, lt=1, searchable=True)
+    targets: str | list[str] = setting("all-linear", searchable=True)  # checked in __post_init__
     exclude: list[str] = field(default_factory=list)
-    method: str = "parallel"
-    quant_bits: int | None = None
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    rslora: bool = False
-    init: str = "kaiming"
+    method: str = setting("parallel", choices=METHODS, searchable=True)
+    quant_bits: int | None = setting(None, choices=QUANT_BITS, searchable=True,
+                                     describe="null/None, 16 or 32 (no quantization), 8 or 4")
+    quant_type: str = setting("nf4", choices=QUANT_TYPES, searchable=True)
+    double_quant: bool = setting(True, bool, searchable=True)
+    rslora: bool = setting(False, bool, searchable=True)
+    init: str = setting("kaiming", choices=INITS, searchable=True)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    bias: str = "none"
+    bias: str = setting("none", choices=BIASES, searchable=True)
     enable_lora: list[str] | None = None
     qkv_sizes: dict[str, list[int]] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
-    use_dora: bool = False
-    layers: dict[str, int] | list[int] | None = None
+    use_dora: bool = setting(False, bool, searchable=True)
+    layers: dict[str, int] | list[int] | None = setting(None, searchable=True)  # normalize_layers
     layers_pattern: list[str] | None = None
 
     def __post_init__(self) -> None:
-        self.rank = _positive_int("rank", self.rank)
-        self.alpha = _positive_float("alpha", self.alpha)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
-            0.0 <= float(self.dropout) < 1.0
-        ):
-            raise ConfigError("dropout", self.dropout, "a number p with 0 <= p < 1")
-        self.dropout = float(self.dropout)
+        check_settings(self)
+        self.alpha, self.dropout = float(self.alpha), float(self.dropout)
+        self.quant_bits = quantized_bits(self.quant_bits)
         if isinstance(self.targets, str):
             if not self.targets.strip():
                 raise ConfigError("targets", self.targets, "a preset name or a non-empty list of patterns")
@@ -77,17 +82,6 @@ class LoraConfig:
             raise ConfigError("targets", self.targets, "a preset name or a non-empty list of module-name patterns")
         self.exclude = _str_list("exclude", self.exclude)
         self.modules_to_save = _str_list("modules_to_save", self.modules_to_save)
-        _choice("method", self.method, METHODS)
-        if isinstance(self.quant_bits, bool) or self.quant_bits not in QUANT_BITS:
-            raise ConfigError("quant_bits", self.quant_bits, "None, 16 or 32 (no quantization), 8, or 4")
-        if self.quant_bits in (16, 32):
-            self.quant_bits = None
-        _choice("quant_type", self.quant_type, QUANT_TYPES)
-        _bool("double_quant", self.double_quant)
-        _bool("rslora", self.rslora)
-        _bool("use_dora", self.use_dora)
-        _choice("init", self.init, INITS)
-        _choice("bias", self.bias, BIASES)
         if not isinstance(self.rank_pattern, Mapping):
             raise ConfigError("rank_pattern", self.rank_pattern, "a mapping of module pattern -> rank (int >= 1)")
         self.rank_pattern = {str(k): _positive_int(f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()}
@@ -217,16 +211,6 @@ def _positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(name, value, "a finite number > 0")
     return float(value)
-
-
-def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ConfigError(name, value, "one of " + ", ".join(repr(a) for a in allowed))
-
-
-def _bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(name, value, "true or false")
 
 
 def _sizes_map(name: str, value: Any) -> dict[str, list[int]]:

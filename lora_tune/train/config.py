@@ -2,13 +2,12 @@
 training device can run (:func:`resolve_device`, :func:`resolve_precision`)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from lora_tune.errors import ConfigError
+from lora_tune.settings import check_settings, setting
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -19,7 +18,8 @@ DEVICE_HELP = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 
 @dataclass
 class TrainConfig:
-    """How to train one adapted model.
+    """How to train one adapted model; each field's type, bounds, whether a study may search it
+    and its ``TrainingArguments`` name are declared once here (:func:`lora_tune.settings.setting`).
 
     ``batch_size`` is the micro-batch of one forward/backward pass; an optimizer step takes
     ``gradient_accumulation_steps`` of them, so the effective batch is their product
@@ -27,61 +27,32 @@ class TrainConfig:
     ``eval_steps`` (every N optimizer steps) replaces ``evals_per_epoch`` when given.
     ``precision`` is the autocast dtype (``auto``: bf16 on a CUDA device that has it, else fp16
     with a gradient scaler on CUDA, fp32 on CPU). ``loraplus_lr_ratio`` trains every ``lora_B``
-    at that multiple of the learning rate (LoRA+, Hayou et al. 2024).
+    at that multiple of the learning rate (LoRA+, Hayou et al. 2024). ``data_fraction``: each
+    epoch trains on a random fraction of the data (multi-fidelity; ``study.fidelity``).
     """
 
-    epochs: int = 3
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    evals_per_epoch: int = 2
-    seed: int = 0
-    device: str = "auto"
-    grad_clip: float | None = 1.0
-    max_steps: int | None = None
-    precision: str = "auto"
-    gradient_accumulation_steps: int = 1
-    lr_scheduler: str = "constant"
-    warmup_ratio: float = 0.0
-    warmup_steps: int | None = None
-    gradient_checkpointing: bool = False
-    optimizer: str = "adamw"
-    loraplus_lr_ratio: float | None = None
-    eval_steps: int | None = None
-    data_fraction: float = 1.0  # each epoch trains on a random fraction of the data (multi-fidelity)
+    epochs: int = setting(3, int, ge=1, searchable=True, hf="num_train_epochs")
+    batch_size: int = setting(32, int, ge=1, searchable=True, hf="per_device_train_batch_size")
+    learning_rate: float = setting(1e-3, float, gt=0, searchable=True, hf="learning_rate")
+    weight_decay: float = setting(0.0, float, ge=0, searchable=True, hf="weight_decay")
+    evals_per_epoch: int = setting(2, int, ge=1)
+    seed: int = setting(0, int, hf="seed")
+    device: str = setting("auto", str, describe=DEVICE_HELP, hf="use_cpu")
+    grad_clip: float | None = setting(1.0, float, gt=0, nullable=True, searchable=True, hf="max_grad_norm")
+    max_steps: int | None = setting(None, int, ge=1, nullable=True, hf="max_steps")
+    precision: str = setting("auto", choices=PRECISIONS, searchable=True, hf=("bf16", "fp16"))
+    gradient_accumulation_steps: int = setting(1, int, ge=1, searchable=True, hf="gradient_accumulation_steps")
+    lr_scheduler: str = setting("constant", choices=LR_SCHEDULERS, searchable=True, hf="lr_scheduler_type")
+    warmup_ratio: float = setting(0.0, float, ge=0, lt=1, searchable=True, hf="warmup_steps")
+    warmup_steps: int | None = setting(None, int, ge=0, nullable=True, hf="warmup_steps")
+    gradient_checkpointing: bool = setting(False, bool, hf="gradient_checkpointing")
+    optimizer: str = setting("adamw", choices=OPTIMIZERS, searchable=True, hf="optim")
+    loraplus_lr_ratio: float | None = setting(None, float, gt=0, nullable=True, searchable=True)
+    eval_steps: int | None = setting(None, int, ge=1, nullable=True, hf="eval_steps")
+    data_fraction: float = setting(1.0, float, gt=0, le=1, section="study.fidelity")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "evals_per_epoch", "gradient_accumulation_steps"):
-            if not _int_at_least(getattr(self, name), 1):
-                raise ConfigError(f"train.{name}", getattr(self, name), "an integer >= 1")
-        for name in ("max_steps", "eval_steps"):
-            if getattr(self, name) is not None and not _int_at_least(getattr(self, name), 1):
-                raise ConfigError(f"train.{name}", getattr(self, name), "null or an integer >= 1")
-        if self.warmup_steps is not None and not _int_at_least(self.warmup_steps, 0):
-            raise ConfigError("train.warmup_steps", self.warmup_steps, "null or an integer >= 0")
-        if not _finite_number(self.learning_rate) or self.learning_rate <= 0:
-            raise ConfigError("train.learning_rate", self.learning_rate, "a finite number > 0")
-        if not _finite_number(self.weight_decay) or self.weight_decay < 0:
-            raise ConfigError("train.weight_decay", self.weight_decay, "a finite number >= 0")
-        if self.grad_clip is not None and (not _finite_number(self.grad_clip) or self.grad_clip <= 0):
-            raise ConfigError("train.grad_clip", self.grad_clip, "null or a finite number > 0")
-        if not _finite_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
-            raise ConfigError("train.warmup_ratio", self.warmup_ratio, "a number >= 0 and < 1")
-        if self.loraplus_lr_ratio is not None and (
-                not _finite_number(self.loraplus_lr_ratio) or self.loraplus_lr_ratio <= 0):
-            raise ConfigError("train.loraplus_lr_ratio", self.loraplus_lr_ratio, "null or a finite number > 0")
-        if not _finite_number(self.data_fraction) or not 0 < self.data_fraction <= 1:
-            raise ConfigError("study.fidelity.data_fraction", self.data_fraction, "a number > 0 and <= 1")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError("train.seed", self.seed, "an integer")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ConfigError("train.gradient_checkpointing", self.gradient_checkpointing, "true or false")
-        if not isinstance(self.device, str) or not self.device:
-            raise ConfigError("train.device", self.device, DEVICE_HELP)
-        for name, allowed in (("precision", PRECISIONS), ("lr_scheduler", LR_SCHEDULERS),
-                              ("optimizer", OPTIMIZERS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"train.{name}", getattr(self, name), ", ".join(allowed))
+        check_settings(self, "train")
 
     @property
     def effective_batch_size(self) -> int:
@@ -124,10 +95,3 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16
     raise ConfigError("train.precision", precision, ", ".join(PRECISIONS))
 
-
-def _finite_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _int_at_least(value: Any, low: int) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= low
