@@ -42,7 +42,7 @@ _LORA_PARAMS = {f.name for f in dataclasses.fields(LoraConfig)} | {"alpha_ratio"
 def load_config(path: str | os.PathLike) -> LoraConfig:
     """Read the ``lora`` section of an exported ``best.yaml`` as a ``LoraConfig``."""
     p = Path(path)
-    from lora_tune.study.spec import load_yaml, read_spec_text  # bounded: size, file kind, aliases
+    from lora_tune.study.yaml_file import load_yaml, read_spec_text  # bounded: size, file kind, aliases
 
     try:
         raw = load_yaml(read_spec_text(p), source=str(p))

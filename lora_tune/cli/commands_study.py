@@ -90,7 +90,7 @@ def validate_cmd(study_file: Path) -> None:
 def _storage_errors(study_file: Path) -> list[tuple[str, str]]:
     """``[("study.storage", why)]`` when the file names a storage URL lora-tune cannot open."""
     from lora_tune.errors import StudySpecError
-    from lora_tune.study.spec import load_yaml, read_spec_text
+    from lora_tune.study.yaml_file import load_yaml, read_spec_text
     from lora_tune.study.storage import storage_problem
 
     try:  # the same bounded reader as load_spec_file: size cap, regular files only, aliases capped

@@ -320,7 +320,7 @@ def operator_allowance(stored: StudySpec, name: str, allow_code: Sequence[str] =
     that differ otherwise)."""
     trusted: frozenset[str] = frozenset()
     if study_file is not None:
-        from lora_tune.study.spec import load_yaml, read_spec_text
+        from lora_tune.study.yaml_file import load_yaml, read_spec_text
 
         raw = load_yaml(read_spec_text(study_file), source=str(study_file))
         local = raw.get("task") if isinstance(raw, dict) else None

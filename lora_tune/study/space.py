@@ -32,40 +32,22 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-
 from lora_tune.errors import ConfigError, StudySpecError, short
-from lora_tune.lora.config import (
-    BIASES,
-    INITS,
-    METHODS,
-    QUANT_BITS,
-    QUANT_TYPES,
-    LoraConfig,
-    layers_label,
-    normalize_layers,
-)
+from lora_tune.lora.config import LoraConfig, layers_label, normalize_layers, quantized_bits
 from lora_tune.lora.nested import NestedRanks
-from lora_tune.study.spec import StudySpec, load_yaml, read_spec_text
-from lora_tune.train import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS
+from lora_tune.settings import Setting, defaults_of, settings_of, show
+from lora_tune.study.spec import StudySpec
+from lora_tune.study.yaml_file import load_yaml, read_spec_text
+from lora_tune.train import TrainConfig
 
 Problems = list[tuple[str, str]]
 Check = Callable[[Any], "str | None"]
 
-def _field_defaults(cls: type) -> dict[str, Any]:
-    out = {}
-    for f in fields(cls):
-        if f.default is not MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not MISSING:
-            out[f.name] = f.default_factory()
-    return out
-
-
-LORA_DEFAULTS: Mapping[str, Any] = MappingProxyType(_field_defaults(LoraConfig))  # one source: LoraConfig
+LORA_DEFAULTS: Mapping[str, Any] = MappingProxyType(defaults_of(LoraConfig))  # one source: LoraConfig
 STUDY_SECTIONS = tuple(StudySpec.model_fields)  # a mapping with any of these keys is a whole study file
 BASELINE = {"rank": 8, "alpha": 16.0, "quant_bits": None}  # plus the task's baseline targets
 _ORDER = ("rank", "alpha", "targets", "layers", "quant_bits", "quant_type", "method", "dropout", "rslora")
@@ -77,33 +59,7 @@ MAX_CHOICES = 1_000
 MAX_LIST_ITEMS = 10_000
 
 
-# -- per-key value checks --------------------------------------------------------------------
-
-def _int_at_least(low: int) -> Check:
-    def check(v: Any) -> str | None:
-        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low
-        return None if ok else f"must be an integer ≥ {low}, got {short(v)}"
-    return check
-
-
-def _number(low: float, *, inclusive: bool, below: float | None = None) -> Check:
-    def check(v: Any) -> str | None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return f"must be a number, got {short(v)}"
-        if (v < low) if inclusive else (v <= low):
-            return f"must be {'≥' if inclusive else '>'} {low:g}, got {short(v)}"
-        if below is not None and v >= below:
-            return f"must be < {below}, got {short(v)}"
-        return None
-    return check
-
-
-def _one_of(*allowed: Any) -> Check:
-    def check(v: Any) -> str | None:
-        ok = any(v == a and type(v) is type(a) for a in allowed)
-        return None if ok else f"got {short(v)}; allowed: {', '.join(map(_show, allowed))}"
-    return check
-
+# -- per-key value checks: the settings' own (lora_tune.settings), and two of the space's own ------
 
 def _targets(v: Any) -> str | None:
     if isinstance(v, str) and v.strip():
@@ -126,55 +82,20 @@ def _plain_value(key: str, value: Any) -> bool:
     return not isinstance(value, Mapping) or (key == "layers" and "choices" not in value)
 
 
-def _quant_bits(v: Any) -> str | None:
-    if (v is None or (isinstance(v, int) and not isinstance(v, bool))) and v in QUANT_BITS:
-        return None
-    return f"got {short(v)}; allowed: null (no quantization), 8, 4"
-
-
-def _grad_clip(v: Any) -> str | None:
-    return None if v is None else _number(0.0, inclusive=False)(v)
-
-
 @dataclass(frozen=True)
 class KeyRule:
     check: Check
     numeric: str | None  # "int" / "float" when ranges are allowed, else None (choices only)
 
 
-KEYS: dict[str, KeyRule] = {
-    "rank": KeyRule(_int_at_least(1), "int"),
-    "alpha": KeyRule(_number(0.0, inclusive=False), "float"),
-    "dropout": KeyRule(_number(0.0, inclusive=True, below=1.0), "float"),
-    "targets": KeyRule(_targets, None),
-    "layers": KeyRule(_layers, None),
-    "quant_bits": KeyRule(_quant_bits, None),
-    "quant_type": KeyRule(_one_of(*QUANT_TYPES), None),
-    "method": KeyRule(_one_of(*METHODS), None),
-    "double_quant": KeyRule(_one_of(True, False), None),
-    "rslora": KeyRule(_one_of(True, False), None),
-    "use_dora": KeyRule(_one_of(True, False), None),
-    "init": KeyRule(_one_of(*INITS), None),
-    "bias": KeyRule(_one_of(*BIASES), None),
-    "learning_rate": KeyRule(_number(0.0, inclusive=False), "float"),
-    "weight_decay": KeyRule(_number(0.0, inclusive=True), "float"),
-    "epochs": KeyRule(_int_at_least(1), "int"),
-    "batch_size": KeyRule(_int_at_least(1), "int"),
-    "grad_clip": KeyRule(_grad_clip, "float"),
-    "gradient_accumulation_steps": KeyRule(_int_at_least(1), "int"),
-    "warmup_ratio": KeyRule(_number(0.0, inclusive=True, below=1.0), "float"),
-    "lr_scheduler": KeyRule(_one_of(*LR_SCHEDULERS), None),
-    "loraplus_lr_ratio": KeyRule(_number(0.0, inclusive=False), "float"),
-    "optimizer": KeyRule(_one_of(*OPTIMIZERS), None),
-    "precision": KeyRule(_one_of(*PRECISIONS), None),
-}
+_OWN_CHECKS: dict[str, Check] = {"targets": _targets, "layers": _layers}  # values the space stores as text
+_RATIO = Setting(float, gt=0)  # alpha as a ratio of the rank
+# The searchable settings of LoraConfig and TrainConfig.
+KEYS: dict[str, KeyRule] = {key: KeyRule(_OWN_CHECKS.get(key, rule.problem), rule.numeric)
+                            for cls in (LoraConfig, TrainConfig) for key, rule in settings_of(cls).items()
+                            if rule.searchable}
 # Keys that are training settings (the rest configure LoRA).
-TRAIN_KEYS = ("learning_rate", "weight_decay", "epochs", "batch_size", "grad_clip", "gradient_accumulation_steps",
-              "warmup_ratio", "lr_scheduler", "loraplus_lr_ratio", "optimizer", "precision")
-
-
-def _show(v: Any) -> str:
-    return "null" if v is None else ("true" if v is True else "false" if v is False else short(v))
+TRAIN_KEYS = tuple(key for key, rule in settings_of(TrainConfig).items() if rule.searchable)
 
 
 # -- compiled parameters ---------------------------------------------------------------------
@@ -221,7 +142,7 @@ def encode_choice(key: str, value: Any) -> Any:
     if key == "targets" and isinstance(value, list):
         return "|".join(value)
     if key == "quant_bits":
-        return 0 if value in (None, 16, 32) else value
+        return quantized_bits(value) or 0  # 0: not quantized
     if key == "layers":
         return layers_label(value)
     return value
@@ -229,7 +150,7 @@ def encode_choice(key: str, value: Any) -> Any:
 
 def _decode_choice(key: str, value: Any) -> Any:
     if key == "quant_bits":
-        return None if value in (None, 16, 32) else value
+        return quantized_bits(value)
     if key == "layers":
         return normalize_layers(value)
     return value
@@ -500,7 +421,7 @@ def _check_ratio(key: str, value: Mapping[str, Any], path: str) -> Problems:
         return [(f"{path}.ratio", f"must be a non-empty list of numbers > 0, got {short(ratios)}")]
     out: Problems = []
     for i, r in enumerate(ratios):
-        message = _number(0.0, inclusive=False)(r)
+        message = _RATIO.problem(r)
         if message:
             out.append((f"{path}.ratio[{i}]", message))
     return out
@@ -520,7 +441,7 @@ def _check_nested(key: str, value: Mapping[str, Any], path: str) -> Problems:
                  f"got {short(ranks)}")]
     out: Problems = []
     for i, r in enumerate(ranks):
-        message = _int_at_least(1)(r)
+        message = KEYS["rank"].check(r)
         if message:
             out.append((f"{path}.nested[{i}]", message))
     if not out and any(a >= b for a, b in zip(ranks, ranks[1:])):
@@ -573,7 +494,7 @@ def _check_range(key: str, value: Mapping[str, Any], path: str) -> Problems:
         if kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
             out.append((f"{path}.{bound}", f"must be an integer, got {short(v)}"))
             continue
-        message = rule.check(v)
+        message = "a range needs a number, got null" if v is None else rule.check(v)
         if message:
             out.append((f"{path}.{bound}", message))
     log, step = value.get("log", False), value.get("step")
@@ -659,6 +580,6 @@ def _clamp(p: Param, value: Any) -> Any:
 def _outside(what: str, value: Any, p: Param) -> str:
     where = f"choices {short(p.choices)}" if p.kind in ("categorical", "ratio") else f"[{p.low}, {p.high}]"
     return (
-        f"the baseline needs {what} = {_show(value)}, which is outside {where}; "
+        f"the baseline needs {what} = {show(value)}, which is outside {where}; "
         "add it to the space or set `study.baseline: false`"
     )

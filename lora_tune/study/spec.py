@@ -9,21 +9,21 @@ e.g. ``search_space.rank.low: must be ≥ 1``.
 from __future__ import annotations
 
 import math
-import os
-import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator,
+)
 
-from lora_tune.errors import StudySpecError, clip, short
-from lora_tune.train import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, TrainConfig
+from lora_tune.errors import StudySpecError, short
+from lora_tune.settings import Setting, defaults_of, setting, settings_of
+from lora_tune.study.yaml_file import load_yaml, read_spec_text
+from lora_tune.train import TrainConfig
 
 ISOLATIONS = ("auto", "process", "none")
 OOM_POLICIES = ("fail", "halve_batch")
-# train: keys the study driver uses itself; the rest are TrainConfig fields.
-DRIVER_TRAIN_KEYS = ("isolation", "oom", "threads")
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "nsga2")
 PRUNERS = ("median", "sha", "hyperband", "none")
@@ -65,6 +65,9 @@ class ConfirmSpec(_Section):
     seeds: int = Field(2, ge=1)
 
 
+_DATA_FRACTION = settings_of(TrainConfig)["data_fraction"]
+
+
 class FidelitySpec(_Section):
     """Cheaper trials: no pruning decision before ``min_steps`` optimizer steps, and each epoch
     on a random ``data_fraction`` of the training data (a list: trials use its first value,
@@ -76,7 +79,7 @@ class FidelitySpec(_Section):
     @model_validator(mode="after")
     def _fractions(self) -> "FidelitySpec":
         values = self.data_fraction if isinstance(self.data_fraction, list) else [self.data_fraction]
-        if not values or any(not (0 < v <= 1) for v in values):
+        if not values or any(_DATA_FRACTION.problem(v) for v in values):
             raise ValueError("`data_fraction` must be a number in (0, 1] or a list of them, "
                              f"got {short(self.data_fraction)}")
         if values != sorted(values):
@@ -134,47 +137,61 @@ class StudySection(_Section):
         return self
 
 
-_TRAIN = TrainConfig()  # the one source of the training defaults
+@dataclass
+class DriverSettings:
+    """``train:`` keys the study driver uses itself (the rest are :class:`TrainConfig`'s)."""
 
-
-class TrainSection(_Section):
-    """Training settings (defaults from :class:`lora_tune.train.TrainConfig`); any of the
-    numeric ones may be searched by naming it in ``search_space``."""
-
-    epochs: int = Field(_TRAIN.epochs, ge=1)
-    batch_size: int = Field(_TRAIN.batch_size, ge=1)
-    learning_rate: float = Field(_TRAIN.learning_rate, gt=0)
-    weight_decay: float = Field(_TRAIN.weight_decay, ge=0)
-    evals_per_epoch: int = Field(_TRAIN.evals_per_epoch, ge=1)
-    eval_steps: int | None = Field(_TRAIN.eval_steps, ge=1)
-    seed: int = _TRAIN.seed
-    device: str = _TRAIN.device
-    grad_clip: float | None = Field(_TRAIN.grad_clip, gt=0)
-    max_steps: int | None = Field(_TRAIN.max_steps, ge=1)
-    precision: Literal[PRECISIONS] = _TRAIN.precision  # type: ignore[valid-type]
-    gradient_accumulation_steps: int = Field(_TRAIN.gradient_accumulation_steps, ge=1)
-    lr_scheduler: Literal[LR_SCHEDULERS] = _TRAIN.lr_scheduler  # type: ignore[valid-type]
-    warmup_ratio: float = Field(_TRAIN.warmup_ratio, ge=0, lt=1)
-    warmup_steps: int | None = Field(_TRAIN.warmup_steps, ge=0)
-    gradient_checkpointing: bool = _TRAIN.gradient_checkpointing
-    optimizer: Literal[OPTIMIZERS] = _TRAIN.optimizer  # type: ignore[valid-type]
-    loraplus_lr_ratio: float | None = Field(_TRAIN.loraplus_lr_ratio, gt=0)
     # Where a trial trains: "process" (a fresh child process per trial: a crash, an
     # out-of-memory or a leak ends that trial only), "none" (in the driver process) or "auto"
     # (process on CUDA, none on CPU).
-    isolation: Literal[ISOLATIONS] = "auto"  # type: ignore[valid-type]
+    isolation: str = setting("auto", choices=ISOLATIONS)
     # On an out-of-memory error: "fail" the trial, or "halve_batch": retry it once with half the
     # batch and twice the gradient accumulation (same effective batch).
-    oom: Literal[OOM_POLICIES] = "fail"  # type: ignore[valid-type]
+    oom: str = setting("fail", choices=OOM_POLICIES)
     # CPU threads for torch in each trial process (torch.set_num_threads); null keeps torch's
     # default. Small models on a busy or small CPU often train several times faster with 1.
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = setting(None, int, ge=1, nullable=True)
+
+
+DRIVER_TRAIN_KEYS = tuple(settings_of(DriverSettings))
+
+
+class _TrainSettings(_Section):
+    """Training settings (:class:`lora_tune.train.TrainConfig`'s, and :class:`DriverSettings`);
+    any searchable one may be searched by naming it in ``search_space``."""
 
     def train_config(self, **overrides: Any) -> TrainConfig:
         """The :class:`TrainConfig` of these settings (the driver-only keys left out)."""
         data = self.model_dump(exclude=set(DRIVER_TRAIN_KEYS))
         data.update(overrides)
         return TrainConfig(**data)
+
+
+def _field(rule: Setting, default: Any) -> tuple[Any, Any]:
+    """A pydantic field of a setting: pydantic parses the type (leniently, as YAML gives it) and the
+    setting's own check gives the message (the same as the search space's)."""
+    kind = rule.kind if rule.kind is not None and not rule.choices else Any
+
+    def check(value: Any) -> Any:
+        problem = rule.problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    return Annotated[Optional[kind] if rule.nullable else kind, AfterValidator(check)], Field(default)
+
+
+def _train_fields() -> dict[str, Any]:
+    out = {}
+    for cls in (TrainConfig, DriverSettings):
+        defaults = defaults_of(cls)
+        out.update({name: _field(rule, defaults[name]) for name, rule in settings_of(cls).items()
+                    if rule.section is None})
+    return out
+
+
+# The study file's train: section, derived from the settings (one field per setting, its default).
+TrainSection = create_model("TrainSection", __base__=_TrainSettings, **_train_fields())
 
 
 class ConstraintsSection(_Section):
@@ -188,7 +205,7 @@ class StudySpec(_Section):
     study: StudySection
     task: dict[str, Any]
     search_space: dict[str, Any] = Field(default_factory=dict)
-    train: TrainSection = Field(default_factory=TrainSection)
+    train: TrainSection = Field(default_factory=TrainSection)  # type: ignore[valid-type]
     constraints: ConstraintsSection = Field(default_factory=ConstraintsSection)
 
     # -- the objective, after task defaults are filled in by ``resolve_objective`` ----------
@@ -227,87 +244,6 @@ def load_spec_file(path: str | Path) -> StudySpec:
     return parse_spec_text(read_spec_text(path), source=str(path))
 
 
-# Bounds on a study file, far above any real one (a few KB), so that a hostile or broken file is
-# refused at once instead of hanging or filling the memory.
-MAX_SPEC_BYTES = 1 << 20  # 1 MiB of text
-# The file's values and scalar characters with every YAML alias written out (a value used through
-# `*alias` counts each time). Without aliases a 1 MiB file stays under them in practice (a real
-# study file holds a few hundred values); aliases that multiply a file (a "billion laughs": 1.6 KB
-# that expands to 10⁹ values) are refused before anything is built from them.
-MAX_YAML_VALUES = 250_000
-MAX_YAML_CHARS = 2 * MAX_SPEC_BYTES
-MAX_YAML_DEPTH = 100  # levels of nesting (a study file has about 5)
-
-
-def read_spec_text(path: str | Path) -> str:
-    """A study file's text; StudySpecError naming the file when it cannot be read, is not a
-    regular file (a directory, a FIFO, a device such as /dev/zero) or is over MAX_SPEC_BYTES."""
-    path = Path(path)
-
-    def refuse(message: str) -> StudySpecError:
-        return StudySpecError([("(file)", message)], source=str(path))
-
-    shown = short(str(path))
-    try:  # stat before opening: opening a FIFO would wait for a writer for ever
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise refuse(f"no such file: {shown}") from None
-    except (OSError, ValueError) as exc:
-        raise refuse(f"cannot read {shown}: {exc}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise refuse(f"{shown} is a directory, not a study file")
-    if not stat.S_ISREG(info.st_mode):
-        raise refuse(f"{shown} is not a regular file ({_file_kind(info.st_mode)}); give a YAML study file")
-    if info.st_size > MAX_SPEC_BYTES:
-        raise refuse(f"{shown} is {info.st_size:,} bytes; a study file may be at most {MAX_SPEC_BYTES:,} bytes (1 MiB)")
-    try:
-        # O_NONBLOCK: should the path have become a FIFO since the stat, opening it does not wait
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise refuse(f"{shown} is not a regular file; give a YAML study file")
-            data = fh.read(MAX_SPEC_BYTES + 1)
-    except StudySpecError:
-        raise
-    except OSError as exc:
-        raise refuse(f"cannot read {shown}: {exc}") from None
-    if len(data) > MAX_SPEC_BYTES:
-        raise refuse(f"{shown} is over {MAX_SPEC_BYTES:,} bytes; a study file may be at most 1 MiB")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise refuse(f"cannot read {shown}: not UTF-8 text (line {line}: {exc.reason})") from None
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a plain file"
-
-
-def load_yaml(text: str, source: str | None = None) -> Any:
-    """``yaml.safe_load`` that also refuses a key given twice, aliases that expand the file past
-    MAX_YAML_VALUES / MAX_YAML_CHARS, nesting past MAX_YAML_DEPTH and values Python cannot build
-    (a 13th month); StudySpecError with the line."""
-    if len(text) > MAX_SPEC_BYTES:
-        raise StudySpecError([("(file)", f"the text is {len(text):,} characters; a study file may be at most "
-                                         f"{MAX_SPEC_BYTES:,} (1 MiB)")], source=source)
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(file)"
-        problem = clip(getattr(exc, "problem", None) or str(exc), 300)
-        message = problem if isinstance(exc, _TooLargeError) else f"not valid YAML: {problem}"
-        raise StudySpecError([(where, message)], source=source) from None
-    except RecursionError:
-        raise StudySpecError([("(file)", "the YAML is nested too deeply (hundreds of levels); a study file needs a "
-                                         "few")], source=source) from None
-
-
 def parse_spec_text(text: str, source: str | None = None) -> StudySpec:
     return validate_spec(load_yaml(text, source), source=source)
 
@@ -320,92 +256,6 @@ def validate_spec(raw: Any, source: str | None = None) -> StudySpec:
     assert spec is not None
     spec._source = source
     return spec
-
-
-class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when installed
-    """``yaml.safe_load`` semantics, except that a key given twice in one mapping is an error
-    (plain YAML keeps the last one silently), a document whose aliases expand it past
-    MAX_YAML_VALUES / MAX_YAML_CHARS is refused before anything is built, and a scalar Python cannot build
-    (``2021-13-45``, an integer of 5000 digits) is a YAML error at its line."""
-
-    def get_single_node(self):
-        node = super().get_single_node()
-        _check_expansion(node)
-        return node
-
-    def construct_object(self, node, deep=False):
-        try:
-            return super().construct_object(node, deep=deep)
-        except (ValueError, OverflowError, TypeError) as exc:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"cannot read this value: {clip(str(exc), 200)}", node.start_mark) from None
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged by SafeLoader below
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                hash(key)
-            except TypeError:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"a key must be a plain value, got {short(key)}", key_node.start_mark) from None
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {short(key)}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-class _TooLargeError(yaml.constructor.ConstructorError):
-    """Valid YAML, but over a bound of lora-tune (aliases that expand too far, nesting too deep)."""
-
-
-def _check_expansion(root: yaml.Node | None) -> None:
-    """Refuse a node graph whose size with aliases written out is over MAX_YAML_VALUES values or
-    MAX_YAML_CHARS characters, nested over MAX_YAML_DEPTH levels, or infinite (an alias inside its
-    own anchor). Each node is visited once (sizes are memoized), so this takes time in the size of
-    the text, not of the expansion."""
-    if root is None:
-        return
-    sizes: dict[int, tuple[int, int, int]] = {}  # id(node) -> (values, characters, levels) written out
-    open_nodes: set[int] = set()  # the nodes on the path from the root (an alias to one: endless)
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, done = stack.pop()
-        key = id(node)
-        if key in sizes:
-            continue
-        if isinstance(node, yaml.ScalarNode):
-            sizes[key] = (1, len(node.value), 0)
-            continue
-        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
-        if done:
-            open_nodes.discard(key)
-            values = 1 + sum(sizes[id(child)][0] for child in children)
-            chars = sum(sizes[id(child)][1] for child in children)
-            levels = 1 + max((sizes[id(child)][2] for child in children), default=0)
-            if levels > MAX_YAML_DEPTH:
-                raise _TooLargeError(None, None, f"values are nested more than {MAX_YAML_DEPTH} levels deep here "
-                                     f"(aliases written out); a study file may nest at most {MAX_YAML_DEPTH}",
-                                     node.start_mark)
-            if values > MAX_YAML_VALUES or chars > MAX_YAML_CHARS:
-                what = f"{MAX_YAML_VALUES:,} values" if values > MAX_YAML_VALUES else f"{MAX_YAML_CHARS:,} characters"
-                raise _TooLargeError(
-                    None, None, f"this holds more than {what} once its aliases are written out; a study file may "
-                    f"hold at most {MAX_YAML_VALUES:,} values and {MAX_YAML_CHARS:,} characters (aliases that "
-                    "multiply a file, a 'billion laughs', are refused)", node.start_mark)
-            sizes[key] = (values, chars, levels)
-            continue
-        open_nodes.add(key)
-        stack.append((node, True))
-        for child in children:
-            if id(child) in open_nodes:
-                raise _TooLargeError(
-                    None, None, "an alias refers to the value that contains it (an endless value)", child.start_mark)
-            if id(child) not in sizes:
-                stack.append((child, False))
 
 
 def check_spec(raw: Any) -> tuple[StudySpec | None, Problems]:

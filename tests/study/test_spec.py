@@ -65,10 +65,10 @@ train: {epochs: 0, nope: 1}
     assert "'tpe'" in errors["study.sampler.type"] and "foo" in errors["study.sampler.type"]
     assert errors["study.bogus"].startswith("unknown key; allowed: name, storage")
     assert "'maximize'" in errors["study.direction"]
-    assert errors["train.epochs"].startswith("must be ≥ 1")
+    assert errors["train.epochs"] == "must be an integer ≥ 1, got 0"
     assert errors["train.nope"].startswith("unknown key")
-    assert errors["search_space.alpha.ratio[1]"] == "must be > 0, got -1"
-    assert "null (no quantization), 8, 4" in errors["search_space.quant_bits.choices[2]"]
+    assert errors["search_space.alpha.ratio[1]"] == "must be a number > 0, got -1"
+    assert "null/None, 16 or 32 (no quantization), 8 or 4" in errors["search_space.quant_bits.choices[2]"]
     assert errors["search_space.foo"].startswith("unknown parameter; allowed: rank, alpha")
     assert errors["search_space.dropout.high"] == "must be ≥ low (0.3), got 0.1"
     assert "not a range" in errors["search_space.targets"]

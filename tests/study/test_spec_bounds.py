@@ -8,7 +8,8 @@ import pytest
 
 from lora_tune.errors import ConfigError, StudySpecError, short
 from lora_tune.study.space import MAX_CHOICES, MAX_LIST_ITEMS, SearchSpace
-from lora_tune.study.spec import MAX_SPEC_BYTES, load_spec_file, load_yaml, read_spec_text
+from lora_tune.study.spec import load_spec_file
+from lora_tune.study.yaml_file import MAX_SPEC_BYTES, load_yaml, read_spec_text
 
 
 def shared_laughs(levels: int = 9) -> list:
