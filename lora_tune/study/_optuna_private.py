@@ -66,6 +66,14 @@ def grid_space(sampler: optuna.samplers.GridSampler) -> dict[str, list[Any]]:
     return sampler._search_space
 
 
+def copy_grid_state(source: optuna.samplers.GridSampler, target: optuna.samplers.GridSampler) -> None:
+    """Give ``target`` the grid of ``source``: its search space, its points in their shuffled
+    order and its random state (``_search_space``, ``_all_grids``, ``_param_names``,
+    ``_n_min_trials``, ``_rng``: what ``GridSampler.__init__`` sets)."""
+    for name in ("_search_space", "_all_grids", "_param_names", "_n_min_trials", "_rng"):
+        setattr(target, name, getattr(source, name))
+
+
 # -- the gRPC storage proxy. Optuna's server helper (``make_server``) only binds an insecure
 # port and its client (``GrpcStorageProxy``) only opens an insecure channel; lora-tune builds
 # the server from Optuna's servicer, and the client's channel itself, to add a token and TLS.

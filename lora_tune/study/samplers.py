@@ -3,22 +3,81 @@
 ``runner.build_sampler`` builds the study file's sampler with it; a plain Optuna study run by
 ``lora-tune worker --objective`` names its sampler in its ``sampler`` user attribute
 (:func:`plain_study_sampler`). Importing this module stays light (no torch): plain workers
-start fast.
+start fast. Sampler type ``grid`` is :class:`OrderedGridSampler`, Optuna's GridSampler with
+grid points chosen in trial-number order, so parallel workers never evaluate one twice.
 """
 from __future__ import annotations
 
+import logging
+import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from lora_tune.errors import ConfigError
+from lora_tune.study import _optuna_private as private
+
+_logger = logging.getLogger("lora_tune.workers")
+
+
+class OrderedGridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler, with grid points chosen in trial-number order: no point twice, no lock.
+
+    Optuna's GridSampler gives trial number ``n`` grid point ``n`` while numbers are below the
+    grid size, and otherwise picks an unvisited point at random; two trials picking at the same
+    moment can pick the same point. Here a trial picks only once every trial with a lower
+    number has picked (trial numbers are unique, handed out by the storage), so it sees their
+    points. This needs nothing but reads, so it works through a storage proxy too. A lower
+    trial that never picks (its worker died) is waited for at most ``wait_limit`` seconds.
+    Everything else - the grid, its shuffle by ``seed``, what is recorded on trials - is
+    GridSampler's.
+    """
+
+    def __init__(self, search_space: Mapping[str, Sequence[Any]], seed: int | None = None, *,
+                 wait_limit: float = 30.0):
+        super().__init__(search_space, seed)
+        self.wait_limit = wait_limit
+
+    @classmethod
+    def like(cls, sampler: optuna.samplers.GridSampler, wait_limit: float = 30.0) -> OrderedGridSampler:
+        """An OrderedGridSampler with ``sampler``'s grid, in its shuffled order, and its random state."""
+        ordered = cls.__new__(cls)
+        private.copy_grid_state(sampler, ordered)
+        ordered.wait_limit = wait_limit
+        return ordered
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if not _grid_assigned(trial):
+            _wait_for_lower_picks(study, trial, self.wait_limit)
+        super().before_trial(study, trial)
+
+
+def _grid_assigned(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` has its point already: picked, or given (a retry, an enqueued trial)."""
+    return private.GRID_ID_KEY in trial.system_attrs or private.FIXED_PARAMS_KEY in trial.system_attrs
+
+
+def _wait_for_lower_picks(study: optuna.Study, trial: FrozenTrial, limit: float) -> None:
+    storage, deadline, pause = private.study_storage(study), time.monotonic() + limit, 0.01
+    while True:
+        running = storage.get_all_trials(private.study_id(study), deepcopy=False, states=(TrialState.RUNNING,))
+        if not any(t.number < trial.number and not _grid_assigned(t) for t in running):
+            return
+        if time.monotonic() > deadline:
+            _logger.warning("trial %d: an earlier trial has not chosen its grid point for %.0f s; choosing anyway",
+                            trial.number, limit)
+            return
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
 
 SAMPLERS: dict[str, Callable[[], type]] = {
     "tpe": lambda: optuna.samplers.TPESampler,
     "random": lambda: optuna.samplers.RandomSampler,
-    "grid": lambda: optuna.samplers.GridSampler,
+    "grid": lambda: OrderedGridSampler,
     "cmaes": lambda: optuna.samplers.CmaEsSampler,
     "gp": lambda: optuna.samplers.GPSampler,
     "nsga2": lambda: optuna.samplers.NSGAIISampler,

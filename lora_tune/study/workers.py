@@ -35,6 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 from lora_tune.errors import ConfigError
 from lora_tune.study import _optuna_private as private
 from lora_tune.study.heartbeat import HeartbeatSettings, StaleWatch, TrialHeartbeat
+from lora_tune.study.samplers import OrderedGridSampler
 from lora_tune.study.storage import OpenedStorage, mask_url, storage_kind
 from lora_tune.study.storages.budget import BudgetReached, budget_done, study_budget
 from lora_tune.study.storages.marks import WORKER_KEY, worker_id
@@ -89,7 +90,7 @@ def run_worker(
     settings = settings or HeartbeatSettings.from_study(study.user_attrs)
     if reseed:  # workers sharing a seeded sampler must not all draw the same points
         study.sampler.reseed_rng()
-    order_grid_choices(study)
+    order_grid(study)
     watch = StaleWatch(settings.grace)
     marked = study_budget(study.user_attrs) is not None and storage.marks_trials_as(worker_id())
     current: dict[str, int] = {}
@@ -176,46 +177,13 @@ def _lost_trial(study: optuna.Study, trial_id: int | None, exc: BaseException) -
     return trial if trial.state.is_finished() else None
 
 
-def order_grid_choices(study: optuna.Study, limit: float = 30.0) -> None:
-    """Make a GridSampler choose grid points in trial-number order: no point twice, no lock.
-
-    Optuna's GridSampler gives trial number ``n`` grid point ``n`` while numbers are below the
-    grid size, and otherwise picks an unvisited point at random; two trials picking at the same
-    moment can pick the same point. Here a trial picks only once every trial with a lower
-    number has picked (trial numbers are unique, handed out by the storage), so it sees their
-    points. This needs nothing but reads, so it works through a storage proxy too. A lower
-    trial that never picks (its worker died) is waited for at most ``limit`` seconds.
-    """
+def order_grid(study: optuna.Study) -> None:
+    """Give ``study`` an :class:`~lora_tune.study.samplers.OrderedGridSampler` when its sampler
+    is a plain GridSampler (one built outside lora-tune; sampler type ``grid`` already is one):
+    the same grid in the same order, its points chosen in trial-number order."""
     sampler = study.sampler
-    if not isinstance(sampler, optuna.samplers.GridSampler) or getattr(sampler, "_lora_tune_ordered", False):
-        return
-    original = sampler.before_trial
-
-    def before_trial(study_: optuna.Study, trial: FrozenTrial) -> None:
-        if not _grid_assigned(trial):
-            _wait_for_lower_picks(study_, trial, limit)
-        original(study_, trial)
-
-    sampler.before_trial = before_trial  # type: ignore[method-assign]
-    sampler._lora_tune_ordered = True  # type: ignore[attr-defined]
-
-
-def _grid_assigned(trial: FrozenTrial) -> bool:
-    return private.GRID_ID_KEY in trial.system_attrs or private.FIXED_PARAMS_KEY in trial.system_attrs
-
-
-def _wait_for_lower_picks(study: optuna.Study, trial: FrozenTrial, limit: float) -> None:
-    storage, deadline, pause = private.study_storage(study), time.monotonic() + limit, 0.01
-    while True:
-        running = storage.get_all_trials(private.study_id(study), deepcopy=False, states=(TrialState.RUNNING,))
-        if not any(t.number < trial.number and not _grid_assigned(t) for t in running):
-            return
-        if time.monotonic() > deadline:
-            _logger.warning("trial %d: an earlier trial has not chosen its grid point for %.0f s; choosing anyway",
-                            trial.number, limit)
-            return
-        time.sleep(pause)
-        pause = min(pause * 2, 0.2)
+    if isinstance(sampler, optuna.samplers.GridSampler) and not isinstance(sampler, OrderedGridSampler):
+        study.sampler = OrderedGridSampler.like(sampler)
 
 
 def requeue_trials(study: optuna.Study, trial_ids: Sequence[int], max_retry: int, *,

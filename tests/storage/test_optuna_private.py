@@ -14,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lora_tune.study import _optuna_private as private
+from lora_tune.study.samplers import OrderedGridSampler
 
 REPO = Path(__file__).resolve().parents[2]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -76,11 +77,31 @@ def test_grid_sampler_records_and_reads_what_lora_tune_relies_on():
 
 
 def test_grid_sampler_picks_by_trial_number_below_the_grid_size():
-    """order_grid_choices relies on this: trial n < grid size gets grid point n, others wait."""
+    """OrderedGridSampler relies on this: trial n < grid size gets grid point n, others wait."""
     sampler = optuna.samplers.GridSampler({"x": [1, 2, 3]}, seed=0)
     study = optuna.create_study(sampler=sampler)
     trials = [study.ask() for _ in range(3)]
     assert [study._storage.get_trial(t._trial_id).system_attrs["grid_id"] for t in trials] == [0, 1, 2]
+
+
+def test_copied_grid_state_picks_what_the_original_would():
+    """copy_grid_state copies all GridSampler.__init__ sets: the copy picks the same points, in
+    the same order, past the grid size too (where GridSampler draws from its random state)."""
+    space = {"x": [0.0, 1.0, 2.0], "y": [3, 4]}
+    assert set(vars(optuna.samplers.GridSampler(space))) == {
+        "_search_space", "_all_grids", "_param_names", "_n_min_trials", "_rng"}
+
+    def points(sampler):
+        study = optuna.create_study(sampler=sampler)
+        study.enqueue_trial({"x": 9.0, "y": 9})  # off the grid: trial numbers run past the grid size
+        study.optimize(lambda t: t.suggest_float("x", 0, 9) + t.suggest_int("y", 3, 9), n_trials=7)
+        return [(t.params["x"], t.params["y"]) for t in study.trials]
+
+    copy = OrderedGridSampler.__new__(OrderedGridSampler)
+    private.copy_grid_state(optuna.samplers.GridSampler(space, seed=5), copy)
+    copy.wait_limit = 1.0
+    assert points(copy) == points(optuna.samplers.GridSampler(space, seed=5))
+    assert points(OrderedGridSampler.like(optuna.samplers.GridSampler(space, seed=5))) == points(copy)
 
 
 class _CountingClient(private.ChannelGrpcStorageProxy):
@@ -131,7 +152,7 @@ def test_grpc_proxy_server_and_client_from_optunas_parts():
 def test_no_private_optuna_name_outside_the_private_module():
     """Our storage and worker code reaches Optuna's internals only through _optuna_private."""
     own = ["lora_tune/study/storage.py", "lora_tune/study/storage_proxy.py", "lora_tune/study/workers.py",
-           "lora_tune/study/heartbeat.py", "lora_tune/cli/commands_worker.py", "lora_tune/cli/commands_proxy.py",
+           "lora_tune/study/heartbeat.py", "lora_tune/study/samplers.py", "lora_tune/cli/commands_worker.py", "lora_tune/cli/commands_proxy.py",
            *[str(p.relative_to(REPO)) for p in (REPO / "lora_tune/study/storages").glob("*.py")]]
     for path in own:
         tree = ast.parse((REPO / path).read_text())
@@ -144,13 +165,13 @@ def test_no_private_optuna_name_outside_the_private_module():
 
 # lora-tune's own private attributes (not Optuna's) that these modules use
 _OWN_PRIVATE = {"_forward", "_retry", "_retries", "_drop_connections", "_study_of", "_known", "_find_study",
-                "_running", "_seen", "_lock", "_stop", "_thread", "_run", "_lora_tune_ordered", "_logger",
+                "_running", "_seen", "_lock", "_stop", "_thread", "_run", "_logger",
                 "_pending", "_starting", "_already_started"}
 
 
 # Optuna's private names lora-tune has used or might reach for
 _OPTUNA_PRIVATE = {"_storage", "_study_id", "_trial_id", "_stop_flag", "_CachedStorage", "_all_grids",
-                   "_param_names", "_search_space", "_heartbeat", "_backend", "_cached_frozen_trial",
+                   "_param_names", "_search_space", "_n_min_trials", "_heartbeat", "_backend", "_cached_frozen_trial",
                    "_thread_local", "_get_stale_trial_ids", "_grpc", "_rdb", "_setup", "_channel", "_stub",
                    "_cache", "_host", "_port"}
 

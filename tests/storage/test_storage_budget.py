@@ -15,6 +15,7 @@ from tcp_proxy import OutageProxy
 from workerlib import HERE, REPO, by_state, make_study, reload
 
 from lora_tune.study import storage as st
+from lora_tune.study.samplers import OrderedGridSampler
 from lora_tune.study.storages.budget import BudgetReached, study_budget
 from lora_tune.study.storages.retry import is_transient
 from lora_tune.study.storages.wrapper import StorageWrapper
@@ -99,6 +100,17 @@ def test_worker_waits_for_running_trials_of_others(tmp_path):
     assert any(t.system_attrs.get("failed_trial") == lost.number for t in trials)
     assert stats.trials == 2
     st.dispose_storage(study._storage)
+
+
+def test_a_plain_grid_sampler_is_run_as_an_ordered_one_with_the_same_grid(tmp_path):
+    space = {"x": [0.0, 0.5, 1.0], "y": [1, 2]}
+    plain = optuna.samplers.GridSampler(space, seed=4)
+    study = make_study(f"journal:{tmp_path / 'grid.log'}", "grid", 6, sampler=plain)
+    stats = run_worker(study, lambda t: t.suggest_float("x", 0, 1) + t.suggest_int("y", 1, 2))
+    assert isinstance(study.sampler, OrderedGridSampler) and stats.trials == 6
+    reference = optuna.create_study(sampler=optuna.samplers.GridSampler(space, seed=4))
+    reference.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_int("y", 1, 2), n_trials=6)
+    assert [t.params for t in study.get_trials()] == [t.params for t in reference.trials]  # same grid, same order
 
 
 @pytest.mark.slow

@@ -129,7 +129,7 @@ def test_every_sampler_builds_seeded(sampler):
     spec = make_spec(study={"sampler": {"type": sampler, "seed": 7}, "metric": "accuracy", "direction": "maximize"},
                      search_space=space)
     built = build_sampler(spec)
-    assert type(built).__name__.lower().startswith({"tpe": "tpe", "random": "random", "grid": "grid",
+    assert type(built).__name__.lower().startswith({"tpe": "tpe", "random": "random", "grid": "orderedgrid",
                                                     "cmaes": "cmaes", "gp": "gp", "nsga2": "nsgaii"}[sampler])
 
 
