@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from lora_tune.errors import ConfigError
+from lora_tune.settings import settings_of
 from lora_tune.tasks.base import (
     Field, ModelTemplate, Problems, Task, check_spec, is_choice, is_int, is_str_list,
 )
@@ -47,6 +48,7 @@ from lora_tune.tasks.hf import (
     MODEL_LOAD, TOKENIZER_LOAD, check_model_or_config, check_tokenizer_ref, fresh_module_names, quiet_transformers,
     resolve_model_ref,
 )
+from lora_tune.train import TrainConfig
 
 # Libraries a trial's child process needs: its fork server imports them once (study/trial_run.py).
 HEAVY_IMPORTS = ("transformers", "transformers.modeling_utils", "transformers.trainer")
@@ -120,47 +122,42 @@ class TrainingArgument:
     convert: Callable[[Any, Any], dict[str, Any]]
 
 
-def _same(name: str) -> TrainingArgument:
-    return TrainingArgument((name,), lambda value, config: {name: value})
-
-
-def _scheduler(value: str, config: Any) -> dict[str, Any]:
-    warm = config.warmup_steps if config.warmup_steps is not None else config.warmup_ratio
-    return {"lr_scheduler_type": "constant_with_warmup" if value == "constant" and warm else value}
-
-
-def _warmup(_: Any, config: Any) -> dict[str, Any]:
+def _warmup(config: Any) -> Any:
     # TrainingArguments.warmup_steps: an int is a step count, a float below 1 a ratio.
-    return {"warmup_steps": config.warmup_steps if config.warmup_steps is not None else float(config.warmup_ratio)}
+    return config.warmup_steps if config.warmup_steps is not None else float(config.warmup_ratio)
 
 
-def _precision(value: str, config: Any) -> dict[str, Any]:
-    return {"bf16": value == "bf16", "fp16": value == "fp16"} if value != "auto" else {}
+# The settings whose TrainingArguments value differs from lora-tune's: (value, config) -> its value
+# (the field names are TrainConfig's ``hf``) ...
+_VALUES: dict[str, Callable[[Any, Any], Any]] = {
+    "epochs": lambda v, c: float(v),
+    "max_steps": lambda v, c: -1 if v is None else v,
+    "lr_scheduler": lambda v, c: "constant_with_warmup" if v == "constant" and _warmup(c) else v,
+    "warmup_ratio": lambda v, c: _warmup(c),
+    "warmup_steps": lambda v, c: _warmup(c),
+    "grad_clip": lambda v, c: 0.0 if v is None else v,
+    "optimizer": lambda v, c: HF_OPTIMIZERS[v],
+    "device": lambda v, c: v == "cpu",
+}
+# ... and those that set several fields: (value, config) -> {field: value}
+_SEVERAL: dict[str, Callable[[Any, Any], dict[str, Any]]] = {
+    "precision": lambda v, c: {"bf16": v == "bf16", "fp16": v == "fp16"} if v != "auto" else {},
+    "gradient_checkpointing": lambda v, c: {"gradient_checkpointing": v,
+                                            "gradient_checkpointing_kwargs": {"use_reentrant": False}},
+    "eval_steps": lambda v, c: {"eval_strategy": "steps", "eval_steps": v} if v is not None else {},
+}
+
+
+def _argument(key: str, names: tuple[str, ...]) -> TrainingArgument:
+    if key in _SEVERAL:
+        return TrainingArgument(names, _SEVERAL[key])
+    value = _VALUES.get(key, lambda v, c: v)
+    return TrainingArgument(names, lambda v, c: {names[0]: value(v, c)})
 
 
 # lora-tune training setting -> TrainingArguments fields (what the study sets reaches the trainer)
 TRAINING_ARGUMENTS: dict[str, TrainingArgument] = {
-    "learning_rate": _same("learning_rate"),
-    "weight_decay": _same("weight_decay"),
-    "batch_size": TrainingArgument(("per_device_train_batch_size",),
-                                   lambda v, c: {"per_device_train_batch_size": v}),
-    "gradient_accumulation_steps": _same("gradient_accumulation_steps"),
-    "epochs": TrainingArgument(("num_train_epochs",), lambda v, c: {"num_train_epochs": float(v)}),
-    "max_steps": TrainingArgument(("max_steps",), lambda v, c: {"max_steps": -1 if v is None else v}),
-    "lr_scheduler": TrainingArgument(("lr_scheduler_type",), _scheduler),
-    "warmup_ratio": TrainingArgument(("warmup_steps",), _warmup),
-    "warmup_steps": TrainingArgument(("warmup_steps",), _warmup),
-    "grad_clip": TrainingArgument(("max_grad_norm",), lambda v, c: {"max_grad_norm": 0.0 if v is None else v}),
-    "seed": _same("seed"),
-    "precision": TrainingArgument(("bf16", "fp16"), _precision),
-    "gradient_checkpointing": TrainingArgument(
-        ("gradient_checkpointing",),
-        lambda v, c: {"gradient_checkpointing": v, "gradient_checkpointing_kwargs": {"use_reentrant": False}}),
-    "optimizer": TrainingArgument(("optim",), lambda v, c: {"optim": HF_OPTIMIZERS[v]}),
-    "eval_steps": TrainingArgument(("eval_steps",), lambda v, c: {"eval_strategy": "steps", "eval_steps": v}
-                                   if v is not None else {}),
-    "device": TrainingArgument(("use_cpu",), lambda v, c: {"use_cpu": v == "cpu"}),
-}
+    key: _argument(key, rule.hf) for key, rule in settings_of(TrainConfig).items() if rule.hf}
 
 
 # TrainingArguments fields that newer transformers renamed (the old name stays as an alias that is
