@@ -12,7 +12,32 @@ once by its process id (:mod:`lora_tune.study.workers`).
 
 A worker that was only slow (its heartbeats did not arrive within the grace period) finds
 its trial failed when it reports or finishes: it drops that result and goes on; the retry
-runs the same parameters.
+runs the same parameters. The retry itself is Optuna's ``RetryHeartbeatStaleTrialCallback``.
+
+**Why not Optuna's own heartbeat on a database.** ``RDBStorage`` has one
+(``heartbeat_interval``, ``grace_period``, ``heartbeat_stale_trial_callback``): a thread that
+``Study.optimize`` starts around the objective writes a ``trial_heartbeats`` row, and
+``fail_stale_trials`` fails RUNNING trials whose row is older than the grace period. lora-tune
+keeps this one implementation for every storage instead, because passing the settings through
+would break what it promises:
+
+* *A worker dying at any moment is noticed.* In a budgeted study the budget layer writes a trial's
+  first heartbeat in the same call that starts it (:mod:`lora_tune.study.storages.budget`). Optuna writes its first
+  one only when the objective starts, after ``ask`` and the sampler's ``before_trial`` (where a
+  grid trial may wait for lower ones), and never judges a RUNNING trial that has no row. Such a
+  trial would keep its slot of the exact budget forever, and the workers waiting for the last
+  trials of the budget would wait forever.
+* *One study, any mix of workers.* Workers may reach one database directly and through a storage
+  proxy at the same time. Optuna's proxy protocol has no heartbeat call (``GrpcStorageProxy``, like
+  ``JournalStorage``, is no ``BaseHeartbeat``), so direct workers on Optuna's heartbeat and proxy
+  workers on this one would each miss the other's dead workers, unless both heartbeats ran.
+* *The settings are the study's.* ``study.heartbeat_interval`` and ``study.grace_period`` are read
+  from the stored study after the storage is opened, and one storage may serve several studies
+  (a storage proxy does); Optuna's are fixed per ``RDBStorage`` when it is built.
+* *The trial says why it failed.* ``fail_reason`` is written before the trial is failed; Optuna
+  fails it first and hands its callback a finished trial, which takes no more attributes.
+
+``tests/storage/test_heartbeat.py`` pins the Optuna behaviour the first two points rest on.
 """
 from __future__ import annotations
 
