@@ -50,11 +50,11 @@ class Setting:
         elif self.kind is bool:
             text = "true or false"
         elif self.kind in (int, float):
-            bounds = [f"{op} {bound:g}" for op, bound in (("≥", self.ge), (">", self.gt), ("≤", self.le), ("<", self.lt))
-                      if bound is not None]
+            limits = (("≥", self.ge), (">", self.gt), ("≤", self.le), ("<", self.lt))
+            bounds = [f"{op} {bound:g}" for op, bound in limits if bound is not None]
             text = ("an integer" if self.kind is int else "a number") + (" " if bounds else "") + " and ".join(bounds)
         else:
-            text = "a non-empty string" if self.kind is str else "see the documentation"
+            text = "a non-empty string" if self.kind is str else "a value its class checks"
         return f"null or {text}" if self.nullable and not self.choices else text
 
     def problem(self, value: Any) -> str | None:
