@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from lora_tune.study.templates import N_TRIALS
+
 
 @click.command("init")
 @click.argument("model_or_task")
@@ -13,7 +15,7 @@ import click
 @click.option("--train-file", default=None, help="Training data (default: data/train.jsonl or .csv).")
 @click.option("--eval-file", default=None, help="Evaluation data (default: data/eval.jsonl or .csv).")
 @click.option("--name", default=None, help="Study name (default: from the model).")
-@click.option("--n-trials", type=click.IntRange(min=1), default=24, show_default=True, help="The study's budget.")
+@click.option("--n-trials", type=click.IntRange(min=1), default=N_TRIALS, show_default=True, help="The study's budget.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def init_command(model_or_task: str, output: str, train_file: str | None, eval_file: str | None,
                  name: str | None, n_trials: int, force: bool) -> None:

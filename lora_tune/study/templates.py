@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from lora_tune.errors import ConfigError
+from lora_tune.settings import defaults_of
+from lora_tune.train import TrainConfig
 
+N_TRIALS = 24  # the budget init writes (lora-tune init --n-trials)
 RANKS = (4, 8, 16, 32, 64)
 # A typical LoRA learning rate by kind of model (lora_tune.tasks.base.MODEL_KINDS), about 10x its
 # full fine-tuning rate: QLoRA's 2e-4 for decoder LLMs, 1e-3 for small encoders (fully fine-tuned
@@ -24,10 +27,18 @@ RANKS = (4, 8, 16, 32, 64)
 TYPICAL_LEARNING_RATE = {"decoder": 2e-4, "encoder": 1e-3, "vision": 5e-3}
 LEARNING_RATES = {"decoder": (5e-5, 5e-4), "encoder": (1e-4, 3e-3), "vision": (1e-3, 3e-2)}
 PRESET_ORDER = ("attention-qv", "attention", "mlp", "all-linear")
+# The train: section init writes: these settings at TrainConfig's defaults, then what differs by kind.
+TRAIN_WRITTEN = ("epochs", "batch_size", "evals_per_epoch", "device")
+TRAIN_BY_KIND: dict[str, dict[str, Any]] = {
+    "decoder": {"epochs": 1, "batch_size": 4, "gradient_accumulation_steps": 4, "lr_scheduler": "cosine",
+                "warmup_ratio": 0.03, "precision": "auto", "gradient_checkpointing": True, "evals_per_epoch": 4},
+    "encoder": {},
+    "vision": {"epochs": 16, "batch_size": 64, "evals_per_epoch": 1},
+}
 
 
 def study_template(ref: str, *, train_file: str | None = None, eval_file: str | None = None,
-                   name: str | None = None, n_trials: int = 24) -> dict[str, Any]:
+                   name: str | None = None, n_trials: int = N_TRIALS) -> dict[str, Any]:
     """The study-file mapping for ``ref`` (see the module docstring)."""
     kind, task = _task(ref, train_file, eval_file)
     model = _meta_model(ref, kind) if kind != "vision" else None
@@ -52,7 +63,7 @@ def study_template(ref: str, *, train_file: str | None = None, eval_file: str | 
                   "confirm": {"top": 3, "seeds": 2}},
         "task": task,
         "search_space": space,
-        "train": _train(kind),
+        "train": {**{k: v for k, v in defaults_of(TrainConfig).items() if k in TRAIN_WRITTEN}, **TRAIN_BY_KIND[kind]},
     }
 
 
@@ -124,12 +135,3 @@ def _presets(model: Any) -> tuple[list[str], int]:
             sizes.append(min(weight.shape))
     return names, (min(sizes) if sizes else 64)
 
-
-def _train(kind: str) -> dict[str, Any]:
-    if kind == "decoder":
-        return {"epochs": 1, "batch_size": 4, "gradient_accumulation_steps": 4, "lr_scheduler": "cosine",
-                "warmup_ratio": 0.03, "precision": "auto", "gradient_checkpointing": True, "evals_per_epoch": 4,
-                "device": "auto"}
-    if kind == "encoder":
-        return {"epochs": 3, "batch_size": 32, "evals_per_epoch": 2, "device": "auto"}
-    return {"epochs": 16, "batch_size": 64, "evals_per_epoch": 1, "device": "auto"}

