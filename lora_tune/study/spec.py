@@ -191,7 +191,8 @@ def _train_fields() -> dict[str, Any]:
 
 
 # The study file's train: section, derived from the settings (one field per setting, its default).
-TrainSection = create_model("TrainSection", __base__=_TrainSettings, **_train_fields())
+TrainSection = create_model("TrainSection", __base__=_TrainSettings, __doc__=_TrainSettings.__doc__,
+                            **_train_fields())
 
 
 class ConstraintsSection(_Section):
