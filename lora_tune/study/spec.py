@@ -20,6 +20,7 @@ from pydantic import (
 from lora_tune.errors import StudySpecError, short
 from lora_tune.settings import Setting, defaults_of, setting, settings_of
 from lora_tune.study.yaml_file import load_yaml, read_spec_text
+from lora_tune.tasks.base import metric_direction
 from lora_tune.train import TrainConfig
 
 ISOLATIONS = ("auto", "process", "none")
@@ -29,8 +30,7 @@ SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "nsga2")
 PRUNERS = ("median", "sha", "hyperband", "none")
 DIRECTIONS = ("maximize", "minimize")
 # Objectives the study itself can compute, on top of the task's own metrics.
-EXTRA_METRICS = {"trainable_params": "minimize"}
-_MINIMIZED_METRICS = ("loss", "eval_loss", "perplexity", "error", "trainable_params")
+EXTRA_METRICS = ("trainable_params",)  # minimized (lora_tune.tasks.base.metric_direction)
 
 Problems = list[tuple[str, str]]
 
@@ -345,11 +345,8 @@ def resolve_objective(spec: StudySpec, task: Any) -> StudySpec:
 
 
 def default_direction(metric: str, task: Any) -> str:
-    if metric == task.default_metric:
-        return task.default_direction
-    if metric in EXTRA_METRICS:
-        return EXTRA_METRICS[metric]
-    return "minimize" if metric in _MINIMIZED_METRICS else "maximize"
+    """The task's direction for its default metric, else the one rule by name (:func:`metric_direction`)."""
+    return task.default_direction if metric == task.default_metric else metric_direction(metric)
 
 
 # -- pydantic errors as (path, message) ------------------------------------------------------

@@ -21,6 +21,15 @@ from lora_tune.tasks.files import regular_file_problem
 
 Problems = list[tuple[str, str]]
 MODEL_KINDS = ("decoder", "encoder", "vision")  # Task.model_kind: picks the typical LoRA learning rate
+# metrics minimized, by the end of their name (losses, errors, perplexity, the adapter's size)
+MINIMIZED_METRICS = ("loss", "error", "perplexity", "mse", "mae", "rmse", "wer", "cer", "trainable_params")
+
+
+def metric_direction(metric: str) -> str:
+    """Which way ``metric`` goes when nobody said: ``minimize`` for names ending in one of
+    :data:`MINIMIZED_METRICS` (any case), else ``maximize``. Studies, python factories and the
+    ``trainer`` task all use this rule."""
+    return "minimize" if metric.lower().endswith(MINIMIZED_METRICS) else "maximize"
 
 
 class Task:

@@ -33,7 +33,8 @@ The factory is called once per process as ``factory(**args)`` and returns either
        the metric names ``evaluate`` returns; the first is the default metric.
    ``direction`` (optional)
        ``maximize`` or ``minimize`` for the default metric (default: minimize for names ending in
-       loss, error, perplexity, mse, mae, rmse, wer or cer; else maximize).
+       loss, error, perplexity, mse, mae, rmse, wer or cer; else maximize:
+       :func:`lora_tune.tasks.base.metric_direction`).
    ``modules_to_save`` (optional), ``baseline_targets`` (optional, default ``attention-qv``),
    ``model_kind`` (optional: ``decoder``, the default, ``encoder`` or ``vision``; the learning
    rates of ``warm_start: defaults`` follow it), ``name`` (optional).
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 
 from lora_tune.errors import ConfigError
 from lora_tune.tasks.base import (MODEL_KINDS, Field, Problems, Task, check_spec, eval_mode, index_batches, is_choice,
-                                  model_device)
+                                  metric_direction, model_device)
 
 PROTOCOL_METHODS = ("build_model", "train_batches", "num_train_examples", "loss", "evaluate", "to_device")
 PROTOCOL_ATTRS = ("name", "metrics", "default_metric", "default_direction", "modules_to_save", "baseline_targets")
@@ -175,14 +176,6 @@ def _default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
 
 
-MINIMIZED = ("loss", "error", "perplexity", "mse", "mae", "rmse", "wer", "cer")
-
-
-def guess_direction(metric: str) -> str:
-    """``minimize`` for losses, errors and perplexity (by name), else ``maximize``."""
-    return "minimize" if metric.lower().endswith(MINIMIZED) else "maximize"
-
-
 class DictTask(Task):
     """A task made from the dict protocol in the module docstring."""
 
@@ -217,7 +210,7 @@ class DictTask(Task):
             self.metrics = ("eval_loss", "accuracy") if parts.get("loss") is None else ("eval_loss",)
         self.default_metric = self.metrics[0] if self._evaluate is not None else (
             "accuracy" if "accuracy" in self.metrics else "eval_loss")
-        self.default_direction = parts.get("direction") or guess_direction(self.default_metric)
+        self.default_direction = parts.get("direction") or metric_direction(self.default_metric)
         if self.default_direction not in ("maximize", "minimize"):
             raise ConfigError("task.factory", self.default_direction, "direction 'maximize' or 'minimize'")
         self.modules_to_save = list(parts.get("modules_to_save") or [])

@@ -42,7 +42,7 @@ import torch
 from lora_tune.errors import ConfigError
 from lora_tune.settings import settings_of
 from lora_tune.tasks.base import (
-    Field, ModelTemplate, Problems, Task, check_spec, is_choice, is_int, is_str_list,
+    Field, ModelTemplate, Problems, Task, check_spec, is_choice, is_int, is_str_list, metric_direction,
 )
 from lora_tune.tasks.hf import (
     MODEL_LOAD, TOKENIZER_LOAD, check_model_or_config, check_tokenizer_ref, fresh_module_names, quiet_transformers,
@@ -207,7 +207,7 @@ class TrainerTask(Task):
         self.injector = spec.get("injector") or "lora-tune"
         self.metrics = tuple(spec.get("metrics") or ("eval_loss",))
         self.default_metric = self.metrics[0]
-        self.default_direction = "minimize" if self.default_metric.endswith(("loss", "perplexity")) else "maximize"
+        self.default_direction = metric_direction(self.default_metric)
         self.tokenizer = self._tokenizer()
         model, fresh = self._base_model()
         self.modules_to_save = list(spec.get("modules_to_save") or fresh)
