@@ -215,9 +215,7 @@ def study_file(arm: str, name: str, train: Path, dev: Path, args: argparse.Names
 def run_lora_tune(arm: str, name: str, train: Path, dev: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
-    from lora_tune.study.confirm import trial_compute
-    from lora_tune.study.nested import NESTED_KEY
-    from lora_tune.study.objective import CONFIRM_KEY
+    from lora_tune.study import record
 
     path = work / f"{name}-{arm}.yaml"
     path.write_text(yaml.safe_dump(study_file(arm, name, train, dev, args), sort_keys=False))
@@ -231,15 +229,15 @@ def run_lora_tune(arm: str, name: str, train: Path, dev: Path, work: Path, args:
     print(done.stdout.strip().splitlines()[-1], flush=True)
     study = optuna.load_study(study_name=f"{name}-{arm}", storage=storage)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    search = [t for t in trials if CONFIRM_KEY not in t.user_attrs]
-    results = [(0.0 if NESTED_KEY in t.user_attrs else trial_compute(t), t.value if t.state.name == "COMPLETE" else None)
-               for t in search]
+    confirms = [t for t in trials if record.kind_of(t) == record.Kind.CONFIRMATION]
+    results = [(record.trial_compute(t), t.value if t.state.name == "COMPLETE" else None)
+               for t in trials if record.kind_of(t) != record.Kind.CONFIRMATION]
     runs: dict[int, list[float]] = {}
-    for t in trials:
-        if CONFIRM_KEY in t.user_attrs and t.value is not None:
-            runs.setdefault(int(t.user_attrs[CONFIRM_KEY]), []).append(float(t.value))
+    for t in confirms:
+        if t.value is not None:
+            runs.setdefault(int(t.user_attrs[record.CONFIRM_OF]), []).append(float(t.value))
     groups = [[next(t.value for t in trials if t.number == n), *values] for n, values in runs.items()]
-    confirm_seconds = sum(t.user_attrs.get("train_seconds", 0.0) for t in trials if CONFIRM_KEY in t.user_attrs)
+    confirm_seconds = sum(record.timings_of(t).train_seconds or 0.0 for t in confirms)
     return _summary(results, groups, seconds - confirm_seconds, confirm_seconds, sum(map(len, runs.values())))
 
 

@@ -106,14 +106,15 @@ def best_config_dict(study: Any, trial: Any, storage_url: str | None = None) -> 
     import optuna
 
     from lora_tune.report import frame
+    from lora_tune.study import record
 
     attrs = trial.user_attrs
-    lora = dict(attrs.get("lora_config") or {})
+    lora = dict(attrs.get(record.LORA_CONFIG) or {})
     if not lora:
-        raise ConfigError("lora_config", None, "a trial that recorded its LoRA config (user attr lora_config)",
+        raise ConfigError(record.LORA_CONFIG, None, "a trial that recorded its LoRA config (user attr lora_config)",
                           f"Trial #{trial.number} has none; was it run by lora-tune?")
     given = lora.get("targets")
-    modules = attrs.get("target_modules")
+    modules = attrs.get(record.TARGET_MODULES)
     if isinstance(modules, list) and modules:
         # a plain name also matches as a dotted suffix ("0" matches "1.0"): write exact matches
         lora["targets"] = [exact_pattern(m) for m in modules]
@@ -128,7 +129,7 @@ def best_config_dict(study: Any, trial: Any, storage_url: str | None = None) -> 
     return {
         "format": BEST_FORMAT,
         "lora": lora,
-        "targets": {"preset": attrs.get("target_preset"), "given": given, "modules": modules},
+        "targets": {"preset": attrs.get(record.TARGET_PRESET), "given": given, "modules": modules},
         "train": train,
         "task": spec.get("task") if isinstance(spec, dict) else None,
         "metric": {
@@ -136,14 +137,14 @@ def best_config_dict(study: Any, trial: Any, storage_url: str | None = None) -> 
             "value": trial.values[0] if len(trial.values) == 1 else list(trial.values),
             "direction": [d.name.lower() for d in study.directions][0] if len(names) == 1
             else [d.name.lower() for d in study.directions],
-            "all": attrs.get("metric_values"),
+            "all": attrs.get(record.METRIC_VALUES),
         },
         "trial": {
             "number": trial.number,
             "params": dict(trial.params),
-            "trainable_params": attrs.get("trainable_params"),
-            "adapter_bytes": attrs.get("adapter_bytes"),
-            "is_baseline": bool(attrs.get("is_baseline")),
+            "trainable_params": attrs.get(record.TRAINABLE_PARAMS),
+            "adapter_bytes": attrs.get(record.ADAPTER_BYTES),
+            "is_baseline": record.kind_of(trial) == record.Kind.BASELINE,
         },
         "provenance": {
             "study": study.study_name,

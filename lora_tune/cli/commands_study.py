@@ -274,8 +274,9 @@ def list_cmd(storage: str | None) -> None:
     """List the studies in the storage."""
     import optuna
 
+    from lora_tune.study.record import account
     from lora_tune.study.storage import dispose_storage, mask_url, open_storage, reading_problem, resolve_storage_url
-    from lora_tune.study.storages.budget import budget_done, study_budget
+    from lora_tune.study.storages.budget import study_budget
 
     url = resolve_storage_url(storage, None)
     console = _console()
@@ -292,20 +293,19 @@ def list_cmd(storage: str | None) -> None:
         with _quiet_optuna():
             summaries = optuna.get_all_study_summaries(store, include_best_trial=True)
         table = Table(title=f"studies in {mask_url(url)}")
-        for col in ("name", "objective", "trials", "complete", "pruned", "failed", "best", "started"):
+        for col in ("name", "objective", "trials", "complete", "pruned", "failed", "compute", "best", "started"):
             table.add_column(col)
         for s in sorted(summaries, key=lambda s: s.study_name):
             budget = study_budget(s.user_attrs)
             metrics = s.user_attrs.get("metrics") or [f"value{i}" for i in range(len(s.directions))]
             objective = ", ".join(f"{d.name.lower()} {m}" for m, d in zip(metrics, s.directions))
-            trials = optuna.load_study(study_name=s.study_name, storage=store).get_trials(deepcopy=False)
-            count = {st: sum(1 for t in trials if t.state.name == st) for st in ("COMPLETE", "PRUNED", "FAIL")}
+            # counted as `study show`, `run` and the report count them
+            a = account(optuna.load_study(study_name=s.study_name, storage=store).get_trials(deepcopy=False))
             best = ""
             if s.best_trial is not None and len(s.directions) == 1:
                 best = f"{s.best_trial.value:.4g} (#{s.best_trial.number})"
-            done = budget_done(trials)  # counted as `study show` and the budget count it
-            table.add_row(s.study_name, objective, f"{done}" + (f"/{budget}" if budget else ""),
-                          str(count["COMPLETE"]), str(count["PRUNED"]), str(count["FAIL"]), best,
+            table.add_row(s.study_name, objective, f"{a.done}" + (f"/{budget}" if budget else ""),
+                          *(str(a.states.get(st, 0)) for st in ("COMPLETE", "PRUNED", "FAIL")), f"{a.used:.1f}", best,
                           s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else "")
         console.print(table if summaries else f"no studies in {mask_url(url)}")
     finally:
@@ -319,6 +319,7 @@ def list_cmd(storage: str | None) -> None:
 def show_cmd(name: str, storage: str | None, top: int) -> None:
     """Show study NAME: its settings, outcome, and top trials."""
     from lora_tune.study.progress import render_outcome, study_outcome, top_trials, trials_table
+    from lora_tune.study.record import FAIL_REASON
     from lora_tune.study.runner import load_study
     from lora_tune.study.storage import mask_url, resolve_storage_url
 
@@ -334,7 +335,7 @@ def show_cmd(name: str, storage: str | None, top: int) -> None:
         console.print(trials_table(top_trials(study, spec, top), spec.metrics, title=f"top {top} trials"))
         failed = [t for t in study.get_trials(deepcopy=False) if t.state.name == "FAIL"]
         for t in failed[-5:]:
-            console.print(f"trial {t.number} failed: {t.user_attrs.get('fail_reason', '?')}", markup=False)
+            console.print(f"trial {t.number} failed: {t.user_attrs.get(FAIL_REASON, '?')}", markup=False)
     finally:
         _dispose(study)
 

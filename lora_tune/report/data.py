@@ -6,21 +6,23 @@ and returns JSON-like data that ``draw.py`` turns into a figure.
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from datetime import datetime
 from typing import Any, Sequence
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from lora_tune.report import frame
+from lora_tune.study import record
+from lora_tune.study.storages.budget import study_budget
 
 COST_AXES = {
-    "trainable_params": "trainable parameters",
-    "peak_memory_bytes": "peak memory (bytes)",
-    "adapter_bytes": "adapter size (bytes)",
-    "train_seconds": "train seconds",
+    record.TRAINABLE_PARAMS: "trainable parameters",
+    record.PEAK_MEMORY_BYTES: "peak memory (bytes)",
+    record.ADAPTER_BYTES: "adapter size (bytes)",
+    record.TRAIN_SECONDS: "train seconds",
 }
 
 
@@ -49,25 +51,30 @@ def _objective(study: optuna.Study, objective: int) -> tuple[int, str, bool]:
 
 # -- summary ---------------------------------------------------------------------------------
 def summary_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
-    """Best trial, gain over baseline, trial counts by state and compute saved by pruning."""
+    """Best trial, gain over baseline, trial counts by state, and the compute used and saved
+    (counted as ``lora-tune run`` and ``study show`` count them: :func:`lora_tune.study.record.account`)."""
     objective, metric, maximize = _objective(study, objective)
     trials = study.get_trials(deepcopy=False)
-    counts = Counter(t.state.name for t in trials)
+    account = record.account(trials)
     best = frame.best_trial(study, objective)
-    base = frame.baseline_trial(study)
+    base = record.find_baseline(trials)
     out: dict[str, Any] = {
         "study": study.study_name,
         "metric": metric,
         "direction": "maximize" if maximize else "minimize",
         "multi_objective": frame.is_multi_objective(study),
         "n_trials": len(trials),
-        "counts": {s.name: counts.get(s.name, 0) for s in TrialState},
+        "done": account.done,
+        "budget": study_budget(study.user_attrs),
+        "counts": {s.name: account.states.get(s.name, 0) for s in TrialState},
         "best": None,
         "baseline": None,
         "gain": None,
         "gain_relative": None,
         "pareto_numbers": [],
-        "pruning": pruning_savings(trials),
+        "compute": {"used": account.used, "results": account.results, "confirm": account.confirm,
+                    "saved": account.saved, "line": account.compute_line()},
+        "pruning": pruning_savings(account),
     }
     if best is not None:
         out["best"] = {
@@ -76,8 +83,8 @@ def summary_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
             "values": list(best.values),
             "params": dict(best.params),
             "target_preset": frame.preset_of(best),
-            "trainable_params": best.user_attrs.get("trainable_params"),
-            "is_baseline": bool(best.user_attrs.get("is_baseline")),
+            "trainable_params": best.user_attrs.get(record.TRAINABLE_PARAMS),
+            "is_baseline": record.kind_of(best) == record.Kind.BASELINE,
         }
     if base is not None:
         value = frame.objective_value(base, objective) if base.state == TrialState.COMPLETE else None
@@ -91,40 +98,24 @@ def summary_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
     return out
 
 
-def pruning_savings(trials: Sequence[FrozenTrial]) -> dict[str, Any]:
+def pruning_savings(account: record.Account) -> dict[str, Any]:
     """Training steps run vs. what the same trials would have run had none been pruned.
 
-    Only trials recording ``train_steps`` count. A pruned trial would have run its
-    ``planned_steps``; any other trial (complete, failed, running) costs what it ran, so steps
-    a failure skipped are not credited to pruning. Seconds saved are estimated per pruned
+    Only finished trials that trained and recorded ``train_steps`` count (a nested-rank result
+    copies its parent's steps: they are counted once, with the parent). A pruned trial would
+    have run its ``planned_steps``; any other trial (complete, failed) costs what it ran, so
+    steps a failure skipped are not credited to pruning. Seconds saved are estimated per pruned
     trial from its own seconds per step.
     """
-    run = saved = counted = pruned = 0
-    seconds_saved = 0.0
-    for t in trials:
-        steps = t.user_attrs.get("train_steps")
-        if isinstance(steps, bool) or not isinstance(steps, (int, float)):
-            continue
-        counted += 1
-        run += int(steps)
-        plan = t.user_attrs.get("planned_steps")
-        if t.state != TrialState.PRUNED or not isinstance(plan, (int, float)):
-            continue
-        pruned += 1
-        skipped = max(int(plan) - int(steps), 0)
-        saved += skipped
-        secs = t.user_attrs.get("train_seconds")
-        if isinstance(secs, (int, float)) and steps > 0:
-            seconds_saved += secs / steps * skipped
-    unpruned = run + saved
+    unpruned = account.steps_run + account.steps_saved
     return {
-        "trials_counted": counted,
-        "pruned_counted": pruned,
-        "steps_run": run,
+        "trials_counted": account.counted,
+        "pruned_counted": account.pruned,
+        "steps_run": account.steps_run,
         "steps_unpruned": unpruned,
-        "steps_saved": saved,
-        "fraction_saved": saved / unpruned if unpruned else 0.0,
-        "seconds_saved_estimate": seconds_saved,
+        "steps_saved": account.steps_saved,
+        "fraction_saved": account.steps_saved / unpruned if unpruned else 0.0,
+        "seconds_saved_estimate": account.seconds_saved,
     }
 
 
@@ -141,7 +132,7 @@ def history_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
         numbers.append(t.number)
         values.append(v)
         best_so_far.append(best)
-        baseline.append(bool(t.user_attrs.get("is_baseline")))
+        baseline.append(record.kind_of(t) == record.Kind.BASELINE)
     return {"metric": metric, "maximize": maximize, "numbers": numbers, "values": values,
             "best_so_far": best_so_far, "is_baseline": baseline}
 
@@ -231,7 +222,7 @@ def cost_data(study: optuna.Study, x: str = "trainable_params", objective: int =
                        "quant_bits": frame.quant_bits_of(t), "use_dora": frame.use_dora_of(t),
                        "preset": frame.preset_of(t),
                        "rank": frame.param_or_config(t, "rank"),
-                       "is_baseline": bool(t.user_attrs.get("is_baseline"))})
+                       "is_baseline": record.kind_of(t) == record.Kind.BASELINE})
     mask = pareto_mask([(p["x"], p["y"]) for p in points], [False, maximize])
     for p, on_front in zip(points, mask):
         p["pareto"] = on_front
@@ -255,7 +246,7 @@ def curves_data(study: optuna.Study) -> dict[str, Any]:
         steps = sorted(t.intermediate_values)
         curves.append({"number": t.number, "state": t.state.name, "steps": steps,
                        "values": [t.intermediate_values[s] for s in steps],
-                       "is_baseline": bool(t.user_attrs.get("is_baseline"))})
+                       "is_baseline": record.kind_of(t) == record.Kind.BASELINE})
     return {"metric": frame.metric_names(study)[0], "curves": curves,
             "n_pruned": sum(c["state"] == "PRUNED" for c in curves)}
 
@@ -310,7 +301,7 @@ def timeline_data(study: optuna.Study, now: datetime | None = None) -> dict[str,
         end = t.datetime_complete
         if end is None:
             end = now or datetime.now(t.datetime_start.tzinfo)
-        bars.append({"number": t.number, "worker": str(t.user_attrs.get("worker") or "unknown"),
+        bars.append({"number": t.number, "worker": str(t.user_attrs.get(record.WORKER) or "unknown"),
                      "state": t.state.name, "start": t.datetime_start, "end": end,
                      "seconds": max((end - t.datetime_start).total_seconds(), 0.0)})
     bars.sort(key=lambda b: (b["start"], b["number"]))

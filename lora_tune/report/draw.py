@@ -36,7 +36,8 @@ def _fmt(value: Any) -> str:
 # -- HTML panels -----------------------------------------------------------------------------------
 def draw_summary(d: dict[str, Any], title: str) -> str:
     counts = d["counts"]
-    rows = [("study", d["study"]), ("trials", d["n_trials"])]
+    done = f"{d['done']}/{d['budget']}" if d["budget"] else f"{d['done']}"
+    rows = [("study", d["study"]), ("trials", f"{done} finished ({d['n_trials']} stored)")]
     rows += [(s.lower(), counts[s]) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING") if counts.get(s)]
     best = d["best"]
     if best is None:
@@ -61,6 +62,7 @@ def draw_summary(d: dict[str, Any], title: str) -> str:
         rows.append(("gain over baseline", f"{d['gain']:+.4g}{rel}"))
     if d["multi_objective"]:
         rows.append(("Pareto-optimal trials", ", ".join(f"#{n}" for n in d["pareto_numbers"]) or "none"))
+    rows.append(("compute", d["compute"]["line"]))
     p = d["pruning"]
     if p["trials_counted"]:
         rows.append(("training steps run", f"{p['steps_run']:,} (unpruned: {p['steps_unpruned']:,})"))

@@ -14,13 +14,16 @@ import pandas as pd
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from lora_tune.study import record
+
 # User attributes shown as table columns, in this order (others follow, sorted).
 KNOWN_USER_ATTRS = (
-    "is_baseline", "target_preset", "trainable_params", "adapter_bytes", "peak_memory_bytes",
-    "train_seconds", "throughput", "train_steps", "planned_steps", "worker", "fail_reason",
+    record.IS_BASELINE, record.TARGET_PRESET, record.TRAINABLE_PARAMS, record.ADAPTER_BYTES,
+    record.PEAK_MEMORY_BYTES, record.TRAIN_SECONDS, record.THROUGHPUT, record.TRAIN_STEPS, record.PLANNED_STEPS,
+    record.WORKER, record.FAIL_REASON,
 )
 # Long or nested attributes left out of tables unless asked for.
-BULKY_USER_ATTRS = ("traceback", "lora_config", "target_modules", "metric_values")
+BULKY_USER_ATTRS = (record.TRACEBACK, record.LORA_CONFIG, record.TARGET_MODULES, record.METRIC_VALUES)
 
 
 def is_multi_objective(study: optuna.Study) -> bool:
@@ -75,14 +78,6 @@ def best_trial(study: optuna.Study, objective: int = 0) -> FrozenTrial | None:
     return best
 
 
-def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The enqueued baseline trial (user attr ``is_baseline``), the first one when several."""
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("is_baseline"):
-            return t
-    return None
-
-
 def state_name(trial: FrozenTrial) -> str:
     return trial.state.name
 
@@ -95,13 +90,13 @@ def duration_seconds(trial: FrozenTrial) -> float | None:
 
 def preset_of(trial: FrozenTrial) -> str:
     """The target preset of a trial: the user attr, else the ``targets`` param, else the config."""
-    preset = trial.user_attrs.get("target_preset")
+    preset = trial.user_attrs.get(record.TARGET_PRESET)
     if isinstance(preset, str) and preset:
         return preset
     targets = trial.params.get("targets")
     if isinstance(targets, str) and targets:  # a preset name, or an explicit list joined by "|"
         return targets if len(targets) <= 40 else targets[:37] + "..."
-    cfg = trial.user_attrs.get("lora_config") or {}
+    cfg = trial.user_attrs.get(record.LORA_CONFIG) or {}
     given = cfg.get("targets") if isinstance(cfg, dict) else None
     if isinstance(given, str):
         return given
@@ -112,7 +107,7 @@ def quant_bits_of(trial: FrozenTrial) -> str:
     """Quantization bits as a label: ``"none"``, ``"8"`` or ``"4"`` (param 0 means none)."""
     bits = trial.params.get("quant_bits")
     if bits is None:
-        cfg = trial.user_attrs.get("lora_config") or {}
+        cfg = trial.user_attrs.get(record.LORA_CONFIG) or {}
         bits = cfg.get("quant_bits") if isinstance(cfg, dict) else None
     if bits in (None, 0, "0", "none", "None", 16, 32):
         return "none"
@@ -123,7 +118,7 @@ def use_dora_of(trial: FrozenTrial) -> bool:
     """Whether a trial trained DoRA (its ``use_dora`` param, else its LoRA config; default False)."""
     value = trial.params.get("use_dora")
     if value is None:
-        cfg = trial.user_attrs.get("lora_config") or {}
+        cfg = trial.user_attrs.get(record.LORA_CONFIG) or {}
         value = cfg.get("use_dora") if isinstance(cfg, dict) else None
     return bool(value)
 
@@ -134,17 +129,17 @@ def alpha_axis(trials: Sequence[FrozenTrial]) -> tuple[str, str]:
         return "alpha", "alpha"
     if any("alpha_ratio" in t.params for t in trials):
         return "alpha_ratio", "alpha / rank"
-    return "lora_config.alpha", "alpha"
+    return f"{record.LORA_CONFIG}.alpha", "alpha"
 
 
 def param_or_config(trial: FrozenTrial, name: str) -> Any:
     """A trial param, or (for ``lora_config.X``) the value used in the LoRA config."""
-    if name.startswith("lora_config."):
-        cfg = trial.user_attrs.get("lora_config") or {}
+    if name.startswith(f"{record.LORA_CONFIG}."):
+        cfg = trial.user_attrs.get(record.LORA_CONFIG) or {}
         return cfg.get(name.split(".", 1)[1]) if isinstance(cfg, dict) else None
     if name in trial.params:
         return trial.params[name]
-    cfg = trial.user_attrs.get("lora_config") or {}
+    cfg = trial.user_attrs.get(record.LORA_CONFIG) or {}
     return cfg.get(name) if isinstance(cfg, dict) else None
 
 

@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial
 from lora_tune.errors import ConfigError
 from lora_tune.lora.config import layers_label
 from lora_tune.report import frame
+from lora_tune.study import record
 
 
 class LayerPoint(NamedTuple):
@@ -45,7 +46,7 @@ def layers_of(trial: FrozenTrial) -> str:
     """The layer range label of a trial."""
     value = trial.params.get("layers")
     if value is None:
-        cfg = trial.user_attrs.get("lora_config") or {}
+        cfg = trial.user_attrs.get(record.LORA_CONFIG) or {}
         value = cfg.get("layers") if isinstance(cfg, dict) else None
     try:
         return layers_label(value)
@@ -71,7 +72,7 @@ def layers_data(study: optuna.Study, objective: int = 0) -> LayersPanel:
     groups: dict[str, list[LayerPoint]] = {}
     for t in sorted(frame.complete_trials(study), key=lambda t: t.number):
         groups.setdefault(layers_of(t), []).append(
-            LayerPoint(t.number, t.values[objective], frame.preset_of(t), bool(t.user_attrs.get("is_baseline"))))
+            LayerPoint(t.number, t.values[objective], frame.preset_of(t), record.kind_of(t) == record.Kind.BASELINE))
     pick = max if maximize else min
     ranges = [LayerRange(label, pts, pick(p.value for p in pts), sum(p.value for p in pts) / len(pts))
               for label, pts in sorted(groups.items(), key=lambda kv: _order(kv[0]))]

@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lora_tune.errors import AdapterFormatError, ConfigError
 from lora_tune.study import _optuna_private as private
+from lora_tune.study import record
 
 ENV_ARTIFACTS = "LORA_TUNE_ARTIFACTS"
 ARTIFACT_DIRNAME = "lora_tune_artifacts"
@@ -175,7 +176,7 @@ def adapter_artifacts(study: optuna.Study, trial: FrozenTrial) -> list[Any]:
     """Artifact metadata of the adapter archives saved for ``trial`` (a nested rank's result keeps
     them on its parent trial, user attribute ``nested_parent``)."""
     owner = trial
-    parent = trial.user_attrs.get("nested_parent")
+    parent = trial.user_attrs.get(record.NESTED_PARENT)
     if parent is not None:
         owner = next((t for t in study.get_trials(deepcopy=False) if t.number == parent), trial)
     name = f"{ADAPTER_PREFIX}{trial.number}.zip"

@@ -6,7 +6,8 @@ callbacks of :mod:`lora_tune.train` with a trial behind them: each evaluation du
 goes to ``trial.report(value, eval_index)`` and ``trial.should_prune()`` decides (on rank 0 under
 DDP; the decision reaches every rank); :meth:`raise_if_pruned` after training raises
 ``optuna.TrialPruned``; at the end rank 0 writes the run's measurements as the trial user
-attributes lora-tune's own trials carry. Both load their framework on first use.
+attributes lora-tune's own trials carry (:func:`lora_tune.study.record.run_attrs`). Both load
+their framework on first use.
 """
 from __future__ import annotations
 
@@ -16,11 +17,10 @@ from typing import Any
 import optuna
 
 from lora_tune.errors import ConfigError
+from lora_tune.study import record
 from lora_tune.train.callbacks import CallbackSummary, Pruning, Report, metric_key
 
 __all__ = ["TrialBinding", "pruned_after_training", "trial_pruning", "trial_reporter"]
-
-PRUNE_IGNORED_KEY = "prune_ignored"
 
 
 def pruned_after_training(trial: optuna.trial.BaseTrial | None, eval_index: int, steps: int, planned: int) -> bool:
@@ -30,7 +30,7 @@ def pruned_after_training(trial: optuna.trial.BaseTrial | None, eval_index: int,
     if not planned or steps < planned:
         return False
     if trial is not None:
-        trial.set_user_attr(PRUNE_IGNORED_KEY, f"the pruner said prune at its last evaluation {eval_index}")
+        trial.set_user_attr(record.PRUNE_IGNORED, f"the pruner said prune at its last evaluation {eval_index}")
     return True
 
 
@@ -103,14 +103,15 @@ class TrialBinding:
             return
         summary = self.summary
         if summary is not None and pruned_after_training(self.trial if self.pruning.main else None, at.eval_index,
-                                                         summary.train_steps, summary.planned_steps):
+                                                         summary.steps, summary.planned_steps):
             return
         raise optuna.TrialPruned(f"pruned after evaluation {at.eval_index} (step {at.step})")
 
     def finished(self, summary: CallbackSummary) -> None:
         """Write the summary to the trial as user attributes (rank 0 only; no trial: nothing)."""
         if self.trial is not None and self.pruning.main:
-            for key, value in summary.user_attrs().items():
+            attrs = {record.TRAINABLE_PARAMS: int(summary.trainable_params), **record.run_attrs(summary)}
+            for key, value in attrs.items():
                 self.trial.set_user_attr(key, value)
 
 

@@ -1,12 +1,13 @@
-"""Confirmed winners and the compute a study used.
+"""Confirmed winners: the best configs trained again with new seeds.
 
 LoRA objectives are noisy: the same config at another seed often moves the metric by more than
 the gap between neighbouring configs, so "best of N" is optimistic. With ``study.confirm:
 {top: k, seeds: s}`` :func:`confirm_top` re-runs the k best distinct configs with s more seeds
 each, after the budget. Each run is stored as a finished trial with user attributes
 ``confirm_of`` (the trial it repeats) and ``seed``; they do not use the trial budget (they are
-created with ``study.add_trial``), but they count in :func:`compute_used`. A nested-rank result
-is confirmed by training its parent's config again and reading its rank off that run.
+created with ``study.add_trial``), but their training counts in the study's compute
+(:func:`lora_tune.study.record.account`). A nested-rank result is confirmed by training its
+parent's config again and reading its rank off that run.
 
 :func:`config_groups` gathers each config's runs (the original trial and its confirmations)
 with their mean and standard deviation; ``export`` takes the best mean, and the summary says
@@ -14,7 +15,6 @@ when the best config's gain over the baseline is within the noise.
 """
 from __future__ import annotations
 
-import math
 import statistics
 import warnings
 from dataclasses import dataclass
@@ -23,10 +23,8 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
 
-from lora_tune.study.nested import NESTED_KEY, RANK_VALUES_KEY, RUN_ONLY_ATTRS
-from lora_tune.study.objective import CONFIRM_KEY, SEED_KEY, Objective, TrialFailed
-
-SHARED_KEY = "confirm_shared"  # user attr of a confirmation run that read another run's training
+from lora_tune.study import record
+from lora_tune.study.objective import Objective, TrialFailed
 
 
 @dataclass(frozen=True)
@@ -43,20 +41,6 @@ class ConfigGroup:
     @property
     def std(self) -> float:
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
-
-
-@dataclass(frozen=True)
-class Compute:
-    """Compute in full-trial equivalents (a trial that ran all its planned steps is 1)."""
-
-    used: float  # what the trials ran
-    results: int  # configs scored (trials, plus nested-rank results that cost no training)
-    confirm: float  # the part spent on confirmation runs
-
-    @property
-    def saved(self) -> float:
-        """The share of compute that pruning and nesting saved against training every result fully."""
-        return 1.0 - self.used / self.results if self.results else 0.0
 
 
 def confirm_top(study: optuna.Study, objective: Objective, top: int, seeds: int) -> list[FrozenTrial]:
@@ -79,12 +63,13 @@ def confirm_top(study: optuna.Study, objective: Objective, top: int, seeds: int)
         if len(chosen) == top:
             break
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    done = {(t.user_attrs[CONFIRM_KEY], t.user_attrs[SEED_KEY]) for t in trials.values() if CONFIRM_KEY in t.user_attrs}
+    done = {(t.user_attrs[record.CONFIRM_OF], t.user_attrs[record.SEED]) for t in trials.values()
+            if record.kind_of(t) == record.Kind.CONFIRMATION}
     base_seed = objective.spec.train.seed
     added: list[FrozenTrial] = []
     runs: dict[tuple[int, int], tuple[FixedTrial, TrialState, float | None]] = {}  # (trained trial, seed)
     for trial in chosen:
-        trained = trials.get(trial.user_attrs.get(NESTED_KEY), trial)  # the trial whose training scored it
+        trained = trials.get(trial.user_attrs.get(record.NESTED_PARENT), trial)  # the trial whose training scored it
         for k in range(1, seeds + 1):
             seed = base_seed + 1000 * k  # far from the study's own seed; the same for every config
             if (trial.number, seed) in done:
@@ -101,11 +86,11 @@ def _train(objective: Objective, trained: FrozenTrial, number: int, seed: int
     """Train ``trained``'s config again with ``seed`` (the baseline plainly, as it was trained,
     even when its rank is the largest nested rank)."""
     fixed = FixedTrial(dict(trained.params))
-    baseline = bool(trained.user_attrs.get("is_baseline"))
+    baseline = record.kind_of(trained) == record.Kind.BASELINE
     if baseline:
-        fixed.set_user_attr("is_baseline", True)
-    fixed.set_user_attr(CONFIRM_KEY, number)
-    fixed.set_user_attr(SEED_KEY, seed)
+        fixed.set_user_attr(record.IS_BASELINE, True)
+    fixed.set_user_attr(record.CONFIRM_OF, number)
+    fixed.set_user_attr(record.SEED, seed)
     try:
         with warnings.catch_warnings():
             if baseline:  # its rank 8 under a nested rank's IntDistribution(R, R), as when it ran
@@ -119,20 +104,21 @@ def _record(study: optuna.Study, original: FrozenTrial, trained: FrozenTrial, fi
             state: TrialState, value: float | None, shared: bool) -> FrozenTrial:
     """Store one confirmation run of ``original`` (``trained`` is the trial whose config was trained)."""
     # a confirmation run is not the baseline itself (reports mark one baseline)
-    attrs = {**fixed.user_attrs, CONFIRM_KEY: original.number, "is_baseline": False}
+    attrs = {**fixed.user_attrs, record.CONFIRM_OF: original.number, record.IS_BASELINE: False}
     if original is not trained:  # a nested rank: its metric in the run, its own config
-        attrs.pop("metric_values", None)  # the trained rank's
-        rank = (original.user_attrs.get("fidelity") or {}).get("rank")
-        values = (fixed.user_attrs.get(RANK_VALUES_KEY) or {}).get(str(rank)) or []
+        attrs.pop(record.METRIC_VALUES, None)  # the trained rank's
+        mine = record.fidelity_of(original)
+        values = (fixed.user_attrs.get(record.NESTED_RANK_VALUES) or {}).get(str(mine.rank)) or []
         value = float(values[0]) if state == TrialState.COMPLETE and values else None
         state = TrialState.COMPLETE if value is not None else TrialState.FAIL
-        for key in ("lora_config", "trainable_params", "adapter_bytes", "target_modules"):
+        for key in (record.LORA_CONFIG, record.TRAINABLE_PARAMS, record.ADAPTER_BYTES, record.TARGET_MODULES):
             if key in original.user_attrs:
                 attrs[key] = original.user_attrs[key]
-        attrs["fidelity"] = {**(original.user_attrs.get("fidelity") or {}), **(fixed.user_attrs.get("fidelity") or {})}
+        attrs[record.FIDELITY] = {**original.user_attrs.get(record.FIDELITY, {}),
+                                  **fixed.user_attrs.get(record.FIDELITY, {})}
     if shared:  # the run's time and memory belong to the record that trained it
-        attrs = {k: v for k, v in attrs.items() if k not in RUN_ONLY_ATTRS}
-        attrs[SHARED_KEY] = True
+        attrs = {k: v for k, v in attrs.items() if k not in record.RUN_ONLY}
+        attrs[record.CONFIRM_SHARED] = True
     distributions = {name: _holding(d, original.params[name]) for name, d in original.distributions.items()}
     frozen = optuna.trial.create_trial(
         state=state, value=value, params=dict(original.params), distributions=distributions, user_attrs=attrs)
@@ -160,7 +146,7 @@ def _holding(distribution: BaseDistribution, value: object) -> BaseDistribution:
 def _originals(study: optuna.Study) -> list[FrozenTrial]:
     """Complete single-objective trials that are neither confirmation runs nor nested results."""
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.values is not None and len(t.values) == 1 and CONFIRM_KEY not in t.user_attrs]
+            if t.values is not None and len(t.values) == 1 and record.kind_of(t) != record.Kind.CONFIRMATION]
 
 
 def config_groups(study: optuna.Study) -> list[ConfigGroup]:
@@ -170,8 +156,8 @@ def config_groups(study: optuna.Study) -> list[ConfigGroup]:
         return []
     runs: dict[int, list[float]] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if CONFIRM_KEY in t.user_attrs and t.value is not None:
-            runs.setdefault(int(t.user_attrs[CONFIRM_KEY]), []).append(float(t.value))
+        if record.kind_of(t) == record.Kind.CONFIRMATION and t.value is not None:
+            runs.setdefault(int(t.user_attrs[record.CONFIRM_OF]), []).append(float(t.value))
     groups = [ConfigGroup(t, (float(t.value), *runs.get(t.number, []))) for t in _originals(study)]
     reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
     return sorted(groups, key=lambda g: (len(g.values) > 1, g.mean if reverse else -g.mean), reverse=True)
@@ -188,42 +174,9 @@ def within_noise(best: ConfigGroup, baseline_value: float) -> bool:
     return abs(best.mean - baseline_value) <= 2 * best.std
 
 
-def compute_used(study: optuna.Study) -> Compute:
-    """Full-trial equivalents of every finished trial (pruned ones count their share of steps;
-    nested-rank results cost nothing of their own, nor do confirmation runs that read another
-    run's training; confirmation runs count in full)."""
-    used = confirm = 0.0
-    results = 0
-    for t in study.get_trials(deepcopy=False):
-        if not t.state.is_finished():
-            continue
-        results += 1
-        if NESTED_KEY in t.user_attrs or SHARED_KEY in t.user_attrs:
-            continue
-        share = trial_compute(t)
-        used += share
-        if CONFIRM_KEY in t.user_attrs:
-            confirm += share
-    return Compute(used, results, confirm)
-
-
-def trial_compute(trial: FrozenTrial) -> float:
-    """Full-trial equivalents one trial trained (its share of planned steps, times its data fraction)."""
-    steps, planned = trial.user_attrs.get("train_steps"), trial.user_attrs.get("planned_steps")
-    if isinstance(steps, (int, float)) and isinstance(planned, (int, float)) and planned > 0:
-        share = min(1.0, steps / planned)
-    else:  # failed before training, or pruned as infeasible: no training compute
-        share = 0.0 if trial.state != TrialState.COMPLETE else 1.0
-    fraction = (trial.user_attrs.get("fidelity") or {}).get("data_fraction", 1.0)
-    return share * float(fraction) if isinstance(fraction, (int, float)) and math.isfinite(fraction) else share
-
-
 def describe(study: optuna.Study, baseline: FrozenTrial | None) -> list[str]:
-    """Lines for the end-of-run summary: compute used and saved, confirmed winners."""
-    c = compute_used(study)
-    lines = [f"compute: {c.used:.1f} full-trial equivalents for {c.results} results "
-             f"({c.saved:.0%} saved by pruning, nesting and data fractions"
-             + (f"; {c.confirm:.1f} of it on confirmation runs)" if c.confirm else ")")]
+    """Lines for the end-of-run summary: the confirmed winner and whether its gain is real."""
+    lines: list[str] = []
     best = best_confirmed(study)
     if best is not None:
         lines.append(f"best confirmed config: trial #{best.trial.number}, mean {best.mean:.4f} ± {best.std:.4f} "
@@ -238,5 +191,4 @@ def describe(study: optuna.Study, baseline: FrozenTrial | None) -> list[str]:
     return lines
 
 
-__all__ = ["Compute", "ConfigGroup", "best_confirmed", "compute_used", "config_groups", "confirm_top", "describe",
-           "trial_compute", "within_noise"]
+__all__ = ["ConfigGroup", "best_confirmed", "config_groups", "confirm_top", "describe", "within_noise"]

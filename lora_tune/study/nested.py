@@ -39,16 +39,9 @@ from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from lora_tune.lora.nested import NestedRanks, split_rank_metrics, truncated
+from lora_tune.study import record
 
 _logger = logging.getLogger(__name__)
-
-NESTED_KEY = "nested_parent"  # user attr of a result scored from another trial's training
-RANKS_KEY = "nested_ranks"  # user attr of a nested trial: every rank it scored
-RANK_VALUES_KEY = "nested_rank_values"  # ... of a run outside a study (a confirmation): {rank: values}
-# parent measurements that belong to its training run, not to a truncation of its adapter
-RUN_ONLY_ATTRS = ("train_seconds", "throughput", "tokens_per_second", "train_tokens", "peak_memory_bytes",
-                  "peak_memory_total_bytes", "oom_retry", "traceback", "fail_reason", "artifact_error",
-                  "constraint_violation", "metric_values", RANKS_KEY)
 
 
 def rank_config(config: Any, nested: NestedRanks, r: int) -> Any:
@@ -67,12 +60,12 @@ def record_nested_ranks(trial: optuna.trial.BaseTrial, objective: Any, nested: N
         return []
     result = outcome.result
     full, final = split_rank_metrics(result.final_metrics)
-    trial.set_user_attr("metric_values", {k: _jsonable(v) for k, v in full.items()})
-    trial.set_user_attr(RANKS_KEY, list(nested.ranks))
+    trial.set_user_attr(record.METRIC_VALUES, record.metric_values(full))
+    trial.set_user_attr(record.NESTED_RANKS, list(nested.ranks))
     archives = dict(getattr(outcome, "rank_archives", None) or {})
     try:
         if not isinstance(trial, optuna.Trial):  # e.g. a confirmation run: it keeps each rank's values
-            trial.set_user_attr(RANK_VALUES_KEY, {str(r): _rank_values(objective, final.get(r, {}))[0]
+            trial.set_user_attr(record.NESTED_RANK_VALUES, {str(r): _rank_values(objective, final.get(r, {}))[0]
                                                   for r in nested.smaller})
             return []
         added = [_add_rank(trial, objective, nested, outcome, r, final.get(r, {}), value is None)
@@ -92,17 +85,17 @@ def _add_rank(trial: optuna.Trial, objective: Any, nested: NestedRanks, outcome:
     values, metrics, trainable, adapter_bytes = _rank_values(objective, metrics)
     names = objective.metrics
     state = TrialState.PRUNED if pruned else TrialState.COMPLETE
-    attrs = {k: v for k, v in trial.user_attrs.items() if k not in RUN_ONLY_ATTRS}
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in record.RUN_ONLY}
     attrs.update({
-        NESTED_KEY: trial.number,
-        "fidelity": {**(trial.user_attrs.get("fidelity") or {}), "rank": r, "trained_rank": nested.top},
-        "lora_config": rank_config(outcome.config, nested, r).to_dict(),
-        "trainable_params": trainable, "adapter_bytes": adapter_bytes,
-        "metric_values": {k: _jsonable(v) for k, v in metrics.items()},
+        record.NESTED_PARENT: trial.number,
+        record.FIDELITY: record.fidelity_of(trial)._replace(rank=r, trained_rank=nested.top).to_attr(),
+        record.LORA_CONFIG: rank_config(outcome.config, nested, r).to_dict(),
+        record.TRAINABLE_PARAMS: trainable, record.ADAPTER_BYTES: adapter_bytes,
+        record.METRIC_VALUES: record.metric_values(metrics),
     })
     if not pruned and (not values or not all(math.isfinite(v) for v in values)):
         state, values = TrialState.FAIL, []
-        attrs["fail_reason"] = f"rank {r}: metric {names} is {values or 'missing'} after {result.steps} steps"
+        attrs[record.FAIL_REASON] = f"rank {r}: metric {names} is {values or 'missing'} after {result.steps} steps"
     intermediate = {}
     if objective.prune:  # the parent reported its metric after every evaluation; so does each rank
         for index, row in enumerate(result.history):
@@ -122,12 +115,10 @@ def _add_rank(trial: optuna.Trial, objective: Any, nested: NestedRanks, outcome:
 def _rank_values(objective: Any, metrics: dict[str, float]) -> tuple[list[float], dict[str, float], int, int]:
     """One rank's objective values (empty when it has no metrics), its other metrics, its
     trainable parameters and adapter bytes."""
-    from lora_tune.study.objective import _objective_value
-
     metrics = dict(metrics)
-    trainable = int(metrics.pop("trainable_params", 0))
-    adapter_bytes = int(metrics.pop("adapter_bytes", 0))
-    values = [_objective_value(name, metrics, trainable) for name in objective.metrics] if metrics else []
+    trainable = int(metrics.pop(record.TRAINABLE_PARAMS, 0))
+    adapter_bytes = int(metrics.pop(record.ADAPTER_BYTES, 0))
+    values = [record.objective_value(name, metrics, trainable) for name in objective.metrics] if metrics else []
     return values, metrics, trainable, adapter_bytes
 
 
@@ -138,8 +129,8 @@ def _save_best_ranks(trial: optuna.Trial, nested: NestedRanks, outcome: Any, val
     from lora_tune.study.artifacts import is_best_so_far, save_best_adapter
 
     study = trial.study
-    stored = {t.user_attrs["fidelity"]["rank"]: t for t in study.get_trials(deepcopy=False)
-              if t.user_attrs.get(NESTED_KEY) == trial.number and t.state == TrialState.COMPLETE}
+    stored = {record.fidelity_of(t).rank: t for t in study.get_trials(deepcopy=False)
+              if t.user_attrs.get(record.NESTED_PARENT) == trial.number and t.state == TrialState.COMPLETE}
     parent = [value] if isinstance(value, (int, float)) else list(value)
     for r, t in stored.items():
         if not (is_best_so_far(study, t.values, exclude_number=t.number) and _not_beaten(study, t.values, parent)):
@@ -152,7 +143,7 @@ def _save_best_ranks(trial: optuna.Trial, nested: NestedRanks, outcome: Any, val
                 with truncated(outcome.model, nested, r):
                     save_best_adapter(t, outcome.model, t.values, config=config, force=True, attach_to=trial)
         except (OSError, LoraTuneError) as exc:
-            trial.set_user_attr("artifact_error", f"rank {r}: {str(exc).strip()[:500]}")
+            trial.set_user_attr(record.ARTIFACT_ERROR, f"rank {r}: {str(exc).strip()[:500]}")
             _logger.warning("trial %d: adapter of nested rank %d not saved: %s", trial.number, r, exc)
 
 
@@ -224,8 +215,3 @@ def _min_dim(module: Any) -> int:
     if weight is None or weight.dim() < 2:
         return 0
     return int(min(weight.shape[0], weight[0].numel()))
-
-
-def _jsonable(value: float) -> float | str:
-    value = float(value)
-    return value if math.isfinite(value) else str(value)

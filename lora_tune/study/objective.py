@@ -32,6 +32,7 @@ from typing import Any, Callable
 import optuna
 
 from lora_tune.errors import NonFiniteLossError, TrainingOutOfMemoryError
+from lora_tune.study import record
 from lora_tune.study.callbacks import pruned_after_training
 from lora_tune.study.nested import record_nested_ranks
 from lora_tune.study.space import TRAIN_KEYS, SearchSpace
@@ -44,8 +45,6 @@ from lora_tune.study.spec import DRIVER_TRAIN_KEYS, StudySpec
 _logger = logging.getLogger(__name__)
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
-CONFIRM_KEY = "confirm_of"  # user attr of a confirmation run: the number of the trial it repeats
-SEED_KEY = "seed"  # user attr of a confirmation run: its training seed
 
 
 class TrialFailed(Exception):
@@ -98,20 +97,20 @@ class Objective:
     def __call__(self, trial: optuna.trial.BaseTrial) -> float | list[float]:
         times = TrialTimes()
         start = time.perf_counter()
-        trial.set_user_attr("worker", WORKER)
-        if "is_baseline" not in trial.user_attrs:
-            trial.set_user_attr("is_baseline", False)
+        trial.set_user_attr(record.WORKER, WORKER)
+        if record.IS_BASELINE not in trial.user_attrs:
+            trial.set_user_attr(record.IS_BASELINE, False)
         try:
             return self._run(trial, times)
         except (optuna.TrialPruned, TrialFailed):
             raise
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM turned into one by the worker loop
-            trial.set_user_attr("fail_reason", f"interrupted ({exc or 'Ctrl-C'}); the worker re-queues its parameters")
+            trial.set_user_attr(record.FAIL_REASON, f"interrupted ({exc or 'Ctrl-C'}); the worker re-queues its parameters")
             raise
         except NonFiniteLossError as exc:
             self._fail(trial, f"non-finite loss: {exc}")
         except Exception as exc:  # user code (task, model, data): fail this trial, not the study
-            trial.set_user_attr("traceback", traceback.format_exc()[-8000:])
+            trial.set_user_attr(record.TRACEBACK, traceback.format_exc()[-8000:])
             self._fail(trial, f"{type(exc).__name__}: {_one_line(str(exc))}")
         finally:
             if self.isolation() == "none":
@@ -125,19 +124,21 @@ class Objective:
         values = self.space.sample(trial)
         train = self.spec.train
         train_values = {k: v for k, v in values.items() if k in TRAIN_KEYS}
+        seed = trial.user_attrs.get(record.SEED)
         plan = TrialPlan(
             task_spec=dict(self.spec.task),
             lora={k: v for k, v in values.items() if k not in TRAIN_KEYS},
             train=train.train_config(**train_values, data_fraction=self.data_fraction(trial),
-                                     **({"seed": int(trial.user_attrs[SEED_KEY])} if SEED_KEY in trial.user_attrs else {})),
+                                     **({"seed": int(seed)} if seed is not None else {})),
             threads=train.threads, params=dict(values),
-            nested=None if trial.user_attrs.get("is_baseline") else self.space.nested_ranks(trial.params),
+            # the baseline (and its confirmation runs) trains its rank plainly
+            nested=None if trial.user_attrs.get(record.IS_BASELINE) else self.space.nested_ranks(trial.params),
             explicit_train=tuple(sorted((train.model_fields_set | set(train_values)) - set(DRIVER_TRAIN_KEYS))))
         targets = plan.lora.get("targets", "all-linear")
-        trial.set_user_attr("target_preset", targets if isinstance(targets, str) else None)
+        trial.set_user_attr(record.TARGET_PRESET, targets if isinstance(targets, str) else None)
         isolation = self.isolation()
-        trial.set_user_attr("isolation", isolation)
-        trial.set_user_attr("effective_batch_size", plan.train.effective_batch_size)
+        trial.set_user_attr(record.ISOLATION, isolation)
+        trial.set_user_attr(record.EFFECTIVE_BATCH_SIZE, plan.train.effective_batch_size)
 
         reports = 0  # evaluations reported so far (a retried attempt goes on counting)
         pruned_at: list[int] = []
@@ -147,10 +148,10 @@ class Objective:
         def built(report: Any) -> bool:
             times.build = time.perf_counter() - t0
             if report.warnings:  # kept with the trial instead of printed once per trial
-                trial.set_user_attr("warnings", report.warnings)
-            trial.set_user_attr("target_modules", [name for name, _ in report.targets])
-            trial.set_user_attr("trainable_params", int(report.trainable_after))
-            trial.set_user_attr("adapter_bytes", int(report.adapter_bytes))
+                trial.set_user_attr(record.WARNINGS, report.warnings)
+            trial.set_user_attr(record.TARGET_MODULES, [name for name, _ in report.targets])
+            trial.set_user_attr(record.TRAINABLE_PARAMS, int(report.trainable_after))
+            trial.set_user_attr(record.ADAPTER_BYTES, int(report.adapter_bytes))
             trainable.append(int(report.trainable_after))
             return self._within_constraints(trial, report.trainable_after)
 
@@ -159,7 +160,7 @@ class Objective:
             reports += 1
             if not self.prune:
                 return False
-            value = _objective_value(self.metrics[0], metrics, trainable[-1])
+            value = record.objective_value(self.metrics[0], metrics, trainable[-1])
             if not math.isfinite(value):
                 return False  # the final check fails the trial with a clear reason
             trial.report(value, reports - 1)
@@ -172,14 +173,13 @@ class Objective:
 
         outcome = self._train(trial, plan, Hooks(built, evaluated), isolation)
         if outcome.result is None:  # stopped after building: a constraint was violated
-            raise optuna.TrialPruned(trial.user_attrs.get("constraint_violation", "stopped before training"))
-        trial.set_user_attr("lora_config", outcome.config.to_dict())
+            raise optuna.TrialPruned(trial.user_attrs.get(record.CONSTRAINT_VIOLATION, "stopped before training"))
+        trial.set_user_attr(record.LORA_CONFIG, outcome.config.to_dict())
         result = outcome.result
         times.train, times.compute, times.evaluate = result.seconds, result.compute_seconds, result.eval_seconds
-        for key, value in _result_attrs(result).items():
+        fidelity = record.Fidelity(plan.train.data_fraction, int(result.steps), int(result.planned_steps))
+        for key, value in {**record.run_attrs(result), record.FIDELITY: fidelity.to_attr()}.items():
             trial.set_user_attr(key, value)
-        trial.set_user_attr("fidelity", {"data_fraction": plan.train.data_fraction, "steps": int(result.steps),
-                                         "planned_steps": int(result.planned_steps)})
         if pruned_at and pruned_after_training(trial, pruned_at[0], result.steps, result.planned_steps):
             pruned_at.clear()
         if pruned_at:
@@ -188,7 +188,7 @@ class Objective:
 
         out = []
         for name in self.metrics:
-            value = _objective_value(name, result.final_metrics, trainable[-1])
+            value = record.objective_value(name, result.final_metrics, trainable[-1])
             if not math.isfinite(value):
                 self._fail(trial, f"metric {name} is {value} after {result.steps} steps")
             out.append(value)
@@ -208,7 +208,7 @@ class Objective:
         fidelity = self.spec.study.fidelity
         if fidelity is None:
             return 1.0
-        confirming = CONFIRM_KEY in trial.user_attrs
+        confirming = record.kind_of(trial) == record.Kind.CONFIRMATION
         return fidelity.confirm_fraction if confirming else fidelity.trial_fraction
 
     def isolation(self) -> str:
@@ -231,13 +231,13 @@ class Objective:
                     self._fail(trial, str(exc))
                 half = dataclasses.replace(train, batch_size=train.batch_size // 2,
                                            gradient_accumulation_steps=train.gradient_accumulation_steps * 2)
-                trial.set_user_attr("oom_retry", f"{exc}; retried with batch size {half.batch_size} "
+                trial.set_user_attr(record.OOM_RETRY, f"{exc}; retried with batch size {half.batch_size} "
                                                  f"x {half.gradient_accumulation_steps} accumulation steps")
                 attempt = dataclasses.replace(plan, train=half)
             except TrialProcessDied as exc:
                 self._fail(trial, str(exc))
             except TrialChildError as exc:
-                trial.set_user_attr("traceback", exc.traceback)
+                trial.set_user_attr(record.TRACEBACK, exc.traceback)
                 self._fail(trial, _one_line(str(exc)))
 
     def _within_constraints(self, trial: optuna.trial.BaseTrial, trainable: int) -> bool:
@@ -249,13 +249,13 @@ class Objective:
         trial.set_constraint("max_trainable_params", excess)
         if excess > 0:
             reason = f"infeasible: {trainable:,} trainable parameters > max_trainable_params {limit:,}"
-            trial.set_user_attr("constraint_violation", reason)
+            trial.set_user_attr(record.CONSTRAINT_VIOLATION, reason)
             return False
         return True
 
     @staticmethod
     def _fail(trial: optuna.trial.BaseTrial, reason: str) -> None:
-        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr(record.FAIL_REASON, reason)
         raise TrialFailed(reason)
 
 
@@ -270,29 +270,6 @@ def resolve_isolation(spec: StudySpec) -> str:
     return chosen
 
 
-def _objective_value(name: str, metrics: dict[str, float], trainable: int) -> float:
-    if name == "trainable_params":
-        return float(trainable)
-    if name not in metrics:
-        raise KeyError(f"the task did not report metric {name!r}; it reported {sorted(metrics)}")
-    return float(metrics[name])
-
-
-def _result_attrs(result: Any) -> dict[str, Any]:
-    """The trial's user attributes from its :class:`~lora_tune.train.TrainResult`."""
-    return {
-        "peak_memory_bytes": int(result.peak_memory_bytes),
-        "peak_memory_total_bytes": int(result.peak_memory_total_bytes),
-        "train_seconds": float(result.seconds),
-        "throughput": float(result.throughput),
-        "tokens_per_second": float(result.tokens_per_second),
-        "train_tokens": int(result.tokens),
-        "train_steps": int(result.steps),
-        "planned_steps": int(result.planned_steps),
-        "metric_values": {k: _jsonable(v) for k, v in result.final_metrics.items()},
-    }
-
-
 def _save_adapter_if_best(trial: optuna.Trial, outcome: TrialOutcome, value: Any) -> None:
     """Artifacts attach only to running trials, so this runs inside the objective. A storage
     problem here is recorded and logged; it does not fail a trial whose metric is sound."""
@@ -302,17 +279,12 @@ def _save_adapter_if_best(trial: optuna.Trial, outcome: TrialOutcome, value: Any
     try:
         save_best_adapter(trial, outcome.model, value, config=outcome.config, archive=outcome.adapter_archive)
     except (OSError, LoraTuneError) as exc:
-        trial.set_user_attr("artifact_error", _one_line(str(exc)))
+        trial.set_user_attr(record.ARTIFACT_ERROR, _one_line(str(exc)))
         _logger.warning("trial %d: adapter not saved: %s", trial.number, exc)
     finally:
         if outcome.adapter_archive:
             with contextlib.suppress(OSError):
                 os.unlink(outcome.adapter_archive)
-
-
-def _jsonable(value: float) -> float | str:
-    value = float(value)
-    return value if math.isfinite(value) else str(value)
 
 
 def _one_line(text: str) -> str:

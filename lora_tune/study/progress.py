@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -15,32 +15,31 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lora_tune.study.storages.budget import budget_done
-from lora_tune.study.storages.marks import RETRY_KEY
+from lora_tune.study import record
 from lora_tune.study.spec import StudySpec
-
-_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 @dataclass
 class Outcome:
-    """Counts, best trial(s) and the baseline of a study."""
+    """Counts and compute (:func:`lora_tune.study.record.account`), best trial(s) and the
+    (complete) baseline of a study."""
 
     name: str
     metrics: list[str]
     directions: list[str]
     budget: int
-    counts: dict[str, int]
+    account: record.Account
     best: list[FrozenTrial] = field(default_factory=list)  # one, or the Pareto front
     baseline: FrozenTrial | None = None
-    requeued: int = 0  # failed trials whose parameters ran again (counted once in the budget)
-    done: int | None = None  # budget slots done (storages.budget.budget_done), as the storage counts
+
+    @property
+    def counts(self) -> Mapping[str, int]:
+        return self.account.states
 
     @property
     def finished(self) -> int:
-        if self.done is not None:
-            return self.done
-        return sum(self.counts.get(s.name, 0) for s in _FINISHED) - self.requeued
+        """Budget slots done (a failed trial whose parameters ran again counts once)."""
+        return self.account.done
 
     @property
     def gain(self) -> float | None:
@@ -60,20 +59,15 @@ class Outcome:
 
 def study_outcome(study: optuna.Study, spec: StudySpec) -> Outcome:
     trials = study.get_trials(deepcopy=False)
-    counts: dict[str, int] = {}
-    for t in trials:
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best: list[FrozenTrial] = []
-    if complete:
+    if any(t.state == TrialState.COMPLETE for t in trials):
         try:
             best = [study.best_trial] if len(spec.metrics) == 1 else sorted(study.best_trials, key=lambda t: t.number)
         except ValueError:  # no feasible trial
             best = []
-    baseline = next((t for t in complete if t.user_attrs.get("is_baseline")), None)
-    requeued = sum(1 for t in trials if RETRY_KEY in t.system_attrs and t.state.is_finished())
-    return Outcome(study.study_name, spec.metrics, spec.directions, spec.study.n_trials, counts, best, baseline,
-                   requeued, budget_done(trials))
+    baseline = record.find_baseline(trials)
+    return Outcome(study.study_name, spec.metrics, spec.directions, spec.study.n_trials, record.account(trials), best,
+                   baseline if baseline is not None and baseline.state == TrialState.COMPLETE else None)
 
 
 # -- live progress ---------------------------------------------------------------------------
@@ -122,11 +116,11 @@ def trial_line(trial: FrozenTrial, outcome: Outcome) -> str:
     elif trial.state == TrialState.PRUNED:
         steps = trial.intermediate_values
         last = steps[max(steps)] if steps else None
-        reason = trial.user_attrs.get("constraint_violation")
+        reason = trial.user_attrs.get(record.CONSTRAINT_VIOLATION)
         vals = reason or (f"at eval {max(steps)}: {outcome.metrics[0]} {_fmt(last)}" if steps else "")
     else:
-        vals = trial.user_attrs.get("fail_reason", "failed")
-    tag = " [baseline]" if trial.user_attrs.get("is_baseline") else ""
+        vals = trial.user_attrs.get(record.FAIL_REASON, "failed")
+    tag = " [baseline]" if record.kind_of(trial) == record.Kind.BASELINE else ""
     return f"{head} {vals}  {format_params(trial.params)}{tag}"
 
 
@@ -163,12 +157,13 @@ def _fmt(v: Any) -> str:
 # -- end-of-study and inspection tables ----------------------------------------------------------
 
 def render_outcome(outcome: Outcome, console: Console) -> None:
-    c = outcome.counts
+    a, c = outcome.account, outcome.counts
     console.print(
-        f"[bold]{outcome.name}[/]: {outcome.finished}/{outcome.budget} trials finished "
+        f"[bold]{outcome.name}[/]: {a.done}/{outcome.budget} trials finished "
         f"({c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed"
-        + (f", of which {outcome.requeued} ran again)" if outcome.requeued else ")")
+        + (f", of which {a.requeued} ran again)" if a.requeued else ")")
     )
+    console.print(f"compute: {a.compute_line()}", markup=False)
     if not outcome.best:
         console.print("no completed feasible trial yet")
         return
@@ -203,11 +198,11 @@ def trials_table(trials: list[FrozenTrial], metrics: list[str], title: str | Non
         values = t.values if t.values is not None else [None] * len(metrics)
         if t.state == TrialState.PRUNED and t.intermediate_values and len(metrics) == 1:
             values = [t.intermediate_values[max(t.intermediate_values)]]
-        row = [str(t.number) + ("*" if t.user_attrs.get("is_baseline") else ""), t.state.name.lower()]
+        row = [str(t.number) + ("*" if record.kind_of(t) == record.Kind.BASELINE else ""), t.state.name.lower()]
         row += [_fmt(v) for v in values]
         row += [_param_text(k, t.params[k]) if k in t.params else "" for k in param_names]
-        seconds = t.user_attrs.get("train_seconds")
-        row += [_fmt(t.user_attrs.get("trainable_params")), "" if seconds is None else f"{seconds:.1f}"]
+        seconds = record.timings_of(t).train_seconds
+        row += [_fmt(t.user_attrs.get(record.TRAINABLE_PARAMS)), "" if seconds is None else f"{seconds:.1f}"]
         table.add_row(*row)
     return table
 

@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lora_tune.errors import ConfigError, StudyNotFoundError, StudySpecError
 from lora_tune.study import _optuna_private as private
+from lora_tune.study import record
 from lora_tune.study.objective import Objective, TrialFailed
 from lora_tune.study.nested import nested_problems
 from lora_tune.study.space import SearchSpace, baseline_params
@@ -242,7 +243,7 @@ def create_study(spec: StudySpec, storage_url: str, name: str | None = None, res
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(resolved.metrics)
     if baseline is not None and not _has_baseline(study):
-        study.enqueue_trial(baseline, user_attrs={"is_baseline": True})
+        study.enqueue_trial(baseline, user_attrs={record.IS_BASELINE: True})
         _baseline_grid_point(study)
     if resolved.study.warm_start == "defaults":
         from lora_tune.study.warm_start import prior, warm_start
@@ -272,7 +273,7 @@ def _baseline_grid_point(study: optuna.Study) -> None:
     if not isinstance(sampler, optuna.samplers.GridSampler):
         return
     waiting = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-               if t.user_attrs.get("is_baseline")]
+               if record.kind_of(t) == record.Kind.BASELINE]
     if not waiting:
         return
     index = private.grid_index(sampler, waiting[0].system_attrs.get(private.FIXED_PARAMS_KEY, {}))
@@ -374,7 +375,7 @@ def _check_resumable(stored: StudySpec, new: StudySpec, name: str) -> None:
 
 
 def _has_baseline(study: optuna.Study) -> bool:
-    return any(t.user_attrs.get("is_baseline") for t in study.get_trials(deepcopy=False))
+    return record.find_baseline(study.get_trials(deepcopy=False)) is not None
 
 
 # -- optimize ------------------------------------------------------------------------------------
@@ -462,7 +463,7 @@ class _RunCounter:
         if self.failures_in_a_row >= self.limit:
             self.stopped = True
             _logger.error("stopping: %d trials failed in a row (study.max_consecutive_failures); last reason: %s",
-                          self.failures_in_a_row, trial.user_attrs.get("fail_reason", "?"))
+                          self.failures_in_a_row, trial.user_attrs.get(record.FAIL_REASON, "?"))
             study.stop()
 
 

@@ -25,10 +25,9 @@ import optuna
 from optuna.trial import TrialState
 
 from lora_tune.errors import ConfigError
+from lora_tune.study import record
 from lora_tune.study.space import Param, SearchSpace, encode_choice
 
-WARM_KEY = "warm_start"  # user attr of an enqueued warm-start trial: where its config came from
-PARAMS_KEY = "enqueued_params"  # ... and the parameters it was enqueued with (a waiting trial has no params)
 
 # (config, learning rate as a multiple of the model kind's typical LoRA learning rate)
 PRIOR: tuple[tuple[dict[str, Any], float], ...] = (
@@ -62,8 +61,8 @@ def configs_from_study(source: optuna.Study, top: int = 5) -> list[dict[str, Any
 
 def settings_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     """A trial's setting values: its LoRA config as recorded, with its sampled training values."""
-    lora = dict(trial.user_attrs.get("lora_config") or {})
-    preset = trial.user_attrs.get("target_preset")
+    lora = dict(trial.user_attrs.get(record.LORA_CONFIG) or {})
+    preset = trial.user_attrs.get(record.TARGET_PRESET)
     out = {k: lora[k] for k in ("rank", "alpha", "dropout", "quant_bits", "quant_type", "method", "rslora",
                                 "init", "bias", "use_dora") if k in lora}
     out["targets"] = preset if preset else lora.get("targets")
@@ -102,12 +101,12 @@ def project(space: SearchSpace, settings: Mapping[str, Any], fits: Any = None) -
 
 def enqueue(study: optuna.Study, configs: Iterable[Mapping[str, Any]], origin: str) -> int:
     """Enqueue each config not already in the study; returns how many were enqueued."""
-    seen = [dict(t.params) or dict(t.user_attrs.get(PARAMS_KEY) or {}) for t in study.get_trials(deepcopy=False)]
+    seen = [dict(t.params) or dict(t.user_attrs.get(record.ENQUEUED_PARAMS) or {}) for t in study.get_trials(deepcopy=False)]
     added = 0
     for params in configs:
         if any(_same(params, other) for other in seen):
             continue
-        study.enqueue_trial(dict(params), user_attrs={WARM_KEY: origin, PARAMS_KEY: dict(params)})
+        study.enqueue_trial(dict(params), user_attrs={record.WARM_START: origin, record.ENQUEUED_PARAMS: dict(params)})
         seen.append(dict(params))
         added += 1
     return added

@@ -15,14 +15,13 @@ binds them to an Optuna trial (:mod:`lora_tune.study.callbacks`: ``LoraTuneCallb
   (the time inside optimizer steps: forward, backward, optimizer; not evaluation or logging),
   training examples and non-padding tokens per second of it, peak memory
   (:class:`~lora_tune.train.memory.MemoryMeter`), steps run and planned. At the end of training
-  it combines the ranks' counts and gives a :class:`CallbackSummary`, whose
-  :meth:`~CallbackSummary.user_attrs` are the trial user attributes lora-tune's own trials carry.
+  it combines the ranks' counts and gives a :class:`CallbackSummary`: a
+  :class:`~lora_tune.train.TrainResult`, stored on a trial as lora-tune's own trials' results are.
 
 transformers and lightning are imported only by the adapter modules; this one needs neither.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
@@ -31,6 +30,7 @@ import torch
 
 from lora_tune.errors import ConfigError
 from lora_tune.train.memory import MemoryMeter, peak_total_bytes
+from lora_tune.train.result import TrainResult
 
 Report = Callable[[int, int, dict], bool]  # (global step, eval index, metrics) -> stop training?
 
@@ -49,44 +49,27 @@ class EvalRecord:
 
 
 @dataclass
-class CallbackSummary:
-    """What a callback measured over one training run (all ranks combined under DDP).
+class CallbackSummary(TrainResult):
+    """What a callback measured over one training run (all ranks combined under DDP): a
+    :class:`~lora_tune.train.TrainResult`, so it is stored as lora-tune's own trials are.
 
-    ``train_seconds`` is the wall time from train begin to train end; ``throughput`` (examples)
-    and ``tokens_per_second`` (non-padding tokens) are per second of compute, the time inside
+    ``seconds`` is the wall time from train begin to train end; ``throughput`` (examples) and
+    ``tokens_per_second`` (non-padding tokens) are per second of compute, the time inside
     optimizer steps. ``peak_memory_bytes`` is the growth over the start of training and
     ``peak_memory_total_bytes`` the device's absolute peak (the largest rank's under DDP).
+    ``final_metrics`` are the last evaluation's metrics.
     """
 
     trainable_params: int = 0
-    peak_memory_bytes: int = 0
-    peak_memory_total_bytes: int = 0
-    train_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    throughput: float = 0.0
-    tokens_per_second: float = 0.0
-    train_tokens: int = 0
-    train_examples: int = 0
-    train_steps: int = 0
-    planned_steps: int = 0
     evaluations: list[EvalRecord] = field(default_factory=list)
     pruned_at: EvalRecord | None = None
-    metric_values: dict[str, float] = field(default_factory=dict)  # the last evaluation's metrics
 
-    def user_attrs(self) -> dict[str, Any]:
-        """The trial user attributes, named as lora-tune's own trials name them."""
-        return {
-            "trainable_params": int(self.trainable_params),
-            "peak_memory_bytes": int(self.peak_memory_bytes),
-            "peak_memory_total_bytes": int(self.peak_memory_total_bytes),
-            "train_seconds": float(self.train_seconds),
-            "throughput": float(self.throughput),
-            "tokens_per_second": float(self.tokens_per_second),
-            "train_tokens": int(self.train_tokens),
-            "train_steps": int(self.train_steps),
-            "planned_steps": int(self.planned_steps),
-            "metric_values": {k: v if math.isfinite(v) else str(v) for k, v in self.metric_values.items()},
-        }
+    # the names this summary had before it was a TrainResult
+    train_seconds = property(lambda self: self.seconds)
+    train_tokens = property(lambda self: self.tokens)
+    train_examples = property(lambda self: self.examples)
+    train_steps = property(lambda self: self.steps)
+    metric_values = property(lambda self: self.final_metrics)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,13 +241,12 @@ class RunMeter:
         tokens, examples = (int(sum(r[i] for r in ranks)) for i in (0, 1))
         compute, wall, peak, peak_total = (max(r[i] for r in ranks) for i in (2, 3, 4, 5))
         return CallbackSummary(
-            trainable_params=self.trainable_params, peak_memory_bytes=int(peak),
-            peak_memory_total_bytes=int(peak_total), train_seconds=wall, compute_seconds=compute,
-            throughput=examples / compute if compute > 0 else 0.0,
-            tokens_per_second=tokens / compute if compute > 0 else 0.0,
-            train_tokens=tokens, train_examples=examples, train_steps=int(train_steps),
-            planned_steps=int(planned_steps), evaluations=list(pruning.evaluations), pruned_at=pruning.pruned_at,
-            metric_values=dict(pruning.last_metrics))
+            steps=int(train_steps), planned_steps=int(planned_steps), seconds=wall, examples=examples,
+            throughput=examples / compute if compute > 0 else 0.0, peak_memory_bytes=int(peak),
+            final_metrics=dict(pruning.last_metrics), stopped_early=pruning.pruned_at is not None,
+            compute_seconds=compute, tokens=tokens, tokens_per_second=tokens / compute if compute > 0 else 0.0,
+            peak_memory_total_bytes=int(peak_total), trainable_params=self.trainable_params,
+            evaluations=list(pruning.evaluations), pruned_at=pruning.pruned_at)
 
 
 def batch_tokens(batch: Any) -> Any:

@@ -27,39 +27,10 @@ from lora_tune.train.callbacks import batch_examples
 from lora_tune.train.config import TrainConfig, resolve_device, resolve_precision
 from lora_tune.train.memory import MemoryMeter, peak_total_bytes
 from lora_tune.train.optim import build_optimizer, build_scheduler
+from lora_tune.train.result import TrainResult
 
 OnEval = Callable[[int, int, dict], bool]
 HISTORY_KEYS = ("step", "epoch", "eval_index", "train_loss", "learning_rate", "elapsed")
-
-
-@dataclass
-class TrainResult:
-    """What :func:`fit` did.
-
-    ``steps``/``planned_steps`` count optimizer steps. ``seconds`` is the wall time of the whole
-    loop; ``compute_seconds`` the part spent in forward/backward/optimizer steps and
-    ``eval_seconds`` the part in ``task.evaluate``. ``throughput`` is training examples and
-    ``tokens_per_second`` non-padding tokens (tasks with ``batch_tokens``) per second of
-    compute. ``peak_memory_bytes`` is the growth over the start of the loop,
-    ``peak_memory_total_bytes`` the device's absolute peak. ``history`` holds one dict per
-    evaluation: the :data:`HISTORY_KEYS` and every metric.
-    """
-
-    steps: int
-    planned_steps: int
-    seconds: float
-    examples: int
-    throughput: float
-    peak_memory_bytes: int
-    history: list[dict] = field(default_factory=list)
-    final_metrics: dict[str, float] = field(default_factory=dict)
-    stopped_early: bool = False
-    compute_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    tokens: int = 0
-    tokens_per_second: float = 0.0
-    peak_memory_total_bytes: int = 0
-    effective_batch_size: int = 0
 
 
 def eval_steps(steps_per_epoch: int, evals_per_epoch: int) -> list[int]:

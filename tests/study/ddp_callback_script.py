@@ -20,6 +20,8 @@ from typing import Any
 import optuna
 import torch
 
+from lora_tune.study import record
+
 MAX_STEPS = 8
 
 
@@ -79,7 +81,9 @@ def main(framework: str, storage: str, study_name: str, out: Path) -> None:
 
     def objective(trial: Any) -> float:
         callback, facts = train(trial, out)
-        result.update(facts, pruned=callback.pruned, summary=callback.summary.user_attrs(),
+        summary = callback.summary
+        result.update(facts, pruned=callback.pruned,
+                      summary={"trainable_params": summary.trainable_params, **record.run_attrs(summary)},
                       evaluations=[e.eval_index for e in callback.summary.evaluations],
                       world_size=torch.distributed.get_world_size())
         callback.raise_if_pruned()

@@ -17,9 +17,11 @@ from lora_tune.cli.main import cli
 from lora_tune.errors import StudySpecError
 from lora_tune.export import export_best
 from lora_tune.study.artifacts import adapter_artifacts
-from lora_tune.study.confirm import SHARED_KEY, compute_used, confirm_top
-from lora_tune.study.nested import NESTED_KEY, RANK_VALUES_KEY, nested_problems
-from lora_tune.study.objective import CONFIRM_KEY, SEED_KEY, Objective
+from lora_tune.study import record
+from lora_tune.study.confirm import confirm_top
+from lora_tune.study.nested import nested_problems
+from lora_tune.study.objective import Objective
+from lora_tune.study.record import CONFIRM_OF, CONFIRM_SHARED, NESTED_PARENT, NESTED_RANK_VALUES, SEED
 from lora_tune.study.space import SearchSpace, baseline_params, check_search_space
 from lora_tune.study.spec import resolve_objective
 from tests.study.conftest import BASE, make_spec
@@ -44,7 +46,7 @@ def _study(objective: Objective, params=PARAMS, storage=None, **kwargs) -> optun
 
 
 def _ranks(study: optuna.Study, parent: int = 0) -> dict[int, optuna.trial.FrozenTrial]:
-    return {t.params["rank"]: t for t in study.get_trials() if t.user_attrs.get(NESTED_KEY) == parent}
+    return {t.params["rank"]: t for t in study.get_trials() if t.user_attrs.get(NESTED_PARENT) == parent}
 
 
 def test_one_trained_trial_adds_a_finished_trial_for_each_smaller_rank(toy_task):
@@ -86,22 +88,22 @@ def test_confirming_a_nested_rank_trains_its_parent_again_and_reads_its_rank(toy
     study = _study(objective)
     ranks = _ranks(study)
     runs = confirm_top(study, objective, top=3, seeds=1)  # the parent (rank 8) and its ranks 2 and 4
-    by_original = {r.user_attrs[CONFIRM_KEY]: r for r in runs}
+    by_original = {r.user_attrs[CONFIRM_OF]: r for r in runs}
     assert sorted(by_original) == [0, *sorted(t.number for t in ranks.values())]
     # one training run of the parent's config with the new seed scored all three
     again = FixedTrial(PARAMS)
-    again.set_user_attr(CONFIRM_KEY, 0)
-    again.set_user_attr(SEED_KEY, runs[0].user_attrs[SEED_KEY])
+    again.set_user_attr(CONFIRM_OF, 0)
+    again.set_user_attr(SEED, runs[0].user_attrs[SEED])
     value = objective(again)
     assert by_original[0].value == value
     for r, t in ranks.items():
         run = by_original[t.number]
-        assert run.state == TrialState.COMPLETE and run.value == again.user_attrs[RANK_VALUES_KEY][str(r)][0]
+        assert run.state == TrialState.COMPLETE and run.value == again.user_attrs[NESTED_RANK_VALUES][str(r)][0]
         assert run.params == t.params and run.user_attrs["lora_config"]["rank"] == r
         assert run.user_attrs["fidelity"]["rank"] == r
     assert len({by_original[t.number].value for t in ranks.values()} | {value}) > 1  # the ranks were told apart
-    assert sum(SHARED_KEY in r.user_attrs for r in runs) == 2
-    assert compute_used(study).confirm == pytest.approx(1.0)  # the shared run is counted once
+    assert sum(CONFIRM_SHARED in r.user_attrs for r in runs) == 2
+    assert record.account(study.trials).confirm == pytest.approx(1.0)  # the shared run is counted once
     assert confirm_top(study, objective, top=3, seeds=1) == []  # nothing is run twice
 
 
@@ -121,12 +123,12 @@ def test_confirming_the_baseline_under_nested_ranks_trains_it_again_plainly(tmp_
     assert "nested_ranks" not in baseline.user_attrs
     objective = Objective(resolved, toy_task)
     (run,) = confirm_top(study, objective, top=3, seeds=1)
-    assert run.state == TrialState.COMPLETE and run.user_attrs[CONFIRM_KEY] == baseline.number
+    assert run.state == TrialState.COMPLETE and run.user_attrs[CONFIRM_OF] == baseline.number
     assert run.params == baseline.params and study.trials[-1].params == baseline.params
     assert "nested_ranks" not in run.user_attrs and not run.user_attrs["is_baseline"]
     again = FixedTrial(dict(baseline.params))  # the baseline's plain training with the run's seed
     again.set_user_attr("is_baseline", True)
-    again.set_user_attr(SEED_KEY, run.user_attrs[SEED_KEY])
+    again.set_user_attr(SEED, run.user_attrs[SEED])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The value 8 of the parameter 'rank' is out of the range")
         assert run.value == objective(again)
@@ -166,7 +168,7 @@ def test_samplers_and_a_database_take_the_added_trials_alongside_new_ones(tmp_pa
     study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path / 's.db'}",
                                 sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2))
     study.optimize(objective, n_trials=3)
-    parents = [t for t in study.trials if NESTED_KEY not in t.user_attrs]
+    parents = [t for t in study.trials if NESTED_PARENT not in t.user_attrs]
     assert len(parents) == 3 and len(study.trials) == 9
     assert all(t.params["rank"] == 8 for t in parents)
     assert sorted(t.params["rank"] for t in study.trials) == [2, 2, 2, 4, 4, 4, 8, 8, 8]

@@ -10,13 +10,15 @@ from optuna.trial import TrialState
 from lora_tune.cli.main import cli
 from lora_tune.errors import ConfigError, StudySpecError
 from lora_tune.export import choose_trial
-from lora_tune.study.confirm import best_confirmed, compute_used, config_groups, confirm_top, within_noise
-from lora_tune.study.objective import CONFIRM_KEY, SEED_KEY, Objective
+from lora_tune.study import record
+from lora_tune.study.confirm import best_confirmed, config_groups, confirm_top, within_noise
+from lora_tune.study.objective import Objective
+from lora_tune.study.record import CONFIRM_OF, ENQUEUED_PARAMS, SEED, WARM_START
 from lora_tune.study.runner import create_study, optimize
 from lora_tune.study.space import SearchSpace
 from lora_tune.study.spec import resolve_objective
 from lora_tune.study.templates import LEARNING_RATES, TYPICAL_LEARNING_RATE
-from lora_tune.study.warm_start import PARAMS_KEY, WARM_KEY, configs_from_study, prior, project, warm_start
+from lora_tune.study.warm_start import configs_from_study, prior, project, warm_start
 from lora_tune.tasks.base import MODEL_KINDS
 from tests.study.conftest import BASE, make_spec
 from tests.study.toy_task import ToyTask
@@ -36,8 +38,8 @@ def test_warm_start_defaults_enqueues_the_prior_projected_onto_the_space(url, to
              "targets": {"choices": ["attention-qv", "attention", "all-linear"]},
              "learning_rate": {"type": "float", "low": 3e-4, "high": 3e-2, "log": True}}
     study = create_study(make_spec(study={"warm_start": "defaults"}, search_space=space), url, task=toy_task)
-    warm = [t for t in study.get_trials(states=(TrialState.WAITING,)) if WARM_KEY in t.user_attrs]
-    params = [t.user_attrs[PARAMS_KEY] for t in warm]
+    warm = [t for t in study.get_trials(states=(TrialState.WAITING,)) if WARM_START in t.user_attrs]
+    params = [t.user_attrs[ENQUEUED_PARAMS] for t in warm]
     # the toy task is a decoder: prior 0 is rank 16, alpha 32 (ratio 2), all-linear, lr 2e-4
     # clamped to the space's 3e-4; prior 1 is rank 8, alpha 16 on attention at 2 x 2e-4
     assert params[0] == {"rank": 16, "alpha_ratio": 2, "targets": "all-linear", "learning_rate": 3e-4}
@@ -45,7 +47,7 @@ def test_warm_start_defaults_enqueues_the_prior_projected_onto_the_space(url, to
     assert len(params) == 2  # PRIOR[2]'s rank 32 is not a choice here: dropped, not a rank 16 twin
     again = create_study(make_spec(study={"warm_start": "defaults"}, search_space=space), url, resume=True,
                          task=toy_task)
-    assert len([t for t in again.get_trials() if WARM_KEY in t.user_attrs]) == 2  # not enqueued twice
+    assert len([t for t in again.get_trials() if WARM_START in t.user_attrs]) == 2  # not enqueued twice
 
 
 def test_warm_start_from_a_study_on_another_model_re_resolves_targets(url, toy_task):
@@ -71,19 +73,19 @@ def test_confirm_reruns_the_top_configs_with_new_seeds_and_export_takes_the_best
     optimize(study, resolved, task=toy_task)
     runs = confirm_top(study, Objective(resolved, toy_task), top=2, seeds=2)
     assert len(runs) == 4 and all(r.state == TrialState.COMPLETE for r in runs)
-    assert sorted({r.user_attrs[SEED_KEY] for r in runs}) == [1000, 2000]
+    assert sorted({r.user_attrs[SEED] for r in runs}) == [1000, 2000]
     assert confirm_top(study, Objective(resolved, toy_task), top=2, seeds=2) == []  # already done
     groups = [g for g in config_groups(study) if len(g.values) > 1]
     assert len(groups) == 2
     for g in groups:
-        values = [g.trial.value] + [r.value for r in runs if r.user_attrs[CONFIRM_KEY] == g.trial.number]
+        values = [g.trial.value] + [r.value for r in runs if r.user_attrs[CONFIRM_OF] == g.trial.number]
         assert g.values == tuple(values)
         assert g.mean == pytest.approx(sum(values) / 3)
     best = best_confirmed(study)
     assert best.mean == max(g.mean for g in groups)
     assert choose_trial(study).number == best.trial.number
     assert within_noise(best, best.mean + best.std) and not within_noise(best, best.mean + 3 * best.std + 1e-9)
-    c = compute_used(study)
+    c = record.account(study.trials)
     assert c.confirm == pytest.approx(4.0) and c.results == 8
 
 
@@ -103,7 +105,7 @@ def test_fidelity_data_fraction_and_min_steps_are_respected_and_recorded(url, to
         assert t.user_attrs["planned_steps"] == 6 and t.user_attrs["fidelity"]["data_fraction"] == 0.5
         assert t.state == TrialState.PRUNED and t.user_attrs["train_steps"] == 4
         assert len(t.intermediate_values) == 2  # evaluations after steps 2 and 4
-    c = compute_used(study)
+    c = record.account(study.trials)
     assert c.used == pytest.approx(2 * (4 / 6) * 0.5) and c.saved == pytest.approx(1 - c.used / 2)
 
 
@@ -166,7 +168,7 @@ def test_warm_start_defaults_uses_the_task_model_kind(url, toy_task, monkeypatch
              "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True}}
     spec = make_spec(study={"warm_start": "defaults", "baseline": False}, search_space=space)
     study = create_study(spec, url, task=toy_task)
-    params = [t.user_attrs[PARAMS_KEY] for t in study.get_trials() if WARM_KEY in t.user_attrs]
+    params = [t.user_attrs[ENQUEUED_PARAMS] for t in study.get_trials() if WARM_START in t.user_attrs]
     assert [(p["rank"], p["targets"]) for p in params] == [(16, "all-linear"), (8, "attention")]
     assert [p["learning_rate"] for p in params] == pytest.approx([1e-3, 2e-3])  # the encoder's, not 2e-4, 4e-4
 
@@ -175,11 +177,20 @@ def test_toy_task_fixture_is_the_toy(toy_task):
     assert isinstance(toy_task, ToyTask)
 
 
-def test_results_outside_the_budget_are_named_where_they_are_made():
-    from lora_tune.study.nested import NESTED_KEY
-    from lora_tune.study.storages.budget import OUTSIDE_BUDGET
+def test_results_outside_the_budget_are_nested_results_and_confirmation_runs():
+    from optuna.trial import FixedTrial
 
-    assert set(OUTSIDE_BUDGET) == {NESTED_KEY, CONFIRM_KEY}
+    def kind(**attrs):
+        trial = FixedTrial({})
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return record.kind_of(trial), record.in_budget(trial)
+
+    assert kind() == (record.Kind.BUDGET, True)
+    assert kind(is_baseline=True) == (record.Kind.BASELINE, True)
+    assert kind(is_baseline=False, nested_parent=3) == (record.Kind.NESTED, False)
+    # a confirmation run of the baseline trains as the baseline did, but is a confirmation run
+    assert kind(is_baseline=True, confirm_of=0, seed=1000) == (record.Kind.CONFIRMATION, False)
 
 
 def test_confirmation_runs_do_not_use_the_budget(url, toy_task):

@@ -9,8 +9,10 @@ Counting: one budget slot per trial that was started (RUNNING, COMPLETE, PRUNED 
 A failed trial re-queued with the same parameters (Optuna's ``RetryHeartbeatStaleTrialCallback``
 marks the copy with ``failed_trial``) keeps its slot: the retry runs in it, so retries are
 not counted again, and a queued retry is never refused for lack of budget. A slot is done
-when the last trial in it finished. :func:`budget_used` and :func:`budget_done` are used by
-the storage, the runner, the progress bar and the CLI alike.
+when the last trial in it finished. Nested-rank results and confirmation runs are added beside
+the budget's trials and never use a slot. :func:`budget_used` and :func:`budget_done`
+(:mod:`lora_tune.study.record`) are used by the storage, the runner, the progress bar, the CLI
+and the report alike.
 
 :class:`BudgetedStorage` starts a trial of a budgeted study - a new one, or a queued one -
 only under the study's lock (:mod:`.locks`), after counting; when the budget is used up,
@@ -43,9 +45,12 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from lora_tune.study import _optuna_private as private
+from lora_tune.study.record import budget_done, budget_used
 from lora_tune.study.storages.locks import StudyLocks
 from lora_tune.study.storages.marks import RETRY_KEY, START_KEY, start_marks
 from lora_tune.study.storages.wrapper import StorageWrapper
+
+__all__ = ["BudgetReached", "BudgetedStorage", "budget_done", "budget_used", "study_budget"]
 
 _MESSAGE = "trial budget reached: {used} of {budget} trials started or finished"
 _PARSE = re.compile(r"trial budget reached: (\d+) of (\d+) trials")
@@ -74,29 +79,6 @@ def study_budget(user_attrs: Mapping[str, Any]) -> int | None:
             return int(value)
     value = user_attrs.get("n_trials")
     return int(value) if value is not None else None
-
-
-# User attributes of results that are not trials of the budget: a smaller rank scored from its
-# parent's training (nested ranks, study/nested.py) and a confirmation run (study/confirm.py).
-# Both are added as finished trials (``study.add_trial``) and never start through the budget.
-OUTSIDE_BUDGET = ("nested_parent", "confirm_of")
-
-
-def in_budget(trial: FrozenTrial) -> bool:
-    """Whether ``trial`` is one of the study's ``n_trials`` (see :data:`OUTSIDE_BUDGET`)."""
-    return not any(key in trial.user_attrs for key in OUTSIDE_BUDGET)
-
-
-def budget_used(trials: Sequence[FrozenTrial]) -> int:
-    """Budget slots in use: started trials that are not retries of a failed one."""
-    return sum(1 for t in trials if t.state != TrialState.WAITING and RETRY_KEY not in t.system_attrs
-               and in_budget(t))
-
-
-def budget_done(trials: Sequence[FrozenTrial]) -> int:
-    """Budget slots whose last trial finished (a slot with a retry queued or running is not done)."""
-    finished = sum(1 for t in trials if t.state.is_finished() and in_budget(t))
-    return finished - sum(1 for t in trials if RETRY_KEY in t.system_attrs)
 
 
 class BudgetedStorage(StorageWrapper):
