@@ -1,13 +1,16 @@
 """What an adapter is made of, shared by both adapter formats (lora-tune's in
-:mod:`lora_tune.lora.state`, PEFT's in :mod:`lora_tune.lora.peft_format`): the adapted modules
-(sites), the LoRA-only state dict, checking an adapter's tensors against a model, and the plan
-that loads them. Both format modules import this one; neither imports the other at load time.
+:mod:`lora_tune.lora.native_format`, PEFT's in :mod:`lora_tune.lora.peft.adapter_format`): the
+adapted modules (sites), the config to record, the LoRA-only state dict, checking an adapter's
+tensors against a model, and the plan that loads them. Both format modules import this one;
+neither imports the other, nor :mod:`lora_tune.lora.state`, which dispatches to them.
 """
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -15,15 +18,15 @@ import torch
 from torch import nn
 
 from lora_tune.errors import AdapterFormatError, ConfigError
+from lora_tune.lora.base import scale_for
 from lora_tune.lora.config import LoraConfig
-from lora_tune.lora.experts import LoraExperts
 from lora_tune.lora.fused import equal_sizes
-from lora_tune.lora.inject import build_wrapper, inject, lora_layers, resolve
-from lora_tune.lora.layers import ADAPTER_PARAMS, LoraConv, LoraEmbedding, LoraLinear, LoraMultiheadAttention
-from lora_tune.lora.targets import parse_pattern
+from lora_tune.lora.inject import inject, lora_layers, new_wrapper, resolve
+from lora_tune.lora.layers import ADAPTER_PARAMS, LoraLinear
+from lora_tune.lora.targets import parse_pattern, selectors
 
 LORA_SUFFIXES = ADAPTER_PARAMS  # lora_A, lora_B and DoRA's lora_magnitude
-
+CONFIG_FILE = "adapter_config.json"  # both formats' config file
 
 
 @dataclass
@@ -41,7 +44,7 @@ class Site:
 
     @property
     def use_dora(self) -> bool:
-        return bool(getattr(self.wrapper, "use_dora", False))
+        return bool(self.wrapper.use_dora)
 
     @property
     def selector_name(self) -> str:
@@ -50,9 +53,7 @@ class Site:
     @property
     def target_names(self) -> list[str]:
         """Patterns that select exactly this site (expert stacks by their parameter names)."""
-        if self.kind == "experts":
-            return [f"{self.name}.{p}" for p in self.parts]
-        return [self.selector_name]
+        return selectors(self.name, self.kind, self.parts)
 
     @property
     def part_sizes(self) -> tuple[int, ...] | None:
@@ -67,7 +68,6 @@ class Site:
                 "part_sizes": list(sizes) if sizes else None, "use_dora": self.use_dora}
 
 
-
 def saved_part_sizes(entry: dict, out: int) -> tuple[int, ...] | None:
     """The q/k/v rows a saved fused module was trained with (adapters saved before lora-tune
     recorded them split every fused layer into equal thirds); None if that cannot be."""
@@ -79,27 +79,9 @@ def saved_part_sizes(entry: dict, out: int) -> tuple[int, ...] | None:
         return None
 
 
-
 def adapted_sites(model: nn.Module) -> list[Site]:
-    sites = []
-    for name, w in lora_layers(model):
-        if isinstance(w, LoraMultiheadAttention):
-            parts = tuple(p for p, on in zip("qkv", w.in_parts or ()) if on) + (("o",) if w.adapt_out else ())
-            kind = "mha"
-        elif isinstance(w, LoraLinear):
-            parts = tuple(p for p, on in zip("qkv", w.parts) if on) if w.parts else None
-            kind = "fused" if parts else ("conv1d_gpt2" if w.transposed else "linear")
-        elif isinstance(w, LoraEmbedding):
-            parts, kind = None, "embedding"
-        elif isinstance(w, LoraConv):
-            parts, kind = None, "conv"
-        elif isinstance(w, LoraExperts):
-            parts, kind = w.params, "experts"
-        else:  # pragma: no cover - a new wrapper family without a save rule
-            raise AdapterFormatError(f"module {name!r}: no save rule for {type(w).__name__}")
-        sites.append(Site(name, w, kind, int(w.r), float(w.lora_alpha), float(w.scaling), parts))
-    return sites
-
+    return [Site(name, w, w.kind, int(w.r), float(w.lora_alpha), float(w.scaling), w.adapted_parts)
+            for name, w in lora_layers(model)]
 
 
 def _model_config(model: nn.Module, config: LoraConfig | None) -> LoraConfig | None:
@@ -108,10 +90,41 @@ def _model_config(model: nn.Module, config: LoraConfig | None) -> LoraConfig | N
     return config if config is not None else getattr(model, "_lora_tune_config", None)
 
 
+def config_for(model: nn.Module, sites: list[Site], config: LoraConfig | None) -> LoraConfig:
+    """The config to record: the given/recorded one, or one reconstructed from the wrappers."""
+    config = _model_config(model, config)
+    if config is not None:
+        return config
+    ranks = Counter(s.r for s in sites)
+    rank = ranks.most_common(1)[0][0]
+    alpha = Counter(s.alpha for s in sites if s.r == rank).most_common(1)[0][0]
+    rslora = any(s.r > 1 and math.isclose(s.scaling, scale_for(s.r, s.alpha, True)) for s in sites)
+    first = sites[0].wrapper
+    quant = None
+    for s in sites:
+        q = s.wrapper.base_weight_q
+        q = next(iter(q.values()), None) if isinstance(q, nn.ModuleDict) else q
+        if q is not None:
+            quant = q
+            break
+    extras = [k for k, p in model.named_parameters() if p.requires_grad and not _is_lora_key(k)]
+    biases = [k for k in extras if k.endswith("bias")]
+    owners = sorted({k.rsplit(".", 1)[0] for k in extras if not k.endswith("bias")})
+    all_biases = [k for k, _ in model.named_parameters() if k.endswith("bias")]
+    bias = "none" if not biases else ("all" if len(biases) == len(all_biases) else "lora_only")
+    return LoraConfig(
+        rank=rank, alpha=alpha, dropout=float(getattr(first, "dropout_p", 0.0)),
+        targets=[s.selector_name for s in sites], method=first.method,
+        quant_bits=quant.bits if quant is not None else None,
+        quant_type=quant.quant_type if quant is not None and quant.bits == 4 else "nf4",
+        double_quant=bool(getattr(getattr(quant, "_state", None), "nested", True)),
+        rslora=rslora, bias=bias, modules_to_save=["re:" + re.escape(o) for o in owners],
+        use_dora=any(s.use_dora for s in sites),
+    )
+
 
 def _is_lora_key(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in LORA_SUFFIXES
-
 
 
 def lora_state_dict(model: nn.Module, config: LoraConfig | None = None) -> dict[str, torch.Tensor]:
@@ -143,7 +156,6 @@ def lora_state_dict(model: nn.Module, config: LoraConfig | None = None) -> dict[
     return out
 
 
-
 @dataclass
 class LoadPlan:
     """What load_adapter will do once every check has passed."""
@@ -168,10 +180,8 @@ class LoadPlan:
             w.merge()
 
 
-
 def exact_targets(names_with_parts: list[tuple[str, tuple[str, ...] | None]]) -> list[str]:
     return ["re:" + re.escape(n) + (f"[{','.join(p)}]" if p else "") for n, p in names_with_parts]
-
 
 
 def inject_exact(model: nn.Module, config: LoraConfig, plain_fused: tuple[str, ...] = ()) -> None:
@@ -191,7 +201,6 @@ def inject_exact(model: nn.Module, config: LoraConfig, plain_fused: tuple[str, .
     model._lora_tune_config = config
 
 
-
 def expected_after_inject(model: nn.Module, config: LoraConfig,
                           plain_fused: tuple[str, ...] = ()) -> dict[str, torch.Size]:
     """Parameter names and shapes the model would have after injecting ``config`` (and turning
@@ -209,7 +218,7 @@ def expected_after_inject(model: nn.Module, config: LoraConfig,
                 t = replace(t, module=_meta_copy(t.module))
                 if t.name in plain_fused:
                     t = replace(t, kind="linear", parts=None, part_sizes=None)
-                wrapper = build_wrapper(t, dry, [])
+                wrapper = new_wrapper(t, dry, [])
                 shapes.update({f"{t.name}.{k}": p.shape for k, p in wrapper.named_parameters()})
     except ConfigError as exc:
         raise AdapterFormatError(f"the saved adapter does not fit this model: {exc}") from None
@@ -221,7 +230,6 @@ def expected_after_inject(model: nn.Module, config: LoraConfig,
     return shapes
 
 
-
 def _meta_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers live on the meta device (no memory)."""
     memo: dict[int, Any] = {}
@@ -229,7 +237,6 @@ def _meta_copy(module: nn.Module) -> nn.Module:
         meta_t = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta_t, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta_t
     return copy.deepcopy(module, memo)
-
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], required: set[str],
@@ -248,7 +255,6 @@ def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Si
         problems.append(f"shape mismatches ({len(shapes)}): {_short(shapes)}")
     if problems:
         raise AdapterFormatError(f"{source}: adapter does not match the model; " + "; ".join(problems) + hint)
-
 
 
 def _short(items: list[str], n: int = 8) -> str:

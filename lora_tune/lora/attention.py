@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_tune.lora.base import QKV, _LoraState, _plus, _qkey, active_factor
+from lora_tune.lora.base import QKV, TargetSpec, _LoraState, _plus, _qkey, active_factor
 from lora_tune.lora.fused import checked_sizes, enabled_sizes, parts_matrix
 
 
@@ -44,6 +44,17 @@ class LoraMultiheadAttention(_LoraState):
     own ``F.multi_head_attention_forward``: the branch form of ``parallel`` applies to each
     projection, which this computes exactly."""
 
+    KINDS = ("mha",)
+
+    @classmethod
+    def kind_of(cls, module: nn.Module) -> str | None:
+        return "mha" if isinstance(module, nn.MultiheadAttention) else None
+
+    @classmethod
+    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> "LoraMultiheadAttention":
+        parts = target.parts or ("q", "k", "v", "o")
+        return cls(target.module, r, alpha, in_parts=tuple(p in parts for p in QKV), adapt_out="o" in parts, **kw)
+
     def __init__(self, base_layer: nn.MultiheadAttention, r: int, alpha: float, *, rslora: bool = False,
                  dropout: float = 0.0, method: str = "parallel", in_parts: Sequence[bool] | None = (True,) * 3,
                  adapt_out: bool = True):
@@ -75,14 +86,13 @@ class LoraMultiheadAttention(_LoraState):
                 return getattr(modules["base_layer"], name)
             raise
 
-    def _adapted_keys(self) -> list[str]:
-        return list(self.projections())
+    @property
+    def adapted_parts(self) -> tuple[str, ...]:
+        return tuple(p for p, on in zip(QKV, self.in_parts or ()) if on) + (("o",) if self.adapt_out else ())
 
-    def _delta_for(self, key: str) -> torch.Tensor:
-        return self.delta_weight(key)
-
-    def _is_quantized(self, key: str) -> bool:
-        return _qkey(key) in self.base_weight_q
+    @property
+    def max_useful_rank(self) -> int:
+        return self.base_layer.embed_dim
 
     # name of each adapted base weight -> its LoraProjection
     def projections(self) -> dict[str, LoraProjection]:
@@ -97,6 +107,8 @@ class LoraMultiheadAttention(_LoraState):
         if self.adapt_out:
             out["out_proj.weight"] = self.out_proj
         return out
+
+    pairs = projections
 
     def base_weight(self, key: str) -> torch.Tensor:
         qkey = _qkey(key)

@@ -1,13 +1,20 @@
 """What every LoRA wrapper shares: rank / alpha / scaling / method / dropout, the merge state
-(``_LoraState.merge`` / ``unmerge``), and the small helpers of the low-rank algebra.
-The wrappers themselves are in :mod:`lora_tune.lora.layers` (one per layer family),
-:mod:`lora_tune.lora.attention` (nn.MultiheadAttention) and :mod:`lora_tune.lora.experts`."""
+(``_LoraState.merge`` / ``unmerge``), the initialisation of the factors (kaiming / gaussian /
+PiSSA, as PEFT's ``update_layer`` dispatches to its layer's own init methods), the frozen base
+weights (quantizing them, installing PiSSA's residual, unloading), and the small helpers of the
+low-rank algebra. The wrappers themselves are in :mod:`lora_tune.lora.layers` (one per layer
+family, and the dispatch table), :mod:`lora_tune.lora.attention` (nn.MultiheadAttention) and
+:mod:`lora_tune.lora.experts`."""
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
+
+from lora_tune.lora.fused import part_slices
+from lora_tune.lora.quant import QuantizedWeight
 
 QKV = ("q", "k", "v")
 ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude")
@@ -34,14 +41,58 @@ def active_factor(module: nn.Module, name: str, value: torch.Tensor) -> torch.Te
     return value[:b] if n == 1 else value.unflatten(0, (n, -1))[:, :b].flatten(0, 1)
 
 
+def kaiming_uniform_(A: torch.Tensor, fan_in: int) -> None:
+    """A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's kaiming_uniform(a=sqrt(5)), as nn.Linear and PEFT."""
+    bound = 1.0 / math.sqrt(fan_in)
+    A.uniform_(-bound, bound)
+
+
+def pissa_factors(matrix: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA: A, B from the top-r singular triplets so that s * B @ A equals their sum."""
+    dtype = torch.promote_types(matrix.dtype, torch.float32)
+    U, S, Vh = torch.linalg.svd(matrix.to(dtype), full_matrices=False)
+    k = min(r, S.shape[0])
+    root = torch.sqrt(S[:k] / scaling)
+    A, B = root[:, None] * Vh[:k], U[:, :k] * root[None, :]
+    if k < r:  # rank above min(in, out): extra rows of A get the standard init, B's columns stay 0
+        extra = torch.empty(r - k, A.shape[1], dtype=dtype)
+        kaiming_uniform_(extra, extra.shape[1])
+        A = torch.cat([A, extra])
+        B = torch.cat([B, torch.zeros(B.shape[0], r - k, dtype=dtype)], dim=1)
+    return A, B
+
+
+class TargetSpec(Protocol):
+    """What a wrapper is built for (:class:`lora_tune.lora.targets.Target`)."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    parts: tuple[str, ...] | None
+    part_sizes: tuple[int, ...] | None
+
+
 class _LoraState(nn.Module):
     """r, alpha, scaling, method, dropout and merge state shared by every wrapper.
 
     A wrapper adapts one or more base weights, each named by a key (``"weight"``,
-    ``"in_proj_weight"``, ``"out_proj.weight"``...). ``merge()`` adds each delta to its weight in
-    place, keeping a backup for a bit-exact ``unmerge()``; a quantized weight, or one tied to
-    another module (``shared_base``), gets a dense merged copy instead.
+    ``"in_proj_weight"``, ``"out_proj.weight"``...) and each with its pair of factors
+    (:meth:`pairs`). ``merge()`` adds each delta to its weight in place, keeping a backup for a
+    bit-exact ``unmerge()``; a quantized weight, or one tied to another module (``shared_base``),
+    gets a dense merged copy instead.
+
+    Each family says what it is: ``KINDS`` (the target kinds it is built for), ``kind_of(module)``
+    (the kind of a torch layer it wraps, or None; see :data:`lora_tune.lora.layers.WRAPPERS`),
+    ``kind`` and ``adapted_parts`` (what an adapter records), ``supports_dora``,
+    ``max_useful_rank``, its weight layout (``_to_matrix`` / ``_to_weight``) and its inits.
     """
+
+    KINDS: tuple[str, ...] = ()
+    supports_dora = False
+    use_dora = False
+    PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
+    """What PEFT calls this layer's factors in its adapter files (PEFT's LoraLayer keeps them as
+    ``lora_A`` / ``lora_B`` ModuleDicts of nn.Linear or nn.Conv layers)."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, rslora: bool, dropout: float, method: str):
         super().__init__()
@@ -56,25 +107,58 @@ class _LoraState(nn.Module):
         self._merge_backup: dict[str, torch.Tensor] = {}
         self._merged_dense: dict[str, torch.Tensor] = {}
 
-    # subclasses say which weights they adapt and how to read them
-    def _adapted_keys(self) -> list[str]:
+    @classmethod
+    def kind_of(cls, module: nn.Module) -> str | None:
+        """The target kind of ``module`` if this family wraps it, else None."""
+        return None
+
+    @classmethod
+    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> "_LoraState":
+        """The wrapper around ``target.module`` (factors not initialised; see :meth:`init_lora`)."""
+        return cls(target.module, r, alpha, **kw)
+
+    @property
+    def max_useful_rank(self) -> int:
+        """min(in, out) of the adapted weights: a larger rank adds parameters but no expressiveness."""
         raise NotImplementedError
 
-    def _delta_for(self, key: str) -> torch.Tensor:
+    @property
+    def kind(self) -> str:
+        return self.KINDS[0]
+
+    @property
+    def adapted_parts(self) -> tuple[str, ...] | None:
+        """The parts adapted (q/k/v of fused qkv, q/k/v/o of nn.MultiheadAttention, expert stacks)."""
+        return None
+
+    # subclasses say which weights they adapt and how to read them
+    def pairs(self) -> dict[str, nn.Module]:
+        """Key of each adapted base weight -> the module holding its ``lora_A`` / ``lora_B``."""
         raise NotImplementedError
 
     def _merged_weight(self, key: str) -> torch.Tensor:
         """The adapted weight ``key`` as one tensor (what merge() stores), computed from the unmerged base."""
-        return _plus(self.base_weight(key), self._delta_for(key), fresh=self._is_quantized(key))
+        return _plus(self.base_weight(key), self.delta_weight(key), fresh=self._is_quantized(key))
 
     def _is_quantized(self, key: str) -> bool:
-        raise NotImplementedError
+        return _qkey(key) in self.base_weight_q
+
+    def _owner(self, key: str) -> tuple[nn.Module, str]:
+        """The module of the base layer holding weight ``key``, and the weight's name in it."""
+        owner, _, leaf = key.rpartition(".")
+        return (self.base_layer.get_submodule(owner) if owner else self.base_layer), leaf
 
     def _base_param(self, key: str) -> torch.Tensor:
-        obj = self.base_layer
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        return obj
+        owner, leaf = self._owner(key)
+        return getattr(owner, leaf)
+
+    def _to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight as rows of ``B @ A`` (its layout; the inverse of ``_to_weight``)."""
+        return weight
+
+    def _to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        """A low-rank matrix laid over the base weight, in the weight's layout."""
+        return matrix
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # merged copies follow .to(dtype / device) like buffers
@@ -83,11 +167,89 @@ class _LoraState(nn.Module):
                 store[key] = fn(store[key])
         return self
 
+    # -- initialisation (PEFT's update_layer: reset_lora_parameters / pissa_init) ----------------
+    def init_lora(self, init: str) -> dict[str, torch.Tensor]:
+        """Initialise every pair by ``init`` (kaiming, gaussian, pissa). Returns the base weights
+        PiSSA leaves (key -> residual); the base layer itself is not changed (see :meth:`install_base`)."""
+        residuals = {}
+        for key, pair in self.pairs().items():
+            if init == "pissa":
+                residuals[key] = self._pissa_init(key, pair)
+            else:
+                self._standard_init(pair, init)
+        return residuals
+
+    def _fan_in(self, A: torch.Tensor) -> int:
+        return A[0].numel()
+
+    @torch.no_grad()
+    def _standard_init(self, pair: nn.Module, init: str) -> None:
+        """A kaiming-uniform (bound 1/sqrt(in), as for a Linear) or gaussian (std 1/r); B = 0, so
+        the adapted model starts equal to the base."""
+        if init == "gaussian":
+            pair.lora_A.normal_(0.0, 1.0 / self.r)
+        else:
+            kaiming_uniform_(pair.lora_A, self._fan_in(pair.lora_A))
+        pair.lora_B.zero_()
+
+    @torch.no_grad()
+    def _pissa_init(self, key: str, pair: nn.Module) -> torch.Tensor:
+        """PiSSA on the matrix view of base weight ``key``, part by part (fused qkv); returns the residual."""
+        A, B = pair.lora_A, pair.lora_B
+        w0 = self._base_param(key)
+        matrix = self._to_matrix(w0)
+        parts = pair.parts or (True,)  # a fused qkv pair: its enabled parts, each PiSSA'd on its rows
+        rows = part_slices(pair.part_sizes or (matrix.shape[0],))
+        As, Bs = [], []
+        residual = matrix.clone().to(torch.promote_types(matrix.dtype, torch.float32))
+        for block in (block for block, on in zip(rows, parts) if on):
+            a, b = pissa_factors(matrix[block], self.r, self.scaling)
+            As.append(a)
+            Bs.append(b)
+            residual[block] -= self.scaling * (b.to(B.dtype).to(a.dtype) @ a.to(A.dtype).to(a.dtype))
+        A.copy_(torch.cat(As).view_as(A).to(A.dtype))
+        B.copy_(torch.cat(Bs).view_as(B).to(B.dtype))
+        return self._to_weight(residual).to(w0.dtype)
+
+    # -- the frozen base weights --------------------------------------------------------------------
+    def quantize(self, key: str, weight: torch.Tensor, bits: int, quant_type: str,
+                 double_quant: bool) -> QuantizedWeight:
+        """The frozen base weight ``key`` (with the value ``weight``) quantized."""
+        return QuantizedWeight(weight, bits, quant_type, double_quant)
+
+    def _set_quantized(self, key: str, qweight: QuantizedWeight) -> None:
+        self.base_weight_q[_qkey(key)] = qweight
+
+    @torch.no_grad()
+    def install_base(self, residuals: dict[str, torch.Tensor], quantized: dict[str, QuantizedWeight]) -> None:
+        """Write PiSSA's residuals into the base weights, and replace quantized ones by their
+        quantized copy (what ``inject`` does when it commits)."""
+        for key, value in residuals.items():
+            self._base_param(key).copy_(value)
+        for key, qweight in quantized.items():
+            owner, leaf = self._owner(key)
+            owner._parameters[leaf] = None
+            self._set_quantized(key, qweight)
+
+    @torch.no_grad()
+    def unloaded(self) -> nn.Module:
+        """The base layer holding ``W0 + delta`` (dequantized for a quantized base) as plain parameters."""
+        for key in self.pairs():
+            w = self._merged_dense.get(key)
+            if w is None:  # an in-place merge already holds the delta
+                w = self.base_weight(key) if self.merged else self._merged_weight(key)
+            owner, leaf = self._owner(key)
+            old = owner._parameters.get(leaf)
+            owner._parameters[leaf] = nn.Parameter(w.detach().clone(),
+                                                   requires_grad=old.requires_grad if old is not None else False)
+        return self.base_layer
+
+    # -- merging ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
-        for key in self._adapted_keys():
+        for key in self.pairs():
             merged = self._merged_weight(key)
             if self._is_quantized(key) or self.shared_base:
                 self._merged_dense[key] = merged.detach()

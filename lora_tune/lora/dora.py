@@ -27,10 +27,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-DORA_KINDS = ("linear", "fused", "conv1d_gpt2", "embedding", "conv")
-"""Target kinds (lora_tune.lora.targets) whose wrapper supports ``use_dora``."""
-
-
 class DoraMixin:
     """DoRA for :class:`lora_tune.lora.layers.LoraLayer`. It uses the wrapper's layout methods:
     ``_to_matrix`` (base weight -> rows of ``B @ A``), ``_weight_view`` / ``_out_view`` (a per-row

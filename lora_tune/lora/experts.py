@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lora_tune.lora.layers import _LoraState, _plus
+from lora_tune.lora.base import TargetSpec, _LoraState, _plus, pissa_factors
 from lora_tune.lora.quant import QuantizedWeight
 
 _COUNT_ATTRS = ("num_experts", "num_local_experts")
@@ -81,7 +81,14 @@ class ExpertPairs(nn.Module):
 class LoraExperts(_LoraState):
     """An experts module with LoRA on some of its weight stacks (``params``). The pairs are
     registered under the stacks' names (``experts.gate_up_proj.lora_A``); everything else is
-    read from the base module."""
+    read from the base module. Expert stacks are found by parameter (:func:`expert_parameters`),
+    not by module type: ``kind_of`` recognises no torch layer."""
+
+    KINDS = ("experts",)
+
+    @classmethod
+    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> "LoraExperts":
+        return cls(target.module, r, alpha, params=target.parts, **kw)
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, *, params: Sequence[str],
                  rslora: bool = False, dropout: float = 0.0, method: str = "parallel"):
@@ -106,18 +113,40 @@ class LoraExperts(_LoraState):
             raise
 
     # -- what _LoraState needs --------------------------------------------------------------
-    def _adapted_keys(self) -> list[str]:
-        return list(self.params)
+    @property
+    def adapted_parts(self) -> tuple[str, ...]:
+        return self.params
 
-    def _delta_for(self, key: str) -> torch.Tensor:
-        return self.delta_weight(key)
+    @property
+    def max_useful_rank(self) -> int:
+        return min(min(p.lora_A.shape[-1], p.lora_B.shape[-2]) for p in self.pairs().values())
 
-    def _is_quantized(self, key: str) -> bool:
-        return key in self.base_weight_q
-
-    def projections(self) -> dict[str, ExpertPairs]:
+    def pairs(self) -> dict[str, ExpertPairs]:
         """Name of each adapted stack -> its pairs."""
         return {p: self._modules[p] for p in self.params}
+
+    def _fan_in(self, A: torch.Tensor) -> int:
+        return A.shape[-1]  # A is experts x r x in
+
+    def _to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The stack as experts x out x in, whatever its layout."""
+        return weight.transpose(1, 2) if self.transposed else weight
+
+    _to_weight = _to_matrix  # a transpose is its own inverse
+
+    @torch.no_grad()
+    def _pissa_init(self, key: str, pairs: nn.Module) -> torch.Tensor:
+        """PiSSA on each expert's matrix; the stack keeps the residuals."""
+        A, B = pairs.lora_A, pairs.lora_B
+        w0 = self._base_param(key)
+        matrices = self._to_matrix(w0)
+        residual = matrices.to(torch.promote_types(w0.dtype, torch.float32)).clone()
+        for e in range(matrices.shape[0]):
+            a, b = pissa_factors(matrices[e], self.r, self.scaling)
+            A[e].copy_(a.to(A.dtype))
+            B[e].copy_(b.to(B.dtype))
+            residual[e] -= self.scaling * (B[e].to(a.dtype) @ A[e].to(a.dtype))
+        return self._to_weight(residual).to(w0.dtype).contiguous()
 
     # -- weights ------------------------------------------------------------------------------
     def quantize(self, key: str, weight: torch.Tensor, bits: int, quant_type: str,
@@ -131,17 +160,14 @@ class LoraExperts(_LoraState):
             return self.base_weight_q[key].dequantize().reshape(self._shapes[key])
         return self._base_param(key)
 
-    def _layout(self, matrix: torch.Tensor) -> torch.Tensor:
-        return matrix.transpose(1, 2) if self.transposed else matrix
-
     def delta_weight(self, key: str) -> torch.Tensor:
-        return self._layout(self.projections()[key].matrix().mul_(self.scaling))
+        return self._to_weight(self.pairs()[key].matrix().mul_(self.scaling))
 
     def _dropped_delta(self, key: str) -> torch.Tensor:
-        pairs = self.projections()[key]
+        pairs = self.pairs()[key]
         if not (self.training and self.dropout_p > 0):
             return self.delta_weight(key)
-        return self._layout(pairs.matrix(F.dropout(pairs.lora_A, self.dropout_p, True)).mul_(self.scaling))
+        return self._to_weight(pairs.matrix(F.dropout(pairs.lora_A, self.dropout_p, True)).mul_(self.scaling))
 
     def effective_weights(self) -> dict[str, torch.Tensor]:
         """The stacks the base forward must use instead of its own parameters."""

@@ -17,9 +17,11 @@ beside the quantized one instead.
 With ``use_dora`` the single-weight wrappers learn a magnitude per output row as well
 (``lora_magnitude``; see :mod:`lora_tune.lora.dora`).
 
-This module holds the single-weight wrappers (Linear / GPT-2 Conv1D / fused qkv, Embedding, Conv);
-nn.MultiheadAttention's is in :mod:`lora_tune.lora.attention` and the state every wrapper shares in
-:mod:`lora_tune.lora.base`; both are re-exported here.
+This module holds the single-weight wrappers (Linear / GPT-2 Conv1D / fused qkv, Embedding, Conv)
+and the dispatch table of every family (:data:`WRAPPERS`); nn.MultiheadAttention's wrapper is in
+:mod:`lora_tune.lora.attention`, the expert stacks' in :mod:`lora_tune.lora.experts`, and the
+state every wrapper shares (merging, initialisation, base weights) in :mod:`lora_tune.lora.base`.
+Each family knows its weight layout, its inits, its kind, its DoRA support and its PEFT key names.
 """
 from __future__ import annotations
 
@@ -29,16 +31,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_tune.errors import ConfigError
 from lora_tune.lora.attention import LoraMultiheadAttention, LoraProjection
 from lora_tune.lora.base import (
     ADAPTER_PARAMS,
     QKV,
+    TargetSpec,
     _LoraState,
     _plus,
     active_factor,
     scale_for,
 )
 from lora_tune.lora.dora import DoraMixin
+from lora_tune.lora.experts import LoraExperts
 from lora_tune.lora.fused import (
     checked_sizes,
     enabled_sizes,
@@ -52,14 +57,17 @@ __all__ = [
     "ADAPTER_PARAMS",
     "LORA_WRAPPERS",
     "QKV",
+    "WRAPPERS",
     "LoraConv",
     "LoraEmbedding",
+    "LoraExperts",
     "LoraLayer",
     "LoraLinear",
     "LoraMultiheadAttention",
     "LoraProjection",
     "active_factor",
     "scale_for",
+    "wrapper_for",
 ]
 
 
@@ -74,6 +82,9 @@ class LoraLayer(DoraMixin, _LoraState):
 
     lora_A: nn.Parameter
     lora_B: nn.Parameter
+    supports_dora = True
+    parts: tuple[bool, ...] | None = None          # fused qkv only (LoraLinear)
+    part_sizes: tuple[int, ...] | None = None
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, *, rslora: bool = False,
                  dropout: float = 0.0, method: str = "parallel", weight_name: str = "weight",
@@ -85,14 +96,18 @@ class LoraLayer(DoraMixin, _LoraState):
         self.use_dora = use_dora
         self.register_parameter("lora_magnitude", None)
 
-    def _adapted_keys(self) -> list[str]:
-        return [self.weight_name]
-
-    def _delta_for(self, key: str) -> torch.Tensor:
-        return self.delta_weight()
+    def pairs(self) -> dict[str, nn.Module]:
+        return {self.weight_name: self}
 
     def _is_quantized(self, key: str) -> bool:
         return self.base_weight_q is not None
+
+    def _set_quantized(self, key: str, qweight: QuantizedWeight) -> None:
+        self.base_weight_q = qweight
+
+    def peft_magnitude(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """``lora_magnitude`` in the shape PEFT keeps it (``lora_magnitude_vector``)."""
+        return magnitude.reshape(-1)
 
     # attributes such as in_features / padding_idx / stride are read from the base layer
     def __getattr__(self, name: str):
@@ -170,13 +185,6 @@ class LoraLayer(DoraMixin, _LoraState):
         override this to keep the dense weight out of autograd's saved tensors)."""
         return self._forward_with(x, self.base_weight(), bias)
 
-    def _to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``_to_weight``: the base weight as rows of ``B @ A``."""
-        raise NotImplementedError
-
     def _forward_with(self, x: torch.Tensor, weight: torch.Tensor, bias: bool = True) -> torch.Tensor:
         raise NotImplementedError
 
@@ -222,6 +230,25 @@ class LoraLinear(LoraLayer):
     is (rows of the n enabled parts, r) (loralib's MergedLinear layout): each part has its own
     rank-r pair."""
 
+    KINDS = ("linear", "conv1d_gpt2", "fused")
+
+    @classmethod
+    def kind_of(cls, module: nn.Module) -> str | None:
+        if isinstance(module, nn.Linear):
+            # bitsandbytes' Linear4bit / Linear8bitLt hold integer weights: use quant_bits instead
+            return "linear" if module.weight is not None and module.weight.is_floating_point() else None
+        if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers") and hasattr(module, "nf"):
+            return "conv1d_gpt2"
+        return None
+
+    @classmethod
+    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> "LoraLinear":
+        """A fused qkv target (``target.parts``: q/k/v names) has its rows split into ``target.part_sizes``."""
+        module, parts = target.module, target.parts if target.kind == "fused" else None
+        enabled = tuple(p in parts for p in QKV) if parts is not None else None
+        return cls(module, r, alpha, transposed=cls.kind_of(module) == "conv1d_gpt2", parts=enabled,
+                   part_sizes=target.part_sizes, **kw)
+
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, *, transposed: bool = False,
                  parts: Sequence[bool] | None = None, part_sizes: Sequence[int] | None = None, **kw):
         super().__init__(base_layer, r, alpha, **kw)
@@ -236,6 +263,18 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.Parameter(w.new_zeros(n * r, in_f))
         self.lora_B = nn.Parameter(w.new_zeros(rows, r))
         self._add_magnitude()
+
+    @property
+    def kind(self) -> str:
+        return "fused" if self.parts else ("conv1d_gpt2" if self.transposed else "linear")
+
+    @property
+    def adapted_parts(self) -> tuple[str, ...] | None:
+        return tuple(p for p, on in zip(QKV, self.parts) if on) if self.parts else None
+
+    @property
+    def max_useful_rank(self) -> int:
+        return min(self.in_features, *(enabled_sizes(self.parts, self.part_sizes) if self.parts else [self.out_features]))
 
     def _matrix_from(self, A: torch.Tensor) -> torch.Tensor:
         return parts_matrix(A, self.lora_B, self.parts, self.part_sizes)
@@ -283,6 +322,22 @@ class LoraEmbedding(LoraLayer):
     the delta of the table is ``(B @ A).T``. Rows at ``padding_idx`` get no gradient, in both
     methods, exactly as for the base table."""
 
+    KINDS = ("embedding",)
+    PEFT_NAMES = {**_LoraState.PEFT_NAMES, "lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+
+    @classmethod
+    def kind_of(cls, module: nn.Module) -> str | None:
+        # a subclass with its own forward (Gemma's scaled embedding, OPT's learned positions) is
+        # not a plain table lookup, so a delta on its table is not what it computes
+        return "embedding" if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward else None
+
+    @classmethod
+    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> "LoraEmbedding":
+        if target.module.max_norm is not None:
+            raise ConfigError("targets", target.name, "embeddings without max_norm",
+                              "nn.Embedding(max_norm=...) renormalises its weight in place, which LoRA cannot track")
+        return cls(target.module, r, alpha, **kw)
+
     def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, **kw):
         super().__init__(base_layer, r, alpha, **kw)
         self.lora_dropout = nn.Identity()  # dropout on token ids makes no sense; embeddings take none
@@ -290,6 +345,16 @@ class LoraEmbedding(LoraLayer):
         self.lora_A = nn.Parameter(w.new_zeros(r, w.shape[0]))
         self.lora_B = nn.Parameter(w.new_zeros(w.shape[1], r))
         self._add_magnitude()
+
+    @property
+    def max_useful_rank(self) -> int:
+        return min(self.base_layer.weight.shape)
+
+    @torch.no_grad()
+    def _standard_init(self, pair: nn.Module, init: str) -> None:
+        """One-hot inputs: A = 0 and B random, whatever ``init`` says (PEFT's choice)."""
+        self.lora_A.zero_()
+        self.lora_B.normal_(0.0, 1.0)
 
     def _to_weight(self, matrix):
         return matrix.t()
@@ -336,6 +401,12 @@ class LoraConv(LoraLayer):
     ``lora_A`` has the shape of a conv kernel (r, in/groups, *k) and ``lora_B`` of a 1x1 kernel
     (out, r, 1, ...), as PEFT shapes them; delta = (B.flat @ A.flat) viewed as the kernel."""
 
+    KINDS = ("conv",)
+
+    @classmethod
+    def kind_of(cls, module: nn.Module) -> str | None:
+        return "conv" if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else None
+
     def __init__(self, base_layer: nn.modules.conv._ConvNd, r: int, alpha: float, **kw):
         super().__init__(base_layer, r, alpha, **kw)
         w = base_layer.weight
@@ -343,6 +414,14 @@ class LoraConv(LoraLayer):
         self.lora_B = nn.Parameter(w.new_zeros(w.shape[0], r, *([1] * (w.dim() - 2))))
         self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
         self._add_magnitude()
+
+    @property
+    def max_useful_rank(self) -> int:
+        w = self.base_layer.weight
+        return min(w.shape[0], w[0].numel())
+
+    def peft_magnitude(self, magnitude: torch.Tensor) -> torch.Tensor:
+        return magnitude.reshape(1, -1, *[1] * (self.lora_A.dim() - 2))  # PEFT keeps a conv's as (1, out, 1, ...)
 
     def _to_weight(self, matrix):
         return matrix.view(self.lora_B.shape[0], *self.lora_A.shape[1:])
@@ -368,3 +447,19 @@ class LoraConv(LoraLayer):
 
 LORA_WRAPPERS = (_LoraState,)
 """Every wrapper family (these, and :class:`lora_tune.lora.experts.LoraExperts`) derives from _LoraState."""
+
+WRAPPERS: tuple[type[_LoraState], ...] = (LoraMultiheadAttention, LoraLinear, LoraEmbedding, LoraConv, LoraExperts)
+"""The dispatch table (PEFT's ``_create_new_module`` walks its dispatchers the same way): the first
+family whose ``kind_of`` recognises a torch layer wraps it, and each family builds the target
+kinds it lists in ``KINDS`` (``fused`` and ``experts`` come from the resolver: a Linear or GPT-2
+Conv1D split into q/k/v, a module's expert weight stacks)."""
+
+WRAPPER_OF_KIND: dict[str, type[_LoraState]] = {kind: cls for cls in WRAPPERS for kind in cls.KINDS}
+
+
+def wrapper_for(module: nn.Module) -> tuple[str, type[_LoraState]] | None:
+    """(kind, wrapper family) of a torch layer lora-tune can adapt, else None."""
+    for cls in WRAPPERS:
+        if (kind := cls.kind_of(module)) is not None:
+            return kind, cls
+    return None

@@ -16,7 +16,7 @@ Afterwards the first r components of the rank-R adapter form a rank-r adapter fo
 * :class:`NestedTask` -- a task for :func:`lora_tune.train.fit` whose ``loss`` draws the rank and
   whose ``evaluate`` also scores every smaller rank (metrics named ``accuracy@rank4``, ...).
 
-Only the layer knows its factors' layout: the slicing is ``lora_tune.lora.layers.active_factor``.
+Only the layer knows its factors' layout: the slicing is ``lora_tune.lora.base.active_factor``.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from lora_tune.errors import ConfigError
 from lora_tune.lora.inject import _lora_params, lora_layers
-from lora_tune.lora.layers import scale_for
+from lora_tune.lora.base import scale_for
 
 __all__ = ["NestedRanks", "NestedTask", "set_active_rank", "truncate", "truncated", "rank_key", "split_rank_metrics"]
 

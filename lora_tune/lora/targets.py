@@ -29,27 +29,16 @@ from lora_tune.errors import ConfigError, NoMatchingModulesError, UnsupportedLay
 from lora_tune.lora.blocks import LayerStack, layer_stacks
 from lora_tune.lora.experts import expert_parameters
 from lora_tune.lora.fused import Sizes, has_fused_name, qkv_sizes, split_problem
+from lora_tune.lora.layers import LORA_WRAPPERS, wrapper_for
 from lora_tune.lora.roles import layer_role
 
 _SELECTOR = re.compile(r"^(?P<pattern>.*?)\[(?P<parts>[qkvo](?:\s*,\s*[qkvo])*)\]$")
 _GLOB_CHARS = set("*?[")
 
 def supported_kind(module: nn.Module) -> str | None:
-    """The wrapper family for a module, or None when the injector cannot adapt it."""
-    if isinstance(module, nn.MultiheadAttention):
-        return "mha"
-    if isinstance(module, nn.Linear):
-        # bitsandbytes' Linear4bit / Linear8bitLt hold integer weights: use quant_bits instead
-        return "linear" if module.weight is not None and module.weight.is_floating_point() else None
-    if isinstance(module, nn.Embedding):
-        # a subclass with its own forward (Gemma's scaled embedding, OPT's learned positions) is
-        # not a plain table lookup, so a delta on its table is not what it computes
-        return "embedding" if type(module).forward is nn.Embedding.forward else None
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return "conv"
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers") and hasattr(module, "nf"):
-        return "conv1d_gpt2"
-    return None
+    """The kind of a module the injector can adapt (the dispatch table's answer), or None."""
+    found = wrapper_for(module)
+    return found[0] if found is not None else None
 
 
 SUPPORTED_TYPES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention",
@@ -98,6 +87,14 @@ class Target:
     notes: list[str] = field(default_factory=list)
 
 
+def selectors(name: str, kind: str, parts: tuple[str, ...] | None) -> list[str]:
+    """Patterns that select exactly the adapted module ``name`` again (expert stacks by their
+    parameter names, fused qkv and nn.MultiheadAttention with their part selector)."""
+    if kind == "experts":
+        return [f"{name}.{p}" for p in parts]
+    return [f"{name}[{','.join(parts)}]" if parts else name]
+
+
 def fused_sizes(model: nn.Module, name: str, module: nn.Module,
                 overrides: Mapping[str, Sequence[int]] | None = None) -> Sizes | None:
     """q/k/v output rows of a supported fused qkv layer (see :func:`lora_tune.lora.fused.qkv_sizes`),
@@ -116,8 +113,6 @@ def _inside_wrapper(name: str, wrapped_prefixes: set[str]) -> bool:
 def named_candidates(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """Supported modules, skipping the insides of LoRA wrappers and of nn.MultiheadAttention; an
     expert weight stack appears as ``(module name + "." + parameter, experts module, "expert")``."""
-    from lora_tune.lora.layers import LORA_WRAPPERS  # noqa: PLC0415
-
     skip: set[str] = set()
     out = []
     for name, module in model.named_modules():
@@ -137,8 +132,6 @@ def named_candidates(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 def model_stacks(model: nn.Module) -> list[LayerStack]:
     """The model's layer stacks (see :func:`lora_tune.lora.blocks.layer_stacks`)."""
-    from lora_tune.lora.layers import LORA_WRAPPERS  # noqa: PLC0415
-
     return layer_stacks(model, lambda m: supported_kind(m) is not None or bool(expert_parameters(m))
                         or isinstance(m, LORA_WRAPPERS))
 
@@ -166,7 +159,7 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], de
     by_name = {n: (m, k) for n, m, k in candidates}
     mha_of = _mha_children(model)
     modules = dict(model.named_modules())
-    wrappers = {n for n, m in modules.items() if _is_wrapper(m)}
+    wrappers = {n for n, m in modules.items() if isinstance(m, LORA_WRAPPERS)}
 
     # An exact name of something we cannot adapt is an error, not a silent skip.
     for p in patterns:
@@ -282,12 +275,6 @@ def _type_description(module: nn.Module) -> str:
     if isinstance(module, nn.Embedding):
         return f"{name} (an nn.Embedding subclass with its own forward, which LoRA on its table would not follow)"
     return name
-
-
-def _is_wrapper(module: nn.Module) -> bool:
-    from lora_tune.lora.layers import LORA_WRAPPERS  # noqa: PLC0415
-
-    return isinstance(module, LORA_WRAPPERS)
 
 
 def classify(model: nn.Module, qkv_sizes: Mapping[str, Sequence[int]] | None = None

@@ -149,6 +149,30 @@ def test_failed_inject_leaves_model_untouched():
     assert [p.requires_grad for p in model.parameters()] == grads
 
 
+@pytest.mark.parametrize("step", ["for_target", "init_lora", "quantize", "init_magnitude"])
+def test_a_failure_at_any_build_step_leaves_no_half_injected_model(monkeypatch, step):
+    """inject builds every wrapper before it commits: the first target is fully built (PiSSA
+    residual, 4-bit copy, DoRA magnitude) when the second one's build fails at ``step``; the model
+    keeps its modules, weights (bit for bit), requires_grad and no recorded config."""
+    from lora_tune.lora.layers import LoraConv
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Conv1d(8, 8, 1), nn.Linear(8, 8))
+    model[2].weight.requires_grad_(False)
+    state, types = _state(model), [type(m) for m in model.modules()]
+    grads = [p.requires_grad for p in model.parameters()]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"boom in {step}")
+
+    monkeypatch.setattr(LoraConv, step, boom)
+    with pytest.raises(RuntimeError, match=f"boom in {step}"):
+        lora_tune.inject(model, LoraConfig(targets=["0", "1", "2"], quant_bits=4, init="pissa", use_dora=True))
+    assert _same(model, state, types)
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert not hasattr(model, "_lora_tune_config")
+    assert all(p is not None for p in (model[0].weight, model[1].weight, model[2].weight))
+
+
 def test_double_inject_is_refused_clearly():
     model = Tiny()
     lora_tune.inject(model, LoraConfig(targets=["q_proj"]))
