@@ -23,6 +23,7 @@ from torch import nn
 from lora_tune.errors import ConfigError
 from lora_tune.lora.config import LoraConfig
 from lora_tune.lora.inject import InjectReport, find_targets, inject
+from lora_tune.lora.state import save_adapter
 
 __all__ = ["AdapterLoRa", "FACADE_METHODS"]
 
@@ -103,8 +104,6 @@ class AdapterLoRa:
 
     def save(self, path: str | os.PathLike, format: str = "lora-tune") -> Path:
         """Save the adapter (see :func:`lora_tune.save_adapter`)."""
-        from lora_tune.lora.state import save_adapter  # noqa: PLC0415
-
         if self.report is None:
             raise ConfigError("save", str(path), "a model adapted with implement_lora() first")
         return save_adapter(self.model, path, format=format, config=self.config)

@@ -15,7 +15,7 @@ from torch import nn
 
 from lora_tune import ConfigError, LoraConfig, find_targets, inject, load_adapter, save_adapter
 from lora_tune.lora.inject import lora_layers
-from lora_tune.lora.state import adapted_sites
+from lora_tune.lora.adapter_sites import adapted_sites
 from tests.lora.hf_models import tiny_causal_lm, tokens
 
 peft = pytest.importorskip("peft")
@@ -183,6 +183,21 @@ def test_from_peft_inverts_to_peft(case, via):
     assert {k: v for k, v in again.to_dict().items() if k != "modules_to_save"} == \
         {k: v for k, v in pcfg.to_dict().items() if k != "modules_to_save"}
     assert again.modules_to_save == pcfg.modules_to_save
+
+
+def test_config_methods_are_the_leaf_functions():
+    """LoraConfig.to_peft / from_peft (the public names kept for compatibility) give exactly what
+    lora_tune.lora.peft's functions give; the config module defines neither."""
+    from lora_tune.lora import config as config_module
+    from lora_tune.lora.peft import from_peft_config, to_peft_config
+
+    build, cfg = CASES["gpt2-patterns-wte"]
+    model = build()
+    pcfg = to_peft_config(cfg, model)
+    assert cfg.to_peft(model).to_dict() == pcfg.to_dict()
+    assert LoraConfig.from_peft(pcfg) == from_peft_config(pcfg) == cfg.from_peft(pcfg.to_dict())
+    imports = [line for line in open(config_module.__file__, encoding="utf-8") if "import" in line]
+    assert imports and not any("peft" in line for line in imports)
 
 
 def peft_saved(tmp_path, build, **peft_kwargs):

@@ -311,7 +311,7 @@ def test_adapter_io_imports_neither_peft_nor_transformers():
     import subprocess
     import sys
 
-    code = ("import sys, lora_tune.lora.state, lora_tune.lora.peft_format, lora_tune.lora.facade; "
+    code = ("import sys, lora_tune.lora.state, lora_tune.lora.peft.adapter_format, lora_tune.lora.facade; "
             "print(sorted(m for m in ('peft', 'transformers', 'bitsandbytes') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

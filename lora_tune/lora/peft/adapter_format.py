@@ -18,7 +18,7 @@ A fused qkv layer with all of q, k, v adapted (GPT-2's ``c_attn``) is written as
 rank 3r whose B is block-diagonal -- the same function; a PEFT pair of rank r over such a layer
 (PEFT's own recipe) loads into lora-tune's per-part pairs of rank r with A repeated per part.
 Layers PEFT computes differently from lora-tune are refused with the reason. The config fields
-are also what :meth:`lora_tune.LoraConfig.to_peft` builds (see :mod:`lora_tune.lora.peft_config`).
+are also what :func:`lora_tune.lora.peft.to_peft_config` builds (see :mod:`lora_tune.lora.peft.translate`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from torch import nn
 
 from lora_tune.errors import AdapterFormatError, ConfigError
 from lora_tune.lora.config import LoraConfig
-from lora_tune.lora.layers import ADAPTER_PARAMS, LoraMultiheadAttention
 from lora_tune.lora.adapter_sites import (
     LoadPlan,
     Site,
@@ -41,15 +40,16 @@ from lora_tune.lora.adapter_sites import (
     expected_after_inject,
     lora_state_dict,
 )
+from lora_tune.lora.base import ADAPTER_PARAMS, scale_for
 from lora_tune.lora.fused import enabled_sizes, part_slices
-from lora_tune.lora.peft_targets import (
+from lora_tune.lora.peft.matching import (
     expert_entries,
     experts_to_peft,
     nesting,
     peft_pattern_keys,
     peft_target_fields,
 )
-from lora_tune.lora.targets import fused_sizes, parse_pattern
+from lora_tune.lora.targets import fused_sizes, parse_pattern, supported_kind
 
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -176,8 +176,9 @@ def unrepresentable_sites(sites: list[Site], init: str) -> list[str]:
     return [f"{s.name}: {why}" for s in sites if (why := _unrepresentable(s, init))]
 
 
-def to_peft(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: dict[str, torch.Tensor],
-            base_model_name_or_path: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+def peft_files(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: dict[str, torch.Tensor],
+               base_model_name_or_path: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """(adapter_config.json's content, the tensors under PEFT's keys, the weights file name)."""
     problems = unrepresentable_sites(sites, cfg.init)
     if problems:
         raise AdapterFormatError("format='peft' cannot represent these layers faithfully: "
@@ -192,17 +193,14 @@ def to_peft(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: dict[
     for key, t in tensors.items():
         module, _, leaf = key.rpartition(".")
         site = by_name.get(module)
-        if site is None or leaf not in ("lora_A", "lora_B", "lora_magnitude"):
+        if site is None or leaf not in ADAPTER_PARAMS:
             out[PEFT_PREFIX + key] = t
-        elif leaf == "lora_magnitude":  # PEFT keeps a conv's as (1, out, 1, ...)
-            shape = (1, -1, *[1] * (site.wrapper.lora_A.dim() - 2)) if site.kind == "conv" else (-1,)
-            out[f"{PEFT_PREFIX}{module}.lora_magnitude_vector"] = t.reshape(shape)
-        elif site.kind == "embedding":
-            out[f"{PEFT_PREFIX}{module}.lora_embedding_{leaf[-1]}"] = t
+            continue
+        if leaf == "lora_magnitude":
+            t = site.wrapper.peft_magnitude(t)
         elif site.kind == "fused" and leaf == "lora_B":
-            out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = _block_diagonal_B(t, list(site.part_sizes))
-        else:
-            out[f"{PEFT_PREFIX}{module}.{leaf}.weight"] = t
+            t = _block_diagonal_B(t, list(site.part_sizes))
+        out[f"{PEFT_PREFIX}{module}.{site.wrapper.PEFT_NAMES[leaf]}"] = t
     meta = peft_meta(model, sites, cfg, base_model_name_or_path, fused_rank="blocks", inference_mode=True)
     return meta, out, PEFT_WEIGHTS
 
@@ -284,10 +282,10 @@ def _refuse_mha(model: nn.Module, names: list[str], source: str) -> None:
     for name in names:
         module = modules.get(name)
         base = getattr(module, "base_layer", module)
-        if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and (why := _conv_reason(base)):
+        if supported_kind(base) == "conv" and (why := _conv_reason(base)):
             raise AdapterFormatError(f"{source}: module {name!r}: {why}, so PEFT's adapter means something else "
                                      "there than lora-tune would compute")
-        if ".base_layer." in f".{name}." or isinstance(module, (nn.MultiheadAttention, LoraMultiheadAttention)):
+        if ".base_layer." in f".{name}." or supported_kind(base) == "mha":
             raise AdapterFormatError(
                 f"{source}: module {name!r} is (part of) an nn.MultiheadAttention or a nested PEFT wrapper; PEFT "
                 "0.21 applies an nn.MultiheadAttention's out_proj delta twice, so this adapter cannot be reproduced "
@@ -344,7 +342,7 @@ def peft_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], so
             raise AdapterFormatError(f"{source}: {mod!r}: config says rank {declared}, tensors have "
                                      f"lora_A {tuple(e['A'].shape)} and lora_B {tuple(e['B'].shape)}")
         alphas[mod] = float(_pattern_value(meta.get("alpha_pattern"), mod, base_alpha))
-    scale = {m: alphas[m] / (math.sqrt(ranks[m]) if rslora else ranks[m]) for m in pairs}
+    scale = {m: scale_for(ranks[m], alphas[m], rslora) for m in pairs}
 
     sites = adapted_sites(model)
     mapped = dict(other)

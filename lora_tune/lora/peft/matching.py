@@ -1,7 +1,7 @@
 """What PEFT's LoraConfig says about *where* LoRA goes: ``target_modules``, ``target_parameters``
 (mixture-of-experts weight stacks) and ``layers_to_transform`` / ``layers_pattern`` (which
-blocks), and PEFT's key layout for expert stacks. Used by :mod:`lora_tune.lora.peft_format`
-(adapter files) and :mod:`lora_tune.lora.peft_config` (``LoraConfig.to_peft``).
+blocks), and PEFT's key layout for expert stacks. Used by :mod:`lora_tune.lora.peft.adapter_format`
+(adapter files) and :mod:`lora_tune.lora.peft.translate` (``to_peft_config``).
 
 **Layers.** PEFT applies ``layers_to_transform`` only to ``target_modules`` entries that match a
 module by dotted suffix, finding the block index after ``layers_pattern`` (``layers.3.``); an
@@ -90,7 +90,7 @@ def _layer_form(model: nn.Module, names: list[str]) -> dict[str, Any] | None:
 
 def peft_target_fields(model: nn.Module, sites: list, layers: Any) -> dict[str, Any]:
     """``target_modules``, ``target_parameters``, ``layers_to_transform`` and ``layers_pattern``
-    for adapting ``sites`` (lora-tune's :class:`lora_tune.lora.state.Site`) of ``model``;
+    for adapting ``sites`` (lora-tune's :class:`lora_tune.lora.adapter_sites.Site`) of ``model``;
     ``layers`` is ``LoraConfig.layers``."""
     modules = [s.name for s in sites if s.kind != "experts"]
     params = [name for s in sites if s.kind == "experts" for name in s.target_names]

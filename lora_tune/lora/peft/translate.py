@@ -1,14 +1,15 @@
-"""lora-tune's LoraConfig <-> PEFT's ``peft.LoraConfig`` (behind :meth:`LoraConfig.to_peft` and
-:meth:`LoraConfig.from_peft`).
+"""lora-tune's LoraConfig <-> PEFT's ``peft.LoraConfig``: :func:`to_peft_config` and
+:func:`from_peft_config` (also reachable as ``LoraConfig.to_peft`` / ``LoraConfig.from_peft``,
+see :mod:`lora_tune.lora`).
 
 ``to_peft`` resolves the targets on the model with lora-tune's own resolver (a dry run of
 ``inject`` on a weightless copy, so every check of ``inject`` applies) and writes the result as
 PEFT matches it: exact module names, per-module ranks and alphas anchored to one module each.
-The fields are built by :func:`lora_tune.lora.peft_format.peft_meta`, the code that writes
+The fields are built by :func:`lora_tune.lora.peft.adapter_format.peft_meta`, the code that writes
 PEFT adapter directories. ``from_peft`` translates PEFT's fields with PEFT's matching rules and
 refuses every PEFT option lora-tune does not have, naming the PEFT field.
 
-peft is imported only by ``to_peft`` (to build the ``peft.LoraConfig``).
+peft is imported only by ``to_peft_config`` (to build the ``peft.LoraConfig``).
 """
 from __future__ import annotations
 
@@ -22,15 +23,15 @@ from typing import Any
 from torch import nn
 
 from lora_tune.errors import AdapterFormatError, ConfigError
+from lora_tune.lora.adapter_sites import CONFIG_FILE, Site, _meta_copy, adapted_sites
 from lora_tune.lora.config import LoraConfig
 from lora_tune.lora.inject import inject, lora_layers
-from lora_tune.lora.peft_format import (
+from lora_tune.lora.peft.adapter_format import (
     INITS_TO_PEFT,
     peft_meta,
     unrepresentable_sites,
     unsupported_peft_options,
 )
-from lora_tune.lora.state import CONFIG_FILE, Site, _meta_copy, adapted_sites
 
 # PEFT defaults of the fields from_peft reads (used where a dict leaves one out)
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
@@ -55,7 +56,41 @@ def planned_sites(model: nn.Module, config: LoraConfig) -> list[Site]:
 
 
 def to_peft_config(config: LoraConfig, model: nn.Module) -> Any:
-    """See :meth:`lora_tune.LoraConfig.to_peft`."""
+    """The ``peft.LoraConfig`` that adapts ``model`` as this config does.
+
+    The targets are resolved on ``model`` by lora-tune's resolver and written as the exact
+    module names (a list, or one regex where a name list would also match other modules);
+    ranks and alphas that differ from ``rank`` / ``alpha`` go into ``rank_pattern`` /
+    ``alpha_pattern`` anchored to one module each. ``dropout``, ``rslora``, ``bias``, ``init``
+    (kaiming -> True, gaussian -> "gaussian", pissa -> "pissa") and ``modules_to_save`` map to
+    their PEFT fields. Names are relative to ``model``: give the same model (or the same
+    architecture) to ``peft.get_peft_model``. ``task_type`` is left None; note that PEFT's
+    SEQ_CLS / TOKEN_CLS task types add ``classifier`` / ``score`` to ``modules_to_save``.
+    ``use_dora`` maps to PEFT's ``use_dora`` (the same function: see :mod:`lora_tune.lora.dora`).
+    Expert weight stacks go into ``target_parameters`` by their full parameter names (the same
+    E pairs per stack). With ``layers`` set, the targets are written as their names inside a
+    block plus ``layers_to_transform`` / ``layers_pattern`` where PEFT's rule then matches
+    exactly the same modules (else as exact names; see :mod:`lora_tune.lora.peft.matching`).
+
+    A fused qkv layer adapted on all of q, k, v (GPT-2's ``c_attn``) becomes PEFT's one pair of
+    rank ``r`` over the whole layer, its usual recipe; lora-tune trains one pair per part
+    there (A repeated per part reproduces PEFT's pair). To carry weights trained with
+    lora-tune into PEFT, use ``save_adapter(model, path, format="peft")``, which writes such
+    a layer as one block-diagonal pair of rank 3r.
+
+    ``quant_bits`` does not block: PEFT quantizes at model load, not in its LoraConfig (pass
+    ``transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+    bnb_4bit_use_double_quant=double_quant)``, or ``load_in_8bit=True``, to
+    ``from_pretrained``, then ``peft.prepare_model_for_kbit_training``). Call ``to_peft`` on the
+    unquantized model or one of the same architecture.
+
+    Raises ConfigError, naming the field, for what PEFT's LoraConfig cannot express:
+    ``method="merged"``, nn.MultiheadAttention, fused qkv part selectors (``c_attn[q,v]``,
+    ``enable_lora``), grouped / dilated / non-zero-padded convs, ``init="pissa"`` on layers
+    other than Linear / Conv1D, ``modules_to_save`` names PEFT would match more widely,
+    ``dropout`` with expert stacks (PEFT's target_parameters refuses it), and a model that
+    already carries LoRA layers; and whatever ``inject`` would raise.
+    """
     import peft  # noqa: PLC0415 - optional dependency, loaded on use
 
     if config.method != "parallel":
@@ -111,7 +146,36 @@ def _check_modules_to_save(model: nn.Module, targets: list[str], saved: list[str
 
 # -- PEFT -> lora-tune ---------------------------------------------------------------------------
 def from_peft_config(source: Any) -> LoraConfig:
-    """See :meth:`lora_tune.LoraConfig.from_peft`."""
+    """A LoraConfig from a ``peft.LoraConfig``, a dict of its fields, or a PEFT adapter
+    directory (its ``adapter_config.json``; the weights are not read -- ``load_adapter``
+    loads them).
+
+    ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``bias``, ``init_lora_weights``
+    (True, "gaussian", "pissa"), ``target_modules``, ``exclude_modules``, ``modules_to_save``,
+    ``rank_pattern``, ``alpha_pattern``, ``use_dora``, ``target_parameters`` (expert stacks),
+    ``layers_to_transform`` and ``layers_pattern`` (``layers`` as block indices,
+    ``layers_pattern``) are translated with PEFT's matching rules (a name
+    list: the module or a dotted suffix; a string: a fullmatched regex; ``"all-linear"``:
+    lora-tune's preset of that name; pattern keys: ``(.*\\.)?KEY$``; modules_to_save: any
+    name ending with the entry, plus the heads PEFT adds for SEQ_CLS / TOKEN_CLS /
+    QUESTION_ANS). A field a dict leaves out takes PEFT's default (``lora_alpha`` 8).
+    Metadata (``task_type``, ``base_model_name_or_path``, ``inference_mode``, ...) and
+    ``fan_in_fan_out`` (lora-tune reads the layout from the layer) are not needed.
+
+    Raises ConfigError naming the PEFT field for every PEFT option lora-tune lacks:
+    ``lora_bias``, ``megatron_config``, ``trainable_token_indices``, ``layer_replication``, LoftQ / EVA /
+    CorDA / ... configs, ``init_lora_weights`` other than True / "gaussian" / "pissa", and
+    a missing ``target_modules`` (and ``target_parameters``); ``target_parameters`` named without
+    their block index together with ``layers_to_transform`` (PEFT adapts those in every block).
+
+    Differences to know: lora-tune's ``all-linear`` also adapts expert stacks and never a
+    router (PEFT's adapts Linear routers such as Qwen2-MoE's ``shared_expert_gate``);
+    ``layers`` applies to every target, where PEFT ignores ``layers_to_transform`` for exact
+    names; lora-tune adapts a fused qkv layer (GPT-2's ``c_attn``) with one pair per q/k/v
+    part where PEFT uses one pair for the layer (a superset: PEFT's pair loads into it, see
+    ``load_adapter``); each target pattern must match something, where PEFT only needs one of
+    them to.
+    """
     meta = _peft_fields(source)
     peft_type = meta.get("peft_type")
     if peft_type is not None and str(getattr(peft_type, "value", peft_type)) != "LORA":
