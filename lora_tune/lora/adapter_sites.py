@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lora_tune.errors import AdapterFormatError, ConfigError
-from lora_tune.lora.base import scale_for
+from lora_tune.lora.config import scale_for
 from lora_tune.lora.config import LoraConfig
 from lora_tune.lora.fused import equal_sizes
 from lora_tune.lora.inject import inject, lora_layers, new_wrapper, resolve

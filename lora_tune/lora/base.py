@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from lora_tune.lora.config import scale_for
 from lora_tune.lora.fused import part_slices
 from lora_tune.lora.quant import QuantizedWeight
 
@@ -22,10 +23,6 @@ ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude")
 
 
 # -- low-rank algebra shared by every wrapper --------------------------------------------------
-def scale_for(r: int, alpha: float, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
 def active_factor(module: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
     """Nested ranks (DyLoRA; set by :mod:`lora_tune.lora.nested`): ``lora_A`` / ``lora_B`` as the
     forward reads them. With ``module.active_rank = b`` (unset or None: the whole rank r) they

@@ -23,6 +23,11 @@ def quantized_bits(bits: int | None) -> int | None:
     return None if bits in (16, 32) else bits
 
 
+def scale_for(rank: int, alpha: float, rslora: bool) -> float:
+    """LoRA's scale: alpha / r, or alpha / sqrt(r) with rsLoRA (the one formula)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
 @dataclass
 class LoraConfig:
     """How to adapt a model with LoRA.
@@ -106,7 +111,7 @@ class LoraConfig:
 
     # -- helpers ---------------------------------------------------------------
     def scale_for(self, rank: int, alpha: float) -> float:
-        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+        return scale_for(rank, alpha, self.rslora)
 
     @property
     def scale(self) -> float:

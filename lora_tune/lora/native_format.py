@@ -27,7 +27,7 @@ from lora_tune.lora.adapter_sites import (
     lora_state_dict,
     saved_part_sizes,
 )
-from lora_tune.lora.base import scale_for
+from lora_tune.lora.config import scale_for
 from lora_tune.lora.config import LoraConfig
 from lora_tune.lora.fused import out_features
 from lora_tune.lora.targets import fused_sizes

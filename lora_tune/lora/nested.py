@@ -32,7 +32,7 @@ from torch import nn
 
 from lora_tune.errors import ConfigError
 from lora_tune.lora.inject import _lora_params, lora_layers
-from lora_tune.lora.base import scale_for
+from lora_tune.lora.config import scale_for
 
 __all__ = ["NestedRanks", "NestedTask", "set_active_rank", "truncate", "truncated", "rank_key", "split_rank_metrics"]
 

@@ -45,11 +45,12 @@ from lora_tune.study.space_keys import (
     KEYS, TRAIN_KEYS, Problems, check_keys, choice_key, decode_choice, encode_choice, plain_value,
 )
 from lora_tune.study.space_keys import MAX_CHOICES, MAX_LIST_ITEMS, KeyRule  # noqa: F401 (names kept here)
-from lora_tune.study.spec import StudySpec
 from lora_tune.study.yaml_file import load_yaml, read_spec_text
 
 LORA_DEFAULTS: Mapping[str, Any] = MappingProxyType(defaults_of(LoraConfig))  # one source: LoraConfig
-STUDY_SECTIONS = tuple(StudySpec.model_fields)  # a mapping with any of these keys is a whole study file
+# A mapping with any of these keys is a whole study file: StudySpec's sections (spec.py imports
+# this module, so the names are written here; tests/study/test_spec_settings.py checks they agree).
+STUDY_SECTIONS = ("study", "task", "search_space", "train", "constraints")
 BASELINE = {"rank": 8, "alpha": 16.0, "quant_bits": None}  # plus the task's baseline targets
 _ORDER = ("rank", "alpha", "targets", "layers", "quant_bits", "quant_type", "method", "dropout", "rslora")
 

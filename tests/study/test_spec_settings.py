@@ -151,3 +151,11 @@ def test_validate_names_study_when_it_is_not_a_mapping(tmp_path):
     result = CliRunner().invoke(cli, ["validate", str(path)])
     assert result.exit_code == 2, result.output
     assert "study: input should be a valid dictionary" in result.output and "'oops'" in result.output
+
+
+def test_the_search_space_knows_the_study_file_sections():
+    """space.py cannot import StudySpec (spec.py imports it): its copy of the names must agree."""
+    from lora_tune.study.space import STUDY_SECTIONS
+    from lora_tune.study.spec import StudySpec
+
+    assert STUDY_SECTIONS == tuple(StudySpec.model_fields)
