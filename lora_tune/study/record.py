@@ -124,9 +124,10 @@ class Fidelity(NamedTuple):
 def fidelity_of(trial: HasUserAttrs) -> Fidelity:
     """The trial's ``fidelity`` (steps from ``train_steps``/``planned_steps`` when it has none)."""
     attrs = trial.user_attrs
-    stored = attrs.get(FIDELITY) if isinstance(attrs.get(FIDELITY), dict) else {}
-    fraction = stored.get("data_fraction", 1.0)
-    return Fidelity(float(fraction) if _number(fraction) and math.isfinite(fraction) else 1.0,
+    stored = attrs.get(FIDELITY)
+    stored = stored if isinstance(stored, dict) else {}
+    fraction = _float(stored.get("data_fraction"))
+    return Fidelity(fraction if fraction is not None and math.isfinite(fraction) else 1.0,
                     _int(attrs.get(TRAIN_STEPS, stored.get("steps"))),
                     _int(attrs.get(PLANNED_STEPS, stored.get("planned_steps"))),
                     _int(stored.get("rank")), _int(stored.get("trained_rank")))
@@ -143,8 +144,8 @@ class Timings(NamedTuple):
 
 def timings_of(trial: HasUserAttrs) -> Timings:
     attrs = trial.user_attrs
-    values = [attrs.get(k) for k in (TRAIN_SECONDS, THROUGHPUT, TOKENS_PER_SECOND, TRAIN_TOKENS)]
-    return Timings(*(float(v) if _number(v) else None for v in values[:3]), _int(values[3]))
+    return Timings(_float(attrs.get(TRAIN_SECONDS)), _float(attrs.get(THROUGHPUT)),
+                   _float(attrs.get(TOKENS_PER_SECOND)), _int(attrs.get(TRAIN_TOKENS)))
 
 
 def run_attrs(result: Any) -> dict[str, Any]:
@@ -247,9 +248,10 @@ def account(trials: Sequence[FrozenTrial]) -> Account:
                    confirm, steps_run, steps_saved, counted, pruned, seconds_saved)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _int(value: Any) -> int | None:
-    return int(value) if _number(value) else None
+    number = _float(value)
+    return int(number) if number is not None else None

@@ -89,9 +89,9 @@ def test_the_account_counts_training_once():
 
 
 def test_a_callback_summary_is_recorded_as_a_train_result():
-    fields = dict(steps=6, planned_steps=8, seconds=2.0, examples=48, throughput=30.0, peak_memory_bytes=1024,
-                  final_metrics={"eval_loss": 0.5, "acc": float("nan")}, compute_seconds=1.6, tokens=480,
-                  tokens_per_second=300.0, peak_memory_total_bytes=4096)
+    fields = {"steps": 6, "planned_steps": 8, "seconds": 2.0, "examples": 48, "throughput": 30.0,
+              "peak_memory_bytes": 1024, "final_metrics": {"eval_loss": 0.5, "acc": float("nan")},
+              "compute_seconds": 1.6, "tokens": 480, "tokens_per_second": 300.0, "peak_memory_total_bytes": 4096}
     summary = CallbackSummary(**fields, trainable_params=99)
     attrs = record.run_attrs(summary)
     assert attrs == record.run_attrs(TrainResult(**fields))
