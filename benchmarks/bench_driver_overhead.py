@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import optuna
 
-    from lora_tune.study.objective import Objective
-    from lora_tune.study.runner import create_study, optimize
-    from lora_tune.study.spec import load_spec_file, spec_from_stored
+    from lora_tune.study.trial.objective import Objective
+    from lora_tune.study.run.runner import create_study, optimize
+    from lora_tune.study.schema.spec import load_spec_file, spec_from_stored
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     spec = load_spec_file(args.study)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         result = optimize(study, resolved, objective=objective)
         wall = time.perf_counter() - start
         states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
-        from lora_tune.study.storage import dispose_storage
+        from lora_tune.study.storage.opening import dispose_storage
 
         dispose_storage(study._storage)
 

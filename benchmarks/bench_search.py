@@ -215,8 +215,7 @@ def study_file(arm: str, name: str, train: Path, dev: Path, args: argparse.Names
 def run_lora_tune(arm: str, name: str, train: Path, dev: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
-    from lora_tune.study import record
-
+    from lora_tune.study.trial import record
     path = work / f"{name}-{arm}.yaml"
     path.write_text(yaml.safe_dump(study_file(arm, name, train, dev, args), sort_keys=False))
     storage = f"sqlite:///{work / f'{name}-{arm}.db'}"

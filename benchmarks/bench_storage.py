@@ -39,8 +39,8 @@ import optuna
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lora_tune.study.storage import dispose_storage, mask_url, open_storage  # noqa: E402
-from lora_tune.study.workers import run_worker  # noqa: E402
+from lora_tune.study.storage.opening import dispose_storage, mask_url, open_storage  # noqa: E402
+from lora_tune.study.run.workers import run_worker  # noqa: E402
 
 
 # --------------------------------------------------------------------------- one worker process

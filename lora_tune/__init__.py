@@ -14,7 +14,7 @@ quiet_bitsandbytes()
 
 _EXPORTS = {
     "LoraConfig": "lora_tune.lora.config",
-    "SearchSpace": "lora_tune.study.space",
+    "SearchSpace": "lora_tune.study.schema.space",
     "inject": "lora_tune.lora.inject",
     "InjectReport": "lora_tune.lora.inject",
     "find_targets": "lora_tune.lora.inject",
@@ -29,8 +29,8 @@ _EXPORTS = {
     "load_adapter": "lora_tune.lora.state",
     "AdapterLoRa": "lora_tune.lora.facade",
     "load_config": "lora_tune.export",
-    "LoraTuneCallback": "lora_tune.study.hf_callback",
-    "LoraTuneLightningCallback": "lora_tune.study.lightning_callback",
+    "LoraTuneCallback": "lora_tune.study.integrations.transformers_pruning",
+    "LoraTuneLightningCallback": "lora_tune.study.integrations.lightning_pruning",
     "LoraTuneError": "lora_tune.errors",
     "ConfigError": "lora_tune.errors",
     "NoMatchingModulesError": "lora_tune.errors",

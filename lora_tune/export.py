@@ -27,10 +27,9 @@ _ARTIFACT_NAMES = ("artifact_dir_for", "extract_adapter", "save_best_adapter")
 
 
 def __getattr__(name: str) -> Any:
-    """``save_best_adapter`` & co. live in ``lora_tune.study.artifacts`` (loaded on first use)."""
+    """``save_best_adapter`` & co. live in ``lora_tune.study.trial.artifacts`` (loaded on first use)."""
     if name in _ARTIFACT_NAMES:
-        from lora_tune.study import artifacts
-
+        from lora_tune.study.trial import artifacts
         return getattr(artifacts, name)
     raise AttributeError(f"module 'lora_tune.export' has no attribute {name!r}")
 
@@ -42,7 +41,7 @@ _LORA_PARAMS = {f.name for f in dataclasses.fields(LoraConfig)} | {"alpha_ratio"
 def load_config(path: str | os.PathLike) -> LoraConfig:
     """Read the ``lora`` section of an exported ``best.yaml`` as a ``LoraConfig``."""
     p = Path(path)
-    from lora_tune.study.yaml_file import load_yaml, read_spec_text  # bounded: size, file kind, aliases
+    from lora_tune.study.schema.yaml_file import load_yaml, read_spec_text  # bounded: size, file kind, aliases
 
     try:
         raw = load_yaml(read_spec_text(p), source=str(p))
@@ -95,7 +94,7 @@ def choose_trial(study: Any, number: int | None = None) -> Any:
         front = sorted(t.number for t in study.best_trials)
         raise ConfigError("--trial", None, "one of the Pareto-optimal trials: " + ", ".join(map(str, front)),
                           "A multi-objective study has no single best trial.")
-    from lora_tune.study.confirm import best_confirmed
+    from lora_tune.study.trial.confirm import best_confirmed
 
     confirmed = best_confirmed(study)  # study.confirm: the config with the best mean over seeds
     return confirmed.trial if confirmed is not None else frame.best_trial(study)
@@ -106,8 +105,7 @@ def best_config_dict(study: Any, trial: Any, storage_url: str | None = None) -> 
     import optuna
 
     from lora_tune.report import frame
-    from lora_tune.study import record
-
+    from lora_tune.study.trial import record
     attrs = trial.user_attrs
     lora = dict(attrs.get(record.LORA_CONFIG) or {})
     if not lora:
@@ -124,7 +122,7 @@ def best_config_dict(study: Any, trial: Any, storage_url: str | None = None) -> 
     train = dict(spec.get("train") or {}) if isinstance(spec, dict) else {}
     train.update({k: v for k, v in trial.params.items() if k not in _LORA_PARAMS})
     names = frame.metric_names(study)
-    from lora_tune.study.storage import mask_url
+    from lora_tune.study.storage.opening import mask_url
 
     return {
         "format": BEST_FORMAT,
@@ -163,14 +161,14 @@ def export_best(study: Any, output: str | os.PathLike, *, trial_number: int | No
     """Write ``best.yaml`` (and the adapter when ``adapter_dir`` is given); returns its content.
 
     Everything is checked and written under hidden temporary names beside the targets first
-    (:mod:`lora_tune.files`); then the adapter folder is renamed into place, then the YAML. A
+    (:mod:`lora_tune.safe_files`); then the adapter folder is renamed into place, then the YAML. A
     failure places nothing and removes the temporary copies. A kill leaves the old YAML with the
     old adapter, the new one, or (killed between moving an old adapter aside and renaming the
     new one in) none, and the same export run again replaces them: an existing YAML file and an
     adapter folder an earlier export wrote are written over, the copies a killed run left are
     removed. ``replaced`` collects ``"best.yaml"`` and/or ``"adapter"`` for what was written over.
     """
-    from lora_tune.files import commit, stage_file
+    from lora_tune.safe_files import commit, stage_file
 
     trial = choose_trial(study, trial_number)
     content = best_config_dict(study, trial, storage_url)
@@ -178,7 +176,7 @@ def export_best(study: Any, output: str | os.PathLike, *, trial_number: int | No
     staged = tmp = None
     try:
         if adapter_dir is not None:
-            from lora_tune.study.artifacts import artifact_dir_for, stage_adapter
+            from lora_tune.study.trial.artifacts import artifact_dir_for, stage_adapter
 
             store_dir = artifact_dir_for(study, storage_url, artifact_dir)
             staged = stage_adapter(study, trial, adapter_dir, store_dir)
@@ -225,7 +223,7 @@ def _output_target(output: str | os.PathLike) -> Path:
 def export_trials(study: Any, output: str | os.PathLike, replaced: list[str] | None = None) -> Path:
     """Write the trials table (no Optuna system attributes) as CSV or Parquet, by extension;
     returns the file written. ``replaced`` gets its name when it was written over."""
-    from lora_tune.files import write_atomic
+    from lora_tune.safe_files import write_atomic
     from lora_tune.report import frame
 
     out = Path(output)

@@ -1,7 +1,7 @@
 """No import cycles (STYLE.md: shared pieces move to a module both sides import; a value object
-does not import its translators), imports inside functions included: among every module of the
-core injector lora_tune/lora/ (found on disk, so a new module is checked too), and among the
-storage layer with the workers on top of it. PEFT interop is a leaf of lora/."""
+does not import its translators), imports inside functions included, among every module of
+lora_tune found on disk (so a new module is checked too); no module name used twice; the study
+layers import one way. PEFT interop is a leaf of lora/."""
 from __future__ import annotations
 
 import ast
@@ -67,16 +67,36 @@ def _cycle(graph: dict[str, list[str]]) -> list[str] | None:
     return None
 
 
-STORAGE = ["lora_tune.study.storage", "lora_tune.study.storage_proxy", "lora_tune.study.workers",
-           "lora_tune.study.heartbeat", "lora_tune.study.samplers", "lora_tune.study._optuna_private",
-           *sorted(f"lora_tune.study.storages.{p.stem}" for p in (ROOT / "lora_tune/study/storages").glob("*.py")
-                   if p.stem != "__init__")]
+PACKAGE = _modules("lora_tune")
 LORA = _modules("lora_tune.lora")
 
 
-@pytest.mark.parametrize("modules", [STORAGE, LORA], ids=["storage", "lora"])
-def test_no_import_cycle(modules):
-    assert _cycle(_graph(modules)) is None, " -> ".join(_cycle(_graph(modules)))
+def test_no_import_cycle_in_the_whole_package():
+    """Every module of lora_tune found on disk: a new module is checked without being listed."""
+    assert _cycle(_graph(PACKAGE)) is None, " -> ".join(_cycle(_graph(PACKAGE)))
+
+
+def test_no_module_name_is_used_twice():
+    """A module's name says which one it is: none repeats in another package."""
+    names: dict[str, list[str]] = {}
+    for module in PACKAGE:
+        if _path(module).name != "__init__.py":
+            names.setdefault(module.rpartition(".")[2], []).append(module)
+    assert {n: ms for n, ms in names.items() if len(ms) > 1} == {}
+
+
+def test_the_study_layers_import_one_way():
+    """Inside study/: schema -> trial -> run, storage beside them; integrations and run above trial."""
+    order = ["schema", "trial", "run"]
+    graph = _graph(PACKAGE)
+    wrong = []
+    for module, deps in graph.items():
+        layer = module.split(".")[2] if module.startswith("lora_tune.study.") else None
+        for dep in deps:
+            other = dep.split(".")[2] if dep.startswith("lora_tune.study.") else None
+            if layer in order and other in order and order.index(other) > order.index(layer):
+                wrong.append(f"{module} -> {dep}")
+    assert wrong == []
 
 
 def test_the_lora_walk_sees_every_module_and_every_import():

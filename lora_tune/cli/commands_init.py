@@ -1,12 +1,12 @@
 """``lora-tune init``: write a study file with a sensible space for a model (see
-:mod:`lora_tune.study.templates`)."""
+:mod:`lora_tune.study.schema.templates`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
 
-from lora_tune.study.templates import N_TRIALS
+from lora_tune.study.schema.templates import N_TRIALS
 
 
 @click.command("init")
@@ -23,7 +23,7 @@ def init_command(model_or_task: str, output: str, train_file: str | None, eval_f
     'digits'): its target presets, ranks that fit, a learning-rate range for its kind, Hyperband
     pruning, a warm start and confirmed winners."""
     from lora_tune.errors import ConfigError
-    from lora_tune.study.templates import render, study_template
+    from lora_tune.study.schema.templates import render, study_template
 
     path = Path(output)
     if path.exists() and not force:

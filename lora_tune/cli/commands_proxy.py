@@ -1,6 +1,6 @@
 """CLI: ``lora-tune storage-proxy --storage URL --port P`` - one gRPC storage proxy for many workers.
 
-Thin: :func:`lora_tune.study.storage_proxy.serve` does the work.
+Thin: :func:`lora_tune.study.storage.proxy_server.serve` does the work.
 """
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def storage_proxy(storage_url: str | None, host: str, port: int, token_file: str
     database connections, with the same exact budget and crash recovery. Whoever can call the
     proxy can rewrite every study, so it serves this machine only unless it has a token.
     """
-    from lora_tune.study import storage as st
-    from lora_tune.study.storage_proxy import access_warnings, check_proxy_settings, proxy_access, serve
+    from lora_tune.study.storage import opening as st
+    from lora_tune.study.storage.proxy_server import access_warnings, check_proxy_settings, proxy_access, serve
 
     st.install_log_masking()
     logging.getLogger("lora_tune").setLevel(logging.INFO)

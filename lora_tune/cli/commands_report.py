@@ -9,7 +9,7 @@ STORAGE_HELP = "Storage URL (default: $LORA_TUNE_STORAGE, then sqlite:///lora_tu
 
 
 def _storage_url(value: str | None) -> str:
-    from lora_tune.study.storage import resolve_storage_url
+    from lora_tune.study.storage.opening import resolve_storage_url
 
     return resolve_storage_url(value, None)
 
@@ -24,7 +24,7 @@ def _open(name: str, storage: str | None):
 def report_command(name: str, storage: str | None, output: str, definition: str | None, save_to_study: bool) -> None:
     """Write an HTML report of study NAME (one self-contained file that opens offline)."""
     from lora_tune.report import frame, load_definition, write_report
-    from lora_tune.study.storage import mask_url
+    from lora_tune.study.storage.opening import mask_url
 
     study, url = _open(name, storage)
     spec = load_definition(definition) if definition else None
@@ -43,10 +43,10 @@ def report_command(name: str, storage: str | None, output: str, definition: str 
 def dashboard_command(storage: str | None, host: str, port: int, artifact_dir: str | None,
                       save: bool, quiet: bool) -> None:
     """Launch optuna-dashboard on the storage (bound to 127.0.0.1 unless --host says otherwise)."""
-    from lora_tune.study.artifacts import default_artifact_dir
+    from lora_tune.study.trial.artifacts import default_artifact_dir
     from lora_tune.report.dashboard import save_figures, serve_dashboard
     from lora_tune.report.source import open_storage_for_reading, open_study, study_names
-    from lora_tune.study.storage import mask_url
+    from lora_tune.study.storage.opening import mask_url
 
     url = _storage_url(storage)
     store = open_storage_for_reading(url)

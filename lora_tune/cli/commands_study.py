@@ -52,9 +52,9 @@ def validate_cmd(study_file: Path) -> None:
     warning where one matches only part of what it promises. Nothing is written to a storage.
     """
     from lora_tune.errors import StudySpecError
-    from lora_tune.study.runner import prepare_spec
-    from lora_tune.study.space import SearchSpace
-    from lora_tune.study.spec import load_spec_file
+    from lora_tune.study.run.runner import prepare_spec
+    from lora_tune.study.schema.space import SearchSpace
+    from lora_tune.study.schema.spec import load_spec_file
 
     storage_errors = _storage_errors(study_file)  # what `study create` refuses too, with the rest
     try:
@@ -78,7 +78,7 @@ def validate_cmd(study_file: Path) -> None:
     console.print(f"  searches: {', '.join(sampled) or '(nothing)'}" + (f"; fixed: {', '.join(fixed)}" if fixed else ""))
     if baseline is not None:
         console.print(f"  baseline: {baseline}")
-    from lora_tune.study.coverage import space_coverage
+    from lora_tune.study.schema.space_coverage import space_coverage
 
     console.print("  coverage (share of the model's linear weights each target choice adapts):")
     for record in space_coverage(resolved, _task):  # the task prepare_spec built
@@ -90,8 +90,8 @@ def validate_cmd(study_file: Path) -> None:
 def _storage_errors(study_file: Path) -> list[tuple[str, str]]:
     """``[("study.storage", why)]`` when the file names a storage URL lora-tune cannot open."""
     from lora_tune.errors import StudySpecError
-    from lora_tune.study.yaml_file import load_yaml, read_spec_text
-    from lora_tune.study.storage import storage_problem
+    from lora_tune.study.schema.yaml_file import load_yaml, read_spec_text
+    from lora_tune.study.storage.opening import storage_problem
 
     try:  # the same bounded reader as load_spec_file: size cap, regular files only, aliases capped
         data = load_yaml(read_spec_text(study_file), source=str(study_file))
@@ -112,9 +112,9 @@ def _storage_errors(study_file: Path) -> list[tuple[str, str]]:
 @click.option("--resume", is_flag=True, help="Reuse the study if it exists (its trials are kept).")
 def create_cmd(study_file: Path, storage: str | None, name: str | None, resume: bool) -> None:
     """Create the study described by STUDY_FILE (nothing is written if the file is invalid)."""
-    from lora_tune.study.runner import create_study
-    from lora_tune.study.spec import load_spec_file
-    from lora_tune.study.storage import mask_url, resolve_storage_url
+    from lora_tune.study.run.runner import create_study
+    from lora_tune.study.schema.spec import load_spec_file
+    from lora_tune.study.storage.opening import mask_url, resolve_storage_url
 
     spec = load_spec_file(study_file)
     url = resolve_storage_url(storage, spec.study.storage)
@@ -145,8 +145,8 @@ def optimize_cmd(name: str, storage: str | None, n_trials: int | None, timeout: 
     study at once; each seeds its sampler with the file's seed plus its process id so they do
     not propose the same parameters. (`lora-tune run` uses the file's seed as is.)
     """
-    from lora_tune.study.runner import load_study
-    from lora_tune.study.storage import resolve_storage_url
+    from lora_tune.study.run.runner import load_study
+    from lora_tune.study.storage.opening import resolve_storage_url
 
     url = resolve_storage_url(storage, None)
     _require_storage(url, name)
@@ -170,10 +170,10 @@ def run_cmd(study_file: Path, storage: str | None, name: str | None, n_trials: i
             warm_from: str | None, warm_storage: str | None) -> None:
     """Create (or resume) the study in STUDY_FILE, optimize it, and print the best trial
     and its gain over the baseline."""
-    from lora_tune.study.objective import resolve_isolation
-    from lora_tune.study.runner import create_study
-    from lora_tune.study.spec import load_spec_file, spec_from_stored
-    from lora_tune.study.storage import resolve_storage_url
+    from lora_tune.study.trial.objective import resolve_isolation
+    from lora_tune.study.run.runner import create_study
+    from lora_tune.study.schema.spec import load_spec_file, spec_from_stored
+    from lora_tune.study.storage.opening import resolve_storage_url
 
     from lora_tune.tasks import build_task
 
@@ -187,8 +187,8 @@ def run_cmd(study_file: Path, storage: str | None, name: str | None, n_trials: i
     # read back from the storage: only this file's own names may be imported
     Allowance.from_operator(trusted=trusted_refs(spec.task)).check(stored.task, f"the stored study {study.study_name!r}")
     if warm:
-        from lora_tune.study.space import SearchSpace
-        from lora_tune.study.warm_start import warm_start
+        from lora_tune.study.schema.space import SearchSpace
+        from lora_tune.study.run.warm_start import warm_start
 
         added = warm_start(study, SearchSpace.from_spec(stored.search_space), warm, task, origin=f"study {warm_from}")
         _console().print(f"warm start: {added} config(s) of study {warm_from!r} enqueued")
@@ -202,8 +202,8 @@ def _warm_configs(name: str, url: str) -> list[dict]:
     import optuna
 
     from lora_tune.errors import StudyNotFoundError
-    from lora_tune.study.storage import mask_url, open_storage
-    from lora_tune.study.warm_start import configs_from_study
+    from lora_tune.study.storage.opening import mask_url, open_storage
+    from lora_tune.study.run.warm_start import configs_from_study
 
     _require_storage(url, name)
     with _quiet_optuna():
@@ -217,9 +217,9 @@ def _warm_configs(name: str, url: str) -> list[dict]:
 
 def _optimize_and_report(study: Any, spec: Any, url: str, n_trials: int | None, timeout: float | None,
                          task: Any = None) -> None:
-    from lora_tune.study.progress import StudyProgress, render_outcome, study_outcome
-    from lora_tune.study.runner import optimize, pruning_warning
-    from lora_tune.study.storage import mask_url
+    from lora_tune.study.run.progress import StudyProgress, render_outcome, study_outcome
+    from lora_tune.study.run.runner import optimize, pruning_warning
+    from lora_tune.study.storage.opening import mask_url
 
     console = _console()
     warning = pruning_warning(spec)
@@ -232,8 +232,8 @@ def _optimize_and_report(study: Any, spec: Any, url: str, n_trials: int | None, 
             result = optimize(study, spec, n_trials=n_trials, timeout=timeout, callbacks=[progress], task=task)
         confirm = spec.study.confirm
         if confirm is not None and result.stop_reason == "budget":
-            from lora_tune.study.confirm import confirm_top
-            from lora_tune.study.objective import Objective
+            from lora_tune.study.trial.confirm import confirm_top
+            from lora_tune.study.trial.objective import Objective
 
             with _quiet_optuna():
                 runs = confirm_top(study, Objective(spec, task), confirm.top, confirm.seeds)
@@ -243,7 +243,7 @@ def _optimize_and_report(study: Any, spec: Any, url: str, n_trials: int | None, 
         console.print(f"this process ran {result.trials_run} trial(s) in {result.seconds:.1f} s "
                       f"(stopped: {_REASONS.get(result.stop_reason, result.stop_reason)})")
         render_outcome(outcome, console)
-        from lora_tune.study.confirm import describe
+        from lora_tune.study.trial.confirm import describe
 
         for line in describe(study, outcome.baseline):
             console.print(line)
@@ -274,9 +274,9 @@ def list_cmd(storage: str | None) -> None:
     """List the studies in the storage."""
     import optuna
 
-    from lora_tune.study.record import account
-    from lora_tune.study.storage import dispose_storage, mask_url, open_storage, reading_problem, resolve_storage_url
-    from lora_tune.study.storages.budget import study_budget
+    from lora_tune.study.trial.record import account
+    from lora_tune.study.storage.opening import dispose_storage, mask_url, open_storage, reading_problem, resolve_storage_url
+    from lora_tune.study.storage.budget import study_budget
 
     url = resolve_storage_url(storage, None)
     console = _console()
@@ -318,10 +318,10 @@ def list_cmd(storage: str | None) -> None:
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Trials to list.")
 def show_cmd(name: str, storage: str | None, top: int) -> None:
     """Show study NAME: its settings, outcome, and top trials."""
-    from lora_tune.study.progress import render_outcome, study_outcome, top_trials, trials_table
-    from lora_tune.study.record import FAIL_REASON
-    from lora_tune.study.runner import load_study
-    from lora_tune.study.storage import mask_url, resolve_storage_url
+    from lora_tune.study.run.progress import render_outcome, study_outcome, top_trials, trials_table
+    from lora_tune.study.trial.record import FAIL_REASON
+    from lora_tune.study.run.runner import load_study
+    from lora_tune.study.storage.opening import mask_url, resolve_storage_url
 
     url = resolve_storage_url(storage, None)
     _require_storage(url, name)
@@ -345,7 +345,7 @@ def show_cmd(name: str, storage: str | None, top: int) -> None:
 def _require_storage(url: str, name: str) -> None:
     """Read commands never create a storage (or Optuna's tables in someone else's SQLite file)."""
     from lora_tune.errors import StudyNotFoundError
-    from lora_tune.study.storage import mask_url, reading_problem
+    from lora_tune.study.storage.opening import mask_url, reading_problem
 
     problem = reading_problem(url)
     if problem:
@@ -353,7 +353,7 @@ def _require_storage(url: str, name: str) -> None:
 
 
 def _dispose(study: Any) -> None:
-    from lora_tune.study.storage import close_study
+    from lora_tune.study.storage.opening import close_study
 
     with contextlib.suppress(Exception):
         close_study(study)
@@ -364,7 +364,7 @@ def _quiet_optuna() -> Iterator[None]:
     """Optuna's per-trial INFO/WARNING lines duplicate ours; keep its errors. Passwords masked."""
     import optuna
 
-    from lora_tune.study.storage import install_log_masking
+    from lora_tune.study.storage.opening import install_log_masking
 
     if not logging.getLogger("lora_tune").handlers:
         handler = logging.StreamHandler()

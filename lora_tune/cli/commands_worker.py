@@ -3,8 +3,8 @@
 Start one per GPU, on as many machines as you like, all with the same ``--storage``
 (PostgreSQL, or ``grpc://HOST:PORT`` of a ``lora-tune storage-proxy`` in front of it, for
 several machines); the study's ``n_trials`` is shared by all of them. ``--jobs N`` starts N
-worker processes on this machine. The CLI is thin: loading is :mod:`lora_tune.study.runner`'s,
-the trial loop :mod:`lora_tune.study.workers`'.
+worker processes on this machine. The CLI is thin: loading is :mod:`lora_tune.study.run.runner`'s,
+the trial loop :mod:`lora_tune.study.run.workers`'.
 """
 from __future__ import annotations
 
@@ -56,9 +56,8 @@ def worker(name: str, storage_url: str | None, jobs: int, n_trials: int | None, 
     grpc://HOST:PORT of a `lora-tune storage-proxy`); a killed worker's trial is failed by
     heartbeat and retried with the same parameters by another worker.
     """
-    from lora_tune.study import storage as st
-    from lora_tune.study import workers as wk
-
+    from lora_tune.study.storage import opening as st
+    from lora_tune.study.run import workers as wk
     st.install_log_masking()
     logging.getLogger("lora_tune").setLevel(logging.WARNING if quiet else logging.INFO)
     if quiet:
@@ -72,12 +71,11 @@ def worker(name: str, storage_url: str | None, jobs: int, n_trials: int | None, 
     url = st.resolve_storage_url(storage_url, None)
     wk.check_parallel_storage(url, jobs)
     if objective_path:  # a plain Optuna study: no torch, no study file
-        from lora_tune.study.samplers import load_plain_study
+        from lora_tune.study.run.samplers import load_plain_study
 
         study, spec = load_plain_study(name, url), None
     else:  # its own sampler seed per process, so concurrent workers do not propose the same points
-        from lora_tune.study import runner
-
+        from lora_tune.study.run import runner
         study, spec = runner.load_study(name, url, seed_offset=os.getpid(), allow_code=allow_code,
                                         study_file=study_file)
     try:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_tune.lora.base import QKV, TargetSpec, _LoraState, _plus, _qkey, active_factor
+from lora_tune.lora.adapter_base import QKV, TargetSpec, _LoraState, _plus, _qkey, active_factor
 from lora_tune.lora.fused import checked_sizes, enabled_sizes, parts_matrix
 
 

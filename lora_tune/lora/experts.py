@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lora_tune.lora.base import TargetSpec, _LoraState, _plus, pissa_factors
+from lora_tune.lora.adapter_base import TargetSpec, _LoraState, _plus, pissa_factors
 from lora_tune.lora.quant import QuantizedWeight
 
 _COUNT_ATTRS = ("num_experts", "num_local_experts")

@@ -20,7 +20,7 @@ With ``use_dora`` the single-weight wrappers learn a magnitude per output row as
 This module holds the single-weight wrappers (Linear / GPT-2 Conv1D / fused qkv, Embedding, Conv)
 and the dispatch table of every family (:data:`WRAPPERS`); nn.MultiheadAttention's wrapper is in
 :mod:`lora_tune.lora.attention`, the expert stacks' in :mod:`lora_tune.lora.experts`, and the
-state every wrapper shares (merging, initialisation, base weights) in :mod:`lora_tune.lora.base`.
+state every wrapper shares (merging, initialisation, base weights) in :mod:`lora_tune.lora.adapter_base`.
 Each family knows its weight layout, its inits, its kind, its DoRA support and its PEFT key names.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import nn
 
 from lora_tune.errors import ConfigError
 from lora_tune.lora.attention import LoraMultiheadAttention, LoraProjection
-from lora_tune.lora.base import (
+from lora_tune.lora.adapter_base import (
     ADAPTER_PARAMS,
     QKV,
     TargetSpec,

@@ -16,7 +16,7 @@ Afterwards the first r components of the rank-R adapter form a rank-r adapter fo
 * :class:`NestedTask` -- a task for :func:`lora_tune.train.fit` whose ``loss`` draws the rank and
   whose ``evaluate`` also scores every smaller rank (metrics named ``accuracy@rank4``, ...).
 
-Only the layer knows its factors' layout: the slicing is ``lora_tune.lora.base.active_factor``.
+Only the layer knows its factors' layout: the slicing is ``lora_tune.lora.adapter_base.active_factor``.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lora_tune.errors import AdapterFormatError, ConfigError
-from lora_tune.files import write_atomic
+from lora_tune.safe_files import write_atomic
 from lora_tune.lora.adapter_sites import CONFIG_FILE, adapted_sites, config_for, lora_state_dict
 from lora_tune.lora.config import LoraConfig
 from lora_tune.lora.native_format import WEIGHTS_FILE, check_version, native_files, native_plan
@@ -62,7 +62,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def _write(path: Path, meta: dict, tensors: dict[str, torch.Tensor], weights_file: str) -> Path:
-    """Each file written whole, through a temporary name nobody can predict (lora_tune.files)."""
+    """Each file written whole, through a temporary name nobody can predict (lora_tune.safe_files)."""
     from safetensors.torch import save  # noqa: PLC0415
 
     if path.exists() and not path.is_dir():

@@ -4,7 +4,7 @@ Each panel is a pure function from a study to plain data (``lora_tune.report.dat
 function drawing it (``lora_tune.report.draw``); ``dashboards/*.yaml`` say which panels a
 report shows, in what order, for single- and multi-objective studies.
 
-Names are loaded lazily so that ``lora_tune.study.artifacts`` (called by the study driver)
+Names are loaded lazily so that ``lora_tune.study.trial.artifacts`` (called by the study driver)
 does not import Plotly.
 """
 from __future__ import annotations

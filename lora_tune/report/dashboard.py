@@ -57,7 +57,7 @@ def make_dashboard_app(storage: Any, artifact_dir: str | os.PathLike | None) -> 
 
     store = None
     if artifact_dir is not None:
-        from lora_tune.study.artifacts import open_artifact_store
+        from lora_tune.study.trial.artifacts import open_artifact_store
 
         store = open_artifact_store(artifact_dir)
     return optuna_dashboard.wsgi(storage, artifact_store=store)

@@ -15,8 +15,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from lora_tune.report import frame
-from lora_tune.study import record
-from lora_tune.study.storages.budget import study_budget
+from lora_tune.study.trial import record
+from lora_tune.study.storage.budget import study_budget
 
 COST_AXES = {
     record.TRAINABLE_PARAMS: "trainable parameters",
@@ -52,7 +52,7 @@ def _objective(study: optuna.Study, objective: int) -> tuple[int, str, bool]:
 # -- summary ---------------------------------------------------------------------------------
 def summary_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
     """Best trial, gain over baseline, trial counts by state, and the compute used and saved
-    (counted as ``lora-tune run`` and ``study show`` count them: :func:`lora_tune.study.record.account`)."""
+    (counted as ``lora-tune run`` and ``study show`` count them: :func:`lora_tune.study.trial.record.account`)."""
     objective, metric, maximize = _objective(study, objective)
     trials = study.get_trials(deepcopy=False)
     account = record.account(trials)

@@ -60,7 +60,7 @@ def find_definition(kind: str) -> Path:
 def load_definition(source: str | Path) -> ReportDefinition:
     """Load a definition by kind (``single-objective``) or from a YAML file path."""
     path = find_definition(str(source)) if str(source) in KINDS else Path(source)
-    from lora_tune.study.yaml_file import load_yaml, read_spec_text  # bounded: size, file kind, aliases
+    from lora_tune.study.schema.yaml_file import load_yaml, read_spec_text  # bounded: size, file kind, aliases
 
     try:
         raw = load_yaml(read_spec_text(path), source=str(path))

@@ -1,7 +1,7 @@
 """Reading a study's trials the way every panel needs them.
 
 These helpers know the trial record of ``docs/architecture.md`` (params and user
-attributes written by ``study/objective.py``) and nothing about drawing.
+attributes written by ``study/trial/objective.py``) and nothing about drawing.
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import pandas as pd
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from lora_tune.study import record
-
+from lora_tune.study.trial import record
 # User attributes shown as table columns, in this order (others follow, sorted).
 KNOWN_USER_ATTRS = (
     record.IS_BASELINE, record.TARGET_PRESET, record.TRAINABLE_PARAMS, record.ADAPTER_BYTES,

@@ -15,9 +15,7 @@ from optuna.trial import FrozenTrial
 from lora_tune.errors import ConfigError
 from lora_tune.lora.config import layers_label
 from lora_tune.report import frame
-from lora_tune.study import record
-
-
+from lora_tune.study.trial import record
 class LayerPoint(NamedTuple):
     number: int
     value: float

@@ -10,12 +10,12 @@ from lora_tune.errors import ConfigError, StudyNotFoundError
 
 
 def open_storage_for_reading(storage_url: str) -> Any:
-    """The storage behind ``storage_url`` (``lora_tune.study.storage.open_storage``).
+    """The storage behind ``storage_url`` (``lora_tune.study.storage.opening.open_storage``).
 
     A missing SQLite or journal file, or an SQLite file without Optuna's tables, is an error
     (opening it would create one, or the tables, as a side effect of reading).
     """
-    from lora_tune.study.storage import mask_url, open_storage, reading_problem
+    from lora_tune.study.storage.opening import mask_url, open_storage, reading_problem
 
     problem = reading_problem(storage_url)
     if problem:
@@ -30,7 +30,7 @@ def study_names(storage: Any) -> list[str]:
 
 def open_study(name: str, storage_url: str, storage: Any = None) -> optuna.Study:
     """Load study ``name``; an unknown name raises ``StudyNotFoundError`` listing the studies."""
-    from lora_tune.study.storage import mask_url
+    from lora_tune.study.storage.opening import mask_url
 
     storage = storage if storage is not None else open_storage_for_reading(storage_url)
     names = study_names(storage)

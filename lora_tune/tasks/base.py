@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from lora_tune.errors import ConfigError, short
-from lora_tune.tasks.files import regular_file_problem
+from lora_tune.tasks.data_files import regular_file_problem
 
 Problems = list[tuple[str, str]]
 MODEL_KINDS = ("decoder", "encoder", "vision")  # Task.model_kind: picks the typical LoRA learning rate

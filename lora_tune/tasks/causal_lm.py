@@ -32,10 +32,10 @@ from lora_tune.tasks.base import (
     Field, ModelTemplate, Problems, Task, check_spec, eval_mode, index_batches, is_choice, is_existing_file,
     is_fraction, is_int, model_device, perplexity,
 )
-from lora_tune.tasks.files import read_text
+from lora_tune.tasks.data_files import read_text
 from lora_tune.tasks.hf import MODEL_LOAD, TOKENIZER_LOAD, check_model_ref, quiet_transformers, resolve_model_ref
 
-# Libraries a trial's child process needs: its fork server imports them once (study/trial_run.py).
+# Libraries a trial's child process needs: its fork server imports them once (study/trial/trial_process.py).
 HEAVY_IMPORTS = ("transformers", "transformers.modeling_utils")
 
 BYTE_VOCAB = 256

@@ -47,7 +47,7 @@ from typing import Any, Iterator, Sequence
 
 from lora_tune.errors import ConfigError, clip, short
 from lora_tune.tasks.base import cache_dir
-from lora_tune.tasks.files import allow_long_csv_fields, first_non_utf8_line, regular_file_problem
+from lora_tune.tasks.data_files import allow_long_csv_fields, first_non_utf8_line, regular_file_problem
 
 FORMATS = ("messages", "prompt-completion", "text")
 ROLES = ("system", "user", "assistant", "tool")

@@ -69,7 +69,7 @@ from lora_tune.tasks.generation import GenerationEval, Scorer, resolve_scorer
 from lora_tune.tasks.hf import MODEL_LOAD, TOKENIZER_LOAD, quiet_transformers, resolve_model_ref
 from lora_tune.tasks.sft_spec import DTYPES, SFTSettings, is_inline_template, validate_spec
 
-# Libraries a trial's child process needs: its fork server imports them once (study/trial_run.py).
+# Libraries a trial's child process needs: its fork server imports them once (study/trial/trial_process.py).
 HEAVY_IMPORTS = ("transformers", "transformers.modeling_utils", "datasets")
 
 __all__ = ["SFTSettings", "SFTTask", "build", "collate", "packing_isolates", "validate_spec"]

@@ -31,11 +31,11 @@ from lora_tune.tasks.base import (
     Field, ModelTemplate, Problems, Task, check_spec, classification_metrics, eval_mode, index_batches,
     is_choice, is_existing_file, is_int, is_str, is_str_list, model_device,
 )
-from lora_tune.tasks.files import TABLE_SUFFIXES, read_columns, read_table
+from lora_tune.tasks.data_files import TABLE_SUFFIXES, read_columns, read_table
 from lora_tune.tasks.hf import (MODEL_LOAD, TOKENIZER_LOAD, check_model_ref, fresh_module_names, quiet_transformers,
                                 resolve_model_ref)
 
-# Libraries a trial's child process needs: its fork server imports them once (study/trial_run.py).
+# Libraries a trial's child process needs: its fork server imports them once (study/trial/trial_process.py).
 HEAVY_IMPORTS = ("transformers", "transformers.modeling_utils")
 
 HEAD_NAMES = ("pre_classifier", "classifier", "score")

@@ -50,7 +50,7 @@ from lora_tune.tasks.hf import (
 )
 from lora_tune.train import TrainConfig
 
-# Libraries a trial's child process needs: its fork server imports them once (study/trial_run.py).
+# Libraries a trial's child process needs: its fork server imports them once (study/trial/trial_process.py).
 HEAVY_IMPORTS = ("transformers", "transformers.modeling_utils", "transformers.trainer")
 
 MODEL_CLASSES = ("causal-lm", "sequence-classification")

@@ -1,5 +1,5 @@
 """Training one adapted model: :class:`TrainConfig` and :func:`fit`. Knows nothing of Optuna."""
-from lora_tune.train.config import (
+from lora_tune.train.train_config import (
     LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, TrainConfig, resolve_device, resolve_precision,
 )
 from lora_tune.train.loop import (

@@ -3,7 +3,7 @@
 :class:`~lora_tune.train.hf_callback.ReportingCallback` (a ``transformers.TrainerCallback``) and
 :class:`~lora_tune.train.lightning_callback.ReportingLightningCallback` (a ``lightning.pytorch``
 ``Callback``) are thin adapters over two framework-free pieces defined here; the study layer
-binds them to an Optuna trial (:mod:`lora_tune.study.callbacks`: ``LoraTuneCallback``,
+binds them to an Optuna trial (:mod:`lora_tune.study.integrations.trial_binding`: ``LoraTuneCallback``,
 ``LoraTuneLightningCallback``), and the ``trainer`` task to its own trial body.
 
 * :class:`Pruning` turns each evaluation into a go/stop decision with a

@@ -24,7 +24,7 @@ import torch
 
 from lora_tune.errors import ConfigError, NonFiniteLossError, TrainingOutOfMemoryError
 from lora_tune.train.callbacks import batch_examples
-from lora_tune.train.config import TrainConfig, resolve_device, resolve_precision
+from lora_tune.train.train_config import TrainConfig, resolve_device, resolve_precision
 from lora_tune.train.memory import MemoryMeter, peak_total_bytes
 from lora_tune.train.optim import build_optimizer, build_scheduler
 from lora_tune.train.result import TrainResult

@@ -8,7 +8,7 @@ from torch import nn
 
 from lora_tune.errors import ConfigError
 from lora_tune.quiet import quiet_bitsandbytes
-from lora_tune.train.config import TrainConfig
+from lora_tune.train.train_config import TrainConfig
 
 LORA_B_SUFFIX = "lora_B"  # the name of every wrapper's up-projection (lora_tune.lora.layers)
 

@@ -1,6 +1,6 @@
 """What one training run measured: :class:`TrainResult`, made by :func:`lora_tune.train.fit`
 and (as a :class:`~lora_tune.train.callbacks.CallbackSummary`) by the framework callbacks.
-The study layer stores it as a trial's record (:func:`lora_tune.study.record.run_attrs`)."""
+The study layer stores it as a trial's record (:func:`lora_tune.study.trial.record.run_attrs`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -186,8 +186,8 @@ def test_list_and_show_count_the_budget_alike(env):
     """A failed trial whose retry is queued: one budget slot, not done, in list and show alike."""
     import optuna
 
-    from lora_tune.study.storage import dispose_storage, open_storage
-    from lora_tune.study.workers import requeue_trials
+    from lora_tune.study.storage.opening import dispose_storage, open_storage
+    from lora_tune.study.run.workers import requeue_trials
 
     url = f"sqlite:///{env / 'x.db'}"
     assert _invoke("study", "create", str(_write(env / "s.yaml", TOY)), "--storage", url).exit_code == 0

@@ -9,8 +9,8 @@ import yaml
 from click.testing import CliRunner
 
 from lora_tune.cli.main import cli
-from lora_tune.study.runner import prepare_spec
-from lora_tune.study.spec import load_spec_file
+from lora_tune.study.run.runner import prepare_spec
+from lora_tune.study.schema.spec import load_spec_file
 from lora_tune.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]

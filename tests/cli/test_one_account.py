@@ -1,5 +1,5 @@
 """One study, one account: `lora-tune run`, `study show`, `study list` and the HTML report's
-summary print the same trial counts and the same compute (lora_tune.study.record.account) for a
+summary print the same trial counts and the same compute (lora_tune.study.trial.record.account) for a
 study with nested ranks (whose results copy their parent's train_steps), a pruned trial and
 confirmation runs."""
 from __future__ import annotations
@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from lora_tune.cli.main import cli
 from lora_tune.report.data import summary_data
 from lora_tune.report.draw import draw_summary
-from lora_tune.study import record
-from lora_tune.study.runner import create_study, optimize
-from lora_tune.study.spec import resolve_objective, validate_spec
+from lora_tune.study.trial import record
+from lora_tune.study.run.runner import create_study, optimize
+from lora_tune.study.schema.spec import resolve_objective, validate_spec
 from tests.study.toy_task import ToyTask
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ import click
 import yaml
 
 from lora_tune.cli.main import cli
-from lora_tune.study.storages.grpc import ENV_PROXY_TOKEN, ENV_PROXY_TOKEN_FILE, read_token_file
+from lora_tune.study.storage.proxy_client import ENV_PROXY_TOKEN, ENV_PROXY_TOKEN_FILE, read_token_file
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 README = (DOCKER.parent / "README.md").read_text()

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from lora_tune.cli.main import cli
-from lora_tune.study.storage import mask_url, storage_kind
-from lora_tune.study.storages.grpc import ENV_PROXY_TOKEN_FILE, read_token_file
+from lora_tune.study.storage.opening import mask_url, storage_kind
+from lora_tune.study.storage.proxy_client import ENV_PROXY_TOKEN_FILE, read_token_file
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 REPO = DOCKER.parent

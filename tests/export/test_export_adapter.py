@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import lora_tune
 from lora_tune.cli.main import cli
 from lora_tune.export import load_config
-from lora_tune.study.artifacts import is_best_so_far, trials_with_adapters
+from lora_tune.study.trial.artifacts import is_best_so_far, trials_with_adapters
 from tests.export.tiny_lora_study import build_base, data, evaluate, run_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

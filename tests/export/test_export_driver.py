@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import lora_tune
 from lora_tune.cli.main import cli
 from lora_tune.export import load_config
-from lora_tune.study.artifacts import trials_with_adapters
+from lora_tune.study.trial.artifacts import trials_with_adapters
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.slow

@@ -16,10 +16,10 @@ import yaml
 from click.testing import CliRunner
 
 import lora_tune
-from lora_tune import files
+from lora_tune import safe_files as files
 from lora_tune.cli.main import cli
 from lora_tune.export import export_trials
-from lora_tune.study.artifacts import trials_with_adapters
+from lora_tune.study.trial.artifacts import trials_with_adapters
 from tests.export.tiny_lora_study import build_base, run_study
 from tests.report.lora_study_factory import make_lora_study
 

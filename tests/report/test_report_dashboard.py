@@ -10,7 +10,7 @@ from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 
 from tests.report.dashboard_server import get_json, running_dashboard
 from tests.report.lora_study_factory import make_lora_study
-from lora_tune.study.artifacts import default_artifact_dir, open_artifact_store
+from lora_tune.study.trial.artifacts import default_artifact_dir, open_artifact_store
 from lora_tune.report.dashboard import figure_id, save_figures
 from lora_tune.report.definitions import load_definition
 from lora_tune.report.panels import PANELS

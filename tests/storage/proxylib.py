@@ -9,8 +9,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from lora_tune.study import storage as st
-from lora_tune.study.storage_proxy import ProxyAccess, make_server
+from lora_tune.study.storage import opening as st
+from lora_tune.study.storage.proxy_server import ProxyAccess, make_server
 
 TOKEN = secrets.token_urlsafe(32)
 

@@ -1,4 +1,4 @@
-"""Why lora-tune keeps its own heartbeat on databases too (lora_tune/study/heartbeat.py): the
+"""Why lora-tune keeps its own heartbeat on databases too (lora_tune/study/storage/heartbeat.py): the
 Optuna behaviour that reasoning rests on. If one of these fails after an Optuna upgrade, passing
 ``study.heartbeat_interval`` through to ``RDBStorage`` may have become possible: look again."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import optuna
 from optuna.trial import TrialState
 from workerlib import make_study
 
-from lora_tune.study import storage as st
-from lora_tune.study.workers import run_worker
+from lora_tune.study.storage import opening as st
+from lora_tune.study.run.workers import run_worker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lora_tune.study import _optuna_private as private
-from lora_tune.study.samplers import OrderedGridSampler
+from lora_tune.study.run.samplers import OrderedGridSampler
 
 REPO = Path(__file__).resolve().parents[2]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -151,9 +151,9 @@ def test_grpc_proxy_server_and_client_from_optunas_parts():
 
 def test_no_private_optuna_name_outside_the_private_module():
     """Our storage and worker code reaches Optuna's internals only through _optuna_private."""
-    own = ["lora_tune/study/storage.py", "lora_tune/study/storage_proxy.py", "lora_tune/study/workers.py",
-           "lora_tune/study/heartbeat.py", "lora_tune/study/samplers.py", "lora_tune/cli/commands_worker.py", "lora_tune/cli/commands_proxy.py",
-           *[str(p.relative_to(REPO)) for p in (REPO / "lora_tune/study/storages").glob("*.py")]]
+    own = ["lora_tune/study/run/workers.py", "lora_tune/study/run/samplers.py", "lora_tune/cli/commands_worker.py",
+           "lora_tune/cli/commands_proxy.py",
+           *[str(p.relative_to(REPO)) for p in (REPO / "lora_tune/study/storage").glob("*.py")]]
     for path in own:
         tree = ast.parse((REPO / path).read_text())
         for node in ast.walk(tree):

@@ -14,12 +14,12 @@ from optuna.trial import TrialState
 from tcp_proxy import OutageProxy
 from workerlib import HERE, REPO, by_state, make_study, reload
 
-from lora_tune.study import storage as st
-from lora_tune.study.samplers import OrderedGridSampler
-from lora_tune.study.storages.budget import BudgetReached, study_budget
-from lora_tune.study.storages.retry import is_transient
-from lora_tune.study.storages.wrapper import StorageWrapper
-from lora_tune.study.workers import run_worker
+from lora_tune.study.storage import opening as st
+from lora_tune.study.run.samplers import OrderedGridSampler
+from lora_tune.study.storage.budget import BudgetReached, study_budget
+from lora_tune.study.storage.retry import is_transient
+from lora_tune.study.storage.wrapper import StorageWrapper
+from lora_tune.study.run.workers import run_worker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
@@ -186,7 +186,7 @@ def test_transient_classification(tmp_path):
 
 
 def test_requeue_is_bounded_by_max_retry(tmp_path):
-    from lora_tune.study.workers import requeue_trials
+    from lora_tune.study.run.workers import requeue_trials
 
     study = make_study(f"sqlite:///{tmp_path / 'rq.db'}", "rq", 10)
     first = _abandoned_trial(study)
@@ -209,7 +209,7 @@ def test_budget_counts_one_slot_per_original_trial():
     from optuna.distributions import FloatDistribution
     from optuna.trial import create_trial
 
-    from lora_tune.study.storages.budget import budget_done, budget_used
+    from lora_tune.study.storage.budget import budget_done, budget_used
 
     dist = {"x": FloatDistribution(0, 1)}
 
@@ -230,7 +230,7 @@ def test_budget_counts_one_slot_per_original_trial():
 
 def test_started_trials_carry_marks_only_in_budgeted_studies(tmp_path):
     """lora-tune's one deliberate difference from Optuna's storage contract, and its limits."""
-    from lora_tune.study.storages.marks import HEARTBEAT_KEY, WORKER_KEY, worker_id
+    from lora_tune.study.storage.marks import HEARTBEAT_KEY, WORKER_KEY, worker_id
 
     storage = st.open_storage(f"sqlite:///{tmp_path / 'marks.db'}")
     plain = optuna.create_study(study_name="plain", storage=storage)
@@ -249,7 +249,7 @@ def test_started_trials_carry_marks_only_in_budgeted_studies(tmp_path):
 
 def test_queued_retry_runs_in_its_own_slot(tmp_path):
     """A re-queued trial keeps the budget slot of the trial it retries: a new trial cannot take it."""
-    from lora_tune.study.workers import requeue_trials
+    from lora_tune.study.run.workers import requeue_trials
 
     study = make_study(f"sqlite:///{tmp_path / 'slot.db'}", "slot", 2)
     lost = _abandoned_trial(study)
@@ -265,7 +265,7 @@ def test_queued_retry_runs_in_its_own_slot(tmp_path):
 def test_trial_failed_by_another_worker_is_dropped_and_its_retry_runs(tmp_path):
     """The worker side of stale trials: a worker that was only slow finds its trial failed and
     re-queued by another one; it drops that result, logs it, and the retry runs the parameters."""
-    from lora_tune.study.workers import requeue_trials
+    from lora_tune.study.run.workers import requeue_trials
 
     url = f"sqlite:///{tmp_path / 'slow.db'}"
     study = make_study(url, "slow", 2)
@@ -292,8 +292,8 @@ def test_trial_failed_by_another_worker_is_dropped_and_its_retry_runs(tmp_path):
 def test_stale_watch_judges_by_its_own_clock():
     from optuna.trial import create_trial
 
-    from lora_tune.study.heartbeat import StaleWatch
-    from lora_tune.study.storages.marks import HEARTBEAT_KEY
+    from lora_tune.study.storage.heartbeat import StaleWatch
+    from lora_tune.study.storage.marks import HEARTBEAT_KEY
 
     now = [100.0]
     watch = StaleWatch(grace=10, clock=lambda: now[0])
@@ -338,10 +338,10 @@ class _AnswerLost(StorageWrapper):
 def test_start_whose_answer_was_lost_is_not_started_twice(tmp_path, start):
     """A retried start finds the trial its lost attempt created: no orphan RUNNING trial
     holds a budget slot (what a PostgreSQL restart mid-start used to leave)."""
-    from lora_tune.study.storages.budget import BudgetedStorage
-    from lora_tune.study.storages.locks import StudyLocks
-    from lora_tune.study.storages.marks import START_KEY
-    from lora_tune.study.storages.retry import RetryingStorage
+    from lora_tune.study.storage.budget import BudgetedStorage
+    from lora_tune.study.storage.locks import StudyLocks
+    from lora_tune.study.storage.marks import START_KEY
+    from lora_tune.study.storage.retry import RetryingStorage
 
     url = f"sqlite:///{tmp_path / 'lost.db'}"
     rdb = optuna.storages.RDBStorage(url)

@@ -21,8 +21,8 @@ import proxylib
 import pytest
 from optuna.testing.pytest_storages import StorageTestCase
 
-from lora_tune.study import storage as st
-from lora_tune.study.storages.grpc import ENV_PROXY_CA, ENV_PROXY_TOKEN
+from lora_tune.study.storage import opening as st
+from lora_tune.study.storage.proxy_client import ENV_PROXY_CA, ENV_PROXY_TOKEN
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 

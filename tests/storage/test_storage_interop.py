@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
-from lora_tune.study import storage as st
+from lora_tune.study.storage import opening as st
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")

@@ -10,7 +10,7 @@ import time
 import pytest
 from optuna.trial import TrialState
 
-from lora_tune.study.storages.marks import WORKER_KEY
+from lora_tune.study.storage.marks import WORKER_KEY
 from workerlib import HERE, REPO, by_state, finish, make_study, reload, start_workers
 
 pytestmark = pytest.mark.slow
@@ -108,7 +108,7 @@ def test_jobs_spread_over_visible_gpus(tmp_path):
 
 
 def test_visible_gpus_parsing():
-    from lora_tune.study.workers import visible_gpus
+    from lora_tune.study.run.workers import visible_gpus
 
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0, 2,3"}) == ["0", "2", "3"]
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from lora_tune.study.storages.marks import WORKER_KEY
+from lora_tune.study.storage.marks import WORKER_KEY
 from tests.waiting import wait_for
 from workerlib import by_state, finish, make_study, reload, start_workers
 

@@ -23,11 +23,11 @@ from workerlib import REPO, by_state, finish, make_study, start_workers
 
 from lora_tune.cli.main import cli
 from lora_tune.errors import ConfigError, StorageError
-from lora_tune.study import storage as st
-from lora_tune.study.storage_proxy import make_server
-from lora_tune.study.storages.budget import BudgetReached
-from lora_tune.study.storages.grpc import ENV_PROXY_CA, ENV_PROXY_TOKEN, ENV_PROXY_TOKEN_FILE
-from lora_tune.study.storages.marks import WORKER_KEY
+from lora_tune.study.storage import opening as st
+from lora_tune.study.storage.proxy_server import make_server
+from lora_tune.study.storage.budget import BudgetReached
+from lora_tune.study.storage.proxy_client import ENV_PROXY_CA, ENV_PROXY_TOKEN, ENV_PROXY_TOKEN_FILE
+from lora_tune.study.storage.marks import WORKER_KEY
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from lora_tune.cli.main import cli
 from lora_tune.errors import ConfigError, StorageError
-from lora_tune.study import storage as st
-from lora_tune.study.workers import check_parallel_storage
+from lora_tune.study.storage import opening as st
+from lora_tune.study.run.workers import check_parallel_storage
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def test_grpc_url_needs_host_and_port(url):
 
 
 def test_grpc_address():
-    from lora_tune.study.storages.urls import grpc_address
+    from lora_tune.study.storage.urls import grpc_address
 
     assert grpc_address("grpc://10.0.0.5:13000") == ("10.0.0.5", 13000)
     assert grpc_address("grpc://[::1]:13000") == ("::1", 13000)
@@ -137,7 +137,7 @@ def test_unreachable_server_error_hides_password():
 
 
 def test_heartbeat_settings_come_from_the_stored_study_file():
-    from lora_tune.study.heartbeat import HeartbeatSettings
+    from lora_tune.study.storage.heartbeat import HeartbeatSettings
 
     assert HeartbeatSettings.from_study({}) == HeartbeatSettings(30, None, 2)
     assert HeartbeatSettings.from_study({}).grace == 90

@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from lora_tune.study.storage import dispose_storage, open_storage
+from lora_tune.study.storage.opening import dispose_storage, open_storage
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from lora_tune.study.spec import StudySpec, validate_spec
+from lora_tune.study.schema.spec import StudySpec, validate_spec
 from tests.study.toy_task import ToyTask
 
 BASE: dict[str, Any] = {

@@ -20,8 +20,7 @@ from typing import Any
 import optuna
 import torch
 
-from lora_tune.study import record
-
+from lora_tune.study.trial import record
 MAX_STEPS = 8
 
 
@@ -50,7 +49,7 @@ class SpyTrial:
 def train_hf(trial: Any, out: Path) -> tuple[Any, dict]:
     from transformers import Trainer
 
-    from lora_tune.study.hf_callback import LoraTuneCallback
+    from lora_tune.study.integrations.transformers_pruning import LoraTuneCallback
     from tests.study.callback_models import TokenSequences, tiny_lora_llama, training_args
 
     callback = LoraTuneCallback(trial)
@@ -64,7 +63,7 @@ def train_hf(trial: Any, out: Path) -> tuple[Any, dict]:
 
 
 def train_lightning(trial: Any, out: Path) -> tuple[Any, dict]:
-    from lora_tune.study.lightning_callback import LoraTuneLightningCallback
+    from lora_tune.study.integrations.lightning_pruning import LoraTuneLightningCallback
     from tests.study.lightning_models import fit
 
     callback = LoraTuneLightningCallback(trial, "val_loss")

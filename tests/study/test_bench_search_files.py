@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.study.spec import validate_spec
+from lora_tune.study.schema.spec import validate_spec
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,6 @@
 """LoraTuneCallback and LoraTuneLightningCallback: pruning in real Optuna studies with real
 transformers Trainer, TRL SFTTrainer and Lightning runs on tiny models built from configs;
-the shared decision logic (lora_tune.study.callbacks) on its own. DDP: test_callbacks_ddp.py."""
+the shared decision logic (lora_tune.study.integrations.trial_binding) on its own. DDP: test_callbacks_ddp.py."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lora_tune.errors import ConfigError
-from lora_tune.study.callbacks import TrialBinding, trial_pruning
+from lora_tune.study.integrations.trial_binding import TrialBinding, trial_pruning
 from lora_tune.train.callbacks import EvalRecord, metric_key
 from tests.study.callback_models import TokenSequences, tiny_lora_llama, training_args
 
@@ -82,7 +82,7 @@ def test_pruning_rejects_multi_objective_trials() -> None:
 def test_the_core_modules_import_neither_transformers_nor_lightning_and_the_train_one_no_optuna() -> None:
     code = ("import sys, lora_tune.train.callbacks; "
             "print(sorted(m for m in ('transformers', 'lightning', 'trl', 'optuna') if m in sys.modules)); "
-            "import lora_tune.study.callbacks; "
+            "import lora_tune.study.integrations.trial_binding; "
             "print(sorted(m for m in ('transformers', 'lightning', 'trl') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["[]", "[]"]
@@ -100,10 +100,10 @@ def test_the_callbacks_are_exported_lazily(transformers) -> None:
     import lightning.pytorch as pl
 
     import lora_tune
-    from lora_tune.study import callbacks, hf_callback, lightning_callback
+    from lora_tune.study.integrations import lightning_pruning, transformers_pruning, trial_binding
 
-    assert lora_tune.LoraTuneCallback is callbacks.LoraTuneCallback is hf_callback.LoraTuneCallback
-    assert lora_tune.LoraTuneLightningCallback is lightning_callback.LoraTuneLightningCallback
+    assert lora_tune.LoraTuneCallback is trial_binding.LoraTuneCallback is transformers_pruning.LoraTuneCallback
+    assert lora_tune.LoraTuneLightningCallback is lightning_pruning.LoraTuneLightningCallback
     assert {"LoraTuneCallback", "LoraTuneLightningCallback"} <= set(lora_tune.__all__)
     assert issubclass(lora_tune.LoraTuneCallback, transformers.TrainerCallback)
     assert issubclass(lora_tune.LoraTuneLightningCallback, pl.Callback)

@@ -51,7 +51,7 @@ def test_lightning_trials_complete_and_prune(tmp_path) -> None:
 
 
 def test_lightning_missing_monitor_lists_the_logged_metrics(tmp_path) -> None:
-    from lora_tune.study.lightning_callback import LoraTuneLightningCallback
+    from lora_tune.study.integrations.lightning_pruning import LoraTuneLightningCallback
 
     callback = LoraTuneLightningCallback(optuna.create_study().ask(), "val_acc")
     with pytest.raises(ConfigError) as info:

@@ -8,8 +8,8 @@ from optuna.trial import FixedTrial, TrialState
 
 from lora_tune import LoraConfig, SearchSpace, StudySpecError
 from lora_tune.report import data
-from lora_tune.study.runner import create_study, load_study, optimize
-from lora_tune.study.storage import dispose_storage
+from lora_tune.study.run.runner import create_study, load_study, optimize
+from lora_tune.study.storage.opening import dispose_storage
 from tests.study.conftest import make_spec
 
 

@@ -1,4 +1,4 @@
-"""Nested ranks in a study (lora_tune.study.nested): one trial, one finished result per listed rank."""
+"""Nested ranks in a study (lora_tune.study.trial.nested_trials): one trial, one finished result per listed rank."""
 from __future__ import annotations
 
 import math
@@ -16,14 +16,14 @@ from lora_tune import load_adapter
 from lora_tune.cli.main import cli
 from lora_tune.errors import StudySpecError
 from lora_tune.export import export_best
-from lora_tune.study.artifacts import adapter_artifacts
-from lora_tune.study import record
-from lora_tune.study.confirm import confirm_top
-from lora_tune.study.nested import nested_problems
-from lora_tune.study.objective import Objective
-from lora_tune.study.record import CONFIRM_OF, CONFIRM_SHARED, NESTED_PARENT, NESTED_RANK_VALUES, SEED
-from lora_tune.study.space import SearchSpace, baseline_params, check_search_space
-from lora_tune.study.spec import resolve_objective
+from lora_tune.study.trial.artifacts import adapter_artifacts
+from lora_tune.study.trial import record
+from lora_tune.study.trial.confirm import confirm_top
+from lora_tune.study.trial.nested_trials import nested_problems
+from lora_tune.study.trial.objective import Objective
+from lora_tune.study.trial.record import CONFIRM_OF, CONFIRM_SHARED, NESTED_PARENT, NESTED_RANK_VALUES, SEED
+from lora_tune.study.schema.space import SearchSpace, baseline_params, check_search_space
+from lora_tune.study.schema.spec import resolve_objective
 from tests.study.conftest import BASE, make_spec
 from tests.study.toy_task import ToyTask
 
@@ -112,7 +112,7 @@ def test_confirming_the_baseline_under_nested_ranks_trains_it_again_plainly(tmp_
     """The baseline trains rank 8 plainly. With a larger nested rank, its rank 8 lies outside the
     space's IntDistribution(16, 16) (confirming it crashed); with 8 the largest listed rank, its
     confirmation must not train nested ranks as the other trials of rank 8 do."""
-    from lora_tune.study.runner import create_study, optimize
+    from lora_tune.study.run.runner import create_study, optimize
 
     spec = make_spec(study={"n_trials": 1, "baseline": True}, search_space={**SPACE, "rank": {"nested": ranks}})
     study = create_study(spec, f"sqlite:///{tmp_path / 's.db'}", task=toy_task)

@@ -7,8 +7,8 @@ import optuna
 import pytest
 from optuna.trial import FixedTrial, TrialState
 
-from lora_tune.study.objective import Objective, TrialFailed
-from lora_tune.study.spec import resolve_objective
+from lora_tune.study.trial.objective import Objective, TrialFailed
+from lora_tune.study.schema.spec import resolve_objective
 from tests.study.conftest import make_spec
 from tests.study.toy_task import ToyTask
 

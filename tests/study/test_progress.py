@@ -8,8 +8,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
-from lora_tune.study.storages.budget import budget_done
-from lora_tune.study.progress import render_outcome, study_outcome
+from lora_tune.study.storage.budget import budget_done
+from lora_tune.study.run.progress import render_outcome, study_outcome
 from tests.study.conftest import make_spec
 
 

@@ -1,4 +1,4 @@
-"""The trial record (lora_tune.study.record): stored names, kinds, fidelity, the compute account,
+"""The trial record (lora_tune.study.trial.record): stored names, kinds, fidelity, the compute account,
 and the one rule for which way a metric goes."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import FixedTrial, TrialState, create_trial
 
-from lora_tune.study import record
-from lora_tune.study.spec import default_direction
+from lora_tune.study.trial import record
+from lora_tune.study.schema.spec import default_direction
 from lora_tune.tasks.base import metric_direction
 from lora_tune.train import TrainResult
 from lora_tune.train.callbacks import CallbackSummary

@@ -6,9 +6,9 @@ import pytest
 from optuna.trial import TrialState
 
 from lora_tune.errors import ConfigError, StudyNotFoundError, StudySpecError
-from lora_tune.study.runner import build_pruner, build_sampler, create_study, load_study, optimize
-from lora_tune.study.spec import resolve_objective
-from lora_tune.study.storage import dispose_storage
+from lora_tune.study.run.runner import build_pruner, build_sampler, create_study, load_study, optimize
+from lora_tune.study.schema.spec import resolve_objective
+from lora_tune.study.storage.opening import dispose_storage
 from tests.study.conftest import make_spec
 from tests.study.toy_task import ToyTask
 
@@ -169,7 +169,7 @@ def test_grid_study_stops_when_every_point_is_evaluated(url, toy_task):
 def test_a_study_file_without_a_pruner_gets_hyperband_over_its_evaluations():
     import copy
 
-    from lora_tune.study.spec import validate_spec
+    from lora_tune.study.schema.spec import validate_spec
     from tests.study.conftest import BASE
 
     raw = copy.deepcopy(BASE)

@@ -7,7 +7,7 @@ import time
 import optuna
 import pytest
 
-from lora_tune.study.samplers import OrderedGridSampler, make_sampler, plain_study_sampler
+from lora_tune.study.run.samplers import OrderedGridSampler, make_sampler, plain_study_sampler
 
 SPACE = {"x": [0.0, 1.0, 2.0], "y": [3, 4]}
 optuna.logging.set_verbosity(optuna.logging.WARNING)

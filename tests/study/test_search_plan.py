@@ -10,15 +10,15 @@ from optuna.trial import TrialState
 from lora_tune.cli.main import cli
 from lora_tune.errors import ConfigError, StudySpecError
 from lora_tune.export import choose_trial
-from lora_tune.study import record
-from lora_tune.study.confirm import best_confirmed, config_groups, confirm_top, within_noise
-from lora_tune.study.objective import Objective
-from lora_tune.study.record import CONFIRM_OF, ENQUEUED_PARAMS, SEED, WARM_START
-from lora_tune.study.runner import create_study, optimize
-from lora_tune.study.space import SearchSpace
-from lora_tune.study.spec import resolve_objective
-from lora_tune.study.templates import LEARNING_RATES, TYPICAL_LEARNING_RATE
-from lora_tune.study.warm_start import configs_from_study, prior, project, warm_start
+from lora_tune.study.trial import record
+from lora_tune.study.trial.confirm import best_confirmed, config_groups, confirm_top, within_noise
+from lora_tune.study.trial.objective import Objective
+from lora_tune.study.trial.record import CONFIRM_OF, ENQUEUED_PARAMS, SEED, WARM_START
+from lora_tune.study.run.runner import create_study, optimize
+from lora_tune.study.schema.space import SearchSpace
+from lora_tune.study.schema.spec import resolve_objective
+from lora_tune.study.schema.templates import LEARNING_RATES, TYPICAL_LEARNING_RATE
+from lora_tune.study.run.warm_start import configs_from_study, prior, project, warm_start
 from lora_tune.tasks.base import MODEL_KINDS
 from tests.study.conftest import BASE, make_spec
 from tests.study.toy_task import ToyTask
@@ -194,7 +194,7 @@ def test_results_outside_the_budget_are_nested_results_and_confirmation_runs():
 
 
 def test_confirmation_runs_do_not_use_the_budget(url, toy_task):
-    from lora_tune.study.storages.budget import budget_done, budget_used
+    from lora_tune.study.storage.budget import budget_done, budget_used
 
     spec = make_spec(study={"n_trials": 3})
     study = create_study(spec, url, task=toy_task)

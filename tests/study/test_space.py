@@ -6,7 +6,7 @@ import pytest
 from optuna.trial import FixedTrial
 
 from lora_tune.errors import StudySpecError
-from lora_tune.study.space import SearchSpace, baseline_params
+from lora_tune.study.schema.space import SearchSpace, baseline_params
 
 SPACE = {
     "rank": {"type": "int", "low": 2, "high": 32, "log": True},

@@ -16,7 +16,7 @@ from optuna.trial import FixedTrial
 
 import lora_tune
 from lora_tune import ConfigError, LoraConfig, SearchSpace, StudySpecError
-from lora_tune.study.space import KEYS, LORA_DEFAULTS, TRAIN_KEYS
+from lora_tune.study.schema.space import KEYS, LORA_DEFAULTS, TRAIN_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "studies" / "quickstart.yaml"

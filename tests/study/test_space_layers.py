@@ -10,8 +10,8 @@ from optuna.trial import FixedTrial
 
 from lora_tune.cli.main import cli
 from lora_tune.errors import StudySpecError
-from lora_tune.study.runner import create_study, load_study, optimize, prepare_spec
-from lora_tune.study.space import SearchSpace, baseline_params
+from lora_tune.study.run.runner import create_study, load_study, optimize, prepare_spec
+from lora_tune.study.schema.space import SearchSpace, baseline_params
 from tests.study.conftest import BASE, make_spec
 
 LAYERS = {"choices": ["all", {"last": 1}, {"first": 1}, [0, 1]]}

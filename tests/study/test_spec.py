@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from lora_tune.errors import StudySpecError
-from lora_tune.study.spec import load_spec_file, parse_spec_text, resolve_objective, validate_spec
+from lora_tune.study.schema.spec import load_spec_file, parse_spec_text, resolve_objective, validate_spec
 from tests.study.conftest import make_spec
 
 GOOD = """

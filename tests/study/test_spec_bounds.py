@@ -7,10 +7,10 @@ import time
 import pytest
 
 from lora_tune.errors import ConfigError, StudySpecError, short
-from lora_tune.study.space import SearchSpace
-from lora_tune.study.space_keys import MAX_CHOICES, MAX_LIST_ITEMS
-from lora_tune.study.spec import load_spec_file
-from lora_tune.study.yaml_file import MAX_SPEC_BYTES, load_yaml, read_spec_text
+from lora_tune.study.schema.space import SearchSpace
+from lora_tune.study.schema.space_keys import MAX_CHOICES, MAX_LIST_ITEMS
+from lora_tune.study.schema.spec import load_spec_file
+from lora_tune.study.schema.yaml_file import MAX_SPEC_BYTES, load_yaml, read_spec_text
 
 
 def shared_laughs(levels: int = 9) -> list:

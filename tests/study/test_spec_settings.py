@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from lora_tune import ConfigError, LoraConfig
 from lora_tune.errors import StudySpecError
 from lora_tune.settings import Setting, defaults_of, settings_of
-from lora_tune.study.space import SearchSpace
-from lora_tune.study.space_keys import KEYS, TRAIN_KEYS, encode_choice
-from lora_tune.study.spec import DRIVER_TRAIN_KEYS, TrainSection, spec_from_stored, validate_spec
+from lora_tune.study.schema.space import SearchSpace
+from lora_tune.study.schema.space_keys import KEYS, TRAIN_KEYS, encode_choice
+from lora_tune.study.schema.spec import DRIVER_TRAIN_KEYS, TrainSection, spec_from_stored, validate_spec
 from lora_tune.train import TrainConfig
 from tests.study.conftest import BASE
 
@@ -155,7 +155,7 @@ def test_validate_names_study_when_it_is_not_a_mapping(tmp_path):
 
 def test_the_search_space_knows_the_study_file_sections():
     """space.py cannot import StudySpec (spec.py imports it): its copy of the names must agree."""
-    from lora_tune.study.space import STUDY_SECTIONS
-    from lora_tune.study.spec import StudySpec
+    from lora_tune.study.schema.space import STUDY_SECTIONS
+    from lora_tune.study.schema.spec import StudySpec
 
     assert STUDY_SECTIONS == tuple(StudySpec.model_fields)

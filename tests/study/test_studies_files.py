@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_tune.study.runner import prepare_spec
-from lora_tune.study.spec import check_spec, load_spec_file
+from lora_tune.study.run.runner import prepare_spec
+from lora_tune.study.schema.spec import check_spec, load_spec_file
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = sorted((ROOT / "studies").glob("*.yaml"))

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from lora_tune.cli.main import cli
 from lora_tune.errors import ConfigError
 from lora_tune.tasks import validate_task_spec
-from lora_tune.tasks import chat_data, files
+from lora_tune.tasks import chat_data
+from lora_tune.tasks import data_files as files
 from tests.tasks.conftest import write_table
 from tests.tasks.test_sft import LLAMA, PC_ROWS
 
@@ -26,7 +27,7 @@ def sft_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_TUNE_CACHE", str(tmp_path / "cache"))
 
 
-# -- text-classification tables (lora_tune.tasks.files) ---------------------------------------
+# -- text-classification tables (lora_tune.tasks.data_files) ---------------------------------------
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv"])
 def test_a_csv_field_of_200000_characters_reads_fine(tmp_path, suffix):

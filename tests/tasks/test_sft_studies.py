@@ -10,8 +10,8 @@ import yaml
 from click.testing import CliRunner
 
 from lora_tune.cli.main import cli
-from lora_tune.study.runner import prepare_spec
-from lora_tune.study.spec import check_spec, load_spec_file
+from lora_tune.study.run.runner import prepare_spec
+from lora_tune.study.schema.spec import check_spec, load_spec_file
 
 pytestmark = pytest.mark.usefixtures("sft_cache")
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from lora_tune.study.objective import Objective, TrialFailed
-from lora_tune.study.spec import resolve_objective, validate_spec
+from lora_tune.study.trial.objective import Objective, TrialFailed
+from lora_tune.study.schema.spec import resolve_objective, validate_spec
 from lora_tune.tasks import build_task, validate_task_spec
 from tests.tasks import trainer_factories
 
@@ -77,7 +77,7 @@ def test_a_study_of_real_trainer_trials_completes_and_prunes(trainer_task):
 
 def test_the_best_trainer_adapter_exports_and_reloads_with_the_same_metric(trainer_task, tmp_path):
     from lora_tune import load_adapter
-    from lora_tune.study.artifacts import artifact_dir_for, extract_adapter
+    from lora_tune.study.trial.artifacts import artifact_dir_for, extract_adapter
 
     storage = f"sqlite:///{tmp_path / 's.db'}"
     spec = resolve_objective(validate_spec(_raw()), trainer_task)

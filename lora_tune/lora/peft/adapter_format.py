@@ -40,7 +40,7 @@ from lora_tune.lora.adapter_sites import (
     expected_after_inject,
     lora_state_dict,
 )
-from lora_tune.lora.base import ADAPTER_PARAMS
+from lora_tune.lora.adapter_base import ADAPTER_PARAMS
 from lora_tune.lora.config import scale_for
 from lora_tune.lora.fused import enabled_sizes, part_slices
 from lora_tune.lora.peft.matching import (

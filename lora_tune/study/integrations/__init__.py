@@ -1,0 +1,2 @@
+"""Pruning callbacks that bind another framework's trainer (Hugging Face ``Trainer``, Lightning) to a
+lora-tune trial."""

@@ -1,0 +1,166 @@
+"""Warm starts: enqueue configs that are known to be good before the sampler starts guessing.
+
+Two sources (``lora-tune run --warm-start OTHER`` and ``study.warm_start: defaults``):
+
+* :func:`configs_from_study` — the best complete trials of an earlier study (on the same or a
+  similar model). Their parameters are projected onto this study's space: a target preset
+  keeps its name and is resolved again on this model; an explicit target list is kept only if
+  every pattern still matches this model; values outside this space are dropped (the sampler
+  fills them), numbers are clamped to its ranges.
+* :func:`prior` — well-known good configs from the LoRA literature and practice: rank 16 with
+  alpha 2 × rank on every linear layer (QLoRA's recipe), rank 8 with alpha 16 on attention, and
+  rank 32 on every linear layer, at learning rates around the typical LoRA learning rate of the
+  task's kind of model (``Task.model_kind``; about 10× a full fine-tuning rate: 2e-4 for a
+  decoder LLM, 1e-3 for a small encoder, see ``templates.TYPICAL_LEARNING_RATE``).
+
+:func:`enqueue` adds each config once: a config equal to a trial already in the study (waiting,
+running or finished) is not enqueued again.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import optuna
+from optuna.trial import TrialState
+
+from lora_tune.errors import ConfigError
+from lora_tune.study.trial import record
+from lora_tune.study.schema.space import Param, SearchSpace, encode_choice
+
+
+# (config, learning rate as a multiple of the model kind's typical LoRA learning rate)
+PRIOR: tuple[tuple[dict[str, Any], float], ...] = (
+    ({"rank": 16, "alpha": 32.0, "targets": "all-linear", "dropout": 0.05}, 1.0),
+    ({"rank": 8, "alpha": 16.0, "targets": "attention", "dropout": 0.0}, 2.0),
+    ({"rank": 32, "alpha": 64.0, "targets": "all-linear", "dropout": 0.05}, 0.5),
+)
+
+
+def prior(model_kind: str) -> list[dict[str, Any]]:
+    """The :data:`PRIOR` configs with learning rates for ``model_kind`` (see the module docstring)."""
+    from lora_tune.study.schema.templates import TYPICAL_LEARNING_RATE
+
+    if model_kind not in TYPICAL_LEARNING_RATE:
+        raise ConfigError("model_kind", model_kind, ", ".join(TYPICAL_LEARNING_RATE))
+    typical = TYPICAL_LEARNING_RATE[model_kind]
+    return [{**config, "learning_rate": typical * factor} for config, factor in PRIOR]
+
+
+def configs_from_study(source: optuna.Study, top: int = 5) -> list[dict[str, Any]]:
+    """The setting values (``rank``, ``alpha``, ``targets``, ... as the config has them) of the
+    ``top`` best complete trials of ``source``; ConfigError when it has none."""
+    complete = [t for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.values is not None and len(t.values) == 1]
+    if not complete:
+        raise ConfigError("--warm-start", source.study_name, "a study with at least one complete single-objective trial")
+    reverse = source.direction == optuna.study.StudyDirection.MAXIMIZE
+    best = sorted(complete, key=lambda t: t.value, reverse=reverse)[:top]
+    return [settings_of(t) for t in best]
+
+
+def settings_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """A trial's setting values: its LoRA config as recorded, with its sampled training values."""
+    lora = dict(trial.user_attrs.get(record.LORA_CONFIG) or {})
+    preset = trial.user_attrs.get(record.TARGET_PRESET)
+    out = {k: lora[k] for k in ("rank", "alpha", "dropout", "quant_bits", "quant_type", "method", "rslora",
+                                "init", "bias", "use_dora") if k in lora}
+    out["targets"] = preset if preset else lora.get("targets")
+    for name, value in trial.params.items():
+        if name not in out and name not in ("alpha_ratio", "targets", "rank", "quant_bits"):
+            out[name] = value
+    return out
+
+
+def project(space: SearchSpace, settings: Mapping[str, Any], fits: Any = None) -> dict[str, Any] | None:
+    """Trial parameters of ``settings`` in ``space`` (for ``study.enqueue_trial``); None when the
+    space has no choice for one of its values, or its targets do not fit this model
+    (``fits(targets) -> bool``). Numbers are clamped into ranges."""
+    params: dict[str, Any] = {}
+    rank = settings.get("rank")
+    for p in space.sampled:
+        if p.kind == "ratio":
+            if rank and settings.get("alpha") is not None:
+                params[p.name] = _nearest(p.choices, settings["alpha"] / float(params.get("rank", rank)))
+            continue
+        if p.key not in settings:
+            continue
+        value = settings[p.key]
+        if p.key == "targets" and fits is not None and not fits(value):
+            return None
+        encoded = encode_choice(p.key, value)
+        if p.kind == "categorical":
+            match = next((c for c in p.choices if c == encoded and type(c) is type(encoded)), None)
+            if match is None:
+                return None  # the space cannot express this config: another choice would not be it
+            params[p.name] = match
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            params[p.name] = _clamp(p, value)
+    return params or None
+
+
+def enqueue(study: optuna.Study, configs: Iterable[Mapping[str, Any]], origin: str) -> int:
+    """Enqueue each config not already in the study; returns how many were enqueued."""
+    seen = [dict(t.params) or dict(t.user_attrs.get(record.ENQUEUED_PARAMS) or {}) for t in study.get_trials(deepcopy=False)]
+    added = 0
+    for params in configs:
+        if any(_same(params, other) for other in seen):
+            continue
+        study.enqueue_trial(dict(params), user_attrs={record.WARM_START: origin, record.ENQUEUED_PARAMS: dict(params)})
+        seen.append(dict(params))
+        added += 1
+    return added
+
+
+def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    if set(a) != set(b):
+        return False
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, float) or isinstance(other, float):
+            if not (isinstance(other, (int, float)) and math.isclose(float(value), float(other), rel_tol=1e-9)):
+                return False
+        elif value != other:
+            return False
+    return True
+
+
+def _nearest(choices: list[Any], value: float) -> Any:
+    return min(choices, key=lambda c: abs(math.log(float(c)) - math.log(value)) if c > 0 and value > 0 else abs(c - value))
+
+
+def _clamp(p: Param, value: float) -> float | int:
+    low, high = float(p.low), float(p.high)
+    value = min(max(float(value), low), high)
+    if p.kind == "int":
+        step = int(p.step or 1)
+        return int(low + round((value - low) / step) * step)
+    if p.step:
+        return low + round((value - low) / p.step) * p.step
+    return value
+
+
+def targets_fit(task: Any) -> Any:
+    """``fits(targets) -> bool`` on the task's model: a preset or pattern list that matches it."""
+    from lora_tune import LoraConfig, find_targets
+
+    model = task.build_model()
+
+    def fits(targets: Any) -> bool:
+        value = targets.split("|") if isinstance(targets, str) and "|" in targets else targets
+        try:
+            find_targets(model, LoraConfig(targets=value))
+        except (ConfigError, ValueError):
+            return False
+        return True
+
+    return fits
+
+
+def warm_start(study: optuna.Study, space: SearchSpace, configs: Iterable[Mapping[str, Any]], task: Any,
+               origin: str) -> int:
+    """Project ``configs`` onto ``space`` (targets checked on the task's model) and enqueue the
+    new ones; returns how many were enqueued."""
+    fits = targets_fit(task) if space["targets"] is not None and space["targets"].sampled else None
+    projected = [p for p in (project(space, c, fits) for c in configs) if p]
+    return enqueue(study, projected, origin)

@@ -1,0 +1,426 @@
+"""The study file: its schema (pydantic, unknown keys forbidden) and its loading.
+
+A study file has five sections: ``study`` (name, storage, objective, sampler, pruner,
+budget), ``task`` (checked by :func:`lora_tune.tasks.validate_task_spec`), ``search_space``
+(checked by :mod:`lora_tune.study.schema.space`), ``train`` and ``constraints``. Every problem is
+collected and raised at once as :class:`~lora_tune.errors.StudySpecError` with its path,
+e.g. ``search_space.rank.low: must be ≥ 1``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping, Optional
+
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator,
+)
+
+from lora_tune.errors import StudySpecError, short
+from lora_tune.settings import Setting, defaults_of, setting, settings_of
+from lora_tune.study.schema.yaml_file import load_yaml, read_spec_text
+from lora_tune.tasks.base import metric_direction
+from lora_tune.train import TrainConfig
+
+ISOLATIONS = ("auto", "process", "none")
+OOM_POLICIES = ("fail", "halve_batch")
+
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "nsga2")
+PRUNERS = ("median", "sha", "hyperband", "none")
+DIRECTIONS = ("maximize", "minimize")
+# Objectives the study itself can compute, on top of the task's own metrics.
+EXTRA_METRICS = ("trainable_params",)  # minimized (lora_tune.tasks.base.metric_direction)
+
+Problems = list[tuple[str, str]]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplerSpec(_Section):
+    """``type`` picks the Optuna sampler; ``options`` are passed to its constructor."""
+
+    type: Literal["tpe", "random", "grid", "cmaes", "gp", "nsga2"] = "tpe"
+    seed: int | None = 0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrunerSpec(_Section):
+    """``type`` picks the Optuna pruner; ``options`` are passed to its constructor.
+
+    Hyperband by default: successive halving over the trial's evaluations in several brackets,
+    so that most trials stop after their first evaluations without one aggressive cut-off
+    (the budget is multi-fidelity by default; ``study.fidelity`` makes it cheaper still)."""
+
+    type: Literal["median", "sha", "hyperband", "none"] = "hyperband"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ConfirmSpec(_Section):
+    """After the budget, re-run the ``top`` configs with ``seeds`` more seeds each."""
+
+    top: int = Field(3, ge=1)
+    seeds: int = Field(2, ge=1)
+
+
+_DATA_FRACTION = settings_of(TrainConfig)["data_fraction"]
+
+
+class FidelitySpec(_Section):
+    """Cheaper trials: no pruning decision before ``min_steps`` optimizer steps, and each epoch
+    on a random ``data_fraction`` of the training data (a list: trials use its first value,
+    confirmation runs its last)."""
+
+    min_steps: int | None = Field(None, ge=1)
+    data_fraction: float | list[float] = 1.0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "FidelitySpec":
+        values = self.data_fraction if isinstance(self.data_fraction, list) else [self.data_fraction]
+        if not values or any(_DATA_FRACTION.problem(v) for v in values):
+            raise ValueError("`data_fraction` must be a number in (0, 1] or a list of them, "
+                             f"got {short(self.data_fraction)}")
+        if values != sorted(values):
+            raise ValueError(f"`data_fraction` lists fractions in increasing order, got {values}")
+        return self
+
+    @property
+    def trial_fraction(self) -> float:
+        return self.data_fraction[0] if isinstance(self.data_fraction, list) else self.data_fraction
+
+    @property
+    def confirm_fraction(self) -> float:
+        return self.data_fraction[-1] if isinstance(self.data_fraction, list) else self.data_fraction
+
+
+class StudySection(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    storage: str | None = None
+    direction: Literal["maximize", "minimize"] | None = None
+    directions: list[Literal["maximize", "minimize"]] | None = None
+    metric: str | list[str] | None = None
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    n_trials: int = Field(20, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    baseline: bool = True
+    max_consecutive_failures: int = Field(5, ge=1)
+    heartbeat_interval: int | None = Field(None, ge=1)
+    grace_period: int | None = Field(None, ge=1)
+    failed_trial_retries: int = Field(2, ge=0)
+    # Enqueue well-known good configs first (lora_tune/study/run/warm_start.py prior).
+    warm_start: Literal["defaults"] | None = None
+    confirm: ConfirmSpec | None = None
+    fidelity: FidelitySpec | None = None
+
+    @model_validator(mode="after")
+    def _objective_shape(self) -> "StudySection":
+        if self.direction is not None and self.directions is not None:
+            raise ValueError("give either `direction` or `directions`, not both")
+        if self.directions is not None and not self.directions:
+            raise ValueError("`directions` must list at least one direction")
+        if isinstance(self.metric, list):
+            if not self.metric or not all(isinstance(m, str) and m for m in self.metric):
+                raise ValueError("`metric` must be a metric name or a non-empty list of names")
+            if len(set(self.metric)) != len(self.metric):
+                raise ValueError(f"`metric` lists a name twice: {short(self.metric)}")
+        n_metrics = len(self.metric) if isinstance(self.metric, list) else 1
+        if self.directions is not None and self.metric is not None and len(self.directions) != n_metrics:
+            raise ValueError(
+                f"`directions` has {len(self.directions)} entries but `metric` names {n_metrics}; "
+                "give one direction per metric"
+            )
+        if self.direction is not None and n_metrics > 1:
+            raise ValueError("several metrics need `directions: [...]` (one per metric), not `direction`")
+        return self
+
+
+@dataclass
+class DriverSettings:
+    """``train:`` keys the study driver uses itself (the rest are :class:`TrainConfig`'s)."""
+
+    # Where a trial trains: "process" (a fresh child process per trial: a crash, an
+    # out-of-memory or a leak ends that trial only), "none" (in the driver process) or "auto"
+    # (process on CUDA, none on CPU).
+    isolation: str = setting("auto", choices=ISOLATIONS)
+    # On an out-of-memory error: "fail" the trial, or "halve_batch": retry it once with half the
+    # batch and twice the gradient accumulation (same effective batch).
+    oom: str = setting("fail", choices=OOM_POLICIES)
+    # CPU threads for torch in each trial process (torch.set_num_threads); null keeps torch's
+    # default. Small models on a busy or small CPU often train several times faster with 1.
+    threads: int | None = setting(None, int, ge=1, nullable=True)
+
+
+DRIVER_TRAIN_KEYS = tuple(settings_of(DriverSettings))
+
+
+class _TrainSettings(_Section):
+    """Training settings (:class:`lora_tune.train.TrainConfig`'s, and :class:`DriverSettings`);
+    any searchable one may be searched by naming it in ``search_space``."""
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The :class:`TrainConfig` of these settings (the driver-only keys left out)."""
+        data = self.model_dump(exclude=set(DRIVER_TRAIN_KEYS))
+        data.update(overrides)
+        return TrainConfig(**data)
+
+
+def _field(rule: Setting, default: Any) -> tuple[Any, Any]:
+    """A pydantic field of a setting: pydantic parses the type (leniently, as YAML gives it) and the
+    setting's own check gives the message (the same as the search space's)."""
+    kind = rule.kind if rule.kind is not None and not rule.choices else Any
+
+    def check(value: Any) -> Any:
+        problem = rule.problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    return Annotated[Optional[kind] if rule.nullable else kind, AfterValidator(check)], Field(default)
+
+
+def _train_fields() -> dict[str, Any]:
+    out = {}
+    for cls in (TrainConfig, DriverSettings):
+        defaults = defaults_of(cls)
+        out.update({name: _field(rule, defaults[name]) for name, rule in settings_of(cls).items()
+                    if rule.section is None})
+    return out
+
+
+# The study file's train: section, derived from the settings (one field per setting, its default).
+TrainSection = create_model("TrainSection", __base__=_TrainSettings, __doc__=_TrainSettings.__doc__,
+                            **_train_fields())
+
+
+class ConstraintsSection(_Section):
+    """Trials beyond a limit are marked infeasible (``trial.set_constraint``) and not trained."""
+
+    max_trainable_params: int | None = Field(None, ge=1)
+
+
+class StudySpec(_Section):
+    _source: str | None = PrivateAttr(default=None)  # the file it came from, for error messages
+    study: StudySection
+    task: dict[str, Any]
+    search_space: dict[str, Any] = Field(default_factory=dict)
+    train: TrainSection = Field(default_factory=TrainSection)  # type: ignore[valid-type]
+    constraints: ConstraintsSection = Field(default_factory=ConstraintsSection)
+
+    # -- the objective, after task defaults are filled in by ``resolve_objective`` ----------
+    @property
+    def metrics(self) -> list[str]:
+        metric = self.study.metric
+        if metric is None:
+            raise RuntimeError("metric not resolved; call resolve_objective(spec, task) first")
+        return list(metric) if isinstance(metric, list) else [metric]
+
+    @property
+    def directions(self) -> list[str]:
+        if self.study.directions is not None:
+            return list(self.study.directions)
+        if self.study.direction is not None:
+            return [self.study.direction]
+        raise RuntimeError("direction not resolved; call resolve_objective(spec, task) first")
+
+    @property
+    def is_multi_objective(self) -> bool:
+        return len(self.metrics) > 1
+
+    def to_stored(self) -> dict[str, Any]:
+        """The JSON-able dict stored as the study's ``spec`` user attribute. ``train`` holds the
+        settings the file gives (defaults are derived again on loading), so tasks that drive
+        their own trainer can tell the study's settings from the defaults."""
+        data = self.model_dump(mode="json")
+        data["train"] = self.train.model_dump(mode="json", exclude_unset=True)
+        return data
+
+
+# -- loading ------------------------------------------------------------------------------
+
+def load_spec_file(path: str | Path) -> StudySpec:
+    """Read, parse and validate a study file; raises StudySpecError with every problem."""
+    return parse_spec_text(read_spec_text(path), source=str(path))
+
+
+def parse_spec_text(text: str, source: str | None = None) -> StudySpec:
+    return validate_spec(load_yaml(text, source), source=source)
+
+
+def validate_spec(raw: Any, source: str | None = None) -> StudySpec:
+    """Validate a parsed study file (a mapping); every problem is reported at once."""
+    spec, problems = check_spec(raw)
+    if problems:
+        raise StudySpecError(problems, source=source)
+    assert spec is not None
+    spec._source = source
+    return spec
+
+
+def check_spec(raw: Any) -> tuple[StudySpec | None, Problems]:
+    """``(spec or None, problems)`` without raising: schema, search space and task section."""
+    from lora_tune.study.schema.space import check_search_space
+
+    if not isinstance(raw, Mapping):
+        kind = "empty" if raw is None else type(raw).__name__
+        return None, [("(file)", f"a study file must be a YAML mapping with a `study:` section; got {kind}")]
+    problems: Problems = []
+    spec: StudySpec | None = None
+    try:
+        spec = StudySpec.model_validate(dict(raw))
+    except ValidationError as exc:
+        problems += unknown_key_hint(pydantic_problems(exc))
+    space = raw.get("search_space")
+    if isinstance(space, Mapping):
+        problems += check_search_space(space, raw.get("study") if isinstance(raw.get("study"), Mapping) else {})
+    task = raw.get("task")
+    if isinstance(task, Mapping):
+        problems += _task_problems(task)
+    problems = _dedupe(problems)
+    return (spec if not problems else None), problems
+
+
+def spec_from_stored(data: Mapping[str, Any]) -> StudySpec:
+    """Rebuild a spec from a study's ``spec`` user attribute.
+
+    It was fully validated when the study was created; only the schema is checked again, so
+    a worker whose working directory differs (relative data paths) can still load it.
+    """
+    try:
+        return StudySpec.model_validate(dict(data))
+    except ValidationError as exc:
+        raise StudySpecError(unknown_key_hint(pydantic_problems(exc)), source="(stored spec)") from None
+
+
+def _task_problems(task: Mapping[str, Any]) -> Problems:
+    from lora_tune.tasks import validate_task_spec
+
+    out: Problems = []
+    for path, message in validate_task_spec(dict(task)):
+        out.append((path if path.startswith("task") else f"task.{path}", message))
+    return out
+
+
+# -- the objective, with the task's defaults ------------------------------------------------
+
+def objective_problems(spec: StudySpec, task: Any) -> Problems:
+    """Problems of ``study.metric`` against the metrics the task computes."""
+    allowed = list(task.metrics) + list(EXTRA_METRICS)
+    metric = spec.study.metric
+    names = [] if metric is None else (list(metric) if isinstance(metric, list) else [metric])
+    out: Problems = []
+    for i, name in enumerate(names):
+        if name not in allowed:
+            path = "study.metric" if not isinstance(metric, list) else f"study.metric[{i}]"
+            out.append((path, f"unknown metric {short(name)} for task type {task.name!r}; "
+                              f"allowed: {', '.join(allowed)}"))
+    if names == ["trainable_params"]:
+        out.append(("study.metric", "trainable_params alone is not a useful objective; pair it with a task metric"))
+    return out
+
+
+def resolve_objective(spec: StudySpec, task: Any) -> StudySpec:
+    """A copy of ``spec`` with ``metric`` and ``direction(s)`` filled in from the task."""
+    problems = objective_problems(spec, task)
+    if problems:
+        raise StudySpecError(problems)
+    data = spec.to_stored()
+    study = data["study"]
+    metric = study.get("metric") or task.default_metric
+    names = list(metric) if isinstance(metric, list) else [metric]
+    if study.get("directions") is None and study.get("direction") is None:
+        dirs = [default_direction(name, task) for name in names]
+    elif study.get("direction") is not None:
+        dirs = [study["direction"]]
+    else:
+        dirs = list(study["directions"])
+    study["metric"] = metric
+    if len(names) > 1:
+        study["directions"], study["direction"] = dirs, None
+    else:
+        study["direction"], study["directions"] = dirs[0], None
+    return StudySpec.model_validate(data)
+
+
+def default_direction(metric: str, task: Any) -> str:
+    """The task's direction for its default metric, else the one rule by name (:func:`metric_direction`)."""
+    return task.default_direction if metric == task.default_metric else metric_direction(metric)
+
+
+# -- pydantic errors as (path, message) ------------------------------------------------------
+
+def pydantic_problems(exc: ValidationError) -> Problems:
+    out: Problems = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        # Union members add their type name to the location (e.g. "str", "list[str]"); drop them.
+        loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float", "bool")))]
+        path = _format_loc(loc)
+        out.append((path or "(file)", _message(err)))
+    return out
+
+
+def _format_loc(loc: list[Any]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + str(part)
+    return path
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "is required"
+    if kind == "greater_than_equal":
+        return f"must be ≥ {ctx.get('ge')}, got {short(value)}"
+    if kind == "greater_than":
+        return f"must be > {ctx.get('gt')}, got {short(value)}"
+    if kind == "literal_error":
+        return f"got {short(value)}; allowed: {ctx.get('expected')}"
+    if kind == "string_pattern_mismatch":
+        return f"got {short(value)}; allowed: letters, digits, '.', '_' and '-' (starting with a letter or digit)"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    msg = err["msg"]
+    if value is None or isinstance(value, Mapping):
+        return msg
+    return f"{msg[0].lower()}{msg[1:]}, got {short(value)}"
+
+
+def _dedupe(problems: Problems) -> Problems:
+    seen: set[tuple[str, str]] = set()
+    out: Problems = []
+    for item in problems:
+        if item not in seen:
+            seen.add(item)
+            out.append(item)
+    return out
+
+
+def unknown_key_hint(problems: Problems) -> Problems:
+    """Add the allowed keys to "unknown key" messages of the fixed sections."""
+    sections = {
+        "study": StudySection, "train": TrainSection, "constraints": ConstraintsSection,
+        "study.sampler": SamplerSpec, "study.pruner": PrunerSpec, "study.confirm": ConfirmSpec,
+        "study.fidelity": FidelitySpec, "": StudySpec,
+    }
+    out: Problems = []
+    for path, message in problems:
+        if message == "unknown key":
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            model = sections.get(parent)
+            if model is not None:
+                message = "unknown key; allowed: " + ", ".join(model.model_fields)
+        out.append((path, message))
+    return out
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

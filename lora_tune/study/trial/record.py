@@ -1,0 +1,256 @@
+"""The trial record: what a trial stores, and the one way trials and their compute are counted.
+
+Every trial user attribute of docs/architecture.md ("Trial record") is named here once; the
+code that writes or reads one uses these names. The stored names and value formats never
+change: studies written by older versions read the same.
+
+* :func:`kind_of`: a trial of the budget, the enqueued baseline, a nested-rank result (scored
+  from its parent's training) or a confirmation run (both added with ``study.add_trial``);
+* :class:`Fidelity`: how much of its planned training a result stands for;
+* :func:`run_attrs`: a training run's measurements (a :class:`~lora_tune.train.TrainResult`,
+  or a callback's :class:`~lora_tune.train.callbacks.CallbackSummary`, which is one), and
+  :func:`timings_of` to read them back;
+* :func:`account`: a study's trials counted by state and budget, and its compute in full-trial
+  equivalents. A result that trained nothing of its own (a nested rank copies its parent's
+  ``train_steps``; a confirmation run can read another run's training) is counted as a result
+  but its training only once, with the trial that ran it. ``lora-tune run``, ``study show``,
+  ``study list`` and the HTML report all print this account.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, NamedTuple, Protocol, Sequence
+
+from optuna.trial import FrozenTrial, TrialState
+
+from lora_tune.study.storage import marks
+# -- the stored names ----------------------------------------------------------------------------
+LORA_CONFIG, TARGET_PRESET, TARGET_MODULES = "lora_config", "target_preset", "target_modules"
+TRAINABLE_PARAMS, ADAPTER_BYTES, WARNINGS = "trainable_params", "adapter_bytes", "warnings"
+PEAK_MEMORY_BYTES, PEAK_MEMORY_TOTAL_BYTES = "peak_memory_bytes", "peak_memory_total_bytes"
+TRAIN_SECONDS, THROUGHPUT = "train_seconds", "throughput"
+TOKENS_PER_SECOND, TRAIN_TOKENS = "tokens_per_second", "train_tokens"
+TRAIN_STEPS, PLANNED_STEPS, FIDELITY = "train_steps", "planned_steps", "fidelity"
+METRIC_VALUES, EFFECTIVE_BATCH_SIZE = "metric_values", "effective_batch_size"
+ISOLATION, OOM_RETRY, WORKER = "isolation", "oom_retry", "worker"
+IS_BASELINE, PRUNE_IGNORED = "is_baseline", "prune_ignored"
+FAIL_REASON, TRACEBACK = "fail_reason", "traceback"
+CONSTRAINT_VIOLATION, ARTIFACT_ERROR = "constraint_violation", "artifact_error"
+NESTED_PARENT = "nested_parent"  # a result scored from another trial's training: that trial's number
+NESTED_RANKS = "nested_ranks"  # a nested trial: every rank it scored
+NESTED_RANK_VALUES = "nested_rank_values"  # ... of a run outside a study (a confirmation): {rank: values}
+CONFIRM_OF, SEED = "confirm_of", "seed"  # a confirmation run: the trial it repeats, its training seed
+CONFIRM_SHARED = "confirm_shared"  # a confirmation run that read another run's training
+WARM_START = "warm_start"  # an enqueued warm-start trial: where its config came from
+ENQUEUED_PARAMS = "enqueued_params"  # ... and the parameters it was enqueued with
+
+# measurements of a training run, not of a result read off it (not copied onto nested results)
+RUN_ONLY = (TRAIN_SECONDS, THROUGHPUT, TOKENS_PER_SECOND, TRAIN_TOKENS, PEAK_MEMORY_BYTES, PEAK_MEMORY_TOTAL_BYTES,
+            OOM_RETRY, TRACEBACK, FAIL_REASON, ARTIFACT_ERROR, CONSTRAINT_VIOLATION, METRIC_VALUES, NESTED_RANKS)
+
+
+class HasUserAttrs(Protocol):
+    """A trial (frozen, running or fixed): anything with ``user_attrs``."""
+
+    @property
+    def user_attrs(self) -> dict[str, Any]: ...
+
+
+# -- kind ----------------------------------------------------------------------------------------------
+class Kind(enum.Enum):
+    BUDGET = "budget"  # one of the study's n_trials
+    BASELINE = "baseline"  # the enqueued baseline (also in the budget)
+    NESTED = "nested"  # a smaller rank scored from its parent's training
+    CONFIRMATION = "confirmation"  # a config trained again with another seed
+
+
+def kind_of(trial: HasUserAttrs) -> Kind:
+    """Which kind of result ``trial`` is: the one place that decides (see :class:`Kind`)."""
+    attrs = trial.user_attrs
+    if CONFIRM_OF in attrs:
+        return Kind.CONFIRMATION
+    if NESTED_PARENT in attrs:
+        return Kind.NESTED
+    return Kind.BASELINE if attrs.get(IS_BASELINE) else Kind.BUDGET
+
+
+def in_budget(trial: HasUserAttrs) -> bool:
+    """Whether ``trial`` is one of the study's ``n_trials`` (not a result added beside them)."""
+    return kind_of(trial) in (Kind.BUDGET, Kind.BASELINE)
+
+
+def trained(trial: HasUserAttrs) -> bool:
+    """Whether ``trial`` ran training of its own (a nested result or a shared confirmation did not)."""
+    return kind_of(trial) != Kind.NESTED and not trial.user_attrs.get(CONFIRM_SHARED)
+
+
+def find_baseline(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
+    """The baseline trial: the first complete one, else the first in any state (queued, failed)."""
+    baselines = [t for t in trials if kind_of(t) == Kind.BASELINE]
+    return next((t for t in baselines if t.state == TrialState.COMPLETE), baselines[0] if baselines else None)
+
+
+def budget_used(trials: Sequence[FrozenTrial]) -> int:
+    """Budget slots in use: started trials of the budget that are not retries of a failed one."""
+    return sum(1 for t in trials if t.state != TrialState.WAITING and marks.RETRY_KEY not in t.system_attrs
+               and in_budget(t))
+
+
+def budget_done(trials: Sequence[FrozenTrial]) -> int:
+    """Budget slots whose last trial finished (a slot with a retry queued or running is not done)."""
+    finished = sum(1 for t in trials if t.state.is_finished() and in_budget(t))
+    return finished - sum(1 for t in trials if marks.RETRY_KEY in t.system_attrs)
+
+
+# -- fidelity and timings ------------------------------------------------------------------------------
+class Fidelity(NamedTuple):
+    """How much training a result stands for: its data fraction, steps run and planned, and for
+    a nested-rank result its rank and the rank its parent trained."""
+
+    data_fraction: float = 1.0
+    steps: int | None = None
+    planned_steps: int | None = None
+    rank: int | None = None
+    trained_rank: int | None = None
+
+    def to_attr(self) -> dict[str, Any]:
+        return {k: v for k, v in self._asdict().items() if v is not None}
+
+
+def fidelity_of(trial: HasUserAttrs) -> Fidelity:
+    """The trial's ``fidelity`` (steps from ``train_steps``/``planned_steps`` when it has none)."""
+    attrs = trial.user_attrs
+    stored = attrs.get(FIDELITY)
+    stored = stored if isinstance(stored, dict) else {}
+    fraction = _float(stored.get("data_fraction"))
+    return Fidelity(fraction if fraction is not None and math.isfinite(fraction) else 1.0,
+                    _int(attrs.get(TRAIN_STEPS, stored.get("steps"))),
+                    _int(attrs.get(PLANNED_STEPS, stored.get("planned_steps"))),
+                    _int(stored.get("rank")), _int(stored.get("trained_rank")))
+
+
+class Timings(NamedTuple):
+    """A training run's measured time (None when the trial has none: it did not train itself)."""
+
+    train_seconds: float | None
+    throughput: float | None
+    tokens_per_second: float | None
+    train_tokens: int | None
+
+
+def timings_of(trial: HasUserAttrs) -> Timings:
+    attrs = trial.user_attrs
+    return Timings(_float(attrs.get(TRAIN_SECONDS)), _float(attrs.get(THROUGHPUT)),
+                   _float(attrs.get(TOKENS_PER_SECOND)), _int(attrs.get(TRAIN_TOKENS)))
+
+
+def run_attrs(result: Any) -> dict[str, Any]:
+    """The trial user attributes of a training run (a :class:`~lora_tune.train.TrainResult`)."""
+    return {
+        PEAK_MEMORY_BYTES: int(result.peak_memory_bytes),
+        PEAK_MEMORY_TOTAL_BYTES: int(result.peak_memory_total_bytes),
+        TRAIN_SECONDS: float(result.seconds),
+        THROUGHPUT: float(result.throughput),
+        TOKENS_PER_SECOND: float(result.tokens_per_second),
+        TRAIN_TOKENS: int(result.tokens),
+        TRAIN_STEPS: int(result.steps),
+        PLANNED_STEPS: int(result.planned_steps),
+        METRIC_VALUES: metric_values(result.final_metrics),
+    }
+
+
+def metric_values(metrics: Mapping[str, float]) -> dict[str, float | str]:
+    """``metric_values`` as stored: a non-finite value as its text (``"nan"``)."""
+    return {k: float(v) if math.isfinite(float(v)) else str(float(v)) for k, v in metrics.items()}
+
+
+def objective_value(name: str, metrics: Mapping[str, float], trainable: int) -> float:
+    """The value of objective ``name``: a task metric, or the trainable parameters."""
+    if name == TRAINABLE_PARAMS:
+        return float(trainable)
+    if name not in metrics:
+        raise KeyError(f"the task did not report metric {name!r}; it reported {sorted(metrics)}")
+    return float(metrics[name])
+
+
+# -- compute and counts ----------------------------------------------------------------------------------
+def trial_compute(trial: FrozenTrial) -> float:
+    """Full-trial equivalents ``trial`` trained: its share of planned steps times its data
+    fraction (0 for a result that trained nothing of its own)."""
+    if not trained(trial):
+        return 0.0
+    f = fidelity_of(trial)
+    if f.steps is not None and f.planned_steps:
+        share = min(1.0, f.steps / f.planned_steps)
+    else:  # failed before training, or pruned as infeasible: no training compute
+        share = 1.0 if trial.state == TrialState.COMPLETE else 0.0
+    return share * f.data_fraction
+
+
+@dataclass(frozen=True)
+class Account:
+    """A study's trials and compute, counted once (see the module docstring)."""
+
+    states: Mapping[str, int]  # every stored trial, by state name
+    done: int  # budget slots done (:func:`budget_done`)
+    requeued: int  # finished trials that ran a failed trial's parameters again
+    results: int  # finished results: trials, nested-rank results, confirmation runs
+    used: float  # full-trial equivalents trained
+    confirm: float  # ... of which by confirmation runs
+    steps_run: int  # optimizer steps of the finished trials that trained
+    steps_saved: int  # steps their pruned trials did not run
+    counted: int  # trials that trained and recorded their steps
+    pruned: int  # ... of which pruned
+    seconds_saved: float  # estimated from each pruned trial's seconds per step
+
+    @property
+    def saved(self) -> float:
+        """The share of compute that pruning, nesting and data fractions saved against training
+        every result fully."""
+        return 1.0 - self.used / self.results if self.results else 0.0
+
+    def compute_line(self) -> str:
+        return (f"{self.used:.1f} full-trial equivalents for {self.results} results "
+                f"({self.saved:.0%} saved by pruning, nesting and data fractions"
+                + (f"; {self.confirm:.1f} of it on confirmation runs)" if self.confirm else ")"))
+
+
+def account(trials: Sequence[FrozenTrial]) -> Account:
+    """Count ``trials`` (every trial of a study) as :class:`Account` says."""
+    used = confirm = seconds_saved = 0.0
+    results = steps_run = steps_saved = counted = pruned = 0
+    for t in trials:
+        if not t.state.is_finished():
+            continue
+        results += 1
+        if not trained(t):
+            continue
+        share = trial_compute(t)
+        used += share
+        confirm += share if kind_of(t) == Kind.CONFIRMATION else 0.0
+        f = fidelity_of(t)
+        if f.steps is None:
+            continue
+        counted += 1
+        steps_run += f.steps
+        if t.state == TrialState.PRUNED and f.planned_steps is not None:
+            pruned += 1
+            skipped = max(f.planned_steps - f.steps, 0)
+            steps_saved += skipped
+            seconds = timings_of(t).train_seconds
+            seconds_saved += seconds / f.steps * skipped if seconds is not None and f.steps > 0 else 0.0
+    requeued = sum(1 for t in trials if marks.RETRY_KEY in t.system_attrs and t.state.is_finished())
+    return Account(dict(Counter(t.state.name for t in trials)), budget_done(trials), requeued, results, used,
+                   confirm, steps_run, steps_saved, counted, pruned, seconds_saved)
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _int(value: Any) -> int | None:
+    number = _float(value)
+    return int(number) if number is not None else None

@@ -1,0 +1,321 @@
+"""Where a trial trains: in this process, or in a fresh child process (``train.isolation``).
+
+:func:`build_and_train` is the trial's body: build the task's model, inject the trial's LoRA
+config, ask whether to go on (the constraint check), train with :func:`lora_tune.train.fit`.
+It asks its :class:`Hooks` at two points and knows nothing of Optuna.
+
+:func:`run_in_process` calls the body with hooks that call the parent's own functions.
+:func:`run_in_child` starts a fresh process that builds the task and runs the body. It is
+forked from a ``forkserver`` that has only imported torch and lora-tune (no CUDA context, no
+model, no trial memory is inherited; starting a child costs a fork, not a second of imports); the parent keeps the Optuna trial, receives the built
+model's report and every evaluation over a pipe, answers each with its go/stop decision, and
+gets back the :class:`~lora_tune.train.TrainResult` and the adapter archive. When the child
+dies (the OOM killer, a segfault, SIGKILL) the parent raises :class:`TrialProcessDied` with
+the reason; an error in the child comes back as the same kind of error in the parent. Either
+way the child's memory, CPU or GPU, is returned to the system when it exits.
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import tempfile
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from lora_tune.errors import LoraTuneError, NonFiniteLossError, TrainingOutOfMemoryError
+
+OnBuilt = Callable[[Any], bool]  # InjectReport -> go on?
+OnEval = Callable[[int, int, dict], bool]  # (step, eval index, metrics) -> stop?
+
+
+@dataclass
+class TrialPlan:
+    """Everything a trial's body needs, picklable: the task spec, the LoRA settings (without
+    ``modules_to_save``, which come from the task), the training config and CPU threads."""
+
+    task_spec: dict
+    lora: dict
+    train: Any  # lora_tune.train.TrainConfig
+    threads: int | None = None
+    adapter_archive: str | None = None  # where the child writes the trained adapter
+    params: dict = field(default_factory=dict)  # the trial's sampled values
+    explicit_train: tuple[str, ...] = ()  # training settings the study sets (file or search space)
+    nested: Any = None  # lora_tune.lora.nested.NestedRanks: train with nested ranks, score each
+
+
+@dataclass
+class Hooks:
+    built: OnBuilt
+    evaluated: OnEval
+
+
+@dataclass
+class TrialOutcome:
+    """What the body produced. ``model`` is None when it trained in a child process; then
+    ``adapter_archive`` is the adapter it wrote."""
+
+    report: Any  # InjectReport
+    config: Any  # LoraConfig
+    result: Any = None  # TrainResult, None when the trial stopped before training
+    model: Any = None
+    adapter_archive: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    rank_archives: dict[int, str] = field(default_factory=dict)  # nested ranks, from a child: rank -> archive
+
+
+class TrialProcessDied(LoraTuneError):
+    """The trial's child process ended without a result (killed by a signal, or exited)."""
+
+
+class TrialChildError(LoraTuneError):
+    """An exception in the trial's child process; ``traceback`` is the child's."""
+
+    def __init__(self, message: str, tb: str = ""):
+        self.traceback = tb
+        super().__init__(message)
+
+
+# -- the body ----------------------------------------------------------------------------------
+
+def build_and_train(task: Any, plan: TrialPlan, hooks: Hooks) -> TrialOutcome:
+    """Build, inject, check (``hooks.built``), train (``hooks.evaluated`` after each evaluation)."""
+    from lora_tune import LoraConfig, inject
+    from lora_tune.lora.nested import NestedTask
+    from lora_tune.train import fit
+
+    config = LoraConfig(**plan.lora, modules_to_save=list(task.modules_to_save))
+    adapt = getattr(task, "adapt", None)  # tasks may adapt with another injector (trainer: PEFT)
+    with _seeded(plan.train.seed), warnings.catch_warnings():  # init depends on the seed only
+        warnings.filterwarnings("ignore", message="rank .* is larger than min", category=UserWarning)
+        model = task.build_model()
+        model, report = adapt(model, config) if adapt is not None else (model, inject(model, config))
+    outcome = TrialOutcome(report=report, config=config, model=model)
+    if not hooks.built(report):
+        return outcome
+    train_adapted = getattr(task, "train_adapted", None)  # tasks with their own trainer
+    with _torch_threads(plan.threads):
+        if train_adapted is not None:
+            outcome.result = train_adapted(model, plan.train, hooks.evaluated, params=plan.params,
+                                           explicit=plan.explicit_train)
+        else:
+            fit_task = task if plan.nested is None else NestedTask(task, model, plan.nested, plan.train.seed)
+            outcome.result = fit(model, fit_task, plan.train, on_eval=hooks.evaluated)
+    return outcome
+
+
+def run_in_process(task: Any, plan: TrialPlan, hooks: Hooks) -> TrialOutcome:
+    """The body in this process; the caller calls :func:`release_memory` when done with it."""
+    return build_and_train(task, plan, hooks)
+
+
+def release_memory() -> None:
+    """Collect the trial's garbage and give cached CUDA blocks back (no-op without CUDA)."""
+    import gc
+
+    import torch
+
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# -- the child ------------------------------------------------------------------------------------
+
+def run_in_child(plan: TrialPlan, hooks: Hooks, poll_seconds: float = 0.5) -> TrialOutcome:
+    """The body in a fresh child process; see the module docstring."""
+    ctx = _context(plan.task_spec.get("type"))
+    parent_end, child_end = ctx.Pipe()
+    with tempfile.TemporaryDirectory(prefix="lora-tune-trial-") as tmp:
+        plan = TrialPlan(**{**plan.__dict__, "adapter_archive": str(Path(tmp) / "adapter.zip")})
+        process = ctx.Process(target=_child_main, args=(child_end, plan), name="lora-tune-trial", daemon=True)
+        process.start()
+        child_end.close()
+        finished = False
+        try:
+            outcome = _serve(parent_end, process, hooks, poll_seconds)
+            finished = True
+            if outcome.adapter_archive:  # keep it past the temporary directory
+                outcome.adapter_archive = _keep(outcome.adapter_archive)
+            outcome.rank_archives = {r: _keep(path) for r, path in outcome.rank_archives.items()}
+            return outcome
+        finally:
+            parent_end.close()
+            _stop(process, wait=5.0 if finished else 0.0)
+
+
+def _keep(path: str) -> str:
+    """Move a file out of the trial's temporary directory; returns its new path."""
+    kept = tempfile.NamedTemporaryFile(prefix="lora-tune-adapter-", suffix=".zip", delete=False)
+    kept.close()
+    os.replace(path, kept.name)
+    return kept.name
+
+
+def _context(task_type: str | None) -> Any:
+    """The forkserver context; its server (started with the first trial) preloads the modules
+    every child needs, with the module of the task type (e.g. transformers for ``sft``)."""
+    import importlib
+
+    from lora_tune.tasks import TASK_TYPES, task_module_name
+
+    ctx = multiprocessing.get_context("forkserver")
+    extra: list[str] = []
+    if task_type in TASK_TYPES:
+        name = task_module_name(task_type)
+        extra = [name, *getattr(importlib.import_module(name), "HEAVY_IMPORTS", ())]
+    ctx.set_forkserver_preload(list(PRELOAD) + extra)
+    return ctx
+
+
+# Imported once by the fork server; a module that is not installed is skipped by multiprocessing.
+PRELOAD = ("torch", "lora_tune.study.trial.trial_process", "lora_tune.tasks", "lora_tune.train", "lora_tune.study.trial.artifacts")
+
+
+def _serve(conn: Any, process: Any, hooks: Hooks, poll_seconds: float) -> TrialOutcome:
+    """Answer the child's messages until it sends its outcome or dies."""
+    report = None
+    while True:
+        if not conn.poll(poll_seconds):
+            if not process.is_alive():
+                process.join()
+                raise TrialProcessDied(_death_reason(process.exitcode))
+            continue
+        try:
+            kind, *payload = conn.recv()
+        except (EOFError, OSError):
+            process.join(timeout=10)
+            raise TrialProcessDied(_death_reason(process.exitcode)) from None
+        if kind == "built":
+            report = payload[0]
+            go = hooks.built(report)
+            conn.send(go)
+            if not go:
+                return TrialOutcome(report=report, config=payload[1])
+        elif kind == "eval":
+            conn.send(bool(hooks.evaluated(*payload)))
+        elif kind == "done":
+            result, config, archive, archive_error, rank_archives = payload
+            outcome = TrialOutcome(report=report, config=config, result=result, adapter_archive=archive,
+                                   rank_archives=rank_archives)
+            if archive_error:
+                outcome.warnings.append(f"adapter not written: {archive_error}")
+            return outcome
+        elif kind == "error":
+            raise _rebuild_error(*payload)
+        else:  # pragma: no cover - a programming error
+            raise RuntimeError(f"unknown message {kind!r} from the trial process")
+
+
+def _child_main(conn: Any, plan: TrialPlan) -> None:
+    """Entry point of the trial process: build the task, run the body, send the outcome."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us
+    try:
+        from lora_tune.tasks import build_task
+
+        task = build_task(dict(plan.task_spec))
+
+        def built(report: Any) -> bool:
+            conn.send(("built", report, None))
+            return bool(conn.recv())
+
+        def evaluated(step: int, index: int, metrics: dict) -> bool:
+            conn.send(("eval", step, index, metrics))
+            return bool(conn.recv())
+
+        outcome = build_and_train(task, plan, Hooks(built, evaluated))
+        if outcome.result is None:
+            return
+        archive, archive_error, rank_archives = None, None, {}
+        if plan.adapter_archive:
+            from lora_tune.study.trial.artifacts import write_adapter_archive
+
+            try:
+                write_adapter_archive(outcome.model, Path(plan.adapter_archive), config=outcome.config)
+                archive = plan.adapter_archive
+                if plan.nested is not None:  # each smaller rank's truncated adapter too
+                    from lora_tune.study.trial.nested_trials import write_rank_archives
+
+                    rank_archives = write_rank_archives(outcome.model, plan.nested, outcome.config,
+                                                        Path(plan.adapter_archive).parent)
+            except (OSError, LoraTuneError) as exc:
+                archive_error = str(exc)
+        conn.send(("done", outcome.result, outcome.config, archive, archive_error, rank_archives))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+        with contextlib.suppress(Exception):
+            conn.send(("error", *_describe_error(exc)))
+    finally:
+        conn.close()
+
+
+def _describe_error(exc: BaseException) -> tuple:
+    tb = traceback.format_exc()[-8000:]
+    if isinstance(exc, TrainingOutOfMemoryError):
+        return ("oom", str(exc), tb, (exc.batch_size, exc.peak_bytes, exc.device))
+    if isinstance(exc, NonFiniteLossError):
+        return ("nonfinite", str(exc), tb, (exc.step, exc.value))
+    if isinstance(exc, LoraTuneError) and isinstance(exc, ValueError):
+        return ("config", f"{type(exc).__name__}: {exc}", tb, ())
+    return ("other", f"{type(exc).__name__}: {exc}", tb, ())
+
+
+def _rebuild_error(kind: str, message: str, tb: str, extra: tuple) -> BaseException:
+    if kind == "oom":
+        return TrainingOutOfMemoryError(*extra)
+    if kind == "nonfinite":
+        return NonFiniteLossError(*extra)
+    return TrialChildError(message, tb)
+
+
+def _death_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (the kernel's OOM killer sends SIGKILL when memory runs out)" if name == "SIGKILL" else ""
+        return f"the trial process was killed by {name}{hint}"
+    return f"the trial process exited with code {exitcode} before sending a result"
+
+
+def _stop(process: Any, wait: float) -> None:
+    """Let the child exit by itself for ``wait`` seconds, then terminate it, then kill it."""
+    process.join(timeout=wait)
+    if process.is_alive():
+        process.terminate()
+        process.join(timeout=5)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run with torch's CPU generator seeded, restoring the caller's random state after."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (None: unchanged), restoring the previous count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if n is None or n == previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
