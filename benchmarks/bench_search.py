@@ -326,7 +326,7 @@ def table(name: str, arms: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append(f"| {LABELS[key]} | {arm['best']:.3f} | {arm['confirmed_mean']:.3f} ± {arm['confirmed_std']:.3f} "
                      f"| {arm['compute']:.2f} | {reach_text} | {arm['search_seconds']:.0f} | {arm['confirm_seconds']:.0f} |")
     if anchor and "c" in arms:
-        lines.append(f"goal ((c) reaches (a)'s best with <= 1/2 of (a)'s search compute, confirmed best >= (a)'s): "
+        lines.append("goal ((c) reaches (a)'s best with <= 1/2 of (a)'s search compute, confirmed best >= (a)'s): "
                      + ("met" if goal_met(arms) else "not met"))
     return "\n".join(lines)
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import itertools
 import reprlib
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 # How much of a value an error message shows: a few items of a container, a few levels deep, the
 # head and tail of a long string; never more than SHORT_LIMIT characters in all.

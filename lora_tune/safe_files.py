@@ -17,7 +17,8 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Union
+from collections.abc import Callable
 
 Content = Union[bytes, str, Callable[[BinaryIO], None]]
 _TAG = "lt"

@@ -11,7 +11,8 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import click
 from rich.console import Console

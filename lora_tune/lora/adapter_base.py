@@ -110,7 +110,7 @@ class _LoraState(nn.Module):
         return None
 
     @classmethod
-    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> "_LoraState":
+    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> _LoraState:
         """The wrapper around ``target.module`` (factors not initialised; see :meth:`init_lora`)."""
         return cls(target.module, r, alpha, **kw)
 

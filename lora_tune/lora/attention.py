@@ -1,7 +1,7 @@
 """nn.MultiheadAttention with LoRA on its projections (packed or separate in_proj, out_proj)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ class LoraMultiheadAttention(_LoraState):
         return "mha" if isinstance(module, nn.MultiheadAttention) else None
 
     @classmethod
-    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> "LoraMultiheadAttention":
+    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> LoraMultiheadAttention:
         parts = target.parts or ("q", "k", "v", "o")
         return cls(target.module, r, alpha, in_parts=tuple(p in parts for p in QKV), adapt_out="o" in parts, **kw)
 

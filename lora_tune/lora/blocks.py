@@ -14,7 +14,8 @@ stack does not have is an error naming the stack and its size, never a silent pa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
 

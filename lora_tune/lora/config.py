@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 from lora_tune.errors import ConfigError
 from lora_tune.settings import check_settings, setting
@@ -121,7 +122,7 @@ class LoraConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LoraConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

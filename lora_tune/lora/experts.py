@@ -24,7 +24,7 @@ PEFT does too. Dropout, where asked for, drops entries of A. The router is never
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +87,7 @@ class LoraExperts(_LoraState):
     KINDS = ("experts",)
 
     @classmethod
-    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> "LoraExperts":
+    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> LoraExperts:
         return cls(target.module, r, alpha, params=target.parts, **kw)
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, *, params: Sequence[str],

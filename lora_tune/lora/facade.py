@@ -62,7 +62,7 @@ class AdapterLoRa:
         self.targets: list[tuple[str, str]] = []
         self.report: InjectReport | None = None
 
-    def add_layer(self, *names: str) -> "AdapterLoRa":
+    def add_layer(self, *names: str) -> AdapterLoRa:
         """Add module-name patterns to adapt (``"self_attn"``, ``"linear1"``, ``"layers.*.fc"``)."""
         if not names:
             raise ConfigError("add_layer", names, "one or more module-name patterns")
@@ -77,7 +77,7 @@ class AdapterLoRa:
         self.config = None
         return self
 
-    def reconstruct_model(self) -> "AdapterLoRa":
+    def reconstruct_model(self) -> AdapterLoRa:
         """Build the LoraConfig and resolve the layers (a dry run: the model is not changed)."""
         if self.report is not None:
             raise ConfigError("reconstruct_model", "called after implement_lora", "a model not yet adapted")

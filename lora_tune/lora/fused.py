@@ -14,7 +14,7 @@ Linear wrapper and nn.MultiheadAttention's packed in_proj.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

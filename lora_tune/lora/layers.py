@@ -25,7 +25,7 @@ Each family knows its weight layout, its inits, its kind, its DoRA support and i
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -242,7 +242,7 @@ class LoraLinear(LoraLayer):
         return None
 
     @classmethod
-    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> "LoraLinear":
+    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> LoraLinear:
         """A fused qkv target (``target.parts``: q/k/v names) has its rows split into ``target.part_sizes``."""
         module, parts = target.module, target.parts if target.kind == "fused" else None
         enabled = tuple(p in parts for p in QKV) if parts is not None else None
@@ -332,7 +332,7 @@ class LoraEmbedding(LoraLayer):
         return "embedding" if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward else None
 
     @classmethod
-    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> "LoraEmbedding":
+    def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> LoraEmbedding:
         if target.module.max_norm is not None:
             raise ConfigError("targets", target.name, "embeddings without max_norm",
                               "nn.Embedding(max_norm=...) renormalises its weight in place, which LoRA cannot track")

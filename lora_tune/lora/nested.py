@@ -25,7 +25,8 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 from torch import nn

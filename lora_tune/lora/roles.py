@@ -28,7 +28,7 @@ attention/MLP modules): ``q_proj``-like names are attention, ``fc1`` / ``linear1
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 

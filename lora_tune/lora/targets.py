@@ -21,7 +21,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
 
@@ -176,7 +176,7 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], de
     def add(name: str, module: nn.Module, kind: str, parts: tuple[str, ...] | None, pattern: Pattern) -> None:
         sizes = None
         if kind == "mha":
-            parts = parts if parts is not None else tuple((default_parts or ["q", "k", "v"])) + ("o",)
+            parts = parts if parts is not None else tuple(default_parts or ["q", "k", "v"]) + ("o",)
             if any(e.matches(f"{name}.out_proj") for e in excl):
                 parts = tuple(p for p in parts if p != "o")
             if not parts:

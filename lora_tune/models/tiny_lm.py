@@ -16,7 +16,8 @@ transformers is imported inside the functions (it is an optional dependency of l
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 import torch
 

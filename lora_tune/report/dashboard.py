@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import sys
 from socketserver import ThreadingMixIn
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from lora_tune.report import data, draw, layer_ranges
 

@@ -7,7 +7,8 @@ heavy (files are checked for existence, models are not loaded).
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from lora_tune.tasks.base import Problems, Task, raise_problems
 

@@ -23,7 +23,8 @@ is randomly initialised (seeded); it exists so tests and demos need no downloade
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any
+from collections.abc import Iterator, Mapping
 
 import torch
 

@@ -43,7 +43,8 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 from lora_tune.errors import ConfigError, clip, short
 from lora_tune.tasks.base import cache_dir

@@ -11,7 +11,8 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from lora_tune.errors import ConfigError, clip, short
 

@@ -48,7 +48,8 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F

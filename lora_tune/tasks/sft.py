@@ -54,7 +54,8 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F

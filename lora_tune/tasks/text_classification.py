@@ -21,7 +21,8 @@ Metrics: ``accuracy`` (default, maximize) and ``macro_f1``.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

@@ -8,7 +8,8 @@ onto it and is the only one here that imports transformers.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 

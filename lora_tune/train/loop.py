@@ -18,7 +18,8 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -50,7 +51,7 @@ class _Plan:
     every: int | None
 
     @classmethod
-    def of(cls, n_examples: int, config: TrainConfig) -> "_Plan":
+    def of(cls, n_examples: int, config: TrainConfig) -> _Plan:
         micro = max(1, math.ceil(math.ceil(n_examples / config.batch_size) * config.data_fraction))
         per_epoch = math.ceil(micro / config.gradient_accumulation_steps)
         planned = per_epoch * config.epochs

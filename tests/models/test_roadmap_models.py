@@ -6,7 +6,7 @@ every LoRA ``B`` factor leaves zero, and every frozen tensor is bit-for-bit unch
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

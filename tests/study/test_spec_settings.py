@@ -34,7 +34,7 @@ def test_the_train_section_is_trainconfigs_settings_and_the_drivers():
 def test_every_searchable_setting_is_a_space_key_and_nothing_else_is():
     searchable = [k for cls in (LoraConfig, TrainConfig) for k, rule in settings_of(cls).items() if rule.searchable]
     assert list(KEYS) == searchable
-    assert TRAIN_KEYS == tuple(k for k in searchable if k in TRAIN)
+    assert tuple(k for k in searchable if k in TRAIN) == TRAIN_KEYS
     assert {"rank", "alpha", "dropout", "quant_bits", "learning_rate", "warmup_ratio"} <= set(KEYS)
     assert not {"seed", "device", "evals_per_epoch", "data_fraction", "exclude"} & set(KEYS)
     for key in KEYS:
@@ -158,4 +158,4 @@ def test_the_search_space_knows_the_study_file_sections():
     from lora_tune.study.schema.space import STUDY_SECTIONS
     from lora_tune.study.schema.spec import StudySpec
 
-    assert STUDY_SECTIONS == tuple(StudySpec.model_fields)
+    assert tuple(StudySpec.model_fields) == STUDY_SECTIONS

@@ -21,7 +21,8 @@ so its keys carry one more ``base_layer.`` for each stack after it
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn

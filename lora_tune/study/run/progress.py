@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -87,7 +88,7 @@ class StudyProgress:
         )
         self.task_id: Any = None
 
-    def __enter__(self) -> "StudyProgress":
+    def __enter__(self) -> StudyProgress:
         self.progress.__enter__()
         outcome = study_outcome(self.study, self.spec)
         self.task_id = self.progress.add_task(

@@ -19,7 +19,8 @@ running or finished) is not enqueued again.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 import optuna
 from optuna.trial import TrialState

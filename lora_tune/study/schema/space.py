@@ -35,7 +35,8 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 from lora_tune.errors import ConfigError, StudySpecError, short
 from lora_tune.lora.config import LoraConfig
@@ -101,12 +102,12 @@ class SearchSpace:
     params: list[Param]
 
     @classmethod
-    def from_spec(cls, raw: Mapping[str, Any]) -> "SearchSpace":
+    def from_spec(cls, raw: Mapping[str, Any]) -> SearchSpace:
         """From a validated-or-not ``search_space`` mapping; raises StudySpecError with every problem."""
         return cls.from_dict(raw)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> "SearchSpace":
+    def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> SearchSpace:
         """From a whole study file as a dict (its ``search_space`` section is used) or from a
         ``search_space`` mapping itself. Raises StudySpecError listing every problem with its
         path (``search_space.rank.low: ...``); ``source`` names the file in the message."""
@@ -130,7 +131,7 @@ class SearchSpace:
         return cls([_compile(key, raw[key]) for key in _ordered(raw)])
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "SearchSpace":
+    def from_file(cls, path: str | os.PathLike) -> SearchSpace:
         """From the ``search_space`` section of a study file (or a YAML file holding only a search
         space). Only that section is checked, so the ``task`` needs nothing installed or present;
         raises StudySpecError naming the file and each bad key."""

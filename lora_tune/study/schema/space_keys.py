@@ -5,7 +5,8 @@ checks), how a categorical choice is stored in Optuna, and the check of every en
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 from lora_tune.errors import ConfigError, short
 from lora_tune.lora.config import LoraConfig, layers_label, normalize_layers, quantized_bits

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Optional
+from typing import Annotated, Any, Literal
+from collections.abc import Mapping
 
 from pydantic import (
     AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator,
@@ -77,7 +78,7 @@ class FidelitySpec(_Section):
     data_fraction: float | list[float] = 1.0
 
     @model_validator(mode="after")
-    def _fractions(self) -> "FidelitySpec":
+    def _fractions(self) -> FidelitySpec:
         values = self.data_fraction if isinstance(self.data_fraction, list) else [self.data_fraction]
         if not values or any(_DATA_FRACTION.problem(v) for v in values):
             raise ValueError("`data_fraction` must be a number in (0, 1] or a list of them, "
@@ -116,7 +117,7 @@ class StudySection(_Section):
     fidelity: FidelitySpec | None = None
 
     @model_validator(mode="after")
-    def _objective_shape(self) -> "StudySection":
+    def _objective_shape(self) -> StudySection:
         if self.direction is not None and self.directions is not None:
             raise ValueError("give either `direction` or `directions`, not both")
         if self.directions is not None and not self.directions:
@@ -178,7 +179,7 @@ def _field(rule: Setting, default: Any) -> tuple[Any, Any]:
             raise ValueError(problem)
         return value
 
-    return Annotated[Optional[kind] if rule.nullable else kind, AfterValidator(check)], Field(default)
+    return Annotated[kind | None if rule.nullable else kind, AfterValidator(check)], Field(default)
 
 
 def _train_fields() -> dict[str, Any]:

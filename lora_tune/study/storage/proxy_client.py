@@ -127,7 +127,7 @@ def grpc_target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _token_interceptor_type() -> type:
     """A grpc client interceptor adding ``authorization: Bearer TOKEN`` to every call (grpc
     is imported only once a grpc:// storage is opened: it is an optional dependency)."""

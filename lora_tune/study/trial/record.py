@@ -22,7 +22,8 @@ import enum
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, NamedTuple, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol
+from collections.abc import Iterable, Mapping, Sequence
 
 from optuna.trial import FrozenTrial, TrialState
 

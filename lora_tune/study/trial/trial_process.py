@@ -25,7 +25,8 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 from lora_tune.errors import LoraTuneError, NonFiniteLossError, TrainingOutOfMemoryError
 
