@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from lora_tune.errors import ConfigError, short
+from lora_tune.train.task import examples_weight
 from lora_tune.tasks.data_files import regular_file_problem
 
 Problems = list[tuple[str, str]]
@@ -64,6 +65,14 @@ class Task:
 
     def to_device(self, batch: Any, device: torch.device | str) -> Any:
         return move_to_device(batch, device)
+
+    def loss_weight(self, batch: Any) -> float:
+        """The units :meth:`loss` averages over: the examples of the batch (tokens for LMs)."""
+        return examples_weight(batch)
+
+    def batch_tokens(self, batch: Any) -> int:
+        """Non-padding tokens of a batch; 0 for tasks that do not count tokens."""
+        return 0
 
     def describe(self) -> dict[str, Any]:
         """A small JSON-able summary (sizes, model name) for logs and reports."""

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_tune.errors import ConfigError
+from lora_tune.train.task import TrainTask, examples_weight
 from lora_tune.tasks.base import (MODEL_KINDS, Field, Problems, Task, check_spec, eval_mode, index_batches, is_choice,
                                   metric_direction, model_device)
 
@@ -278,4 +279,20 @@ def build(spec: dict) -> Task:
     if missing:
         raise ConfigError("task.factory", f"{type(result).__name__} without {missing}",
                           "a dict (see lora_tune.tasks.python_factory) or an object with the Task protocol")
-    return result
+    return result if isinstance(result, TrainTask) else _WithDefaults(result)
+
+
+class _WithDefaults:
+    """A protocol object without ``loss_weight`` / ``batch_tokens``: :class:`Task`'s defaults."""
+
+    def __init__(self, task: Any):
+        self._task = task
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+    def loss_weight(self, batch: Any) -> float:
+        return examples_weight(batch)
+
+    def batch_tokens(self, batch: Any) -> int:
+        return 0

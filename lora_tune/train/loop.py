@@ -29,6 +29,7 @@ from lora_tune.train.train_config import TrainConfig, resolve_device, resolve_pr
 from lora_tune.train.memory import MemoryMeter, peak_total_bytes
 from lora_tune.train.optim import build_optimizer, build_scheduler
 from lora_tune.train.result import TrainResult
+from lora_tune.train.task import TrainTask
 
 OnEval = Callable[[int, int, dict], bool]
 HISTORY_KEYS = ("step", "epoch", "eval_index", "train_loss", "learning_rate", "elapsed")
@@ -66,7 +67,7 @@ class _Plan:
         return step_in_epoch in self.within_epoch or step >= self.planned
 
 
-def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval | None = None) -> TrainResult:
+def fit(model: torch.nn.Module, task: TrainTask, config: TrainConfig, on_eval: OnEval | None = None) -> TrainResult:
     """Train ``model`` on ``task`` as ``config`` says; see the module docstring."""
     start = time.perf_counter()
     device = resolve_device(config.device)
@@ -107,18 +108,18 @@ def fit(model: torch.nn.Module, task: Any, config: TrainConfig, on_eval: OnEval 
     def optimizer_step(micro_batches: list[Any]) -> None:
         t0 = time.perf_counter()
         state.last_lr = optimizer.param_groups[0]["lr"]
-        weights = [float(_loss_weight(task, b)) for b in micro_batches]
+        weights = [float(task.loss_weight(b)) for b in micro_batches]
         total = sum(weights) or 1.0
         losses = []  # stay on the device: read once per optimizer step, not once per micro-batch
         for batch, weight in zip(micro_batches, weights):
+            state.examples += _batch_size(batch)
+            state.tokens += task.batch_tokens(batch)  # counted on the host batch: no device sync
             batch = task.to_device(batch, device)
             with _autocast(device, amp_dtype):
                 loss = task.loss(model, batch)
             scaled = loss * (weight / total)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             losses.append(loss.detach().reshape(()))
-            state.examples += _batch_size(batch)
-            state.tokens += _batch_tokens(task, batch)
         values = torch.stack(losses).tolist()  # the step's one device sync
         bad = next((value for value in values if not math.isfinite(value)), None)
         if bad is not None:  # before the optimizer applies anything
@@ -228,18 +229,6 @@ def warm_up() -> None:
     first trial of a process is not charged for them. Called by :func:`lora_tune.tasks.build_task`."""
     layer = torch.nn.Linear(1, 1)
     torch.optim.AdamW(layer.parameters(), lr=1e-3)
-
-
-def _loss_weight(task: Any, batch: Any) -> float:
-    """The units ``task.loss(batch)`` averages over: ``task.loss_weight`` when the task has it,
-    else the examples in the batch."""
-    weigh = getattr(task, "loss_weight", None)
-    return float(weigh(batch)) if weigh is not None else float(_batch_size(batch))
-
-
-def _batch_tokens(task: Any, batch: Any) -> int:
-    count = getattr(task, "batch_tokens", None)
-    return int(count(batch)) if count is not None else 0
 
 
 def _batch_size(batch: Any) -> int:

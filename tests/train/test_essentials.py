@@ -32,8 +32,8 @@ class TokenTask(Task):
         lengths = torch.randint(2, LENGTH + 1, (n,), generator=gen)
         self.labels = self.ids.clone()
         self.labels[torch.arange(LENGTH)[None, :] >= lengths[:, None]] = -100
-        if not weighted:
-            self.loss_weight = None  # fall back to weighting micro-batches by examples
+        if not weighted:  # weigh micro-batches by examples, Task's default
+            self.loss_weight = lambda batch: Task.loss_weight(self, batch)
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(1)
