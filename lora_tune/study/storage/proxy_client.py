@@ -31,6 +31,7 @@ from optuna.storages import BaseStorage
 from lora_tune.errors import ConfigError, StorageError
 from lora_tune.study import _optuna_private as private
 from lora_tune.study.storage.budget import BudgetReached
+from lora_tune.study.storage.retry import grpc_code, grpc_details
 from lora_tune.study.storage.urls import grpc_address, mask_secrets, mask_url
 from lora_tune.study.storage.wrapper import StorageWrapper
 
@@ -185,23 +186,6 @@ class AuthenticatedProxy(private.ChannelGrpcStorageProxy):
         if self.credentials.token:
             channel = grpc.intercept_channel(channel, _token_interceptor_type()(self.credentials.token))
         return channel
-
-
-def grpc_code(exc: BaseException) -> str | None:
-    """The status name of a gRPC call error (``"UNAUTHENTICATED"``), None for other exceptions."""
-    if not type(exc).__module__.startswith("grpc") or not callable(getattr(exc, "code", None)):
-        return None
-    try:
-        return exc.code().name  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - not a call error after all
-        return None
-
-
-def grpc_details(exc: BaseException) -> str:
-    try:
-        return str(exc.details() or "")  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001
-        return ""
 
 
 def refused_message(url: str, credentials: ProxyCredentials) -> str:

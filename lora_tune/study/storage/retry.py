@@ -10,6 +10,7 @@ finished trial, a missing study) pass through unchanged. When the storage stays 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -52,9 +53,9 @@ def is_transient(exc: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, StorageUnavailable):
             return True
-        if _grpc_code(current) is not None:
-            code = _grpc_code(current)
-            return code in _TRANSIENT_GRPC or (code == "UNKNOWN" and UNAVAILABLE_MARK in _grpc_details(current))
+        if grpc_code(current) is not None:
+            code = grpc_code(current)
+            return code in _TRANSIENT_GRPC or (code == "UNKNOWN" and UNAVAILABLE_MARK in grpc_details(current))
         if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
             return True
         if isinstance(current, (sa_exc.DisconnectionError, sa_exc.TimeoutError, ConnectionError, TimeoutError)):
@@ -78,7 +79,7 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _grpc_code(exc: BaseException) -> str | None:
+def grpc_code(exc: BaseException) -> str | None:
     """The status name of a gRPC error (``"UNAVAILABLE"``), None for other exceptions."""
     if not type(exc).__module__.startswith("grpc") or not callable(getattr(exc, "code", None)):
         return None
@@ -88,7 +89,7 @@ def _grpc_code(exc: BaseException) -> str | None:
         return None
 
 
-def _grpc_details(exc: BaseException) -> str:
+def grpc_details(exc: BaseException) -> str:
     try:
         return str(exc.details() or "")  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001
@@ -97,7 +98,7 @@ def _grpc_details(exc: BaseException) -> str:
 
 def first_line(exc: BaseException) -> str:
     """A one-line, password-masked description of ``exc``."""
-    details = _grpc_details(exc) if _grpc_code(exc) else ""
+    details = grpc_details(exc) if grpc_code(exc) else ""
     text = details or str(exc) or type(exc).__name__
     return mask_secrets(text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
 
@@ -178,10 +179,8 @@ class RetryingStorage(StorageWrapper):
                                counter=self._retries)
 
     def _drop_connections(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the storage is unreachable anyway
             self.inner.remove_session()  # a broken pooled connection is not handed out again
-        except Exception:  # noqa: BLE001, S110 - the storage is unreachable anyway
-            pass
 
     # writes whose lost attempt may have been applied
     def set_trial_state_values(self, trial_id: int, state: TrialState,
