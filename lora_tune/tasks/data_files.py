@@ -70,7 +70,7 @@ def _not_utf8(path: Path, field: str, exc: UnicodeDecodeError) -> ConfigError:
     return ConfigError(field, str(path), "a UTF-8 text file", f"not UTF-8 at {where}")
 
 
-def _json_lines(fh: Any, path: Path, field: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def json_lines(fh: Any, path: Path, field: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` of each non-blank line; ConfigError at the first bad line."""
     allowed = "a JSON Lines file (one JSON object a line)"
     for number, line in enumerate(fh, 1):
@@ -107,7 +107,7 @@ def read_columns(path: str | Path, field: str = "task.train_file") -> list[str]:
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             if suffix == ".jsonl":
-                for _number, row in _json_lines(fh, path, field):
+                for _number, row in json_lines(fh, path, field):
                     return list(row)
                 return []
             allow_long_csv_fields()
@@ -131,7 +131,7 @@ def read_table(path: str | Path, columns: list[str], field: str) -> list[dict[st
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             if suffix == ".jsonl":
-                rows = [row for _number, row in _json_lines(fh, path, field)]
+                rows = [row for _number, row in json_lines(fh, path, field)]
             else:
                 rows = _csv_rows(fh, path, field, "\t" if suffix == ".tsv" else ",")
     except UnicodeDecodeError as exc:
