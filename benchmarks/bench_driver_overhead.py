@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in sorted(times):
         t = times[n]
         other = t.total - t.compute - t.evaluate - t.build
-        print(f"{n:>5} {states.get(n, '?'):<9} {t.total:7.2f} {t.build:7.3f} {t.compute:8.2f} {t.evaluate:7.2f} {other:7.3f}")
+        print(f"{n:>5} {states.get(n, '?'):<9} {t.total:7.2f} {t.build:7.3f} {t.compute:8.2f} "
+              f"{t.evaluate:7.2f} {other:7.3f}")
         compute += t.compute
         evaluate += t.evaluate
         build += t.build

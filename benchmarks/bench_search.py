@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--evals", type=int, default=4, help="evaluations per trial (pruning points)")
     parser.add_argument("--min-steps", type=int, default=20, help="(c): study.fidelity.min_steps")
-    parser.add_argument("--data-fraction", type=float, nargs="+", default=[1.0], help="(c): study.fidelity.data_fraction")
+    parser.add_argument("--data-fraction", type=float, nargs="+", default=[1.0],
+                        help="(c): study.fidelity.data_fraction")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
@@ -316,15 +317,16 @@ LABELS = {"a": "(a) Optuna TPE + median over PEFT", "b": "(b) lora-tune, previou
 def table(name: str, arms: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [(f"\n{name}: {args.trials} trials, {args.train_examples} training examples, {args.epochs} epoch, "
               f"batch {args.batch_size}, dev {args.dev_examples}"),
-             ("| arm | best (search) | confirmed best (mean ± std, 3 seeds) | search compute | compute to anchor's best "
-              "| search s | confirm s |"), "|---|---|---|---|---|---|---|"]
+             ("| arm | best (search) | confirmed best (mean ± std, 3 seeds) | search compute "
+              "| compute to anchor's best | search s | confirm s |"), "|---|---|---|---|---|---|---|"]
     anchor = arms.get("a")
     for key, arm in arms.items():
         reach = arm.get("to_anchor_best")
         reach_text = "never" if reach is None else f"{reach:.2f}" + (
             f" ({reach / anchor['compute']:.0%} of (a)'s search)" if anchor and key != "a" else "")
         lines.append(f"| {LABELS[key]} | {arm['best']:.3f} | {arm['confirmed_mean']:.3f} ± {arm['confirmed_std']:.3f} "
-                     f"| {arm['compute']:.2f} | {reach_text} | {arm['search_seconds']:.0f} | {arm['confirm_seconds']:.0f} |")
+                     f"| {arm['compute']:.2f} | {reach_text} "
+                     f"| {arm['search_seconds']:.0f} | {arm['confirm_seconds']:.0f} |")
     if anchor and "c" in arms:
         lines.append("goal ((c) reaches (a)'s best with <= 1/2 of (a)'s search compute, confirmed best >= (a)'s): "
                      + ("met" if goal_met(arms) else "not met"))

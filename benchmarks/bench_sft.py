@@ -506,7 +506,8 @@ def settings_of(args, task) -> dict:
     inject(model, lora_tune_config(args.rank))
     return {"vocab": len(task.tokenizer), "max_length": args.max_length, "batch": args.batch, "rank": args.rank,
             "threads": args.threads, "clock": args.clock, "reps": args.reps, "steps": args.steps,
-            "warmup": args.warmup, "mem_steps": args.mem_steps, "mem_reps": args.mem_reps, "trainable": trainable(model),
+            "warmup": args.warmup, "mem_steps": args.mem_steps, "mem_reps": args.mem_reps,
+            "trainable": trainable(model),
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
             "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "quick": args.quick}
 

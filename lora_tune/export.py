@@ -255,7 +255,7 @@ def _parquet_safe(df: Any) -> Any:
     """Columns mixing kinds of values (e.g. a number in one trial, text in another) become text;
     Parquet columns have one type."""
     df = df.copy()
-    for col in df.columns[df.dtypes == object]:
+    for col in df.columns[df.dtypes == object]:  # noqa: E721 - pandas' elementwise dtype test, not a type check
         kinds = {type(v) for v in df[col] if v is not None and v == v}
         numeric = kinds <= {int, float} or kinds <= {bool}
         if len(kinds) > 1 and not numeric and not all(issubclass(k, datetime) for k in kinds):

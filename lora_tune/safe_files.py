@@ -17,10 +17,10 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 from collections.abc import Callable
 
-Content = Union[bytes, str, Callable[[BinaryIO], None]]
+Content = bytes | str | Callable[[BinaryIO], None]
 _TAG = "lt"
 _NAME_CHARS = 80  # of the target's name in a temporary name (which must stay under NAME_MAX)
 

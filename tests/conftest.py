@@ -2,8 +2,9 @@
 
 ``postgres_url``: a fresh PostgreSQL database for this test session, created from the URL in
 ``LORA_TUNE_TEST_POSTGRES_URL`` (e.g. ``postgresql+psycopg://postgres@127.0.0.1:5432/test``)
-and dropped at the end (``fresh_postgres``: one for a single test). Without that variable, tests using it are skipped with a message
-saying how to enable them; with it set, an unreachable server is an error, not a skip.
+and dropped at the end (``fresh_postgres``: one for a single test). Without that variable,
+tests using it are skipped with a message saying how to enable them; with it set, an
+unreachable server is an error, not a skip.
 """
 from __future__ import annotations
 

@@ -76,7 +76,8 @@ def validate_cmd(study_file: Path) -> None:
                   f"pruner {resolved.study.pruner.type}")
     sampled = [p.name for p in space.sampled]
     fixed = [f"{p.key}={p.value}" for p in space.params if not p.sampled]
-    console.print(f"  searches: {', '.join(sampled) or '(nothing)'}" + (f"; fixed: {', '.join(fixed)}" if fixed else ""))
+    console.print(f"  searches: {', '.join(sampled) or '(nothing)'}"
+                  + (f"; fixed: {', '.join(fixed)}" if fixed else ""))
     if baseline is not None:
         console.print(f"  baseline: {baseline}")
     from lora_tune.study.schema.space_coverage import space_coverage
@@ -186,7 +187,8 @@ def run_cmd(study_file: Path, storage: str | None, name: str | None, n_trials: i
         study = create_study(spec, url, name=name, resume=True, task=task)
     stored = spec_from_stored(study.user_attrs["spec"])
     # read back from the storage: only this file's own names may be imported
-    Allowance.from_operator(trusted=trusted_refs(spec.task)).check(stored.task, f"the stored study {study.study_name!r}")
+    Allowance.from_operator(trusted=trusted_refs(spec.task)).check(
+        stored.task, f"the stored study {study.study_name!r}")
     if warm:
         from lora_tune.study.schema.space import SearchSpace
         from lora_tune.study.run.warm_start import warm_start
@@ -276,7 +278,8 @@ def list_cmd(storage: str | None) -> None:
     import optuna
 
     from lora_tune.study.trial.record import account
-    from lora_tune.study.storage.opening import dispose_storage, mask_url, open_storage, reading_problem, resolve_storage_url
+    from lora_tune.study.storage.opening import (dispose_storage, mask_url, open_storage, reading_problem,
+                                                 resolve_storage_url)
     from lora_tune.study.storage.budget import study_budget
 
     url = resolve_storage_url(storage, None)

@@ -206,7 +206,8 @@ class DictTask(Task):
             if isinstance(metrics, str):
                 metrics = [metrics]
             if not metrics or not all(isinstance(m, str) for m in metrics):
-                raise ConfigError("task.factory", "evaluate without metrics", "a 'metrics' list naming what evaluate returns")
+                raise ConfigError("task.factory", "evaluate without metrics",
+                                  "a 'metrics' list naming what evaluate returns")
             self.metrics = tuple(metrics)
         else:
             self.metrics = ("eval_loss", "accuracy") if parts.get("loss") is None else ("eval_loss",)

@@ -218,7 +218,8 @@ class TrainerTask(Task):
 
     # -- the base model ------------------------------------------------------------------------
     def _tokenizer(self) -> Any:
-        ref = self.spec.get("tokenizer") or (self.spec.get("model") if isinstance(self.spec.get("model"), str) else None)
+        ref = (self.spec.get("tokenizer")
+               or (self.spec.get("model") if isinstance(self.spec.get("model"), str) else None))
         if ref is None:
             return None
         from transformers import AutoTokenizer
@@ -314,7 +315,8 @@ class TrainerTask(Task):
                                 "one it was given; pass model=model to the Trainer")
             if reporter not in trainer.callback_handler.callbacks:
                 trainer.add_callback(reporter)
-            for printer in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
+            for printer in (transformers.trainer_callback.PrinterCallback,
+                            transformers.trainer_callback.ProgressCallback):
                 trainer.remove_callback(printer)  # the study's progress display reports instead
             apply_training_arguments(trainer, training_overrides(config, explicit))
             if config.loraplus_lr_ratio is not None:

@@ -21,7 +21,8 @@ def make_trainer(model, tokenizer, params, callbacks, output_dir, train_file, ev
         output_dir=output_dir, per_device_train_batch_size=16, per_device_eval_batch_size=32,
         num_train_epochs=4, learning_rate=2e-3, eval_strategy="steps", eval_steps=eval_steps,
         save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
-        max_length=max_length, completion_only_loss=True, activation_checkpointing=False, use_cpu=not torch.cuda.is_available(),
+        max_length=max_length, completion_only_loss=True, activation_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return SFTTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"],
                       processing_class=tokenizer, callbacks=callbacks)

@@ -62,7 +62,8 @@ def test_validate_reports_every_error_with_exit_2(env):
 
 
 def test_validate_checks_targets_and_device_against_the_model(env):
-    bad = dict(TOY, search_space=dict(TOY["search_space"], targets={"choices": ["attention-qv", "atention", ["no.such"]]}),
+    bad = dict(TOY, search_space=dict(TOY["search_space"],
+                                      targets={"choices": ["attention-qv", "atention", ["no.such"]]}),
                train=dict(TOY["train"], device="tpu"))
     result = _invoke("study", "create", str(_write(env / "bad.yaml", bad)))
     assert result.exit_code == 2
@@ -148,7 +149,8 @@ def test_multi_objective_run_prints_the_pareto_front(env):
 
 def test_failing_trials_exit_1_with_their_reason(env):
     failing = dict(TOY, study=dict(TOY["study"], name="fails", n_trials=4, max_consecutive_failures=2),
-                   task={"type": "python", "factory": "tests.study.toy_task:make_task", "args": {"fail_in": "evaluate"}})
+                   task={"type": "python", "factory": "tests.study.toy_task:make_task",
+                         "args": {"fail_in": "evaluate"}})
     result = _invoke("run", str(_write(env / "f.yaml", failing)), "--storage", f"sqlite:///{env / 'f.db'}")
     assert result.exit_code == 1
     assert "ValueError: toy task: evaluate exploded" in result.output

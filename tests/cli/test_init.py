@@ -28,7 +28,8 @@ def test_init_for_a_decoder_writes_an_sft_study_that_validates(tmp_path):
 
     from lora_tune.models.tiny_lm import save_tiny_model
 
-    model = save_tiny_model("qwen2", tmp_path / "qwen", tokenizer=AutoTokenizer.from_pretrained(str(DATA / "tokenizer")))
+    model = save_tiny_model("qwen2", tmp_path / "qwen",
+                            tokenizer=AutoTokenizer.from_pretrained(str(DATA / "tokenizer")))
     result, out = _init(tmp_path, str(model), "--train-file", str(DATA / "train.jsonl"),
                         "--eval-file", str(DATA / "eval.jsonl"))
     assert result.exit_code == 0, result.output

@@ -75,7 +75,8 @@ def test_run_show_list_and_the_report_print_one_account(tmp_path, monkeypatch):
     trials = study.get_trials()
     kinds = [record.kind_of(t) for t in trials]
     assert kinds.count(record.Kind.NESTED) == 4 and kinds.count(record.Kind.CONFIRMATION) == 2
-    assert all(t.user_attrs[record.TRAIN_STEPS] == trials[t.user_attrs[record.NESTED_PARENT]].user_attrs[record.TRAIN_STEPS]
+    assert all(t.user_attrs[record.TRAIN_STEPS]
+               == trials[t.user_attrs[record.NESTED_PARENT]].user_attrs[record.TRAIN_STEPS]
                for t in trials if record.kind_of(t) == record.Kind.NESTED)  # they copy their parent's steps
     states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
     assert states["PRUNED"] == 3  # trial 1 and its two smaller ranks

@@ -30,7 +30,8 @@ def test_loratorch_inplace_merge_breaks_upstream_gradients():
     _randomize(model)
     x = torch.randn(5, 16, dtype=torch.float64)
     model(x).pow(2).sum().backward()
-    A0, B0, A2, B2 = (getattr(model[i], n).detach().clone().requires_grad_(True) for i in (0, 2) for n in ("lora_A", "lora_B"))
+    A0, B0, A2, B2 = (getattr(model[i], n).detach().clone().requires_grad_(True)
+                      for i in (0, 2) for n in ("lora_A", "lora_B"))
     s = model[0].scaling
     h = torch.tanh(F.linear(x, base[0] + s * B0 @ A0, model[0].base_layer.bias))
     F.linear(h, base[1] + s * B2 @ A2, model[2].base_layer.bias).pow(2).sum().backward()
@@ -78,8 +79,8 @@ def test_peft_mha_out_proj_delta_applied_once(method):
     x = torch.randn(2, 5, 8)
     got = wrapper(x, x, x, need_weights=False)[0]
     d = wrapper.scaling * (wrapper.out_proj.lora_B @ wrapper.out_proj.lora_A)
-    once = reference_call(mha, {"out_proj.weight": original["out_proj.weight"].double() + d.double()}, (x.double(),) * 3,
-                          {"need_weights": False})[0]
+    once = reference_call(mha, {"out_proj.weight": original["out_proj.weight"].double() + d.double()},
+                          (x.double(),) * 3, {"need_weights": False})[0]
     twice = reference_call(mha, {"out_proj.weight": original["out_proj.weight"].double() + 2 * d.double()},
                            (x.double(),) * 3, {"need_weights": False})[0]
     assert torch.allclose(got.double(), once, atol=1e-5)

@@ -96,7 +96,8 @@ def test_adapter_for_another_split_is_refused(tmp_path):
     other = dict(num_attention_heads=6, num_key_value_heads=1, head_dim=8)
     assert phi3(**other).get_submodule(QKV).weight.shape == model.get_submodule(QKV).base_layer.weight.shape
     for target in (phi3(**other), adapted(cfg, **other)):
-        with pytest.raises(AdapterFormatError, match=r"splits into q/k/v rows \[32, 16, 16\] in the adapter but \[48, 8, 8\]"):
+        with pytest.raises(AdapterFormatError,
+                           match=r"splits into q/k/v rows \[32, 16, 16\] in the adapter but \[48, 8, 8\]"):
             load_adapter(target, tmp_path)
 
 

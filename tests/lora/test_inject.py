@@ -47,7 +47,8 @@ def _same(model, state, types):
 def test_presets_are_concrete_lists():
     presets = lora_tune.target_presets(Tiny())
     assert presets["attention-qv"] == [f"layers.{i}.attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
-    assert presets["attention"] == [f"layers.{i}.attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    assert presets["attention"] == [f"layers.{i}.attn.{p}" for i in range(2)
+                                    for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     assert presets["mlp"] == [f"layers.{i}.mlp.{p}" for i in range(2) for p in ("fc1", "fc2")]
     assert "lm_head" not in presets["all-linear"] and len(presets["all-linear"]) == 12
     assert presets["embeddings"] == ["embed"] and presets["conv"] == ["conv"]
@@ -90,7 +91,8 @@ def test_exclude_and_find_targets_is_a_dry_run():
 
 def test_report_and_trainability():
     model = Tiny()
-    report = lora_tune.inject(model, LoraConfig(rank=4, targets="attention-qv", modules_to_save=["lm_head"], bias="lora_only"))
+    report = lora_tune.inject(model, LoraConfig(rank=4, targets="attention-qv", modules_to_save=["lm_head"],
+                                                bias="lora_only"))
     assert report.preset == "attention-qv"
     assert [t for _, t in report.targets] == ["Linear"] * 4
     lora = 4 * (4 * 16 + 16 * 4)

@@ -139,7 +139,8 @@ def test_a_model_without_blocks_refuses_layers():
 
 def test_an_encoder_decoder_index_must_exist_in_every_stack():
     model, _ = t5(decoder_layers=3)
-    with pytest.raises(ConfigError, match=r"block indices 0 to 1: encoder\.block has 2 blocks, so \[2\] is out of range"):
+    with pytest.raises(ConfigError,
+                       match=r"block indices 0 to 1: encoder\.block has 2 blocks, so \[2\] is out of range"):
         find_targets(model, LoraConfig(targets="attention", layers=[2]))
 
 
@@ -204,7 +205,8 @@ def test_from_peft_reads_an_int_and_a_string_pattern():
     cfg = LoraConfig.from_peft({"peft_type": "LORA", "target_modules": ["q_proj", "v_proj"],
                                 "layers_to_transform": 1, "layers_pattern": "layers"})
     assert cfg.layers == [1] and cfg.layers_pattern == ["layers"]
-    assert names(llama(), **{k: v for k, v in cfg.to_dict().items() if k in ("targets", "layers", "layers_pattern")}) == [
+    assert names(llama(), **{k: v for k, v in cfg.to_dict().items()
+                             if k in ("targets", "layers", "layers_pattern")}) == [
         "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
 
 

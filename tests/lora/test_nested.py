@@ -101,7 +101,8 @@ def test_a_truncated_adapter_saves_and_reloads_into_exactly_the_model_that_was_s
         with truncated(model, nested, r):
             scored = model(IDS)
             assert model.lin.r == r and model.lin.scaling == 2.0 and model.lin.lora_A.shape == (r, 36)
-            save_adapter(model, tmp_path / f"r{r}", format=fmt, config=dataclasses.replace(config, rank=r, alpha=2.0 * r))
+            save_adapter(model, tmp_path / f"r{r}", format=fmt,
+                         config=dataclasses.replace(config, rank=r, alpha=2.0 * r))
         torch.manual_seed(0)
         fresh = load_adapter(Mixed().eval(), tmp_path / f"r{r}")
         assert torch.equal(fresh(IDS), scored)

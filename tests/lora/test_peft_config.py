@@ -196,7 +196,8 @@ def test_config_methods_are_the_leaf_functions():
     pcfg = to_peft_config(cfg, model)
     assert cfg.to_peft(model).to_dict() == pcfg.to_dict()
     assert LoraConfig.from_peft(pcfg) == from_peft_config(pcfg) == cfg.from_peft(pcfg.to_dict())
-    imports = [line for line in open(config_module.__file__, encoding="utf-8") if "import" in line]
+    with open(config_module.__file__, encoding="utf-8") as source:
+        imports = [line for line in source if "import" in line]
     assert imports and not any("peft" in line for line in imports)
 
 
@@ -245,7 +246,8 @@ def test_peft_pair_of_rank_r_on_fused_qkv_loads_with_a_repeated_per_part(tmp_pat
 
 # -- translation details ---------------------------------------------------------------------------
 @pytest.mark.parametrize("fields, expected", [
-    ({"target_modules": ["q_proj", "model.layers.0.mlp.up_proj"]}, {"targets": ["q_proj", "model.layers.0.mlp.up_proj"]}),
+    ({"target_modules": ["q_proj", "model.layers.0.mlp.up_proj"]},
+     {"targets": ["q_proj", "model.layers.0.mlp.up_proj"]}),
     ({"target_modules": {"v_proj", "q_proj"}}, {"targets": ["q_proj", "v_proj"]}),
     ({"target_modules": ["h.*.attn"]}, {"targets": [r"re:(?:.*\.)?h\.\*\.attn"]}),  # PEFT: a literal name
     ({"target_modules": r".*\.q_proj"}, {"targets": [r"re:.*\.q_proj"]}),
@@ -368,8 +370,8 @@ def test_quant_bits_do_not_block_and_the_model_is_left_alone():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plain = LoraConfig(rank=4, targets="attention").to_peft(model).to_dict()
     for bits, quant_type in ((4, "fp4"), (8, "nf4")):
-        assert LoraConfig(rank=4, targets="attention", quant_bits=bits, quant_type=quant_type).to_peft(model).to_dict() \
-            == plain
+        assert LoraConfig(rank=4, targets="attention", quant_bits=bits,
+                          quant_type=quant_type).to_peft(model).to_dict() == plain
     assert not list(lora_layers(model))
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

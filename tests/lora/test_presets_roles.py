@@ -23,7 +23,8 @@ from .hf_models import LAYERS
 
 pytest.importorskip("transformers")
 
-LLAMA = {"model.layers": ({"attention": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+LLAMA = {"model.layers": ({"attention": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                         "self_attn.o_proj"],
                            "qv": ["self_attn.q_proj", "self_attn.v_proj"],
                            "mlp": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]},)}
 SELF = ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj"]
@@ -58,7 +59,8 @@ FAMILIES = {
                                "mlp": ["layer.2.DenseReluDense.wi", "layer.2.DenseReluDense.wo"]},)},
            [], ["lm_head"]),
     "bart": ({"model.encoder.layers": ({"attention": SELF, "qv": QV, "mlp": ["fc1", "fc2"]},),
-              "model.decoder.layers": ({"attention": SELF + CROSS, "qv": QV + ["encoder_attn.v_proj", "encoder_attn.q_proj"],
+              "model.decoder.layers": ({"attention": SELF + CROSS,
+                                        "qv": QV + ["encoder_attn.v_proj", "encoder_attn.q_proj"],
                                         "mlp": ["fc1", "fc2"]},)}, [], ["lm_head"]),
     "vit": ({"vit.layers": ({"attention": ["attention.q_proj", "attention.k_proj", "attention.v_proj",
                                            "attention.o_proj"],

@@ -48,7 +48,8 @@ def test_groups_values_best_mean_and_order(study):
     assert [p.number for p in by["last:4"].points] == [1, 2, 6]
     assert by["last:4"].best == 0.80 and by["last:4"].mean == pytest.approx((0.80 + 0.60 + 0.65) / 3)
     assert by["last:4"].points[1] == LayerPoint(2, 0.60, "all-linear", False)
-    assert by["all"] == LayerRange("all", [LayerPoint(0, 0.70, "attention", True), LayerPoint(7, 0.55, "attention", False)],
+    assert by["all"] == LayerRange("all", [LayerPoint(0, 0.70, "attention", True),
+                                           LayerPoint(7, 0.55, "attention", False)],
                                    0.70, pytest.approx(0.625))
     assert by["all"].n == 2 and "first:2" not in by
 

@@ -1,6 +1,7 @@
 """A TCP relay whose link can be cut, to put a real network outage between a worker and its DB."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -49,10 +50,8 @@ class OutageProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def cut(self) -> None:
         self.up.clear()

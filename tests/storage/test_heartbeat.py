@@ -28,7 +28,8 @@ def test_optunas_rdb_heartbeat_never_fails_a_trial_that_has_not_beaten_yet(tmp_p
         rdb.record_heartbeat(beat_once._trial_id)
         time.sleep(2.2)  # past the grace period (SQLite's clock has whole seconds)
         optuna.storages.fail_stale_trials(optunas)
-    assert [t.state for t in optunas.trials] == [TrialState.RUNNING, TrialState.FAIL]
+    states = {t.number: t.state for t in optunas.trials}
+    assert states == {never_beat.number: TrialState.RUNNING, beat_once.number: TrialState.FAIL}
     rdb.engine.dispose()
 
     url = f"sqlite:///{tmp_path / 'lora-tune.db'}"

@@ -11,6 +11,7 @@ whether it was pruned, its summary and the spy's calls.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -92,10 +93,8 @@ def main(framework: str, storage: str, study_name: str, out: Path) -> None:
         study = optuna.load_study(study_name=study_name, storage=storage, pruner=PruneAtSecondReport())
         study.optimize(objective, n_trials=1)
     else:
-        try:
+        with contextlib.suppress(optuna.TrialPruned):
             objective(spy)
-        except optuna.TrialPruned:
-            pass
     result["spy_calls"] = spy.calls
     (out / f"rank{rank}.json").write_text(json.dumps(result), encoding="utf-8")
 

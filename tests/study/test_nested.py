@@ -60,7 +60,8 @@ def test_one_trained_trial_adds_a_finished_trial_for_each_smaller_rank(toy_task)
     assert sorted(ranks) == [2, 4] and len(study.trials) == 3
     for r, t in ranks.items():
         assert t.state == TrialState.COMPLETE and t.value == t.user_attrs["metric_values"]["accuracy"]
-        assert {k: v for k, v in t.params.items() if k != "rank"} == {k: v for k, v in parent.params.items() if k != "rank"}
+        assert ({k: v for k, v in t.params.items() if k != "rank"}
+                == {k: v for k, v in parent.params.items() if k != "rank"})
         assert t.user_attrs["lora_config"]["rank"] == r and t.user_attrs["lora_config"]["alpha"] == 2.0 * r
         assert t.user_attrs["fidelity"] == {**parent.user_attrs["fidelity"], "rank": r, "trained_rank": 8}
         assert t.user_attrs["target_modules"] == parent.user_attrs["target_modules"]
@@ -149,7 +150,8 @@ def test_a_pruned_trial_records_its_smaller_ranks_as_pruned_with_their_evaluatio
 def test_the_exported_best_at_rank_r_reloads_with_the_metric_it_was_scored_with(tmp_path, isolation):
     task = ToyTask()
     # with trainable_params as a second objective the smallest rank is on the Pareto front: it keeps its adapter
-    objective = _objective(task, study={"metric": ["accuracy", "trainable_params"], "directions": ["maximize", "minimize"]},
+    objective = _objective(task, study={"metric": ["accuracy", "trainable_params"],
+                                        "directions": ["maximize", "minimize"]},
                            train={"isolation": isolation})
     study = _study(objective, storage=f"sqlite:///{tmp_path / 's.db'}")
     smallest = _ranks(study)[2]

@@ -30,8 +30,8 @@ def test_create_stores_the_spec_and_enqueues_the_baseline_once(url, toy_task):
     assert study.user_attrs["metrics"] == ["accuracy"] and study.metric_names == ["accuracy"]
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1 and waiting[0].user_attrs == {"is_baseline": True}
-    assert waiting[0].system_attrs["fixed_params"] == {"rank": 8, "alpha_ratio": 2.0, "targets": "attention-qv", "quant_bits": 0,
-                                 "learning_rate": 1e-3}
+    assert waiting[0].system_attrs["fixed_params"] == {"rank": 8, "alpha_ratio": 2.0, "targets": "attention-qv",
+                                                       "quant_bits": 0, "learning_rate": 1e-3}
     again = create_study(spec, url, resume=True, task=toy_task)
     assert len(again.get_trials(states=(TrialState.WAITING,))) == 1
     dispose_storage(study._storage)

@@ -73,7 +73,8 @@ def test_a_model_that_needs_its_own_code_is_refused_naming_auto_map(llama_dir, t
     assert message and "auto_map" in message and "trust_remote_code" in message
     tokenizer_config = json.loads((llama_dir / "tokenizer_config.json").read_text())
     tok = _copy(llama_dir, tmp_path / "tok")
-    tokenizer_config.update(tokenizer_class="XTokenizer", auto_map={"AutoTokenizer": ["tokenization_x.XTokenizer", None]})
+    tokenizer_config.update(tokenizer_class="XTokenizer",
+                            auto_map={"AutoTokenizer": ["tokenization_x.XTokenizer", None]})
     (tok / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     assert "auto_map" in (check_tokenizer_ref(str(tok)) or "")
 

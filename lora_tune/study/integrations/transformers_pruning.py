@@ -28,7 +28,8 @@ class LoraTuneCallback(TrialBinding, ReportingCallback):
     that the trial ends PRUNED. Evaluations outside ``train()`` (a final ``trainer.evaluate()``)
     are not reported. At the end of training :attr:`summary` holds a
     :class:`~lora_tune.train.callbacks.CallbackSummary` and, with a trial, rank 0 writes it to
-    the trial as lora-tune's own trials record a run (:func:`lora_tune.study.trial.record.run_attrs`). Tokens are counted as
+    the trial as lora-tune's own trials record a run
+    (:func:`lora_tune.study.trial.record.run_attrs`). Tokens are counted as
     :class:`~lora_tune.train.hf_callback.ReportingCallback` says.
     """
 

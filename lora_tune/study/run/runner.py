@@ -173,7 +173,8 @@ def _model_problems(spec: StudySpec, task: Any) -> list[tuple[str, str]]:
         model = task.build_model()
         if not getattr(model, "supports_gradient_checkpointing", False):
             problems.append(("train.gradient_checkpointing", f"got true; allowed: false for this task's "
-                             f"{type(model).__name__} (only Hugging Face models that support it can recompute activations)"))
+                             f"{type(model).__name__} (only Hugging Face models that support it "
+                             "can recompute activations)"))
     if choices:
         model = model if model is not None else task.build_model()
         problems += check_choices(model, space)[1]

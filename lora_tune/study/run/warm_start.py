@@ -54,7 +54,8 @@ def configs_from_study(source: optuna.Study, top: int = 5) -> list[dict[str, Any
     complete = [t for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.values is not None and len(t.values) == 1]
     if not complete:
-        raise ConfigError("--warm-start", source.study_name, "a study with at least one complete single-objective trial")
+        raise ConfigError("--warm-start", source.study_name,
+                          "a study with at least one complete single-objective trial")
     reverse = source.direction == optuna.study.StudyDirection.MAXIMIZE
     best = sorted(complete, key=lambda t: t.value, reverse=reverse)[:top]
     return [settings_of(t) for t in best]
@@ -102,7 +103,8 @@ def project(space: SearchSpace, settings: Mapping[str, Any], fits: Any = None) -
 
 def enqueue(study: optuna.Study, configs: Iterable[Mapping[str, Any]], origin: str) -> int:
     """Enqueue each config not already in the study; returns how many were enqueued."""
-    seen = [dict(t.params) or dict(t.user_attrs.get(record.ENQUEUED_PARAMS) or {}) for t in study.get_trials(deepcopy=False)]
+    seen = [dict(t.params) or dict(t.user_attrs.get(record.ENQUEUED_PARAMS) or {})
+            for t in study.get_trials(deepcopy=False)]
     added = 0
     for params in configs:
         if any(_same(params, other) for other in seen):
@@ -127,7 +129,8 @@ def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def _nearest(choices: list[Any], value: float) -> Any:
-    return min(choices, key=lambda c: abs(math.log(float(c)) - math.log(value)) if c > 0 and value > 0 else abs(c - value))
+    return min(choices,
+               key=lambda c: abs(math.log(float(c)) - math.log(value)) if c > 0 and value > 0 else abs(c - value))
 
 
 def _clamp(p: Param, value: float) -> float | int:

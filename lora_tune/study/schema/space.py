@@ -291,7 +291,8 @@ def check_search_space(raw: Mapping[str, Any], study: Mapping[str, Any]) -> Prob
 
 # -- baseline ------------------------------------------------------------------------------------
 
-def baseline_params(space: SearchSpace, train_defaults: Mapping[str, Any], baseline_targets: str) -> tuple[dict[str, Any], Problems]:
+def baseline_params(space: SearchSpace, train_defaults: Mapping[str, Any],
+                    baseline_targets: str) -> tuple[dict[str, Any], Problems]:
     """Trial parameters of the conventional baseline (rank 8, alpha 16, ``baseline_targets``,
     no quantization, the study's defaults for everything else), for ``study.enqueue_trial``.
 

@@ -186,7 +186,8 @@ def describe(study: optuna.Study, baseline: FrozenTrial | None) -> list[str]:
                 lines.append(f"the gain over the baseline ({baseline.value:.4f}) is within the noise "
                              f"(2 × {best.std:.4f}): it may not be real")
             else:
-                lines.append(f"the gain over the baseline ({baseline.value:.4f}) is {abs(best.mean - baseline.value):.4f}, "
+                lines.append(f"the gain over the baseline ({baseline.value:.4f}) is "
+                             f"{abs(best.mean - baseline.value):.4f}, "
                              f"more than 2 standard deviations of the best config")
     return lines
 

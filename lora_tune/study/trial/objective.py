@@ -106,7 +106,8 @@ class Objective:
         except (optuna.TrialPruned, TrialFailed):
             raise
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM turned into one by the worker loop
-            trial.set_user_attr(record.FAIL_REASON, f"interrupted ({exc or 'Ctrl-C'}); the worker re-queues its parameters")
+            trial.set_user_attr(record.FAIL_REASON,
+                                f"interrupted ({exc or 'Ctrl-C'}); the worker re-queues its parameters")
             raise
         except NonFiniteLossError as exc:
             self._fail(trial, f"non-finite loss: {exc}")

@@ -7,9 +7,10 @@ It asks its :class:`Hooks` at two points and knows nothing of Optuna.
 :func:`run_in_process` calls the body with hooks that call the parent's own functions.
 :func:`run_in_child` starts a fresh process that builds the task and runs the body. It is
 forked from a ``forkserver`` that has only imported torch and lora-tune (no CUDA context, no
-model, no trial memory is inherited; starting a child costs a fork, not a second of imports); the parent keeps the Optuna trial, receives the built
-model's report and every evaluation over a pipe, answers each with its go/stop decision, and
-gets back the :class:`~lora_tune.train.TrainResult` and the adapter archive. When the child
+model, no trial memory is inherited; starting a child costs a fork, not a second of imports);
+the parent keeps the Optuna trial, receives the built model's report and every evaluation over
+a pipe, answers each with its go/stop decision, and gets back the
+:class:`~lora_tune.train.TrainResult` and the adapter archive. When the child
 dies (the OOM killer, a segfault, SIGKILL) the parent raises :class:`TrialProcessDied` with
 the reason; an error in the child comes back as the same kind of error in the parent. Either
 way the child's memory, CPU or GPU, is returned to the system when it exits.
@@ -151,8 +152,8 @@ def run_in_child(plan: TrialPlan, hooks: Hooks, poll_seconds: float = 0.5) -> Tr
 
 def _keep(path: str) -> str:
     """Move a file out of the trial's temporary directory; returns its new path."""
-    kept = tempfile.NamedTemporaryFile(prefix="lora-tune-adapter-", suffix=".zip", delete=False)
-    kept.close()
+    with tempfile.NamedTemporaryFile(prefix="lora-tune-adapter-", suffix=".zip", delete=False) as kept:
+        pass  # only its (reserved) name is needed; the file is closed before it is replaced
     os.replace(path, kept.name)
     return kept.name
 
@@ -174,7 +175,8 @@ def _context(task_type: str | None) -> Any:
 
 
 # Imported once by the fork server; a module that is not installed is skipped by multiprocessing.
-PRELOAD = ("torch", "lora_tune.study.trial.trial_process", "lora_tune.tasks", "lora_tune.train", "lora_tune.study.trial.artifacts")
+PRELOAD = ("torch", "lora_tune.study.trial.trial_process", "lora_tune.tasks", "lora_tune.train",
+           "lora_tune.study.trial.artifacts")
 
 
 def _serve(conn: Any, process: Any, hooks: Hooks, poll_seconds: float) -> TrialOutcome:
