@@ -31,6 +31,7 @@ what it returns is checked in the trial (not a Trainer: the trial fails with tha
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -296,7 +297,7 @@ class TrainerTask(Task):
         """Build the user's trainer around ``model``, apply the study's settings, train, evaluate."""
         import transformers
 
-        from lora_tune.train import TrainResult, build_optimizer
+        from lora_tune.train import build_optimizer
         from lora_tune.train.callbacks import metric_key
         from lora_tune.train.hf_callback import ReportingCallback
 
@@ -330,12 +331,9 @@ class TrainerTask(Task):
         s = reporter.summary
         history = [{"step": e.step, "eval_index": e.eval_index, self.default_metric: e.value}
                    for e in reporter.pruning.evaluations]
-        return TrainResult(
-            steps=s.train_steps, planned_steps=s.planned_steps, seconds=time.perf_counter() - start,
-            examples=s.train_examples, throughput=s.throughput, peak_memory_bytes=s.peak_memory_bytes,
-            history=history, final_metrics=final, stopped_early=reporter.pruned,
-            compute_seconds=s.compute_seconds, tokens=s.train_tokens, tokens_per_second=s.tokens_per_second,
-            peak_memory_total_bytes=s.peak_memory_total_bytes,
+        return dataclasses.replace(  # the callback's summary is a TrainResult: only what the trainer adds
+            s, seconds=time.perf_counter() - start, history=history, final_metrics=final,
+            stopped_early=reporter.pruned,
             effective_batch_size=trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps)
 
 
