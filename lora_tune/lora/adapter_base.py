@@ -8,7 +8,8 @@ family, and the dispatch table), :mod:`lora_tune.lora.attention` (nn.MultiheadAt
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -23,19 +24,21 @@ ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude")
 
 
 # -- low-rank algebra shared by every wrapper --------------------------------------------------
-def active_factor(module: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
+def active_factor(module: nn.Module, name: str, value: torch.Tensor | nn.Module) -> torch.Tensor | nn.Module:
     """Nested ranks (DyLoRA; set by :mod:`lora_tune.lora.nested`): ``lora_A`` / ``lora_B`` as the
     forward reads them. With ``module.active_rank = b`` (unset or None: the whole rank r) they
     read as their first b components: B's first b columns, and the first b rows of each of A's
     per-part blocks of r rows. Parameters, state dicts and optimizers still see the whole tensors
-    (the first b components get the gradients)."""
+    (the first b components get the gradients). ``value``: the attribute ``name`` as
+    ``nn.Module.__getattr__`` found it."""
     b = module.__dict__.get("active_rank")
     if b is None or name not in ("lora_A", "lora_B"):
         return value
+    factor = cast(torch.Tensor, value)  # lora_A / lora_B: a Parameter
     if name == "lora_B":
-        return value[:, :b]
-    n = value.shape[0] // module.__dict__["r"]
-    return value[:b] if n == 1 else value.unflatten(0, (n, -1))[:, :b].flatten(0, 1)
+        return factor[:, :b]
+    n = factor.shape[0] // module.__dict__["r"]
+    return factor[:b] if n == 1 else factor.unflatten(0, (n, -1))[:, :b].flatten(0, 1)
 
 
 def kaiming_uniform_(A: torch.Tensor, fan_in: int) -> None:
@@ -62,11 +65,41 @@ def pissa_factors(matrix: torch.Tensor, r: int, scaling: float) -> tuple[torch.T
 class TargetSpec(Protocol):
     """What a wrapper is built for (:class:`lora_tune.lora.targets.Target`)."""
 
-    name: str
-    module: nn.Module
-    kind: str
-    parts: tuple[str, ...] | None
-    part_sizes: tuple[int, ...] | None
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def module(self) -> nn.Module: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def parts(self) -> tuple[str, ...] | None: ...
+
+    @property
+    def part_sizes(self) -> tuple[int, ...] | None: ...
+
+
+class FactorPair(Protocol):
+    """A module holding the ``lora_A`` / ``lora_B`` of one adapted weight (what :meth:`_LoraState.pairs`
+    gives): a single-weight wrapper itself, a projection of nn.MultiheadAttention, an expert stack's pairs."""
+
+    @property
+    def lora_A(self) -> torch.Tensor: ...
+
+    @property
+    def lora_B(self) -> torch.Tensor: ...
+
+
+class PartedPair(FactorPair, Protocol):
+    """A pair over rows that may be fused q/k/v parts (``parts``: which are adapted; None: one pair)."""
+
+    @property
+    def parts(self) -> tuple[bool, ...] | None: ...
+
+    @property
+    def part_sizes(self) -> tuple[int, ...] | None: ...
 
 
 class _LoraState(nn.Module):
@@ -90,6 +123,9 @@ class _LoraState(nn.Module):
     PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
     """What PEFT calls this layer's factors in its adapter files (PEFT's LoraLayer keeps them as
     ``lora_A`` / ``lora_B`` ModuleDicts of nn.Linear or nn.Conv layers)."""
+    base_weight_q: nn.ModuleDict | QuantizedWeight | None
+    """The quantized base weights: a ModuleDict of QuantizedWeight by ``_qkey(key)`` (the families
+    adapting several weights), or a single-weight wrapper's QuantizedWeight (None: not quantized)."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, rslora: bool, dropout: float, method: str):
         super().__init__()
@@ -129,8 +165,16 @@ class _LoraState(nn.Module):
         return None
 
     # subclasses say which weights they adapt and how to read them
-    def pairs(self) -> dict[str, nn.Module]:
+    def pairs(self) -> Mapping[str, FactorPair]:
         """Key of each adapted base weight -> the module holding its ``lora_A`` / ``lora_B``."""
+        raise NotImplementedError
+
+    def base_weight(self, key: str) -> torch.Tensor:
+        """The frozen base weight ``key`` as the layer computes with it (dequantized if quantized)."""
+        raise NotImplementedError
+
+    def delta_weight(self, key: str) -> torch.Tensor:
+        """``scaling * B @ A`` of weight ``key``, in the weight's layout."""
         raise NotImplementedError
 
     def _merged_weight(self, key: str) -> torch.Tensor:
@@ -138,7 +182,12 @@ class _LoraState(nn.Module):
         return _plus(self.base_weight(key), self.delta_weight(key), fresh=self._is_quantized(key))
 
     def _is_quantized(self, key: str) -> bool:
-        return _qkey(key) in self.base_weight_q
+        return _qkey(key) in self._quantized_weights()
+
+    def _quantized_weights(self) -> nn.ModuleDict:
+        """``base_weight_q`` of a family adapting several weights (single-weight wrappers override
+        the methods that read it)."""
+        return cast(nn.ModuleDict, self.base_weight_q)
 
     def _owner(self, key: str) -> tuple[nn.Module, str]:
         """The module of the base layer holding weight ``key``, and the weight's name in it."""
@@ -180,7 +229,7 @@ class _LoraState(nn.Module):
         return A[0].numel()
 
     @torch.no_grad()
-    def _standard_init(self, pair: nn.Module, init: str) -> None:
+    def _standard_init(self, pair: FactorPair, init: str) -> None:
         """A kaiming-uniform (bound 1/sqrt(in), as for a Linear) or gaussian (std 1/r); B = 0, so
         the adapted model starts equal to the base."""
         if init == "gaussian":
@@ -190,13 +239,14 @@ class _LoraState(nn.Module):
         pair.lora_B.zero_()
 
     @torch.no_grad()
-    def _pissa_init(self, key: str, pair: nn.Module) -> torch.Tensor:
+    def _pissa_init(self, key: str, pair: FactorPair) -> torch.Tensor:
         """PiSSA on the matrix view of base weight ``key``, part by part (fused qkv); returns the residual."""
         A, B = pair.lora_A, pair.lora_B
         w0 = self._base_param(key)
         matrix = self._to_matrix(w0)
-        parts = pair.parts or (True,)  # a fused qkv pair: its enabled parts, each PiSSA'd on its rows
-        rows = part_slices(pair.part_sizes or (matrix.shape[0],))
+        parted = cast(PartedPair, pair)  # the pairs of the families that keep this method (not the experts')
+        parts = parted.parts or (True,)  # a fused qkv pair: its enabled parts, each PiSSA'd on its rows
+        rows = part_slices(parted.part_sizes or (matrix.shape[0],))
         As, Bs = [], []
         residual = matrix.clone().to(torch.promote_types(matrix.dtype, torch.float32))
         for block in (block for block, on in zip(rows, parts) if on):
@@ -215,7 +265,7 @@ class _LoraState(nn.Module):
         return QuantizedWeight(weight, bits, quant_type, double_quant)
 
     def _set_quantized(self, key: str, qweight: QuantizedWeight) -> None:
-        self.base_weight_q[_qkey(key)] = qweight
+        self._quantized_weights()[_qkey(key)] = qweight
 
     @torch.no_grad()
     def install_base(self, residuals: dict[str, torch.Tensor], quantized: dict[str, QuantizedWeight]) -> None:

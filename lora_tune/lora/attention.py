@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lora_tune.lora.adapter_base import QKV, TargetSpec, _LoraState, _plus, _qkey, active_factor
-from lora_tune.lora.fused import checked_sizes, enabled_sizes, parts_matrix
+from lora_tune.lora.fused import checked_sizes, enabled_sizes, given_sizes, parts_matrix
+from lora_tune.lora.quant import QuantizedWeight
 
 
 class LoraProjection(nn.Module):
@@ -21,7 +23,7 @@ class LoraProjection(nn.Module):
         self.parts = tuple(parts) if parts is not None else None
         self.part_sizes = checked_sizes(out_features, self.parts, None)  # the packed in_proj is 3 x embed_dim
         n = sum(self.parts) if self.parts else 1
-        rows = sum(enabled_sizes(self.parts, self.part_sizes)) if self.parts else out_features
+        rows = sum(enabled_sizes(self.parts, given_sizes(self.part_sizes))) if self.parts else out_features
         self.lora_A = nn.Parameter(like.new_zeros(n * r, in_features))
         self.lora_B = nn.Parameter(like.new_zeros(rows, r))
 
@@ -45,6 +47,8 @@ class LoraMultiheadAttention(_LoraState):
     projection, which this computes exactly."""
 
     KINDS = ("mha",)
+    base_layer: nn.MultiheadAttention
+    base_weight_q: nn.ModuleDict
 
     @classmethod
     def kind_of(cls, module: nn.Module) -> str | None:
@@ -53,7 +57,8 @@ class LoraMultiheadAttention(_LoraState):
     @classmethod
     def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> LoraMultiheadAttention:
         parts = target.parts or ("q", "k", "v", "o")
-        return cls(target.module, r, alpha, in_parts=tuple(p in parts for p in QKV), adapt_out="o" in parts, **kw)
+        return cls(cast(nn.MultiheadAttention, target.module), r, alpha, in_parts=tuple(p in parts for p in QKV),
+                   adapt_out="o" in parts, **kw)
 
     def __init__(self, base_layer: nn.MultiheadAttention, r: int, alpha: float, *, rslora: bool = False,
                  dropout: float = 0.0, method: str = "parallel", in_parts: Sequence[bool] | None = (True,) * 3,
@@ -96,14 +101,14 @@ class LoraMultiheadAttention(_LoraState):
 
     # name of each adapted base weight -> its LoraProjection
     def projections(self) -> dict[str, LoraProjection]:
-        out = {}
+        out: dict[str, LoraProjection] = {}
         if self.in_parts is not None:
             if "in_proj" in self._modules:
                 out["in_proj_weight"] = self.in_proj
             else:
                 for name, on in zip(QKV, self.in_parts):
                     if on:
-                        out[f"{name}_proj_weight"] = self._modules[f"{name}_proj"]
+                        out[f"{name}_proj_weight"] = cast(LoraProjection, self._modules[f"{name}_proj"])
         if self.adapt_out:
             out["out_proj.weight"] = self.out_proj
         return out
@@ -113,7 +118,7 @@ class LoraMultiheadAttention(_LoraState):
     def base_weight(self, key: str) -> torch.Tensor:
         qkey = _qkey(key)
         if qkey in self.base_weight_q:
-            return self.base_weight_q[qkey].dequantize()
+            return cast(QuantizedWeight, self.base_weight_q[qkey]).dequantize()
         return self._base_param(key)
 
     def delta_weight(self, key: str) -> torch.Tensor:

@@ -24,8 +24,14 @@ Conventions, identical to PEFT 0.21 (so that adapters move both ways with the sa
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lora_tune.lora.quant import QuantizedWeight
+
 
 class DoraMixin:
     """DoRA for :class:`lora_tune.lora.layers.LoraLayer`. It uses the wrapper's layout methods:
@@ -34,6 +40,24 @@ class DoraMixin:
     adapted rows of a full-row vector and back), ``_base_out`` and ``_add_bias``."""
 
     lora_magnitude: nn.Parameter | None
+
+    if TYPE_CHECKING:  # what the wrapper it is mixed into (an nn.Module) provides
+        training: bool
+        use_dora: bool
+        lora_B: nn.Parameter
+        lora_dropout: nn.Module
+        base_weight_q: QuantizedWeight | None
+
+        def base_weight(self, key: str | None = None) -> torch.Tensor: ...
+        def delta_weight(self, key: str | None = None) -> torch.Tensor: ...
+        def _to_matrix(self, weight: torch.Tensor) -> torch.Tensor: ...
+        def _weight_view(self, rows: torch.Tensor) -> torch.Tensor: ...
+        def _out_view(self, rows: torch.Tensor) -> torch.Tensor: ...
+        def _rows(self, full: torch.Tensor) -> torch.Tensor: ...
+        def _full_rows(self, rows: torch.Tensor) -> torch.Tensor: ...
+        def _base_out(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor: ...
+        def _add_bias(self, out: torch.Tensor) -> torch.Tensor: ...
+        def _lora_branch(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def _add_magnitude(self) -> None:
         """Called by each wrapper once ``lora_B`` exists; ``inject`` sets the values."""
@@ -55,12 +79,15 @@ class DoraMixin:
     def init_magnitude(self, w0: torch.Tensor | None = None) -> None:
         """``m = ||W0 + s*B@A||``: outputs start unchanged. ``w0``: the base weight as the layer will
         compute with it (``inject`` passes the dequantized or PiSSA-residual weight before committing)."""
+        assert self.lora_magnitude is not None, "init_magnitude needs use_dora"
         self.lora_magnitude.copy_(self.weight_norm(w0))
 
     def dora_scale(self, w0: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> torch.Tensor:
         """``m / ||W0 + delta||`` over every output row (1 on rows of fused parts not adapted)."""
         norm = self.weight_norm(w0, delta)
-        return self._full_rows(self.lora_magnitude / norm.to(self.lora_magnitude.dtype))
+        m = self.lora_magnitude
+        assert m is not None, "dora_scale needs use_dora"
+        return self._full_rows(m / norm.to(m.dtype))
 
     def _dora_weight(self, w0: torch.Tensor, delta: torch.Tensor, fresh: bool,
                      norm_delta: torch.Tensor | None = None) -> torch.Tensor:

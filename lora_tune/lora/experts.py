@@ -25,13 +25,14 @@ PEFT does too. Dropout, where asked for, drops entries of A. The router is never
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lora_tune.lora.adapter_base import TargetSpec, _LoraState, _plus, pissa_factors
+from lora_tune.lora.adapter_base import FactorPair, TargetSpec, _LoraState, _plus, pissa_factors
 from lora_tune.lora.quant import QuantizedWeight
 
 _COUNT_ATTRS = ("num_experts", "num_local_experts")
@@ -49,7 +50,7 @@ def num_experts(module: nn.Module) -> int | None:
 def expert_parameters(module: nn.Module) -> list[str]:
     """Names of the expert weight stacks ``module`` holds itself, in its parameter order ([] for
     any other module)."""
-    if isinstance(module, _NOT_EXPERTS) or isinstance(module, LoraExperts):
+    if isinstance(module, (*_NOT_EXPERTS, LoraExperts)):
         return []
     n = num_experts(module)
     if n is None:
@@ -85,9 +86,11 @@ class LoraExperts(_LoraState):
     not by module type: ``kind_of`` recognises no torch layer."""
 
     KINDS = ("experts",)
+    base_weight_q: nn.ModuleDict
 
     @classmethod
     def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> LoraExperts:
+        assert target.parts is not None, "an experts target names its stacks"
         return cls(target.module, r, alpha, params=target.parts, **kw)
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, *, params: Sequence[str],
@@ -123,7 +126,7 @@ class LoraExperts(_LoraState):
 
     def pairs(self) -> dict[str, ExpertPairs]:
         """Name of each adapted stack -> its pairs."""
-        return {p: self._modules[p] for p in self.params}
+        return {p: cast(ExpertPairs, self._modules[p]) for p in self.params}
 
     def _fan_in(self, A: torch.Tensor) -> int:
         return A.shape[-1]  # A is experts x r x in
@@ -132,10 +135,11 @@ class LoraExperts(_LoraState):
         """The stack as experts x out x in, whatever its layout."""
         return weight.transpose(1, 2) if self.transposed else weight
 
-    _to_weight = _to_matrix  # a transpose is its own inverse
+    def _to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        return self._to_matrix(matrix)  # a transpose is its own inverse
 
     @torch.no_grad()
-    def _pissa_init(self, key: str, pairs: nn.Module) -> torch.Tensor:
+    def _pissa_init(self, key: str, pairs: FactorPair) -> torch.Tensor:
         """PiSSA on each expert's matrix; the stack keeps the residuals."""
         A, B = pairs.lora_A, pairs.lora_B
         w0 = self._base_param(key)
@@ -157,7 +161,7 @@ class LoraExperts(_LoraState):
 
     def base_weight(self, key: str) -> torch.Tensor:
         if key in self.base_weight_q:
-            return self.base_weight_q[key].dequantize().reshape(self._shapes[key])
+            return cast(QuantizedWeight, self.base_weight_q[key]).dequantize().reshape(self._shapes[key])
         return self._base_param(key)
 
     def delta_weight(self, key: str) -> torch.Tensor:

@@ -15,6 +15,7 @@ Linear wrapper and nn.MultiheadAttention's packed in_proj.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -40,7 +41,8 @@ Sizes = tuple[int, int, int]
 
 def out_features(module: nn.Module) -> int:
     """Output size of a Linear or of transformers' GPT-2 ``Conv1D`` (weight stored in x out)."""
-    return module.weight.shape[0] if isinstance(module, nn.Linear) else module.weight.shape[1]
+    weight = cast(torch.Tensor, module.weight)
+    return weight.shape[0] if isinstance(module, nn.Linear) else weight.shape[1]
 
 
 def has_fused_name(name: str) -> bool:
@@ -69,12 +71,12 @@ def qkv_sizes(model: nn.Module, name: str, module: nn.Module, given: Sequence[in
                               split_problem(model, name, module))
         if sum(given) != out:
             raise ConfigError("qkv_sizes", list(given), f"three sizes adding up to {out}, the output size of {name!r}")
-        return tuple(int(s) for s in given)
+        return cast(Sizes, tuple(int(s) for s in given))  # three sizes (LoraConfig checks the count)
     if interleaved:
         return None
     heads = _head_counts(enclosing)
     if heads is None:
-        return equal_sizes(out) if out % 3 == 0 else None
+        return cast(Sizes, equal_sizes(out)) if out % 3 == 0 else None
     return _grouped_split(out, *heads)
 
 
@@ -167,6 +169,7 @@ def parts_matrix(A: torch.Tensor, B: torch.Tensor, parts: Sequence[bool] | None,
     """The full (out, in) low-rank matrix of a pair laid out per enabled part (or one pair)."""
     if not parts:
         return B @ A
+    assert sizes is not None, "the part sizes of a pair with parts"
     on = enabled_sizes(parts, sizes)
     blocks = torch.cat([b @ a for b, a in zip(B.split(on), A.chunk(len(on)))])
     return scatter_parts(blocks, parts, sizes, dim=0)
@@ -197,6 +200,12 @@ def gather_parts(full: torch.Tensor, enabled: Sequence[bool], sizes: Sequence[in
         return full
     return torch.cat([full.narrow(dim, s.start, s.stop - s.start)
                       for s, on in zip(part_slices(sizes), enabled) if on], dim=dim)
+
+
+def given_sizes(sizes: Sequence[int] | None) -> Sequence[int]:
+    """The part sizes of a layer with parts (a wrapper sets them whenever it has parts)."""
+    assert sizes is not None, "the part sizes of a layer with parts"
+    return sizes
 
 
 def checked_sizes(out: int, parts: tuple[bool, ...] | None, sizes: Sequence[int] | None) -> tuple[int, ...] | None:

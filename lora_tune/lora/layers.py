@@ -25,7 +25,8 @@ Each family knows its weight layout, its inits, its kind, its DoRA support and i
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ from lora_tune.lora.attention import LoraMultiheadAttention, LoraProjection
 from lora_tune.lora.adapter_base import (
     ADAPTER_PARAMS,
     QKV,
+    FactorPair,
     TargetSpec,
     _LoraState,
     _plus,
@@ -48,6 +50,7 @@ from lora_tune.lora.fused import (
     checked_sizes,
     enabled_sizes,
     gather_parts,
+    given_sizes,
     parts_matrix,
     scatter_parts,
 )
@@ -96,7 +99,7 @@ class LoraLayer(DoraMixin, _LoraState):
         self.use_dora = use_dora
         self.register_parameter("lora_magnitude", None)
 
-    def pairs(self) -> dict[str, nn.Module]:
+    def pairs(self) -> Mapping[str, FactorPair]:
         return {self.weight_name: self}
 
     def _is_quantized(self, key: str) -> bool:
@@ -132,8 +135,8 @@ class LoraLayer(DoraMixin, _LoraState):
     def _matrix_from(self, A: torch.Tensor) -> torch.Tensor:
         return self.lora_B.flatten(1) @ A.flatten(1)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling * B @ A`` in the base weight's layout."""
+    def delta_weight(self, key: str | None = None) -> torch.Tensor:
+        """``scaling * B @ A`` in the base weight's layout (``key``: the one weight, whatever is passed)."""
         return self._to_weight(self.lora_matrix().mul_(self.scaling))  # B @ A is fresh: scale it in place
 
     def _dropped_delta(self) -> torch.Tensor:
@@ -237,7 +240,8 @@ class LoraLinear(LoraLayer):
         if isinstance(module, nn.Linear):
             # bitsandbytes' Linear4bit / Linear8bitLt hold integer weights: use quant_bits instead
             return "linear" if module.weight is not None and module.weight.is_floating_point() else None
-        if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers") and hasattr(module, "nf"):
+        if (type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+                and hasattr(module, "nf")):
             return "conv1d_gpt2"
         return None
 
@@ -252,14 +256,14 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, *, transposed: bool = False,
                  parts: Sequence[bool] | None = None, part_sizes: Sequence[int] | None = None, **kw):
         super().__init__(base_layer, r, alpha, **kw)
-        w = base_layer.weight
+        w = cast(torch.Tensor, base_layer.weight)  # a Linear's or GPT-2 Conv1D's
         out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
         self.in_features, self.out_features = in_f, out_f
         self.transposed = transposed
         self.parts = tuple(parts) if parts is not None else None
         self.part_sizes = checked_sizes(out_f, self.parts, part_sizes)
         n = sum(self.parts) if self.parts else 1
-        rows = sum(enabled_sizes(self.parts, self.part_sizes)) if self.parts else out_f
+        rows = sum(enabled_sizes(self.parts, given_sizes(self.part_sizes))) if self.parts else out_f
         self.lora_A = nn.Parameter(w.new_zeros(n * r, in_f))
         self.lora_B = nn.Parameter(w.new_zeros(rows, r))
         self._add_magnitude()
@@ -274,7 +278,8 @@ class LoraLinear(LoraLayer):
 
     @property
     def max_useful_rank(self) -> int:
-        return min(self.in_features, *(enabled_sizes(self.parts, self.part_sizes) if self.parts else [self.out_features]))
+        rows = enabled_sizes(self.parts, given_sizes(self.part_sizes)) if self.parts else [self.out_features]
+        return min(self.in_features, *rows)
 
     def _matrix_from(self, A: torch.Tensor) -> torch.Tensor:
         return parts_matrix(A, self.lora_B, self.parts, self.part_sizes)
@@ -312,8 +317,9 @@ class LoraLinear(LoraLayer):
         extra = ""
         if self.parts:
             extra = f", parts={[n for n, on in zip(QKV, self.parts) if on]}"
-            if len(set(self.part_sizes)) > 1:
-                extra += f", part_sizes={list(self.part_sizes)}"
+            sizes = given_sizes(self.part_sizes)
+            if len(set(sizes)) > 1:
+                extra += f", part_sizes={list(sizes)}"
         return f"in={self.in_features}, out={self.out_features}, " + super().extra_repr() + extra
 
 
@@ -323,13 +329,15 @@ class LoraEmbedding(LoraLayer):
     methods, exactly as for the base table."""
 
     KINDS = ("embedding",)
+    base_layer: nn.Embedding
     PEFT_NAMES = {**_LoraState.PEFT_NAMES, "lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
 
     @classmethod
     def kind_of(cls, module: nn.Module) -> str | None:
         # a subclass with its own forward (Gemma's scaled embedding, OPT's learned positions) is
         # not a plain table lookup, so a delta on its table is not what it computes
-        return "embedding" if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward else None
+        plain = isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
+        return "embedding" if plain else None
 
     @classmethod
     def for_target(cls, target: TargetSpec, r: int, alpha: float, **kw) -> LoraEmbedding:
@@ -351,7 +359,7 @@ class LoraEmbedding(LoraLayer):
         return min(self.base_layer.weight.shape)
 
     @torch.no_grad()
-    def _standard_init(self, pair: nn.Module, init: str) -> None:
+    def _standard_init(self, pair: FactorPair, init: str) -> None:
         """One-hot inputs: A = 0 and B random, whatever ``init`` says (PEFT's choice)."""
         self.lora_A.zero_()
         self.lora_B.normal_(0.0, 1.0)
@@ -402,6 +410,7 @@ class LoraConv(LoraLayer):
     (out, r, 1, ...), as PEFT shapes them; delta = (B.flat @ A.flat) viewed as the kernel."""
 
     KINDS = ("conv",)
+    base_layer: nn.modules.conv._ConvNd
 
     @classmethod
     def kind_of(cls, module: nn.Module) -> str | None:

@@ -45,6 +45,11 @@ def _bnb_functional():
 class QuantizedWeight(nn.Module):
     """One frozen weight tensor kept quantized; ``dequantize()`` returns it in its original dtype."""
 
+    # buffers (registered in __init__; ``row_scale``: 8 bit only)
+    _dtype_probe: torch.Tensor
+    data: torch.Tensor
+    row_scale: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, bits: int, quant_type: str = "nf4", double_quant: bool = True):
         super().__init__()
         if bits not in (4, 8):
@@ -131,13 +136,13 @@ class _QuantizedLinear(torch.autograd.Function):
     saving. The base weight is frozen, so only the input (and a trainable bias) get gradients."""
 
     @staticmethod
-    def forward(ctx, x, bias, qweight, transposed):  # type: ignore[override]
+    def forward(ctx, x, bias, qweight, transposed):
         ctx.qweight, ctx.transposed, ctx.x_dtype = qweight, transposed, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return F.linear(x, _linear_layout(qweight.dequantize(), transposed), bias)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             weight = _linear_layout(ctx.qweight.dequantize(), ctx.transposed).to(grad.dtype)
