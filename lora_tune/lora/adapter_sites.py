@@ -12,17 +12,19 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from lora_tune.errors import AdapterFormatError, ConfigError
+from lora_tune.lora.adapter_base import _LoraState
 from lora_tune.lora.config import scale_for
 from lora_tune.lora.config import LoraConfig
-from lora_tune.lora.fused import equal_sizes
+from lora_tune.lora.fused import equal_sizes, given_sizes
 from lora_tune.lora.inject import inject, lora_layers, new_wrapper, resolve
 from lora_tune.lora.layers import ADAPTER_PARAMS, LoraLinear
+from lora_tune.lora.quant import QuantizedWeight
 from lora_tune.lora.targets import parse_pattern, selectors
 
 LORA_SUFFIXES = ADAPTER_PARAMS  # lora_A, lora_B and DoRA's lora_magnitude
@@ -35,7 +37,7 @@ class Site:
     the rows of each part."""
 
     name: str
-    wrapper: nn.Module
+    wrapper: _LoraState
     kind: str                      # linear | fused | conv1d_gpt2 | embedding | conv | mha | experts
     r: int
     alpha: float
@@ -45,6 +47,12 @@ class Site:
     @property
     def use_dora(self) -> bool:
         return bool(self.wrapper.use_dora)
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        """``parts`` of a site that has them (fused qkv, nn.MultiheadAttention, expert stacks)."""
+        assert self.parts is not None, f"{self.name!r} ({self.kind}) has no parts"
+        return self.parts
 
     @property
     def selector_name(self) -> str:
@@ -58,7 +66,7 @@ class Site:
     @property
     def part_sizes(self) -> tuple[int, ...] | None:
         """Output rows of q, k and v of a fused qkv layer (enabled or not); None for other kinds."""
-        return tuple(self.wrapper.part_sizes) if self.kind == "fused" else None
+        return tuple(given_sizes(cast(LoraLinear, self.wrapper).part_sizes)) if self.kind == "fused" else None
 
     def meta(self) -> dict[str, Any]:
         base = self.wrapper.base_layer
@@ -100,10 +108,10 @@ def config_for(model: nn.Module, sites: list[Site], config: LoraConfig | None) -
     alpha = Counter(s.alpha for s in sites if s.r == rank).most_common(1)[0][0]
     rslora = any(s.r > 1 and math.isclose(s.scaling, scale_for(s.r, s.alpha, True)) for s in sites)
     first = sites[0].wrapper
-    quant = None
+    quant: QuantizedWeight | None = None
     for s in sites:
         q = s.wrapper.base_weight_q
-        q = next(iter(q.values()), None) if isinstance(q, nn.ModuleDict) else q
+        q = cast("QuantizedWeight | None", next(iter(q.values()), None)) if isinstance(q, nn.ModuleDict) else q
         if q is not None:
             quant = q
             break
@@ -168,7 +176,8 @@ class LoadPlan:
     def apply(self, model: nn.Module) -> None:
         if self.config is not None:
             inject_exact(model, self.config, self.plain_fused)
-            model._lora_tune_config = self.record or self.config
+            recorded = self.record or self.config
+            model._lora_tune_config = recorded  # type: ignore[assignment]  # torch's __setattr__ stub is too narrow
         merged = [w for _, w in lora_layers(model) if w.merged]
         for w in merged:
             w.unmerge()
@@ -198,7 +207,7 @@ def inject_exact(model: nn.Module, config: LoraConfig, plain_fused: tuple[str, .
         new.to(old.lora_A.device)
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, new)
-    model._lora_tune_config = config
+    model._lora_tune_config = config  # type: ignore[assignment]  # torch's __setattr__ stub is too narrow
 
 
 def expected_after_inject(model: nn.Module, config: LoraConfig,

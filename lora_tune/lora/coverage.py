@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+import torch
 from torch import nn
 
 from lora_tune.lora.blocks import locate, selected_blocks
@@ -93,12 +94,12 @@ def linear_weights(model: nn.Module) -> list[LinearWeight]:
     mha = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     for name, module, kind, role in classify(model):
         if kind == "mha":
-            out.append(LinearWeight(name, _mha_elements(module), "attention"))
+            out.append(LinearWeight(name, _mha_elements(cast(nn.MultiheadAttention, module)), "attention"))
         elif kind == "expert":
             param = name.rpartition(".")[2]
             out.append(LinearWeight(name, getattr(module, param).numel(), "mlp", stack=True))
         elif kind in ("linear", "conv1d_gpt2", "fused"):
-            out.append(LinearWeight(name, module.weight.numel(), ROLE_GROUPS[role]))
+            out.append(LinearWeight(name, _weight(module).numel(), ROLE_GROUPS[role]))
         seen.add(name.rpartition(".")[0] if kind == "expert" else name)
     for name, module in model.named_modules():
         if not name or name in seen or name.rpartition(".")[0] in mha:
@@ -118,6 +119,11 @@ def _looks_like_stack(module_name: str, param: str, p) -> bool:
     return p.dim() == 3 and p.is_floating_point() and p.shape[0] > 1 and ("expert" in where or param.endswith("proj"))
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear, a GPT-2 Conv1D or a fused qkv layer."""
+    return cast(torch.Tensor, module.weight)
+
+
 def _mha_elements(module: nn.MultiheadAttention) -> int:
     e = module.embed_dim
     inner = 3 * e * e if module._qkv_same_embed_dim else e * (e + module.kdim + module.vdim)
@@ -128,15 +134,18 @@ def adapted_elements(t: Target) -> int:
     """Elements of the linear weight(s) of ``t`` that get a delta (0 for embeddings and convs)."""
     m = t.module
     if t.kind in ("linear", "conv1d_gpt2"):
-        return m.weight.numel()
+        return _weight(m).numel()
     if t.kind == "fused":
+        assert t.parts is not None and t.part_sizes is not None, "a fused target has parts and their sizes"
         enabled = [p in t.parts for p in "qkv"]
         rows = sum(enabled_sizes(enabled, t.part_sizes))
-        inputs = m.weight.numel() // sum(t.part_sizes)
+        inputs = _weight(m).numel() // sum(t.part_sizes)
         return rows * inputs
     if t.kind == "experts":
+        assert t.parts is not None, "an experts target names its stacks"
         return sum(getattr(m, p).numel() for p in t.parts)
     if t.kind == "mha":
+        m = cast(nn.MultiheadAttention, m)
         e, parts = m.embed_dim, t.parts or ("q", "k", "v", "o")
         dims = {"q": e, "k": m.kdim, "v": m.vdim}
         return sum(e * dims[p] for p in "qkv" if p in parts) + (e * e if "o" in parts else 0)
@@ -157,7 +166,11 @@ def target_coverage(model: nn.Module, config: LoraConfig, weights: list[LinearWe
     adapted = dict.fromkeys(GROUPS, 0)
     touched: dict[str, set[int]] = {s.name: set() for s in stacks}
     for t in targets:
-        names = [f"{t.name}.{p}" for p in t.parts] if t.kind == "experts" else [t.name]
+        if t.kind == "experts":
+            assert t.parts is not None, "an experts target names its stacks"
+            names = [f"{t.name}.{p}" for p in t.parts]
+        else:
+            names = [t.name]
         group = group_of.get(names[0])
         if group is not None:
             adapted[group] += adapted_elements(t)

@@ -93,9 +93,10 @@ class AdapterLoRa:
             return self.model
         if self.config is None:
             self.reconstruct_model()
+        assert self.config is not None  # reconstruct_model sets it
         before = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.report = inject(self.model, self.config)
-        self.model._lora_tune_config = self.config
+        self.model._lora_tune_config = self.config  # type: ignore[assignment]  # torch's __setattr__ stub is too narrow
         after = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         if verbose:
             print(f"Total trainable parameters before LoRA: {before}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 from collections.abc import Iterator
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from lora_tune.errors import ConfigError
 from lora_tune.lora.config import LoraConfig
 from lora_tune.lora.blocks import block_filter, selected_blocks
-from lora_tune.lora.layers import ADAPTER_PARAMS, LORA_WRAPPERS, WRAPPER_OF_KIND, _LoraState
+from lora_tune.lora.layers import ADAPTER_PARAMS, LORA_WRAPPERS, WRAPPER_OF_KIND, LoraLayer, _LoraState
 from lora_tune.lora.quant import QuantizedWeight
 from lora_tune.lora.targets import (
     PRESET_NAMES,
@@ -65,7 +65,7 @@ class InjectReport:
         return "\n".join(lines)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, _LoraState]]:
     for name, module in model.named_modules():
         if isinstance(module, LORA_WRAPPERS):
             yield name, module
@@ -87,7 +87,8 @@ def _expand_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], st
     looks_like_pattern = any(c in name for c in ".*?[") or name.startswith("re:")
     if looks_like_pattern or any(Pattern(name).matches(n) for n, _ in model.named_modules() if n):
         return [name], None
-    raise ConfigError("targets", name, "a preset (" + ", ".join(sorted(presets)) + ") or a list of module-name patterns")
+    raise ConfigError("targets", name,
+                      "a preset (" + ", ".join(sorted(presets)) + ") or a list of module-name patterns")
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
@@ -156,8 +157,9 @@ def build(target: Target, config: LoraConfig, warn: list[str], shared: bool) -> 
         quantized = {key: wrapper.quantize(key, residuals.get(key, wrapper._base_param(key)), config.quant_bits,
                                            config.quant_type, config.double_quant) for key in wrapper.pairs()}
     if config.use_dora:  # m = ||W0 + s*B@A|| of the weight the layer will compute with
-        key = wrapper.weight_name
-        wrapper.init_magnitude(quantized[key].dequantize() if quantized else residuals.get(key))
+        layer = cast(LoraLayer, wrapper)  # only single-weight wrappers support DoRA (new_wrapper checks)
+        key = layer.weight_name
+        layer.init_magnitude(quantized[key].dequantize() if quantized else residuals.get(key))
     wrapper.shared_base = shared
     return Built(target, wrapper, residuals, quantized)
 
@@ -193,9 +195,11 @@ def _modules_to_save(model: nn.Module, config: LoraConfig, targets: list[Target]
     saved = [n for n, _ in model.named_modules() if n and any(p.matches(n) for p in save_patterns)]
     if config.modules_to_save and not saved:
         raise ConfigError("modules_to_save", config.modules_to_save,
-                          "names of modules in the model, e.g. " + ", ".join(n for n, _ in list(model.named_children())[:8]))
+                          "names of modules in the model, e.g. "
+                          + ", ".join(n for n, _ in list(model.named_children())[:8]))
     target_names = {t.name for t in targets}
-    clash = [n for n in saved if n in target_names or any(n.startswith(t + ".") or t.startswith(n + ".") for t in target_names)]
+    clash = [n for n in saved
+             if n in target_names or any(n.startswith(t + ".") or t.startswith(n + ".") for t in target_names)]
     if clash:
         raise ConfigError("modules_to_save", clash, "modules that are not also LoRA targets")
     return saved
@@ -236,7 +240,8 @@ def _commit(model: nn.Module, config: LoraConfig, built: list[Built], aliases: d
     for m in model.modules():  # torch's nested-tensor encoder fast path reads raw weights
         if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
             m.use_nested_tensor = False
-    model._lora_tune_config = config  # read by save_adapter (bias mode, modules_to_save, init)
+    # read by save_adapter (bias mode, modules_to_save, init)
+    model._lora_tune_config = config  # type: ignore[assignment]  # torch's __setattr__ stub is too narrow
 
 
 def _aliases(model: nn.Module, module: nn.Module) -> list[str]:

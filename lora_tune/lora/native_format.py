@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from lora_tune.lora.adapter_sites import (
 from lora_tune.lora.config import scale_for
 from lora_tune.lora.config import LoraConfig
 from lora_tune.lora.fused import out_features
+from lora_tune.lora.layers import LoraLinear
 from lora_tune.lora.targets import fused_sizes
 
 FORMAT_VERSION = 1
@@ -60,6 +61,7 @@ def _saved_targets(modules_meta: dict) -> list[str]:
     for name, m in modules_meta.items():
         parts = tuple(m["parts"]) if m.get("parts") else None
         if m.get("kind") == "experts":
+            assert parts is not None, f"saved experts module {name!r} without its stacks"
             out += exact_targets([(f"{name}.{p}", None) for p in parts])
         else:
             out += exact_targets([(name, parts)])
@@ -127,7 +129,8 @@ def _check_sites(sites: list[Site], modules_meta: dict, source: str) -> None:
                 f"{source}: module {name!r} has scaling {s.scaling:g} in the model but {m.get('scaling')} in the "
                 "adapter (alpha / rank / rslora differ); inject with the adapter's config or load into a fresh model")
         if s.kind == "fused":
-            _same_split(name, s.part_sizes, saved_part_sizes(m, s.wrapper.out_features), source)
+            rows = cast(LoraLinear, s.wrapper).out_features
+            _same_split(name, s.part_sizes, saved_part_sizes(m, rows), source)
 
 
 def _check_part_sizes(model: nn.Module, cfg: LoraConfig, modules_meta: dict, source: str) -> None:

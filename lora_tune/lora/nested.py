@@ -25,7 +25,7 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 from collections.abc import Iterator
 
 import torch
@@ -79,9 +79,21 @@ class NestedRanks:
 
 # -- the model's wrappers --------------------------------------------------------------------------
 
-def _factor_modules(model: nn.Module) -> list[nn.Module]:
+class _FactorOwner(Protocol):
+    """A module that owns a pair (an nn.Module; ``active_rank``: see ``active_factor``)."""
+
+    r: int
+    active_rank: int | None
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+
+def _factor_modules(model: nn.Module) -> list[_FactorOwner]:
     """Modules that own a pair (``lora_A`` registered on them): wrappers, MHA projections."""
-    return [m for m in model.modules() if "lora_A" in dict(m.named_parameters(recurse=False))]
+    return [cast(_FactorOwner, m) for m in model.modules() if "lora_A" in dict(m.named_parameters(recurse=False))]
 
 
 def check_model(model: nn.Module, nested: NestedRanks) -> None:
@@ -105,7 +117,8 @@ def check_model(model: nn.Module, nested: NestedRanks) -> None:
         if w.merged:
             raise ConfigError("rank.nested", list(nested.ranks), "an unmerged model", "call unmerge(model) first")
         if not math.isclose(w.scaling, nested.scaling_of(nested.top), rel_tol=1e-6):
-            raise ConfigError("alpha", w.lora_alpha, f"the alpha of nested rank {nested.top}: {nested.alpha_of(nested.top)}",
+            raise ConfigError("alpha", w.lora_alpha,
+                              f"the alpha of nested rank {nested.top}: {nested.alpha_of(nested.top)}",
                               "every adapted module must use the study's alpha")
 
 

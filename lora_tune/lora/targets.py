@@ -42,7 +42,8 @@ def supported_kind(module: nn.Module) -> str | None:
 
 
 SUPPORTED_TYPES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention",
-                   "transformers Conv1D (GPT-2)", "expert weight stacks (3-D parameters of a module stating num_experts)")
+                   "transformers Conv1D (GPT-2)",
+                   "expert weight stacks (3-D parameters of a module stating num_experts)")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ def selectors(name: str, kind: str, parts: tuple[str, ...] | None) -> list[str]:
     """Patterns that select exactly the adapted module ``name`` again (expert stacks by their
     parameter names, fused qkv and nn.MultiheadAttention with their part selector)."""
     if kind == "experts":
+        assert parts is not None, "an experts module names its stacks"
         return [f"{name}.{p}" for p in parts]
     return [f"{name}[{','.join(parts)}]" if parts else name]
 
@@ -193,12 +195,13 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], de
             holder, _, param = name.rpartition(".")
             if holder in chosen:
                 have = chosen[holder].parts
+                assert have is not None, "an experts target names its stacks"
                 chosen[holder].parts = tuple(p for p in expert_parameters(module) if p in have or p == param)
             else:
                 chosen[holder] = Target(holder, module, "experts", (param,), type(module).__name__)
             return
-        if name in chosen and chosen[name].parts and parts:
-            merged = tuple(p for p in ("q", "k", "v", "o") if p in chosen[name].parts or p in parts)
+        if name in chosen and (chosen_parts := chosen[name].parts) and parts:
+            merged = tuple(p for p in ("q", "k", "v", "o") if p in chosen_parts or p in parts)
             chosen[name].parts = merged
             return
         chosen[name] = Target(name, module, kind, parts, type(module).__name__, part_sizes=sizes)
@@ -229,9 +232,9 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], de
     names = [n for n, _, _ in candidates]
     only_outside = [i for i in outside if i not in matched]
     if inside is not None and (not chosen or (strict_layers and only_outside)):
-        i = only_outside[0] if only_outside else next(iter(outside), None)
-        why = (f"target {targets[i]!r} matches only layers outside them (e.g. {outside[i]!r})" if i is not None
-               else "none of the targets lies in them")
+        first = only_outside[0] if only_outside else next(iter(outside), None)
+        why = (f"target {targets[first]!r} matches only layers outside them (e.g. {outside[first]!r})"
+               if first is not None else "none of the targets lies in them")
         raise ConfigError("layers", layers, "a choice of blocks holding the targets", f"{why}; widen `layers` or "
                           "change the targets")
     if not chosen:
@@ -248,7 +251,8 @@ def _check_overrides(overrides: Mapping[str, Sequence[int]], candidates: list[tu
     for pattern in overrides:
         if not any(parse_pattern(pattern, "qkv_sizes").matches(n) for n in linear):
             raise ConfigError("qkv_sizes", pattern, "patterns naming fused qkv layers of the model",
-                              "Linear layers of the model: " + ", ".join(linear[:20]) + (" ..." if len(linear) > 20 else ""))
+                              "Linear layers of the model: " + ", ".join(linear[:20])
+                              + (" ..." if len(linear) > 20 else ""))
 
 
 def _refuse_parts(model: nn.Module, name: str, module: nn.Module, kind: str, parts: tuple[str, ...] | None,
@@ -256,7 +260,8 @@ def _refuse_parts(model: nn.Module, name: str, module: nn.Module, kind: str, par
     """Part selection on a layer that has no parts to select is an error (for a fused qkv layer
     whose split is unknown: adapting it whole would also adapt the parts not asked for)."""
     unsplittable = kind in ("linear", "conv1d_gpt2") and has_fused_name(name)
-    fix = f"set LoraConfig.qkv_sizes={{{name!r}: [q_rows, k_rows, v_rows]}}, or drop the part selection to adapt it whole"
+    fix = (f"set LoraConfig.qkv_sizes={{{name!r}: [q_rows, k_rows, v_rows]}}, "
+           "or drop the part selection to adapt it whole")
     if parts is not None:
         selector = f"{pattern.text}[{','.join(parts)}]"
         if unsplittable:
@@ -289,7 +294,8 @@ def classify(model: nn.Module, qkv_sizes: Mapping[str, Sequence[int]] | None = N
         if kind in ("mha", "embedding", "conv", "expert"):
             role = kind
         else:
-            role = layer_role(model, modules, name, module, fused=fused_sizes(model, name, module, qkv_sizes) is not None,
+            role = layer_role(model, modules, name, module,
+                              fused=fused_sizes(model, name, module, qkv_sizes) is not None,
                               fused_name=has_fused_name(name), stacks=stacks,
                               has_experts=lambda m: bool(expert_parameters(m)))
         out.append((name, module, kind, role))

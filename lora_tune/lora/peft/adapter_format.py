@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -42,7 +43,8 @@ from lora_tune.lora.adapter_sites import (
 )
 from lora_tune.lora.adapter_base import ADAPTER_PARAMS
 from lora_tune.lora.config import scale_for
-from lora_tune.lora.fused import enabled_sizes, part_slices
+from lora_tune.lora.fused import enabled_sizes, given_sizes, part_slices
+from lora_tune.lora.layers import LoraLayer
 from lora_tune.lora.peft.matching import (
     expert_entries,
     experts_to_peft,
@@ -68,12 +70,13 @@ _SUGGEST = " Save it with format='lora-tune' instead (lora_tune.load_adapter rea
 
 # -- writing ------------------------------------------------------------------------------------
 def _conv_reason(base: nn.Module) -> str | None:
-    if base.groups != 1:
-        return f"Conv with groups={base.groups}: PEFT factors grouped convs differently (A over all input channels)"
-    if any(d != 1 for d in base.dilation):
-        return f"Conv with dilation={base.dilation}: PEFT's LoRA conv ignores dilation"
-    if base.padding_mode != "zeros":
-        return f"Conv with padding_mode={base.padding_mode!r}: PEFT's LoRA conv ignores padding_mode"
+    conv = cast(nn.modules.conv._ConvNd, base)
+    if conv.groups != 1:
+        return f"Conv with groups={conv.groups}: PEFT factors grouped convs differently (A over all input channels)"
+    if any(d != 1 for d in conv.dilation):
+        return f"Conv with dilation={conv.dilation}: PEFT's LoRA conv ignores dilation"
+    if conv.padding_mode != "zeros":
+        return f"Conv with padding_mode={conv.padding_mode!r}: PEFT's LoRA conv ignores padding_mode"
     return None
 
 
@@ -81,12 +84,12 @@ def _unrepresentable(site: Site, init: str) -> str | None:
     if site.kind == "mha":
         return ("nn.MultiheadAttention: PEFT 0.21 applies its out_proj delta twice (W + 2*dW) and has no "
                 "per-part q/k/v selection, so PeftModel would compute a different function")
-    if site.kind == "fused" and len(site.parts) != 3:
-        return (f"fused qkv with enable_lora parts {list(site.parts)}: PEFT has no per-part LoRA; it would "
+    if site.kind == "fused" and len(site.part_names) != 3:
+        return (f"fused qkv with enable_lora parts {list(site.part_names)}: PEFT has no per-part LoRA; it would "
                 "adapt (and train) the disabled parts too")
     if site.kind == "conv" and (why := _conv_reason(site.wrapper.base_layer)):
         return why
-    if site.use_dora and site.kind == "fused" and len(site.parts) != 3:
+    if site.use_dora and site.kind == "fused" and len(site.part_names) != 3:
         return "DoRA on some parts of a fused qkv layer: PEFT's magnitude would rescale the other parts too"
     if init == "pissa" and site.kind not in ("linear", "conv1d_gpt2"):
         return f"init='pissa' on a {site.kind} layer: PEFT would rebuild the PiSSA residual differently"
@@ -94,7 +97,7 @@ def _unrepresentable(site: Site, init: str) -> str | None:
 
 
 def _peft_rank(site: Site) -> int:
-    return site.r * len(site.parts) if site.kind == "fused" else site.r
+    return site.r * len(site.part_names) if site.kind == "fused" else site.r
 
 
 def _peft_alpha(site: Site, rslora: bool) -> float:
@@ -132,6 +135,8 @@ def peft_meta(model: nn.Module, sites: list[Site], cfg: LoraConfig, base_model_n
     A fused qkv layer adapted on q, k and v becomes one PEFT pair: of rank 3r with the same
     scaling (``fused_rank="blocks"``, which holds lora-tune's per-part pairs as a block-diagonal B:
     what a saved adapter needs), or of rank r (``"shared"``: PEFT's own recipe for such a layer)."""
+    rank_of: Callable[[Site], int]
+    alpha_of: Callable[[Site], float]
     if fused_rank == "blocks":
         rank_of, alpha_of = _peft_rank, (lambda s: _peft_alpha(s, cfg.rslora))
     else:
@@ -157,7 +162,8 @@ def peft_meta(model: nn.Module, sites: list[Site], cfg: LoraConfig, base_model_n
         "use_rslora": cfg.rslora,
         "bias": cfg.bias,
         "modules_to_save": saved or None,
-        "rank_pattern": {peft_key(k): rank_of(s) for s in sites if rank_of(s) != cfg.rank for k in peft_pattern_keys(s)},
+        "rank_pattern": {peft_key(k): rank_of(s) for s in sites if rank_of(s) != cfg.rank
+                         for k in peft_pattern_keys(s)},
         "alpha_pattern": {peft_key(k): alpha_of(s) for s in sites if alpha_of(s) != cfg.alpha
                           for k in peft_pattern_keys(s)},
         "fan_in_fan_out": any(s.kind == "conv1d_gpt2" or (s.kind == "fused" and s.wrapper.transposed)
@@ -187,9 +193,9 @@ def peft_files(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: di
     by_name = {s.name: s for s in sites}
     out: dict[str, torch.Tensor] = {}
     for s in (s for s in sites if s.kind == "experts"):
-        for param in s.parts:
+        for param in s.part_names:
             A, B = experts_to_peft(tensors.pop(f"{s.name}.{param}.lora_A"), tensors.pop(f"{s.name}.{param}.lora_B"))
-            path = PEFT_PREFIX + nesting(s.name, s.parts, param)
+            path = PEFT_PREFIX + nesting(s.name, s.part_names, param)
             out[f"{path}.lora_A.weight"], out[f"{path}.lora_B.weight"] = A, B
     for key, t in tensors.items():
         module, _, leaf = key.rpartition(".")
@@ -198,16 +204,16 @@ def peft_files(model: nn.Module, sites: list[Site], cfg: LoraConfig, tensors: di
             out[PEFT_PREFIX + key] = t
             continue
         if leaf == "lora_magnitude":
-            t = site.wrapper.peft_magnitude(t)
+            t = cast(LoraLayer, site.wrapper).peft_magnitude(t)  # only single-weight wrappers have DoRA
         elif site.kind == "fused" and leaf == "lora_B":
-            t = _block_diagonal_B(t, list(site.part_sizes))
+            t = _block_diagonal_B(t, list(given_sizes(site.part_sizes)))
         out[f"{PEFT_PREFIX}{module}.{site.wrapper.PEFT_NAMES[leaf]}"] = t
     meta = peft_meta(model, sites, cfg, base_model_name_or_path, fused_rank="blocks", inference_mode=True)
     return meta, out, PEFT_WEIGHTS
 
 
 # -- reading ------------------------------------------------------------------------------------
-def _pattern_value(patterns: dict, name: str, default):
+def _pattern_value(patterns: dict | None, name: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the name."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", name):
@@ -283,10 +289,11 @@ def _refuse_mha(model: nn.Module, names: list[str], source: str) -> None:
     for name in names:
         module = modules.get(name)
         base = getattr(module, "base_layer", module)
-        if supported_kind(base) == "conv" and (why := _conv_reason(base)):
+        kind = supported_kind(base) if base is not None else None  # a name the model lacks has no kind
+        if base is not None and kind == "conv" and (why := _conv_reason(base)):
             raise AdapterFormatError(f"{source}: module {name!r}: {why}, so PEFT's adapter means something else "
                                      "there than lora-tune would compute")
-        if ".base_layer." in f".{name}." or supported_kind(base) == "mha":
+        if ".base_layer." in f".{name}." or kind == "mha":
             raise AdapterFormatError(
                 f"{source}: module {name!r} is (part of) an nn.MultiheadAttention or a nested PEFT wrapper; PEFT "
                 "0.21 applies an nn.MultiheadAttention's out_proj delta twice, so this adapter cannot be reproduced "
@@ -297,8 +304,8 @@ def _unblock(A: torch.Tensor, B: torch.Tensor, site: Site, source: str) -> tuple
     """A PEFT pair over a fused qkv layer -> lora-tune's per-part factors: a pair of rank g*r whose B
     is block-diagonal (what lora-tune writes), or, with q, k and v all adapted, a pair of rank r
     (PEFT's own: every part gets the same A)."""
-    sizes = site.part_sizes
-    enabled = [p in site.parts for p in "qkv"]
+    sizes = given_sizes(site.part_sizes)
+    enabled = [p in site.part_names for p in "qkv"]
     on = [i for i, p in enumerate(enabled) if p]
     g, r = len(on), site.r
     if g == len(sizes) and A.shape[0] == r and B.shape[1] == r:
@@ -381,10 +388,12 @@ def peft_plan(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], so
     unknown = sorted(m for m, e in pairs.items() if e.get("site", m) not in modules)
     if unknown:
         raise AdapterFormatError(f"{source}: the adapter names modules this model does not have: {unknown[:8]}")
-    plain_fused = tuple(m for m, e in pairs.items() if "site" not in e and fused_sizes(model, m, modules[m]) is not None)
+    plain_fused = tuple(m for m, e in pairs.items()
+                        if "site" not in e and fused_sizes(model, m, modules[m]) is not None)
     holder = {m: e.get("site", m) for m, e in pairs.items()}  # rank / alpha are per wrapper: per experts module
     for m in pairs:
-        twin = next((o for o in pairs if holder[o] == holder[m] and (ranks[o], alphas[o]) != (ranks[m], alphas[m])), None)
+        twin = next((o for o in pairs
+                     if holder[o] == holder[m] and (ranks[o], alphas[o]) != (ranks[m], alphas[m])), None)
         if twin is not None:
             raise AdapterFormatError(f"{source}: expert stacks {m!r} and {twin!r} have different ranks or alphas; "
                                      "lora-tune adapts the stacks of one experts module with one rank and alpha")

@@ -82,11 +82,11 @@ def _layer_form(model: nn.Module, names: list[str]) -> dict[str, Any] | None:
         inner.append(rel)
         indices.add(index)
         patterns.append(stack.attr)
-    inner, patterns, indices = list(dict.fromkeys(inner)), list(dict.fromkeys(patterns)), sorted(indices)
-    hits = [k for k, _ in model.named_modules() if k and peft_matches(k, inner, indices, patterns)]
+    inner, patterns, blocks = list(dict.fromkeys(inner)), list(dict.fromkeys(patterns)), sorted(indices)
+    hits = [k for k, _ in model.named_modules() if k and peft_matches(k, inner, blocks, patterns)]
     if sorted(hits) != sorted(names):
         return None
-    return {"target_modules": inner, "layers_to_transform": indices, "layers_pattern": patterns}
+    return {"target_modules": inner, "layers_to_transform": blocks, "layers_pattern": patterns}
 
 
 def peft_target_fields(model: nn.Module, sites: list, layers: Any) -> dict[str, Any]:
@@ -168,6 +168,7 @@ def expert_entries(model: nn.Module, meta: dict, pairs: dict[str, dict], source:
             continue
         module, param = keys[path]
         experts = num_experts(modules[module])
+        assert experts is not None, "expert stacks belong to a module stating num_experts"
         try:
             A, B = experts_from_peft(entry["A"], entry["B"], experts)
         except ValueError as exc:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -186,7 +186,7 @@ def from_peft_config(source: Any) -> LoraConfig:
         others = f" (also set: {', '.join(unsupported[1:])})" if len(unsupported) > 1 else ""
         raise ConfigError(field, meta[field], "unset (None / False / empty), PEFT's default",
                           f"lora-tune has no equivalent of PEFT's {field}{others}")
-    get = {**PEFT_DEFAULTS, **{k: v for k, v in meta.items() if v is not None}}.get
+    get: Callable[[str], Any] = {**PEFT_DEFAULTS, **{k: v for k, v in meta.items() if v is not None}}.get
     task = str(getattr(meta.get("task_type"), "value", meta.get("task_type")))
     saved = _names(meta.get("modules_to_save"), "modules_to_save")
     saved += [h for h in TASK_HEADS.get(task, ()) if h not in saved]
@@ -266,7 +266,8 @@ def _layers(meta: dict[str, Any]) -> tuple[list[int] | None, list[str] | None]:
     if value is None or value == []:
         return None, None
     indices = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(indices, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+    if not isinstance(indices, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in indices):
         raise ConfigError("layers_to_transform", value, "a block index or a list of block indices")
     unindexed = [t for t in meta.get("target_parameters") or [] if not re.search(r"(^|\.)\d+\.", t)]
     if unindexed:
@@ -288,7 +289,9 @@ def _targets(value: Any, parameters: Any = None) -> str | list[str]:
     if stacks:
         if isinstance(value, str) and value.lower() == "all-linear":
             return "all-linear"  # lora-tune's all-linear includes the expert stacks
-        return _targets(value) + stacks if not isinstance(value, str) else [_regex(value, "target_modules"), *stacks]
+        if isinstance(value, str):
+            return [_regex(value, "target_modules"), *stacks]
+        return cast(list[str], _targets(value)) + stacks  # a list of names gives a list
     if value is None or (not isinstance(value, str) and not value):
         raise ConfigError("target_modules", value, "module names, or a regex PEFT fullmatches",
                           "PEFT fills in defaults per model type (e.g. q_proj, v_proj for Llama) that lora-tune does "
