@@ -2,10 +2,11 @@
 
 A layer stack is an ``nn.ModuleList`` whose entries each hold a layer the injector can adapt
 (their types may differ: hybrid models mix attention and other blocks), or an ``nn.Sequential``
-of two or more such entries of one type, that is not inside another stack: ``model.layers`` (Llama, Mixtral), ``transformer.h`` (GPT-2), ``bert.encoder.layer``,
-``encoder.block`` and ``decoder.block`` (T5), ``model.encoder.layers`` and
-``model.decoder.layers`` (BART, Whisper). A stack nested in a block (old-style expert lists,
-T5's per-block ``layer`` list) is part of that block.
+of two or more such entries of one type, that is not inside another stack: ``model.layers``
+(Llama, Mixtral), ``transformer.h`` (GPT-2), ``bert.encoder.layer``, ``encoder.block`` and
+``decoder.block`` (T5), ``model.encoder.layers`` and ``model.decoder.layers`` (BART, Whisper).
+A stack nested in a block (old-style expert lists, T5's per-block ``layer`` list) is part of
+that block.
 
 ``layers`` counts in every stack (or in those ``layers_pattern`` names): ``{"last": 2}`` on a
 T5 adapts the last two encoder blocks and the last two decoder blocks. An index or a count a

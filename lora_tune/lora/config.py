@@ -101,14 +101,16 @@ class LoraConfig:
             if isinstance(parts, str) or not isinstance(parts, (list, tuple)) or not parts or any(
                 p not in QKV_PARTS for p in parts
             ) or len(set(parts)) != len(parts):
-                raise ConfigError("enable_lora", parts, "None (all parts) or a non-empty list drawn from ['q', 'k', 'v']")
+                raise ConfigError("enable_lora", parts,
+                                  "None (all parts) or a non-empty list drawn from ['q', 'k', 'v']")
             self.enable_lora = [p for p in QKV_PARTS if p in parts]
         self.qkv_sizes = _sizes_map("qkv_sizes", self.qkv_sizes)
         self.layers = normalize_layers(self.layers)
         if self.layers_pattern is not None:
             self.layers_pattern = _str_list("layers_pattern", self.layers_pattern)
             if not self.layers_pattern:
-                raise ConfigError("layers_pattern", self.layers_pattern, "None or a non-empty list of layer-stack names")
+                raise ConfigError("layers_pattern", self.layers_pattern,
+                                  "None or a non-empty list of layer-stack names")
 
     # -- helpers ---------------------------------------------------------------
     def scale_for(self, rank: int, alpha: float) -> float:
@@ -182,7 +184,8 @@ def normalize_layers(value: Any) -> dict[str, int] | list[int] | None:
         elif all(part.strip().isdigit() for part in value.split("|")):
             value = [int(part) for part in value.split("|")]
         else:
-            raise ConfigError("layers", value, LAYERS_ALLOWED + ", or such a value written 'last:4', 'first:2', '0|1|2'")
+            raise ConfigError("layers", value,
+                              LAYERS_ALLOWED + ", or such a value written 'last:4', 'first:2', '0|1|2'")
     if isinstance(value, Mapping):
         if len(value) != 1 or next(iter(value)) not in ("first", "last"):
             raise ConfigError("layers", dict(value), LAYERS_ALLOWED)

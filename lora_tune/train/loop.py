@@ -149,12 +149,10 @@ def fit(model: torch.nn.Module, task: TrainTask, config: TrainConfig, on_eval: O
             model.train()
             optimizer.zero_grad(set_to_none=True)
             for epoch in range(config.epochs):
-                step_in_epoch = 0
                 batches = itertools.islice(task.train_batches(config.batch_size, config.seed, epoch),
                                            plan.micro_per_epoch)  # data_fraction < 1: a random part
-                for micro_batches in _groups(batches, config.gradient_accumulation_steps):
+                for step_in_epoch, micro_batches in enumerate(_groups(batches, config.gradient_accumulation_steps), 1):
                     optimizer_step(micro_batches)
-                    step_in_epoch += 1
                     if plan.evaluates_after(state.step, step_in_epoch):
                         state.stopped = evaluate(epoch)
                     if state.stopped or state.step >= plan.planned:
@@ -202,8 +200,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
                           f"false for a {type(model).__name__}",
                           "gradient checkpointing needs a Hugging Face model that supports it")
     enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if getattr(getattr(model, "config", None), "use_cache", False):
-        model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
+    config: Any = getattr(model, "config", None)  # a transformers PretrainedConfig
+    if getattr(config, "use_cache", False):
+        config.use_cache = False  # a cache is useless in training and conflicts with recomputation
 
 
 def _groups(batches: Any, k: int) -> Iterator[list[Any]]:

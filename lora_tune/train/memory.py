@@ -40,7 +40,7 @@ class MemoryMeter:
             rss = self._rss()
             if rss > self.max:
                 self.max = rss
-            if self.heap_base is not None:
+            if self.heap_max is not None:  # set when heap_base is
                 self.heap_max = max(self.heap_max, _heap_in_use() or 0)
 
     def peak(self) -> int:
@@ -50,7 +50,7 @@ class MemoryMeter:
             return int(torch.cuda.max_memory_allocated(self.device) - self.base)
         lifetime = _max_rss()
         top = max(self.max, lifetime) if lifetime > self.lifetime_before else self.max
-        heap = self.heap_max - self.heap_base if self.heap_base is not None else 0
+        heap = self.heap_max - self.heap_base if self.heap_max is not None and self.heap_base is not None else 0
         return max(0, int(top - self.base), int(heap))
 
 
