@@ -7,6 +7,7 @@ in a worker.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import optuna
@@ -72,6 +73,50 @@ def copy_grid_state(source: optuna.samplers.GridSampler, target: optuna.samplers
     ``_n_min_trials``, ``_rng``: what ``GridSampler.__init__`` sets)."""
     for name in ("_search_space", "_all_grids", "_param_names", "_n_min_trials", "_rng"):
         setattr(target, name, getattr(source, name))
+
+
+def drop_import_tracebacks() -> int:
+    """Forget the tracebacks of the optional imports Optuna could not make; returns how many.
+
+    ``optuna._imports.try_import`` keeps the ``ImportError`` of a missing optional package
+    (``boto3`` and ``google.api_core`` in ``optuna.artifacts``, ``redis`` in the journal
+    storages) in its ``_DeferredImportExceptionContextManager._deferred``, to raise when the
+    feature is used. With it Optuna keeps the error's traceback, whose first frame (the Optuna
+    module's) leads through ``f_back`` to every frame that was on the stack when that module
+    was first imported, with their locals, for the life of the process: a ``create_study`` that
+    imported ``optuna.artifacts`` kept its task, and so a whole model, in every later trial's
+    driver. The errors and their messages stay; only their tracebacks go. Call it after an
+    import that may have reached such a module (it looks at every loaded Optuna module).
+    """
+    from optuna import _imports
+
+    deferred_type = getattr(_imports, "_DeferredImportExceptionContextManager", None)
+    if deferred_type is None:  # pragma: no cover - an Optuna without it keeps no tracebacks this way
+        return 0
+    dropped = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "optuna" or name.startswith("optuna.")):
+            continue
+        for value in list(getattr(module, "__dict__", {}).values()):
+            deferred = getattr(value, "_deferred", None) if isinstance(value, deferred_type) else None
+            if deferred:
+                dropped += _drop_tracebacks(deferred[0])
+    return dropped
+
+
+def _drop_tracebacks(error: BaseException) -> int:
+    """Drop the traceback of ``error`` and of the errors it was raised from or during."""
+    dropped, seen, todo = 0, set(), [error]
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            exc.__traceback__ = None
+            dropped += 1
+        todo += [exc.__cause__, exc.__context__]
+    return dropped
 
 
 # -- the gRPC storage proxy. Optuna's server helper (``make_server``) only binds an insecure

@@ -149,6 +149,41 @@ def test_grpc_proxy_server_and_client_from_optunas_parts():
     lonely.close()
 
 
+def test_dropped_import_tracebacks_let_the_importing_frames_go():
+    """try_import keeps a missing package's ImportError with the frames that imported it (and their
+    locals); drop_import_tracebacks lets them go and keeps the error Optuna raises on use."""
+    import gc
+    import sys
+    import types
+    import weakref
+
+    from optuna._imports import try_import
+
+    module = types.ModuleType("optuna._lora_tune_test_optional")
+
+    class Model:
+        pass
+
+    def importer() -> weakref.ref:
+        model = Model()  # a local of the importing frame, as create_study's task was
+        with try_import() as module._imports:
+            import lora_tune_no_such_package  # noqa: F401
+        return weakref.ref(model)
+
+    sys.modules[module.__name__] = module
+    try:
+        held = importer()
+        gc.collect()
+        assert held() is not None  # Optuna's deferred error keeps the frame
+        assert private.drop_import_tracebacks() >= 1
+        gc.collect()
+        assert held() is None
+        with pytest.raises(ImportError, match="lora_tune_no_such_package"):
+            module._imports.check()
+    finally:
+        del sys.modules[module.__name__]
+
+
 def test_no_private_optuna_name_outside_the_private_module():
     """Our storage and worker code reaches Optuna's internals only through _optuna_private."""
     own = ["lora_tune/study/run/workers.py", "lora_tune/study/run/samplers.py", "lora_tune/cli/commands_worker.py",
@@ -173,7 +208,7 @@ _OWN_PRIVATE = {"_forward", "_retry", "_retries", "_drop_connections", "_study_o
 _OPTUNA_PRIVATE = {"_storage", "_study_id", "_trial_id", "_stop_flag", "_CachedStorage", "_all_grids",
                    "_param_names", "_search_space", "_n_min_trials", "_heartbeat", "_backend", "_cached_frozen_trial",
                    "_thread_local", "_get_stale_trial_ids", "_grpc", "_rdb", "_setup", "_channel", "_stub",
-                   "_cache", "_host", "_port"}
+                   "_cache", "_host", "_port", "_imports", "_deferred", "_DeferredImportExceptionContextManager"}
 
 
 def test_no_optuna_private_name_anywhere_else_in_lora_tune():

@@ -252,6 +252,10 @@ def create_study(spec: StudySpec, storage_url: str, name: str | None = None, res
 
         configs = prior(getattr(task, "model_kind", Task.model_kind))
         warm_start(study, SearchSpace.from_spec(resolved.search_space), configs, task, origin="defaults")
+    # an Optuna module first imported by the checks above (optuna.artifacts, a sampler's) may keep
+    # an ImportError's traceback, and with it this frame and its task: the driver must not keep
+    # the task's model for the whole study (isolation: process)
+    private.drop_import_tracebacks()
     return study
 
 

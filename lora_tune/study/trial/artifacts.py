@@ -30,6 +30,11 @@ from optuna.trial import FrozenTrial, TrialState
 from lora_tune.errors import AdapterFormatError, ConfigError
 from lora_tune.study import _optuna_private as private
 from lora_tune.study.trial import record
+
+# optuna.artifacts keeps the ImportError of boto3 / google.api_core with the frames that imported
+# it, whoever that was (often a function holding a task and its model): let those frames go.
+private.drop_import_tracebacks()
+
 ENV_ARTIFACTS = "LORA_TUNE_ARTIFACTS"
 ARTIFACT_DIRNAME = "lora_tune_artifacts"
 ADAPTER_PREFIX = "adapter-trial-"
