@@ -24,6 +24,7 @@ COST_AXES = {
     record.PEAK_MEMORY_BYTES: "peak memory (bytes)",
     record.ADAPTER_BYTES: "adapter size (bytes)",
     record.TRAIN_SECONDS: "train seconds",
+    record.SETUP_SECONDS: "setup seconds (start to first optimizer step)",
 }
 
 
@@ -76,6 +77,7 @@ def summary_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
         "compute": {"used": account.used, "results": account.results, "confirm": account.confirm,
                     "saved": account.saved, "line": account.compute_line()},
         "pruning": pruning_savings(account),
+        "time": time_per_trial(account),
     }
     if best is not None:
         out["best"] = {
@@ -118,6 +120,14 @@ def pruning_savings(account: record.Account) -> dict[str, Any]:
         "fraction_saved": account.steps_saved / unpruned if unpruned else 0.0,
         "seconds_saved_estimate": account.seconds_saved,
     }
+
+
+def time_per_trial(account: record.Account) -> dict[str, Any]:
+    """Mean setup seconds (a trial's start to its first optimizer step: building the model, and
+    in a child process the task) and training seconds, over the finished trials that trained and
+    recorded both (:class:`lora_tune.study.trial.record.Account`); ``line`` as the CLI prints it."""
+    return {"trials": account.timed, "setup_mean": account.mean_setup_seconds,
+            "train_mean": account.mean_train_seconds, "line": account.time_line()}
 
 
 # -- history / importances -----------------------------------------------------------------------
@@ -234,6 +244,7 @@ def cost_data(study: optuna.Study, x: str = "trainable_params", objective: int =
         p["series"] = f"{p['quant_bits']}, {'DoRA' if p['use_dora'] else 'LoRA'}" if dora_varies else p["quant_bits"]
     series = sorted({p["series"] for p in points}, key=lambda s: (bits_order.index(s.split(",")[0]), s))
     return {"metric": metric, "maximize": maximize, "x": x, "x_label": COST_AXES[x],
+            "time": time_per_trial(record.account(study.get_trials(deepcopy=False))),
             "points": points, "front_numbers": [p["number"] for p in front],
             "quant_bits": bits_order, "dora_varies": dora_varies, "series": series}
 

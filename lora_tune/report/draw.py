@@ -63,6 +63,8 @@ def draw_summary(d: dict[str, Any], title: str) -> str:
     if d["multi_objective"]:
         rows.append(("Pareto-optimal trials", ", ".join(f"#{n}" for n in d["pareto_numbers"]) or "none"))
     rows.append(("compute", d["compute"]["line"]))
+    if d.get("time", {}).get("line"):
+        rows.append(("time", d["time"]["line"]))
     p = d["pruning"]
     if p["trials_counted"]:
         rows.append(("training steps run", f"{p['steps_run']:,} (unpruned: {p['steps_unpruned']:,})"))
@@ -157,7 +159,12 @@ def draw_cost(d: dict[str, Any], title: str) -> go.Figure:
     mib = d["x"].endswith("_bytes")
     label = d["x_label"].replace("(bytes)", "(MiB)") if mib else d["x_label"]
     legend = "quant bits, LoRA / DoRA" if d.get("dora_varies") else "quant bits"
+    time_line = (d.get("time") or {}).get("line")  # what a trial costs besides its training
+    if time_line:
+        title = f"{title}<br><sup>{html.escape(time_line)}</sup>"
     fig = _layout(go.Figure(), title, xaxis_title=label, yaxis_title=d["metric"], legend_title=legend)
+    if time_line:
+        fig.update_layout(margin={"t": 70})
     if not d["points"]:
         return _empty(fig, "no complete trial recorded " + d["x"])
 

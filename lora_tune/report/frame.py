@@ -19,8 +19,8 @@ from lora_tune.study.trial import record
 # User attributes shown as table columns, in this order (others follow, sorted).
 KNOWN_USER_ATTRS = (
     record.IS_BASELINE, record.TARGET_PRESET, record.TRAINABLE_PARAMS, record.ADAPTER_BYTES,
-    record.PEAK_MEMORY_BYTES, record.TRAIN_SECONDS, record.THROUGHPUT, record.TRAIN_STEPS, record.PLANNED_STEPS,
-    record.WORKER, record.FAIL_REASON,
+    record.PEAK_MEMORY_BYTES, record.SETUP_SECONDS, record.TRAIN_SECONDS, record.THROUGHPUT, record.TRAIN_STEPS,
+    record.PLANNED_STEPS, record.WORKER, record.FAIL_REASON,
 )
 # Long or nested attributes left out of tables unless asked for.
 BULKY_USER_ATTRS = (record.TRACEBACK, record.LORA_CONFIG, record.TARGET_MODULES, record.METRIC_VALUES)

@@ -42,6 +42,20 @@ def test_a_child_trial_records_the_same_result_as_an_in_process_trial():
         assert child.user_attrs[key] == here.user_attrs[key], key
 
 
+def test_a_child_trial_records_its_setup_on_the_drivers_clock():
+    """setup_seconds: the trial's start to the child's first optimizer step, which comes after the
+    child started, built its task and model and reported them (the driver's ``build`` time)."""
+    times = {}
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(PARAMS)
+    study.optimize(Objective(_spec(), on_times=lambda number, t: times.setdefault(number, t)), n_trials=1)
+    trial = study.trials[0]
+    setup = trial.user_attrs["setup_seconds"]
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["base_load"] == "built"
+    assert 0 < times[0].build <= setup == times[0].setup
+    assert setup <= (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
 def test_a_sigkilled_child_fails_its_trial_with_the_reason_and_the_next_trial_runs():
     spec = _spec({"die_at_loss_call": 2})
     study = optuna.create_study(direction="maximize")

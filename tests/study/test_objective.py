@@ -15,7 +15,7 @@ from tests.study.toy_task import ToyTask
 PARAMS = {"rank": 4, "alpha_ratio": 2.0, "targets": "attention-qv", "quant_bits": 0, "learning_rate": 1e-2}
 DOCUMENTED_ATTRS = {"lora_config", "target_preset", "target_modules", "trainable_params", "adapter_bytes",
                     "peak_memory_bytes", "train_seconds", "throughput", "train_steps", "planned_steps",
-                    "worker", "is_baseline", "metric_values"}
+                    "worker", "is_baseline", "metric_values", "setup_seconds", "base_load"}
 
 
 def _objective(task, **sections) -> Objective:

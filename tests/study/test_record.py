@@ -32,6 +32,10 @@ def test_every_documented_key_is_named_in_the_record_and_every_name_is_documente
     documented = {key for row in rows for key in re.findall(r"`([a-z_]+)`", row)}
     names = {v for k, v in vars(record).items() if k.isupper() and isinstance(v, str)}
     assert documented == names
+    # base_load's values: every one documented in its row, none other
+    (base_load,) = [line for line in section.splitlines() if line.startswith("| `base_load`")]
+    meaning = base_load.split("|")[3]
+    assert set(re.findall(r"`([a-z_]+)`", meaning)) == {b.value for b in record.BaseLoad}
     # the stored names themselves: studies written before must still read
     assert (record.IS_BASELINE, record.NESTED_PARENT, record.CONFIRM_OF, record.CONFIRM_SHARED, record.FIDELITY) == (
         "is_baseline", "nested_parent", "confirm_of", "confirm_shared", "fidelity")
@@ -86,6 +90,24 @@ def test_the_account_counts_training_once():
     assert a.compute_line() == (f"{a.used:.1f} full-trial equivalents for 9 results ({a.saved:.0%} saved by pruning, "
                                 "nesting and data fractions; 1.0 of it on confirmation runs)")
     assert (record.budget_used(trials), record.budget_done(trials)) == (5, 4)  # the running trial uses one
+
+
+def test_the_account_means_setup_and_training_seconds_of_trials_that_recorded_both():
+    trials = [
+        _trial(train_steps=3, planned_steps=3, train_seconds=2.0, setup_seconds=1.0),
+        _trial(TrialState.PRUNED, train_steps=1, planned_steps=3, train_seconds=1.0, setup_seconds=3.0),
+        _trial(train_steps=3, planned_steps=3, train_seconds=2.0, setup_seconds=1.0, nested_parent=0),  # copied
+        _trial(train_steps=3, planned_steps=3, train_seconds=5.0),  # recorded before setup was measured
+        _trial(TrialState.FAIL, setup_seconds=9.0),  # no training recorded
+        _trial(TrialState.RUNNING, train_seconds=1.0, setup_seconds=1.0),  # not finished
+    ]
+    a = record.account(trials)
+    assert (a.timed, a.setup_seconds, a.train_seconds) == (2, 4.0, 3.0)
+    assert (a.mean_setup_seconds, a.mean_train_seconds) == (2.0, 1.5)
+    assert a.time_line() == "setup 2.00 s, training 1.50 s per trial (mean of 2 trials)"
+    assert record.account(trials[3:]).time_line() is None  # nothing to show for an older study
+    assert record.timings_of(trials[0]).setup_seconds == 1.0 and record.timings_of(trials[3]).setup_seconds is None
+    assert record.SETUP_SECONDS in record.RUN_ONLY and record.BASE_LOAD not in record.RUN_ONLY
 
 
 def test_a_callback_summary_is_recorded_as_a_train_result():

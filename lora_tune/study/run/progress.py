@@ -165,6 +165,8 @@ def render_outcome(outcome: Outcome, console: Console) -> None:
         + (f", of which {a.requeued} ran again)" if a.requeued else ")")
     )
     console.print(f"compute: {a.compute_line()}", markup=False)
+    if a.time_line() is not None:
+        console.print(f"time: {a.time_line()}", markup=False)
     if not outcome.best:
         console.print("no completed feasible trial yet")
         return
@@ -193,7 +195,7 @@ def trials_table(trials: list[FrozenTrial], metrics: list[str], title: str | Non
     param_names: list[str] = []
     for t in trials:
         param_names += [k for k in t.params if k not in param_names]
-    for col in ["#", "state", *metrics, *param_names, "trainable", "train s"]:
+    for col in ["#", "state", *metrics, *param_names, "trainable", "setup s", "train s"]:
         table.add_column(col, justify="right" if col not in ("state", "targets") else "left")
     for t in trials:
         values = t.values if t.values is not None else [None] * len(metrics)
@@ -202,8 +204,10 @@ def trials_table(trials: list[FrozenTrial], metrics: list[str], title: str | Non
         row = [str(t.number) + ("*" if record.kind_of(t) == record.Kind.BASELINE else ""), t.state.name.lower()]
         row += [_fmt(v) for v in values]
         row += [_param_text(k, t.params[k]) if k in t.params else "" for k in param_names]
-        seconds = record.timings_of(t).train_seconds
-        row += [_fmt(t.user_attrs.get(record.TRAINABLE_PARAMS)), "" if seconds is None else f"{seconds:.1f}"]
+        timings = record.timings_of(t)
+        row += [_fmt(t.user_attrs.get(record.TRAINABLE_PARAMS)),
+                *("" if seconds is None else f"{seconds:.1f}" for seconds in (timings.setup_seconds,
+                                                                              timings.train_seconds))]
         table.add_row(*row)
     return table
 

@@ -58,6 +58,7 @@ class TrialTimes:
 
     total: float = 0.0
     build: float = 0.0  # task.build_model + inject
+    setup: float = 0.0  # the trial's start -> its first optimizer step (``setup_seconds``)
     train: float = 0.0  # the whole fit() call
     compute: float = 0.0  # forward/backward/optimizer steps inside fit
     evaluate: float = 0.0  # task.evaluate inside fit
@@ -102,7 +103,7 @@ class Objective:
         if record.IS_BASELINE not in trial.user_attrs:
             trial.set_user_attr(record.IS_BASELINE, False)
         try:
-            return self._run(trial, times)
+            return self._run(trial, times, start)
         except (optuna.TrialPruned, TrialFailed):
             raise
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM turned into one by the worker loop
@@ -122,7 +123,8 @@ class Objective:
                 self.on_times(trial.number, times)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _run(self, trial: optuna.trial.BaseTrial, times: TrialTimes) -> float | list[float]:
+    def _run(self, trial: optuna.trial.BaseTrial, times: TrialTimes, start: float) -> float | list[float]:
+        """The trial; ``start`` is its ``time.perf_counter()`` when the objective was called."""
         values = self.space.sample(trial)
         train = self.spec.train
         train_values = {k: v for k, v in values.items() if k in TRAIN_KEYS}
@@ -149,6 +151,7 @@ class Objective:
 
         def built(report: Any) -> bool:
             times.build = time.perf_counter() - t0
+            trial.set_user_attr(record.BASE_LOAD, record.BaseLoad.BUILT.value)  # build_and_train builds it
             if report.warnings:  # kept with the trial instead of printed once per trial
                 trial.set_user_attr(record.WARNINGS, report.warnings)
             trial.set_user_attr(record.TARGET_MODULES, [name for name, _ in report.targets])
@@ -174,6 +177,9 @@ class Objective:
             return False
 
         outcome = self._train(trial, plan, Hooks(built, evaluated), isolation)
+        if outcome.since_first_step is not None:  # trial start -> first optimizer step, by this clock
+            times.setup = max(0.0, time.perf_counter() - start - outcome.since_first_step)
+            trial.set_user_attr(record.SETUP_SECONDS, times.setup)
         if outcome.result is None:  # stopped after building: a constraint was violated
             raise optuna.TrialPruned(trial.user_attrs.get(record.CONSTRAINT_VIOLATION, "stopped before training"))
         trial.set_user_attr(record.LORA_CONFIG, outcome.config.to_dict())

@@ -13,8 +13,10 @@ change: studies written by older versions read the same.
 * :func:`account`: a study's trials counted by state and budget, and its compute in full-trial
   equivalents. A result that trained nothing of its own (a nested rank copies its parent's
   ``train_steps``; a confirmation run can read another run's training) is counted as a result
-  but its training only once, with the trial that ran it. ``lora-tune run``, ``study show``,
-  ``study list`` and the HTML report all print this account.
+  but its training only once, with the trial that ran it; with it, the mean setup (the trial's
+  start to its first optimizer step: building the model, in a child process the task too) and
+  training seconds per trial. ``lora-tune run``, ``study show``, ``study list`` and the HTML
+  report all print this account.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ LORA_CONFIG, TARGET_PRESET, TARGET_MODULES = "lora_config", "target_preset", "ta
 TRAINABLE_PARAMS, ADAPTER_BYTES, WARNINGS = "trainable_params", "adapter_bytes", "warnings"
 PEAK_MEMORY_BYTES, PEAK_MEMORY_TOTAL_BYTES = "peak_memory_bytes", "peak_memory_total_bytes"
 TRAIN_SECONDS, THROUGHPUT = "train_seconds", "throughput"
+SETUP_SECONDS = "setup_seconds"  # the trial's start -> its first optimizer step
+BASE_LOAD = "base_load"  # how the trial got its base model: a BaseLoad value
 TOKENS_PER_SECOND, TRAIN_TOKENS = "tokens_per_second", "train_tokens"
 TRAIN_STEPS, PLANNED_STEPS, FIDELITY = "train_steps", "planned_steps", "fidelity"
 METRIC_VALUES, EFFECTIVE_BATCH_SIZE = "metric_values", "effective_batch_size"
@@ -49,8 +53,9 @@ WARM_START = "warm_start"  # an enqueued warm-start trial: where its config came
 ENQUEUED_PARAMS = "enqueued_params"  # ... and the parameters it was enqueued with
 
 # measurements of a training run, not of a result read off it (not copied onto nested results)
-RUN_ONLY = (TRAIN_SECONDS, THROUGHPUT, TOKENS_PER_SECOND, TRAIN_TOKENS, PEAK_MEMORY_BYTES, PEAK_MEMORY_TOTAL_BYTES,
-            OOM_RETRY, TRACEBACK, FAIL_REASON, ARTIFACT_ERROR, CONSTRAINT_VIOLATION, METRIC_VALUES, NESTED_RANKS)
+RUN_ONLY = (TRAIN_SECONDS, SETUP_SECONDS, THROUGHPUT, TOKENS_PER_SECOND, TRAIN_TOKENS, PEAK_MEMORY_BYTES,
+            PEAK_MEMORY_TOTAL_BYTES, OOM_RETRY, TRACEBACK, FAIL_REASON, ARTIFACT_ERROR, CONSTRAINT_VIOLATION,
+            METRIC_VALUES, NESTED_RANKS)
 
 
 class HasUserAttrs(Protocol):
@@ -66,6 +71,14 @@ class Kind(enum.Enum):
     BASELINE = "baseline"  # the enqueued baseline (also in the budget)
     NESTED = "nested"  # a smaller rank scored from its parent's training
     CONFIRMATION = "confirmation"  # a config trained again with another seed
+
+
+class BaseLoad(enum.Enum):
+    """How a trial got its base model (``base_load``)."""
+
+    BUILT = "built"  # built by the task for this trial (``task.build_model``): every trial today
+    RESIDENT = "resident"  # reserved: a base model kept in memory by the worker across trials
+    CACHE = "cache"  # reserved: a base model read from a local cache of prepared weights
 
 
 def kind_of(trial: HasUserAttrs) -> Kind:
@@ -134,18 +147,21 @@ def fidelity_of(trial: HasUserAttrs) -> Fidelity:
 
 
 class Timings(NamedTuple):
-    """A training run's measured time (None when the trial has none: it did not train itself)."""
+    """A training run's measured time (None when the trial has none: it did not train itself,
+    or was recorded before lora-tune measured it)."""
 
     train_seconds: float | None
     throughput: float | None
     tokens_per_second: float | None
     train_tokens: int | None
+    setup_seconds: float | None = None
 
 
 def timings_of(trial: HasUserAttrs) -> Timings:
     attrs = trial.user_attrs
     return Timings(_float(attrs.get(TRAIN_SECONDS)), _float(attrs.get(THROUGHPUT)),
-                   _float(attrs.get(TOKENS_PER_SECOND)), _int(attrs.get(TRAIN_TOKENS)))
+                   _float(attrs.get(TOKENS_PER_SECOND)), _int(attrs.get(TRAIN_TOKENS)),
+                   _float(attrs.get(SETUP_SECONDS)))
 
 
 def run_attrs(result: Any) -> dict[str, Any]:
@@ -206,12 +222,30 @@ class Account:
     counted: int  # trials that trained and recorded their steps
     pruned: int  # ... of which pruned
     seconds_saved: float  # estimated from each pruned trial's seconds per step
+    timed: int = 0  # finished trials that trained and recorded both their setup and training seconds
+    setup_seconds: float = 0.0  # ... their setup (start -> first optimizer step), in all
+    train_seconds: float = 0.0  # ... their training, in all
 
     @property
     def saved(self) -> float:
         """The share of compute that pruning, nesting and data fractions saved against training
         every result fully."""
         return 1.0 - self.used / self.results if self.results else 0.0
+
+    @property
+    def mean_setup_seconds(self) -> float | None:
+        return self.setup_seconds / self.timed if self.timed else None
+
+    @property
+    def mean_train_seconds(self) -> float | None:
+        return self.train_seconds / self.timed if self.timed else None
+
+    def time_line(self) -> str | None:
+        """Mean setup and training seconds per trial (None when no trial recorded both)."""
+        if not self.timed:
+            return None
+        return (f"setup {self.mean_setup_seconds:.2f} s, training {self.mean_train_seconds:.2f} s per trial "
+                f"(mean of {self.timed} trial{'s' if self.timed != 1 else ''})")
 
     def compute_line(self) -> str:
         return (f"{self.used:.1f} full-trial equivalents for {self.results} results "
@@ -221,8 +255,8 @@ class Account:
 
 def account(trials: Sequence[FrozenTrial]) -> Account:
     """Count ``trials`` (every trial of a study) as :class:`Account` says."""
-    used = confirm = seconds_saved = 0.0
-    results = steps_run = steps_saved = counted = pruned = 0
+    used = confirm = seconds_saved = setup_seconds = train_seconds = 0.0
+    results = steps_run = steps_saved = counted = pruned = timed = 0
     for t in trials:
         if not t.state.is_finished():
             continue
@@ -232,6 +266,11 @@ def account(trials: Sequence[FrozenTrial]) -> Account:
         share = trial_compute(t)
         used += share
         confirm += share if kind_of(t) == Kind.CONFIRMATION else 0.0
+        timings = timings_of(t)
+        if timings.setup_seconds is not None and timings.train_seconds is not None:
+            timed += 1
+            setup_seconds += timings.setup_seconds
+            train_seconds += timings.train_seconds
         f = fidelity_of(t)
         if f.steps is None:
             continue
@@ -241,11 +280,12 @@ def account(trials: Sequence[FrozenTrial]) -> Account:
             pruned += 1
             skipped = max(f.planned_steps - f.steps, 0)
             steps_saved += skipped
-            seconds = timings_of(t).train_seconds
+            seconds = timings.train_seconds
             seconds_saved += seconds / f.steps * skipped if seconds is not None and f.steps > 0 else 0.0
     requeued = sum(1 for t in trials if marks.RETRY_KEY in t.system_attrs and t.state.is_finished())
     return Account(dict(Counter(t.state.name for t in trials)), budget_done(trials), requeued, results, used,
-                   confirm, steps_run, steps_saved, counted, pruned, seconds_saved)
+                   confirm, steps_run, steps_saved, counted, pruned, seconds_saved,
+                   timed=timed, setup_seconds=setup_seconds, train_seconds=train_seconds)
 
 
 def _float(value: Any) -> float | None:

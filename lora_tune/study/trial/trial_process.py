@@ -14,6 +14,10 @@ a pipe, answers each with its go/stop decision, and gets back the
 dies (the OOM killer, a segfault, SIGKILL) the parent raises :class:`TrialProcessDied` with
 the reason; an error in the child comes back as the same kind of error in the parent. Either
 way the child's memory, CPU or GPU, is returned to the system when it exits.
+
+Either way the outcome says how long before its hand-over the first optimizer step began
+(:class:`FirstStepClock`; ``TrialOutcome.since_first_step``): the objective takes that from its own
+time since the trial started, and records the rest as the trial's ``setup_seconds``.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import multiprocessing
 import os
 import signal
 import tempfile
+import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -68,6 +73,17 @@ class TrialOutcome:
     adapter_archive: str | None = None
     warnings: list[str] = field(default_factory=list)
     rank_archives: dict[int, str] = field(default_factory=dict)  # nested ranks, from a child: rank -> archive
+    # seconds from the start of the first optimizer step to the hand-over of this outcome, measured
+    # where it trained (a child's clock is not the parent's: the parent subtracts it from its own
+    # time since the trial started to get the setup); None when it did not train
+    since_first_step: float | None = None
+    first_step_at: float | None = field(default=None, repr=False)  # perf_counter() there, at that start
+
+    def handed_over(self) -> TrialOutcome:
+        """Note the time since the first optimizer step, now that the outcome leaves the body."""
+        if self.first_step_at is not None:
+            self.since_first_step = time.perf_counter() - self.first_step_at
+        return self
 
 
 class TrialProcessDied(LoraTuneError):
@@ -101,18 +117,45 @@ def build_and_train(task: Any, plan: TrialPlan, hooks: Hooks) -> TrialOutcome:
         return outcome
     train_adapted = getattr(task, "train_adapted", None)  # tasks with their own trainer
     with _torch_threads(plan.threads):
-        if train_adapted is not None:
+        if train_adapted is not None:  # its trainer's own setup counts as training
+            outcome.first_step_at = time.perf_counter()
             outcome.result = train_adapted(model, plan.train, hooks.evaluated, params=plan.params,
                                            explicit=plan.explicit_train)
         else:
-            fit_task = task if plan.nested is None else NestedTask(task, model, plan.nested, plan.train.seed)
+            fit_task = FirstStepClock(task if plan.nested is None
+                                      else NestedTask(task, model, plan.nested, plan.train.seed))
             outcome.result = fit(model, fit_task, plan.train, on_eval=hooks.evaluated)
+            outcome.first_step_at = fit_task.first_step_at
     return outcome
+
+
+class FirstStepClock:
+    """``task`` as :func:`~lora_tune.train.fit` sees it, noting (``first_step_at``,
+    ``time.perf_counter()``) when the first optimizer step begins: the first call of a method
+    that ``fit`` calls for each step's micro-batches, after the model is on its device, the
+    optimizer built and the first batches read. Everything else is the task's."""
+
+    STEP_METHODS = frozenset({"loss_weight", "batch_tokens", "to_device", "loss"})
+
+    def __init__(self, task: Any):
+        self.__dict__.update(_task=task, first_step_at=None)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.__dict__["_task"], name)
+        if name not in self.STEP_METHODS or self.__dict__["first_step_at"] is not None or not callable(value):
+            return value
+
+        def first_call(*args: Any, **kwargs: Any) -> Any:
+            if self.__dict__["first_step_at"] is None:
+                self.__dict__["first_step_at"] = time.perf_counter()
+            return value(*args, **kwargs)
+
+        return first_call
 
 
 def run_in_process(task: Any, plan: TrialPlan, hooks: Hooks) -> TrialOutcome:
     """The body in this process; the caller calls :func:`release_memory` when done with it."""
-    return build_and_train(task, plan, hooks)
+    return build_and_train(task, plan, hooks).handed_over()
 
 
 def release_memory() -> None:
@@ -202,9 +245,9 @@ def _serve(conn: Any, process: Any, hooks: Hooks, poll_seconds: float) -> TrialO
         elif kind == "eval":
             conn.send(bool(hooks.evaluated(*payload)))
         elif kind == "done":
-            result, config, archive, archive_error, rank_archives = payload
+            result, config, archive, archive_error, rank_archives, since_first_step = payload
             outcome = TrialOutcome(report=report, config=config, result=result, adapter_archive=archive,
-                                   rank_archives=rank_archives)
+                                   rank_archives=rank_archives, since_first_step=since_first_step)
             if archive_error:
                 outcome.warnings.append(f"adapter not written: {archive_error}")
             return outcome
@@ -247,7 +290,9 @@ def _child_main(conn: Any, plan: TrialPlan) -> None:
                                                         Path(plan.adapter_archive).parent)
             except (OSError, LoraTuneError) as exc:
                 archive_error = str(exc)
-        conn.send(("done", outcome.result, outcome.config, archive, archive_error, rank_archives))
+        outcome.handed_over()
+        conn.send(("done", outcome.result, outcome.config, archive, archive_error, rank_archives,
+                   outcome.since_first_step))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         with contextlib.suppress(Exception):
             conn.send(("error", *_describe_error(exc)))
