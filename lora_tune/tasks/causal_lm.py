@@ -19,6 +19,7 @@ The text is tokenized once and cut into consecutive full blocks of ``block_size`
 tail shorter than a block is dropped). Metrics: ``eval_loss`` (mean next-token cross-entropy,
 default, minimize) and ``perplexity`` (``exp(eval_loss)``). A model built from ``gpt2_config``
 is randomly initialised (seeded); it exists so tests and demos need no downloaded weights.
+The loss never holds full-vocabulary logits (chunked over positions, :mod:`lora_tune.tasks.lm_loss`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from lora_tune.tasks.base import (
 )
 from lora_tune.tasks.data_files import read_text
 from lora_tune.tasks.hf import MODEL_LOAD, TOKENIZER_LOAD, check_model_ref, quiet_transformers, resolve_model_ref
+from lora_tune.tasks.lm_loss import next_token_loss, split_reproduces_logits
 
 # Libraries a trial's child process needs: its fork server imports them once (study/trial/trial_process.py).
 HEAVY_IMPORTS = ("transformers", "transformers.modeling_utils")
@@ -192,6 +194,7 @@ class CausalLMTask(Task):
             raise ConfigError("task.tokenizer", spec.get("tokenizer"), f"a tokenizer whose ids fit the model's "
                               f"{embeddings} embeddings", f"token id {top} is out of range")
         self.modules_to_save: list[str] = []
+        self.lm_split = split_reproduces_logits(model)  # chunked loss without full logits (tasks/lm_loss.py)
         self.template = ModelTemplate(model)
 
     def build_model(self) -> torch.nn.Module:
@@ -204,18 +207,22 @@ class CausalLMTask(Task):
         for idx in index_batches(len(self.train), batch_size, seed, epoch):
             yield self.train[idx]
 
+    def token_loss(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Summed next-token cross-entropy over a batch of blocks, and the number of targets."""
+        return next_token_loss(model, {"input_ids": batch, "use_cache": False}, batch, split=self.lm_split)
+
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=batch, labels=batch).loss
+        total, count = self.token_loss(model, batch)
+        return total / max(count, 1)
 
     def evaluate(self, model: torch.nn.Module, batch_size: int) -> dict[str, float]:
         device = model_device(model)
         total, count = 0.0, 0
         with eval_mode(model):
             for start in range(0, len(self.eval), batch_size):
-                batch = self.eval[start:start + batch_size].to(device)
-                loss = model(input_ids=batch, labels=batch).loss
-                total += float(loss) * len(batch)
-                count += len(batch)
+                summed, n = self.token_loss(model, self.eval[start:start + batch_size].to(device))
+                total += float(summed)
+                count += n
         eval_loss = total / count
         if not math.isfinite(eval_loss):
             eval_loss = float("inf")

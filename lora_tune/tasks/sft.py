@@ -42,6 +42,12 @@ Whether the model really keeps examples apart is measured once when the task is 
 that does not (e.g. OPT, whose positions come from the attention mask) is trained with examples
 attending across block boundaries, and :attr:`SFTTask.warnings` says so. Evaluation never packs.
 
+**Loss.** The loss never holds full-vocabulary logits: the model's body gives the final hidden
+states, those of the supervised positions are gathered, and the output layer and the
+cross-entropy run over them in checkpointed chunks of rows (:mod:`lora_tune.tasks.lm_loss`; same
+values as the full-logits computation). A model whose body and head do not reproduce its logits
+(checked once when the task is built, :attr:`SFTTask.lm_split`) is trained on full logits.
+
 Beyond the Task protocol the task has ``batch_tokens(batch)`` (non-padding input tokens, for
 tokens/s), ``loss_weight(batch)`` (the supervised tokens ``loss`` averages over, so gradient
 accumulation weighs micro-batches by tokens), ``weight_dtype`` (the dtype the weights were loaded
@@ -58,7 +64,6 @@ from typing import Any
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lora_tune.errors import ConfigError
 from lora_tune.models.tiny_lm import causal_lm_from_config, special_token_ids
@@ -68,6 +73,7 @@ from lora_tune.tasks.chat_data import (
 )
 from lora_tune.tasks.generation import GenerationEval, Scorer, resolve_scorer
 from lora_tune.tasks.hf import MODEL_LOAD, TOKENIZER_LOAD, quiet_transformers, resolve_model_ref
+from lora_tune.tasks.lm_loss import next_token_loss, split_reproduces_logits
 from lora_tune.tasks.sft_spec import DTYPES, SFTSettings, is_inline_template, validate_spec
 
 # Libraries a trial's child process needs: its fork server imports them once (study/trial/trial_process.py).
@@ -244,6 +250,7 @@ class SFTTask(Task):
         model, self.model_ref = _load_model(settings, self.tokenizer)
         model.config.use_cache = False
         _check_fits(model, settings, (self.train, self.eval))
+        self.lm_split = split_reproduces_logits(model)  # chunked loss without full logits (tasks/lm_loss.py)
         self.weight_dtype: torch.dtype = next(model.parameters()).dtype
         self.pad_id = special_token_ids(self.tokenizer).get("pad_token_id", 0)
         self.blocks: list[Block] | None = None
@@ -319,16 +326,12 @@ class SFTTask(Task):
 
     def token_loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over the supervised tokens of a batch, and their number."""
-        inputs = {"input_ids": batch["input_ids"]}
+        inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
         if "position_ids" in batch:  # packed: the block-diagonal mask comes from the positions
             inputs["position_ids"] = batch["position_ids"]
         else:
             inputs["attention_mask"] = batch["attention_mask"]
-        logits = model(**inputs, use_cache=False).logits
-        targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE
-        picked = logits[:, :-1][mask].float()
-        return F.cross_entropy(picked, targets[mask], reduction="sum"), int(mask.sum())
+        return next_token_loss(model, inputs, batch["labels"], split=self.lm_split)
 
     def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         total, count = self.token_loss(model, batch)

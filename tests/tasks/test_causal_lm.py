@@ -55,6 +55,42 @@ def test_lora_lowers_eval_loss_and_perplexity_is_exp_loss(corpus):
     assert torch.equal(layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight, frozen)
 
 
+def test_loss_gradients_and_eval_match_transformers_full_logits_loss(corpus):
+    # what the task did before: model(input_ids=batch, labels=batch).loss on full logits
+    task = build_task(spec_for(corpus))
+    assert task.lm_split
+    model = task.build_model().eval()  # no dropout; gradients still flow
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        inject(model, LoraConfig(rank=4, alpha=8, init="gaussian", targets="all-linear"))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("lora_B"):
+                    param.normal_(std=0.05)
+    batch = next(iter(task.train_batches(8, 0, 0)))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape)))
+    results = []
+    for compute in (lambda: model(input_ids=batch, labels=batch).loss, lambda: task.loss(model, batch)):
+        model.zero_grad(set_to_none=True)
+        loss = compute()
+        loss.backward()
+        results.append((float(loss.detach()), {n: p.grad.clone() for n, p in trainable.items()}))
+    hook.remove()
+    assert seen == [(8, 32, GPT2["n_embd"]), (8 * 31, GPT2["n_embd"]), (8 * 31, GPT2["n_embd"])]  # rows, then rows
+    (old, old_grads), (new, new_grads) = results
+    assert math.isclose(old, new, rel_tol=1e-6) and len(old_grads) == 16  # 2 blocks x 4 layers x (A, B)
+    for name, grad in old_grads.items():
+        torch.testing.assert_close(new_grads[name], grad, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        expected = sum(float(model(input_ids=task.eval[i:i + 3], labels=task.eval[i:i + 3]).loss) *
+                       len(task.eval[i:i + 3]) for i in range(0, len(task.eval), 3)) / len(task.eval)
+    metrics = task.evaluate(model, 3)
+    assert math.isclose(metrics["eval_loss"], expected, rel_tol=1e-6)
+    assert math.isclose(metrics["perplexity"], math.exp(expected), rel_tol=1e-6)
+
+
 def test_eval_file_caps_and_seed(corpus, tmp_path):
     held_out = tmp_path / "held.txt"
     held_out.write_text("a dog ran in the park. " * 10, encoding="utf-8")

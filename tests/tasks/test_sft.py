@@ -311,6 +311,44 @@ def test_packing_on_a_model_that_mixes_examples_is_reported(tmp_path, chat_token
     assert "position_ids" not in batch and math.isfinite(float(task.loss(task.build_model(), batch).detach()))
 
 
+def _loss_and_grads(task, model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = task.loss(model, batch)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_loss_gradients_and_eval_match_the_full_logits_computation(tmp_path, chat_tokenizer_dir, monkeypatch):
+    # the loss runs the output layer over the supervised positions in chunks (tasks/lm_loss.py);
+    # LORA_TUNE_LM_LOSS=full is the computation the task did before
+    from lora_tune import LoraConfig, inject
+
+    task = build_task(spec_for(tmp_path, chat_tokenizer_dir, CONVERSATIONS * 2, packing=True, max_length=96))
+    assert task.lm_split and task.packing_isolated
+    model = task.build_model()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        inject(model, LoraConfig(rank=4, alpha=8, init="gaussian", targets=["lm_head", ".q_proj", ".v_proj"]))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("lora_B"):
+                    param.normal_(std=0.05)
+    packed = next(iter(task.train_batches(4, 0, 0)))
+    padded = task.to_device(_one(task.eval.examples[0], task.pad_id), "cpu")
+    assert "position_ids" in packed
+    results = {}
+    for backend in ("full", "auto"):
+        monkeypatch.setenv("LORA_TUNE_LM_LOSS", backend)
+        results[backend] = ([_loss_and_grads(task, model, b) for b in (packed, padded)], task.evaluate(model, 2))
+    for (loss, grads), (loss_full, grads_full) in zip(results["auto"][0], results["full"][0]):
+        assert math.isclose(loss, loss_full, rel_tol=1e-6)
+        assert grads.keys() == grads_full.keys() and "lm_head.lora_A" in grads
+        for name in grads:
+            torch.testing.assert_close(grads[name], grads_full[name], atol=1e-6, rtol=1e-5)
+    for metric in ("eval_loss", "perplexity"):
+        assert math.isclose(results["auto"][1][metric], results["full"][1][metric], rel_tol=1e-6)
+
+
 # -- model families -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model_type", sorted(TINY_SIZES))
@@ -318,6 +356,7 @@ def test_every_family_builds_trains_and_evaluates(tmp_path, chat_tokenizer_dir, 
     task = build_task(spec_for(tmp_path, chat_tokenizer_dir, CONVERSATIONS[:3], model=tiny_config(model_type)))
     model = task.build_model()
     assert model.config.model_type == model_type and model.config.use_cache is False
+    assert task.lm_split  # the chunked loss (tasks/lm_loss.py), no full-vocabulary logits
     assert model.get_input_embeddings().num_embeddings == len(task.tokenizer)
     assert task.weight_dtype == torch.float32
     loss = task.loss(model, next(iter(task.train_batches(3, 0, 0))))
