@@ -154,6 +154,11 @@ def _too_long(key: str, value: Any, path: str) -> Problems:
     return []
 
 
+def _each(items: list[Any], check: Check, path: str) -> Problems:
+    """The problem of each item of a list (``path[i]``), by ``check``."""
+    return [(f"{path}[{i}]", message) for i, item in enumerate(items) if (message := check(item))]
+
+
 def _check_ratio(key: str, value: Mapping[str, Any], path: str) -> Problems:
     if key != "alpha":
         return [(f"{path}.ratio", "only `alpha` can be given as a ratio of the rank")]
@@ -162,12 +167,7 @@ def _check_ratio(key: str, value: Mapping[str, Any], path: str) -> Problems:
     ratios = value["ratio"]
     if not isinstance(ratios, list) or not ratios:
         return [(f"{path}.ratio", f"must be a non-empty list of numbers > 0, got {short(ratios)}")]
-    out: Problems = []
-    for i, r in enumerate(ratios):
-        message = _RATIO.problem(r)
-        if message:
-            out.append((f"{path}.ratio[{i}]", message))
-    return out
+    return _each(ratios, _RATIO.problem, f"{path}.ratio")
 
 
 def _check_nested(key: str, value: Mapping[str, Any], path: str) -> Problems:
@@ -182,11 +182,7 @@ def _check_nested(key: str, value: Mapping[str, Any], path: str) -> Problems:
     if not isinstance(ranks, list) or len(ranks) < 2:
         return [(f"{path}.nested", f"must list at least two ranks in increasing order, e.g. [4, 8, 16, 32]; "
                  f"got {short(ranks)}")]
-    out: Problems = []
-    for i, r in enumerate(ranks):
-        message = KEYS["rank"].check(r)
-        if message:
-            out.append((f"{path}.nested[{i}]", message))
+    out = _each(ranks, KEYS["rank"].check, f"{path}.nested")
     if not out and any(a >= b for a, b in zip(ranks, ranks[1:])):
         out.append((f"{path}.nested", f"must list the ranks in increasing order, each once; got {short(ranks)} "
                     f"(e.g. {short(sorted(set(ranks)))})"))
@@ -203,11 +199,7 @@ def _check_choices(key: str, value: Mapping[str, Any], path: str) -> Problems:
     choices = value["choices"]
     if not isinstance(choices, list) or not choices:
         return [(f"{path}.choices", f"must be a non-empty list, got {short(choices)}")]
-    out: Problems = []
-    for i, c in enumerate(choices):
-        message = KEYS[key].check(c)
-        if message:
-            out.append((f"{path}.choices[{i}]", message))
+    out = _each(choices, KEYS[key].check, f"{path}.choices")
     if not out:
         seen: set[Any] = set()
         for c in choices:
