@@ -45,6 +45,7 @@ Liger) or ``full`` (the full-logits path, e.g. to compare).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -196,6 +197,7 @@ def requested_backend() -> str:
     return value
 
 
+@functools.cache  # an import-system probe: once per process, not once per training step
 def _liger_installed() -> bool:
     try:
         return importlib.util.find_spec("liger_kernel") is not None
@@ -214,19 +216,28 @@ def choose_backend(head: LMHead | None, device: torch.device | str, requested: s
     return "chunked"
 
 
-def _liger_loss(head: LMHead, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-    """Liger's fused linear cross-entropy (summed), or None where it cannot be used."""
-    if hidden.dtype != head.module.weight.dtype:
-        return None
+@functools.cache  # a failed import is retried (and warned about) once per process, not once per step
+def _liger_loss_class() -> Any:
+    """Liger's ``LigerFusedLinearCrossEntropyLoss``, or None where liger-kernel cannot be imported."""
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError as exc:  # installed but broken (e.g. no triton): the own implementation
         log.warning("liger-kernel cannot be imported (%s); using the chunked cross-entropy", exc)
         return None
+    return LigerFusedLinearCrossEntropyLoss
+
+
+def _liger_loss(head: LMHead, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """Liger's fused linear cross-entropy (summed), or None where it cannot be used."""
+    if hidden.dtype != head.module.weight.dtype:
+        return None
+    fused = _liger_loss_class()
+    if fused is None:
+        return None
     kwargs: dict[str, Any] = {"ignore_index": IGNORE, "reduction": "sum"}
     if head.softcap is not None:
         kwargs["softcap"] = head.softcap
-    loss = LigerFusedLinearCrossEntropyLoss(**kwargs)(head.module.weight, hidden, targets, head.module.bias)
+    loss = fused(**kwargs)(head.module.weight, hidden, targets, head.module.bias)
     return (loss[0] if isinstance(loss, tuple) else loss).float()
 
 
