@@ -224,8 +224,9 @@ def cost_data(study: optuna.Study, x: str = "trainable_params", objective: int =
 
         raise ConfigError("x", x, "one of " + ", ".join(COST_AXES))
     objective, metric, maximize = _objective(study, objective)
+    trials = study.get_trials(deepcopy=False)
     points = []
-    for t in frame.complete_trials(study):
+    for t in frame.complete_of(trials):
         cost = t.user_attrs.get(x)
         if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost):
             continue
@@ -244,7 +245,7 @@ def cost_data(study: optuna.Study, x: str = "trainable_params", objective: int =
         p["series"] = f"{p['quant_bits']}, {'DoRA' if p['use_dora'] else 'LoRA'}" if dora_varies else p["quant_bits"]
     series = sorted({p["series"] for p in points}, key=lambda s: (bits_order.index(s.split(",")[0]), s))
     return {"metric": metric, "maximize": maximize, "x": x, "x_label": COST_AXES[x],
-            "time": time_per_trial(record.account(study.get_trials(deepcopy=False))),
+            "time": time_per_trial(record.account(trials)),
             "points": points, "front_numbers": [p["number"] for p in front],
             "quant_bits": bits_order, "dora_varies": dora_varies, "series": series}
 

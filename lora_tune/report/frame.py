@@ -58,7 +58,12 @@ def better(a: float, b: float | None, maximize: bool) -> bool:
 
 
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE
+    return complete_of(study.get_trials(deepcopy=False))
+
+
+def complete_of(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The complete ``trials`` with finite values."""
+    return [t for t in trials if t.state == TrialState.COMPLETE
             and t.values is not None and all(math.isfinite(v) for v in t.values)]
 
 
