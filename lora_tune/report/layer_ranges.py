@@ -16,6 +16,8 @@ from lora_tune.errors import ConfigError
 from lora_tune.lora.config import layers_label
 from lora_tune.report import frame
 from lora_tune.study.trial import record
+
+
 class LayerPoint(NamedTuple):
     number: int
     value: float

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from optuna.trial import FrozenTrial, TrialState
 
 from lora_tune.study.storage import marks
+
 # -- the stored names ----------------------------------------------------------------------------
 LORA_CONFIG, TARGET_PRESET, TARGET_MODULES = "lora_config", "target_preset", "target_modules"
 TRAINABLE_PARAMS, ADAPTER_BYTES, WARNINGS = "trainable_params", "adapter_bytes", "warnings"
