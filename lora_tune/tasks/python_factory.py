@@ -284,7 +284,8 @@ def build(spec: dict) -> Task:
 
 
 class _WithDefaults:
-    """A protocol object without ``loss_weight`` / ``batch_tokens``: :class:`Task`'s defaults."""
+    """A protocol object without ``loss_weight`` or ``batch_tokens``: its own where it has one,
+    else :class:`Task`'s default."""
 
     def __init__(self, task: Any):
         self._task = task
@@ -293,7 +294,9 @@ class _WithDefaults:
         return getattr(self._task, name)
 
     def loss_weight(self, batch: Any) -> float:
-        return examples_weight(batch)
+        own = getattr(self._task, "loss_weight", None)
+        return float(own(batch)) if callable(own) else examples_weight(batch)
 
     def batch_tokens(self, batch: Any) -> int:
-        return 0
+        own = getattr(self._task, "batch_tokens", None)
+        return int(own(batch)) if callable(own) else 0

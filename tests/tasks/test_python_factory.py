@@ -109,6 +109,36 @@ def test_an_object_with_the_task_protocol_is_used_as_is():
     assert isinstance(task, ProtocolTask)
 
 
+class WeighingOnly:
+    """The Task protocol without subclassing Task, with ``loss_weight`` but no ``batch_tokens``."""
+
+    name, metrics, default_metric, default_direction = "weighing", ("score",), "score", "maximize"
+    modules_to_save: list[str] = []
+    baseline_targets = "attention-qv"
+    build_model = train_batches = num_train_examples = loss = evaluate = to_device = staticmethod(lambda *a: None)
+
+    def loss_weight(self, batch):
+        return 7.0
+
+
+def make_weighing_only():
+    return WeighingOnly()
+
+
+def make_bare_protocol():
+    bare = WeighingOnly()
+    bare.loss_weight = None  # not callable: as if it had none
+    return bare
+
+
+def test_an_object_missing_a_weighing_method_gets_the_default_for_that_one_only():
+    batch = (torch.zeros(3, 2), torch.zeros(3))
+    task = build_task({"type": "python", "factory": "tests.tasks.test_python_factory:make_weighing_only"})
+    assert task.loss_weight(batch) == 7.0 and task.batch_tokens(batch) == 0  # its own weight is kept
+    bare = build_task({"type": "python", "factory": "tests.tasks.test_python_factory:make_bare_protocol"})
+    assert bare.loss_weight(batch) == 3.0 and bare.batch_tokens(batch) == 0  # the examples of the batch
+
+
 @pytest.mark.parametrize("factory, message", [
     ("no_colon", "package.module:function"),
     ("missing_file.py:f", "file not found"),
