@@ -55,11 +55,14 @@ def validate_cmd(study_file: Path) -> None:
     from lora_tune.errors import StudySpecError
     from lora_tune.study.run.runner import prepare_spec
     from lora_tune.study.schema.space import SearchSpace
-    from lora_tune.study.schema.spec import load_spec_file
+    from lora_tune.study.schema.spec import validate_spec
+    from lora_tune.study.schema.yaml_file import load_yaml, read_spec_text
 
-    storage_errors = _storage_errors(study_file)  # what `study create` refuses too, with the rest
+    source = str(study_file)
+    raw = load_yaml(read_spec_text(study_file), source=source)  # read once, as load_spec_file reads it
+    storage_errors = _storage_errors(raw)  # what `study create` refuses too, with the rest
     try:
-        spec = load_spec_file(study_file)
+        spec = validate_spec(raw, source=source)
     except StudySpecError as exc:
         raise StudySpecError(storage_errors + exc.errors, source=exc.source) from None
     try:
@@ -89,17 +92,11 @@ def validate_cmd(study_file: Path) -> None:
             console.print("      [yellow]warning:[/] " + warning.replace("[", "\\["))
 
 
-def _storage_errors(study_file: Path) -> list[tuple[str, str]]:
-    """``[("study.storage", why)]`` when the file names a storage URL lora-tune cannot open."""
-    from lora_tune.errors import StudySpecError
-    from lora_tune.study.schema.yaml_file import load_yaml, read_spec_text
+def _storage_errors(raw: Any) -> list[tuple[str, str]]:
+    """``[("study.storage", why)]`` when the parsed study file names a storage URL lora-tune cannot open."""
     from lora_tune.study.storage.opening import storage_problem
 
-    try:  # the same bounded reader as load_spec_file: size cap, regular files only, aliases capped
-        data = load_yaml(read_spec_text(study_file), source=str(study_file))
-    except StudySpecError:
-        return []  # the file itself is reported by load_spec_file
-    section = data.get("study") if isinstance(data, dict) else None
+    section = raw.get("study") if isinstance(raw, dict) else None
     url = section.get("storage") if isinstance(section, dict) else None
     problem = storage_problem(url) if isinstance(url, str) and url.strip() else None
     return [("study.storage", problem)] if problem else []
