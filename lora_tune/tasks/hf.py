@@ -121,6 +121,13 @@ def weights_problem(directory: Path) -> str | None:
             "it once: from_pretrained(DIR, use_safetensors=False).save_pretrained(NEW_DIR) writes model.safetensors")
 
 
+def _require_loadable(directory: Path) -> None:
+    """LookupError when the model in ``directory`` needs its own code or holds only pickled weights."""
+    problem = custom_code_problem(directory) or weights_problem(directory)
+    if problem:
+        raise LookupError(problem)
+
+
 def resolve_model_ref(value: str) -> str:
     """A path or cached hub id ``from_pretrained`` can load offline; LookupError when there is none."""
     alias = MODEL_ALIASES.get(value.lower())
@@ -133,9 +140,7 @@ def resolve_model_ref(value: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LookupError(f"directory {str(path)!r} has no config.json; give a Hugging Face model directory")
-        problem = custom_code_problem(path) or weights_problem(path)
-        if problem:
-            raise LookupError(problem)
+        _require_loadable(path)
         return str(path)
     if path.exists():
         raise LookupError(f"{str(path)!r} is a file; give the Hugging Face model directory that holds it")
@@ -143,9 +148,7 @@ def resolve_model_ref(value: str) -> str:
         raise LookupError(f"model directory not found: {str(path)!r}")
     cached = _in_hf_cache(value)
     if cached:
-        problem = custom_code_problem(cached) or weights_problem(cached)
-        if problem:
-            raise LookupError(problem)
+        _require_loadable(cached)
         return value
     raise LookupError(
         f"{value!r} is neither a local directory nor a hub id in the local Hugging Face cache; "
