@@ -75,6 +75,18 @@ def read_private_file(path: str, field_name: str) -> bytes:
         raise ConfigError(field_name, path, "a readable file", exc.strerror or str(exc)) from None
 
 
+def read_certificate(path: str, field_name: str, allowed: str) -> bytes:
+    """The PEM certificate in ``path`` (ConfigError: unreadable, or no ``-----BEGIN CERTIFICATE-----``)."""
+    try:
+        with open(path, "rb") as handle:
+            pem = handle.read()
+    except OSError as exc:
+        raise ConfigError(field_name, path, allowed, exc.strerror or str(exc)) from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ConfigError(field_name, path, "a PEM certificate file (-----BEGIN CERTIFICATE-----)")
+    return pem
+
+
 def read_token_file(path: str, field_name: str) -> str:
     """The token in ``path``: its stripped content (see :func:`check_token`)."""
     raw = read_private_file(path, field_name)
@@ -112,14 +124,7 @@ class ProxyCredentials:
         if ca_path == "system":
             ca = b"system"
         elif ca_path:
-            try:
-                with open(ca_path, "rb") as handle:
-                    ca = handle.read()
-            except OSError as exc:
-                raise ConfigError(ENV_PROXY_CA, ca_path, "the proxy's CA certificate (PEM file) or 'system'",
-                                  exc.strerror or str(exc)) from None
-            if b"-----BEGIN CERTIFICATE-----" not in ca:
-                raise ConfigError(ENV_PROXY_CA, ca_path, "a PEM certificate file (-----BEGIN CERTIFICATE-----)")
+            ca = read_certificate(ca_path, ENV_PROXY_CA, "the proxy's CA certificate (PEM file) or 'system'")
         return cls(token=token, ca=ca, source=source)
 
 

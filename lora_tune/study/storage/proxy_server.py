@@ -34,6 +34,7 @@ from lora_tune.study.storage.proxy_client import (
     ENV_PROXY_TOKEN,
     TOKEN_METADATA,
     grpc_target,
+    read_certificate,
     read_private_file,
     read_token_file,
 )
@@ -101,13 +102,7 @@ def proxy_access(host: str, *, token_file: str | None = None, tls_cert: str | No
     token = read_token_file(token_file, "--token-file") if token_file is not None else None
     cert = key = None
     if tls_cert is not None and tls_key is not None:
-        try:
-            with open(tls_cert, "rb") as handle:
-                cert = handle.read()
-        except OSError as exc:
-            raise ConfigError("--tls-cert", tls_cert, "a readable PEM certificate file", exc.strerror) from None
-        if b"-----BEGIN CERTIFICATE-----" not in cert:
-            raise ConfigError("--tls-cert", tls_cert, "a PEM certificate file (-----BEGIN CERTIFICATE-----)")
+        cert = read_certificate(tls_cert, "--tls-cert", "a readable PEM certificate file")
         key = read_private_file(tls_key, "--tls-key")
         if b"PRIVATE KEY-----" not in key:
             raise ConfigError("--tls-key", tls_key, "a PEM private key file (-----BEGIN PRIVATE KEY-----)")
