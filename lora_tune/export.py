@@ -231,15 +231,16 @@ def export_trials(study: Any, output: str | os.PathLike, replaced: list[str] | N
     if suffix not in (".csv", ".parquet"):
         raise ConfigError("output", str(out), "a file name ending in .csv or .parquet")
     target = _output_target(out)
-    df = frame.trials_dataframe(study, include_bulky=True)
-    if suffix == ".csv":
-        content: Any = df.to_csv(index=False)
-    else:
+    if suffix == ".parquet":  # refused before the table is built
         try:
             import pyarrow  # noqa: F401
         except ImportError:
             raise ConfigError("output", str(out),
                               "a .csv file, or install pyarrow (pip install 'lora-tune[parquet]')") from None
+    df = frame.trials_dataframe(study, include_bulky=True)
+    if suffix == ".csv":
+        content: Any = df.to_csv(index=False)
+    else:
         content = functools.partial(_parquet_safe(df).to_parquet, index=False)  # into the open file
     try:
         existed = write_atomic(target, content)
