@@ -170,3 +170,26 @@ def warm_up() -> None:
     for bits in (8, 4):
         QuantizedWeight(w, bits).dequantize()
 
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen ``nn.Linear`` whose weight is kept quantized (QLoRA's base layer): what a base
+    loaded in 4 or 8 bits holds in place of each Linear it quantizes. LoRA wraps it like a Linear
+    and uses its ``qweight`` as is (nothing is quantized again per trial)."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.qweight = qweight
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, quant_type: str = "nf4",
+                    double_quant: bool = True) -> QuantizedLinear:
+        return cls(QuantizedWeight(linear.weight, bits, quant_type, double_quant), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(x, self.qweight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
