@@ -1,9 +1,11 @@
 """The Task protocol, shared helpers for built-in tasks, and task-spec checking.
 
-A task owns a pretrained base model and its data. The study driver calls, per trial:
-``build_model()`` (a fresh copy of the base), injects LoRA, then :func:`lora_tune.train.fit`,
-which uses ``train_batches`` / ``loss`` / ``evaluate`` / ``to_device``. Tasks cache everything
-expensive (pretrained weights, tokenized data) so a trial pays only for training.
+A task owns a pretrained base model and its data. A trial leases the base
+(``lease_model``: the task's resident base, :mod:`lora_tune.tasks.resident`, or a fresh copy from
+``build_model()`` for tasks without one), injects LoRA, runs :func:`lora_tune.train.fit` (which
+uses ``train_batches`` / ``loss`` / ``evaluate`` / ``to_device``) and gives the base back
+(``give_back_model``), which detaches the adapters. Tasks cache everything expensive
+(pretrained weights, tokenized data) so a trial pays only for training.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from lora_tune.errors import ConfigError, short
 from lora_tune.train.task import examples_weight
 from lora_tune.tasks.data_files import regular_file_problem
+from lora_tune.tasks.resident import BaseVariant, ResidentBase
 
 Problems = list[tuple[str, str]]
 MODEL_KINDS = ("decoder", "encoder", "vision")  # Task.model_kind: picks the typical LoRA learning rate
@@ -45,9 +48,30 @@ class Task:
     baseline_targets: str = "attention-qv"
     model_kind: str = "decoder"  # one of MODEL_KINDS; the warm-start prior's learning rates follow it
 
+    resident: ResidentBase | None = None  # the base kept across trials (None: a fresh copy per trial)
+
     def build_model(self) -> torch.nn.Module:
         """A fresh copy of the pretrained base model (CPU, eval mode)."""
         raise NotImplementedError
+
+    def lease_model(self, config: Any, device: Any = "cpu") -> tuple[torch.nn.Module, str]:
+        """The base a trial with LoRA config ``config`` attaches its adapters to, and how it was had
+        (``built``, ``resident`` or ``cache``); give it back with :meth:`give_back_model`."""
+        if self.resident is None:
+            return self.build_model(), "built"
+        return self.resident.lease(BaseVariant.of(config, device))
+
+    def give_back_model(self, model: torch.nn.Module, clean: bool = True) -> None:
+        """The trial is done with ``model``: detach its adapters from the resident base (or drop
+        the base, ``clean=False``, when the trial may have left it inconsistent)."""
+        if self.resident is not None:
+            self.resident.give_back(model, clean)
+
+    def structure(self) -> torch.nn.Module:
+        """A model with the base's modules and shapes, for checks of targets and layers (its
+        weights may be empty); not trained, not changed."""
+        template = getattr(self, "template", None)
+        return template.structure if isinstance(template, ModelTemplate) else self.build_model()
 
     def train_batches(self, batch_size: int, seed: int, epoch: int) -> Iterable[Any]:
         """One epoch of training batches in a deterministic order for ``(seed, epoch)``."""
@@ -79,18 +103,45 @@ class Task:
         return {"name": self.name, "train_examples": self.num_train_examples()}
 
 
+def lease_base(task: Any, config: Any, device: Any = "cpu") -> tuple[torch.nn.Module, str]:
+    """``task.lease_model`` for any task object: one with the bare protocol (no ``lease_model``)
+    builds a fresh model per trial."""
+    lease = getattr(task, "lease_model", None)
+    return lease(config, device) if lease is not None else (task.build_model(), "built")
+
+
+def give_back_base(task: Any, model: torch.nn.Module, clean: bool = True) -> None:
+    """``task.give_back_model`` for any task object (nothing to do without one)."""
+    give_back = getattr(task, "give_back_model", None)
+    if give_back is not None:
+        give_back(model, clean)
+
+
+def structure_of(task: Any) -> torch.nn.Module:
+    """``task.structure()`` for any task object (a fresh model without one)."""
+    structure = getattr(task, "structure", None)
+    return structure() if structure is not None else task.build_model()
+
+
 # -- model templates ------------------------------------------------------------------------
 
 class ModelTemplate:
-    """Keeps one pretrained model in memory and hands out deep copies of it."""
+    """Keeps one pretrained model in memory: hands out deep copies of it (``fresh``) and a
+    resident base (``resident``: one copy per base variant, quantized at inject) for trials."""
 
     def __init__(self, model: torch.nn.Module):
         self._model = model.cpu().eval()
         for p in self._model.parameters():
             p.requires_grad_(True)
+        self.resident = ResidentBase(lambda variant: (self.fresh(), "built"))
 
     def fresh(self) -> torch.nn.Module:
         return copy.deepcopy(self._model)
+
+    @property
+    def structure(self) -> torch.nn.Module:
+        """The template itself, for checks that only read it."""
+        return self._model
 
 
 # -- batching -------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from lora_tune.study.schema.spec import StudySpec, resolve_objective, spec_from_
 from lora_tune.study.storage.budget import budget_used
 from lora_tune.tasks import validate_task_spec
 from lora_tune.tasks.allow_code import Allowance, same_task, trusted_refs
-from lora_tune.tasks.base import Task, raise_problems
+from lora_tune.tasks.base import Task, raise_problems, structure_of
 
 _logger = logging.getLogger("lora_tune.study")
 Callback = Callable[[optuna.Study, FrozenTrial], None]
@@ -170,13 +170,13 @@ def _model_problems(spec: StudySpec, task: Any) -> list[tuple[str, str]]:
     choices = space.values_of("targets") or space.values_of("layers")
     model = None
     if spec.train.gradient_checkpointing:
-        model = task.build_model()
+        model = structure_of(task)
         if not getattr(model, "supports_gradient_checkpointing", False):
             problems.append(("train.gradient_checkpointing", f"got true; allowed: false for this task's "
                              f"{type(model).__name__} (only Hugging Face models that support it "
                              "can recompute activations)"))
     if choices:
-        model = model if model is not None else task.build_model()
+        model = model if model is not None else structure_of(task)
         problems += check_choices(model, space)[1]
     problems += nested_problems(space, task, model)  # search_space.rank.nested against the model
     return problems

@@ -147,8 +147,9 @@ def _clamp(p: Param, value: float) -> float | int:
 def targets_fit(task: Any) -> Any:
     """``fits(targets) -> bool`` on the task's model: a preset or pattern list that matches it."""
     from lora_tune import LoraConfig, find_targets
+    from lora_tune.tasks.base import structure_of
 
-    model = task.build_model()
+    model = structure_of(task)
 
     def fits(targets: Any) -> bool:
         value = targets.split("|") if isinstance(targets, str) and "|" in targets else targets

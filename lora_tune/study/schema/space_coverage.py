@@ -17,6 +17,7 @@ from lora_tune.errors import ConfigError
 from lora_tune.lora.config import LoraConfig, layers_label
 from lora_tune.lora.coverage import TargetCoverage, linear_weights, target_coverage
 from lora_tune.study.schema.space import LORA_DEFAULTS, SearchSpace
+from lora_tune.tasks.base import structure_of
 
 Problems = list[tuple[str, str]]
 
@@ -59,7 +60,7 @@ def check_choices(model: nn.Module, space: SearchSpace) -> tuple[list[TargetCove
 def space_coverage(spec: Any, task: Any) -> list[TargetCoverage]:
     """The coverage of every target choice of a (checked) study spec on its task's model."""
     space = SearchSpace.from_spec(spec.search_space)
-    return check_choices(task.build_model(), space)[0]
+    return check_choices(structure_of(task), space)[0]
 
 
 def coverage_attr(records: list[TargetCoverage]) -> list[dict[str, Any]]:

@@ -179,6 +179,7 @@ def nested_problems(space: Any, task: Any, model: Any = None) -> list[tuple[str,
     from lora_tune import LoraConfig
     from lora_tune.errors import ConfigError
     from lora_tune.lora.inject import resolve
+    from lora_tune.tasks.base import structure_of
 
     p = space["rank"]
     if p is None or p.kind != "nested":
@@ -187,7 +188,7 @@ def nested_problems(space: Any, task: Any, model: Any = None) -> list[tuple[str,
     if getattr(task, "train_adapted", None) is not None:
         return [(path, f"the {getattr(task, 'name', 'task')!r} task trains with its own trainer; nested ranks "
                  "need lora-tune's training loop (use `choices: [...]` for rank)")]
-    model = model if model is not None else task.build_model()
+    model = model if model is not None else structure_of(task)
     problems = []
     for choice in space.values_of("targets") or ["all-linear"]:
         targets = choice.split("|") if isinstance(choice, str) and "|" in choice else choice

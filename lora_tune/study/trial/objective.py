@@ -149,9 +149,9 @@ class Objective:
         trainable: list[int] = []
         t0 = time.perf_counter()
 
-        def built(report: Any) -> bool:
+        def built(report: Any, base_load: str = record.BaseLoad.BUILT.value) -> bool:
             times.build = time.perf_counter() - t0
-            trial.set_user_attr(record.BASE_LOAD, record.BaseLoad.BUILT.value)  # build_and_train builds it
+            trial.set_user_attr(record.BASE_LOAD, record.BaseLoad(base_load).value)
             if report.warnings:  # kept with the trial instead of printed once per trial
                 trial.set_user_attr(record.WARNINGS, report.warnings)
             trial.set_user_attr(record.TARGET_MODULES, [name for name, _ in report.targets])
@@ -177,6 +177,14 @@ class Objective:
             return False
 
         outcome = self._train(trial, plan, Hooks(built, evaluated), isolation)
+        try:
+            return self._finish(trial, plan, outcome, times, start, pruned_at, trainable[-1] if trainable else 0)
+        finally:
+            outcome.close()  # give the base back: the adapter is saved (or the trial ends without one)
+
+    def _finish(self, trial: optuna.trial.BaseTrial, plan: TrialPlan, outcome: TrialOutcome, times: TrialTimes,
+                start: float, pruned_at: list[int], trainable: int) -> float | list[float]:
+        """Record a trained (or constraint-stopped) trial's result and keep its adapter."""
         if outcome.since_first_step is not None:  # trial start -> first optimizer step, by this clock
             times.setup = max(0.0, time.perf_counter() - start - outcome.since_first_step)
             trial.set_user_attr(record.SETUP_SECONDS, times.setup)
@@ -196,7 +204,7 @@ class Objective:
 
         out = []
         for name in self.metrics:
-            value = record.objective_value(name, result.final_metrics, trainable[-1])
+            value = record.objective_value(name, result.final_metrics, trainable)
             if not math.isfinite(value):
                 self._fail(trial, f"metric {name} is {value} after {result.steps} steps")
             out.append(value)

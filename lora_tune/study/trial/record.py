@@ -77,9 +77,9 @@ class Kind(enum.Enum):
 class BaseLoad(enum.Enum):
     """How a trial got its base model (``base_load``)."""
 
-    BUILT = "built"  # built by the task for this trial (``task.build_model``): every trial today
-    RESIDENT = "resident"  # reserved: a base model kept in memory by the worker across trials
-    CACHE = "cache"  # reserved: a base model read from a local cache of prepared weights
+    BUILT = "built"  # built (or loaded and quantized) for this trial: the first of its variant in a process
+    RESIDENT = "resident"  # the base kept in memory by this process across trials (lora_tune.tasks.resident)
+    CACHE = "cache"  # read from the disk cache of quantized bases (lora_tune.tasks.base_cache)
 
 
 def kind_of(trial: HasUserAttrs) -> Kind:

@@ -5,15 +5,17 @@ config, ask whether to go on (the constraint check), train with :func:`lora_tune
 It asks its :class:`Hooks` at two points and knows nothing of Optuna.
 
 :func:`run_in_process` calls the body with hooks that call the parent's own functions.
-:func:`run_in_child` starts a fresh process that builds the task and runs the body. It is
-forked from a ``forkserver`` that has only imported torch and lora-tune (no CUDA context, no
-model, no trial memory is inherited; starting a child costs a fork, not a second of imports);
-the parent keeps the Optuna trial, receives the built model's report and every evaluation over
-a pipe, answers each with its go/stop decision, and gets back the
-:class:`~lora_tune.train.TrainResult` and the adapter archive. When the child
-dies (the OOM killer, a segfault, SIGKILL) the parent raises :class:`TrialProcessDied` with
-the reason; an error in the child comes back as the same kind of error in the parent. Either
-way the child's memory, CPU or GPU, is returned to the system when it exits.
+:func:`run_in_child` runs it in the driver's long-lived trial process for the task
+(:class:`TrialProcess`): forked from a ``forkserver`` that has only imported torch and lora-tune
+(no CUDA context, no model, no driver memory is inherited), it builds the task once and keeps its
+resident base (:mod:`lora_tune.tasks.resident`) across trials, so a later trial pays only for its
+own adapters and training. The parent keeps the Optuna trial, receives the built model's report
+and every evaluation over a pipe, answers each with its go/stop decision, and gets back the
+:class:`~lora_tune.train.TrainResult` and the adapter archive. The process is replaced only when
+it dies (the OOM killer, a segfault, SIGKILL: the parent raises :class:`TrialProcessDied` with
+the reason) or reports an error that may have left its base dirty (CUDA out of memory), after
+which it exits and its memory, CPU or GPU, goes back to the system; any other error in it comes
+back as the same kind of error in the parent and it stays for the next trial.
 
 Either way the outcome says how long before its hand-over the first optimizer step began
 (:class:`FirstStepClock`; ``TrialOutcome.since_first_step``): the objective takes that from its own
@@ -21,11 +23,14 @@ time since the trial started, and records the rest as the trial's ``setup_second
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
 import multiprocessing
 import os
 import signal
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -36,7 +41,7 @@ from collections.abc import Callable, Iterator
 
 from lora_tune.errors import LoraTuneError, NonFiniteLossError, TrainingOutOfMemoryError
 
-OnBuilt = Callable[[Any], bool]  # InjectReport -> go on?
+OnBuilt = Callable[[Any, str], bool]  # (InjectReport, base load: built/resident/cache) -> go on?
 OnEval = Callable[[int, int, dict], bool]  # (step, eval index, metrics) -> stop?
 
 
@@ -78,6 +83,14 @@ class TrialOutcome:
     # time since the trial started to get the setup); None when it did not train
     since_first_step: float | None = None
     first_step_at: float | None = field(default=None, repr=False)  # perf_counter() there, at that start
+    base_load: str = "built"  # how the base was had: built, resident or cache (record.BaseLoad)
+    give_back: Callable[..., None] | None = field(default=None, repr=False)
+
+    def close(self, clean: bool = True) -> None:
+        """Give the leased base back (detaching the trial's adapters); once, idempotent."""
+        give_back, self.give_back = self.give_back, None
+        if give_back is not None:
+            give_back(clean)
 
     def handed_over(self) -> TrialOutcome:
         """Note the time since the first optimizer step, now that the outcome leaves the body."""
@@ -101,32 +114,52 @@ class TrialChildError(LoraTuneError):
 # -- the body ----------------------------------------------------------------------------------
 
 def build_and_train(task: Any, plan: TrialPlan, hooks: Hooks) -> TrialOutcome:
-    """Build, inject, check (``hooks.built``), train (``hooks.evaluated`` after each evaluation)."""
+    """Lease the base, inject, check (``hooks.built``), train (``hooks.evaluated`` after each
+    evaluation). The outcome holds the adapted model until :meth:`TrialOutcome.close` gives the
+    base back (which detaches the adapters); an error gives it back at once."""
     from lora_tune import LoraConfig, inject
     from lora_tune.lora.nested import NestedTask
-    from lora_tune.train import fit
+    from lora_tune.tasks.base import give_back_base, lease_base
+    from lora_tune.train import fit, resolve_device
 
     config = LoraConfig(**plan.lora, modules_to_save=list(task.modules_to_save))
     adapt = getattr(task, "adapt", None)  # tasks may adapt with another injector (trainer: PEFT)
-    with _seeded(plan.train.seed), warnings.catch_warnings():  # init depends on the seed only
-        warnings.filterwarnings("ignore", message="rank .* is larger than min", category=UserWarning)
-        model = task.build_model()
-        model, report = adapt(model, config) if adapt is not None else (model, inject(model, config))
-    outcome = TrialOutcome(report=report, config=config, model=model)
-    if not hooks.built(report):
-        return outcome
-    train_adapted = getattr(task, "train_adapted", None)  # tasks with their own trainer
-    with _torch_threads(plan.threads):
-        if train_adapted is not None:  # its trainer's own setup counts as training
-            outcome.first_step_at = time.perf_counter()
-            outcome.result = train_adapted(model, plan.train, hooks.evaluated, params=plan.params,
-                                           explicit=plan.explicit_train)
+    with _torch_threads(plan.threads):  # a base quantized on load honours train.threads
+        if adapt is not None:
+            model, how = task.build_model(), "built"
         else:
-            fit_task = FirstStepClock(task if plan.nested is None
-                                      else NestedTask(task, model, plan.nested, plan.train.seed))
-            outcome.result = fit(model, fit_task, plan.train, on_eval=hooks.evaluated)
-            outcome.first_step_at = fit_task.first_step_at
+            model, how = lease_base(task, config, resolve_device(plan.train.device))
+    outcome = TrialOutcome(report=None, config=config, model=model, base_load=how)
+    if adapt is None:
+        outcome.give_back = lambda clean=True: give_back_base(task, model, clean)
+    try:
+        with _seeded(plan.train.seed), warnings.catch_warnings():  # init depends on the seed only
+            warnings.filterwarnings("ignore", message="rank .* is larger than min", category=UserWarning)
+            model, outcome.report = adapt(model, config) if adapt is not None else (model, inject(model, config))
+        outcome.model = model
+        if not hooks.built(outcome.report, how):
+            return outcome
+        train_adapted = getattr(task, "train_adapted", None)  # tasks with their own trainer
+        with _torch_threads(plan.threads):
+            if train_adapted is not None:  # its trainer's own setup counts as training
+                outcome.first_step_at = time.perf_counter()
+                outcome.result = train_adapted(model, plan.train, hooks.evaluated, params=plan.params,
+                                               explicit=plan.explicit_train)
+            else:
+                fit_task = FirstStepClock(task if plan.nested is None
+                                          else NestedTask(task, model, plan.nested, plan.train.seed))
+                outcome.result = fit(model, fit_task, plan.train, on_eval=hooks.evaluated)
+                outcome.first_step_at = fit_task.first_step_at
+    except BaseException as exc:
+        outcome.close(clean=not _may_leave_dirty(exc))
+        raise
     return outcome
+
+
+def _may_leave_dirty(exc: BaseException) -> bool:
+    """Whether the base is not trusted after ``exc``: out of memory on CUDA, where a kernel may
+    have stopped half-way (every other error leaves the frozen base untouched)."""
+    return isinstance(exc, TrainingOutOfMemoryError) and str(exc.device).startswith("cuda")
 
 
 class FirstStepClock:
@@ -172,25 +205,88 @@ def release_memory() -> None:
 # -- the child ------------------------------------------------------------------------------------
 
 def run_in_child(plan: TrialPlan, hooks: Hooks, poll_seconds: float = 0.5) -> TrialOutcome:
-    """The body in a fresh child process; see the module docstring."""
-    ctx = _context(plan.task_spec.get("type"))
-    parent_end, child_end = ctx.Pipe()
+    """The body in this driver's long-lived trial process for ``plan.task_spec``; see the module
+    docstring. A process that died, or reported an error that may have left its base dirty, is
+    replaced for the next trial; an interrupted trial takes its process down with it."""
+    key = json.dumps(plan.task_spec, sort_keys=True, default=str)
+    with _LOCK:  # taken out of the pool while in use: a concurrent trial starts its own
+        child = _POOL.pop(key, None)
+    if child is None or not child.process.is_alive():
+        child = TrialProcess(plan.task_spec)
+    keep = False
     with tempfile.TemporaryDirectory(prefix="lora-tune-trial-") as tmp:
         plan = TrialPlan(**{**plan.__dict__, "adapter_archive": str(Path(tmp) / "adapter.zip")})
-        process = ctx.Process(target=_child_main, args=(child_end, plan), name="lora-tune-trial", daemon=True)
-        process.start()
-        child_end.close()
-        finished = False
         try:
-            outcome = _serve(parent_end, process, hooks, poll_seconds)
-            finished = True
+            child.conn.send(("trial", plan))
+            outcome = _serve(child.conn, child.process, hooks, poll_seconds)
+            keep = True
             if outcome.adapter_archive:  # keep it past the temporary directory
                 outcome.adapter_archive = _keep(outcome.adapter_archive)
             outcome.rank_archives = {r: _keep(path) for r, path in outcome.rank_archives.items()}
             return outcome
+        except _ChildFailed as failed:
+            keep = not failed.dirty
+            raise failed.error from None
         finally:
-            parent_end.close()
-            _stop(process, wait=5.0 if finished else 0.0)
+            if keep and child.process.is_alive():
+                with _LOCK:
+                    pooled = _POOL.setdefault(key, child) is child
+                if not pooled:  # another trial's process went back first: one per task is enough
+                    child.close()
+            else:
+                child.close(wait=0.0)
+
+
+class TrialProcess:
+    """A trial process for one task spec: it builds the task (and so its resident base) once and
+    runs the trials sent to it, one at a time, until told to exit or its pipe closes."""
+
+    def __init__(self, task_spec: dict):
+        ctx = _context(task_spec.get("type"))
+        self.conn, child_end = ctx.Pipe()
+        self.process = ctx.Process(target=_child_main, args=(child_end, dict(task_spec)),
+                                   name="lora-tune-trial", daemon=True)
+        self.process.start()
+        child_end.close()
+
+    def close(self, wait: float = 5.0) -> None:
+        """Ask the process to exit; after ``wait`` seconds terminate it, then kill it."""
+        with contextlib.suppress(OSError, ValueError):
+            if wait > 0:
+                self.conn.send(("exit",))
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        _stop(self.process, wait)
+
+
+_POOL: dict[str, TrialProcess] = {}  # task spec (JSON) -> its idle trial process
+_LOCK = threading.Lock()
+
+
+def close_trial_processes() -> None:
+    """End every idle trial process of this driver (at the end of a run; also at exit)."""
+    with _LOCK:
+        children = list(_POOL.values())
+        _POOL.clear()
+    for child in children:
+        child.close()
+
+
+def trial_process_pids() -> list[int]:
+    """Process ids of this driver's idle trial processes."""
+    with _LOCK:
+        return [c.process.pid for c in _POOL.values() if c.process.pid is not None]
+
+
+atexit.register(close_trial_processes)
+
+
+class _ChildFailed(Exception):
+    """An error reported by the trial process; ``dirty``: it exits, not to be reused."""
+
+    def __init__(self, error: BaseException, dirty: bool):
+        super().__init__(str(error))
+        self.error, self.dirty = error, dirty
 
 
 def _keep(path: str) -> str:
@@ -237,11 +333,11 @@ def _serve(conn: Any, process: Any, hooks: Hooks, poll_seconds: float) -> TrialO
             process.join(timeout=10)
             raise TrialProcessDied(_death_reason(process.exitcode)) from None
         if kind == "built":
-            report = payload[0]
-            go = hooks.built(report)
+            report, base_load = payload
+            go = hooks.built(report, base_load)
             conn.send(go)
             if not go:
-                return TrialOutcome(report=report, config=payload[1])
+                return TrialOutcome(report=report, config=None, base_load=base_load)
         elif kind == "eval":
             conn.send(bool(hooks.evaluated(*payload)))
         elif kind == "done":
@@ -252,29 +348,56 @@ def _serve(conn: Any, process: Any, hooks: Hooks, poll_seconds: float) -> TrialO
                 outcome.warnings.append(f"adapter not written: {archive_error}")
             return outcome
         elif kind == "error":
-            raise _rebuild_error(*payload)
+            *described, dirty = payload
+            raise _ChildFailed(_rebuild_error(*described), dirty)
         else:  # pragma: no cover - a programming error
             raise RuntimeError(f"unknown message {kind!r} from the trial process")
 
 
-def _child_main(conn: Any, plan: TrialPlan) -> None:
-    """Entry point of the trial process: build the task, run the body, send the outcome."""
+def _child_main(conn: Any, task_spec: dict) -> None:
+    """Entry point of a trial process: build the task on the first trial, then run each trial
+    sent, send its outcome and give its base back; exit on ``exit``, a closed pipe, or an error
+    that may have left the base dirty."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us
+    task = None
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            break
+        if message[0] != "trial":
+            break
+        try:
+            if task is None:
+                from lora_tune.tasks import build_task
+
+                task = build_task(dict(task_spec))
+            _child_trial(conn, task, message[1])
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+            dirty = _may_leave_dirty(exc) or not isinstance(exc, Exception)
+            with contextlib.suppress(Exception):
+                conn.send(("error", *_describe_error(exc), dirty))
+            if dirty:
+                break
+        finally:
+            release_memory()
+    conn.close()
+
+
+def _child_trial(conn: Any, task: Any, plan: TrialPlan) -> None:
+    """One trial in the trial process: the body with hooks over the pipe, the adapter archives."""
+
+    def built(report: Any, base_load: str) -> bool:
+        conn.send(("built", report, base_load))
+        return bool(conn.recv())
+
+    def evaluated(step: int, index: int, metrics: dict) -> bool:
+        conn.send(("eval", step, index, metrics))
+        return bool(conn.recv())
+
+    outcome = build_and_train(task, plan, Hooks(built, evaluated))
     try:
-        from lora_tune.tasks import build_task
-
-        task = build_task(dict(plan.task_spec))
-
-        def built(report: Any) -> bool:
-            conn.send(("built", report, None))
-            return bool(conn.recv())
-
-        def evaluated(step: int, index: int, metrics: dict) -> bool:
-            conn.send(("eval", step, index, metrics))
-            return bool(conn.recv())
-
-        outcome = build_and_train(task, plan, Hooks(built, evaluated))
-        if outcome.result is None:
+        if outcome.result is None:  # stopped after building: the parent has its answer
             return
         archive, archive_error, rank_archives = None, None, {}
         if plan.adapter_archive:
@@ -293,11 +416,8 @@ def _child_main(conn: Any, plan: TrialPlan) -> None:
         outcome.handed_over()
         conn.send(("done", outcome.result, outcome.config, archive, archive_error, rank_archives,
                    outcome.since_first_step))
-    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
-        with contextlib.suppress(Exception):
-            conn.send(("error", *_describe_error(exc)))
     finally:
-        conn.close()
+        outcome.close()
 
 
 def _describe_error(exc: BaseException) -> tuple:

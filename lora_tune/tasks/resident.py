@@ -1,0 +1,111 @@
+"""The resident base: a task's frozen model, built once per base variant and lent to one trial at
+a time.
+
+A trial leases the base (:meth:`ResidentBase.lease`), attaches its adapters (``inject``), trains,
+saves its adapter and gives the base back (:meth:`ResidentBase.give_back`), which detaches the
+adapters (:func:`lora_tune.lora.detach`): every module, parameter, value and flag the trial
+changed is restored, so the next trial on the same object computes exactly what it would on a
+freshly built base (``tests/tasks/test_resident.py``). The base is never deep-copied.
+
+A base variant is what of a trial's config changes the frozen weights themselves: the
+quantization (``quant_bits`` / ``quant_type`` / ``double_quant``) and the device. One variant is
+kept at a time: a trial of another variant frees the resident one before building its own. A
+base whose give-back fails (or a trial that may have left it dirty) is dropped, never lent again.
+"""
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BaseVariant:
+    """What a trial's LoRA config changes in the frozen base (None bits: not quantized)."""
+
+    quant_bits: int | None = None
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    device: str = "cpu"
+
+    @classmethod
+    def of(cls, config: Any, device: Any = "cpu") -> BaseVariant:
+        """The variant a :class:`~lora_tune.lora.LoraConfig` trains on, on ``device``."""
+        if config.quant_bits in (4, 8):
+            return cls(config.quant_bits, config.quant_type if config.quant_bits == 4 else "int8",
+                       bool(config.double_quant) if config.quant_bits == 4 else False, str(device))
+        return cls(device=str(device))
+
+
+Build = Callable[[BaseVariant], "tuple[nn.Module, str]"]  # variant -> (model, "built" | "cache")
+
+
+class ResidentBase:
+    """The frozen base of a task, kept across trials; see the module docstring.
+
+    ``build(variant)`` makes the base of a variant (a new object, or the same in-memory model for
+    every variant when quantization happens at inject) and says how (``built`` or ``cache``)."""
+
+    def __init__(self, build: Build):
+        self._build = build
+        self._variant: BaseVariant | None = None
+        self._model: nn.Module | None = None
+        self._lent = False
+        self._checkpointing = False
+        self.last_load: str | None = None
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The resident model (None before the first lease or after a drop)."""
+        return self._model
+
+    def lease(self, variant: BaseVariant) -> tuple[nn.Module, str]:
+        """The base of ``variant`` and how it was had (``built``, ``cache`` or ``resident``)."""
+        if self._lent:
+            raise RuntimeError("the resident base is lent to another trial")
+        if self._model is None or self._variant != variant:
+            self.drop()
+            model, how = self._build(variant)
+            self._model, self._variant = model, variant
+        else:
+            how = "resident"
+        self._lent = True
+        self._checkpointing = bool(getattr(self._model, "is_gradient_checkpointing", False))
+        self.last_load = how
+        return self._model, how
+
+    def give_back(self, model: nn.Module, clean: bool = True) -> None:
+        """Detach the trial's adapters and keep the base for the next trial; ``clean=False`` (the
+        trial may have left it inconsistent) or a failed detach drops it instead."""
+        if not self._lent or model is not self._model:
+            return  # not a lease of this base (e.g. a task's own fresh copy)
+        self._lent = False
+        if not clean:
+            self.drop()
+            return
+        try:
+            _detach_all(model)
+            if getattr(model, "is_gradient_checkpointing", False) and not self._checkpointing:
+                model.gradient_checkpointing_disable()
+            model.eval()
+        except Exception:
+            self.drop()
+            raise
+
+    def drop(self) -> None:
+        """Forget the resident base (its memory is freed once no trial holds it)."""
+        self._model, self._variant, self._lent = None, None, False
+        gc.collect()
+
+
+def _detach_all(model: nn.Module) -> None:
+    from lora_tune.lora import detach
+    from lora_tune.lora.inject import lora_layers
+
+    if getattr(model, "_lora_tune_attached", None) is not None or any(True for _ in lora_layers(model)):
+        detach(model)
+    if any(True for _ in lora_layers(model)):
+        raise RuntimeError("LoRA layers are left on the resident base after detach")

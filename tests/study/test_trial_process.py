@@ -1,0 +1,69 @@
+"""The long-lived trial process (``train.isolation: process``): one per task, reused across
+trials, replaced only when it dies or reports an error that may have left its base dirty."""
+from __future__ import annotations
+
+import os
+
+import optuna
+from optuna.trial import TrialState
+
+from lora_tune.study.trial.objective import Objective, TrialFailed
+from lora_tune.study.trial.trial_process import close_trial_processes, trial_process_pids
+from tests.study.test_isolation import PARAMS, _spec
+
+
+def _one(objective: Objective, study: optuna.Study) -> optuna.trial.FrozenTrial:
+    study.enqueue_trial(PARAMS)
+    study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+    return study.trials[-1]
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_consecutive_trials_of_a_task_run_in_one_trial_process():
+    close_trial_processes()
+    study = optuna.create_study(direction="maximize")
+    objective = Objective(_spec())
+    assert _one(objective, study).state == TrialState.COMPLETE
+    first = trial_process_pids()
+    assert len(first) == 1
+    assert _one(objective, study).state == TrialState.COMPLETE
+    assert trial_process_pids() == first  # the same process ran the second trial
+    close_trial_processes()
+    assert trial_process_pids() == []
+
+
+def test_an_error_keeps_the_process_and_a_death_replaces_it():
+    close_trial_processes()
+    study = optuna.create_study(direction="maximize")
+    failing = Objective(_spec({"fail_in": "evaluate"}))
+    assert _one(failing, study).state == TrialState.FAIL
+    kept = trial_process_pids()
+    assert len(kept) == 1  # a Python error in a trial leaves its process for the next one
+    assert _one(failing, study).state == TrialState.FAIL
+    assert trial_process_pids() == kept
+    dying = Objective(_spec({"die_at_loss_call": 2}))
+    died = _one(dying, study)
+    assert died.state == TrialState.FAIL and "killed by SIGKILL" in died.user_attrs["fail_reason"]
+    assert len(trial_process_pids()) == 1  # only the failing task's process is left; the dead one is gone
+    close_trial_processes()
+
+
+def test_twenty_trials_in_one_trial_process_do_not_grow_its_memory():
+    close_trial_processes()
+    study = optuna.create_study(direction="maximize")
+    objective = Objective(_spec())
+    for _ in range(3):  # warm-up: imports, allocator pools
+        _one(objective, study)
+    (pid,) = trial_process_pids()
+    before = _rss(pid)
+    for _ in range(20):
+        _one(objective, study)
+    assert trial_process_pids() == [pid]
+    grown = _rss(pid) - before
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert grown < 16 * 2**20, f"trial process RSS grew by {grown / 2**20:.1f} MiB over 20 trials"
+    close_trial_processes()
