@@ -18,6 +18,8 @@ one notice is moved to this module's DEBUG log; every other bitsandbytes message
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +127,66 @@ class QuantizedWeight(nn.Module):
             numel *= d
         return 8.0 * self.storage_bytes() / numel
 
+    def packed_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What :meth:`from_packed` needs to rebuild this weight exactly, without quantizing again:
+        the tensors (packed ``data``; 8 bit: ``row_scale``; 4 bit: bitsandbytes' ``QuantState``
+        packed for safetensors under ``state.``) and JSON-able facts (bits, type, shape, dtype).
+        The tensors are this weight's own (not copies); several may share the state's code table."""
+        meta = {"bits": self.bits, "quant_type": self.quant_type, "shape": list(self.shape),
+                "dtype": str(self.dtype).removeprefix("torch.")}
+        tensors = {"data": self.data}
+        if self.bits == 8:
+            tensors["row_scale"] = self.row_scale
+        else:
+            tensors.update({f"state.{k}": v for k, v in self._state.as_dict(packed=True).items()})
+        return tensors, meta
+
+    @classmethod
+    def from_packed(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                    device: torch.device | str | None = None) -> QuantizedWeight:
+        """The weight :meth:`packed_state` described, bit for bit (no quantization runs); on
+        ``device`` (default: where ``tensors["data"]`` is). The tensors are used as given (moved
+        only when on another device). QuantizationError when they do not fit ``meta``."""
+        try:
+            bits, shape, dtype = int(meta["bits"]), tuple(int(d) for d in meta["shape"]), getattr(torch, meta["dtype"])
+            quant_type, data = str(meta["quant_type"]), tensors["data"]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise QuantizationError(f"packed quantized weight: bad facts {sorted(meta)} ({exc})") from None
+        if bits not in (4, 8) or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise QuantizationError(f"packed quantized weight: bits {bits!r}, dtype {meta['dtype']!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        device = torch.device(device) if device is not None else data.device
+        weight = cls.__new__(cls)
+        nn.Module.__init__(weight)
+        weight.bits, weight.quant_type, weight.shape = bits, quant_type if bits == 4 else "int8", shape
+        weight.register_buffer("_dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        if bits == 8:
+            scale = tensors.get("row_scale")
+            rows = shape[0] if shape else 0
+            if (data.dtype != torch.int8 or data.numel() != numel or scale is None
+                    or scale.dtype != torch.float32 or scale.numel() != rows):
+                raise QuantizationError(f"packed 8-bit weight of shape {shape}: data {tuple(data.shape)} "
+                                        f"{data.dtype}, row_scale {None if scale is None else tuple(scale.shape)}")
+            weight.register_buffer("data", data.to(device), persistent=False)
+            weight.register_buffer("row_scale", scale.to(device), persistent=False)
+            weight._state = None
+            return weight
+        bnbf = _bnb_functional()
+        state_items = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
+        try:
+            state = bnbf.QuantState.from_dict(state_items, device=device)
+        except (KeyError, ValueError, TypeError, AssertionError, RuntimeError, AttributeError) as exc:
+            raise QuantizationError(f"packed 4-bit weight of shape {shape}: bad state ({exc})") from None
+        if (data.dtype != torch.uint8 or data.numel() * 2 < numel or state.quant_type != quant_type
+                or state.shape != torch.Size(shape) or state.absmax.numel() * state.blocksize < numel):
+            raise QuantizationError(f"packed 4-bit weight of shape {shape}: data {tuple(data.shape)} {data.dtype}, "
+                                    f"state {state.quant_type} {tuple(state.shape or ())}")
+        weight.register_buffer("data", data.to(device), persistent=False)
+        weight._state = state
+        return weight
+
     def extra_repr(self) -> str:
         return f"shape={self.shape}, bits={self.bits}, type={self.quant_type}, dtype={self.dtype}"
 
@@ -169,7 +231,6 @@ def warm_up() -> None:
     w = torch.zeros(4, 64)
     for bits in (8, 4):
         QuantizedWeight(w, bits).dequantize()
-
 
 
 class QuantizedLinear(nn.Module):
