@@ -1,35 +1,11 @@
-"""The study's exact global trial budget, and the one way it is counted.
+"""The study's exact global trial budget: its ``n_trials``, stored in the study so that every
+process reads the same number; slots are counted by :mod:`lora_tune.study.trial.record`.
 
-A study's budget is its ``n_trials``: the stored study file's ``study.n_trials`` (user
-attribute ``spec``), or for a plain Optuna study its user attribute ``n_trials``. It is a fact
-of the study, so every process that starts trials - workers, a storage proxy serving them -
-reads the same number.
-
-Counting: one budget slot per trial that was started (RUNNING, COMPLETE, PRUNED or FAIL).
-A failed trial re-queued with the same parameters (Optuna's ``RetryHeartbeatStaleTrialCallback``
-marks the copy with ``failed_trial``) keeps its slot: the retry runs in it, so retries are
-not counted again, and a queued retry is never refused for lack of budget. A slot is done
-when the last trial in it finished. Nested-rank results and confirmation runs are added beside
-the budget's trials and never use a slot. :func:`budget_used` and :func:`budget_done`
-(:mod:`lora_tune.study.trial.record`) are used by the storage, the runner, the progress bar, the CLI
-and the report alike.
-
-:class:`BudgetedStorage` starts a trial of a budgeted study - a new one, or a queued one -
-only under the study's lock (:mod:`.locks`), after counting; when the budget is used up,
-``create_new_trial`` raises :class:`BudgetReached` and nothing is written. Studies without
-a budget, and trials created from a template (enqueued or added trials), are Optuna's
-behaviour unchanged.
-
-The one documented difference from a plain Optuna storage: a trial started in a *budgeted*
-study carries lora-tune's start marks (:mod:`.marks`) from the moment it exists, written in
-the same call that creates it, so that a worker dying at any point leaves a trial the others
-recognise and retry.
-
-Starting is idempotent over a lost answer: the marks carry a token of the call
-(``lora_tune:start``), and when that call raised - the database restarted after applying it,
-say - the same thread's next start in the study first looks for the trial with that token
-and returns it, so a retried call never leaves an orphan RUNNING trial that holds a budget
-slot until its heartbeat goes stale.
+:class:`BudgetedStorage` starts a trial of a budgeted study (a new or a queued one) only under
+the study's lock (:mod:`.locks`), after counting, with lora-tune's start marks (:mod:`.marks`)
+written in the same call, so that a worker dying at any point leaves a trial the others retry.
+When the budget is used up ``create_new_trial`` raises :class:`BudgetReached` and writes nothing.
+A start whose answer was lost is found by its token on the thread's next start, not repeated.
 """
 from __future__ import annotations
 
@@ -82,11 +58,8 @@ def study_budget(user_attrs: Mapping[str, Any]) -> int | None:
 
 
 class BudgetedStorage(StorageWrapper):
-    """Starts trials of budgeted studies under the study lock, after counting (see the module).
-
-    ``worker``: recorded on the trials this storage starts (``hostname:pid``); None in a
-    storage proxy, whose clients record their own.
-    """
+    """Starts trials of budgeted studies under the study lock, after counting. ``worker``: recorded
+    on the trials it starts; None in a storage proxy, whose clients record their own."""
 
     def __init__(self, inner: BaseStorage, locks: StudyLocks, worker: str | None):
         super().__init__(inner)
@@ -103,8 +76,7 @@ class BudgetedStorage(StorageWrapper):
         budget = None if template_trial is not None else self.budget(study_id)
         if budget is None:
             return self._known(study_id, self.inner.create_new_trial(study_id, template_trial))
-        # read the trials once before taking the lock: Optuna's cache then reads only what
-        # changed meanwhile, and the lock is held for as short a time as it can be
+        # read before taking the lock: under it, Optuna's cache reads only what changed
         self.inner.get_all_trials(study_id, deepcopy=False)
         with self.locks.hold(study_id):
             trials = self.inner.get_all_trials(study_id, deepcopy=False)

@@ -1,43 +1,13 @@
-"""Heartbeats of running trials, and noticing the trials whose worker is gone.
+"""Heartbeats of running trials, and failing the trials whose worker is gone.
 
-While a worker runs a trial, a thread rewrites the trial's ``lora_tune:heartbeat`` system
-attribute every ``study.heartbeat_interval`` seconds (default 30) - an ordinary attribute
-write through Optuna's storage API, so it works the same on a database, a journal file and
-through a storage proxy. Every worker watches the RUNNING trials of the study: a trial whose
-heartbeat value has not changed for ``study.grace_period`` seconds (default 3 intervals) *as
-seen by this worker's own clock* is stale - no clocks of different machines are compared.
-Its worker is presumed dead; the trial is failed and its parameters re-queued, at most
-``study.failed_trial_retries`` times (default 2). A worker on the same machine is judged at
-once by its process id (:mod:`lora_tune.study.run.workers`).
-
-A worker that was only slow (its heartbeats did not arrive within the grace period) finds
-its trial failed when it reports or finishes: it drops that result and goes on; the retry
-runs the same parameters. The retry itself is Optuna's ``RetryHeartbeatStaleTrialCallback``.
-
-**Why not Optuna's own heartbeat on a database.** ``RDBStorage`` has one
-(``heartbeat_interval``, ``grace_period``, ``heartbeat_stale_trial_callback``): a thread that
-``Study.optimize`` starts around the objective writes a ``trial_heartbeats`` row, and
-``fail_stale_trials`` fails RUNNING trials whose row is older than the grace period. lora-tune
-keeps this one implementation for every storage instead, because passing the settings through
-would break what it promises:
-
-* *A worker dying at any moment is noticed.* In a budgeted study the budget layer writes a trial's
-  first heartbeat in the same call that starts it (:mod:`lora_tune.study.storage.budget`). Optuna writes its first
-  one only when the objective starts, after ``ask`` and the sampler's ``before_trial`` (where a
-  grid trial may wait for lower ones), and never judges a RUNNING trial that has no row. Such a
-  trial would keep its slot of the exact budget forever, and the workers waiting for the last
-  trials of the budget would wait forever.
-* *One study, any mix of workers.* Workers may reach one database directly and through a storage
-  proxy at the same time. Optuna's proxy protocol has no heartbeat call (``GrpcStorageProxy``, like
-  ``JournalStorage``, is no ``BaseHeartbeat``), so direct workers on Optuna's heartbeat and proxy
-  workers on this one would each miss the other's dead workers, unless both heartbeats ran.
-* *The settings are the study's.* ``study.heartbeat_interval`` and ``study.grace_period`` are read
-  from the stored study after the storage is opened, and one storage may serve several studies
-  (a storage proxy does); Optuna's are fixed per ``RDBStorage`` when it is built.
-* *The trial says why it failed.* ``fail_reason`` is written before the trial is failed; Optuna
-  fails it first and hands its callback a finished trial, which takes no more attributes.
-
-``tests/storage/test_heartbeat.py`` pins the Optuna behaviour the first two points rest on.
+A thread rewrites a running trial's ``lora_tune:heartbeat`` every ``study.heartbeat_interval``
+seconds; a trial whose value has not changed for ``study.grace_period`` seconds *by this worker's
+own clock* is failed and re-queued (Optuna's ``RetryHeartbeatStaleTrialCallback``) at most
+``study.failed_trial_retries`` times. Not Optuna's ``RDBStorage`` heartbeat, because that one
+starts beating only when the objective starts (a budgeted trial is marked in the call that
+starts it), does not exist behind a storage proxy or a journal, is fixed per storage rather
+than per study, and fails a trial before its ``fail_reason`` can be written.
+``tests/storage/test_heartbeat.py`` pins the Optuna behaviour this rests on.
 """
 from __future__ import annotations
 
@@ -95,11 +65,8 @@ class StaleWatch:
         self._lock = threading.Lock()
 
     def stale(self, running: Iterable[FrozenTrial], exclude: Iterable[int] = ()) -> list[FrozenTrial]:
-        """The trials among ``running`` whose heartbeat has not changed for ``grace`` seconds.
-
-        Only trials started by lora-tune (with a heartbeat attribute) are judged; ``exclude``:
-        trial ids this process runs itself.
-        """
+        """The lora-tune trials among ``running`` (but ``exclude``, trial ids) whose heartbeat
+        has not changed for ``grace`` seconds."""
         now, skip, found = self.clock(), set(exclude), []
         with self._lock:
             current = {}
@@ -116,19 +83,17 @@ class StaleWatch:
 
 
 class TrialHeartbeat:
-    """``with TrialHeartbeat(storage, trial_id, interval, on_beat):`` - a thread that records
-    this worker on the trial and beats every ``interval`` seconds until the block ends.
+    """``with TrialHeartbeat(...):`` - records this worker on the trial and beats every
+    ``interval`` seconds until the block ends, calling ``on_beat()`` after each beat.
 
-    ``on_beat()`` runs after each beat (the worker looks for stale trials of others then).
-    ``marked``: the storage already wrote this worker and a first heartbeat when it started the
-    trial (a budgeted study, opened by this process), so the first beat is skipped.
-    ``lost`` is set when the trial turned out to be finished by someone else.
+    ``marked``: the storage already wrote the first beat when it started the trial.
+    ``lost``: the trial turned out to be finished by someone else.
     """
 
     def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int, interval: float,
                  on_beat: Callable[[], Any] | None = None, marked: bool = False):
         self.storage, self.trial_id, self.interval, self.on_beat = storage, trial_id, interval, on_beat
-        self.marked = marked  # the storage already recorded this worker and a first heartbeat
+        self.marked = marked
         self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lora-tune-heartbeat-{trial_id}", daemon=True)

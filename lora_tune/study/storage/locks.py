@@ -1,11 +1,6 @@
-"""A lock per study, shared by every process that works on it.
-
-The exact budget counts trials and starts one under this lock. Which lock depends on the
-storage: a PostgreSQL advisory lock (transaction-scoped, so a dead connection releases it),
-MySQL's ``GET_LOCK``, or an ``flock`` on a file next to an SQLite or journal file. Threads of
-one process first take an in-process lock, so that at most one of them waits on the
-database: a process serving many workers (the storage proxy) never ties up its pool of
-connections with waiting threads.
+"""A lock per study across processes: a PostgreSQL advisory lock, MySQL's ``GET_LOCK``, or an
+``flock`` beside an SQLite or journal file. Threads first take an in-process lock, so that at
+most one of them waits on the database (a storage proxy's pool is not tied up by waiters).
 """
 from __future__ import annotations
 
@@ -24,11 +19,8 @@ _THREAD_LOCKS_GUARD = threading.Lock()
 
 
 class StudyLocks:
-    """``with locks.hold(study_id):`` - exclusive across processes and threads.
-
-    ``rdb``: the ``optuna.storages.RDBStorage`` of a database URL (its engine gives the
-    connection the lock lives on). Picklable: the engine is reached through ``rdb``.
-    """
+    """``with locks.hold(study_id):`` - exclusive across processes and threads. ``rdb``: the
+    ``RDBStorage`` of a database URL, whose engine holds the lock (kept so this pickles)."""
 
     def __init__(self, url: str, rdb: Any = None):
         self.url = url
@@ -86,9 +78,8 @@ def _database_lock(engine: Any, study_id: int) -> Iterator[None]:
 
 
 def _release(step: Any) -> None:
-    """Run a step of giving a database lock back; a connection lost meanwhile (a server
-    restart) already gave it back, and the work done under it stands, so that is no error:
-    raising here would report as failed a trial start that happened."""
+    """Run a step of giving a lock back; a lost connection already gave it back, and raising
+    would report as failed a trial start that happened."""
     try:
         step()
     except Exception as exc:

@@ -1,14 +1,8 @@
 """What lora-tune records on a trial it starts (trial system attributes).
 
-* ``lora_tune:worker`` - ``hostname:pid`` of the worker running the trial: a worker on the
-  same machine whose process is gone is noticed at once;
-* ``lora_tune:heartbeat`` - rewritten every ``study.heartbeat_interval`` seconds while the
-  trial runs; a trial whose value stops changing for ``study.grace_period`` seconds is
-  failed and its parameters re-queued (:mod:`lora_tune.study.storage.heartbeat`);
-* ``lora_tune:start`` - a random token of the call that started the trial: when the database
-  connection breaks after that call was applied but before its answer arrived, the retried
-  call finds the trial it already started instead of starting a second one
-  (:class:`lora_tune.study.storage.budget.BudgetedStorage`).
+``lora_tune:worker`` (``hostname:pid``: a dead process on the same machine is noticed at once),
+``lora_tune:heartbeat`` (:mod:`.heartbeat`) and ``lora_tune:start`` (the token of the starting
+call, so that a retried start finds its trial: :mod:`.budget`).
 """
 from __future__ import annotations
 
@@ -33,8 +27,7 @@ def worker_id() -> str:
 
 
 def start_marks(worker: str | None, token: str) -> dict[str, Any]:
-    """The system attributes of a trial being started by ``worker`` (None: by a proxy) in the
-    call whose token is ``token``."""
+    """The system attributes of a trial started by ``worker`` (None: by a proxy) in call ``token``."""
     marks: dict[str, Any] = {HEARTBEAT_KEY: time.time(), START_KEY: token}
     if worker is not None:
         marks[WORKER_KEY] = worker

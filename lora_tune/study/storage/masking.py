@@ -1,9 +1,4 @@
-"""No password in a study attribute.
-
-A study file may name its storage with a password, and the stored study file is a study
-user attribute that optuna-dashboard, reports and exports show. :class:`MaskingStorage`
-masks every password inside the strings of study attribute values before they are written.
-"""
+"""No password in a study attribute (the stored study file is shown by dashboards and reports)."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,23 +1,6 @@
-"""Opening storages that survive many workers; storage URLs and password masking.
-
-One URL names where a study lives (see :mod:`lora_tune.study.storage.urls`): an SQLite file
-(one process), a database server (``postgresql+psycopg://...``, many workers), a journal
-file (``journal:PATH``, several processes on one machine) or a storage proxy
-(``grpc://HOST:PORT``, many workers sharing the proxy's database connections).
-
-:func:`open_storage` returns Optuna's own storage for the URL with small layers on top, one
-concept each, every one through Optuna's public storage API:
-
-    OpenedStorage          the URL, close()
-      MaskingStorage       no password stored in a study attribute        storage/masking.py
-        RetryingStorage    transient errors retried with backoff          storage/retry.py
-          BudgetedStorage  the study's exact global budget, under a lock  storage/budget.py
-            Optuna         RDBStorage (cached), JournalStorage or GrpcStorageProxy
-
-Behind a storage proxy the budget is enforced by the proxy's own storage, so a ``grpc://``
-storage has no budget layer of its own. ``tests/storage/test_storage_conformance.py`` runs
-Optuna's storage test suite on what this returns.
-"""
+"""``open_storage``: Optuna's storage for a URL with one layer per concern on top (the table in
+docs/architecture.md, "Storage layer"); a ``grpc://`` storage has no budget layer of its own
+(the proxy's storage has one)."""
 from __future__ import annotations
 
 import os
@@ -79,8 +62,7 @@ class OpenedStorage(StorageWrapper):
         return layer.retries if layer is not None else 0
 
     def marks_trials_as(self, worker: str) -> bool:
-        """Whether this storage marks the trials it starts in budgeted studies as ``worker``'s
-        (it does unless it is a storage proxy's client: the proxy starts them)."""
+        """Whether this storage marks the trials it starts in budgeted studies as ``worker``'s."""
         layer = self.layer(BudgetedStorage)
         return layer is not None and layer.worker == worker
 
@@ -107,13 +89,10 @@ def open_storage(
     max_overflow: int = MAX_OVERFLOW,
     proxy_wait_seconds: float = 10.0,
 ) -> OpenedStorage:
-    """Open the storage at ``url`` ready for many workers (see the module docstring).
+    """Open the storage at ``url`` ready for many workers.
 
-    Transient errors are retried with backoff for up to ``retry_seconds``. ``worker`` is
-    recorded on the trials this storage starts in budgeted studies (default: this process,
-    ``hostname:pid``; None in a storage proxy, whose clients record their own).
-    ``pool_size`` / ``max_overflow``: database connections kept / opened under load.
-    A ``grpc://`` proxy that does not answer within ``proxy_wait_seconds`` is an error.
+    ``worker`` is recorded on the trials it starts in budgeted studies (default: this process;
+    None in a storage proxy). A ``grpc://`` proxy must answer within ``proxy_wait_seconds``.
     """
     kind = storage_kind(url)
     worker = worker_id() if worker is _DEFAULT else worker
@@ -162,9 +141,8 @@ def _engine_kwargs(url: str, kind: str, pool_size: int, max_overflow: int) -> di
 
 
 def _sqlite_wal(engine: Any) -> None:
-    """SQLite in WAL mode: readers (a dashboard) do not block the writer, and a commit costs
-    one sync of the log instead of several (synchronous=NORMAL is safe in WAL mode: a power
-    cut may lose the last commits, never corrupt the file)."""
+    """WAL mode: readers (a dashboard) do not block the writer and a commit syncs once
+    (synchronous=NORMAL: a power cut may lose the last commits, never corrupt the file)."""
     import sqlalchemy as sa
 
     def pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -1,17 +1,8 @@
-"""Workers talking to a storage proxy: ``grpc://HOST:PORT`` (``lora-tune storage-proxy``).
-
-The client is Optuna's ``GrpcStorageProxy`` (the client of Optuna's gRPC storage proxy
-service) over a channel of lora-tune's: it sends the proxy's token, read from
-``$LORA_TUNE_PROXY_TOKEN`` (or the file named by ``$LORA_TUNE_PROXY_TOKEN_FILE``), as
-``authorization: Bearer TOKEN`` on every call, and speaks TLS when ``$LORA_TUNE_PROXY_CA``
-names the certificate (PEM) to trust (``system``: the system's trusted roots). Many workers
-then share the proxy's few database connections instead of opening their own. The proxy's
-storage is :func:`lora_tune.study.storage.opening.open_storage` of the database URL, so the exact
-budget is enforced there, under the study lock. What crosses the wire is Optuna's storage API
-only; an exception of the proxy's storage reaches the client as a gRPC error carrying its
-message, which :class:`ProxyErrors` turns back into :class:`~.budget.BudgetReached` (the proxy
-refused to start a trial), and a refused token into a :class:`~lora_tune.errors.StorageError`
-that says which variable to set - transient errors are recognised by :mod:`.retry`.
+"""Workers of a storage proxy (``grpc://HOST:PORT``): Optuna's ``GrpcStorageProxy`` over a channel
+that sends ``$LORA_TUNE_PROXY_TOKEN`` (or ``$LORA_TUNE_PROXY_TOKEN_FILE``'s content) on every call
+and speaks TLS when ``$LORA_TUNE_PROXY_CA`` names the certificate to trust (``system``: the
+system's roots). The proxy's errors come back as gRPC errors; :class:`ProxyErrors` turns them
+back into ``BudgetReached`` or a ``StorageError`` saying which variable to set.
 """
 from __future__ import annotations
 
@@ -35,7 +26,6 @@ from lora_tune.study.storage.retry import grpc_code, grpc_details
 from lora_tune.study.storage.urls import grpc_address, mask_secrets, mask_url
 from lora_tune.study.storage.wrapper import StorageWrapper
 
-DEFAULT_PROXY_PORT = 13000
 INSTALL_HINT = "the grpc:// storage needs grpcio and protobuf: pip install 'lora-tune[grpc]'"
 ENV_PROXY_TOKEN = "LORA_TUNE_PROXY_TOKEN"
 ENV_PROXY_TOKEN_FILE = "LORA_TUNE_PROXY_TOKEN_FILE"
@@ -48,8 +38,7 @@ _PROBE_STUDY = "lora-tune: access check"
 
 
 def check_token(token: str, field_name: str, value: object) -> str:
-    """``token`` stripped, or ConfigError: empty, shorter than 16 characters, or not printable
-    ASCII without spaces (it travels as a gRPC metadata value)."""
+    """``token`` stripped; at least 16 printable ASCII characters (a gRPC metadata value)."""
     token = token.strip()
     if not token:
         raise ConfigError(field_name, value, "a non-empty token", TOKEN_HINT)
@@ -60,8 +49,7 @@ def check_token(token: str, field_name: str, value: object) -> str:
 
 
 def read_private_file(path: str, field_name: str) -> bytes:
-    """The content of ``path``, a file that other users cannot read (ConfigError otherwise:
-    missing, unreadable, a directory or world-readable - it holds a secret)."""
+    """The content of ``path``, a file that holds a secret: others must not be able to read it."""
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
@@ -99,9 +87,8 @@ def read_token_file(path: str, field_name: str) -> str:
 
 @dataclass(frozen=True)
 class ProxyCredentials:
-    """What a client shows the proxy: its token (None: none) and the CA certificate (PEM) it
-    trusts for TLS (None: plaintext; ``b"system"``: the system's trusted roots); ``source``:
-    where the token came from, for messages."""
+    """A client's token and the CA (PEM) it trusts for TLS (None: plaintext; ``b"system"``: the
+    system's roots); ``source``: where the token came from, for messages."""
 
     token: str | None = field(default=None, repr=False)
     ca: bytes | None = field(default=None, repr=False)
@@ -135,8 +122,7 @@ def grpc_target(host: str, port: int) -> str:
 
 @functools.cache
 def _token_interceptor_type() -> type:
-    """A grpc client interceptor adding ``authorization: Bearer TOKEN`` to every call (grpc
-    is imported only once a grpc:// storage is opened: it is an optional dependency)."""
+    """A grpc client interceptor adding ``authorization: Bearer TOKEN`` (grpc is optional)."""
     import grpc
 
     fields = ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
@@ -170,9 +156,7 @@ def _token_interceptor_type() -> type:
 
 
 class AuthenticatedProxy(private.ChannelGrpcStorageProxy):
-    """Optuna's ``GrpcStorageProxy`` whose channel carries ``credentials``: TLS when they hold
-    a CA, the token on every call when they hold one. Picklable, like Optuna's client (the
-    channel is opened again, with the same credentials)."""
+    """Optuna's ``GrpcStorageProxy`` whose channel carries ``credentials``; picklable like Optuna's."""
 
     def __init__(self, *, host: str, port: int, credentials: ProxyCredentials | None = None):
         self.credentials = credentials or ProxyCredentials()
@@ -205,8 +189,8 @@ def refused_message(url: str, credentials: ProxyCredentials) -> str:
 
 
 class ProxyErrors(StorageWrapper):
-    """Turns the proxy's "trial budget reached" error back into :class:`BudgetReached`, and a
-    refused token into a :class:`StorageError` naming ``$LORA_TUNE_PROXY_TOKEN``."""
+    """The proxy's "trial budget reached" back into :class:`BudgetReached`; a refused token into a
+    :class:`StorageError` naming ``$LORA_TUNE_PROXY_TOKEN``."""
 
     def __init__(self, inner: BaseStorage, url: str = "grpc://", credentials: ProxyCredentials | None = None):
         super().__init__(inner)
@@ -257,9 +241,8 @@ def _unreachable(url: str, port: int, wait_seconds: float, proxy: AuthenticatedP
 
 
 def open_proxy(url: str, wait_seconds: float, credentials: ProxyCredentials | None = None) -> BaseStorage:
-    """Optuna's gRPC client for ``url``, with the token and TLS settings of the environment
-    (or ``credentials``), once the proxy answers and accepts them (StorageError otherwise,
-    naming the URL and what to do; ConfigError for a bad token or CA setting)."""
+    """Optuna's gRPC client for ``url`` with the environment's (or ``credentials``') token and TLS,
+    once the proxy answers and accepts them."""
     host, port = grpc_address(url)
     try:
         import grpc  # noqa: F401

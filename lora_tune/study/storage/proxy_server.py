@@ -1,20 +1,9 @@
-"""``lora-tune storage-proxy``: Optuna's gRPC storage proxy in front of a database.
+"""``lora-tune storage-proxy``: Optuna's gRPC storage servicer over ``open_storage`` of a database,
+so that many workers share one pool of connections, and the budget and masking happen here.
 
-Workers started with ``--storage grpc://HOST:PORT`` send every storage call to this process,
-which serves them with :func:`~lora_tune.study.storage.opening.open_storage` of the database URL
-(Optuna's storage proxy service). The database sees this process's pool of at most
-``max_connections`` connections however many workers run, and the exact budget, the study
-lock and password masking happen here, in one place. Only Optuna's storage API crosses the
-wire.
-
-Whoever can call the proxy can read, delete and rewrite every study, including the study
-files workers run: so the proxy listens on this machine only (127.0.0.1) unless it has a
-token (``--token-file``), which every call must carry as ``authorization: Bearer TOKEN``
-(lora-tune's clients send ``$LORA_TUNE_PROXY_TOKEN``; a call without it is refused with
-UNAUTHENTICATED), or is told ``--insecure``. With ``--tls-cert``/``--tls-key`` the calls,
-token included, are encrypted (clients trust ``$LORA_TUNE_PROXY_CA``). Optuna's own server
-helper binds plaintext without authentication, so the server is built here from Optuna's
-servicer.
+Whoever can call the proxy can rewrite every study, including the study files workers run: off
+loopback it needs a token (``--token-file``; clients send ``authorization: Bearer TOKEN``) or
+``--insecure``; TLS with ``--tls-cert``/``--tls-key``. Optuna's own server helper has neither.
 """
 from __future__ import annotations
 
@@ -76,9 +65,8 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class ProxyAccess:
-    """Who may call the proxy: holders of ``token`` (None: anyone who reaches the port), over
-    TLS when ``tls_cert``/``tls_key`` (PEM) are set. ``insecure``: the operator's explicit
-    consent to serve a non-loopback address without a token."""
+    """Who may call the proxy: holders of ``token`` (None: anyone), over TLS when ``tls_cert``/``tls_key``
+    are set; ``insecure``: consent to serve a non-loopback address without a token."""
 
     token: str | None = field(default=None, repr=False)
     tls_cert: bytes | None = field(default=None, repr=False)
@@ -92,9 +80,7 @@ class ProxyAccess:
 
 def proxy_access(host: str, *, token_file: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, insecure: bool = False) -> ProxyAccess:
-    """Read and check ``--token-file``, ``--tls-cert``/``--tls-key`` for a proxy on ``host``
-    (ConfigError, exit 2, for a missing, empty or world-readable token file, half a TLS pair,
-    or a non-loopback host without a token or ``--insecure``)."""
+    """Read and check ``--token-file`` and ``--tls-cert``/``--tls-key`` for a proxy on ``host``."""
     if (tls_cert is None) != (tls_key is None):
         given, missing = ("--tls-cert", "--tls-key") if tls_key is None else ("--tls-key", "--tls-cert")
         raise ConfigError(missing, None, f"a PEM file, given with {given}",
@@ -140,8 +126,7 @@ def access_warnings(host: str, port: int, access: ProxyAccess) -> list[str]:
 
 
 def _token_check(token: str) -> Any:
-    """A grpc server interceptor refusing, with UNAUTHENTICATED, every call whose
-    ``authorization`` metadata is not ``Bearer TOKEN`` (compared in constant time)."""
+    """A grpc interceptor refusing (UNAUTHENTICATED) calls without ``authorization: Bearer TOKEN``."""
     import grpc
 
     expected = f"Bearer {token}".encode()
@@ -187,10 +172,8 @@ def _token_check(token: str) -> Any:
 
 def make_server(storage: Any, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, threads: int = 16,
                 access: ProxyAccess | None = None) -> tuple[Any, int]:
-    """A grpc server (not started) serving ``storage`` on ``host:port`` with Optuna's storage
-    proxy service, and the port it bound (``port`` 0: a free one). ``access``: the token every
-    call must carry and TLS (see :class:`ProxyAccess`); a non-loopback ``host`` without a token
-    is refused unless ``access.insecure``."""
+    """A grpc server (not started) serving ``storage`` on ``host:port``, and the port it bound
+    (``port`` 0: a free one)."""
     import grpc
 
     access = access or ProxyAccess()
@@ -217,11 +200,8 @@ def serve(url: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, thread
           max_connections: int = 8, retry_seconds: float = 10.0, access: ProxyAccess | None = None) -> None:
     """Serve the storage at ``url`` on ``host:port`` until interrupted.
 
-    ``threads`` calls are served at once; they share at most ``max_connections`` database
-    connections. A database outage is retried for ``retry_seconds`` per call; after that the
-    worker gets an error it recognises as transient and retries itself, with backoff.
-    ``access``: who may call (see :func:`proxy_access`); a non-loopback ``host`` needs a token
-    or ``insecure``.
+    A database outage is retried for ``retry_seconds`` per call; then the worker gets an error
+    it recognises as transient, and retries itself.
     """
     access = access or ProxyAccess()
     check_proxy_settings(url, port, threads, max_connections)

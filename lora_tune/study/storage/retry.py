@@ -1,13 +1,5 @@
-"""Retrying transient storage errors with backoff.
-
-A database restart, a network blip, SQLite's "database is locked" or a storage proxy that is
-restarting must not kill a worker: :class:`RetryingStorage` retries every call that failed
-with such an error for up to ``retry_seconds``, with exponential backoff and jitter. Writes
-that may have been applied before the connection broke are made idempotent (a trial finished
-by the lost attempt is not finished again). Errors that are not transient (bad data, a
-finished trial, a missing study) pass through unchanged. When the storage stays unreachable,
-:class:`StorageUnavailable` names it (password masked) and says what to check.
-"""
+"""Retrying transient storage errors (a database restart, "database is locked", a restarting
+proxy) with backoff; a write the lost attempt may have applied is checked, not repeated."""
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +18,7 @@ from lora_tune.study.storage.wrapper import StorageWrapper
 
 _logger = logging.getLogger("lora_tune.storage")
 
-# In the message of StorageUnavailable, so that a worker behind a storage proxy recognises it
-# in the gRPC error the proxy returns (and keeps retrying) - see lora_tune.study.storage.proxy_client.
+# in StorageUnavailable's message: a worker behind a proxy recognises it in the gRPC error
 UNAVAILABLE_MARK = "storage unavailable"
 _TRANSIENT_GRPC = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED")
 
@@ -37,12 +28,8 @@ class StorageUnavailable(StorageError):
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` (or its cause) is a lost/refused connection or a busy database.
-
-    Connection errors, server shutdown/startup, too many clients, deadlocks, SQLite's
-    "database is locked" and an unavailable storage proxy are transient; bad SQL or bad data
-    are not.
-    """
+    """Whether ``exc`` (or its cause) is a lost/refused connection or a busy database (not bad
+    SQL or bad data)."""
     import sqlite3
 
     import sqlalchemy.exc as sa_exc
@@ -124,9 +111,7 @@ def retry_transient(fn: Callable[[], Any], *, url: str, what: str, seconds: floa
                     on_error: Callable[[], None] | None = None, counter: list[int] | None = None) -> Any:
     """Call ``fn`` until it succeeds, retrying transient errors for up to ``seconds``.
 
-    ``already_done()`` runs before each retry: ``(True, value)`` when the failed attempt was in
-    fact applied (then ``value`` is returned). ``on_error()`` runs after each transient error
-    (e.g. dropping a broken connection).
+    Before each retry ``already_done()`` may say ``(True, value)``: the failed attempt was applied.
     """
     backoff = Backoff(seconds)
     while True:
@@ -156,7 +141,7 @@ def retry_transient(fn: Callable[[], Any], *, url: str, what: str, seconds: floa
 
 
 class RetryingStorage(StorageWrapper):
-    """Retries every call that fails with a transient error (see the module docstring)."""
+    """Retries every call that fails with a transient error."""
 
     def __init__(self, inner: BaseStorage, *, url: str, retry_seconds: float = 120.0):
         super().__init__(inner)

@@ -1,12 +1,6 @@
-"""Storage URLs: which kind of storage a URL names, journal paths, gRPC addresses, masking.
-
-* ``sqlite:///path.db`` (the default, ``sqlite:///lora_tune.db``): one process only;
-* any other SQLAlchemy URL, e.g. ``postgresql+psycopg://user@host/db``: many workers;
-* ``journal:PATH`` or a path ending in ``.log``: Optuna's journal file, several processes on
-  one machine;
-* ``grpc://HOST:PORT``: a ``lora-tune storage-proxy`` (Optuna's gRPC storage proxy) in front of
-  any of the above: many workers, one pool of database connections.
-"""
+"""Storage URLs: ``sqlite:///FILE`` (one process), a database server's SQLAlchemy URL,
+``journal:PATH`` or ``PATH.log`` (processes of one machine), ``grpc://HOST:PORT`` (a storage
+proxy); their kinds, journal paths, gRPC addresses and password masking."""
 from __future__ import annotations
 
 import contextlib
@@ -57,10 +51,7 @@ class MaskingFilter(logging.Filter):
 
 
 def install_log_masking(*loggers: logging.Logger) -> None:
-    """Mask passwords in records passing through the handlers of the given loggers.
-
-    Defaults to the root, ``optuna`` and ``lora_tune`` loggers. Idempotent.
-    """
+    """Mask passwords in records of ``loggers`` (default: root, optuna, lora_tune). Idempotent."""
     targets = loggers or (logging.getLogger(), logging.getLogger("optuna"), logging.getLogger("lora_tune"))
     for logger in targets:
         for handler in logger.handlers:
@@ -149,10 +140,8 @@ def supports_processes(url: str) -> bool:
 
 
 def reading_problem(url: str) -> str | None:
-    """Why a read-only command (list, show, report, export) must not open ``url``, or None.
-
-    Opening a file-backed storage creates it, and on an SQLite file creates Optuna's tables:
-    a missing file, or an SQLite file that holds no Optuna tables, is refused instead."""
+    """Why a read-only command must not open ``url`` (opening would create a missing file, or
+    Optuna's tables in an SQLite file that has none), or None."""
     kind = storage_kind(url)
     if kind == "journal":
         path = journal_path(url)

@@ -1,9 +1,5 @@
-"""A storage that forwards every call of Optuna's storage API to another storage.
-
-Each lora-tune layer (retry, budget, masking) is a :class:`StorageWrapper` that overrides the
-calls its concept is about and inherits the rest; every call goes through :meth:`_forward`,
-so a layer about *all* calls (retrying) overrides that one method.
-"""
+"""A storage forwarding every call of Optuna's storage API to another, through :meth:`_forward`
+(which a layer about all calls, like retrying, overrides)."""
 from __future__ import annotations
 
 from collections.abc import Container, Sequence
