@@ -94,14 +94,28 @@ def cache_key(weight_files: Sequence[Path], config_text: str, facts: Mapping[str
 
 # -- placing tensors into a model built on the meta device ------------------------------------
 
-def owned(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+def open_safetensors(path: Path) -> tuple[Any, bool]:
+    """``safe_open(path)`` reading each tensor into memory of its own (safetensors' ``pread``
+    backend), and whether it does. A memory-mapped file (older safetensors) keeps every page read
+    in the process's resident memory until it is closed: reading a whole checkpoint that way would
+    count the checkpoint once more in the peak RSS."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu", backend="pread"), True
+    except TypeError:  # pragma: no cover - safetensors without the backend argument
+        return safe_open(str(path), framework="pt", device="cpu"), False
+
+
+def owned(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None,
+          private: bool = False) -> torch.Tensor:
     """``tensor`` on ``device`` in ``dtype`` (floating tensors only), never sharing memory with
-    ``tensor`` (which may be a memory-mapped file's pages)."""
+    ``tensor`` unless it is ``private`` (else it may be a memory-mapped file's pages)."""
     if dtype is not None and not (tensor.is_floating_point() and dtype.is_floating_point):
         dtype = None
     out = tensor.to(device=device, dtype=dtype)
     same = out.device.type == tensor.device.type
-    if same and out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+    if not private and same and out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
         out = out.clone()
     return out
 
@@ -240,7 +254,7 @@ def read_entry(entry: Path, model: nn.Module, device: torch.device) -> dict[str,
     quantized Linears become QuantizedLinear (rebuilt from the packed state, not quantized again),
     every other tensor is assigned. Returns the manifest. CorruptEntry when the entry does not
     hold or does not fit ``model`` (which is then half-filled: build it again)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     from lora_tune.errors import QuantizationError
     from lora_tune.lora.quant import QuantizedLinear, QuantizedWeight
@@ -248,7 +262,8 @@ def read_entry(entry: Path, model: nn.Module, device: torch.device) -> dict[str,
     manifest = read_manifest(entry)
     path = entry / WEIGHTS
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
+        handle, private = open_safetensors(path)
+        with handle as fh:
             expected = {DENSE + name for name in manifest["dense"]}
             expected |= {f"{QUANTIZED}{m}/{f}" for m, facts in manifest["quantized"].items() for f in facts["fields"]}
             if set(fh.keys()) != expected:
@@ -257,7 +272,8 @@ def read_entry(entry: Path, model: nn.Module, device: torch.device) -> dict[str,
                 linear = model.get_submodule(module_name)
                 if not isinstance(linear, nn.Linear) or list(linear.weight.shape) != list(facts["shape"]):
                     raise CorruptEntry(f"{path}: {module_name} is not a Linear of shape {facts['shape']} in the model")
-                tensors = {f: owned(fh.get_tensor(f"{QUANTIZED}{module_name}/{f}"), device) for f in facts["fields"]}
+                tensors = {f: owned(fh.get_tensor(f"{QUANTIZED}{module_name}/{f}"), device, private=private)
+                           for f in facts["fields"]}
                 qweight = QuantizedWeight.from_packed(tensors, facts, device=device)
                 replace_module(model, module_name, QuantizedLinear(qweight, linear.bias))
             targets = slots(model)
@@ -266,7 +282,7 @@ def read_entry(entry: Path, model: nn.Module, device: torch.device) -> dict[str,
                 tensor = fh.get_tensor(DENSE + name)
                 if target is None or tuple(target.shape) != tuple(tensor.shape):
                     raise CorruptEntry(f"{path}: {name} {tuple(tensor.shape)} does not fit the model")
-                set_tensor(model, name, owned(tensor, device))
+                set_tensor(model, name, owned(tensor, device, private=private))
                 del tensor
             targets = slots(model)
             for alias, name in manifest["aliases"].items():

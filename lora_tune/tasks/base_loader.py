@@ -4,9 +4,11 @@ base variant instead of every trial loading, copying and quantizing the whole mo
 
 :func:`load_base` builds the model's structure from config.json with its parameters on the meta
 device (accelerate's ``init_empty_weights``; buffers such as rotary frequencies are real), then reads
-the checkpoint one tensor at a time through ``safetensors.safe_open`` (memory-mapped): the weight of
-each Linear it quantizes goes to the device, is packed into a ``QuantizedWeight`` and the Linear
-becomes a ``QuantizedLinear``; every other tensor is assigned in the model's dtype as a frozen
+the checkpoint one tensor at a time through ``safetensors.safe_open`` (each tensor read into memory
+of its own with the ``pread`` backend: a memory-mapped file would keep every page read resident until
+it is closed, i.e. the whole checkpoint in the peak RSS): the weight of each Linear it quantizes
+goes to the device, is packed into a ``QuantizedWeight`` and the Linear becomes a
+``QuantizedLinear``; every other tensor is assigned in the model's dtype as a frozen
 parameter or buffer. The model is never held in full precision: the peak is the loaded model plus
 one tensor. Which Linears are quantized follows transformers' bitsandbytes loading: all but the
 output head (``get_output_embeddings``), weights tied to other modules, the module of the last
@@ -138,11 +140,11 @@ def load_base(model_dir: str | Path, *, auto_class: str | type = "AutoModelForCa
                 model = _structure(ckpt, auto_class, dtype)
                 try:
                     manifest = base_cache.read_entry(entry, model, device)
-                except base_cache.CorruptEntry as exc:
+                    _finish(model, ckpt, device)
+                except (base_cache.CorruptEntry, ConfigError) as exc:  # ConfigError: it left a tensor out
                     corrupt = True
                     problems.append(_warn(f"base cache entry {entry} is corrupt, rebuilding it: {exc}"))
                 else:
-                    _finish(model, ckpt, device)
                     return LoadedBase(model, CACHE, time.perf_counter() - start, _weight_bytes(model), dtype, quant,
                                       tuple(manifest["quantized"]), entry, tuple(problems))
         model = _structure(ckpt, auto_class, dtype)
@@ -471,8 +473,6 @@ def _fill(model: nn.Module, ckpt: _Checkpoint, quant: QuantSpec | None, skip: Se
           device: torch.device) -> list[str]:
     """Read every tensor into ``model`` (quantizing what ``quant`` asks for); returns the names
     of the modules that became QuantizedLinear."""
-    from safetensors import safe_open
-
     from lora_tune.lora.quant import QuantizedLinear, QuantizedWeight
 
     plan = _plan(model, ckpt)
@@ -482,7 +482,9 @@ def _fill(model: nn.Module, ckpt: _Checkpoint, quant: QuantSpec | None, skip: Se
     targets = base_cache.slots(model)
     done: list[str] = []
     for path, entries in plan:
-        with _reading(path), safe_open(str(path), framework="pt", device="cpu") as fh:
+        with _reading(path):
+            handle, private = base_cache.open_safetensors(path)
+        with _reading(path), handle as fh:
             for key, name in entries:
                 target_dtype = torch.float32 if any(k(name) for k in keep_fp32) else targets[name].dtype
                 tensor = fh.get_tensor(key)
@@ -496,7 +498,7 @@ def _fill(model: nn.Module, ckpt: _Checkpoint, quant: QuantSpec | None, skip: Se
                     base_cache.replace_module(model, module_name, QuantizedLinear(qweight, linear.bias))
                     done.append(module_name)
                 else:
-                    base_cache.set_tensor(model, name, base_cache.owned(tensor, device, target_dtype))
+                    base_cache.set_tensor(model, name, base_cache.owned(tensor, device, target_dtype, private))
                 del tensor
     return sorted(done)
 

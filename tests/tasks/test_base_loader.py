@@ -131,6 +131,45 @@ def test_fp4_without_double_quantization_and_bf16(dirs):
     assert torch.equal(_logits(loaded.model), _logits(reference))
 
 
+@pytest.mark.parametrize("biases_first", [True, False])
+def test_biases_and_weights_in_any_order_across_shards(dirs, tmp_path, biases_first):
+    """Qwen2's q/k/v biases in a shard read before their weights' shard (and the other way round)."""
+    from safetensors.torch import load_file, save_file
+
+    path = _copy(dirs["qwen2-tied"], tmp_path / "m")
+    index = json.loads((path / base_loader.INDEX).read_text(encoding="utf-8"))
+    tensors = {}
+    for shard in set(index["weight_map"].values()):
+        tensors.update(load_file(str(path / shard)))
+        (path / shard).unlink()
+    biases = {k: v for k, v in tensors.items() if k.endswith(".bias")}
+    assert biases
+    first, second = ("a", "b") if biases_first else ("b", "a")  # files are read in name order
+    layout = {f"{first}-biases.safetensors": biases,
+              f"{second}-rest.safetensors": {k: v for k, v in tensors.items() if k not in biases}}
+    for name, part in layout.items():
+        save_file(part, str(path / name), metadata={"format": "pt"})
+    index["weight_map"] = {k: name for name, part in layout.items() for k in part}
+    (path / base_loader.INDEX).write_text(json.dumps(index), encoding="utf-8")
+    loaded = load_base(path, quant=QUANTS["nf4"])
+    assert loaded.model.model.layers[0].self_attn.q_proj.bias is not None
+    reference = _quantized_like(_reference(dirs["qwen2-tied"]), loaded.quantized, QUANTS["nf4"])
+    assert torch.equal(_logits(loaded.model), _logits(reference))
+
+
+def test_no_dtype_in_the_config_takes_the_weights_dtype(tmp_path):
+    model = causal_lm_from_config(tiny_config("llama", vocab_size=VOCAB, pad_token_id=0), seed=3).to(torch.bfloat16)
+    model.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    loaded = load_base(tmp_path)
+    reference = _reference(tmp_path)
+    assert loaded.dtype == torch.bfloat16 == next(reference.parameters()).dtype
+    assert torch.equal(_logits(loaded.model), _logits(reference))
+
+
 def test_tied_lm_head_stays_tied_and_unquantized(dirs):
     loaded = load_base(dirs["qwen2-tied"], quant=QUANTS["nf4"])
     model = loaded.model
