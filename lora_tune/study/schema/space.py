@@ -1,32 +1,7 @@
-"""The search space: a study file's ``search_space`` section -> ``trial.suggest_*`` calls.
-
-Each key is a searchable LoRA setting (``rank``, ``alpha``, ``targets``, ``quant_bits``, ...) or a
-training setting (``learning_rate``, ``weight_decay``, ``epochs``, ``batch_size``,
-``grad_clip``). A key's value is one of:
-
-- a plain value, which fixes the setting (``method: parallel``);
-- ``{type: int|float, low, high, log: false, step: null}``, a range;
-- ``{choices: [...]}``, a categorical;
-- for ``alpha`` only, ``{ratio: [0.5, 1, 2]}``: the trial samples ``alpha_ratio`` and uses
-  ``alpha = ratio × rank``;
-- for ``rank`` only, ``{nested: [4, 8, 16, 32]}`` (increasing; ``nested_dropout: false`` to train
-  without it): nested ranks. The trial trains rank R = the largest with nested rank dropout and
-  scores every listed rank (:mod:`lora_tune.study.trial.nested_trials`); its parameter ``rank`` is R, and the
-  rank-r adapter of the same parameters has ``alpha`` as the space gives it for rank r (a ratio
-  keeps its ratio, a fixed alpha stays).
-
-The keys, their checks and how a choice is stored are :mod:`lora_tune.study.schema.space_keys`'s.
-Trial parameter names and encodings are those of docs/architecture.md: ``quant_bits`` 0
-means no quantization, an explicit ``targets`` list is stored ``|``-joined, ``layers`` is stored
-as ``all``, ``first:N``, ``last:N`` or ``|``-joined block indices (``0|1|2``), and
-``quant_type`` is sampled only when ``quant_bits`` is 4. ``layers: {last: 4}`` is a plain value
-(``layers`` takes a value or ``choices``, never a range).
-
-For your own Optuna objective: ``space = SearchSpace.from_file("study.yaml")`` (or
-:meth:`SearchSpace.from_dict`), then ``space.suggest(trial)`` -> a :class:`lora_tune.LoraConfig`
-and ``space.suggest_training(trial)`` -> the training settings, with the same trial parameters
-as lora-tune's own studies. Any object with Optuna's ``suggest_int`` / ``suggest_float`` /
-``suggest_categorical`` will do; this module does not import optuna.
+"""The search space: a study file's ``search_space`` section (its forms: README.md) -> the
+``trial.suggest_*`` calls, with the trial parameters of docs/architecture.md. The keys, their
+checks and encodings are :mod:`.space_keys`'s. ``trial`` is anything with Optuna's
+``suggest_*`` methods; this module does not import optuna.
 """
 from __future__ import annotations
 
@@ -45,7 +20,6 @@ from lora_tune.settings import defaults_of, show
 from lora_tune.study.schema.space_keys import (
     KEYS, TRAIN_KEYS, Problems, check_keys, choice_key, decode_choice, encode_choice, plain_value,
 )
-from lora_tune.study.schema.space_keys import MAX_CHOICES, MAX_LIST_ITEMS, KeyRule  # noqa: F401 (names kept here)
 from lora_tune.study.schema.yaml_file import load_yaml, read_spec_text
 
 LORA_DEFAULTS: Mapping[str, Any] = MappingProxyType(defaults_of(LoraConfig))  # one source: LoraConfig
@@ -108,9 +82,8 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> SearchSpace:
-        """From a whole study file as a dict (its ``search_space`` section is used) or from a
-        ``search_space`` mapping itself. Raises StudySpecError listing every problem with its
-        path (``search_space.rank.low: ...``); ``source`` names the file in the message."""
+        """From a whole study file as a dict or from its ``search_space`` mapping; raises
+        StudySpecError listing every problem (``source`` names the file)."""
         if not isinstance(data, Mapping):
             kind = "empty" if data is None else type(data).__name__
             raise StudySpecError([("(file)", f"expected a mapping (a study file or its search_space); got {kind}")],
@@ -132,17 +105,14 @@ class SearchSpace:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> SearchSpace:
-        """From the ``search_space`` section of a study file (or a YAML file holding only a search
-        space). Only that section is checked, so the ``task`` needs nothing installed or present;
-        raises StudySpecError naming the file and each bad key."""
+        """From a study file's ``search_space`` section (or a file holding only that); only that
+        section is checked, so the ``task`` needs nothing installed."""
         data = load_yaml(read_spec_text(path), source=str(path))
         return cls.from_dict(data, source=str(path))
 
     def suggest(self, trial: Any, **fixed: Any) -> LoraConfig:
-        """The trial's :class:`lora_tune.LoraConfig`: the space's LoRA keys suggested (or fixed) as
-        lora-tune's studies suggest them, every other field at LoraConfig's default or as
-        ``fixed`` gives it (e.g. ``modules_to_save=["classifier"]``; a key the space sets is an
-        error). ``trial`` is an Optuna trial, a ``FixedTrial``, or anything with ``suggest_*``."""
+        """The trial's :class:`lora_tune.LoraConfig` as lora-tune's studies suggest it; other fields
+        at their defaults or as ``fixed`` gives them (a key the space sets is an error)."""
         clash = sorted(set(fixed) & {p.key for p in self.params})
         if clash:
             raise ConfigError(clash[0], fixed[clash[0]], "LoraConfig fields the search space does not set",
@@ -151,15 +121,12 @@ class SearchSpace:
         return LoraConfig.from_dict({**values, **fixed})
 
     def suggest_training(self, trial: Any) -> dict[str, Any]:
-        """The trial's training settings of the space (``learning_rate``, ``batch_size``, ... --
-        :data:`TRAIN_KEYS`), as ``{key: value}`` for the keys the space has: fields of
-        :class:`lora_tune.train.TrainConfig`."""
+        """The trial's training settings (:data:`TRAIN_KEYS`) the space has, as ``{key: value}``."""
         return self._sample(trial, lambda key: key in TRAIN_KEYS)
 
     def nested_ranks(self, params: Mapping[str, Any]) -> NestedRanks | None:
-        """The nested ranks a trial with these parameters (Optuna's names, as ``trial.params``)
-        trains, or None: the space has no nested rank, or the trial's rank is not the largest
-        listed (an enqueued baseline or warm start trains its own rank plainly)."""
+        """The nested ranks a trial with these ``trial.params`` trains, or None (no nested rank, or
+        not the largest: an enqueued baseline or warm start trains its own rank plainly)."""
         p = self["rank"]
         if p is None or p.kind != "nested" or params.get("rank") != p.value:
             return None
@@ -168,8 +135,8 @@ class SearchSpace:
                            rslora=bool(at[-1].get("rslora", LORA_DEFAULTS["rslora"])), sample=p.nested_dropout)
 
     def at_rank(self, params: Mapping[str, Any], rank: int) -> dict[str, Any]:
-        """What :meth:`sample` gives for these trial parameters with ``rank`` instead (the alpha of a
-        ratio follows the rank): the values of a nested rank's own result."""
+        """What :meth:`sample` gives for these trial parameters with ``rank`` instead (a ratio's
+        alpha follows it): the values of a nested rank's own result."""
         return self.sample(_Replay({**params, "rank": rank}))
 
     def values_of(self, key: str) -> list[Any]:
@@ -193,11 +160,7 @@ class SearchSpace:
         return [p for p in self.params if p.sampled]
 
     def sample(self, trial: Any) -> dict[str, Any]:
-        """Suggest every sampled key; returns ``{key: value}`` for every key of the space.
-
-        ``quant_type`` is suggested only when ``quant_bits`` is 4; ``alpha`` from a ratio is
-        ``ratio × rank``.
-        """
+        """Suggest every sampled key (``quant_type`` only with 4 bits); ``{key: value}`` for every key."""
         return self._sample(trial, lambda key: True)
 
     def _sample(self, trial: Any, wanted: Callable[[str], bool]) -> dict[str, Any]:
@@ -293,13 +256,9 @@ def check_search_space(raw: Mapping[str, Any], study: Mapping[str, Any]) -> Prob
 
 def baseline_params(space: SearchSpace, train_defaults: Mapping[str, Any],
                     baseline_targets: str) -> tuple[dict[str, Any], Problems]:
-    """Trial parameters of the conventional baseline (rank 8, alpha 16, ``baseline_targets``,
-    no quantization, the study's defaults for everything else), for ``study.enqueue_trial``.
-
-    Only sampled parameters appear; fixed ones stay fixed. A baseline value the space cannot
-    express (a categorical without it, a range that excludes it) is a problem, because then
-    the baseline would not be the baseline.
-    """
+    """The sampled parameters of the conventional baseline (rank 8, alpha 16, ``baseline_targets``,
+    no quantization, defaults otherwise) for ``study.enqueue_trial``; a value the space cannot
+    express is a problem, since the baseline would not be the baseline."""
     wanted = dict(BASELINE, targets=baseline_targets)
     params: dict[str, Any] = {}
     problems: Problems = []

@@ -1,12 +1,6 @@
-"""Target choices of a search space checked against the task's model, before any trial runs.
-
-Every value of ``targets`` and ``layers`` the space can give (all their combinations) is
-resolved on the model: one that does not fit is a problem of the study file (``lora-tune
-validate`` exits 2), and one that fits gets its coverage -- the share of the model's linear
-weights it adapts, and warnings where it matches only part of what its name promises
-(:mod:`lora_tune.lora.coverage`). ``lora-tune validate`` prints the coverage; a created study
-keeps it as its user attribute ``target_coverage``.
-"""
+"""Every combination of a space's ``targets`` and ``layers`` resolved on the task's model before
+any trial: one that does not fit is a problem of the study file, one that fits gets its coverage
+(:mod:`lora_tune.lora.coverage`; the study attribute ``target_coverage``)."""
 from __future__ import annotations
 
 from typing import Any
@@ -27,9 +21,8 @@ def _targets_value(value: Any) -> Any:
 
 
 def check_choices(model: nn.Module, space: SearchSpace) -> tuple[list[TargetCoverage], Problems]:
-    """(coverage of every combination of the space's targets and layers choices that fits the
-    model, problems of those that do not). A targets choice is checked on its own first, so a
-    layers problem names the layers value."""
+    """(coverage of each targets x layers combination that fits the model, problems of the others);
+    targets are checked alone first, so a layers problem names the layers value."""
     targets = space.values_of("targets") or [LORA_DEFAULTS["targets"]]
     layers = space.values_of("layers") or [LORA_DEFAULTS["layers"]]
     weights = linear_weights(model)

@@ -1,7 +1,5 @@
-"""What a study file's ``search_space`` section may hold: its keys (the searchable settings of
-:class:`lora_tune.LoraConfig` and :class:`lora_tune.train.TrainConfig`, with the settings' own
-checks), how a categorical choice is stored in Optuna, and the check of every entry
-(:func:`check_keys`; :func:`lora_tune.study.schema.space.check_search_space` adds the sampler's needs)."""
+"""The ``search_space`` keys (the searchable settings of LoraConfig and TrainConfig), how a
+categorical choice is stored in Optuna, and the check of every entry (:func:`check_keys`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,14 +15,11 @@ Problems = list[tuple[str, str]]
 Check = Callable[[Any], "str | None"]
 
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "ratio", "nested", "nested_dropout"}
-# Longest lists a search space may give (far above any real space, and refused before they are
-# looked at, so that a huge list costs no time): the values of a categorical (`choices`, an alpha
-# `ratio`, `nested` ranks), and a list value such as explicit `targets` module names.
+# longest lists (of choices / ratios / nested ranks, and in a value such as `targets`), refused
+# before they are looked at
 MAX_CHOICES = 1_000
 MAX_LIST_ITEMS = 10_000
 
-
-# -- per-key value checks: the settings' own (lora_tune.settings), and two of the space's own ------
 
 def _targets(v: Any) -> str | None:
     if isinstance(v, str) and v.strip():
@@ -55,11 +50,9 @@ class KeyRule:
 
 _OWN_CHECKS: dict[str, Check] = {"targets": _targets, "layers": _layers}  # values the space stores as text
 _RATIO = Setting(float, gt=0)  # alpha as a ratio of the rank
-# The searchable settings of LoraConfig and TrainConfig.
 KEYS: dict[str, KeyRule] = {key: KeyRule(_OWN_CHECKS.get(key, rule.problem), rule.numeric)
                             for cls in (LoraConfig, TrainConfig) for key, rule in settings_of(cls).items()
                             if rule.searchable}
-# Keys that are training settings (the rest configure LoRA).
 TRAIN_KEYS = tuple(key for key, rule in settings_of(TrainConfig).items() if rule.searchable)
 
 
@@ -131,8 +124,7 @@ def _check_entry(key: str, value: Any, path: str) -> Problems:
 
 
 def _too_long(key: str, value: Any, path: str) -> Problems:
-    """A list over MAX_CHOICES (choices, ratio, nested) or MAX_LIST_ITEMS (a list value such as
-    ``targets`` patterns): refused before any of its items is looked at."""
+    """A list over MAX_CHOICES or MAX_LIST_ITEMS, found before any item is looked at."""
     def long_value(item: Any, where: str) -> Problems:
         if isinstance(item, list) and len(item) > MAX_LIST_ITEMS:
             return [(where, f"lists {len(item):,} items; a value may list at most {MAX_LIST_ITEMS:,}")]
@@ -155,7 +147,6 @@ def _too_long(key: str, value: Any, path: str) -> Problems:
 
 
 def _each(items: list[Any], check: Check, path: str) -> Problems:
-    """The problem of each item of a list (``path[i]``), by ``check``."""
     return [(f"{path}[{i}]", message) for i, item in enumerate(items) if (message := check(item))]
 
 

@@ -1,14 +1,7 @@
-"""The study file: its schema (pydantic, unknown keys forbidden) and its loading.
-
-A study file has five sections: ``study`` (name, storage, objective, sampler, pruner,
-budget), ``task`` (checked by :func:`lora_tune.tasks.validate_task_spec`), ``search_space``
-(checked by :mod:`lora_tune.study.schema.space`), ``train`` and ``constraints``. Every problem is
-collected and raised at once as :class:`~lora_tune.errors.StudySpecError` with its path,
-e.g. ``search_space.rank.low: must be ≥ 1``.
-"""
+"""The study file: its schema (pydantic, unknown keys forbidden) and its loading. Every problem
+is raised at once as a StudySpecError with its path (``search_space.rank.low: must be ≥ 1``)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,11 +19,7 @@ from lora_tune.train import TrainConfig
 
 ISOLATIONS = ("auto", "process", "none")
 OOM_POLICIES = ("fail", "halve_batch")
-
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "nsga2")
-PRUNERS = ("median", "sha", "hyperband", "none")
-DIRECTIONS = ("maximize", "minimize")
-# Objectives the study itself can compute, on top of the task's own metrics.
+# objectives the study computes itself, beside the task's metrics
 EXTRA_METRICS = ("trainable_params",)  # minimized (lora_tune.tasks.base.metric_direction)
 
 Problems = list[tuple[str, str]]
@@ -49,11 +38,8 @@ class SamplerSpec(_Section):
 
 
 class PrunerSpec(_Section):
-    """``type`` picks the Optuna pruner; ``options`` are passed to its constructor.
-
-    Hyperband by default: successive halving over the trial's evaluations in several brackets,
-    so that most trials stop after their first evaluations without one aggressive cut-off
-    (the budget is multi-fidelity by default; ``study.fidelity`` makes it cheaper still)."""
+    """``type`` picks the Optuna pruner; ``options`` are passed to its constructor. Hyperband by
+    default: most trials stop after their first evaluations without one aggressive cut-off."""
 
     type: Literal["median", "sha", "hyperband", "none"] = "hyperband"
     options: dict[str, Any] = Field(default_factory=dict)
@@ -111,7 +97,6 @@ class StudySection(_Section):
     heartbeat_interval: int | None = Field(None, ge=1)
     grace_period: int | None = Field(None, ge=1)
     failed_trial_retries: int = Field(2, ge=0)
-    # Enqueue well-known good configs first (lora_tune/study/run/warm_start.py prior).
     warm_start: Literal["defaults"] | None = None
     confirm: ConfirmSpec | None = None
     fidelity: FidelitySpec | None = None
@@ -142,15 +127,12 @@ class StudySection(_Section):
 class DriverSettings:
     """``train:`` keys the study driver uses itself (the rest are :class:`TrainConfig`'s)."""
 
-    # Where a trial trains: "process" (a fresh child process per trial: a crash, an
-    # out-of-memory or a leak ends that trial only), "none" (in the driver process) or "auto"
-    # (process on CUDA, none on CPU).
+    # "process": a child process per trial (a crash or leak ends that trial only); "auto":
+    # process on CUDA, none on CPU
     isolation: str = setting("auto", choices=ISOLATIONS)
-    # On an out-of-memory error: "fail" the trial, or "halve_batch": retry it once with half the
-    # batch and twice the gradient accumulation (same effective batch).
+    # "halve_batch": retry an out-of-memory trial once with half the batch, twice the accumulation
     oom: str = setting("fail", choices=OOM_POLICIES)
-    # CPU threads for torch in each trial process (torch.set_num_threads); null keeps torch's
-    # default. Small models on a busy or small CPU often train several times faster with 1.
+    # torch.set_num_threads in each trial; small models on a busy CPU often train faster with 1
     threads: int | None = setting(None, int, ge=1, nullable=True)
 
 
@@ -169,8 +151,7 @@ class _TrainSettings(_Section):
 
 
 def _field(rule: Setting, default: Any) -> tuple[Any, Any]:
-    """A pydantic field of a setting: pydantic parses the type (leniently, as YAML gives it) and the
-    setting's own check gives the message (the same as the search space's)."""
+    """A pydantic field of a setting: pydantic parses the type, the setting's check gives the message."""
     kind = rule.kind if rule.kind is not None and not rule.choices else Any
 
     def check(value: Any) -> Any:
@@ -231,9 +212,8 @@ class StudySpec(_Section):
         return len(self.metrics) > 1
 
     def to_stored(self) -> dict[str, Any]:
-        """The JSON-able dict stored as the study's ``spec`` user attribute. ``train`` holds the
-        settings the file gives (defaults are derived again on loading), so tasks that drive
-        their own trainer can tell the study's settings from the defaults."""
+        """The study's ``spec`` user attribute; ``train`` holds only the settings the file gives, so a
+        task with its own trainer can tell them from the defaults."""
         data = self.model_dump(mode="json")
         data["train"] = self.train.model_dump(mode="json", exclude_unset=True)
         return data
@@ -279,16 +259,13 @@ def check_spec(raw: Any) -> tuple[StudySpec | None, Problems]:
     task = raw.get("task")
     if isinstance(task, Mapping):
         problems += _task_problems(task)
-    problems = _dedupe(problems)
+    problems = list(dict.fromkeys(problems))
     return (spec if not problems else None), problems
 
 
 def spec_from_stored(data: Mapping[str, Any]) -> StudySpec:
-    """Rebuild a spec from a study's ``spec`` user attribute.
-
-    It was fully validated when the study was created; only the schema is checked again, so
-    a worker whose working directory differs (relative data paths) can still load it.
-    """
+    """Rebuild a spec from a study's ``spec`` user attribute; only the schema is checked again
+    (a worker in another directory must load it even with relative data paths)."""
     try:
         return StudySpec.model_validate(dict(data))
     except ValidationError as exc:
@@ -395,16 +372,6 @@ def _message(err: Mapping[str, Any]) -> str:
     return f"{msg[0].lower()}{msg[1:]}, got {short(value)}"
 
 
-def _dedupe(problems: Problems) -> Problems:
-    seen: set[tuple[str, str]] = set()
-    out: Problems = []
-    for item in problems:
-        if item not in seen:
-            seen.add(item)
-            out.append(item)
-    return out
-
-
 def unknown_key_hint(problems: Problems) -> Problems:
     """Add the allowed keys to "unknown key" messages of the fixed sections."""
     sections = {
@@ -422,6 +389,3 @@ def unknown_key_hint(problems: Problems) -> Problems:
         out.append((path, message))
     return out
 
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,12 +1,7 @@
-"""``lora-tune init``: a study file with a sensible space for a model, so a new study starts
-from a good search instead of a blank one.
-
-:func:`study_template` looks at the model (a local Hugging Face directory, ``minilm``, or the
-built-in ``digits`` task) without loading its weights (the model is built on the meta device):
-its discovered target presets, the rank choices that fit its smallest adapted layer, a LoRA
-learning-rate range by model kind (around :data:`TYPICAL_LEARNING_RATE`), Hyperband pruning,
-the well-known-good warm start and, when the space supports it, nested ranks. The result
-validates as it is once the data paths exist.
+"""``lora-tune init``: a study file with a sensible space for a model (a local Hugging Face
+directory, ``minilm`` or ``digits``), read on the meta device: its presets, the ranks that fit
+its smallest adapted layer, a learning-rate range by model kind, Hyperband, the warm start and
+nested ranks where the space allows them. It validates as it is once the data paths exist.
 """
 from __future__ import annotations
 
@@ -21,13 +16,12 @@ from lora_tune.train import TrainConfig
 
 N_TRIALS = 24  # the budget init writes (lora-tune init --n-trials)
 RANKS = (4, 8, 16, 32, 64)
-# A typical LoRA learning rate by kind of model (lora_tune.tasks.base.MODEL_KINDS), about 10x its
-# full fine-tuning rate: QLoRA's 2e-4 for decoder LLMs, 1e-3 for small encoders (fully fine-tuned
-# around 1e-4), 5e-3 for small vision models; and the range a search spans around it (low, high).
+# a typical LoRA learning rate by model kind (about 10x full fine-tuning's; QLoRA's 2e-4 for
+# decoders), and the range searched around it
 TYPICAL_LEARNING_RATE = {"decoder": 2e-4, "encoder": 1e-3, "vision": 5e-3}
 LEARNING_RATES = {"decoder": (5e-5, 5e-4), "encoder": (1e-4, 3e-3), "vision": (1e-3, 3e-2)}
 PRESET_ORDER = ("attention-qv", "attention", "mlp", "all-linear")
-# The train: section init writes: these settings at TrainConfig's defaults, then what differs by kind.
+# the train: section written: these settings at their defaults, then what differs by kind
 TRAIN_WRITTEN = ("epochs", "batch_size", "evals_per_epoch", "device")
 TRAIN_BY_KIND: dict[str, dict[str, Any]] = {
     "decoder": {"epochs": 1, "batch_size": 4, "gradient_accumulation_steps": 4, "lr_scheduler": "cosine",
@@ -39,7 +33,7 @@ TRAIN_BY_KIND: dict[str, dict[str, Any]] = {
 
 def study_template(ref: str, *, train_file: str | None = None, eval_file: str | None = None,
                    name: str | None = None, n_trials: int = N_TRIALS) -> dict[str, Any]:
-    """The study-file mapping for ``ref`` (see the module docstring)."""
+    """The study-file mapping for ``ref``."""
     kind, task = _task(ref, train_file, eval_file)
     model = _meta_model(ref, kind) if kind != "vision" else None
     presets, smallest = _presets(model) if model is not None else (list(PRESET_ORDER), 32)

@@ -12,21 +12,16 @@ import yaml
 
 from lora_tune.errors import StudySpecError, clip, short
 
-# Bounds on a study file, far above any real one (a few KB), so that a hostile or broken file is
-# refused at once instead of hanging or filling the memory.
-MAX_SPEC_BYTES = 1 << 20  # 1 MiB of text
-# The file's values and scalar characters with every YAML alias written out (a value used through
-# `*alias` counts each time). Without aliases a 1 MiB file stays under them in practice (a real
-# study file holds a few hundred values); aliases that multiply a file (a "billion laughs": 1.6 KB
-# that expands to 10⁹ values) are refused before anything is built from them.
+# bounds far above any real study file (a few KB); the YAML ones count values and characters
+# with every alias written out, so that a "billion laughs" is refused before it is built
+MAX_SPEC_BYTES = 1 << 20
 MAX_YAML_VALUES = 250_000
 MAX_YAML_CHARS = 2 * MAX_SPEC_BYTES
 MAX_YAML_DEPTH = 100  # levels of nesting (a study file has about 5)
 
 
 def read_spec_text(path: str | Path) -> str:
-    """A study file's text; StudySpecError naming the file when it cannot be read, is not a
-    regular file (a directory, a FIFO, a device such as /dev/zero) or is over MAX_SPEC_BYTES."""
+    """A study file's text: a readable regular file of at most MAX_SPEC_BYTES."""
     path = Path(path)
 
     def refuse(message: str) -> StudySpecError:
@@ -74,9 +69,7 @@ def _file_kind(mode: int) -> str:
 
 
 def load_yaml(text: str, source: str | None = None) -> Any:
-    """``yaml.safe_load`` that also refuses a key given twice, aliases that expand the file past
-    MAX_YAML_VALUES / MAX_YAML_CHARS, nesting past MAX_YAML_DEPTH and values Python cannot build
-    (a 13th month); StudySpecError with the line."""
+    """``yaml.safe_load`` within the bounds above (see :class:`_UniqueKeyLoader`); StudySpecError with the line."""
     if len(text) > MAX_SPEC_BYTES:
         raise StudySpecError([("(file)", f"the text is {len(text):,} characters; a study file may be at most "
                                          f"{MAX_SPEC_BYTES:,} (1 MiB)")], source=source)
@@ -94,10 +87,8 @@ def load_yaml(text: str, source: str | None = None) -> Any:
 
 
 class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when installed
-    """``yaml.safe_load`` semantics, except that a key given twice in one mapping is an error
-    (plain YAML keeps the last one silently), a document whose aliases expand it past
-    MAX_YAML_VALUES / MAX_YAML_CHARS is refused before anything is built, and a scalar Python cannot build
-    (``2021-13-45``, an integer of 5000 digits) is a YAML error at its line."""
+    """``yaml.safe_load``, except that a key given twice, aliases expanding past the bounds and a
+    scalar Python cannot build (``2021-13-45``) are YAML errors at their line."""
 
     def get_single_node(self):
         node = super().get_single_node()
@@ -134,10 +125,8 @@ class _TooLargeError(yaml.constructor.ConstructorError):
 
 
 def _check_expansion(root: yaml.Node | None) -> None:
-    """Refuse a node graph whose size with aliases written out is over MAX_YAML_VALUES values or
-    MAX_YAML_CHARS characters, nested over MAX_YAML_DEPTH levels, or infinite (an alias inside its
-    own anchor). Each node is visited once (sizes are memoized), so this takes time in the size of
-    the text, not of the expansion."""
+    """Refuse a node graph over the bounds with aliases written out, or endless; each node is
+    visited once, so this takes time in the size of the text, not of the expansion."""
     if root is None:
         return
     sizes: dict[int, tuple[int, int, int]] = {}  # id(node) -> (values, characters, levels) written out
