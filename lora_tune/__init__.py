@@ -23,6 +23,7 @@ _EXPORTS = {
     "merge": "lora_tune.lora.inject",
     "unmerge": "lora_tune.lora.inject",
     "merge_and_unload": "lora_tune.lora.inject",
+    "detach": "lora_tune.lora.inject",
     "lora_layers": "lora_tune.lora.inject",
     "lora_state_dict": "lora_tune.lora.state",
     "save_adapter": "lora_tune.lora.state",

@@ -1,5 +1,8 @@
 """The core injector: imports torch only (bitsandbytes, transformers and peft lazily).
 
+``detach`` (:func:`lora_tune.lora.inject.detach`, loaded on first use) takes the adapters ``inject``
+attached off a model again, leaving its base exactly as it was.
+
 The config does not import its translators: PEFT interop is the leaf :mod:`lora_tune.lora.peft`.
 ``LoraConfig.to_peft(model)`` / ``LoraConfig.from_peft(source)``, the names they had on the config,
 are attached here (this package is initialised before any of its modules) as aliases of
@@ -29,3 +32,11 @@ def _from_peft(cls: type[LoraConfig], source: Any) -> LoraConfig:
 
 LoraConfig.to_peft = _to_peft  # type: ignore[attr-defined]
 LoraConfig.from_peft = classmethod(_from_peft)  # type: ignore[attr-defined]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "detach":
+        from lora_tune.lora.inject import detach  # noqa: PLC0415 - torch loads on use
+
+        return detach
+    raise AttributeError(f"module 'lora_tune.lora' has no attribute {name!r}")

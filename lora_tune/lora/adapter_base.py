@@ -8,7 +8,7 @@ family, and the dispatch table), :mod:`lora_tune.lora.attention` (nn.MultiheadAt
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol, cast
 
 import torch
@@ -21,6 +21,13 @@ from lora_tune.lora.quant import QuantizedWeight
 QKV = ("q", "k", "v")
 ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude")
 """Names of the trainable adapter parameters of every wrapper (``lora_magnitude``: DoRA only)."""
+
+ReplaceParam = Callable[[nn.Module, str, nn.Parameter | None], None]
+"""``replace(owner, name, new)``: make ``new`` the parameter ``name`` of ``owner`` (None drops it)."""
+
+
+def replace_parameter(owner: nn.Module, name: str, new: nn.Parameter | None) -> None:
+    owner._parameters[name] = new
 
 
 # -- low-rank algebra shared by every wrapper --------------------------------------------------
@@ -242,7 +249,7 @@ class _LoraState(nn.Module):
     def _pissa_init(self, key: str, pair: FactorPair) -> torch.Tensor:
         """PiSSA on the matrix view of base weight ``key``, part by part (fused qkv); returns the residual."""
         A, B = pair.lora_A, pair.lora_B
-        w0 = self._base_param(key)
+        w0 = self.base_weight(key)  # dequantized where the base layer holds it quantized
         matrix = self._to_matrix(w0)
         parted = cast(PartedPair, pair)  # the pairs of the families that keep this method (not the experts')
         parts = parted.parts or (True,)  # a fused qkv pair: its enabled parts, each PiSSA'd on its rows
@@ -267,29 +274,50 @@ class _LoraState(nn.Module):
     def _set_quantized(self, key: str, qweight: QuantizedWeight) -> None:
         self._quantized_weights()[_qkey(key)] = qweight
 
+    def prequantized(self, key: str) -> QuantizedWeight | None:
+        """The quantized weight the base layer itself holds for ``key`` (a base loaded in 4 or 8 bits:
+        :class:`lora_tune.lora.quant.QuantizedLinear`), used as is and never written; None for a
+        dense weight."""
+        return None
+
     @torch.no_grad()
-    def install_base(self, residuals: dict[str, torch.Tensor], quantized: dict[str, QuantizedWeight]) -> None:
-        """Write PiSSA's residuals into the base weights, and replace quantized ones by their
-        quantized copy (what ``inject`` does when it commits)."""
+    def install_base(self, residuals: dict[str, torch.Tensor], quantized: dict[str, QuantizedWeight],
+                     replace: ReplaceParam | None = None) -> None:
+        """Install PiSSA's residuals as new parameters of the base layer (its own tensors are not
+        written), and use each quantized copy in place of its weight: the base layer's dense
+        parameter is dropped (one quantized already keeps its own; a residual that is quantized
+        needs no parameter). What ``inject`` does when it commits; ``replace(owner, name, new)``
+        changes a parameter of the base layer (``inject`` passes its undo record's, so that
+        ``detach`` can put the old one back)."""
+        replace = replace or replace_parameter
         for key, value in residuals.items():
-            self._base_param(key).copy_(value)
-        for key, qweight in quantized.items():
+            if key in quantized:
+                continue
             owner, leaf = self._owner(key)
-            owner._parameters[leaf] = None
+            old = cast(nn.Parameter, owner._parameters[leaf])
+            replace(owner, leaf, nn.Parameter(torch.empty_like(old).copy_(value), requires_grad=old.requires_grad))
+        for key, qweight in quantized.items():
+            if self.prequantized(key) is None:
+                owner, leaf = self._owner(key)
+                replace(owner, leaf, None)
             self._set_quantized(key, qweight)
 
     @torch.no_grad()
     def unloaded(self) -> nn.Module:
         """The base layer holding ``W0 + delta`` (dequantized for a quantized base) as plain parameters."""
         for key in self.pairs():
-            w = self._merged_dense.get(key)
-            if w is None:  # an in-place merge already holds the delta
-                w = self.base_weight(key) if self.merged else self._merged_weight(key)
             owner, leaf = self._owner(key)
             old = owner._parameters.get(leaf)
-            owner._parameters[leaf] = nn.Parameter(w.detach().clone(),
+            owner._parameters[leaf] = nn.Parameter(self._unloaded_weight(key),
                                                    requires_grad=old.requires_grad if old is not None else False)
         return self.base_layer
+
+    def _unloaded_weight(self, key: str) -> torch.Tensor:
+        """``W0 + delta`` of weight ``key`` as a new dense tensor (what ``unloaded`` installs)."""
+        w = self._merged_dense.get(key)
+        if w is None:  # an in-place merge already holds the delta
+            w = self.base_weight(key) if self.merged else self._merged_weight(key)
+        return w.detach().clone()
 
     # -- merging ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -315,6 +343,13 @@ class _LoraState(nn.Module):
         self._merge_backup.clear()
         self._merged_dense.clear()
         self.merged = False
+
+
+def requantized(qweight: QuantizedWeight, weight: torch.Tensor) -> QuantizedWeight:
+    """``weight`` quantized as ``qweight`` is (bits, type, double quantization) into a new
+    QuantizedWeight; ``qweight`` is not changed (PiSSA's residual over a base loaded quantized)."""
+    double = bool(getattr(qweight._state, "nested", False))
+    return QuantizedWeight(weight, qweight.bits, qweight.quant_type if qweight.bits == 4 else "nf4", double)
 
 
 def _plus(w0: torch.Tensor, delta: torch.Tensor, fresh: bool) -> torch.Tensor:

@@ -30,6 +30,7 @@ from lora_tune.lora.config import LoraConfig, layers_label
 from lora_tune.lora.experts import expert_parameters
 from lora_tune.lora.fused import enabled_sizes
 from lora_tune.lora.inject import resolve
+from lora_tune.lora.quant import QuantizedLinear
 from lora_tune.lora.roles import ROLE_GROUPS
 from lora_tune.lora.targets import Target, classify, model_stacks, supported_kind
 
@@ -99,7 +100,7 @@ def linear_weights(model: nn.Module) -> list[LinearWeight]:
             param = name.rpartition(".")[2]
             out.append(LinearWeight(name, getattr(module, param).numel(), "mlp", stack=True))
         elif kind in ("linear", "conv1d_gpt2", "fused"):
-            out.append(LinearWeight(name, _weight(module).numel(), ROLE_GROUPS[role]))
+            out.append(LinearWeight(name, _elements(module), ROLE_GROUPS[role]))
         seen.add(name.rpartition(".")[0] if kind == "expert" else name)
     for name, module in model.named_modules():
         if not name or name in seen or name.rpartition(".")[0] in mha:
@@ -119,9 +120,12 @@ def _looks_like_stack(module_name: str, param: str, p) -> bool:
     return p.dim() == 3 and p.is_floating_point() and p.shape[0] > 1 and ("expert" in where or param.endswith("proj"))
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
-    """The weight of a Linear, a GPT-2 Conv1D or a fused qkv layer."""
-    return cast(torch.Tensor, module.weight)
+def _elements(module: nn.Module) -> int:
+    """Elements of the weight of a Linear (a QuantizedLinear's: as if dense), a GPT-2 Conv1D or a
+    fused qkv layer."""
+    if isinstance(module, QuantizedLinear):
+        return module.in_features * module.out_features
+    return cast(torch.Tensor, module.weight).numel()
 
 
 def _mha_elements(module: nn.MultiheadAttention) -> int:
@@ -134,12 +138,12 @@ def adapted_elements(t: Target) -> int:
     """Elements of the linear weight(s) of ``t`` that get a delta (0 for embeddings and convs)."""
     m = t.module
     if t.kind in ("linear", "conv1d_gpt2"):
-        return _weight(m).numel()
+        return _elements(m)
     if t.kind == "fused":
         assert t.parts is not None and t.part_sizes is not None, "a fused target has parts and their sizes"
         enabled = [p in t.parts for p in "qkv"]
         rows = sum(enabled_sizes(enabled, t.part_sizes))
-        inputs = _weight(m).numel() // sum(t.part_sizes)
+        inputs = _elements(m) // sum(t.part_sizes)
         return rows * inputs
     if t.kind == "experts":
         assert t.parts is not None, "an experts target names its stacks"

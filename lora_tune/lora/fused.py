@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lora_tune.errors import ConfigError
+from lora_tune.lora.quant import QuantizedLinear
 
 FUSED_NAMES = {"qkv", "c_attn", "in_proj", "query_key_value", "wqkv", "qkv_proj", "to_qkv", "w_pack"}
 """Last name components of fused q/k/v projections (lower case)."""
@@ -40,7 +41,10 @@ Sizes = tuple[int, int, int]
 
 
 def out_features(module: nn.Module) -> int:
-    """Output size of a Linear or of transformers' GPT-2 ``Conv1D`` (weight stored in x out)."""
+    """Output size of a Linear (a QuantizedLinear too) or of transformers' GPT-2 ``Conv1D`` (weight
+    stored in x out)."""
+    if isinstance(module, QuantizedLinear):
+        return module.out_features
     weight = cast(torch.Tensor, module.weight)
     return weight.shape[0] if isinstance(module, nn.Linear) else weight.shape[1]
 

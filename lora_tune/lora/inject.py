@@ -3,9 +3,11 @@
 ``inject`` reads as resolve -> build -> commit. It resolves the targets; builds every wrapper
 (the family the dispatch table :data:`lora_tune.lora.layers.WRAPPERS` gives, its factors
 initialised, PiSSA's residual base weights, quantized copies, DoRA magnitudes) without touching
-the model; and only then commits: swaps the wrappers in, writes the residuals, drops the
-quantized base weights and sets ``requires_grad``. An error before the commit leaves the model
-exactly as it was: there is no half-injected model.
+the model; and only then commits: swaps the wrappers in, installs the residuals as new base
+parameters, drops the quantized base weights and sets ``requires_grad``, recording each change
+in the model's undo record (:mod:`lora_tune.lora.attachment`). An error before the commit
+leaves the model exactly as it was: there is no half-injected model. ``detach`` undoes the
+record: the base comes back bit for bit, ready for the next trial's adapters.
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ from torch import nn
 from lora_tune.errors import ConfigError
 from lora_tune.lora.config import LoraConfig
 from lora_tune.lora.blocks import block_filter, selected_blocks
+from lora_tune.lora.adapter_base import requantized
 from lora_tune.lora.layers import ADAPTER_PARAMS, LORA_WRAPPERS, WRAPPER_OF_KIND, LoraLayer, _LoraState
 from lora_tune.lora.quant import QuantizedWeight
+from lora_tune.lora.attachment import CONFIG_ATTR, Attachment, attached, forget, keep, undo_all
 from lora_tune.lora.targets import (
     PRESET_NAMES,
     Pattern,
@@ -34,7 +38,7 @@ from lora_tune.lora.targets import (
     target_presets,
 )
 
-__all__ = ["inject", "find_targets", "target_presets", "merge", "unmerge", "merge_and_unload",
+__all__ = ["inject", "find_targets", "target_presets", "merge", "unmerge", "merge_and_unload", "detach",
            "lora_layers", "InjectReport"]
 
 
@@ -121,8 +125,8 @@ class Built(NamedTuple):
 
     target: Target
     wrapper: _LoraState
-    residuals: dict[str, torch.Tensor]           # base weight key -> PiSSA's residual
-    quantized: dict[str, QuantizedWeight]        # base weight key -> its quantized copy
+    residuals: dict[str, torch.Tensor]           # base weight key -> PiSSA's residual (not quantized)
+    quantized: dict[str, QuantizedWeight]        # base weight key -> its quantized copy (PiSSA's: of the residual)
 
 
 def new_wrapper(target: Target, config: LoraConfig, warn: list[str]) -> _LoraState:
@@ -153,13 +157,18 @@ def build(target: Target, config: LoraConfig, warn: list[str], shared: bool) -> 
     wrapper = new_wrapper(target, config, warn)
     residuals = wrapper.init_lora(config.init)
     quantized = {}
-    if config.quant_bits in (4, 8):
-        quantized = {key: wrapper.quantize(key, residuals.get(key, wrapper._base_param(key)), config.quant_bits,
-                                           config.quant_type, config.double_quant) for key in wrapper.pairs()}
+    for key in wrapper.pairs():
+        own = wrapper.prequantized(key)
+        if own is not None:  # loaded quantized: used as is; PiSSA's residual gets a new quantized copy
+            if key in residuals:
+                quantized[key] = requantized(own, residuals.pop(key))
+        elif config.quant_bits in (4, 8):
+            weight = residuals.pop(key) if key in residuals else wrapper._base_param(key)
+            quantized[key] = wrapper.quantize(key, weight, config.quant_bits, config.quant_type, config.double_quant)
     if config.use_dora:  # m = ||W0 + s*B@A|| of the weight the layer will compute with
         layer = cast(LoraLayer, wrapper)  # only single-weight wrappers support DoRA (new_wrapper checks)
         key = layer.weight_name
-        layer.init_magnitude(quantized[key].dequantize() if quantized else residuals.get(key))
+        layer.init_magnitude(quantized[key].dequantize() if key in quantized else residuals.get(key))
     wrapper.shared_base = shared
     return Built(target, wrapper, residuals, quantized)
 
@@ -218,30 +227,63 @@ def _tied(model: nn.Module, config: LoraConfig, targets: list[Target]) -> set[st
 
 def _commit(model: nn.Module, config: LoraConfig, built: list[Built], aliases: dict[str, list[str]],
             saved: list[str]) -> None:
-    """Swap the built wrappers in and set what trains. (LoRA factors of an earlier inject keep training.)"""
+    """Swap the built wrappers in and set what trains, every change through the undo record kept on
+    the model (:mod:`lora_tune.lora.attachment`; ``detach`` reverts it). A failure on the way
+    reverts what was done. (LoRA factors of an earlier inject keep training.)"""
+    record = Attachment.begin(model)
+    try:
+        _apply(model, config, built, aliases, saved, record)
+    except BaseException:
+        record.undo()
+        raise
+    keep(model, record)
+
+
+def _apply(model: nn.Module, config: LoraConfig, built: list[Built], aliases: dict[str, list[str]],
+           saved: list[str], record: Attachment) -> None:
     for n, p in model.named_parameters():
         if not n.endswith(ADAPTER_PARAMS):
-            p.requires_grad_(False)
+            record.set_requires_grad(p, False)
     modules = dict(model.named_modules())
+    for owner in modules.values():  # running statistics (BatchNorm's) change in training, frozen or not
+        for leaf in owner._buffers:
+            if leaf not in owner._non_persistent_buffers_set:
+                record.snapshot(owner, "_buffers", leaf)
     for target, wrapper, residuals, quantized in built:
-        wrapper.install_base(residuals, quantized)
+        wrapper.install_base(residuals, quantized, record.replace_param)
         for alias in aliases[target.name]:  # a module registered under several names is wrapped at each
-            _set_module(model, alias, wrapper)
-        for n, p in wrapper.named_parameters():
-            if n.endswith(ADAPTER_PARAMS) or (config.bias == "lora_only" and n.endswith("bias")):
+            parent, _, child = alias.rpartition(".")
+            record.swap(model.get_submodule(parent) if parent else model, child, wrapper)
+        for owner, leaf, p in _owned(wrapper):
+            if leaf.endswith(ADAPTER_PARAMS):  # the wrapper's own
                 p.requires_grad_(True)
+            elif config.bias == "lora_only" and leaf.endswith("bias"):
+                record.train(owner, leaf)
     if config.bias == "all":
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.requires_grad_(True)
+        for owner, leaf, _ in _owned(model):
+            if leaf.endswith("bias"):
+                record.train(owner, leaf)
     for n in saved:
-        for p in modules[n].parameters():
-            p.requires_grad_(True)
+        for owner, leaf, _ in _owned(modules[n]):
+            record.train(owner, leaf)
+        for owner in modules[n].modules():  # the non-persistent buffers too
+            for leaf in owner._buffers:
+                record.snapshot(owner, "_buffers", leaf)
     for m in model.modules():  # torch's nested-tensor encoder fast path reads raw weights
         if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
-            m.use_nested_tensor = False
+            record.set_attr(m, "use_nested_tensor", False)
     # read by save_adapter (bias mode, modules_to_save, init)
-    model._lora_tune_config = config  # type: ignore[assignment]  # torch's __setattr__ stub is too narrow
+    record.set_attr(model, CONFIG_ATTR, config)
+
+
+def _owned(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Parameter]]:
+    """(owner, name, parameter) of every parameter under ``module``, each once."""
+    seen: set[int] = set()
+    for _, owner in module.named_modules():
+        for leaf, p in owner._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield owner, leaf, p
 
 
 def _aliases(model: nn.Module, module: nn.Module) -> list[str]:
@@ -258,8 +300,15 @@ def _lora_params(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _quantized(model: nn.Module):
+    """The quantized weights the model computes with (not those of a base loaded quantized that
+    a PiSSA wrapper replaced by its residual's)."""
+    unused = set()
+    for _, w in lora_layers(model):
+        own = w.prequantized(w.weight_name) if isinstance(w, LoraLayer) else None
+        if own is not None and w.base_weight_q is not own:
+            unused.add(id(own))
     for n, m in model.named_modules():
-        if isinstance(m, QuantizedWeight):
+        if isinstance(m, QuantizedWeight) and id(m) not in unused:
             yield n, m
 
 
@@ -278,10 +327,34 @@ def unmerge(model: nn.Module) -> None:
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every wrapper by a plain torch layer holding W0 + delta (dequantized for a
-    quantized base). Returns the model, which no longer contains any LoRA module."""
+    quantized base). Returns the model, which no longer contains any LoRA module; it keeps what
+    was trained (biases, modules_to_save), so nothing is attached any more (see :func:`detach`)."""
     for _, wrapper in list(lora_layers(model)):
         names = _aliases(model, wrapper)
         base = wrapper.unloaded()
         for name in names:
             _set_module(model, name, base)
+    forget(model)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Take the adapters off (PEFT's ``unload()``): the base model back exactly as it was before
+    ``inject`` (every inject stacked on it too), so that the next trial can attach fresh adapters
+    to the same resident base and get bit for bit what it would get on a fresh copy.
+
+    A merged model is unmerged first; then every wrapped module is swapped back, every base
+    parameter object inject replaced (PiSSA's residual, a weight quantized at inject) is put
+    back, the values of the base parameters that trained (biases, modules_to_save) and their
+    gradients are restored, and so are requires_grad, every module's training flag, the
+    nested-tensor flags and the recorded config. Afterwards the model has no LoRA module and its
+    ``state_dict()`` equals the one before inject bit for bit, with the same Parameter objects.
+    A model with nothing attached (never injected, detached already, or merged and unloaded):
+    ConfigError. Returns the model."""
+    if attached(model) is None:
+        raise ConfigError("model", type(model).__name__, "a model with adapters attached by lora_tune.inject",
+                          "nothing is attached to it: it was never injected, was detached already, or "
+                          "merge_and_unload made its adapters part of it")
+    unmerge(model)
+    undo_all(model)
     return model

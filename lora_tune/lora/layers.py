@@ -54,7 +54,7 @@ from lora_tune.lora.fused import (
     parts_matrix,
     scatter_parts,
 )
-from lora_tune.lora.quant import QuantizedWeight, quantized_linear
+from lora_tune.lora.quant import QuantizedLinear, QuantizedWeight, quantized_linear
 
 __all__ = [
     "ADAPTER_PARAMS",
@@ -237,6 +237,8 @@ class LoraLinear(LoraLayer):
 
     @classmethod
     def kind_of(cls, module: nn.Module) -> str | None:
+        if isinstance(module, QuantizedLinear):  # a base loaded in 4 or 8 bits: its qweight is used as is
+            return "linear"
         if isinstance(module, nn.Linear):
             # bitsandbytes' Linear4bit / Linear8bitLt hold integer weights: use quant_bits instead
             return "linear" if module.weight is not None and module.weight.is_floating_point() else None
@@ -256,8 +258,14 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, *, transposed: bool = False,
                  parts: Sequence[bool] | None = None, part_sizes: Sequence[int] | None = None, **kw):
         super().__init__(base_layer, r, alpha, **kw)
-        w = cast(torch.Tensor, base_layer.weight)  # a Linear's or GPT-2 Conv1D's
-        out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+        if isinstance(base_layer, QuantizedLinear):
+            # shared with the base (every trial's wrapper), not registered here and never written
+            object.__setattr__(self, "base_weight_q", base_layer.qweight)
+            w = base_layer.qweight._dtype_probe  # an empty tensor of the weight's dtype and device
+            out_f, in_f = base_layer.out_features, base_layer.in_features
+        else:
+            w = cast(torch.Tensor, base_layer.weight)  # a Linear's or GPT-2 Conv1D's
+            out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
         self.in_features, self.out_features = in_f, out_f
         self.transposed = transposed
         self.parts = tuple(parts) if parts is not None else None
@@ -289,6 +297,23 @@ class LoraLinear(LoraLayer):
 
     def _to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.t() if self.transposed else weight
+
+    def prequantized(self, key: str | None = None) -> QuantizedWeight | None:
+        return self.base_layer.qweight if isinstance(self.base_layer, QuantizedLinear) else None
+
+    @torch.no_grad()
+    def unloaded(self) -> nn.Module:
+        """A plain layer holding ``W0 + delta``; over a QuantizedLinear a new nn.Linear with the
+        dequantized sum (and the base's bias)."""
+        base = self.base_layer
+        if not isinstance(base, QuantizedLinear):
+            return super().unloaded()
+        w = self._unloaded_weight(self.weight_name)
+        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device="meta")
+        linear.weight = nn.Parameter(w, requires_grad=False)
+        if base.bias is not None:
+            linear.bias = base.bias
+        return linear
 
     def _weight_view(self, rows):
         return rows.view(1, -1) if self.transposed else rows.view(-1, 1)

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from lora_tune.lora.blocks import LayerStack, locate
+from lora_tune.lora.quant import QuantizedLinear
 
 ATTENTION_ROLES = ("q", "k", "v", "o", "qkv", "qkv_whole")
 ROLE_GROUPS = {"q": "attention", "k": "attention", "v": "attention", "o": "attention", "qkv": "attention",
@@ -111,7 +112,9 @@ def _is_head(model: nn.Module, modules: dict[str, nn.Module], name: str, module:
         return True
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     out = weight.shape[0] if isinstance(module, nn.Linear) and weight is not None else None
-    return isinstance(vocab, int) and out == vocab and isinstance(module, nn.Linear)
+    if isinstance(module, QuantizedLinear):
+        out = module.out_features
+    return isinstance(vocab, int) and out == vocab
 
 
 def _named_attention(modules: dict[str, nn.Module], name: str, fused_name: bool) -> bool:
