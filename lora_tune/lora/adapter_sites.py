@@ -203,7 +203,8 @@ def inject_exact(model: nn.Module, config: LoraConfig, plain_fused: tuple[str, .
                          rslora=config.rslora, dropout=config.dropout, method=config.method,
                          use_dora=config.use_dora)  # the magnitude (all rows either way) is loaded
         new.scaling = old.scaling
-        new.base_weight_q = old.base_weight_q
+        if old.base_weight_q is not new.base_weight_q:  # (a QuantizedLinear's own is shared already)
+            new._set_quantized(new.weight_name, old.base_weight_q)
         new.to(old.lora_A.device)
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, new)

@@ -175,7 +175,10 @@ def build(target: Target, config: LoraConfig, warn: list[str], shared: bool) -> 
 
 def inject(model: nn.Module, config: LoraConfig) -> InjectReport:
     """Wrap the layers ``config.targets`` selects, in place; only LoRA factors (plus biases per
-    ``config.bias`` and ``config.modules_to_save``) stay trainable."""
+    ``config.bias`` and ``config.modules_to_save``) stay trainable. Every change is recorded on
+    the model, so that :func:`detach` takes the adapters off again and leaves the base exactly as
+    it was. A layer of a base loaded quantized (QuantizedLinear) keeps its own quantization
+    whatever ``config.quant_bits`` says."""
     if not isinstance(config, LoraConfig):
         raise ConfigError("config", type(config).__name__, "a lora_tune.LoraConfig")
     trainable_before = sum(p.numel() for p in model.parameters() if p.requires_grad)
