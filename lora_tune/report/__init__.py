@@ -1,11 +1,6 @@
 """Reports on studies: panel data functions, Plotly drawers, the HTML report, optuna-dashboard.
 
-Each panel is a pure function from a study to plain data (``lora_tune.report.data``) and a
-function drawing it (``lora_tune.report.draw``); ``dashboards/*.yaml`` say which panels a
-report shows, in what order, for single- and multi-objective studies.
-
-Names are loaded lazily so that ``lora_tune.study.trial.artifacts`` (called by the study driver)
-does not import Plotly.
+Names are loaded lazily, so that the study driver's import of the package does not import Plotly.
 """
 from __future__ import annotations
 

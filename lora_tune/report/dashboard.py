@@ -27,10 +27,7 @@ def figure_id(index: int, panel: str, title: str) -> str:
 
 
 def save_figures(study: optuna.Study) -> list[str]:
-    """Save the LoRA-specific panels of the study's report definition into the study.
-
-    optuna-dashboard then shows them beside its own plots. Returns the graph-object ids.
-    """
+    """Save the report's LoRA-specific panels into the study for optuna-dashboard; their ids."""
     from optuna_dashboard import save_plotly_graph_object
 
     ids = []

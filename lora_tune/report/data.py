@@ -1,8 +1,4 @@
-"""Panel data: pure functions from a study to plain dicts (tests assert on these).
-
-Every function takes the study first and keyword options (from the report definition),
-and returns JSON-like data that ``draw.py`` turns into a figure.
-"""
+"""Panel data: pure functions from a study (and the report definition's options) to plain data."""
 from __future__ import annotations
 
 import math
@@ -15,6 +11,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
+from lora_tune.errors import ConfigError
 from lora_tune.report import frame
 from lora_tune.study.trial import record
 from lora_tune.study.storage.budget import study_budget
@@ -42,20 +39,11 @@ def pareto_mask(points: Sequence[Sequence[float]], maximize: Sequence[bool]) -> 
     return mask
 
 
-def _objective(study: optuna.Study, objective: int) -> tuple[int, str, bool]:
-    names = frame.metric_names(study)
-    if not 0 <= objective < len(names):
-        from lora_tune.errors import ConfigError
-
-        raise ConfigError("objective", objective, f"an index from 0 to {len(names) - 1}")
-    return objective, names[objective], frame.maximizing(study, objective)
-
-
 # -- summary ---------------------------------------------------------------------------------
 def summary_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
     """Best trial, gain over baseline, trial counts by state, and the compute used and saved
-    (counted as ``lora-tune run`` and ``study show`` count them: :func:`lora_tune.study.trial.record.account`)."""
-    objective, metric, maximize = _objective(study, objective)
+    (the one account: :func:`lora_tune.study.trial.record.account`)."""
+    metric, maximize = frame.objective_of(study, objective)
     trials = study.get_trials(deepcopy=False)
     account = record.account(trials)
     best = frame.best_trial(study, objective)
@@ -102,14 +90,8 @@ def summary_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
 
 
 def pruning_savings(account: record.Account) -> dict[str, Any]:
-    """Training steps run vs. what the same trials would have run had none been pruned.
-
-    Only finished trials that trained and recorded ``train_steps`` count (a nested-rank result
-    copies its parent's steps: they are counted once, with the parent). A pruned trial would
-    have run its ``planned_steps``; any other trial (complete, failed) costs what it ran, so
-    steps a failure skipped are not credited to pruning. Seconds saved are estimated per pruned
-    trial from its own seconds per step.
-    """
+    """Training steps run vs. what the same trials would have run had none been pruned (as
+    :class:`lora_tune.study.trial.record.Account` counts them)."""
     unpruned = account.steps_run + account.steps_saved
     return {
         "trials_counted": account.counted,
@@ -123,9 +105,7 @@ def pruning_savings(account: record.Account) -> dict[str, Any]:
 
 
 def time_per_trial(account: record.Account) -> dict[str, Any]:
-    """Mean setup seconds (a trial's start to its first optimizer step: building the model, and
-    in a child process the task) and training seconds, over the finished trials that trained and
-    recorded both (:class:`lora_tune.study.trial.record.Account`); ``line`` as the CLI prints it."""
+    """Mean setup and training seconds per trial (:class:`lora_tune.study.trial.record.Account`)."""
     return {"trials": account.timed, "setup_mean": account.mean_setup_seconds,
             "train_mean": account.mean_train_seconds, "line": account.time_line()}
 
@@ -133,7 +113,7 @@ def time_per_trial(account: record.Account) -> dict[str, Any]:
 # -- history / importances -----------------------------------------------------------------------
 def history_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
     """Complete trials in order: value and best so far."""
-    objective, metric, maximize = _objective(study, objective)
+    metric, maximize = frame.objective_of(study, objective)
     numbers, values, best_so_far, baseline = [], [], [], []
     best: float | None = None
     for t in sorted(frame.complete_trials(study), key=lambda t: t.number):
@@ -171,7 +151,7 @@ def importances_data(study: optuna.Study, objective: int | None = None) -> dict[
 # -- LoRA-specific panels --------------------------------------------------------------------------
 def rank_alpha_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
     """Rank × alpha grid; each cell is the best metric among complete trials with that pair."""
-    objective, metric, maximize = _objective(study, objective)
+    metric, maximize = frame.objective_of(study, objective)
     trials = frame.complete_trials(study)
     alpha_key, alpha_label = frame.alpha_axis(trials)
     cells: dict[tuple[Any, Any], dict[str, Any]] = {}
@@ -196,7 +176,7 @@ def rank_alpha_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
 
 def presets_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
     """Metric of complete trials grouped by target preset, presets ordered by their best value."""
-    objective, metric, maximize = _objective(study, objective)
+    metric, maximize = frame.objective_of(study, objective)
     groups: dict[str, dict[str, list]] = defaultdict(lambda: {"values": [], "numbers": []})
     for t in frame.complete_trials(study):
         g = groups[frame.preset_of(t)]
@@ -212,18 +192,11 @@ def presets_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
 
 
 def cost_data(study: optuna.Study, x: str = "trainable_params", objective: int = 0) -> dict[str, Any]:
-    """Metric vs. a cost (``x``: a user attribute), coloured by quant bits, Pareto front marked.
-
-    The front minimises the cost and optimises the metric in the study's direction. When the
-    complete trials differ in ``use_dora`` (DoRA trains slower and holds more memory), each
-    quant-bits group is split in two: ``series`` labels every point ``"<bits>, DoRA"`` or
-    ``"<bits>, LoRA"``; otherwise the series are the quant bits alone.
-    """
+    """Metric vs. a cost (``x``: a user attribute), Pareto front marked, a series per quant bits
+    (split into ``"<bits>, DoRA"`` / ``"<bits>, LoRA"`` when trials differ in ``use_dora``)."""
     if x not in COST_AXES:
-        from lora_tune.errors import ConfigError
-
         raise ConfigError("x", x, "one of " + ", ".join(COST_AXES))
-    objective, metric, maximize = _objective(study, objective)
+    metric, maximize = frame.objective_of(study, objective)
     trials = study.get_trials(deepcopy=False)
     points = []
     for t in frame.complete_of(trials):
@@ -265,12 +238,9 @@ def curves_data(study: optuna.Study) -> dict[str, Any]:
 
 
 def parallel_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
-    """Parallel-coordinates dimensions: each param of complete trials, then the metric.
-
-    Log-scaled params are shown as log10; categorical (or partly missing) params get
-    integer codes with tick labels, missing values coded ``n/a``.
-    """
-    objective, metric, maximize = _objective(study, objective)
+    """Parallel-coordinates dimensions: each param of complete trials (log ones as log10,
+    categorical or partly missing ones as coded ticks), then the metric."""
+    metric, maximize = frame.objective_of(study, objective)
     trials = sorted(frame.complete_trials(study), key=lambda t: t.number)
     names = sorted({p for t in trials for p in t.params})
     dims = []

@@ -1,11 +1,7 @@
 """Report definitions: which panels, in what order, for single- and multi-objective studies.
 
-Definitions are YAML files named ``<kind>.yaml`` (``single-objective``, ``multi-objective``).
-They are looked up, first hit wins, in:
-
-1. ``$LORA_TUNE_DASHBOARDS`` (a folder), when set;
-2. the repository's ``dashboards/`` folder (a source checkout or editable install);
-3. ``lora_tune/dashboards/`` inside the installed package (package data, same files).
+``<kind>.yaml`` files, found first in ``$LORA_TUNE_DASHBOARDS``, then the checkout's ``dashboards/``,
+then the installed package's ``lora_tune/dashboards/``.
 """
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Reading a study's trials the way every panel needs them.
-
-These helpers know the trial record of ``docs/architecture.md`` (params and user
-attributes written by ``study/trial/objective.py``) and nothing about drawing.
-"""
+"""Reading a study's trials (the trial record) the way every panel needs them."""
 from __future__ import annotations
 
 import json
@@ -15,7 +11,9 @@ import pandas as pd
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from lora_tune.errors import ConfigError
 from lora_tune.study.trial import record
+
 # User attributes shown as table columns, in this order (others follow, sorted).
 KNOWN_USER_ATTRS = (
     record.IS_BASELINE, record.TARGET_PRESET, record.TRAINABLE_PARAMS, record.ADAPTER_BYTES,
@@ -50,6 +48,14 @@ def maximizing(study: optuna.Study, objective: int = 0) -> bool:
     return study.directions[objective] == StudyDirection.MAXIMIZE
 
 
+def objective_of(study: optuna.Study, objective: int) -> tuple[str, bool]:
+    """The metric name of objective number ``objective`` and whether it is maximized."""
+    names = metric_names(study)
+    if not 0 <= objective < len(names):
+        raise ConfigError("objective", objective, f"an index from 0 to {len(names) - 1}")
+    return names[objective], maximizing(study, objective)
+
+
 def better(a: float, b: float | None, maximize: bool) -> bool:
     """Whether value ``a`` is strictly better than ``b`` (``None`` is beaten by anything)."""
     if b is None:
@@ -81,16 +87,6 @@ def best_trial(study: optuna.Study, objective: int = 0) -> FrozenTrial | None:
         if best is None or better(t.values[objective], best.values[objective], maximize):
             best = t
     return best
-
-
-def state_name(trial: FrozenTrial) -> str:
-    return trial.state.name
-
-
-def duration_seconds(trial: FrozenTrial) -> float | None:
-    if trial.datetime_start is None or trial.datetime_complete is None:
-        return None
-    return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
 def preset_of(trial: FrozenTrial) -> str:
@@ -157,10 +153,7 @@ def _cell(value: Any) -> Any:
 
 def trials_dataframe(study: optuna.Study, *, include_bulky: bool = False,
                      states: Iterable[TrialState] | None = None) -> pd.DataFrame:
-    """One row per trial: number, state, metric(s), ``param_*`` columns and user attributes.
-
-    Optuna's ``system_attrs`` (sampler bookkeeping, artifacts, dashboard plot data) are left out.
-    """
+    """One row per trial: number, state, metric(s), ``param_*`` columns and user attributes."""
     names = metric_names(study)
     wanted = set(states) if states is not None else None
     trials = [t for t in study.get_trials(deepcopy=False) if wanted is None or t.state in wanted]
@@ -172,7 +165,7 @@ def trials_dataframe(study: optuna.Study, *, include_bulky: bool = False,
         attr_names += [a for a in BULKY_USER_ATTRS if any(a in t.user_attrs for t in trials)]
     rows = []
     for t in trials:
-        row: dict[str, Any] = {"number": t.number, "state": state_name(t)}
+        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
         for i, name in enumerate(names):
             row[name] = objective_value(t, i)
         for p in param_names:
@@ -181,7 +174,7 @@ def trials_dataframe(study: optuna.Study, *, include_bulky: bool = False,
             row[a] = _cell(t.user_attrs.get(a))
         row["datetime_start"] = t.datetime_start
         row["datetime_complete"] = t.datetime_complete
-        row["duration_s"] = duration_seconds(t)
+        row["duration_s"] = t.duration.total_seconds() if t.duration is not None else None
         rows.append(row)
     columns = (["number", "state", *names] + [f"param_{p}" for p in param_names] + attr_names
                + ["datetime_start", "datetime_complete", "duration_s"])

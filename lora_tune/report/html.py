@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from lora_tune.errors import ConfigError
 from lora_tune.report import frame
 from lora_tune.report.definitions import ReportDefinition, definition_for
 from lora_tune.report.panels import PANELS
+from lora_tune.safe_files import write_atomic
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#222}
@@ -104,31 +104,16 @@ def build_report(study: optuna.Study, definition: ReportDefinition | None = None
 def write_text_atomic(path: str | os.PathLike, text: str, field: str = "output") -> Path:
     """Write a file whole or not at all; an unwritable path is a ``ConfigError`` naming it."""
     target = Path(os.path.realpath(path))  # a symlink is written through, not replaced
-    folder = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise ConfigError(field, str(path), "a file path (this is a directory)")
     if target.exists() and not target.is_file():  # never replace a device node or a FIFO
         raise ConfigError(field, str(path), "a regular file path (this is a device, FIFO or socket)")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        write_atomic(target, text)
     except OSError as exc:
-        raise ConfigError(field, str(target), "a path in an existing, writable directory",
+        raise ConfigError(field, str(target), "a writable file path in an existing directory",
                           exc.strerror or str(exc)) from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise ConfigError(field, str(target), "a writable file path", exc.strerror or str(exc)) from None
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_report(study: optuna.Study, path: str | os.PathLike, definition: ReportDefinition | None = None,

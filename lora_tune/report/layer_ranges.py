@@ -1,10 +1,5 @@
-"""Panel data "metric by layer range": complete trials grouped by the blocks LoRA was on.
-
-A trial's layer range is its ``layers`` parameter (``all``, ``first:N``, ``last:N``, ``0|1|2``,
-as :func:`lora_tune.lora.config.layers_label` writes it), else the ``layers`` of its recorded
-``lora_config``, else ``all``. Typed records, so a refactor breaks loudly; ``draw.draw_layers``
-draws them.
-"""
+"""Panel data "metric by layer range": complete trials grouped by their ``layers`` parameter
+(else their ``lora_config``'s), as typed records."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -65,10 +60,7 @@ def _order(label: str) -> tuple:
 
 def layers_data(study: optuna.Study, objective: int = 0) -> LayersPanel:
     """The metric of complete trials by layer range (an objective index for multi-objective studies)."""
-    names = frame.metric_names(study)
-    if not 0 <= objective < len(names):
-        raise ConfigError("objective", objective, f"an index from 0 to {len(names) - 1}")
-    maximize = frame.maximizing(study, objective)
+    metric, maximize = frame.objective_of(study, objective)
     groups: dict[str, list[LayerPoint]] = {}
     for t in sorted(frame.complete_trials(study), key=lambda t: t.number):
         groups.setdefault(layers_of(t), []).append(
@@ -76,4 +68,4 @@ def layers_data(study: optuna.Study, objective: int = 0) -> LayersPanel:
     pick = max if maximize else min
     ranges = [LayerRange(label, pts, pick(p.value for p in pts), sum(p.value for p in pts) / len(pts))
               for label, pts in sorted(groups.items(), key=lambda kv: _order(kv[0]))]
-    return LayersPanel(names[objective], maximize, ranges)
+    return LayersPanel(metric, maximize, ranges)

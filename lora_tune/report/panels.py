@@ -1,8 +1,5 @@
-"""The panel registry: name -> (data function, draw function, default title).
-
-A report definition (``dashboards/*.yaml``) lists panel names from here, in order,
-with options that are passed to the panel's data function.
-"""
+"""The panel registry: name -> (data function, draw function, default title); a report
+definition's options for a panel are its data function's keywords."""
 from __future__ import annotations
 
 import inspect

@@ -10,11 +10,7 @@ from lora_tune.errors import ConfigError, StudyNotFoundError
 
 
 def open_storage_for_reading(storage_url: str) -> Any:
-    """The storage behind ``storage_url`` (``lora_tune.study.storage.opening.open_storage``).
-
-    A missing SQLite or journal file, or an SQLite file without Optuna's tables, is an error
-    (opening it would create one, or the tables, as a side effect of reading).
-    """
+    """The storage behind ``storage_url``, refused where opening it would create a file or tables."""
     from lora_tune.study.storage.opening import mask_url, open_storage, reading_problem
 
     problem = reading_problem(storage_url)
