@@ -1,7 +1,4 @@
-"""CLI: ``lora-tune storage-proxy --storage URL --port P`` - one gRPC storage proxy for many workers.
-
-Thin: :func:`lora_tune.study.storage.proxy_server.serve` does the work.
-"""
+"""CLI: ``lora-tune storage-proxy`` over :func:`lora_tune.study.storage.proxy_server.serve`."""
 from __future__ import annotations
 
 import logging

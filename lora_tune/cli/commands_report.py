@@ -8,16 +8,11 @@ import click
 STORAGE_HELP = "Storage URL (default: $LORA_TUNE_STORAGE, then sqlite:///lora_tune.db)."
 
 
-def _storage_url(value: str | None) -> str:
-    from lora_tune.study.storage.opening import resolve_storage_url
-
-    return resolve_storage_url(value, None)
-
-
 def _open(name: str, storage: str | None):
     from lora_tune.report.source import open_study
+    from lora_tune.study.storage.opening import resolve_storage_url
 
-    url = _storage_url(storage)
+    url = resolve_storage_url(storage, None)
     return open_study(name, url), url
 
 
@@ -46,9 +41,9 @@ def dashboard_command(storage: str | None, host: str, port: int, artifact_dir: s
     from lora_tune.study.trial.artifacts import default_artifact_dir
     from lora_tune.report.dashboard import save_figures, serve_dashboard
     from lora_tune.report.source import open_storage_for_reading, open_study, study_names
-    from lora_tune.study.storage.opening import mask_url
+    from lora_tune.study.storage.opening import mask_url, resolve_storage_url
 
-    url = _storage_url(storage)
+    url = resolve_storage_url(storage, None)
     store = open_storage_for_reading(url)
     recorded = None
     for study_name in study_names(store):

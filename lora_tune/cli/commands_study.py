@@ -1,8 +1,4 @@
-"""CLI commands: ``validate``, ``run``, ``study create|optimize|list|show``.
-
-Thin layers over :mod:`lora_tune.study`: errors are lora-tune exceptions, which the root
-group turns into messages and exit codes (2 for bad input, 1 for other failures).
-"""
+"""CLI commands: ``validate``, ``run``, ``study create|optimize|list|show``."""
 from __future__ import annotations
 
 import contextlib
@@ -23,6 +19,12 @@ from lora_tune.tasks.allow_code import Allowance, trusted_refs
 
 STORAGE_HELP = ("Storage URL (sqlite:///file.db, postgresql+psycopg://user@host/db, journal:file.log). "
                 "Default: $LORA_TUNE_STORAGE, then the study file's study.storage, then sqlite:///lora_tune.db.")
+_READ_STORAGE = click.option("--storage", default=None,
+                             help=STORAGE_HELP.replace(", then the study file's study.storage", ""))
+_N_TRIALS = click.option("--n-trials", type=click.IntRange(min=1), default=None,
+                         help="Run at most this many trials in this process (the study's budget still applies).")
+_TIMEOUT = click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+                        help="Stop starting trials after this many seconds.")
 
 
 def register(cli: click.Group, study: click.Group) -> None:
@@ -129,11 +131,9 @@ def create_cmd(study_file: Path, storage: str | None, name: str | None, resume: 
 
 @click.command("optimize")
 @click.argument("name")
-@click.option("--storage", default=None, help=STORAGE_HELP.replace(", then the study file's study.storage", ""))
-@click.option("--n-trials", type=click.IntRange(min=1), default=None,
-              help="Run at most this many trials in this process (the study's budget still applies).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop starting trials after this many seconds.")
+@_READ_STORAGE
+@_N_TRIALS
+@_TIMEOUT
 @click.option("--allow-code", "allow_code", multiple=True, metavar="PATTERN", help=ALLOW_CODE_HELP)
 @click.option("--study-file", type=click.Path(dir_okay=False), default=None, metavar="FILE", help=STUDY_FILE_HELP)
 def optimize_cmd(name: str, storage: str | None, n_trials: int | None, timeout: float | None,
@@ -158,10 +158,8 @@ def optimize_cmd(name: str, storage: str | None, n_trials: int | None, timeout: 
 @click.argument("study_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--storage", default=None, help=STORAGE_HELP)
 @click.option("--name", default=None, help="Study name (default: the file's study.name).")
-@click.option("--n-trials", type=click.IntRange(min=1), default=None,
-              help="Run at most this many trials in this process (the study's budget still applies).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop starting trials after this many seconds.")
+@_N_TRIALS
+@_TIMEOUT
 @click.option("--warm-start", "warm_from", default=None, metavar="STUDY",
               help="Enqueue the best configs of an earlier study first (targets re-resolved on this model).")
 @click.option("--warm-storage", default=None, help="The storage of --warm-start's study (default: --storage).")
@@ -269,7 +267,7 @@ _REASONS = {
 # -- study list / show ---------------------------------------------------------------------------
 
 @click.command("list")
-@click.option("--storage", default=None, help=STORAGE_HELP.replace(", then the study file's study.storage", ""))
+@_READ_STORAGE
 def list_cmd(storage: str | None) -> None:
     """List the studies in the storage."""
     import optuna
@@ -315,7 +313,7 @@ def list_cmd(storage: str | None) -> None:
 
 @click.command("show")
 @click.argument("name")
-@click.option("--storage", default=None, help=STORAGE_HELP.replace(", then the study file's study.storage", ""))
+@_READ_STORAGE
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Trials to list.")
 def show_cmd(name: str, storage: str | None, top: int) -> None:
     """Show study NAME: its settings, outcome, and top trials."""

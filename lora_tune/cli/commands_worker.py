@@ -1,11 +1,4 @@
-"""CLI: ``lora-tune worker NAME`` - run trials of a stored study until its budget is used.
-
-Start one per GPU, on as many machines as you like, all with the same ``--storage``
-(PostgreSQL, or ``grpc://HOST:PORT`` of a ``lora-tune storage-proxy`` in front of it, for
-several machines); the study's ``n_trials`` is shared by all of them. ``--jobs N`` starts N
-worker processes on this machine. The CLI is thin: loading is :mod:`lora_tune.study.run.runner`'s,
-the trial loop :mod:`lora_tune.study.run.workers`'.
-"""
+"""CLI: ``lora-tune worker NAME`` over :mod:`lora_tune.study.run.runner` and :mod:`lora_tune.study.run.workers`."""
 from __future__ import annotations
 
 import importlib

@@ -1,9 +1,5 @@
-"""Entry point of the `lora-tune` command.
-
-Each command group lives in its own module and registers itself on the root group
-(``cli``) or on the ``study`` group. Library errors become clean messages and exit
-codes here: 0 ok, 2 bad input (any ``ValueError`` raised by lora-tune), 1 other failure.
-"""
+"""Entry point of the `lora-tune` command: library errors become messages and exit codes here
+(2 for bad input: any lora-tune ``ValueError``; 1 for other failures)."""
 from __future__ import annotations
 
 import sys
