@@ -17,6 +17,10 @@ gradients those parameters had), parameter objects and modules put back, flags a
 restored. The base's own tensors are never written by ``inject`` (merging writes them, with a
 bit-exact backup that ``detach`` restores by unmerging first), so afterwards ``state_dict()`` is
 bit for bit what it was, with the same Parameter objects.
+
+While attached, keep the model on its device and in its dtype: a parameter inject took out of
+the model (the dense weight of a layer quantized at inject, the original under PiSSA's residual)
+is not moved or cast with it, and ``detach`` puts it back as it was.
 """
 from __future__ import annotations
 
