@@ -1,10 +1,5 @@
-"""Every private Optuna name lora-tune relies on, in one place.
-
-Optuna has no public accessor for these; each is used by Optuna's own code and tests the same
-way. ``tests/storage/test_optuna_private.py`` exercises each one against the installed
-Optuna, so an upgrade that renames or changes one fails there, loudly, instead of somewhere
-in a worker.
-"""
+"""Every private Optuna name lora-tune relies on, in one place; ``tests/storage/test_optuna_private.py``
+exercises each against the installed Optuna, so an upgrade that changes one fails there."""
 from __future__ import annotations
 
 import sys
@@ -12,8 +7,7 @@ from typing import Any
 
 import optuna
 
-# System attributes GridSampler reads and writes on a trial (optuna/samplers/_grid.py), and
-# the one ``Study.enqueue_trial`` writes.
+# trial system attributes of GridSampler, and the one ``Study.enqueue_trial`` writes
 GRID_ID_KEY = "grid_id"
 GRID_SPACE_KEY = "search_space"
 FIXED_PARAMS_KEY = "fixed_params"
@@ -45,14 +39,12 @@ def stop_requested(study: optuna.Study) -> bool:
 
 
 def cached_rdb(rdb: optuna.storages.RDBStorage) -> optuna.storages.BaseStorage:
-    """Optuna's trial cache in front of an RDB storage, what ``optuna.create_study(storage=URL)``
-    uses (``optuna.storages._CachedStorage``)."""
+    """Optuna's trial cache in front of an RDB storage, as ``optuna.create_study(storage=URL)`` has."""
     return optuna.storages._CachedStorage(rdb)
 
 
 def grid_index(sampler: optuna.samplers.GridSampler, params: dict[str, Any]) -> int | None:
-    """The index GridSampler gives the grid point ``params`` (None if it is not a grid point),
-    with the search space GridSampler records next to it (``_param_names``, ``_all_grids``)."""
+    """The index GridSampler gives the grid point ``params`` (None if it is not a grid point)."""
     names = sampler._param_names
     if set(params) != set(names):
         return None
@@ -68,9 +60,7 @@ def grid_space(sampler: optuna.samplers.GridSampler) -> dict[str, list[Any]]:
 
 
 def copy_grid_state(source: optuna.samplers.GridSampler, target: optuna.samplers.GridSampler) -> None:
-    """Give ``target`` the grid of ``source``: its search space, its points in their shuffled
-    order and its random state (``_search_space``, ``_all_grids``, ``_param_names``,
-    ``_n_min_trials``, ``_rng``: what ``GridSampler.__init__`` sets)."""
+    """Give ``target`` the grid of ``source`` (what ``GridSampler.__init__`` sets)."""
     for name in ("_search_space", "_all_grids", "_param_names", "_n_min_trials", "_rng"):
         setattr(target, name, getattr(source, name))
 
@@ -78,15 +68,10 @@ def copy_grid_state(source: optuna.samplers.GridSampler, target: optuna.samplers
 def drop_import_tracebacks() -> int:
     """Forget the tracebacks of the optional imports Optuna could not make; returns how many.
 
-    ``optuna._imports.try_import`` keeps the ``ImportError`` of a missing optional package
-    (``boto3`` and ``google.api_core`` in ``optuna.artifacts``, ``redis`` in the journal
-    storages) in its ``_DeferredImportExceptionContextManager._deferred``, to raise when the
-    feature is used. With it Optuna keeps the error's traceback, whose first frame (the Optuna
-    module's) leads through ``f_back`` to every frame that was on the stack when that module
-    was first imported, with their locals, for the life of the process: a ``create_study`` that
-    imported ``optuna.artifacts`` kept its task, and so a whole model, in every later trial's
-    driver. The errors and their messages stay; only their tracebacks go. Call it after an
-    import that may have reached such a module (it looks at every loaded Optuna module).
+    ``try_import`` keeps a missing package's ``ImportError`` (boto3 in ``optuna.artifacts``, redis
+    in the journal storages), whose traceback leads through ``f_back`` to every frame on the stack
+    at that first import: a ``create_study`` kept its task, and a whole model, for good. The
+    errors stay; only their tracebacks go.
     """
     from optuna import _imports
 
@@ -119,14 +104,10 @@ def _drop_tracebacks(error: BaseException) -> int:
     return dropped
 
 
-# -- the gRPC storage proxy. Optuna's server helper (``make_server``) only binds an insecure
-# port and its client (``GrpcStorageProxy``) only opens an insecure channel; lora-tune builds
-# the server from Optuna's servicer, and the client's channel itself, to add a token and TLS.
+# -- the gRPC storage proxy: server and client channel built here, to add a token and TLS
 
 def add_storage_servicer(server: Any, storage: optuna.storages.BaseStorage) -> None:
-    """Serve ``storage`` on the grpc ``server`` with Optuna's storage proxy servicer, as
-    ``optuna.storages._grpc.server.make_server`` does (``OptunaStorageProxyService``,
-    ``add_StorageServiceServicer_to_server``)."""
+    """Serve ``storage`` on the grpc ``server`` with Optuna's servicer, as its ``make_server`` does."""
     from optuna.storages._grpc import servicer
     from optuna.storages._grpc.auto_generated import api_pb2_grpc
 
@@ -134,10 +115,8 @@ def add_storage_servicer(server: Any, storage: optuna.storages.BaseStorage) -> N
 
 
 class ChannelGrpcStorageProxy(optuna.storages.GrpcStorageProxy):
-    """Optuna's gRPC client over the channel :meth:`open_channel` returns (a subclass's),
-    instead of ``create_insecure_channel``. ``GrpcStorageProxy._setup`` opens the channel,
-    the stub and the client cache (``_channel``, ``_stub``, ``_cache``) when the client is
-    created and again when it is unpickled; ``_host``/``_port`` are the proxy's address."""
+    """Optuna's gRPC client over the channel a subclass's :meth:`open_channel` returns (``_setup``
+    runs when the client is created and again when it is unpickled)."""
 
     def open_channel(self, host: str, port: int) -> Any:
         raise NotImplementedError

@@ -100,9 +100,9 @@ def test_the_callbacks_are_exported_lazily(transformers) -> None:
     import lightning.pytorch as pl
 
     import lora_tune
-    from lora_tune.study.integrations import lightning_pruning, transformers_pruning, trial_binding
+    from lora_tune.study.integrations import lightning_pruning, transformers_pruning
 
-    assert lora_tune.LoraTuneCallback is trial_binding.LoraTuneCallback is transformers_pruning.LoraTuneCallback
+    assert lora_tune.LoraTuneCallback is transformers_pruning.LoraTuneCallback
     assert lora_tune.LoraTuneLightningCallback is lightning_pruning.LoraTuneLightningCallback
     assert {"LoraTuneCallback", "LoraTuneLightningCallback"} <= set(lora_tune.__all__)
     assert issubclass(lora_tune.LoraTuneCallback, transformers.TrainerCallback)

@@ -10,18 +10,9 @@ from lora_tune.train.lightning_callback import ReportingLightningCallback
 
 
 class LoraTuneLightningCallback(TrialBinding, ReportingLightningCallback):
-    """Report every validation to an Optuna trial, stop training when its pruner says so, and
-    record what lora-tune's own trials record: the ``lightning.pytorch`` twin of
-    :class:`~lora_tune.study.integrations.transformers_pruning.LoraTuneCallback`.
-
-    ``monitor`` is the key of ``trainer.callback_metrics`` to report (what the module logged with
-    ``self.log``, e.g. ``"val_loss"``); a missing one raises
-    :class:`~lora_tune.errors.ConfigError` listing those logged. After each validation during
-    ``fit`` (not the sanity check) the value goes to ``trial.report(value, eval_index)``, then
-    ``trial.should_prune()`` decides; on a prune ``trainer.should_stop`` is set (under DDP on
-    every rank, from rank 0's decision) and :meth:`raise_if_pruned`, called after
-    ``trainer.fit``, raises ``optuna.TrialPruned``. ``report`` replaces the trial as in
-    ``LoraTuneCallback``.
+    """The ``lightning.pytorch`` twin of :class:`~lora_tune.study.integrations.transformers_pruning.LoraTuneCallback`:
+    ``monitor`` is the key of ``trainer.callback_metrics`` reported after each validation during
+    ``fit``; call :meth:`raise_if_pruned` after ``trainer.fit``.
     """
 
     def __init__(self, trial: optuna.trial.BaseTrial | None = None, monitor: str | None = "val_loss", *,

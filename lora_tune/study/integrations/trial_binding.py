@@ -1,13 +1,6 @@
-"""Pruning callbacks bound to an Optuna trial, for training scripts written by hand.
-
-:class:`LoraTuneCallback` (``transformers.Trainer``, TRL's ``SFTTrainer``) and
-:class:`LoraTuneLightningCallback` (``lightning.pytorch``) are the Optuna-free reporting
-callbacks of :mod:`lora_tune.train` with a trial behind them: each evaluation during training
-goes to ``trial.report(value, eval_index)`` and ``trial.should_prune()`` decides (on rank 0 under
-DDP; the decision reaches every rank); :meth:`raise_if_pruned` after training raises
-``optuna.TrialPruned``; at the end rank 0 writes the run's measurements as the trial user
-attributes lora-tune's own trials carry (:func:`lora_tune.study.trial.record.run_attrs`). Both load
-their framework on first use.
+"""What the pruning callbacks (``LoraTuneCallback``, ``LoraTuneLightningCallback``) add to the
+Optuna-free reporting callbacks of :mod:`lora_tune.train`: a trial that each evaluation is
+reported to, and that gets the run's measurements as lora-tune's own trials record them.
 """
 from __future__ import annotations
 
@@ -25,8 +18,7 @@ __all__ = ["TrialBinding", "pruned_after_training", "trial_pruning", "trial_repo
 
 def pruned_after_training(trial: optuna.trial.BaseTrial | None, eval_index: int, steps: int, planned: int) -> bool:
     """Whether a prune decided at evaluation ``eval_index`` came when all ``planned`` steps were
-    trained (``steps``): then pruning saves nothing and would throw a finished result away, so
-    the trial completes, and ``trial`` (when given) records why as ``prune_ignored``."""
+    trained: then it would save nothing, so the trial completes (recording ``prune_ignored``)."""
     if not planned or steps < planned:
         return False
     if trial is not None:
@@ -35,9 +27,8 @@ def pruned_after_training(trial: optuna.trial.BaseTrial | None, eval_index: int,
 
 
 def trial_reporter(trial: optuna.trial.BaseTrial, metric: str) -> Report:
-    """A :data:`~lora_tune.train.callbacks.Report` that reports ``metric`` to ``trial`` at the
-    evaluation's index and returns the pruner's answer. A non-finite value is not reported (and
-    does not prune), as in lora-tune's own trials, whose final check fails such a trial."""
+    """A :data:`~lora_tune.train.callbacks.Report` of ``metric`` to ``trial`` that returns the
+    pruner's answer (a non-finite value is not reported, as in lora-tune's own trials)."""
 
     def report(step: int, eval_index: int, metrics: dict) -> bool:
         value = float(metrics[metric_key(metric, metrics)])
@@ -51,8 +42,7 @@ def trial_reporter(trial: optuna.trial.BaseTrial, metric: str) -> Report:
 
 def trial_pruning(trial: optuna.trial.BaseTrial | None, metric: str | None, report: Report | None,
                   direction: str | None, metric_field: str = "metric") -> Pruning:
-    """The :class:`~lora_tune.train.callbacks.Pruning` of a callback given a ``trial`` (reported
-    to) or a ``report`` function (deciding itself), checked (see :func:`_check_trial`)."""
+    """The :class:`~lora_tune.train.callbacks.Pruning` of a callback given a ``trial`` or a ``report``."""
     if trial is not None and report is not None:
         raise ConfigError("report", report, "None when a trial is given",
                           "Pass either trial= (report to it) or report= (decide yourself), not both.")
@@ -95,9 +85,8 @@ class TrialBinding:
     summary: CallbackSummary | None = None  # set by the reporting base class once training ended
 
     def raise_if_pruned(self) -> None:
-        """Raise ``optuna.TrialPruned`` ("pruned after evaluation i (step s)") when pruned (on
-        every rank), unless it was pruned after training all its steps
-        (:func:`pruned_after_training`)."""
+        """Raise ``optuna.TrialPruned`` when pruned (on every rank), unless
+        :func:`pruned_after_training`."""
         at = self.pruning.pruned_at
         if at is None:
             return
@@ -114,13 +103,3 @@ class TrialBinding:
             for key, value in attrs.items():
                 self.trial.set_user_attr(key, value)
 
-
-def __getattr__(name: str) -> Any:
-    """``LoraTuneCallback`` and ``LoraTuneLightningCallback`` from here too, loaded on use."""
-    modules = {"LoraTuneCallback": "lora_tune.study.integrations.transformers_pruning",
-               "LoraTuneLightningCallback": "lora_tune.study.integrations.lightning_pruning"}
-    if name in modules:
-        import importlib
-
-        return getattr(importlib.import_module(modules[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,4 @@
-"""What a study did: live progress while it runs, and its outcome (best trial vs baseline).
-
-:func:`study_outcome` is plain data (tests and reports read it); :class:`StudyProgress` and
-the ``render_*`` functions draw it with rich for the CLI.
-"""
+"""What a study did: live progress while it runs, and its outcome (plain data, drawn with rich)."""
 from __future__ import annotations
 
 import math
@@ -122,11 +118,8 @@ def trial_line(trial: FrozenTrial, outcome: Outcome) -> str:
     else:
         vals = trial.user_attrs.get(record.FAIL_REASON, "failed")
     tag = " [baseline]" if record.kind_of(trial) == record.Kind.BASELINE else ""
-    return f"{head} {vals}  {format_params(trial.params)}{tag}"
-
-
-def format_params(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={_param_text(k, v)}" for k, v in params.items())
+    params = " ".join(f"{k}={_param_text(k, v)}" for k, v in trial.params.items())
+    return f"{head} {vals}  {params}{tag}"
 
 
 def _param_text(key: str, value: Any) -> str:

@@ -1,11 +1,5 @@
-"""The Optuna samplers a study may name, and building one (the one sampler factory).
-
-``runner.build_sampler`` builds the study file's sampler with it; a plain Optuna study run by
-``lora-tune worker --objective`` names its sampler in its ``sampler`` user attribute
-(:func:`plain_study_sampler`). Importing this module stays light (no torch): plain workers
-start fast. Sampler type ``grid`` is :class:`OrderedGridSampler`, Optuna's GridSampler with
-grid points chosen in trial-number order, so parallel workers never evaluate one twice.
-"""
+"""The Optuna samplers a study may name, and the one sampler factory (no torch: plain
+``lora-tune worker --objective`` workers start fast)."""
 from __future__ import annotations
 
 import logging
@@ -26,14 +20,9 @@ _logger = logging.getLogger("lora_tune.workers")
 class OrderedGridSampler(optuna.samplers.GridSampler):
     """Optuna's GridSampler, with grid points chosen in trial-number order: no point twice, no lock.
 
-    Optuna's GridSampler gives trial number ``n`` grid point ``n`` while numbers are below the
-    grid size, and otherwise picks an unvisited point at random; two trials picking at the same
-    moment can pick the same point. Here a trial picks only once every trial with a lower
-    number has picked (trial numbers are unique, handed out by the storage), so it sees their
-    points. This needs nothing but reads, so it works through a storage proxy too. A lower
-    trial that never picks (its worker died) is waited for at most ``wait_limit`` seconds.
-    Everything else - the grid, its shuffle by ``seed``, what is recorded on trials - is
-    GridSampler's.
+    Two of Optuna's trials picking at once can pick the same unvisited point; here a trial picks
+    only once every lower-numbered trial has (waiting at most ``wait_limit`` seconds for one whose
+    worker died), which needs only reads, so it works through a storage proxy too.
     """
 
     def __init__(self, search_space: Mapping[str, Sequence[Any]], seed: int | None = None, *,
@@ -85,10 +74,7 @@ SAMPLERS: dict[str, Callable[[], type]] = {
 
 
 def make_sampler(kind: str, seed: int | None, options: Mapping[str, Any]) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler ``kind`` (a study file's ``sampler.type``) with ``options``.
-
-    Raises TypeError/ValueError from the sampler for bad options (callers name the field).
-    """
+    """The Optuna sampler ``kind`` with ``options`` (bad ones raise the sampler's TypeError/ValueError)."""
     if kind not in SAMPLERS:
         raise ConfigError("sampler type", kind, " | ".join(SAMPLERS))
     with warnings.catch_warnings():
@@ -115,8 +101,7 @@ def plain_study_sampler(user_attrs: Mapping[str, Any]) -> optuna.samplers.BaseSa
 
 
 def load_plain_study(name: str, storage_url: str) -> optuna.Study:
-    """Load a plain Optuna study (no stored study file) for a worker running its own objective;
-    its sampler comes from its ``sampler`` user attribute. Unknown name: StudyNotFoundError."""
+    """Load a plain Optuna study (no stored study file) with its ``sampler`` user attribute's sampler."""
     from lora_tune.errors import StudyNotFoundError
     from lora_tune.study.storage.opening import dispose_storage, mask_url, open_storage
 

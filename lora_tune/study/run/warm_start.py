@@ -1,20 +1,6 @@
-"""Warm starts: enqueue configs that are known to be good before the sampler starts guessing.
-
-Two sources (``lora-tune run --warm-start OTHER`` and ``study.warm_start: defaults``):
-
-* :func:`configs_from_study` — the best complete trials of an earlier study (on the same or a
-  similar model). Their parameters are projected onto this study's space: a target preset
-  keeps its name and is resolved again on this model; an explicit target list is kept only if
-  every pattern still matches this model; values outside this space are dropped (the sampler
-  fills them), numbers are clamped to its ranges.
-* :func:`prior` — well-known good configs from the LoRA literature and practice: rank 16 with
-  alpha 2 × rank on every linear layer (QLoRA's recipe), rank 8 with alpha 16 on attention, and
-  rank 32 on every linear layer, at learning rates around the typical LoRA learning rate of the
-  task's kind of model (``Task.model_kind``; about 10× a full fine-tuning rate: 2e-4 for a
-  decoder LLM, 1e-3 for a small encoder, see ``templates.TYPICAL_LEARNING_RATE``).
-
-:func:`enqueue` adds each config once: a config equal to a trial already in the study (waiting,
-running or finished) is not enqueued again.
+"""Warm starts: enqueue configs known to be good before the sampler starts guessing: the best
+trials of an earlier study (``lora-tune run --warm-start``; targets resolved again on this model)
+or :data:`PRIOR` (``study.warm_start: defaults``), projected onto this study's space, each once.
 """
 from __future__ import annotations
 
@@ -30,7 +16,7 @@ from lora_tune.study.trial import record
 from lora_tune.study.schema.space import Param, SearchSpace, encode_choice
 
 
-# (config, learning rate as a multiple of the model kind's typical LoRA learning rate)
+# QLoRA's recipe and two neighbours: (config, learning rate as a multiple of the model kind's typical one)
 PRIOR: tuple[tuple[dict[str, Any], float], ...] = (
     ({"rank": 16, "alpha": 32.0, "targets": "all-linear", "dropout": 0.05}, 1.0),
     ({"rank": 8, "alpha": 16.0, "targets": "attention", "dropout": 0.0}, 2.0),
@@ -39,7 +25,7 @@ PRIOR: tuple[tuple[dict[str, Any], float], ...] = (
 
 
 def prior(model_kind: str) -> list[dict[str, Any]]:
-    """The :data:`PRIOR` configs with learning rates for ``model_kind`` (see the module docstring)."""
+    """The :data:`PRIOR` configs with learning rates for ``model_kind``."""
     from lora_tune.study.schema.templates import TYPICAL_LEARNING_RATE
 
     if model_kind not in TYPICAL_LEARNING_RATE:
@@ -75,9 +61,8 @@ def settings_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
 
 
 def project(space: SearchSpace, settings: Mapping[str, Any], fits: Any = None) -> dict[str, Any] | None:
-    """Trial parameters of ``settings`` in ``space`` (for ``study.enqueue_trial``); None when the
-    space has no choice for one of its values, or its targets do not fit this model
-    (``fits(targets) -> bool``). Numbers are clamped into ranges."""
+    """Trial parameters of ``settings`` in ``space``, numbers clamped into ranges; None when the
+    space has no choice for one of its values, or its targets do not ``fits(targets)`` the model."""
     params: dict[str, Any] = {}
     rank = settings.get("rank")
     for p in space.sampled:

@@ -1,15 +1,5 @@
-"""Adapter weights of the best trials as Optuna artifacts.
-
-The study driver calls :func:`save_best_adapter` at the end of each trial's objective; when
-the trial beats every complete trial so far, its adapter is saved in lora-tune's format and
-in PEFT's, zipped, and uploaded with ``optuna.artifacts.upload_artifact`` to a
-``FileSystemArtifactStore``. The store lives, unless told otherwise, next to the storage:
-
-* ``sqlite:///dir/x.db`` or a journal file ``dir/x.log`` -> ``dir/lora_tune_artifacts``;
-* a database server or in-memory storage -> ``./lora_tune_artifacts``;
-* ``$LORA_TUNE_ARTIFACTS`` overrides both. The directory used is recorded as the study user
-  attribute ``artifact_dir`` so that export and the dashboard find it again.
-"""
+"""Adapter weights of the best trials (lora-tune and PEFT formats, zipped) as Optuna artifacts in
+a ``FileSystemArtifactStore``, whose directory is recorded as the study attribute ``artifact_dir``."""
 from __future__ import annotations
 
 import json
@@ -42,7 +32,8 @@ FORMATS = ("lora-tune", "peft")
 
 
 def default_artifact_dir(storage_url: str | None) -> Path:
-    """Where the artifact store of a storage lives by default (see the module docstring)."""
+    """``$LORA_TUNE_ARTIFACTS``, else ``lora_tune_artifacts`` beside an SQLite or journal file, else
+    in the working directory."""
     env = os.environ.get(ENV_ARTIFACTS)
     if env:
         return Path(env).expanduser().resolve()
@@ -82,23 +73,21 @@ def open_artifact_store(directory: str | os.PathLike) -> FileSystemArtifactStore
 
 
 def is_best_so_far(study: optuna.Study, value: float | Sequence[float], exclude_number: int | None = None) -> bool:
-    """Whether ``value`` beats every complete trial (single objective) or no complete trial
-    dominates it (multi-objective)."""
+    """Whether no complete trial is :func:`beaten_by` ``value``'s equal or better."""
     values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(values) != len(study.directions):
         raise ConfigError("value", value, f"{len(study.directions)} objective value(s)")
+    return not any(beaten_by(study, values, t.values) for t in study.get_trials(deepcopy=False, states=(
+        TrialState.COMPLETE,)) if t.number != exclude_number and t.values is not None)
+
+
+def beaten_by(study: optuna.Study, mine: Sequence[float], other: Sequence[float]) -> bool:
+    """Whether ``other`` is at least as good as ``mine`` (one objective) or dominates it (several)."""
     signs = [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
-    mine = [s * v for s, v in zip(signs, values)]
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.number == exclude_number or t.values is None:
-            continue
-        other = [s * v for s, v in zip(signs, t.values)]
-        if len(values) == 1:
-            if other[0] >= mine[0]:
-                return False
-        elif all(o >= m for o, m in zip(other, mine)) and any(o > m for o, m in zip(other, mine)):
-            return False
-    return True
+    m, o = [s * v for s, v in zip(signs, mine)], [s * v for s, v in zip(signs, other)]
+    if len(m) == 1:
+        return o[0] >= m[0]
+    return all(a >= b for a, b in zip(o, m)) and any(a > b for a, b in zip(o, m))
 
 
 def save_best_adapter(
@@ -114,18 +103,12 @@ def save_best_adapter(
     archive: str | os.PathLike | None = None,
     attach_to: optuna.Trial | None = None,
 ) -> str | None:
-    """Save ``model``'s adapter as an artifact of ``trial`` when the trial is the best so far.
+    """Save ``model``'s adapter as an artifact of ``trial`` when it is the best so far (or ``force``);
+    the artifact id, or None.
 
-    Call it from the objective after the final evaluation, before returning ``value``.
-    Returns the artifact id, or ``None`` when an earlier complete trial is at least as good
-    (nothing is written). ``config`` is the trial's ``LoraConfig`` (written into both formats);
-    ``storage_url`` only picks the default artifact directory; ``base_model_name_or_path``
-    goes into PEFT's ``adapter_config.json``. ``force`` saves even when not the best.
-    ``archive`` is an adapter archive already written (by a trial's child process, with
-    :func:`write_adapter_archive`) to upload instead of writing one from ``model``.
-    ``attach_to``: the running trial that stores the artifact, when ``trial`` is a finished one
-    (a nested rank's result is stored on its parent, which trained it; the file name, and
-    :func:`adapter_artifacts`, say whose it is).
+    ``archive``: one already written (by a trial's child process) to upload instead of ``model``'s.
+    ``attach_to``: the running trial that stores it when ``trial`` is a finished one (a nested
+    rank's result is stored on its parent; the file name says whose it is).
     """
     study = (attach_to or trial).study
     if not force and not is_best_so_far(study, value, exclude_number=trial.number):
@@ -146,11 +129,8 @@ def save_best_adapter(
 
 def write_adapter_archive(model: Any, archive: Path, *, config: Any = None,
                           base_model_name_or_path: str | None = None) -> list[str]:
-    """Zip the adapter in both formats (``lora-tune/`` and ``peft/``); returns the formats written.
-
-    A model that PEFT's format cannot describe still gets lora-tune's format; the reason is
-    kept in ``manifest.json``.
-    """
+    """Zip the adapter in both formats (``lora-tune/`` and ``peft/``); returns the formats written
+    (why PEFT's could not be written is kept in ``manifest.json``)."""
     from lora_tune import save_adapter
 
     manifest: dict[str, Any] = {"formats": [], "skipped": {}}
@@ -194,11 +174,8 @@ def trials_with_adapters(study: optuna.Study) -> list[int]:
 
 def extract_adapter(study: optuna.Study, trial: FrozenTrial, dest: str | os.PathLike,
                     artifact_dir: str | os.PathLike) -> list[str]:
-    """Write the trial's adapter to ``dest`` (``dest/lora-tune``, ``dest/peft``); returns formats.
-
-    ``dest`` is filled in a temporary sibling folder first and renamed into place, so a
-    failure leaves nothing half-written (see :func:`stage_adapter`).
-    """
+    """Write the trial's adapter to ``dest`` (``dest/lora-tune``, ``dest/peft``), whole or not at
+    all; returns the formats."""
     staged = stage_adapter(study, trial, dest, artifact_dir)
     try:
         staged.place()
@@ -235,9 +212,8 @@ _EXPORTED = {"manifest.json", *FORMATS}  # what an exported adapter folder holds
 
 
 def check_adapter_dest(dest: str | os.PathLike) -> bool:
-    """Refuse an ``--adapter`` path that cannot take the adapter (a symlink, a file, a folder of
-    other things: exit 2, naming --adapter); returns whether it holds an adapter exported
-    earlier, to be replaced."""
+    """Refuse an ``--adapter`` path that cannot take the adapter; whether it holds an adapter
+    exported earlier, to be replaced."""
     path = Path(dest)
     if path.name in ("", ".", ".."):
         raise ConfigError("--adapter", str(dest), "a directory path ending in a folder name")
@@ -262,8 +238,7 @@ def check_adapter_dest(dest: str | os.PathLike) -> bool:
 
 
 def _is_exported_adapter(path: Path, entries: list[Path]) -> bool:
-    """Whether a folder is one that ``lora-tune export --adapter`` wrote: manifest.json and the
-    format folders, nothing else."""
+    """Whether a folder holds what ``lora-tune export --adapter`` writes, and nothing else."""
     names = {p.name for p in entries}
     manifest = path / "manifest.json"
     if not names <= _EXPORTED or "manifest.json" not in names or manifest.is_symlink() or not manifest.is_file():

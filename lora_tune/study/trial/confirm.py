@@ -1,17 +1,6 @@
-"""Confirmed winners: the best configs trained again with new seeds.
-
-LoRA objectives are noisy: the same config at another seed often moves the metric by more than
-the gap between neighbouring configs, so "best of N" is optimistic. With ``study.confirm:
-{top: k, seeds: s}`` :func:`confirm_top` re-runs the k best distinct configs with s more seeds
-each, after the budget. Each run is stored as a finished trial with user attributes
-``confirm_of`` (the trial it repeats) and ``seed``; they do not use the trial budget (they are
-created with ``study.add_trial``), but their training counts in the study's compute
-(:func:`lora_tune.study.trial.record.account`). A nested-rank result is confirmed by training its
-parent's config again and reading its rank off that run.
-
-:func:`config_groups` gathers each config's runs (the original trial and its confirmations)
-with their mean and standard deviation; ``export`` takes the best mean, and the summary says
-when the best config's gain over the baseline is within the noise.
+"""Confirmed winners: the best configs trained again with new seeds, since "best of N" of a noisy
+objective is optimistic. Each run is a finished trial beside the budget (``confirm_of``, ``seed``);
+:func:`config_groups` gives each config's mean and spread, which export and the summary use.
 """
 from __future__ import annotations
 
@@ -44,13 +33,11 @@ class ConfigGroup:
 
 
 def confirm_top(study: optuna.Study, objective: Objective, top: int, seeds: int) -> list[FrozenTrial]:
-    """Re-run the ``top`` best distinct configs with ``seeds`` new seeds each (skipping runs that
-    exist already, so it is safe to call again); returns the runs it added.
+    """Re-run the ``top`` best distinct configs with ``seeds`` new seeds each (runs that exist are
+    skipped); returns the runs it added.
 
-    A nested-rank result was scored by truncating its parent's training, so it is confirmed the
-    same way: its parent's config is trained again with the new seed (nested, as the parent
-    was) and its rank's metric is read off that run. One such run serves every chosen result
-    of the same parent; the runs that read it are marked ``confirm_shared`` and cost nothing."""
+    A nested-rank result is confirmed as it was scored: its parent's config is trained again and
+    the rank read off that run, which serves every chosen result of that parent (``confirm_shared``)."""
     complete = _originals(study)
     if not complete or len(study.directions) != 1:
         return []
@@ -127,10 +114,8 @@ def _record(study: optuna.Study, original: FrozenTrial, trained: FrozenTrial, fi
 
 
 def _holding(distribution: BaseDistribution, value: object) -> BaseDistribution:
-    """``distribution``, or the one value it does not hold. An enqueued baseline keeps its rank 8
-    under a nested rank's ``IntDistribution(R, R)`` (it trains rank 8 plainly); Optuna stores
-    that, but ``create_trial`` refuses it, so its confirmation records the rank as nested results
-    do: a distribution of that value alone."""
+    """``distribution``, or one of ``value`` alone where it does not hold it (the baseline's rank 8
+    under a nested ``IntDistribution(R, R)``, which ``create_trial`` refuses)."""
     try:
         if distribution._contains(distribution.to_internal_repr(value)):
             return distribution

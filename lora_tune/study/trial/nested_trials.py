@@ -1,28 +1,10 @@
-"""Nested ranks in a study: one trained trial, one result per listed rank.
-
-``search_space.rank: {nested: [4, 8, 16, 32]}`` makes each trial train rank R = 32 with nested
-rank dropout (:mod:`lora_tune.lora.nested`) and score every listed rank at every evaluation. The
-trial itself is the rank-R result: its parameter ``rank`` is R, it reports R's metric to the
-pruner and returns it, and it records ``nested_ranks``. :func:`record_nested_ranks` then adds
-each smaller rank r as a finished trial of its own (``study.add_trial``), so samplers, pruners,
-reports and export see it as any other result:
-
-* parameters: the parent's, with ``rank`` = r (an ``IntDistribution(r, r)``, never sampled);
-* state and values: the parent's state (COMPLETE, or PRUNED when the parent was pruned) with
-  rank r's metric(s); intermediate values: rank r's metric at each of the parent's evaluations;
-  a constraint value when the study has ``constraints``;
-* user attributes: ``nested_parent`` (the parent's number: these trials cost no training of
-  their own and do not use the trial budget), ``fidelity`` (the parent's, plus ``rank`` and
-  ``trained_rank``), ``lora_config`` (rank r, and alpha as the space gives it for rank r),
-  ``target_modules``, ``target_preset``, ``trainable_params``, ``adapter_bytes``,
-  ``metric_values`` and the parent's training facts (``train_steps``, ``planned_steps``,
-  ``worker``, ...), but none of its time or memory measurements;
-* when it is the best result so far, the truncated rank-r adapter as its artifact (stored on the
-  running parent, as ``adapter-trial-N.zip`` for result N: Optuna attaches artifacts to running
-  trials only), so that ``lora-tune export --trial N --adapter DIR`` writes the adapter that was
-  scored.
-
-:func:`nested_problems` checks the listed ranks against the task's model before a study starts.
+"""Nested ranks in a study: a trial trains the largest listed rank R with nested rank dropout
+(:mod:`lora_tune.lora.nested`) and is R's result; :func:`record_nested_ranks` adds each smaller
+rank r as a finished trial of its own (``study.add_trial``: parameter ``rank`` = r, the parent's
+state, r's values and intermediate values, ``nested_parent``, the parent's record without its
+time and memory), so that samplers, pruners, reports and export see it as any other result. A
+best rank's truncated adapter is stored on the running parent (Optuna attaches artifacts to
+running trials only) under the result's number.
 """
 from __future__ import annotations
 
@@ -50,11 +32,8 @@ def rank_config(config: Any, nested: NestedRanks, r: int) -> Any:
 
 def record_nested_ranks(trial: optuna.trial.BaseTrial, objective: Any, nested: NestedRanks | None,
                         outcome: Any, value: float | list[float] | None) -> list[FrozenTrial]:
-    """Record a nested trial's smaller ranks as trials of their own (see the module docstring).
-
-    Called by the objective once the parent's own result is recorded: ``value`` is the parent's
-    value, or None when it was pruned. Returns the trials added (none outside a real study,
-    e.g. for a ``FixedTrial``); their artifacts and ``outcome``'s rank archives are dealt with."""
+    """Record a nested trial's smaller ranks as trials of their own, once the parent's result is
+    recorded (``value``: None when it was pruned); the trials added (none for a ``FixedTrial``)."""
     if nested is None or outcome.result is None:
         return []
     result = outcome.result
@@ -125,14 +104,14 @@ def _save_best_ranks(trial: optuna.Trial, nested: NestedRanks, outcome: Any, val
                      added: list[FrozenTrial], archives: dict[int, str]) -> None:
     """Store the truncated adapter of each rank that is the best result so far."""
     from lora_tune.errors import LoraTuneError
-    from lora_tune.study.trial.artifacts import is_best_so_far, save_best_adapter
+    from lora_tune.study.trial.artifacts import beaten_by, is_best_so_far, save_best_adapter
 
     study = trial.study
     stored = {record.fidelity_of(t).rank: t for t in study.get_trials(deepcopy=False)
               if t.user_attrs.get(record.NESTED_PARENT) == trial.number and t.state == TrialState.COMPLETE}
     parent = [value] if isinstance(value, (int, float)) else list(value)
     for r, t in stored.items():
-        if not (is_best_so_far(study, t.values, exclude_number=t.number) and _not_beaten(study, t.values, parent)):
+        if not is_best_so_far(study, t.values, exclude_number=t.number) or beaten_by(study, t.values, parent):
             continue
         config = rank_config(outcome.config, nested, r)
         try:
@@ -144,16 +123,6 @@ def _save_best_ranks(trial: optuna.Trial, nested: NestedRanks, outcome: Any, val
         except (OSError, LoraTuneError) as exc:
             trial.set_user_attr(record.ARTIFACT_ERROR, f"rank {r}: {str(exc).strip()[:500]}")
             _logger.warning("trial %d: adapter of nested rank %d not saved: %s", trial.number, r, exc)
-
-
-def _not_beaten(study: optuna.Study, mine: list[float], other: list[float]) -> bool:
-    """Whether ``mine`` is better than ``other`` (single objective) or not dominated by it."""
-    signs = [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
-    m = [s * v for s, v in zip(signs, mine)]
-    o = [s * v for s, v in zip(signs, other)]
-    if len(m) == 1:
-        return m[0] > o[0]
-    return not (all(a >= b for a, b in zip(o, m)) and any(a > b for a, b in zip(o, m)))
 
 
 def write_rank_archives(model: Any, nested: NestedRanks, config: Any, folder: Path) -> dict[int, str]:
@@ -172,10 +141,8 @@ def write_rank_archives(model: Any, nested: NestedRanks, config: Any, folder: Pa
 # -- checks against the task's model ----------------------------------------------------------------
 
 def nested_problems(space: Any, task: Any, model: Any = None) -> list[tuple[str, str]]:
-    """Problems of ``search_space.rank.nested`` that only the task can tell: a task that trains
-    with its own trainer, and a listed rank above min(in, out) of every target of a target choice
-    (its components beyond that can add nothing on any layer). ``model``: the task's base model,
-    if already built."""
+    """Problems of ``search_space.rank.nested`` that only the task can tell: its own trainer, or a
+    rank above min(in, out) of every target of a targets choice. ``model``: the task's, if built."""
     from lora_tune import LoraConfig
     from lora_tune.errors import ConfigError
     from lora_tune.lora.inject import resolve

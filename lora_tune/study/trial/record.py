@@ -1,22 +1,8 @@
 """The trial record: what a trial stores, and the one way trials and their compute are counted.
 
-Every trial user attribute of docs/architecture.md ("Trial record") is named here once; the
-code that writes or reads one uses these names. The stored names and value formats never
-change: studies written by older versions read the same.
-
-* :func:`kind_of`: a trial of the budget, the enqueued baseline, a nested-rank result (scored
-  from its parent's training) or a confirmation run (both added with ``study.add_trial``);
-* :class:`Fidelity`: how much of its planned training a result stands for;
-* :func:`run_attrs`: a training run's measurements (a :class:`~lora_tune.train.TrainResult`,
-  or a callback's :class:`~lora_tune.train.callbacks.CallbackSummary`, which is one), and
-  :func:`timings_of` to read them back;
-* :func:`account`: a study's trials counted by state and budget, and its compute in full-trial
-  equivalents. A result that trained nothing of its own (a nested rank copies its parent's
-  ``train_steps``; a confirmation run can read another run's training) is counted as a result
-  but its training only once, with the trial that ran it; with it, the mean setup (the trial's
-  start to its first optimizer step: building the model, in a child process the task too) and
-  training seconds per trial. ``lora-tune run``, ``study show``, ``study list`` and the HTML
-  report all print this account.
+Every trial user attribute of docs/architecture.md ("Trial record", which describes the readers
+below) is named here once. The stored names and value formats never change: studies written by
+older versions read the same.
 """
 from __future__ import annotations
 
@@ -210,7 +196,8 @@ def trial_compute(trial: FrozenTrial) -> float:
 
 @dataclass(frozen=True)
 class Account:
-    """A study's trials and compute, counted once (see the module docstring)."""
+    """A study's trials and compute, counted once: a result that trained nothing of its own counts
+    as a result, its training once, with the trial that ran it."""
 
     states: Mapping[str, int]  # every stored trial, by state name
     done: int  # budget slots done (:func:`budget_done`)
