@@ -4,6 +4,8 @@ built from a config (seeded, no download) and the project's instruction set.
     python benchmarks/bench_sft.py                   # markdown table on stdout (a few minutes)
     python benchmarks/bench_sft.py --quick           # ~1 minute smoke run, not a measurement
     python benchmarks/bench_sft.py --json out.json   # also writes the rows and the settings
+    python benchmarks/bench_sft.py --device cuda     # both sides on a GPU: wall time after a synchronize,
+                                                     # no 4-bit memory rows (they measure host RSS)
 
 Both sides train the same thing: the ``sft`` task (``lora_tune.tasks.sft``) on
 studies/data/sft/train.jsonl rendered through the tokenizer's chat template, loss on the
@@ -79,6 +81,7 @@ LEARNING_RATE = 2e-4
 SIDES = ("lora-tune", "trl")
 
 CLOCK = time.process_time
+DEVICE = "cpu"  # --device: where both sides train (the 4-bit memory rows are CPU-only)
 
 
 # -- shared data ----------------------------------------------------------------------------
@@ -124,7 +127,7 @@ def peft_config(rank: int):
 
 
 def train_config(batch_size: int, precision: str):
-    return TrainConfig(epochs=1, batch_size=batch_size, learning_rate=LEARNING_RATE, device="cpu",
+    return TrainConfig(epochs=1, batch_size=batch_size, learning_rate=LEARNING_RATE, device=DEVICE,
                        precision=precision, grad_clip=1.0, evals_per_epoch=1, optimizer="adamw",
                        lr_scheduler="constant", seed=0)
 
@@ -233,7 +236,7 @@ def run_trl(task, batches, precision: str, args) -> tuple[StepLog, int]:
             gradient_checkpointing=False, max_length=args.max_length, packing=False,
             train_sampling_strategy="sequential", eval_strategy="no", save_strategy="no", logging_strategy="no",
             report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
-            use_cpu=True, seed=0)
+            use_cpu=DEVICE == "cpu", seed=0)
         trainer = SFTTrainer(model=task.build_model(), args=config, train_dataset=Dataset.from_list(rows_of(batches)),
                              processing_class=task.tokenizer, peft_config=peft_config(args.rank),
                              data_collator=checked_collator, callbacks=[StepClock()])
@@ -477,7 +480,8 @@ def print_table(rows: list[dict], settings: dict, speed: list[Throughput]) -> No
     print(f"Tiny Llama (hidden 256, 4 layers, 4 heads, intermediate 688, vocab {s['vocab']}), sft task on "
           f"studies/data/sft/train.jsonl (chat template, assistant-only loss, max_length {s['max_length']}, "
           f"no packing), batch {s['batch']}, LoRA r={s['rank']} alpha={2 * s['rank']} dropout 0 on "
-          f"{','.join(TARGETS)} ({s['trainable']:,} trainable), AdamW lr {LEARNING_RATE}, CPU, torch {s['torch']}, "
+          f"{','.join(TARGETS)} ({s['trainable']:,} trainable), AdamW lr {LEARNING_RATE}, {s['device']}, "
+          f"torch {s['torch']}, "
           f"transformers {s['transformers']}, trl {s['trl']}, peft {s['peft']}, bitsandbytes {s['bitsandbytes']}, "
           f"{s['threads']} thread(s), {s['clock']} time; median of {s['reps']} repetitions (sides alternating) of "
           f"{s['steps']} timed steps after {s['warmup']} warm-up steps; 4-bit: one fresh process per side and "
@@ -507,7 +511,7 @@ def settings_of(args, task) -> dict:
     return {"vocab": len(task.tokenizer), "max_length": args.max_length, "batch": args.batch, "rank": args.rank,
             "threads": args.threads, "clock": args.clock, "reps": args.reps, "steps": args.steps,
             "warmup": args.warmup, "mem_steps": args.mem_steps, "mem_reps": args.mem_reps,
-            "trainable": trainable(model),
+            "trainable": trainable(model), "device": DEVICE,
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
             "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "quick": args.quick}
 
@@ -541,14 +545,29 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the 4-bit memory rows")
     ap.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                     help="auto: process CPU time with 1 thread, wall time with more")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default) or cuda[:N]: both sides train there; on CUDA the clock is wall time after "
+                         "torch.cuda.synchronize() and the 4-bit memory rows (host RSS) are left out")
     ap.add_argument("--quick", action="store_true", help="1 repetition of 4 steps after 1 warm-up: a smoke run")
     ap.add_argument("--json", metavar="PATH", help="also write the rows and settings as JSON")
     ap.add_argument("--memory-child", choices=["lora-tune", "peft"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.clock == "auto":
-        args.clock = "cpu" if args.threads == 1 else "wall"
-    global CLOCK
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    global CLOCK, DEVICE
+    DEVICE = args.device
+    if DEVICE != "cpu":  # GPU work is asynchronous and not CPU time: wall time after a synchronize
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {DEVICE}: CUDA is not available")
+        args.clock, args.no_memory = "wall", True
+
+        def synced_clock() -> float:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+
+        CLOCK = synced_clock
+    else:
+        if args.clock == "auto":
+            args.clock = "cpu" if args.threads == 1 else "wall"
+        CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.quick:
         args.reps, args.steps, args.warmup, args.mem_steps, args.mem_reps = 1, 4, 1, 3, 1
     torch.set_num_threads(args.threads)
