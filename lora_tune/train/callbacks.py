@@ -1,29 +1,12 @@
-"""What the training-framework callbacks share; it knows nothing of Optuna.
-
-:class:`~lora_tune.train.hf_callback.ReportingCallback` (a ``transformers.TrainerCallback``) and
-:class:`~lora_tune.train.lightning_callback.ReportingLightningCallback` (a ``lightning.pytorch``
-``Callback``) are thin adapters over two framework-free pieces defined here; the study layer
-binds them to an Optuna trial (:mod:`lora_tune.study.integrations.trial_binding`: ``LoraTuneCallback``,
-``LoraTuneLightningCallback``), and the ``trainer`` task to its own trial body.
-
-* :class:`Pruning` turns each evaluation into a go/stop decision with a
-  ``report(step, eval_index, metrics) -> stop?`` function, the :data:`Report` signature of
-  lora-tune's own trial body (an Optuna trial becomes such a function in the study layer).
-  Under ``torch.distributed`` only rank 0 decides; the decision is broadcast to every rank so
-  that all of them stop after the same step.
-* :class:`RunMeter` measures the run as :func:`lora_tune.train.fit` does: compute seconds
-  (the time inside optimizer steps: forward, backward, optimizer; not evaluation or logging),
-  training examples and non-padding tokens per second of it, peak memory
-  (:class:`~lora_tune.train.memory.MemoryMeter`), steps run and planned. At the end of training
-  it combines the ranks' counts and gives a :class:`CallbackSummary`: a
-  :class:`~lora_tune.train.TrainResult`, stored on a trial as lora-tune's own trials' results are.
-
-transformers and lightning are imported only by the adapter modules; this one needs neither.
+"""What the Trainer and Lightning callbacks (``hf_callback``, ``lightning_callback``) share,
+without Optuna or either framework: :class:`Pruning` (each evaluation -> a go/stop decision by a
+:data:`Report` function; under ``torch.distributed`` rank 0 decides for every rank) and
+:class:`RunMeter` (the run measured as :func:`lora_tune.train.fit` measures it).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Callable, Mapping
 
@@ -51,29 +34,12 @@ class EvalRecord:
 
 @dataclass
 class CallbackSummary(TrainResult):
-    """What a callback measured over one training run (all ranks combined under DDP): a
-    :class:`~lora_tune.train.TrainResult`, so it is stored as lora-tune's own trials are.
-
-    ``seconds`` is the wall time from train begin to train end; ``throughput`` (examples) and
-    ``tokens_per_second`` (non-padding tokens) are per second of compute, the time inside
-    optimizer steps. ``peak_memory_bytes`` is the growth over the start of training and
-    ``peak_memory_total_bytes`` the device's absolute peak (the largest rank's under DDP).
-    ``final_metrics`` are the last evaluation's metrics.
-    """
+    """What a callback measured over one training run (all ranks combined under DDP), with its
+    evaluations; ``seconds`` is the wall time from train begin to train end."""
 
     trainable_params: int = 0
     evaluations: list[EvalRecord] = field(default_factory=list)
     pruned_at: EvalRecord | None = None
-
-    # the names this summary had before it was a TrainResult
-    train_seconds = property(lambda self: self.seconds)
-    train_tokens = property(lambda self: self.tokens)
-    train_examples = property(lambda self: self.examples)
-    train_steps = property(lambda self: self.steps)
-    metric_values = property(lambda self: self.final_metrics)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # -- torch.distributed ------------------------------------------------------------------------------
@@ -87,8 +53,7 @@ def rank() -> int:
 
 
 def _collective_device() -> torch.device:
-    """Where a tensor must be for the default process group: CPU for gloo (and mpi), else the
-    current accelerator (nccl and the like)."""
+    """Where a tensor must be for the default process group: CPU for gloo and mpi, else the accelerator."""
     backend = str(torch.distributed.get_backend())
     if "gloo" in backend or "mpi" in backend:
         return torch.device("cpu")
@@ -133,13 +98,8 @@ def metric_key(metric: str, metrics: Mapping[str, Any], field_name: str = "metri
 
 
 class Pruning:
-    """The go/stop decision after each evaluation (see the module docstring).
-
-    ``metric`` is checked on every rank (so a missing one fails everywhere, naming the metrics
-    the evaluation did return) and its value is recorded; None monitors nothing. ``report``
-    (rank 0 only) decides; without one training never stops early. Evaluations after the
-    decision to stop are not reported again.
-    """
+    """The go/stop decision after each evaluation: ``metric`` (None: nothing) is checked on every
+    rank, ``report`` decides on rank 0 (without one training never stops early)."""
 
     def __init__(self, metric: str | None, report: Report | None, metric_field: str = "metric"):
         self.metric = metric
@@ -191,12 +151,8 @@ def _is_number(value: Any) -> bool:
 # -- measuring ------------------------------------------------------------------------------------------
 
 class RunMeter:
-    """Time, examples, tokens, memory and steps of one training run (see the module docstring).
-
-    Token counts may be device tensors (added without a host sync) and are read at the end.
-    On CUDA each step's end synchronizes the device, so compute time is the GPU's, not the
-    time the host took to queue the work.
-    """
+    """Compute time (inside optimizer steps, synchronized on CUDA), examples, tokens (device
+    tensors, read at the end), memory and steps of one training run."""
 
     def __init__(self, model: Any, device: torch.device):
         self.device = device
@@ -250,10 +206,37 @@ class RunMeter:
             evaluations=list(pruning.evaluations), pruned_at=pruning.pruned_at)
 
 
+class ReportingBase:
+    """What the framework callbacks share: the decision, the run's meter, and its summary."""
+
+    def __init__(self, pruning: Pruning):
+        self.pruning = pruning
+        self.summary: CallbackSummary | None = None
+        self._meter: RunMeter | None = None
+
+    @property
+    def pruned(self) -> bool:
+        return self.pruning.pruned_at is not None
+
+    def finished(self, summary: CallbackSummary) -> None:
+        """Called on every rank with the run's summary (subclasses record it)."""
+
+    def _start(self, model: Any, device: torch.device) -> RunMeter:
+        self.pruning.reset()
+        self.summary = None
+        self._meter = RunMeter(model, device)
+        return self._meter
+
+    def _end(self, steps: int, planned_steps: int) -> None:
+        if self._meter is not None:
+            self.summary = self._meter.finish(self.pruning, steps, planned_steps)
+            self._meter = None
+            self.finished(self.summary)
+
+
 def batch_tokens(batch: Any) -> Any:
-    """Non-padding tokens of a batch mapping: the sum of its ``attention_mask`` (a 0-d tensor),
-    else the size of its ``input_ids`` (no padding to tell apart, e.g. packed or padding-free
-    batches); None for a batch without either."""
+    """Non-padding tokens of a batch mapping: its ``attention_mask``'s sum (a 0-d tensor), else its
+    ``input_ids``' size (packed batches); None for a batch without either."""
     if not isinstance(batch, Mapping):
         return None
     mask = batch.get("attention_mask")

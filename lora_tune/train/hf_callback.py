@@ -1,11 +1,5 @@
-"""``ReportingCallback``: a ``transformers.TrainerCallback`` that hands every evaluation during
-training to a ``report(step, eval_index, metrics) -> stop?`` function and measures the run as
-:func:`lora_tune.train.fit` does. It knows nothing of Optuna: the study layer's
-``LoraTuneCallback`` binds it to a trial, and the ``trainer`` task to its trial body.
-
-The shared logic is in :mod:`lora_tune.train.callbacks`; this module maps the Trainer's events
-onto it and is the only one here that imports transformers.
-"""
+"""``ReportingCallback``: :mod:`lora_tune.train.callbacks` on a ``transformers.TrainerCallback``'s
+events (the only module here that imports transformers)."""
 from __future__ import annotations
 
 from typing import Any
@@ -13,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_tune.train.callbacks import CallbackSummary, Pruning, Report, RunMeter
+from lora_tune.train.callbacks import Pruning, Report, ReportingBase, RunMeter
 
 try:
     from transformers import TrainerCallback
@@ -21,40 +15,22 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the Trainer callbacks need transformers: pip install 'lora-tune[hf]'") from exc
 
 
-class ReportingCallback(TrainerCallback):
+class ReportingCallback(ReportingBase, TrainerCallback):
     """After each evaluation during ``trainer.train()``, ``report(global_step, eval_index,
-    metrics)`` decides whether to stop (``control.should_training_stop``; under DDP rank 0
-    decides and every rank stops after the same step); ``metric`` (with or without the Trainer's
-    ``eval_`` prefix) must be among the metrics, else :class:`~lora_tune.errors.ConfigError`
-    lists those returned. Evaluations outside ``train()`` are not reported. At the end of
-    training :attr:`summary` holds a :class:`~lora_tune.train.callbacks.CallbackSummary`, and
-    :meth:`finished` is called with it. Tokens are non-padding tokens (``attention_mask`` sums,
-    else ``input_ids`` sizes) of every training forward pass, counted by a forward pre-hook on the
-    model while an optimizer step runs.
+    metrics)`` decides whether to stop; ``metric`` may go with or without the ``eval_`` prefix.
+    Tokens are those of every training forward pass (a forward pre-hook on the model).
     """
 
     def __init__(self, metric: str | None = "eval_loss", *, report: Report | None = None,
                  pruning: Pruning | None = None):
-        self.pruning = pruning if pruning is not None else Pruning(metric, report)
-        self.summary: CallbackSummary | None = None
-        self._meter: RunMeter | None = None
+        super().__init__(pruning if pruning is not None else Pruning(metric, report))
         self._hook: Any = None
 
-    @property
-    def pruned(self) -> bool:
-        return self.pruning.pruned_at is not None
-
-    def finished(self, summary: CallbackSummary) -> None:
-        """Called on rank 0 and every other rank with the run's summary (subclasses record it)."""
-
-    # -- Trainer events ---------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self.pruning.reset()
-        self.summary = None
-        self._meter = RunMeter(model, _device(model, args))
+        meter = self._start(model, _device(model, args))
         self._remove_hook()
         if model is not None:
-            self._hook = model.register_forward_pre_hook(_counter(self._meter), with_kwargs=True)
+            self._hook = model.register_forward_pre_hook(_counter(meter), with_kwargs=True)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._meter is not None:
@@ -73,11 +49,7 @@ class ReportingCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._remove_hook()
-        if self._meter is None:
-            return
-        self.summary = self._meter.finish(self.pruning, state.global_step, state.max_steps)
-        self._meter = None
-        self.finished(self.summary)
+        self._end(state.global_step, state.max_steps)
 
     def _remove_hook(self) -> None:
         if self._hook is not None:

@@ -1,17 +1,11 @@
-"""``ReportingLightningCallback``: the ``lightning.pytorch`` twin of
-:class:`~lora_tune.train.hf_callback.ReportingCallback` (validations during ``fit`` go to a
-``report`` function that decides whether to stop; the run is measured). It knows nothing of
-Optuna: the study layer's ``LoraTuneLightningCallback`` binds it to a trial.
-
-The shared logic is in :mod:`lora_tune.train.callbacks`; this module maps Lightning's hooks onto
-it and is the only one here that imports lightning.
-"""
+"""``ReportingLightningCallback``: :mod:`lora_tune.train.callbacks` on ``lightning.pytorch``'s hooks
+(the only module here that imports lightning)."""
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from lora_tune.train.callbacks import CallbackSummary, Pruning, Report, RunMeter
+from lora_tune.train.callbacks import Pruning, Report, ReportingBase
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -19,35 +13,19 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the Lightning callbacks need lightning: pip install lightning") from exc
 
 
-class ReportingLightningCallback(Callback):
+class ReportingLightningCallback(ReportingBase, Callback):
     """After each validation during ``fit`` (not the sanity check), ``report(global_step,
-    eval_index, metrics)`` over ``trainer.callback_metrics`` decides whether to stop
-    (``trainer.should_stop``; under DDP from rank 0's decision); ``monitor`` must be among the
-    logged metrics, else :class:`~lora_tune.errors.ConfigError` lists them. Tokens are counted
-    from each training batch that is a mapping (its ``attention_mask`` sum, else its
-    ``input_ids`` size); compute time is the time inside training batches. Lightning's
-    ``min_steps``/``min_epochs`` may keep training after a stop; later validations are not
-    reported. :meth:`finished` is called with the run's summary.
+    eval_index, metrics)`` over ``trainer.callback_metrics`` decides whether to stop (later
+    validations, under Lightning's ``min_steps``/``min_epochs``, are not reported). Tokens are
+    counted from each training batch that is a mapping; compute is the time inside batches.
     """
 
     def __init__(self, monitor: str | None = "val_loss", *, report: Report | None = None,
                  pruning: Pruning | None = None):
-        self.pruning = pruning if pruning is not None else Pruning(monitor, report, metric_field="monitor")
-        self.summary: CallbackSummary | None = None
-        self._meter: RunMeter | None = None
+        super().__init__(pruning if pruning is not None else Pruning(monitor, report, metric_field="monitor"))
 
-    @property
-    def pruned(self) -> bool:
-        return self.pruning.pruned_at is not None
-
-    def finished(self, summary: CallbackSummary) -> None:
-        """Called on every rank with the run's summary (subclasses record it)."""
-
-    # -- Lightning hooks ----------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self.pruning.reset()
-        self.summary = None
-        self._meter = RunMeter(pl_module, pl_module.device)
+        self._start(pl_module, pl_module.device)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._meter is not None:
@@ -66,11 +44,8 @@ class ReportingLightningCallback(Callback):
         self._meter.memory.sample()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._meter is None:
-            return
-        self.summary = self._meter.finish(self.pruning, trainer.global_step, _planned_steps(trainer))
-        self._meter = None
-        self.finished(self.summary)
+        if self._meter is not None:
+            self._end(trainer.global_step, _planned_steps(trainer))
 
 
 def _planned_steps(trainer: Any) -> int:

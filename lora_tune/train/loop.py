@@ -1,16 +1,4 @@
-"""The train/eval loop: :func:`fit`. It fires a callback and knows nothing of Optuna.
-
-:func:`fit` trains the parameters that have ``requires_grad`` (after :func:`lora_tune.inject`
-that is the LoRA factors and any ``modules_to_save``) and evaluates the task ``evals_per_epoch``
-times per epoch (or every ``eval_steps`` optimizer steps); after each evaluation it calls
-``on_eval(step, eval_index, metrics)`` and stops when that returns ``True`` (this is how a study
-prunes a trial).
-
-One optimizer step takes ``gradient_accumulation_steps`` micro-batches. Each micro-batch's mean
-loss is weighted by ``task.loss_weight(batch)`` (the units it averages over: examples by
-default, supervised tokens for language models) over the step's total, so accumulating k
-micro-batches of b gives the gradient of one batch of k·b.
-"""
+"""The train/eval loop :func:`fit`; it knows nothing of Optuna."""
 from __future__ import annotations
 
 import contextlib
@@ -68,7 +56,12 @@ class _Plan:
 
 
 def fit(model: torch.nn.Module, task: TrainTask, config: TrainConfig, on_eval: OnEval | None = None) -> TrainResult:
-    """Train ``model`` on ``task`` as ``config`` says; see the module docstring."""
+    """Train the parameters of ``model`` that have ``requires_grad`` on ``task`` as ``config`` says.
+
+    After each evaluation ``on_eval(step, eval_index, metrics)`` may stop training (how a study
+    prunes). Each micro-batch's loss is weighted by ``task.loss_weight(batch)`` over the step's
+    total, so accumulating k micro-batches of b gives the gradient of one batch of k·b.
+    """
     start = time.perf_counter()
     device = resolve_device(config.device)
     amp_dtype = resolve_precision(config.precision, device)
@@ -112,7 +105,7 @@ def fit(model: torch.nn.Module, task: TrainTask, config: TrainConfig, on_eval: O
         total = sum(weights) or 1.0
         losses = []  # stay on the device: read once per optimizer step, not once per micro-batch
         for batch, weight in zip(micro_batches, weights):
-            state.examples += _batch_size(batch)
+            state.examples += batch_examples(batch) or 1
             state.tokens += task.batch_tokens(batch)  # counted on the host batch: no device sync
             batch = task.to_device(batch, device)
             with _autocast(device, amp_dtype):
@@ -207,13 +200,8 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 def _groups(batches: Any, k: int) -> Iterator[list[Any]]:
     """Consecutive groups of ``k`` micro-batches (the last group may be shorter)."""
-    group: list[Any] = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == k:
-            yield group
-            group = []
-    if group:
+    batches = iter(batches)
+    while group := list(itertools.islice(batches, k)):
         yield group
 
 
@@ -224,12 +212,8 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
 
 
 def warm_up() -> None:
-    """Pay torch's one-off lazy imports of the optimizer machinery (about a second) now, so the
-    first trial of a process is not charged for them. Called by :func:`lora_tune.tasks.build_task`."""
+    """Pay torch's one-off lazy imports of the optimizer machinery (about a second) now, not in
+    a process's first trial."""
     layer = torch.nn.Linear(1, 1)
     torch.optim.AdamW(layer.parameters(), lr=1e-3)
 
-
-def _batch_size(batch: Any) -> int:
-    """Examples in a batch (at least 1): the first dimension of its first tensor."""
-    return batch_examples(batch) or 1

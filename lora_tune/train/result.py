@@ -1,6 +1,4 @@
-"""What one training run measured: :class:`TrainResult`, made by :func:`lora_tune.train.fit`
-and (as a :class:`~lora_tune.train.callbacks.CallbackSummary`) by the framework callbacks.
-The study layer stores it as a trial's record (:func:`lora_tune.study.trial.record.run_attrs`)."""
+"""What one training run measured: :class:`TrainResult` (also the framework callbacks' summary)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,16 +6,10 @@ from dataclasses import dataclass, field
 
 @dataclass
 class TrainResult:
-    """What a training run did.
-
-    ``steps``/``planned_steps`` count optimizer steps. ``seconds`` is the wall time of the whole
-    loop; ``compute_seconds`` the part spent in forward/backward/optimizer steps and
-    ``eval_seconds`` the part in ``task.evaluate``. ``throughput`` is training examples and
-    ``tokens_per_second`` non-padding tokens (tasks with ``batch_tokens``) per second of
-    compute. ``peak_memory_bytes`` is the growth over the start of the loop,
-    ``peak_memory_total_bytes`` the device's absolute peak. ``history`` holds one dict per
-    evaluation: the :data:`~lora_tune.train.loop.HISTORY_KEYS` and every metric;
-    ``final_metrics`` the last evaluation's metrics.
+    """What a training run did. ``seconds`` is the loop's wall time, ``compute_seconds`` its part
+    in optimizer steps, which ``throughput`` (examples) and ``tokens_per_second`` are per second
+    of; ``peak_memory_bytes`` is the growth over the start. ``history`` holds one dict per
+    evaluation: the :data:`~lora_tune.train.loop.HISTORY_KEYS` and every metric.
     """
 
     steps: int

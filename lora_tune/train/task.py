@@ -1,9 +1,4 @@
-"""What :func:`lora_tune.train.fit` needs of a task: the :class:`TrainTask` protocol.
-
-:class:`lora_tune.tasks.base.Task` implements it (with the defaults below for the two weighing
-methods); a python factory's object that implements only the required methods is given them
-(:func:`lora_tune.tasks.python_factory.build`).
-"""
+"""What :func:`lora_tune.train.fit` needs of a task: the :class:`TrainTask` protocol."""
 from __future__ import annotations
 
 from collections.abc import Iterable

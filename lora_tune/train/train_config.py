@@ -19,17 +19,8 @@ DEVICE_HELP = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 @dataclass
 class TrainConfig:
     """How to train one adapted model; each field's type, bounds, whether a study may search it
-    and its ``TrainingArguments`` name are declared once here (:func:`lora_tune.settings.setting`).
-
-    ``batch_size`` is the micro-batch of one forward/backward pass; an optimizer step takes
-    ``gradient_accumulation_steps`` of them, so the effective batch is their product
-    (:attr:`effective_batch_size`). ``max_steps`` caps optimizer steps over all epochs;
-    ``eval_steps`` (every N optimizer steps) replaces ``evals_per_epoch`` when given.
-    ``precision`` is the autocast dtype (``auto``: bf16 on a CUDA device that has it, else fp16
-    with a gradient scaler on CUDA, fp32 on CPU). ``loraplus_lr_ratio`` trains every ``lora_B``
-    at that multiple of the learning rate (LoRA+, Hayou et al. 2024). ``data_fraction``: each
-    epoch trains on a random fraction of the data (multi-fidelity; ``study.fidelity``).
-    """
+    and its ``TrainingArguments`` name are declared once here (the table in README.md says what
+    each does). ``batch_size`` is one forward/backward pass's micro-batch."""
 
     epochs: int = setting(3, int, ge=1, searchable=True, hf="num_train_epochs")
     batch_size: int = setting(32, int, ge=1, searchable=True, hf="per_device_train_batch_size")

@@ -87,7 +87,7 @@ def main(framework: str, storage: str, study_name: str, out: Path) -> None:
                       evaluations=[e.eval_index for e in callback.summary.evaluations],
                       world_size=torch.distributed.get_world_size())
         callback.raise_if_pruned()
-        return next(iter(callback.summary.metric_values.values()))
+        return next(iter(callback.summary.final_metrics.values()))
 
     if rank == 0:
         study = optuna.load_study(study_name=study_name, storage=storage, pruner=PruneAtSecondReport())

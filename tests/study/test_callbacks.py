@@ -180,9 +180,9 @@ def test_a_report_function_replaces_the_trial(transformers, tmp_path) -> None:
                                    eval_dataset=TokenSequences(8, seed=1), callbacks=[callback])
     trainer.train()
     assert [c[:2] for c in calls] == [(1, 0), (2, 1), (3, 2)]
-    assert trainer.state.global_step == 3 and callback.summary.train_steps == 3
-    assert callback.summary.train_tokens == trainer.state.num_input_tokens_seen > 0
-    assert callback.summary.train_examples == 12
+    assert trainer.state.global_step == 3 and callback.summary.steps == 3
+    assert callback.summary.tokens == trainer.state.num_input_tokens_seen > 0
+    assert callback.summary.examples == 12
     with pytest.raises(optuna.TrialPruned, match=r"pruned after evaluation 2 \(step 3\)"):
         callback.raise_if_pruned()
 
