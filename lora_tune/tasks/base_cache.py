@@ -1,11 +1,13 @@
 """A disk cache of prepared base models: the quantized (or cast) weights of a base, read back
 without reading the checkpoint or quantizing again (``tasks/base_loader.py`` uses it).
 
-An entry lives in ``<cache dir>/bases/<key>/`` (the cache dir: :func:`lora_tune.tasks.base.cache_dir`,
-``$LORA_TUNE_CACHE`` first). ``key`` is the sha256 of everything the prepared weights depend on:
-each weight file's name, size and mtime, config.json's text, the model class, dtype, quantization
-settings, the names never quantized, the device type, the versions of torch, transformers and
-bitsandbytes, and :data:`FORMAT`. An entry holds:
+An entry lives in ``<cache dir>/bases/<key>/`` (the cache dir: the caller's, normally
+:func:`lora_tune.tasks.base.cache_dir`, ``$LORA_TUNE_CACHE`` first; not imported here, as
+``tasks/base.py`` imports the resident base, which imports the loader). ``key`` is the sha256
+of everything the prepared weights depend on: each weight file's name, size and mtime,
+config.json's text, the model class, dtype, quantization settings, the names never quantized, the
+device type, the versions of torch, transformers, bitsandbytes and safetensors, and
+:data:`FORMAT`. An entry holds:
 
 * ``weights.safetensors``: every dense tensor of the model under ``dense/<name>`` (a tensor shared
   by several names, e.g. tied embeddings, once), and each quantized weight's packed data and
@@ -54,13 +56,6 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), (
 
 class CorruptEntry(Exception):
     """A cache entry that cannot be used (truncated, bad manifest, not matching the model)."""
-
-
-def default_cache_dir() -> Path:
-    """lora-tune's cache folder (``$LORA_TUNE_CACHE``, else the user's cache): entries go under ``bases/``."""
-    from lora_tune.tasks.base import cache_dir
-
-    return cache_dir()
 
 
 def entry_dir(cache_dir: str | os.PathLike, key: str) -> Path:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from lora_tune.errors import ConfigError, short
-from lora_tune.tasks import base_cache
+import lora_tune.tasks.base_cache as base_cache  # not `from lora_tune.tasks`: no import of the package
 
 FIELD = "task.model"
 BUILT, CACHE = "built", "cache"  # LoadedBase.how (record.BaseLoad's values)
@@ -118,8 +118,8 @@ def load_base(model_dir: str | Path, *, auto_class: str | type = "AutoModelForCa
     cache) with ``auto_class``, its floating weights in ``dtype`` (None: the checkpoint's, as
     ``from_pretrained(dtype="auto")``), its Linears quantized per ``quant`` on ``device`` (torch
     using ``threads`` threads meanwhile), never quantizing the modules ``skip`` names (patterns as
-    in ``modules_to_save``). With ``cache_dir`` (lora-tune's cache folder; entries go under
-    ``bases/``) a prepared copy is read from or written to the cache. ConfigError for a directory
+    in ``modules_to_save``). With ``cache_dir`` (lora-tune's cache folder, ``tasks.base.cache_dir()``;
+    entries go under ``bases/``) a prepared copy is read from or written to the cache. ConfigError for a directory
     that cannot be loaded safely or does not fit its config."""
     start = time.perf_counter()
     ckpt = _checkpoint(model_dir, quant)
@@ -498,9 +498,40 @@ def _fill(model: nn.Module, ckpt: _Checkpoint, quant: QuantSpec | None, skip: Se
                     base_cache.replace_module(model, module_name, QuantizedLinear(qweight, linear.bias))
                     done.append(module_name)
                 else:
-                    base_cache.set_tensor(model, name, base_cache.owned(tensor, device, target_dtype, private))
+                    kept = base_cache.owned(tensor, device, target_dtype, private)
+                    base_cache.set_tensor(model, name, kept)
+                    if kept is tensor:
+                        continue
                 del tensor
+                _release_freed_memory()
     return sorted(done)
+
+
+_MALLOC_TRIM: list[Callable[[int], int] | None] = []
+
+
+def _release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Each full-precision tensor read is freed once packed, but glibc keeps tensors of a few MB in its
+    heap, where the small packed tensors allocated in between pin the freed space: without this a
+    4-bit load of a 300M-parameter Llama ended with its peak RSS above that of from_pretrained plus
+    quantization (the whole checkpoint's size freed but still resident). Done after each tensor
+    freed: 0.3 s for the 127 of that model, no slower load measured; trimming only every 64 MiB
+    freed left 120 MiB more in its peak, every 256 MiB 400 MiB more."""
+    if not _MALLOC_TRIM:
+        trim = None
+        try:
+            import ctypes
+            import platform
+
+            if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+                trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError, ValueError):  # pragma: no cover - no glibc
+            trim = None
+        _MALLOC_TRIM.append(trim)
+    if _MALLOC_TRIM[0] is not None:
+        _MALLOC_TRIM[0](0)
 
 
 def _finish(model: nn.Module, ckpt: _Checkpoint, device: torch.device) -> None:
