@@ -118,9 +118,10 @@ def load_base(model_dir: str | Path, *, auto_class: str | type = "AutoModelForCa
     cache) with ``auto_class``, its floating weights in ``dtype`` (None: the checkpoint's, as
     ``from_pretrained(dtype="auto")``), its Linears quantized per ``quant`` on ``device`` (torch
     using ``threads`` threads meanwhile), never quantizing the modules ``skip`` names (patterns as
-    in ``modules_to_save``). With ``cache_dir`` (lora-tune's cache folder, ``tasks.base.cache_dir()``;
-    entries go under ``bases/``) a prepared copy is read from or written to the cache. ConfigError for a directory
-    that cannot be loaded safely or does not fit its config."""
+    in ``modules_to_save``). With ``cache_dir`` (lora-tune's cache folder,
+    ``tasks.base.cache_dir()``; entries go under ``bases/``) a prepared copy is read from or
+    written to the cache. ConfigError for a directory that cannot be loaded safely or does not fit
+    its config."""
     start = time.perf_counter()
     ckpt = _checkpoint(model_dir, quant)
     dtype = _resolve_dtype(ckpt, dtype)
