@@ -1,9 +1,4 @@
-"""Error types of lora-tune.
-
-Every error caused by bad user input is also a ``ValueError`` so that callers who
-only know the standard library can still catch it. The CLI turns ``LoraTuneError``
-subclasses that are also ``ValueError`` into exit code 2 (bad input).
-"""
+"""Error types of lora-tune; every error caused by bad input is also a ``ValueError``."""
 from __future__ import annotations
 
 import itertools
@@ -11,16 +6,13 @@ import reprlib
 from typing import Any
 from collections.abc import Iterable, Sequence
 
-# How much of a value an error message shows: a few items of a container, a few levels deep, the
-# head and tail of a long string; never more than SHORT_LIMIT characters in all.
 SHORT_LIMIT = 200
 
 
 class _ShortRepr(reprlib.Repr):
-    """``reprlib`` that stays bounded in time and memory for any value a YAML or JSON file can
-    give: containers are read through their first few items only (no sorting of a whole dict or
-    set), subclasses of str/int/list/... are shown like their base types, huge ints are not
-    converted to decimal, and shared or recursive structures stop at ``maxlevel``."""
+    """``reprlib`` bounded in time and memory for any value a YAML or JSON file can give: only a
+    container's first items are read (no sorting), subclasses show as their base types, huge ints
+    are not converted to decimal."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,10 +118,7 @@ class LoraTuneError(Exception):
 
 
 class ConfigError(LoraTuneError, ValueError):
-    """An invalid configuration value.
-
-    ``field`` names the offending field, ``allowed`` describes what is accepted.
-    """
+    """An invalid configuration value: ``field`` names it, ``allowed`` says what is accepted."""
 
     def __init__(self, field: str, value: object, allowed: str, hint: str | None = None):
         self.field = field
@@ -150,18 +139,11 @@ class NoMatchingModulesError(ConfigError):
         self.candidates = list(candidates)
         shown = self.candidates[:40]
         more = "" if len(self.candidates) <= 40 else f" ... ({len(self.candidates) - 40} more)"
-        hint = (
-            "Patterns may be exact names, '.suffix' matches, globs ('layers.*.q_proj') or 're:' regexes."
-        )
+        hint = "Patterns may be exact names, '.suffix' matches, globs ('layers.*.q_proj') or 're:' regexes."
         if exclude:
             hint += f" Excluded: {list(exclude)}."
-        ConfigError.__init__(
-            self,
-            "targets",
-            self.patterns,
-            "module names of supported layers: " + ", ".join(shown) + more,
-            hint,
-        )
+        ConfigError.__init__(self, "targets", self.patterns,
+                             "module names of supported layers: " + ", ".join(shown) + more, hint)
 
 
 class UnsupportedLayerError(ConfigError):
@@ -184,7 +166,6 @@ class QuantizationError(LoraTuneError, ValueError):
     """Quantization was requested but cannot be done (missing bitsandbytes, bad layer)."""
 
 
-# A study file's error message lists at most this many of its errors (``errors`` has them all).
 MAX_SHOWN_ERRORS = 50
 
 

@@ -1,11 +1,6 @@
-"""Export what a study found: ``best.yaml``, the adapter, and the trials as a table.
-
-``best.yaml`` holds the chosen trial's LoRA config with targets resolved to explicit module
-names (written as exact ``re:`` patterns, since a plain name would also match as a dotted
-suffix; the plain names and the preset name are kept under ``targets``), the training
-settings, the metric and provenance. :func:`load_config` reads it back as a :class:`~lora_tune.LoraConfig`, so that
-``inject(model, load_config("best.yaml"))`` rebuilds the trial's adapted model.
-"""
+"""Export what a study found: ``best.yaml`` (read back by :func:`load_config`, so that
+``inject(model, load_config("best.yaml"))`` rebuilds the trial's adapted model), the adapter,
+and the trials as a table."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,16 +17,6 @@ import yaml
 from lora_tune import __version__
 from lora_tune.errors import ConfigError, StudySpecError
 from lora_tune.lora.config import LoraConfig
-
-_ARTIFACT_NAMES = ("artifact_dir_for", "extract_adapter", "save_best_adapter")
-
-
-def __getattr__(name: str) -> Any:
-    """``save_best_adapter`` & co. live in ``lora_tune.study.trial.artifacts`` (loaded on first use)."""
-    if name in _ARTIFACT_NAMES:
-        from lora_tune.study.trial import artifacts
-        return getattr(artifacts, name)
-    raise AttributeError(f"module 'lora_tune.export' has no attribute {name!r}")
 
 BEST_FORMAT = 1
 # trial params that describe the LoRA config (in the ``lora`` section); the rest are training settings
@@ -69,10 +54,7 @@ def _version(package: str) -> str | None:
 
 def choose_trial(study: Any, number: int | None = None) -> Any:
     """The trial to export: ``number`` when given (it must be complete), else the best one (with
-    confirmation runs, the original trial of the config with the best mean).
-
-    A multi-objective study has no single best trial: ``number`` is then required.
-    """
+    confirmation runs, the original trial of the config with the best mean)."""
     from optuna.trial import TrialState
 
     from lora_tune.report import frame
@@ -160,19 +142,15 @@ def export_best(study: Any, output: str | os.PathLike, *, trial_number: int | No
                 replaced: list[str] | None = None) -> dict[str, Any]:
     """Write ``best.yaml`` (and the adapter when ``adapter_dir`` is given); returns its content.
 
-    Everything is checked and written under hidden temporary names beside the targets first
-    (:mod:`lora_tune.safe_files`); then the adapter folder is renamed into place, then the YAML. A
-    failure places nothing and removes the temporary copies. A kill leaves the old YAML with the
-    old adapter, the new one, or (killed between moving an old adapter aside and renaming the
-    new one in) none, and the same export run again replaces them: an existing YAML file and an
-    adapter folder an earlier export wrote are written over, the copies a killed run left are
-    removed. ``replaced`` collects ``"best.yaml"`` and/or ``"adapter"`` for what was written over.
+    Both are staged beside their targets first, then the adapter is renamed into place, then the
+    YAML, so a failure places nothing and the YAML never names an adapter that is not there.
+    ``replaced`` collects ``"best.yaml"`` and/or ``"adapter"`` for what was written over.
     """
-    from lora_tune.safe_files import commit, stage_file
+    from lora_tune.safe_files import commit, output_file, stage_file
 
     trial = choose_trial(study, trial_number)
     content = best_config_dict(study, trial, storage_url)
-    out = _output_target(output)
+    out = output_file(output)
     staged = tmp = None
     try:
         if adapter_dir is not None:
@@ -189,7 +167,6 @@ def export_best(study: Any, output: str | os.PathLike, *, trial_number: int | No
         except OSError as exc:
             raise ConfigError("output", str(output), "a path in an existing, writable directory",
                               exc.strerror or str(exc)) from None
-        # the adapter first, the YAML last: the YAML never names an adapter that is not there
         if staged is not None and staged.place() and replaced is not None:
             replaced.append("adapter")
         try:
@@ -206,31 +183,17 @@ def export_best(study: Any, output: str | os.PathLike, *, trial_number: int | No
     return content
 
 
-def _output_target(output: str | os.PathLike) -> Path:
-    """The file that ``-o output`` writes: a symlink there is written through (its target is
-    replaced, the link kept), as before; a folder, a device or a missing folder is refused."""
-    target = Path(os.path.realpath(output))
-    folder = target.parent
-    if target.is_dir():
-        raise ConfigError("output", str(output), "a file path (this is a directory)")
-    if not folder.is_dir():
-        raise ConfigError("output", str(output), "a file path in an existing directory")
-    if os.path.lexists(target) and not target.is_file():  # never replace a device node or a FIFO
-        raise ConfigError("output", str(output), "a regular file path (this is a device, FIFO or socket)")
-    return target
-
-
 def export_trials(study: Any, output: str | os.PathLike, replaced: list[str] | None = None) -> Path:
     """Write the trials table (no Optuna system attributes) as CSV or Parquet, by extension;
     returns the file written. ``replaced`` gets its name when it was written over."""
-    from lora_tune.safe_files import write_atomic
     from lora_tune.report import frame
+    from lora_tune.safe_files import output_file, write_output
 
     out = Path(output)
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise ConfigError("output", str(out), "a file name ending in .csv or .parquet")
-    target = _output_target(out)
+    output_file(out)  # checked before the table is built
     if suffix == ".parquet":  # refused before the table is built
         try:
             import pyarrow  # noqa: F401
@@ -242,11 +205,7 @@ def export_trials(study: Any, output: str | os.PathLike, replaced: list[str] | N
         content: Any = df.to_csv(index=False)
     else:
         content = functools.partial(_parquet_safe(df).to_parquet, index=False)  # into the open file
-    try:
-        existed = write_atomic(target, content)
-    except OSError as exc:
-        raise ConfigError("output", str(out), "a writable file path in an existing directory",
-                          exc.strerror or str(exc)) from None
+    target, existed = write_output(out, content)
     if existed and replaced is not None:
         replaced.append(target.name)
     return target

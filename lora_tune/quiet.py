@@ -1,6 +1,4 @@
-"""Library noise kept out of lora-tune's output: one filter per known message, installed when
-``lora_tune`` is imported (before any library that imports bitsandbytes, such as peft).
-Only logging: this module imports nothing heavy."""
+"""Library noise kept out of lora-tune's output: one filter per known message (imports only logging)."""
 from __future__ import annotations
 
 import logging
@@ -9,8 +7,7 @@ log = logging.getLogger("lora_tune.lora.quant")
 
 
 class OptionalKernelNotice(logging.Filter):
-    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning
-    (logging it at DEBUG here instead) and passes every other record."""
+    """Moves bitsandbytes' "Failed to load CPU gemm_4bit_forward" warning to DEBUG."""
 
     LOGGER = "bitsandbytes.backends.cpu.ops"
     PREFIX = "Failed to load CPU gemm_4bit_forward from kernels-community"

@@ -1,13 +1,6 @@
-"""Files and folders written whole or not at all, through temporary names nobody can predict.
-
-A temporary file or folder is created by ``tempfile`` (``mkstemp``: ``O_CREAT | O_EXCL |
-O_NOFOLLOW``; ``mkdtemp``: ``mkdir``, which never follows a symlink either) in the target's own
-folder, filled, and renamed into place. Its name says whose it is:
-``.NAME.lt-HOST-PID.RANDOM[.tmp]`` (HOST: a short hash of the host name). One left behind by a
-process that was killed is removed the next time NAME is written in that folder on that host;
-one of a process still running, or of another host, is left alone.
-
-Standard library only: every layer (``lora``, ``study``, export) writes through it.
+"""Files and folders written whole or not at all: created exclusively by ``tempfile`` beside the
+target as ``.NAME.lt-HOST-PID.RANDOM[.tmp]``, filled, and renamed into place. One left behind by
+a killed process of this host is removed the next time NAME is written there. Stdlib only.
 """
 from __future__ import annotations
 
@@ -19,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 from collections.abc import Callable
+
+from lora_tune.errors import ConfigError
 
 Content = bytes | str | Callable[[BinaryIO], None]
 _TAG = "lt"
@@ -129,6 +124,29 @@ def write_atomic(target: str | os.PathLike, content: Content) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def output_file(path: str | os.PathLike, field: str = "output") -> Path:
+    """The regular file that writing ``path`` replaces (a symlink there is written through); a
+    folder, a device or a missing folder is a ConfigError naming ``field``."""
+    target = Path(os.path.realpath(path))
+    if target.is_dir():
+        raise ConfigError(field, str(path), "a file path (this is a directory)")
+    if not target.parent.is_dir():
+        raise ConfigError(field, str(path), "a file path in an existing directory")
+    if os.path.lexists(target) and not target.is_file():  # never replace a device node or a FIFO
+        raise ConfigError(field, str(path), "a regular file path (this is a device, FIFO or socket)")
+    return target
+
+
+def write_output(path: str | os.PathLike, content: Content, field: str = "output") -> tuple[Path, bool]:
+    """Write the :func:`output_file` of ``path`` whole or not at all; it, and whether it replaced one."""
+    target = output_file(path, field)
+    try:
+        return target, write_atomic(target, content)
+    except OSError as exc:
+        raise ConfigError(field, str(path), "a writable file path in an existing directory",
+                          exc.strerror or str(exc)) from None
+
+
 def stage_dir(target: str | os.PathLike) -> Path:
     """A new, empty temporary folder beside ``target`` (stale ones of ``target`` removed)."""
     target = Path(target)
@@ -137,10 +155,8 @@ def stage_dir(target: str | os.PathLike) -> Path:
 
 
 def place_dir(staging: Path, target: str | os.PathLike, replace: bool = False) -> bool:
-    """Rename the folder ``staging`` onto ``target``: absent or an empty folder (one atomic
-    rename), or with ``replace`` a folder to replace (moved aside first, then removed; put back
-    when the rename fails). Returns whether a non-empty folder was replaced. A symlink at
-    ``target`` is never followed (the rename fails)."""
+    """Rename the folder ``staging`` onto ``target`` (absent or empty; with ``replace``, a folder
+    moved aside and put back if the rename fails, never a symlink); whether one was replaced."""
     target = Path(target)
     os.chmod(staging, 0o777 & ~umask())
     try:

@@ -1,9 +1,6 @@
-"""One declaration per setting: a :class:`Setting` holds the facts of one LoRA or training
-setting (its type, bounds or choices, whether a study may search it, its Hugging Face
-``TrainingArguments`` name), given once as the metadata of a dataclass field (:func:`setting`,
-as in :class:`lora_tune.LoraConfig` and :class:`lora_tune.train.TrainConfig`). The config
-classes check their values with it; the study file's ``train:`` schema, the search space's keys
-and the trainer task's ``TrainingArguments`` are derived from it. Imports only the stdlib."""
+"""One declaration per setting: a :class:`Setting`, the metadata of a dataclass field of
+``LoraConfig`` or ``TrainConfig`` (:func:`setting`), from which the checks, the study file's
+``train:`` schema, the search space's keys and ``TrainingArguments`` are derived."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,12 +13,10 @@ from lora_tune.errors import ConfigError, short
 
 @dataclass(frozen=True)
 class Setting:
-    """``kind`` is int, float, str or bool (None: a value its class checks itself); bounds as
-    pydantic's ``ge``/``gt``/``le``/``lt``; ``choices`` the allowed values (types must match:
-    ``True`` is not ``1``); ``nullable``: None is allowed too. ``searchable``: a study's
-    ``search_space`` may set it. ``hf``: the ``TrainingArguments`` fields it becomes.
-    ``section``: where a study file gives it when not under its class's own section
-    (``study.fidelity`` for ``data_fraction``). ``describe`` replaces the derived description."""
+    """``kind``: int, float, str or bool (None: its class checks it); ``choices`` match by type too
+    (``True`` is not ``1``); ``hf``: the ``TrainingArguments`` fields it becomes; ``section``:
+    where a study file gives it, when not under its class's section; ``describe`` replaces the
+    derived description of what is allowed."""
 
     kind: type | None = None
     ge: float | None = None

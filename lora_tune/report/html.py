@@ -12,11 +12,10 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from lora_tune import __version__
-from lora_tune.errors import ConfigError
 from lora_tune.report import frame
 from lora_tune.report.definitions import ReportDefinition, definition_for
 from lora_tune.report.panels import PANELS
-from lora_tune.safe_files import write_atomic
+from lora_tune.safe_files import write_output
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#222}
@@ -101,23 +100,8 @@ def build_report(study: optuna.Study, definition: ReportDefinition | None = None
     )
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, field: str = "output") -> Path:
-    """Write a file whole or not at all; an unwritable path is a ``ConfigError`` naming it."""
-    target = Path(os.path.realpath(path))  # a symlink is written through, not replaced
-    if target.is_dir():
-        raise ConfigError(field, str(path), "a file path (this is a directory)")
-    if target.exists() and not target.is_file():  # never replace a device node or a FIFO
-        raise ConfigError(field, str(path), "a regular file path (this is a device, FIFO or socket)")
-    try:
-        write_atomic(target, text)
-    except OSError as exc:
-        raise ConfigError(field, str(target), "a writable file path in an existing directory",
-                          exc.strerror or str(exc)) from None
-    return target
-
-
 def write_report(study: optuna.Study, path: str | os.PathLike, definition: ReportDefinition | None = None,
                  *, storage_display: str | None = None) -> Path:
     """Render the report and write it to ``path`` (whole or not at all)."""
     text = build_report(study, definition, storage_display=storage_display)
-    return write_text_atomic(path, text)
+    return write_output(path, text)[0]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lora_tune
-from lora_tune.export import save_best_adapter
+from lora_tune.study.trial.artifacts import save_best_adapter
 
 N_IN, N_HIDDEN, N_OUT = 6, 16, 3
 
