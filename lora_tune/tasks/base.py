@@ -133,7 +133,8 @@ class ModelTemplate:
         self._model = model.cpu().eval()
         for p in self._model.parameters():
             p.requires_grad_(True)
-        self.resident = ResidentBase(lambda variant: (self.fresh(), "built"))
+        # each variant's copy lives on the trial's device (adapters are attached and detached there)
+        self.resident = ResidentBase(lambda variant: (self.fresh().to(variant.device), "built"))
 
     def fresh(self) -> torch.nn.Module:
         return copy.deepcopy(self._model)

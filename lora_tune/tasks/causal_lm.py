@@ -196,6 +196,7 @@ class CausalLMTask(Task):
         self.modules_to_save: list[str] = []
         self.lm_split = split_reproduces_logits(model)  # chunked loss without full logits (tasks/lm_loss.py)
         self.template = ModelTemplate(model)
+        self.resident = self.template.resident
 
     def build_model(self) -> torch.nn.Module:
         return self.template.fresh()

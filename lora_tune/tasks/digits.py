@@ -168,6 +168,7 @@ class DigitsTask(Task):
         images, labels = load_digits_tensors()
         source = slice(0, SOURCE_SIZE)
         self.template = load_or_pretrain(images[source], labels[source])
+        self.resident = self.template.resident
         stop = SOURCE_SIZE + TARGET_TRAIN_SIZE
         target_x = to_domain(images[SOURCE_SIZE:], domain)
         target_y = labels[SOURCE_SIZE:]

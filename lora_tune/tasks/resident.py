@@ -73,7 +73,7 @@ class ResidentBase:
         else:
             how = "resident"
         self._lent = True
-        self._checkpointing = bool(getattr(self._model, "is_gradient_checkpointing", False))
+        self._checkpointing = _checkpointing(self._model)
         self.last_load = how
         return self._model, how
 
@@ -88,7 +88,7 @@ class ResidentBase:
             return
         try:
             _detach_all(model)
-            if getattr(model, "is_gradient_checkpointing", False) and not self._checkpointing:
+            if _checkpointing(model) and not self._checkpointing:
                 model.gradient_checkpointing_disable()
             model.eval()
         except Exception:
@@ -101,6 +101,14 @@ class ResidentBase:
         gc.collect()
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a Hugging Face model recomputes activations (the property's name changed in v5)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if isinstance(getattr(type(model), name, None), property):
+            return bool(getattr(model, name))
+    return False
+
+
 def _detach_all(model: nn.Module) -> None:
     from lora_tune.lora import detach
     from lora_tune.lora.inject import lora_layers
@@ -109,3 +117,28 @@ def _detach_all(model: nn.Module) -> None:
         detach(model)
     if any(True for _ in lora_layers(model)):
         raise RuntimeError("LoRA layers are left on the resident base after detach")
+
+
+def directory_base(ref: str, *, auto_class: str, dtype: Any, skip: list[str], cache_root: Callable[[], Any],
+                   prepare: Callable[[nn.Module], None] | None = None) -> ResidentBase:
+    """A resident base read from the model directory ``ref`` by the streaming loader
+    (:func:`lora_tune.tasks.base_loader.load_base`): each variant loads straight into its final
+    form (4/8-bit Linears quantized as they are read, on the trial's device, kept in the disk cache
+    of quantized bases under ``cache_root()``), never holding the model in full precision. ``prepare`` runs on each
+    freshly loaded base (e.g. the task's checks that need real weights)."""
+
+    def build(variant: BaseVariant) -> tuple[nn.Module, str]:
+        from lora_tune.tasks.base_loader import QuantSpec, load_base
+
+        quant = None
+        if variant.quant_bits == 8:
+            quant = QuantSpec(8)
+        elif variant.quant_bits == 4:
+            quant = QuantSpec(4, variant.quant_type, variant.double_quant)
+        loaded = load_base(ref, auto_class=auto_class, dtype=dtype, quant=quant, skip=skip, device=variant.device,
+                           cache_dir=cache_root() if quant is not None else None)
+        if prepare is not None:
+            prepare(loaded.model)
+        return loaded.model, loaded.how
+
+    return ResidentBase(build)

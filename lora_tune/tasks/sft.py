@@ -38,7 +38,7 @@ pad/bos/eos ids default to the tokenizer's); it exists so tests and demos need n
 ``max_length`` tokens, each keeping its own labels; positions restart at 0 at every example and
 the model is called with ``position_ids`` and no attention mask, from which transformers builds a
 block-diagonal causal mask (flash-attention uses the same positions for variable-length kernels).
-Whether the model really keeps examples apart is measured once when the task is built; a model
+Whether the model really keeps examples apart is measured once, on the first base with weights; a model
 that does not (e.g. OPT, whose positions come from the attention mask) is trained with examples
 attending across block boundaries, and :attr:`SFTTask.warnings` says so. Evaluation never packs.
 
@@ -46,7 +46,12 @@ attending across block boundaries, and :attr:`SFTTask.warnings` says so. Evaluat
 states, those of the supervised positions are gathered, and the output layer and the
 cross-entropy run over them in checkpointed chunks of rows (:mod:`lora_tune.tasks.lm_loss`; same
 values as the full-logits computation). A model whose body and head do not reproduce its logits
-(checked once when the task is built, :attr:`SFTTask.lm_split`) is trained on full logits.
+(checked once, on the first base with weights, :attr:`SFTTask.lm_split`) is trained on full logits.
+
+**Base.** A model directory is read as its structure only when the task is built (no weights);
+each trial leases the resident base (:mod:`lora_tune.tasks.resident`), which the streaming loader
+builds once per base variant: with ``quant_bits`` 4 or 8 every Linear but the output head and
+``modules_to_save`` is quantized as it is read, as transformers' bitsandbytes loading does.
 
 Beyond the Task protocol the task has ``batch_tokens(batch)`` (non-padding input tokens, for
 tokens/s), ``loss_weight(batch)`` (the supervised tokens ``loss`` averages over, so gradient
@@ -67,13 +72,14 @@ import torch
 
 from lora_tune.errors import ConfigError
 from lora_tune.models.tiny_lm import causal_lm_from_config, special_token_ids
-from lora_tune.tasks.base import ModelTemplate, Task, eval_mode, index_batches, model_device, perplexity
+from lora_tune.tasks.base import ModelTemplate, Task, cache_dir, eval_mode, index_batches, model_device, perplexity
 from lora_tune.tasks.chat_data import (
     IGNORE, Block, Example, Renderer, Split, Table, detect_format, encode_table, pack, read_table,
 )
 from lora_tune.tasks.generation import GenerationEval, Scorer, resolve_scorer
-from lora_tune.tasks.hf import MODEL_LOAD, TOKENIZER_LOAD, quiet_transformers, resolve_model_ref
+from lora_tune.tasks.hf import TOKENIZER_LOAD, quiet_transformers, resolve_model_ref
 from lora_tune.tasks.lm_loss import next_token_loss, split_reproduces_logits
+from lora_tune.tasks.resident import directory_base
 from lora_tune.tasks.sft_spec import DTYPES, SFTSettings, is_inline_template, validate_spec
 
 # Libraries a trial's child process needs: its fork server imports them once (study/trial/trial_process.py).
@@ -156,7 +162,9 @@ def _resolve_format(settings: SFTSettings, template: str | None, train: Table, h
     return fmt, settings.train_on or ("all" if fmt == "text" else "completion")
 
 
-def _load_model(settings: SFTSettings, tokenizer: Any) -> tuple[torch.nn.Module, str]:
+def _load_model(settings: SFTSettings, tokenizer: Any) -> tuple[torch.nn.Module, str | None]:
+    """A model built from ``model: {config: ...}`` (in memory, random weights) and None, or the
+    structure of the model directory (weights on the meta device, none read) and its path."""
     dtype = DTYPES[settings.dtype]
     if isinstance(settings.model, Mapping):
         keys = {"vocab_size": len(tokenizer), **special_token_ids(tokenizer), **settings.model["config"]}
@@ -166,15 +174,12 @@ def _load_model(settings: SFTSettings, tokenizer: Any) -> tuple[torch.nn.Module,
             except (TypeError, ValueError) as exc:
                 raise ConfigError("task.model.config", dict(settings.model["config"]),
                                   "config keys transformers accepts for this model_type", str(exc)) from None
-        return (model.to(dtype) if dtype is not None else model), f"config:{keys['model_type']}"
-    import transformers
-    from packaging.version import Version
+        return (model.to(dtype) if dtype is not None else model), None
+    from lora_tune.tasks.base_loader import empty_model
 
     ref = resolve_model_ref(settings.model)
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"  # renamed in 4.56
     with quiet_transformers():
-        model = transformers.AutoModelForCausalLM.from_pretrained(ref, **MODEL_LOAD, **{key: dtype or "auto"})
-    return model, ref
+        return empty_model(ref, "AutoModelForCausalLM", dtype), ref
 
 
 def _check_fits(model: torch.nn.Module, settings: SFTSettings, splits: Sequence[Split]) -> None:
@@ -247,20 +252,48 @@ class SFTTask(Task):
         self.renderer = Renderer(self.tokenizer, template if self.format != "text" else None, self.train_on)
         self.train = self._encode(train_table)
         self.eval = self._encode(eval_table)
-        model, self.model_ref = _load_model(settings, self.tokenizer)
+        model, ref = _load_model(settings, self.tokenizer)
+        self.model_ref = ref or f"config:{settings.model['config']['model_type']}"
         model.config.use_cache = False
         _check_fits(model, settings, (self.train, self.eval))
-        self.lm_split = split_reproduces_logits(model)  # chunked loss without full logits (tasks/lm_loss.py)
         self.weight_dtype: torch.dtype = next(model.parameters()).dtype
         self.pad_id = special_token_ids(self.tokenizer).get("pad_token_id", 0)
         self.blocks: list[Block] | None = None
         self.packing_isolated = False
-        if settings.packing:
-            self._pack(model)
+        self.lm_split: bool | None = None  # probed on the first model with weights (_probe)
         self.generation = self._generation(model, scorer) if scorer else None
         self.metrics = ("eval_loss", "perplexity") + ((self.generation.scorer.name,) if self.generation else ())
         self.eval_order = sorted(range(len(self.eval.examples)), key=lambda i: -len(self.eval.examples[i].input_ids))
-        self.template = ModelTemplate(model)
+        if ref is None:  # built in memory: kept as a template, quantized per trial at inject
+            self.template = ModelTemplate(model)
+            self.resident = self.template.resident
+            self._structure = model
+            self._probe(model)
+        else:  # a model directory: the resident base is loaded per variant, this is its structure
+            self._structure = model
+            self.resident = directory_base(ref, auto_class="AutoModelForCausalLM", dtype=DTYPES[settings.dtype],
+                                           skip=self.modules_to_save, cache_root=cache_dir,
+                                           prepare=self._prepare)
+        if settings.packing:
+            order = torch.randperm(len(self.train.examples),
+                                   generator=torch.Generator().manual_seed(settings.seed)).tolist()
+            self.blocks = pack([self.train.examples[i] for i in order], settings.max_length)
+
+    def _prepare(self, model: torch.nn.Module) -> None:
+        model.config.use_cache = False
+        self._probe(model)
+
+    def _probe(self, model: torch.nn.Module) -> None:
+        """What only a forward pass tells, once: whether the loss may skip full logits, and
+        whether the model keeps packed examples apart."""
+        if self.lm_split is not None:
+            return
+        self.lm_split = split_reproduces_logits(model)  # chunked loss without full logits (tasks/lm_loss.py)
+        if self.settings.packing:
+            self.packing_isolated = packing_isolates(model)
+            if not self.packing_isolated:
+                self._warn(f"{type(model).__name__} does not separate packed examples by position_ids; "
+                           "packed examples attend across their boundaries within a block")
 
     def _warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -280,15 +313,6 @@ class SFTTask(Task):
                               f"all {len(table.rows)} examples of {table.source!r} are longer")
         return split
 
-    def _pack(self, model: torch.nn.Module) -> None:
-        order = torch.randperm(len(self.train.examples),
-                               generator=torch.Generator().manual_seed(self.settings.seed)).tolist()
-        self.blocks = pack([self.train.examples[i] for i in order], self.settings.max_length)
-        self.packing_isolated = packing_isolates(model)
-        if not self.packing_isolated:
-            self._warn(f"{type(model).__name__} does not separate packed examples by position_ids; "
-                       "packed examples attend across their boundaries within a block")
-
     def _generation(self, model: torch.nn.Module, scorer: Scorer) -> GenerationEval:
         generate = self.settings.generate
         examples = self.eval.examples[:generate.max_examples or None]
@@ -303,7 +327,16 @@ class SFTTask(Task):
     # -- the protocol -----------------------------------------------------------------------
 
     def build_model(self) -> torch.nn.Module:
-        return self.template.fresh()
+        if self.model_ref.startswith("config:"):
+            return self.template.fresh()
+        from lora_tune.tasks.base_loader import load_base
+
+        model = load_base(self.model_ref, dtype=DTYPES[self.settings.dtype]).model
+        self._prepare(model)
+        return model
+
+    def structure(self) -> torch.nn.Module:
+        return self._structure
 
     def num_train_examples(self) -> int:
         """Rows of training batches: examples, or packed blocks with ``packing``."""
@@ -331,7 +364,7 @@ class SFTTask(Task):
             inputs["position_ids"] = batch["position_ids"]
         else:
             inputs["attention_mask"] = batch["attention_mask"]
-        return next_token_loss(model, inputs, batch["labels"], split=self.lm_split)
+        return next_token_loss(model, inputs, batch["labels"], split=bool(self.lm_split))
 
     def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         total, count = self.token_loss(model, batch)

@@ -174,6 +174,7 @@ class TextClassificationTask(Task):
         default_save = sorted(set(fresh) | {n for n in HEAD_NAMES if n in children})
         self.modules_to_save = list(spec.get("modules_to_save") or default_save)
         self.template = ModelTemplate(model)
+        self.resident = self.template.resident
 
     def build_model(self) -> torch.nn.Module:
         return self.template.fresh()

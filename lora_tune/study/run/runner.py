@@ -179,6 +179,13 @@ def _model_problems(spec: StudySpec, task: Any) -> list[tuple[str, str]]:
         model = model if model is not None else structure_of(task)
         problems += check_choices(model, space)[1]
     problems += nested_problems(space, task, model)  # search_space.rank.nested against the model
+    quantized = [b for b in space.values_of("quant_bits") if b in (4, 8)]
+    if quantized:
+        model = model if model is not None else structure_of(task)
+        if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+            problems.append(("search_space.quant_bits", f"got {quantized}; allowed: null, 16 or 32 for this task's "
+                             "model, whose weights are already quantized (its config.json has a "
+                             "quantization_config)"))
     return problems
 
 
