@@ -105,9 +105,14 @@ class _Checkpoint:
 def empty_model(model_dir: str | Path, auto_class: str | type = "AutoModelForCausalLM",
                 dtype: torch.dtype | None = None) -> nn.Module:
     """The model's structure only: its parameters on the meta device (no weights read), for checks
-    that need module names and shapes (targets, coverage). Same checks of the directory as load_base."""
+    that need module names and shapes (targets, coverage), with its generation config. Same checks of
+    the directory as load_base, the checkpoint's tensor names and shapes included (read from the
+    file headers): a checkpoint that does not fit its config.json is refused here, before any trial."""
     ckpt = _checkpoint(model_dir, None)
-    return _structure(ckpt, auto_class, _resolve_dtype(ckpt, dtype))
+    model = _structure(ckpt, auto_class, _resolve_dtype(ckpt, dtype))
+    _plan(model, ckpt)
+    _read_generation_config(model, ckpt)
+    return model
 
 
 def load_base(model_dir: str | Path, *, auto_class: str | type = "AutoModelForCausalLM",
@@ -548,6 +553,10 @@ def _finish(model: nn.Module, ckpt: _Checkpoint, device: torch.device) -> None:
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
+    _read_generation_config(model, ckpt)
+
+
+def _read_generation_config(model: nn.Module, ckpt: _Checkpoint) -> None:
     generation = ckpt.directory / "generation_config.json"
     if getattr(model, "generation_config", None) is not None and generation.is_file():
         from transformers import GenerationConfig

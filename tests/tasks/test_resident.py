@@ -145,3 +145,24 @@ def test_quant_bits_on_a_model_with_quantized_weights_is_exit_2_at_validate(sft_
     assert result.exit_code == 2, result.output
     assert "already quantized" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "q.db").exists()
+
+
+def test_a_checkpoint_that_does_not_fit_its_config_is_exit_2_at_validate(sft_dir_spec, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from lora_tune.cli.main import cli
+
+    weights = tmp_path / "llama" / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if k.endswith("mlp.up_proj.weight"))
+    tensors[name] = tensors[name][:-1].contiguous()
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    study = {"study": {"name": "bad", "n_trials": 1, "storage": f"sqlite:///{tmp_path / 'bad.db'}"},
+             "task": sft_dir_spec, "train": {"device": "cpu", "epochs": 1}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(study))
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "bad.yaml")])
+    assert result.exit_code == 2, result.output
+    assert name in result.output and "wrong shape" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "bad.db").exists()
