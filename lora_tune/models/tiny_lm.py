@@ -1,18 +1,6 @@
-"""Small Hugging Face decoder LMs built from configs, and a chat tokenizer for them.
-
-Tests and demos need decoder language models and chat tokenizers without downloading anything:
-
-* :func:`causal_lm_from_config` builds any ``AutoModelForCausalLM`` model type from config keys
-  (``AutoConfig.for_model``), randomly initialised under a fixed seed; the ``sft`` task's
-  ``model: {config: {...}}`` uses it.
-* :func:`tiny_config` gives working tiny sizes for the families lora-tune is tested on
-  (:data:`TINY_SIZES`), and :func:`save_tiny_model` saves such a model as a model directory.
-* :func:`build_chat_tokenizer` trains a byte-level BPE tokenizer on some texts with the
-  ``tokenizers`` library and saves it as a Hugging Face tokenizer directory with pad/bos/eos tokens
-  and a ChatML-like chat template (:data:`CHAT_TEMPLATE`) whose role markers are special tokens.
-
-transformers is imported inside the functions (it is an optional dependency of lora-tune).
-"""
+"""Small Hugging Face decoder LMs built from configs (the ``sft`` task's ``model: {config: ...}``),
+and a chat tokenizer for them: decoder models and chat tokenizers without downloading anything.
+transformers is imported inside the functions (an optional dependency)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -64,9 +52,8 @@ def special_token_ids(tokenizer: Any) -> dict[str, int]:
 
 
 def config_problems(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(key, message)`` for each problem of config keys for :func:`causal_lm_from_config`: a
-    ``model_type`` without a causal-LM class, keys its config class does not take. (transformers'
-    configs keep unknown keys silently, so a typo would otherwise go unnoticed.)"""
+    """``(key, message)`` for each problem of config keys for :func:`causal_lm_from_config`
+    (transformers' configs keep unknown keys silently, so a typo would go unnoticed)."""
     import inspect
 
     from transformers import CONFIG_MAPPING
@@ -86,10 +73,8 @@ def config_problems(config: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def causal_lm_from_config(config: Mapping[str, Any], seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised ``AutoModelForCausalLM`` from config keys, one of them ``model_type``.
-
-    The initialisation depends only on ``seed`` (the global RNG is left as it was).
-    """
+    """A randomly initialised ``AutoModelForCausalLM`` from config keys (one ``model_type``),
+    depending only on ``seed``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     keys = dict(config)
@@ -102,11 +87,8 @@ def causal_lm_from_config(config: Mapping[str, Any], seed: int = 0) -> torch.nn.
 
 def save_tiny_model(model_type: str, path: str | Path, tokenizer: Any = None, seed: int = 0,
                     **config: Any) -> Path:
-    """Save a tiny seeded random ``model_type`` model (and ``tokenizer``, if given) to ``path``.
-
-    With a tokenizer the vocabulary size and the pad/bos/eos ids come from it, so the directory
-    is a complete model directory; ``config`` overrides any :data:`TINY_SIZES` key.
-    """
+    """Save a tiny seeded random ``model_type`` model (and ``tokenizer``, whose vocabulary and
+    special ids it takes) to ``path``; ``config`` overrides any :data:`TINY_SIZES` key."""
     path = Path(path)
     if tokenizer is not None:
         config = {"vocab_size": len(tokenizer), **special_token_ids(tokenizer), **config}
@@ -118,13 +100,8 @@ def save_tiny_model(model_type: str, path: str | Path, tokenizer: Any = None, se
 
 
 def build_chat_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int = 512) -> Any:
-    """Train a byte-level BPE tokenizer on ``texts`` and save it to ``path`` with a chat template.
-
-    Digits are split one per token (so numbers are spelt digit by digit), decoding is lossless,
-    and :data:`SPECIAL_TOKENS` are special tokens: pad ``<|pad|>``, bos ``<|bos|>``, eos
-    ``<|end|>`` (also the end of every chat turn) and the role markers. Returns the tokenizer
-    loaded back from ``path`` with ``AutoTokenizer``, as every user of the directory will see it.
-    """
+    """Train a byte-level BPE tokenizer on ``texts`` (digits one per token, :data:`SPECIAL_TOKENS`
+    special) and save it to ``path`` with :data:`CHAT_TEMPLATE`; returns it loaded back."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

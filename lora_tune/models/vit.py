@@ -32,12 +32,11 @@ class ViTConfig:
 class SelfAttention(nn.Module):
     """Multi-head self-attention with separate q/k/v/out projections."""
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = False):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
-        self.causal = causal
         self.dropout = dropout
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
@@ -52,8 +51,7 @@ class SelfAttention(nn.Module):
 
         y = F.scaled_dot_product_attention(
             split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-            dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal,
-        )
+            dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, c))
 
 
@@ -71,10 +69,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float = 0.0, causal: bool = False):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, heads, dropout, causal)
+        self.attn = SelfAttention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, dim * mlp_ratio, dropout)
 

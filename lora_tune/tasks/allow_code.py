@@ -1,25 +1,8 @@
-"""Which importable names a process may import from a study it did not read from its own file.
-
-A study keeps its study file in the storage, so a worker needs only the study's name. Whoever
-can write that storage (the database, or a storage proxy) can then also change what the
-worker imports: ``task.factory``, ``task.model_factory``, a generation metric
-``module:function``. lora-tune therefore imports a name from a *stored* spec only when the
-operator of the process allowed it locally:
-
-* the same study file given on the process's own command line (``--study-file``): the names
-  in it are trusted when the stored task section is the file's, value for value;
-* ``--allow-code PATTERN`` (repeatable) or ``$LORA_TUNE_ALLOW_CODE`` (patterns separated by
-  commas): shell-style patterns over the whole reference (``mypkg.tasks:*``, ``train.py:*``)
-  or over its module or file part alone (``mypkg.*``).
-
-Everything else is :class:`CodeNotAllowed` (a ConfigError: exit 2), raised before anything
-is imported. A study file given on the command line (``run``, ``validate``, ``study create``)
-is the operator's own and needs no allowance.
-
-Which values are code: any string of the task section, at any depth except inside ``args``
-(the factory's own keyword arguments, passed as data), shaped ``TARGET:identifier`` with no
-whitespace: exactly what :func:`lora_tune.tasks.python_factory.load_factory` would import.
-Deriving it from the shape, not from a list of keys, keeps a field added later covered.
+"""Which names a process may import from a *stored* study (whoever can write the storage could
+otherwise change what a worker imports): those its operator allowed locally, with
+``--study-file``, ``--allow-code`` or ``$LORA_TUNE_ALLOW_CODE`` (README.md, "A worker imports
+only the code its operator allowed"). Code is any string of the task section but ``args``
+shaped ``TARGET:identifier``: derived from the shape, so a field added later stays covered.
 """
 from __future__ import annotations
 
@@ -88,8 +71,7 @@ class Allowance:
         return any(fnmatch.fnmatchcase(ref, p) or fnmatch.fnmatchcase(target, p) for p in self.patterns)
 
     def check(self, task: Mapping, origin: str) -> None:
-        """Raise :class:`CodeNotAllowed` for the first name of ``task`` this allowance does not
-        cover (``origin`` says where the task section came from)."""
+        """Raise :class:`CodeNotAllowed` for the first name of ``task`` (from ``origin``) not allowed."""
         for path, ref in code_refs(task):
             if not self.allows(ref):
                 raise CodeNotAllowed(path, ref, origin)

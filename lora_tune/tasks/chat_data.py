@@ -9,29 +9,16 @@ Formats (``task.format``; detected from the columns when omitted, in this order)
 ``text``
     one string column; every token is supervised.
 
-**Label masks.** An example is rendered to one string and tokenized once, with character offsets
-(so a fast tokenizer is needed). With a chat template, assistant message ``i`` spans from the end
-of ``render(messages[:i], add_generation_prompt=True)`` to the end of ``render(messages[:i + 1])``:
-its content and the template's end-of-turn marker, exactly as the template writes them. A token is
-supervised when its first character lies in such a span; with ``train_on: all`` every token is.
-(For ChatML that is ``content<|im_end|>\n``: the newline the template writes before the next turn
-is part of it.) Some templates render a turn differently once later turns follow: one that appends
-EOS after the last message only, one that drops reasoning from the history. For such a turn the span
-ends where the tokens of the full rendering and of ``render(messages[:i + 1])`` part, when that
-covers the content; otherwise it is the assistant content string alone, located in the full
-rendering, and the turn is counted in :attr:`Split.content_only_turns`. Without a chat
-template a prompt-completion example is ``prompt + completion`` (plain concatenation) with EOS
-appended and supervised, and the tokenizer's BOS in front when it adds one.
-
-A template that marks what the assistant writes with ``{% generation %}...{% endgeneration %}``
-says so itself: there Hugging Face's own mask decides (``apply_chat_template(...,
-return_assistant_tokens_mask=True)``), which supervises every token overlapping a generation block,
-and nothing falls back to content strings. Where a template's generation blocks cover the spans
-above (``content<|end|>`` in the tiny template, say), both give the same labels
-(``tests/tasks/test_sft.py``).
-
-The first label of every example is ``-100``: nothing predicts it, and in a packed block it would
-otherwise be predicted from the previous example.
+**Label masks.** An example is rendered once and tokenized with character offsets; a token is
+supervised when its first character lies in an assistant span: from the end of
+``render(messages[:i], add_generation_prompt=True)`` to the end of ``render(messages[:i + 1])``,
+i.e. the content and the end-of-turn marker exactly as the template writes them. A turn the full
+rendering writes differently (EOS after the last turn only, reasoning dropped from the history)
+ends where the two renderings' tokens part, if that covers the content, else is its content
+string alone (:attr:`Split.content_only_turns`). A template with ``{% generation %}`` blocks
+decides itself (Hugging Face's ``return_assistant_tokens_mask``). Without a template, a
+prompt-completion example is ``prompt + completion`` + EOS. The first label is always ``-100``
+(in a packed block it would be predicted from the previous example).
 """
 from __future__ import annotations
 
@@ -150,13 +137,8 @@ def check_data_path(value: Any) -> str | None:
 
 
 def read_table(source: str, field: str) -> Table:
-    """Rows of a data file (``datasets``' json/csv/parquet builders) or a ``save_to_disk`` directory.
-
-    A file is parsed into memory through a scratch cache under :func:`cache_dir` that is deleted
-    right after, so nothing is left behind and no stale cache is ever reused. A DatasetDict
-    directory gives its ``train`` split for the training file and ``validation``, ``eval`` or
-    ``test`` for the evaluation file (or its only split).
-    """
+    """Rows of a data file (``datasets``' builders, through a scratch cache deleted right after, so
+    no stale cache is reused) or a ``save_to_disk`` directory (its train or eval split)."""
     path = Path(source).expanduser()
     allowed = "a readable .jsonl, .json, .csv, .tsv or .parquet file, or a datasets save_to_disk directory"
     if not path.is_dir():
@@ -189,8 +171,7 @@ def read_table(source: str, field: str) -> Table:
 
 def _text_file_problem(path: Path, builder: str) -> str | None:
     """After ``datasets`` failed on a text file: its first line that is not UTF-8, or (JSON) where
-    it is malformed, or None (then the library's own message is shown). Read line by line, or the
-    JSON document whole as ``datasets`` reads it."""
+    it is malformed, or None (then the library's own message is shown)."""
     try:
         where = first_non_utf8_line(path)
         if where:
@@ -350,11 +331,8 @@ def row_text(table: Table, row: dict[str, Any], number: int, columns: Columns) -
 # -- rendering and label masks --------------------------------------------------------------
 
 class Renderer:
-    """Renders conversations with a chat template (or plain concatenation) and builds labels.
-
-    ``marks_generation``: the template has ``{% generation %}`` blocks, so the tokenizer's own
-    assistant mask supervises the assistant turns (see the module docstring).
-    """
+    """Renders conversations with a chat template (or plain concatenation) and builds labels;
+    ``marks_generation``: the template has ``{% generation %}`` blocks."""
 
     def __init__(self, tokenizer: Any, template: str | None, train_on: str):
         self.tokenizer = tokenizer
@@ -394,10 +372,7 @@ class Renderer:
     def _diverging_span(self, full: str, before: str, through: str, content: str,
                         cursor: int) -> tuple[tuple[int, int], bool]:
         """The span of an assistant turn that ``full`` renders differently from ``through`` (the
-        conversation ending with it): from the end of ``before`` (or the content, where ``before``
-        is not a prefix) to the end of the tokens ``full`` and ``through`` share, as long as they
-        cover the content (e.g. a template that appends EOS after the last turn only); else the
-        content string alone (``True``: a content-only turn)."""
+        conversation ending with it), and whether it is its content string alone."""
         content_start = full.find(content, max(cursor, len(before) if full.startswith(before) else cursor))
         if content_start < 0:
             raise ConfigError("task.chat_template", "(the chat template)",
@@ -431,19 +406,13 @@ class Renderer:
                 text = self.assistant_spans(messages)[0]  # (which checks the template writes every answer)
                 ids, offsets = self.tokens(text)
                 labels, fallbacks = _labels(ids, offsets, [(0, len(text))]), 0
+            elif self.marks_generation:
+                (ids, labels), fallbacks = self.generation_labels(messages), 0
             else:
-                ids, labels, fallbacks = self.assistant_labels(messages)
+                ids, labels, fallbacks = self.span_labels(messages)
             prompt_ids = self.tokens(self.render(messages[:last], generation_prompt=True))[0]
         labels[0] = IGNORE
         return Example(ids, labels, prompt_ids, messages[last]["content"]), fallbacks
-
-    def assistant_labels(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int], int]:
-        """The ids of the rendered conversation, labels supervising its assistant turns, and how
-        many turns fell back to their content string: the template's generation blocks when it
-        has them (:meth:`generation_labels`), else the rendering's own spans (:meth:`span_labels`)."""
-        if self.marks_generation:
-            return (*self.generation_labels(messages), 0)
-        return self.span_labels(messages)
 
     def generation_labels(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
         """ids and labels from the tokenizer's assistant mask (tokens overlapping a

@@ -1,19 +1,7 @@
-"""Generation metrics of the ``sft`` task: greedy answers to evaluation prompts, scored.
-
-Spec (``task.generate``)::
-
-    max_new_tokens: 32
-    metric: exact_match     # exact_match | contains | package.module:function | path/to/file.py:function
-    max_examples: null      # the first N evaluation examples (default: all)
-
-Each evaluation prompt (the conversation up to its last assistant message, rendered with the
-generation prompt) is decoded greedily, in batches padded on the left, until a stop token
-(the tokenizer's EOS, the model's generation EOS ids, and the template's end-of-turn token) or
-``max_new_tokens``. The new tokens are decoded without special tokens; prediction and reference
-are stripped; the metric is the mean of ``metric(prediction, reference)`` over the prompts.
-``exact_match`` scores 1.0 for equal strings, ``contains`` when the reference occurs in the
-prediction; a user function returns a float. The metric's name is ``exact_match``, ``contains``
-or the user function's name.
+"""Generation metrics of the ``sft`` task (``task.generate``: ``max_new_tokens``, ``metric``,
+``max_examples``): each evaluation prompt decoded greedily until a stop token (EOS, the model's
+generation EOS ids, the template's end-of-turn token), and the mean of
+``metric(prediction, reference)`` over the stripped texts.
 """
 from __future__ import annotations
 
@@ -97,10 +85,8 @@ def resolve_scorer(ref: str) -> Scorer:
 
 def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, pad_id: int,
                     stop_ids: Sequence[int], max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    """The greedy continuation of each prompt (token ids, up to and without the first stop token).
-
-    Prompts are batched longest first and padded on the left; the model's mode is restored.
-    """
+    """The greedy continuation of each prompt (up to and without the first stop token), in
+    batches longest first, padded on the left."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,

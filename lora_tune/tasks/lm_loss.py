@@ -1,47 +1,18 @@
-"""Next-token cross-entropy of a decoder LM without full-vocabulary logits.
+"""Next-token cross-entropy of a decoder LM without full-vocabulary logits (for Qwen2's 151,936
+tokens at 4 x 1,024 those are ~2.5 GB in float32, and as much again for their gradient).
 
-A causal-LM's forward returns logits ``[batch, seq, vocab]``: for Qwen2's 151,936-token
-vocabulary at 1,024 tokens x batch 4 that is ~2.5 GB in float32, and autograd keeps as much
-again for their gradient. :func:`next_token_loss` (used by the ``sft`` and ``causal-lm`` tasks)
-instead
+:func:`next_token_loss` runs the model's body (``get_decoder()``, the module its forward calls,
+so checkpointing, LoRA and masks work as before), keeps the supervised positions' hidden states,
+and applies the head (:class:`LMHead`: the output module called as a module, so a LoRA wrapper,
+a ``modules_to_save`` or a tied head works, then the model's logit scaling and soft-capping)
+with the float32 cross-entropy in checkpointed chunks of rows: one chunk's logits exist at a
+time, forward and backward. The sum equals :func:`full_logits_loss`'s up to float32 rounding.
 
-1. runs the model's **body** (``model.get_decoder()``: ``model.model``, GPT-2's ``transformer``,
-   OPT's ``model.decoder``), the very module the causal-LM forward calls, so gradient
-   checkpointing, LoRA wrappers inside the blocks and the attention masks work as before;
-2. gathers the final hidden states of the **supervised positions** only (position ``t`` predicts
-   ``labels[:, t + 1]``; targets equal to ``-100`` are left out);
-3. computes the **head** (:class:`LMHead`: the output module, called as a module so a LoRA
-   wrapper on ``lm_head``, a ``modules_to_save`` head and a head tied to the input embeddings
-   all work as in the model's own forward; then Cohere's ``logit_scale``, Granite's
-   ``logits_scaling`` and Gemma 2/3's ``final_logit_softcapping``, in the model's own order and
-   dtype) and the float32 cross-entropy **in chunks of rows** (:func:`chunk_rows`: about
-   256 MiB of float32 logits, 128 to 4,096 rows), each chunk under non-reentrant
-   ``torch.utils.checkpoint``: its logits are freed as soon as its summed loss is known and
-   recomputed one chunk at a time in the backward, so only one chunk's logits (and their
-   gradient) exist at a time, in the forward and in the backward.
-
-The result is the same sum (and count) as the full-logits computation, :func:`full_logits_loss`,
-which is what the tasks did before: ``F.cross_entropy(logits[:, :-1][mask].float(), targets,
-reduction="sum")``. Only the order of the float32 additions differs (the chunks are summed one
-after another), so loss and gradients agree to float32 rounding.
-
-**When the model cannot be split.** Whether body + head reproduce ``model(...).logits`` is
-checked once, numerically, on a few tokens (:func:`split_reproduces_logits`), when a task is
-built: a model without ``get_decoder``/``get_output_embeddings``, or whose causal-LM forward does
-something else between the body and the logits (e.g. Falcon-H1's ``lm_head_multiplier``), fails
-the check and the task falls back to the full-logits path (logged). The families lora-tune is
-tested on (Llama, Qwen2, Mistral, Gemma, Gemma 2, Phi-3, GPT-2, OPT) all split; of them only
-Gemma 2 transforms the logits (soft-capping), none scales them.
-
-**Liger Kernel.** Where ``liger-kernel`` is installed, the hidden states are on a CUDA device,
-gradients are being computed, and the head is a plain ``nn.Linear`` (no LoRA wrapper: Liger reads
-the weight and bias directly, which would bypass the adapter) with at most soft-capping (no
-scaling), its fused linear cross-entropy replaces the chunked one (:func:`choose_backend`; at
-the call, hidden states of another dtype than the weight, as under autocast, keep the chunked
-one too). It is CUDA only, so on a CPU machine the own implementation is always used.
-
-``LORA_TUNE_LM_LOSS`` overrides the choice: ``auto`` (default, as above), ``chunked`` (never
-Liger) or ``full`` (the full-logits path, e.g. to compare).
+Whether body + head reproduce ``model(...).logits`` is checked once per task
+(:func:`split_reproduces_logits`; Falcon-H1's ``lm_head_multiplier`` fails it: full logits
+then). On CUDA with liger-kernel and a plain ``nn.Linear`` head (Liger reads the weight
+directly, past any adapter) its fused loss is used instead. ``LORA_TUNE_LM_LOSS`` = ``auto``,
+``chunked`` or ``full`` overrides the choice.
 """
 from __future__ import annotations
 
@@ -107,9 +78,8 @@ def _number(value: Any) -> float | None:
 
 
 def lm_head_of(model: torch.nn.Module) -> LMHead | None:
-    """The body and head of a Hugging Face causal LM as they are now (after LoRA injection the
-    head may be a wrapper), or None where the model has no separate body or output module.
-    Whether they really reproduce the model's logits is :func:`split_reproduces_logits`."""
+    """The body and head of a Hugging Face causal LM as they are now (the head may be a LoRA
+    wrapper), or None where the model has no separate body or output module."""
     get_decoder = getattr(model, "get_decoder", None)
     get_output = getattr(model, "get_output_embeddings", None)
     if get_decoder is None or get_output is None:
@@ -128,8 +98,7 @@ def lm_head_of(model: torch.nn.Module) -> LMHead | None:
 
 
 def split_reproduces_logits(model: torch.nn.Module, tokens: int = 8) -> bool:
-    """Whether :func:`lm_head_of` applied to ``model`` gives ``model(input_ids).logits`` on a few
-    tokens (checked once when a task is built; False, and the full-logits path, where it does not)."""
+    """Whether :func:`lm_head_of` applied to ``model`` gives ``model(input_ids).logits`` on a few tokens."""
     head = lm_head_of(model)
     if head is None:
         log.info("%s has no separate body and output layer: its loss uses full logits", type(model).__name__)
@@ -180,8 +149,8 @@ def chunked_loss(head: LMHead, hidden: torch.Tensor, targets: torch.Tensor, rows
 
 def full_logits_loss(model: torch.nn.Module, inputs: Mapping[str, Any],
                      labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The full-logits computation (what the tasks did before, and the fallback): the summed
-    float32 cross-entropy over ``labels[:, 1:] != -100`` and their number."""
+    """The full-logits fallback: the summed float32 cross-entropy over ``labels[:, 1:] != -100``
+    and their number."""
     logits = model(**inputs).logits
     targets = labels[:, 1:]
     mask = targets != IGNORE
@@ -206,7 +175,7 @@ def _liger_installed() -> bool:
 
 
 def choose_backend(head: LMHead | None, device: torch.device | str, requested: str = "auto") -> str:
-    """``full``, ``liger`` or ``chunked`` for a loss on ``device`` (see the module docstring)."""
+    """``full``, ``liger`` or ``chunked`` for a loss on ``device``."""
     if requested == "full" or head is None:
         return "full"
     if (requested == "auto" and torch.device(device).type == "cuda" and torch.is_grad_enabled()
@@ -243,12 +212,8 @@ def _liger_loss(head: LMHead, hidden: torch.Tensor, targets: torch.Tensor) -> to
 
 def next_token_loss(model: torch.nn.Module, inputs: Mapping[str, Any], labels: torch.Tensor, *,
                     split: bool = True, rows: int | None = None) -> tuple[torch.Tensor, int]:
-    """Summed float32 next-token cross-entropy over the supervised targets ``labels[:, 1:] !=
-    -100`` of a batch, and their number: the same values as :func:`full_logits_loss`, without
-    full-vocabulary logits. ``inputs`` are the model's keyword arguments (``input_ids``, masks,
-    ``position_ids``, ``use_cache``). ``split``: whether :func:`split_reproduces_logits` holds
-    for the model (False: the full-logits path). ``rows``: rows per chunk (default
-    :func:`chunk_rows`)."""
+    """What :func:`full_logits_loss` gives, without full-vocabulary logits. ``inputs``: the model's
+    keyword arguments; ``split``: whether :func:`split_reproduces_logits` holds for the model."""
     head = lm_head_of(model) if split else None
     backend = choose_backend(head, labels.device, requested_backend())
     if backend == "full" or head is None:
