@@ -106,10 +106,7 @@ def preset_of(trial: FrozenTrial) -> str:
 
 def quant_bits_of(trial: FrozenTrial) -> str:
     """Quantization bits as a label: ``"none"``, ``"8"`` or ``"4"`` (param 0 means none)."""
-    bits = trial.params.get("quant_bits")
-    if bits is None:
-        cfg = trial.user_attrs.get(record.LORA_CONFIG) or {}
-        bits = cfg.get("quant_bits") if isinstance(cfg, dict) else None
+    bits = param_or_config(trial, "quant_bits")
     if bits in (None, 0, "0", "none", "None", 16, 32):
         return "none"
     return str(int(bits))
@@ -117,11 +114,7 @@ def quant_bits_of(trial: FrozenTrial) -> str:
 
 def use_dora_of(trial: FrozenTrial) -> bool:
     """Whether a trial trained DoRA (its ``use_dora`` param, else its LoRA config; default False)."""
-    value = trial.params.get("use_dora")
-    if value is None:
-        cfg = trial.user_attrs.get(record.LORA_CONFIG) or {}
-        value = cfg.get("use_dora") if isinstance(cfg, dict) else None
-    return bool(value)
+    return bool(param_or_config(trial, "use_dora"))
 
 
 def alpha_axis(trials: Sequence[FrozenTrial]) -> tuple[str, str]:

@@ -39,10 +39,7 @@ class LayersPanel(NamedTuple):
 
 def layers_of(trial: FrozenTrial) -> str:
     """The layer range label of a trial."""
-    value = trial.params.get("layers")
-    if value is None:
-        cfg = trial.user_attrs.get(record.LORA_CONFIG) or {}
-        value = cfg.get("layers") if isinstance(cfg, dict) else None
+    value = frame.param_or_config(trial, "layers")
     try:
         return layers_label(value)
     except ConfigError:
