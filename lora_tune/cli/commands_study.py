@@ -85,6 +85,7 @@ def validate_cmd(study_file: Path) -> None:
                   + (f"; fixed: {', '.join(fixed)}" if fixed else ""))
     if baseline is not None:
         console.print(f"  baseline: {baseline}")
+    _print_serve(console, spec, "  ")
     from lora_tune.study.schema.space_coverage import space_coverage
 
     console.print("  coverage (share of the model's linear weights each target choice adapts):")
@@ -92,6 +93,23 @@ def validate_cmd(study_file: Path) -> None:
         console.print(f"    {record.describe()}", markup=False)
         for warning in record.warnings:
             console.print("      [yellow]warning:[/] " + warning.replace("[", "\\["))
+
+
+def _print_serve(console: Console, spec: Any, indent: str = "") -> None:
+    """``study.serve``'s engine and every choice it removed from the file's search space, and why."""
+    from lora_tune.serving import rules
+    from lora_tune.study.schema.serve_space import restriction_of
+
+    serve = spec.study.serve
+    if serve.engine == "any" and serve.rank_limit is None:
+        return
+    removed = restriction_of(spec).removed
+    limit = f"max_lora_rank {serve.rank_limit}" if serve.rank_limit is not None else "no rank limit"
+    console.print(f"{indent}serve: {rules(serve.engine).title}, {limit}; "
+                  + ("removed from the search space:" if removed else "the search space needs no change"),
+                  markup=False)
+    for line in removed:
+        console.print(f"{indent}  {line}", markup=False)
 
 
 def _storage_errors(raw: Any) -> list[tuple[str, str]]:
@@ -181,6 +199,7 @@ def run_cmd(study_file: Path, storage: str | None, name: str | None, n_trials: i
     with _quiet_optuna():
         study = create_study(spec, url, name=name, resume=True, task=task)
     stored = spec_from_stored(study.user_attrs["spec"])
+    _print_serve(_console(), spec)
     # read back from the storage: only this file's own names may be imported
     Allowance.from_operator(trusted=trusted_refs(spec.task)).check(
         stored.task, f"the stored study {study.study_name!r}")
@@ -318,7 +337,7 @@ def list_cmd(storage: str | None) -> None:
 def show_cmd(name: str, storage: str | None, top: int) -> None:
     """Show study NAME: its settings, outcome, and top trials."""
     from lora_tune.study.run.progress import render_outcome, study_outcome, top_trials, trials_table
-    from lora_tune.study.trial.record import FAIL_REASON
+    from lora_tune.study.trial.record import FAIL_REASON, short_reason
     from lora_tune.study.run.runner import load_study
     from lora_tune.study.storage.opening import mask_url, resolve_storage_url
 
@@ -334,7 +353,7 @@ def show_cmd(name: str, storage: str | None, top: int) -> None:
         console.print(trials_table(top_trials(study, spec, top), spec.metrics, title=f"top {top} trials"))
         failed = [t for t in study.get_trials(deepcopy=False) if t.state.name == "FAIL"]
         for t in failed[-5:]:
-            console.print(f"trial {t.number} failed: {t.user_attrs.get(FAIL_REASON, '?')}", markup=False)
+            console.print(f"trial {t.number} failed: {short_reason(t.user_attrs.get(FAIL_REASON, '?'))}", markup=False)
     finally:
         _dispose(study)
 

@@ -27,7 +27,9 @@ from lora_tune.errors import ConfigError, StudyNotFoundError, StudySpecError
 from lora_tune.study import _optuna_private as private
 from lora_tune.study.trial import record
 from lora_tune.study.trial.objective import Objective, TrialFailed
+from lora_tune.study.trial.trial_process import prestart
 from lora_tune.study.trial.nested_trials import nested_problems
+from lora_tune.study.schema.serve_space import restriction_of, saved_modules_problems
 from lora_tune.study.schema.space import SearchSpace, baseline_params
 from lora_tune.study.run.samplers import SAMPLERS as _SAMPLERS
 from lora_tune.study.run.samplers import make_sampler
@@ -39,6 +41,7 @@ from lora_tune.tasks.base import Task, raise_problems, structure_of
 
 _logger = logging.getLogger("lora_tune.study")
 Callback = Callable[[optuna.Study, FrozenTrial], None]
+SERVE_REMOVED = "serve_removed"  # study attr: the lines of what study.serve removed from the space
 # Parts of a stored spec that define what the trials mean; a resumed study must keep them.
 _FROZEN_SECTIONS = ("task", "search_space", "train", "constraints")
 
@@ -124,7 +127,9 @@ def prepare_spec(spec: StudySpec, task: Any = None) -> tuple[StudySpec, Any, dic
     """Check the spec against its task and fill in defaults, before anything is written.
 
     Returns ``(resolved spec, task, baseline params or None)``; raises StudySpecError with
-    every problem (metric names, baseline outside the space, sampler/pruner options).
+    every problem (metric names, baseline outside the space, sampler/pruner options). The resolved
+    spec's search space is the one ``study.serve``'s engine serves (:mod:`.serve_space`), so the
+    study stores it and every trial, the baseline and warm starts are sampled from it.
     """
     if task is None:
         from lora_tune.tasks import build_task
@@ -135,11 +140,16 @@ def prepare_spec(spec: StudySpec, task: Any = None) -> tuple[StudySpec, Any, dic
         resolved = resolve_objective(spec, task)
     except StudySpecError as exc:
         raise StudySpecError(exc.errors + _model_problems(spec, task), source=source) from None
-    problems: list[tuple[str, str]] = []
+    restriction = restriction_of(resolved)
+    resolved = resolved.model_copy(update={"search_space": restriction.space})
+    serve = resolved.study.serve
+    problems = restriction.problems + saved_modules_problems(getattr(task, "modules_to_save", None) or [],
+                                                             serve.engine, serve.rank_limit)
     baseline = None
-    if resolved.study.baseline:
+    if resolved.study.baseline and not restriction.problems:
         space = SearchSpace.from_spec(resolved.search_space)
-        baseline, problems = baseline_params(space, resolved.train.model_dump(), task.baseline_targets)
+        baseline, baseline_problems = baseline_params(space, resolved.train.model_dump(), task.baseline_targets)
+        problems += baseline_problems
     for build in (lambda: build_sampler(resolved), lambda: build_pruner(resolved)):
         try:
             build()
@@ -246,6 +256,9 @@ def create_study(spec: StudySpec, storage_url: str, name: str | None = None, res
     study.set_user_attr("metrics", resolved.metrics)
     study.set_user_attr("lora_tune_version", __version__)
     study.set_user_attr("target_coverage", coverage_attr(space_coverage(resolved, task)))
+    removed = restriction_of(spec).removed  # what study.serve took out of the file's space
+    if removed or SERVE_REMOVED not in study.user_attrs:
+        study.set_user_attr(SERVE_REMOVED, removed)
     _record_artifact_dir(study, storage_url)
     if study.metric_names != resolved.metrics:
         with warnings.catch_warnings():
@@ -425,6 +438,7 @@ def optimize(study: optuna.Study, spec: StudySpec, n_trials: int | None = None, 
         objective.get_task()  # a bad task section fails here, not once per trial
     else:  # trials build the task in their own processes; check the section without loading it
         raise_problems(validate_task_spec(dict(spec.task)), spec.task)
+        prestart(dict(spec.task))  # the trial process builds its task while the first trial is sampled
     timeout = timeout if timeout is not None else spec.study.timeout
     warning = pruning_warning(spec)
     if warning:
@@ -476,7 +490,7 @@ class _RunCounter:
         if self.failures_in_a_row >= self.limit:
             self.stopped = True
             _logger.error("stopping: %d trials failed in a row (study.max_consecutive_failures); last reason: %s",
-                          self.failures_in_a_row, trial.user_attrs.get(record.FAIL_REASON, "?"))
+                          self.failures_in_a_row, record.short_reason(trial.user_attrs.get(record.FAIL_REASON, "?")))
             study.stop()
 
 

@@ -17,6 +17,7 @@ from lora_tune.errors import ConfigError, StudySpecError, short
 from lora_tune.lora.config import LoraConfig
 from lora_tune.lora.nested import NestedRanks
 from lora_tune.settings import defaults_of, show
+from lora_tune.study.schema.serve_space import restrict, serve_of
 from lora_tune.study.schema.space_keys import (
     KEYS, TRAIN_KEYS, Problems, check_keys, choice_key, decode_choice, encode_choice, plain_value,
 )
@@ -99,8 +100,12 @@ class SearchSpace:
                 problems.append(("search_space", f"must be a mapping of parameter -> spec, got {short(raw)}"))
                 raw = {}
         problems += check_search_space(raw, study)
+        serve, serve_problems = serve_of(study)
+        problems += serve_problems
         if problems:
             raise StudySpecError(problems, source=source)
+        if serve is not None:  # a whole study file: the space its study.serve engine serves
+            raw = restrict(raw, *serve).space
         return cls([_compile(key, raw[key]) for key in _ordered(raw)])
 
     @classmethod
@@ -245,10 +250,14 @@ def _compile(key: str, value: Any) -> Param:
 
 def check_search_space(raw: Mapping[str, Any], study: Mapping[str, Any]) -> Problems:
     """Every problem of the ``search_space`` section, each with its path (a grid sampler also
-    needs every sampled parameter to have finitely many values)."""
+    needs every sampled parameter to have finitely many values; ``study.serve``'s engine must
+    leave every key a value it serves: :mod:`.serve_space`)."""
     problems = check_keys(raw)
     if not problems and isinstance(study.get("sampler"), Mapping) and study["sampler"].get("type") == "grid":
         problems += SearchSpace([_compile(k, raw[k]) for k in _ordered(raw)]).grid()[1]
+    serve = serve_of(study)[0] if not problems else None  # an invalid serve section is the schema's problem
+    if serve is not None:
+        problems += restrict(raw, *serve).problems
     return problems
 
 

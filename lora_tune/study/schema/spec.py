@@ -8,9 +8,11 @@ from typing import Annotated, Any, Literal
 from collections.abc import Mapping
 
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator,
+    AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, create_model,
+    field_validator, model_validator,
 )
 
+from lora_tune import serving
 from lora_tune.errors import StudySpecError, short
 from lora_tune.settings import Setting, defaults_of, setting, settings_of
 from lora_tune.study.schema.yaml_file import load_yaml, read_spec_text
@@ -82,6 +84,29 @@ class FidelitySpec(_Section):
         return self.data_fraction[-1] if isinstance(self.data_fraction, list) else self.data_fraction
 
 
+class ServeSpec(_Section):
+    """The engine the result will be served with: the search keeps to adapters it loads, with ranks
+    up to ``max_lora_rank`` (default: the engine's in :mod:`lora_tune.serving`; ``any``: no limit)."""
+
+    engine: Literal[serving.ENGINES] = "any"  # type: ignore[valid-type]
+    max_lora_rank: int | None = Field(None, ge=1)
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_allowed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        engine = info.data.get("engine")
+        problem = serving.max_rank_problem(engine, value) if value is not None and engine else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @property
+    def rank_limit(self) -> int | None:
+        """The largest rank a trial may have (None: no limit)."""
+        given = self.max_lora_rank
+        return given if given is not None else serving.rules(self.engine).default_max_lora_rank
+
+
 class StudySection(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     storage: str | None = None
@@ -100,6 +125,7 @@ class StudySection(_Section):
     warm_start: Literal["defaults"] | None = None
     confirm: ConfirmSpec | None = None
     fidelity: FidelitySpec | None = None
+    serve: ServeSpec = Field(default_factory=ServeSpec)
 
     @model_validator(mode="after")
     def _objective_shape(self) -> StudySection:
@@ -377,7 +403,7 @@ def unknown_key_hint(problems: Problems) -> Problems:
     sections = {
         "study": StudySection, "train": TrainSection, "constraints": ConstraintsSection,
         "study.sampler": SamplerSpec, "study.pruner": PrunerSpec, "study.confirm": ConfirmSpec,
-        "study.fidelity": FidelitySpec, "": StudySpec,
+        "study.fidelity": FidelitySpec, "study.serve": ServeSpec, "": StudySpec,
     }
     out: Problems = []
     for path, message in problems:
