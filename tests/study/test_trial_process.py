@@ -67,3 +67,30 @@ def test_twenty_trials_in_one_trial_process_do_not_grow_its_memory():
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     assert grown < 16 * 2**20, f"trial process RSS grew by {grown / 2**20:.1f} MiB over 20 trials"
     close_trial_processes()
+
+
+def test_a_prestarted_trial_process_runs_the_first_trial():
+    from lora_tune.study.trial.trial_process import prestart
+
+    close_trial_processes()
+    spec = _spec()
+    prestart(dict(spec.task))
+    (pid,) = trial_process_pids()
+    prestart(dict(spec.task))  # one idle process per task is enough
+    assert trial_process_pids() == [pid]
+    study = optuna.create_study(direction="maximize")
+    assert _one(Objective(spec), study).state == TrialState.COMPLETE
+    assert trial_process_pids() == [pid]
+    close_trial_processes()
+
+
+def test_a_task_that_fails_to_build_while_prestarting_fails_the_first_trial_with_its_reason():
+    from lora_tune.study.trial.trial_process import prestart
+
+    close_trial_processes()
+    spec = _spec({"fail_in": "init"})
+    prestart(dict(spec.task))
+    study = optuna.create_study(direction="maximize")
+    trial = _one(Objective(spec), study)
+    assert trial.state == TrialState.FAIL and "toy task: init exploded" in trial.user_attrs["fail_reason"]
+    close_trial_processes()

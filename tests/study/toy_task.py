@@ -1,7 +1,7 @@
 """A tiny task for study tests: a small attention-style MLP on synthetic 3-class data.
 
 ``make_task(**options)`` builds it; options: ``n_train``, ``n_test``, ``seed``,
-``nan_after`` (the loss becomes NaN after that many calls), ``fail_in`` ("build_model" or
+``nan_after`` (the loss becomes NaN after that many calls), ``fail_in`` ("init", "build_model" or
 "evaluate": raise there), ``die_at_loss_call`` (SIGKILL its own process at that call: for
 trials in a child process only), ``oom_above_batch`` (raise torch's OutOfMemoryError for
 training batches larger than that). The base model is a fixed random init, so LoRA has real work to do.
@@ -56,6 +56,8 @@ class ToyTask(Task):
     def __init__(self, n_train: int = 192, n_test: int = 96, seed: int = 0, nan_after: int | None = None,
                  fail_in: str | None = None, die_at_loss_call: int | None = None,
                  oom_above_batch: int | None = None):
+        if fail_in == "init":
+            raise RuntimeError("toy task: init exploded")
         gen = torch.Generator().manual_seed(seed)
         centers = torch.randn(CLASSES, FEATURES, generator=gen) * 1.5
         def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -263,6 +263,21 @@ _POOL: dict[str, TrialProcess] = {}  # task spec (JSON) -> its idle trial proces
 _LOCK = threading.Lock()
 
 
+def prestart(task_spec: dict) -> None:
+    """Start the trial process for ``task_spec`` now and let it build its task (imports, data),
+    so that the first trial does not wait for them; a no-op when one is already idle."""
+    key = json.dumps(task_spec, sort_keys=True, default=str)
+    with _LOCK:
+        if key in _POOL:
+            return
+    child = TrialProcess(task_spec)
+    child.conn.send(("warm",))
+    with _LOCK:
+        pooled = _POOL.setdefault(key, child) is child
+    if not pooled:
+        child.close()
+
+
 def close_trial_processes() -> None:
     """End every idle trial process of this driver (at the end of a run; also at exit)."""
     with _LOCK:
@@ -355,9 +370,9 @@ def _serve(conn: Any, process: Any, hooks: Hooks, poll_seconds: float) -> TrialO
 
 
 def _child_main(conn: Any, task_spec: dict) -> None:
-    """Entry point of a trial process: build the task on the first trial, then run each trial
-    sent, send its outcome and give its base back; exit on ``exit``, a closed pipe, or an error
-    that may have left the base dirty."""
+    """Entry point of a trial process: build the task on the first message (``warm``, sent by
+    :func:`prestart`, or the first trial), then run each trial sent, send its outcome and give its
+    base back; exit on ``exit``, a closed pipe, or an error that may have left the base dirty."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us
     task = None
     while True:
@@ -365,15 +380,18 @@ def _child_main(conn: Any, task_spec: dict) -> None:
             message = conn.recv()
         except (EOFError, OSError):
             break
-        if message[0] != "trial":
+        if message[0] not in ("trial", "warm"):
             break
         try:
             if task is None:
                 from lora_tune.tasks import build_task
 
                 task = build_task(dict(task_spec))
-            _child_trial(conn, task, message[1])
+            if message[0] == "trial":
+                _child_trial(conn, task, message[1])
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+            if message[0] == "warm":  # nobody waits for it: the first trial builds the task again and says why
+                continue
             dirty = _may_leave_dirty(exc) or not isinstance(exc, Exception)
             with contextlib.suppress(Exception):
                 conn.send(("error", *_describe_error(exc), dirty))
