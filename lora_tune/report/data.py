@@ -308,6 +308,9 @@ def pareto_data(study: optuna.Study, objectives: Sequence[int] = (0, 1)) -> dict
 def table_data(study: optuna.Study) -> dict[str, Any]:
     """The trials table (a pandas DataFrame), best first."""
     df = frame.trials_dataframe(study)
+    if record.FAIL_REASON in df:  # kept whole in the trial; one line here
+        df[record.FAIL_REASON] = df[record.FAIL_REASON].map(
+            lambda reason: record.short_reason(reason) if isinstance(reason, str) else reason)
     names = frame.metric_names(study)
     if len(df) and df[names[0]].notna().any():
         df = df.sort_values(names[0], ascending=not frame.maximizing(study), na_position="last")

@@ -31,17 +31,19 @@ what it returns is checked in the trial (not a Trainer: the trial fails with tha
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
 import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from lora_tune.errors import ConfigError
+from lora_tune.errors import ConfigError, LoraTuneError
+from lora_tune.quiet import captured_library_output
 from lora_tune.settings import settings_of
 from lora_tune.tasks.base import (
     Field, ModelTemplate, Problems, Task, check_spec, is_choice, is_int, is_str_list, metric_direction,
@@ -216,6 +218,7 @@ class TrainerTask(Task):
         self.weight_dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.template = ModelTemplate(model)
         self.warnings: list[str] = []
+        self.adapt_log: list[str] = []  # what the last adapt() kept of library output
 
     # -- the base model ------------------------------------------------------------------------
     def _tokenizer(self) -> Any:
@@ -287,9 +290,10 @@ class TrainerTask(Task):
         """Inject ``config`` with lora-tune's injector, or with PEFT (``injector: peft``)."""
         from lora_tune import inject
 
-        if self.injector == "lora-tune":
-            return model, inject(model, config)
-        return peft_adapt(model, config)
+        with captured_library_output() as log:  # PEFT's warnings: kept with the trial's (train_adapted)
+            adapted = (model, inject(model, config)) if self.injector == "lora-tune" else peft_adapt(model, config)
+        self.adapt_log = log
+        return adapted
 
     # -- training -----------------------------------------------------------------------------------
     def train_adapted(self, model: torch.nn.Module, config: Any, on_eval: Any, *, params: Mapping[str, Any],
@@ -303,23 +307,19 @@ class TrainerTask(Task):
 
         reporter = ReportingCallback(self.default_metric, report=on_eval)
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="lora-tune-trainer-") as output_dir:
+        with (tempfile.TemporaryDirectory(prefix="lora-tune-trainer-") as output_dir,
+              captured_library_output() as log, _datasets_bars_off()):
             kwargs = dict(self.args, model=model, params=dict(params), callbacks=[reporter], output_dir=output_dir)
             if self.tokenizer is not None:
                 kwargs["tokenizer"] = self.tokenizer
-            trainer = self.factory(**kwargs)
-            if not isinstance(trainer, transformers.Trainer):
-                raise TypeError(f"{self.spec['factory']} returned a {type(trainer).__name__}, not a "
-                                "transformers.Trainer (or a subclass such as trl.SFTTrainer)")
-            if trainer.model is not model and getattr(trainer.model, "base_model", None) is None:
-                raise TypeError(f"{self.spec['factory']} built its trainer around another model than the "
-                                "one it was given; pass model=model to the Trainer")
+            trainer = self._make_trainer(model, kwargs)
             if reporter not in trainer.callback_handler.callbacks:
                 trainer.add_callback(reporter)
             for printer in (transformers.trainer_callback.PrinterCallback,
                             transformers.trainer_callback.ProgressCallback):
                 trainer.remove_callback(printer)  # the study's progress display reports instead
-            apply_training_arguments(trainer, training_overrides(config, explicit))
+            # the study's settings, and no checkpoint of the whole model per trial: lora-tune keeps the adapter
+            apply_training_arguments(trainer, {**training_overrides(config, explicit), **trial_outputs(output_dir)})
             if config.loraplus_lr_ratio is not None:
                 trainer.optimizer = build_optimizer(trainer.model, config)
             trainer.train()
@@ -333,8 +333,103 @@ class TrainerTask(Task):
                    for e in reporter.pruning.evaluations]
         return dataclasses.replace(  # the callback's summary is a TrainResult: only what the trainer adds
             s, seconds=time.perf_counter() - start, history=history, final_metrics=final,
-            stopped_early=reporter.pruned,
+            stopped_early=reporter.pruned, log=list(dict.fromkeys(self.adapt_log + log)),
             effective_batch_size=trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps)
+
+    def _make_trainer(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> Any:
+        """``factory(**kwargs)``, checked: a ``transformers.Trainer`` around ``model`` as given (not
+        another model, and not adapted again by PEFT: :class:`AdaptedAgainError`)."""
+        import transformers
+
+        ref = self.spec["factory"]
+        try:
+            trainer = self.factory(**kwargs)
+        except Exception as exc:
+            how = _adapting_again(exc)
+            if how is not None:
+                raise AdaptedAgainError(ref, how) from exc
+            raise
+        if not isinstance(trainer, transformers.Trainer):
+            raise TypeError(f"{ref} returned a {type(trainer).__name__}, not a "
+                            "transformers.Trainer (or a subclass such as trl.SFTTrainer)")
+        if trainer.model is not model:
+            if _is_peft_model(trainer.model):
+                raise AdaptedAgainError(ref, "peft_model", type(trainer).__name__)
+            if not any(m is model for m in trainer.model.modules()):
+                raise TypeError(f"{ref} built its trainer around another model than the "
+                                "one it was given; pass model=model to the Trainer")
+        return trainer
+
+
+def trial_outputs(output_dir: str) -> dict[str, Any]:
+    """``TrainingArguments`` values for what a trial writes: nothing but into ``output_dir`` (a
+    temporary directory lora-tune removes): no checkpoint (the base model's weights with every
+    one), no best-model reload (the trial's value is the trained model's final evaluation), no
+    upload. lora-tune stores the adapter of each new best trial itself."""
+    from transformers.trainer_utils import SaveStrategy
+
+    return {"output_dir": output_dir, "save_strategy": SaveStrategy.NO, "load_best_model_at_end": False,
+            "push_to_hub": False}
+
+
+class AdaptedAgainError(LoraTuneError):
+    """The factory's trainer would adapt the model lora-tune adapted again (a ``peft_config``
+    given to the trainer, or a PEFT model made of it): the message names the fix."""
+
+    def __init__(self, factory: str, how: str, trainer: str = "trainer"):
+        self.how = how
+        if how == "peft_config":
+            what = (f"the {trainer} was given peft_config; lora-tune adapts the model itself - remove "
+                    f"peft_config=... from the {trainer}(...) call")
+        else:
+            what = (f"the {trainer}'s model is a PEFT model made of the model lora-tune adapted "
+                    "(get_peft_model / PeftModel in the factory); lora-tune adapts the model itself - "
+                    "pass the model it gives to the trainer as it is")
+        super().__init__(f"task.factory ({factory}): {what} (the study's search_space sets rank, alpha, "
+                         "targets and the other LoRA settings; task.injector: peft adapts with PEFT)")
+
+
+def _adapting_again(exc: BaseException) -> str | None:
+    """``"peft_config"`` when ``exc`` was raised while a ``transformers.Trainer`` was built with a
+    ``peft_config`` (TRL's SFTTrainer wraps the model in ``get_peft_model`` in its ``__init__``),
+    ``"peft_model"`` when it was raised inside PEFT's ``get_peft_model``; else None."""
+    import traceback
+
+    import transformers
+
+    how = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        local = frame.f_locals
+        if isinstance(local.get("self"), transformers.Trainer) and local.get("peft_config") is not None:
+            return "peft_config"
+        if frame.f_code.co_name == "get_peft_model" and str(frame.f_globals.get("__name__")).startswith("peft"):
+            how = "peft_model"
+    return how
+
+
+def _is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # without PEFT nothing could have wrapped it
+        return False
+    return isinstance(model, PeftModel)
+
+
+@contextlib.contextmanager
+def _datasets_bars_off() -> Iterator[None]:
+    """No ``datasets`` progress bars (a factory's ``map``, TRL's tokenization) while the trial runs."""
+    try:
+        from datasets.utils import logging as ds_logging
+    except ImportError:
+        yield
+        return
+    was_on = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            ds_logging.enable_progress_bar()
 
 
 def peft_adapt(model: torch.nn.Module, config: Any) -> tuple[torch.nn.Module, Any]:
@@ -366,6 +461,6 @@ def build(spec: dict) -> TrainerTask:
     return TrainerTask(spec)
 
 
-__all__ = ["TRAINING_ARGUMENTS", "TrainerTask", "apply_training_arguments", "build", "peft_adapt",
-           "training_overrides", "validate_spec"]
+__all__ = ["TRAINING_ARGUMENTS", "AdaptedAgainError", "TrainerTask", "apply_training_arguments", "build", "peft_adapt",
+           "training_overrides", "trial_outputs", "validate_spec"]
 

@@ -9,7 +9,9 @@ class TrainResult:
     """What a training run did. ``seconds`` is the loop's wall time, ``compute_seconds`` its part
     in optimizer steps, which ``throughput`` (examples) and ``tokens_per_second`` are per second
     of; ``peak_memory_bytes`` is the growth over the start. ``history`` holds one dict per
-    evaluation: the :data:`~lora_tune.train.loop.HISTORY_KEYS` and every metric.
+    evaluation: the :data:`~lora_tune.train.loop.HISTORY_KEYS` and every metric. ``log`` holds
+    the library warnings and log records the run kept instead of printing them
+    (:func:`lora_tune.quiet.captured_library_output`).
     """
 
     steps: int
@@ -27,3 +29,4 @@ class TrainResult:
     tokens_per_second: float = 0.0
     peak_memory_total_bytes: int = 0
     effective_batch_size: int = 0
+    log: list[str] = field(default_factory=list)

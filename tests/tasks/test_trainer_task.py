@@ -243,3 +243,105 @@ def test_injector_peft_refuses_quant_bits_with_the_reason(trainer_task):
     study = _run(raw, _peft_task(trainer_task), 1, params={**PARAMS, "quant_bits": 8})
     trial = study.trials[0]
     assert trial.state == TrialState.FAIL and "quant_bits" in trial.user_attrs["fail_reason"]
+
+
+# -- existing scripts, first try (issue 19) ---------------------------------------------------------
+
+def _absolute(raw: dict) -> dict:
+    """``raw`` with its factory and tokenizer as absolute paths (for a test in another directory)."""
+    task = raw["task"]
+    task["factory"] = str(trainer_factories.ROOT / task["factory"])
+    task["tokenizer"] = str(trainer_factories.ROOT / task["tokenizer"])
+    return raw
+
+
+@pytest.mark.parametrize("injector, option, named", [
+    ("lora-tune", "peft_config", "was given peft_config"),
+    ("peft", "peft_config", "was given peft_config"),
+    ("lora-tune", "wrap_in_peft", "is a PEFT model made of the model lora-tune adapted"),
+])
+def test_an_sft_trainer_that_would_adapt_the_model_again_fails_its_first_trial_naming_the_fix(injector, option, named):
+    """A real TRL SFTTrainer given ``peft_config`` (TRL then calls get_peft_model on the adapted
+    model and PEFT refuses lora-tune's wrappers; with injector: peft TRL refuses a PeftModel), or a
+    factory that makes a PeftModel itself: the first trial fails with what to remove."""
+    raw = _raw("make_sft_trainer", {option: True}, injector=injector)
+    task = build_task(dict(raw["task"]))
+    trial = _run(raw, task, 1).trials[0]
+    reason = trial.user_attrs["fail_reason"]
+    assert trial.state == TrialState.FAIL and reason.startswith("AdaptedAgainError: task.factory (")
+    assert named in reason and "lora-tune adapts the model itself" in reason
+    assert ("remove peft_config=..." in reason) == (option == "peft_config")
+    assert "search_space sets rank, alpha, targets" in reason
+    assert "\n" not in reason  # one clear sentence, not PEFT's module dump
+
+
+def test_a_failure_reason_is_kept_whole_and_shortened_only_where_it_is_shown(trainer_task):
+    from types import SimpleNamespace
+
+    from lora_tune.study.run.progress import trial_line
+    from lora_tune.study.trial import record
+
+    message = "first line\n" + "\n".join(f"detail {i}: " + "x" * 80 for i in range(40)) + "\nthe fix: do this"
+    task = copy.copy(trainer_task)
+    task.args = {"explode": message}
+    trial = _run(_raw(), task, 1).trials[0]
+    assert trial.user_attrs["fail_reason"] == f"RuntimeError: {message}"  # every line
+    shown = record.short_reason(trial.user_attrs["fail_reason"])
+    assert "\n" not in shown and len(shown) == record.SHORT_REASON_LIMIT
+    assert shown.startswith("RuntimeError: first line detail 0:") and shown.endswith("the fix: do this")
+    line = trial_line(trial, SimpleNamespace(metrics=["eval_loss"]))
+    assert shown in line and "\n" not in line
+    huge = record.stored_reason("y" * 20_000 + " the end")
+    assert len(huge) == record.FAIL_REASON_LIMIT and huge.endswith(" the end")
+
+
+def test_a_trial_writes_no_checkpoint_even_when_the_script_saves_every_few_steps(tmp_path, monkeypatch):
+    """The script saves checkpoints every 2 steps into a directory of its own; in a trial the
+    Trainer writes nothing there (lora-tune keeps the adapter), and nothing is left behind."""
+    monkeypatch.chdir(tmp_path)
+    own = tmp_path / "script-output"
+    raw = _absolute(_raw("make_sft_trainer", {"save_to": str(own)}))
+    trial = _run(raw, build_task(dict(raw["task"])), 1).trials[0]
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert trial.user_attrs["train_steps"] == 8  # 4 checkpoints, had the script's saving applied
+    written = [p for p in tmp_path.rglob("*") if p.name.startswith("checkpoint-") or p.suffix == ".safetensors"]
+    assert written == []
+
+
+def test_a_trl_parser_script_gets_its_command_line_from_task_args_argv():
+    argv = ["--per_device_train_batch_size", "8", "--num_train_epochs", "1", "--learning_rate", "1e-3",
+            "--eval_strategy", "steps", "--eval_steps", "2", "--max_length", "64", "--report_to", "none",
+            "--logging_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "0",
+            "--assistant_only_loss", "false", "--train_rows", "32", "--output_dir", "ignored-by-lora-tune"]
+    raw = _raw("make_trl_script_trainer", {"argv": argv})
+    trial = _run(raw, build_task(dict(raw["task"])), 1).trials[0]
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert trial.user_attrs["planned_steps"] == 4 and list(trial.intermediate_values) == [0, 1]
+
+
+def test_library_warnings_of_a_trial_go_to_its_log_not_to_the_output(tmp_path, monkeypatch, capfd):
+    """TRL's "model_init_kwargs ... will be ignored" (a log record) and transformers'
+    gradient_checkpointing FutureWarning (warnings.warn), both raised by the factory's real
+    SFTConfig/SFTTrainer: kept in the trial's ``trial_log``, not printed by ``lora-tune run``."""
+    import yaml
+    from click.testing import CliRunner
+
+    from lora_tune.cli.main import cli
+    from lora_tune.study.trial import record
+
+    raw = _absolute(_raw("make_sft_trainer", {"model_init_kwargs": True, "n_train": 16, "n_eval": 8}))
+    storage = f"sqlite:///{tmp_path / 'warn.db'}"
+    raw["study"].update(n_trials=1, storage=storage)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LORA_TUNE_STORAGE", raising=False)
+    capfd.readouterr()
+    result = CliRunner().invoke(cli, ["run", "study.yaml"], catch_exceptions=False)
+    printed = result.output + "".join(capfd.readouterr())
+    assert result.exit_code == 0, result.output
+    trial = optuna.load_study(study_name="trainer-test", storage=storage).trials[0]
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert "model_init_kwargs" not in printed and "gradient_checkpointing" not in printed, printed
+    log = trial.user_attrs[record.TRIAL_LOG]
+    assert any("model_init_kwargs" in e and "will be ignored" in e for e in log), log
+    assert any(e.startswith("FutureWarning:") and "gradient_checkpointing" in e for e in log), log

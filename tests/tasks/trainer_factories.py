@@ -73,11 +73,11 @@ def training_arguments(output_dir: str, eval_every: int, **overrides):
 
 
 def make_trainer(model, tokenizer, params, callbacks, output_dir, n_train: int = 64, n_eval: int = 24,
-                 max_length: int = 64, eval_every: int = 2, not_a_trainer: bool = False, explode: bool = False):
+                 max_length: int = 64, eval_every: int = 2, not_a_trainer: bool = False, explode: bool | str = False):
     from transformers import Trainer
 
     if explode:
-        raise RuntimeError("the user's factory exploded")
+        raise RuntimeError(explode if isinstance(explode, str) else "the user's factory exploded")
     if not_a_trainer:
         return {"model": model}
     return Trainer(model=model, args=training_arguments(output_dir, eval_every),
@@ -87,16 +87,53 @@ def make_trainer(model, tokenizer, params, callbacks, output_dir, n_train: int =
 
 
 def make_sft_trainer(model, tokenizer, params, callbacks, output_dir, n_train: int = 64, n_eval: int = 24,
-                     max_length: int = 64, eval_every: int = 2):
+                     max_length: int = 64, eval_every: int = 2, peft_config: bool = False,
+                     wrap_in_peft: bool = False, model_init_kwargs: bool = False, save_to: str | None = None):
+    """TRL's SFTTrainer as a script has it. The options are what scripts written for a plain run
+    do: ``peft_config`` passes a PEFT LoraConfig to the trainer, ``wrap_in_peft`` makes the model
+    a PeftModel itself, ``model_init_kwargs`` sets them on an instantiated model (TRL warns),
+    ``save_to`` saves checkpoints every 2 steps into a directory of the script's own."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(output_dir=output_dir, per_device_train_batch_size=8, per_device_eval_batch_size=16,
+    saving = {"save_strategy": "steps", "save_steps": 2} if save_to else {"save_strategy": "no"}
+    args = SFTConfig(output_dir=save_to or output_dir, per_device_train_batch_size=8, per_device_eval_batch_size=16,
                      learning_rate=1e-3, num_train_epochs=1, eval_strategy="steps", eval_steps=eval_every,
-                     save_strategy="no", report_to="none", logging_strategy="no", use_cpu=True,
+                     report_to="none", logging_strategy="no", use_cpu=True,
                      dataloader_num_workers=0, disable_tqdm=True, seed=0, max_length=max_length,
-                     gradient_checkpointing=False, assistant_only_loss=False)
+                     gradient_checkpointing=False, assistant_only_loss=False, **saving,
+                     **({"model_init_kwargs": {"dtype": "float32"}} if model_init_kwargs else {}))
     train = Dataset.from_list([{"messages": r["messages"]} for r in _rows("train.jsonl", n_train)])
     held_out = Dataset.from_list([{"messages": r["messages"]} for r in _rows("eval.jsonl", n_eval)])
+    lora = None
+    if peft_config or wrap_in_peft:
+        from peft import LoraConfig
+
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if wrap_in_peft:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora)
     return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                      processing_class=tokenizer, callbacks=callbacks, peft_config=lora if peft_config else None)
+
+
+def make_trl_script_trainer(model, tokenizer, params, callbacks, output_dir, argv):
+    """A TrlParser script's main() turned into a factory: its command line comes from
+    ``task.args: {argv: [...]}`` (the README's pattern)."""
+    from dataclasses import dataclass, field
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer, TrlParser
+
+    @dataclass
+    class ScriptArguments:
+        train_rows: int = field(default=64)
+        eval_rows: int = field(default=24)
+
+    script_args, training_args = TrlParser((ScriptArguments, SFTConfig)).parse_args_and_config(argv)
+    training_args.output_dir = output_dir  # the script's own output_dir flag would do too: lora-tune replaces it
+    train = Dataset.from_list([{"messages": r["messages"]} for r in _rows("train.jsonl", script_args.train_rows)])
+    held_out = Dataset.from_list([{"messages": r["messages"]} for r in _rows("eval.jsonl", script_args.eval_rows)])
+    return SFTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=held_out,
                       processing_class=tokenizer, callbacks=callbacks)

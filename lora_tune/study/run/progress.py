@@ -116,7 +116,7 @@ def trial_line(trial: FrozenTrial, outcome: Outcome) -> str:
         reason = trial.user_attrs.get(record.CONSTRAINT_VIOLATION)
         vals = reason or (f"at eval {max(steps)}: {outcome.metrics[0]} {_fmt(last)}" if steps else "")
     else:
-        vals = trial.user_attrs.get(record.FAIL_REASON, "failed")
+        vals = record.short_reason(trial.user_attrs.get(record.FAIL_REASON, "failed"))
     tag = " [baseline]" if record.kind_of(trial) == record.Kind.BASELINE else ""
     params = " ".join(f"{k}={_param_text(k, v)}" for k, v in trial.params.items())
     return f"{head} {vals}  {params}{tag}"

@@ -114,7 +114,7 @@ class Objective:
             self._fail(trial, f"non-finite loss: {exc}")
         except Exception as exc:  # user code (task, model, data): fail this trial, not the study
             trial.set_user_attr(record.TRACEBACK, traceback.format_exc()[-8000:])
-            self._fail(trial, f"{type(exc).__name__}: {_one_line(str(exc))}")
+            self._fail(trial, f"{type(exc).__name__}: {exc}")
         finally:
             if self.isolation() == "none":
                 release_memory()  # the trial's model is gone: give its CUDA cache back
@@ -254,7 +254,7 @@ class Objective:
                 self._fail(trial, str(exc))
             except TrialChildError as exc:
                 trial.set_user_attr(record.TRACEBACK, exc.traceback)
-                self._fail(trial, _one_line(str(exc)))
+                self._fail(trial, str(exc))
 
     def _within_constraints(self, trial: optuna.trial.BaseTrial, trainable: int) -> bool:
         """Record the constraint; False (do not train) when the trial violates it."""
@@ -271,6 +271,7 @@ class Objective:
 
     @staticmethod
     def _fail(trial: optuna.trial.BaseTrial, reason: str) -> None:
+        reason = record.stored_reason(reason)  # whole; displays shorten it (record.short_reason)
         trial.set_user_attr(record.FAIL_REASON, reason)
         raise TrialFailed(reason)
 

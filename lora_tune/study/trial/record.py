@@ -30,6 +30,7 @@ METRIC_VALUES, EFFECTIVE_BATCH_SIZE = "metric_values", "effective_batch_size"
 ISOLATION, OOM_RETRY, WORKER = "isolation", "oom_retry", "worker"
 IS_BASELINE, PRUNE_IGNORED = "is_baseline", "prune_ignored"
 FAIL_REASON, TRACEBACK = "fail_reason", "traceback"
+TRIAL_LOG = "trial_log"  # library warnings and log records of the trial (kept here instead of printed)
 CONSTRAINT_VIOLATION, ARTIFACT_ERROR = "constraint_violation", "artifact_error"
 NESTED_PARENT = "nested_parent"  # a result scored from another trial's training: that trial's number
 NESTED_RANKS = "nested_ranks"  # a nested trial: every rank it scored
@@ -42,7 +43,10 @@ ENQUEUED_PARAMS = "enqueued_params"  # ... and the parameters it was enqueued wi
 # measurements of a training run, not of a result read off it (not copied onto nested results)
 RUN_ONLY = (TRAIN_SECONDS, SETUP_SECONDS, THROUGHPUT, TOKENS_PER_SECOND, TRAIN_TOKENS, PEAK_MEMORY_BYTES,
             PEAK_MEMORY_TOTAL_BYTES, OOM_RETRY, TRACEBACK, FAIL_REASON, ARTIFACT_ERROR, CONSTRAINT_VIOLATION,
-            METRIC_VALUES, NESTED_RANKS)
+            METRIC_VALUES, NESTED_RANKS, TRIAL_LOG)
+
+FAIL_REASON_LIMIT = 8000  # characters of a failure reason kept in the trial
+SHORT_REASON_LIMIT = 300  # ... and shown on one line of output (short_reason)
 
 
 class HasUserAttrs(Protocol):
@@ -50,6 +54,28 @@ class HasUserAttrs(Protocol):
 
     @property
     def user_attrs(self) -> dict[str, Any]: ...
+
+
+def stored_reason(text: str) -> str:
+    """A failure reason as the trial keeps it: whole (every line), up to :data:`FAIL_REASON_LIMIT`
+    characters (the head and the tail of a longer one)."""
+    return _head_and_tail(str(text).strip(), FAIL_REASON_LIMIT)
+
+
+def short_reason(text: Any, limit: int = SHORT_REASON_LIMIT) -> str:
+    """A stored reason (or any text) for one line of output: whitespace runs collapsed, the head
+    and the tail of a long one (an exception's type is at the head, what to do often at the tail).
+    The one place every display (``run``, ``study show``, the report's table) shortens a reason."""
+    return _head_and_tail(" ".join(str(text).split()), limit)
+
+
+def _head_and_tail(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    mark = f" [... {len(text) - limit} characters ...] "
+    keep = max(limit - len(mark), 0)
+    head = keep * 2 // 3
+    return text[:head] + mark + text[len(text) - (keep - head):]
 
 
 # -- kind ----------------------------------------------------------------------------------------------
@@ -153,7 +179,9 @@ def timings_of(trial: HasUserAttrs) -> Timings:
 
 def run_attrs(result: Any) -> dict[str, Any]:
     """The trial user attributes of a training run (a :class:`~lora_tune.train.TrainResult`)."""
+    log = list(getattr(result, "log", None) or [])
     return {
+        **({TRIAL_LOG: log} if log else {}),
         PEAK_MEMORY_BYTES: int(result.peak_memory_bytes),
         PEAK_MEMORY_TOTAL_BYTES: int(result.peak_memory_total_bytes),
         TRAIN_SECONDS: float(result.seconds),
