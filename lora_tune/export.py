@@ -139,26 +139,40 @@ def best_config_dict(study: Any, trial: Any, storage_url: str | None = None) -> 
 def export_best(study: Any, output: str | os.PathLike, *, trial_number: int | None = None,
                 storage_url: str | None = None, adapter_dir: str | os.PathLike | None = None,
                 artifact_dir: str | os.PathLike | None = None,
-                replaced: list[str] | None = None) -> dict[str, Any]:
+                replaced: list[str] | None = None, serving: Any = None) -> dict[str, Any]:
     """Write ``best.yaml`` (and the adapter when ``adapter_dir`` is given); returns its content.
 
-    Both are staged beside their targets first, then the adapter is renamed into place, then the
-    YAML, so a failure places nothing and the YAML never names an adapter that is not there.
-    ``replaced`` collects ``"best.yaml"`` and/or ``"adapter"`` for what was written over.
+    ``serving`` (:class:`lora_tune.export_serving.ServingOptions`) adds the merged model, the GGUF
+    adapter and the serve command (``content["serve"]``); a PiSSA adapter's ``peft/`` is converted
+    to plain LoRA, and ``base_model_name_or_path`` is never an absolute path.
+    Everything is staged beside its target first, then the adapter is renamed into place, then the
+    merged model and the GGUF file, then the YAML, so a failure places nothing and the YAML never
+    names an adapter that is not there. ``replaced`` collects ``"best.yaml"``, ``"adapter"``,
+    ``"merged"`` and ``"gguf"`` for what was written over.
     """
+    from lora_tune.export_serving import ServingOptions, stage_serving
     from lora_tune.safe_files import commit, output_file, stage_file
+    from lora_tune.study.trial.artifacts import artifact_dir_for
 
     trial = choose_trial(study, trial_number)
     content = best_config_dict(study, trial, storage_url)
     out = output_file(output)
-    staged = tmp = None
+    staged = tmp = extra = None
     try:
+        store_dir = artifact_dir_for(study, storage_url, artifact_dir)
         if adapter_dir is not None:
-            from lora_tune.study.trial.artifacts import artifact_dir_for, stage_adapter
+            from lora_tune.study.trial.artifacts import stage_adapter
 
-            store_dir = artifact_dir_for(study, storage_url, artifact_dir)
             staged = stage_adapter(study, trial, adapter_dir, store_dir)
             content["adapter"] = {"path": str(Path(adapter_dir).resolve()), "formats": staged.formats}
+        extra = stage_serving(study, trial, serving or ServingOptions(), store_dir=store_dir,
+                              adapter_root=staged.staging if staged is not None else None, adapter_dir=adapter_dir)
+        if staged is not None and "peft" in staged.formats and trial.user_attrs.get(
+                "lora_config", {}).get("init") == "pissa":
+            from lora_tune.export_serving import PISSA_NOTE
+
+            content["adapter"]["peft"] = PISSA_NOTE
+        content.update(extra.info)
         head = (f"# Best LoRA config of study {study.study_name!r}, trial #{trial.number}.\n"
                 "# Rebuild: lora_tune.inject(model, lora_tune.load_config(\"" + Path(output).name + "\"))\n")
         text = head + yaml.safe_dump(content, sort_keys=False, allow_unicode=True)
@@ -169,6 +183,7 @@ def export_best(study: Any, output: str | os.PathLike, *, trial_number: int | No
                               exc.strerror or str(exc)) from None
         if staged is not None and staged.place() and replaced is not None:
             replaced.append("adapter")
+        extra.place(replaced)
         try:
             existed = commit(tmp, out)
         except OSError as exc:
@@ -178,6 +193,8 @@ def export_best(study: Any, output: str | os.PathLike, *, trial_number: int | No
     finally:
         if staged is not None:
             staged.discard()
+        if extra is not None:
+            extra.discard()
         if tmp is not None:
             tmp.unlink(missing_ok=True)
     return content

@@ -61,23 +61,46 @@ def dashboard_command(storage: str | None, host: str, port: int, artifact_dir: s
 
 
 def export_command(name: str, storage: str | None, trial: int | None, output: str, adapter: str | None,
-                   artifact_dir: str | None) -> None:
-    """Export study NAME's best trial (or --trial N) as YAML, and its adapter with --adapter DIR.
+                   artifact_dir: str | None, merged: str | None = None, gguf: str | None = None,
+                   engine: str | None = None, allow_code: tuple[str, ...] = (), study_file: str | None = None) -> None:
+    """Export study NAME's best trial (or --trial N) as YAML, its adapter with --adapter DIR, the
+    base with the adapter merged with --merged DIR, a llama.cpp GGUF adapter with --gguf FILE;
+    then how to serve it (--engine), with what the engine cannot load.
 
-    An existing YAML file is replaced, and so is an adapter folder an earlier export wrote;
-    the output says so."""
+    An existing YAML or GGUF file is replaced, and so is an adapter or merged folder an earlier
+    export wrote; the output says so."""
     from lora_tune.export import export_best
+    from lora_tune.export_serving import ServingOptions
 
     study, url = _open(name, storage)
     replaced: list[str] = []
+    serving = ServingOptions(merged_dir=merged, gguf_file=gguf, engine=engine, allow_code=allow_code,
+                             study_file=study_file)
     content = export_best(study, output, trial_number=trial, storage_url=url, adapter_dir=adapter,
-                          artifact_dir=artifact_dir, replaced=replaced)
+                          artifact_dir=artifact_dir, replaced=replaced, serving=serving)
     metric = content["metric"]
     verb = "overwrote" if "best.yaml" in replaced else "wrote"
     click.echo(f"{verb} {output}: trial #{content['trial']['number']}, {metric['name']} = {metric['value']}")
     if adapter:
         done = "overwrote the adapter in" if "adapter" in replaced else "wrote adapter to"
         click.echo(f"{done} {adapter} ({', '.join(content['adapter']['formats'])} formats)")
+        if content["adapter"].get("peft"):
+            click.echo(f"  peft/: {content['adapter']['peft']}")
+    if merged:
+        done = "overwrote the merged model in" if "merged" in replaced else "wrote the merged model to"
+        info = content["merged"]
+        click.echo(f"{done} {merged} ({info['dtype']}; load it with transformers.{info['auto_class']}"
+                   f".from_pretrained)")
+    if gguf:
+        done = "overwrote" if "gguf" in replaced else "wrote"
+        click.echo(f"{done} {gguf} (llama.cpp LoRA adapter, adapter.lora.alpha {content['gguf']['alpha']:g})")
+    serve = content["serve"]
+    for warning in serve["warnings"]:
+        click.echo(f"warning: {serve['engine']}: {warning}", err=True)
+    if serve.get("command"):
+        click.echo(f"serve with {serve['engine']}: {serve['command']}")
+    if serve.get("merged_command"):
+        click.echo(f"serve the merged model: {serve['merged_command']}")
 
 
 def export_trials_command(name: str, storage: str | None, output: str) -> None:
@@ -89,6 +112,25 @@ def export_trials_command(name: str, storage: str | None, output: str) -> None:
     path = export_trials(study, output, replaced=replaced)
     verb = "overwrote" if replaced else "wrote"
     click.echo(f"{verb} {path} ({len(study.get_trials(deepcopy=False))} trials)")
+
+
+def _serving_options(command):
+    from lora_tune.cli.commands_worker import ALLOW_CODE_HELP, STUDY_FILE_HELP
+
+    options = (
+        click.option("--merged", default=None, metavar="DIR",
+                     help="Also write the base with the adapter merged (save_pretrained, with the tokenizer)."),
+        click.option("--gguf", default=None, metavar="FILE", help="Also write the adapter as a llama.cpp GGUF file."),
+        click.option("--engine", type=click.Choice(["vllm", "sglang", "llama.cpp"]), default=None,
+                     help="The engine the printed serve command and warnings are for (default: the study's "
+                          "study.serve.engine, else vllm)."),
+        click.option("--allow-code", "allow_code", multiple=True, metavar="PATTERN", help=ALLOW_CODE_HELP),
+        click.option("--study-file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help=STUDY_FILE_HELP),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def register(cli: click.Group, study: click.Group) -> None:
@@ -121,7 +163,7 @@ def register(cli: click.Group, study: click.Group) -> None:
                     click.option("--adapter", default=None, help="Also write the adapter (PEFT + lora-tune) here.")(
                         click.option("--artifact-dir", default=None,
                                      help="Artifact store directory (default: recorded in the study).")(
-                            export_command)))))))
+                            _serving_options(export_command))))))))
     study.command("export-trials")(
         click.argument("name")(storage_opt(
             click.option("-o", "--output", required=True, help="trials.csv or trials.parquet")(
