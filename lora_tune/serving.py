@@ -22,8 +22,6 @@ from lora_tune.settings import show
 ENGINES = ("vllm", "sglang", "llama.cpp", "any")
 # vllm/config/lora.py: LoRAConfig.max_lora_rank is a MaxLoRARanks literal (vLLM's default 16)
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# the settings unservable reads from a LoraConfig.to_dict()
-RULE_KEYS = ("rank", "use_dora", "bias", "init", "rslora", "targets", "modules_to_save", "quant_bits")
 
 
 @dataclass(frozen=True)

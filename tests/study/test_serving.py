@@ -260,3 +260,18 @@ def test_modules_to_save_of_the_task_is_exit_2_at_validate(env):
     result = _validate(env, {"engine": "vllm"}, {"rank": 8}, factory="tests.study.toy_task:make_task")
     assert result.exit_code == 2, result.output
     assert "task.modules_to_save: modules_to_save: [head]: vLLM does not load modules_to_save" in result.output
+
+
+def test_run_prints_the_removed_choices_once(env):
+    data = {"study": {"name": "served-run", "n_trials": 2, "serve": {"engine": "vllm", "max_lora_rank": 16},
+                      "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"}},
+            "task": {"type": "python", "factory": FACTORY},
+            "search_space": {"rank": {"choices": [8, 32]}, "use_dora": {"choices": [False, True]}},
+            "train": {"epochs": 1, "batch_size": 64, "device": "cpu", "threads": 1}}
+    path = env / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(cli, ["run", str(path), "--storage", f"sqlite:///{env / 'run.db'}"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("use_dora: true removed: vLLM does not serve DoRA adapters") == 1
+    assert result.output.count("rank: 32 removed:") == 1
