@@ -77,7 +77,7 @@ def test_fit_trains_only_trainable_parameters_and_learns():
 def test_evaluations_are_spread_over_each_epoch_and_reported():
     calls = []
     result = fit(frozen_first_layer(BlobsTask()), BlobsTask(),
-                 TrainConfig(epochs=2, batch_size=10, evals_per_epoch=3),
+                 TrainConfig(epochs=2, batch_size=10, evals_per_epoch=3, diverged_after=None),
                  on_eval=lambda step, i, m: calls.append((step, i, sorted(m))) and False)
     assert [c[:2] for c in calls] == [(3, 0), (7, 1), (10, 2), (13, 3), (17, 4), (20, 5)]
     assert all(c[2] == ["accuracy", "macro_f1"] for c in calls)
@@ -108,7 +108,7 @@ def test_non_finite_loss_names_the_step():
     order = list(index_batches(100, 10, 0, 0))
     step = next(i for i, idx in enumerate(order, 1) if 0 in idx.tolist())
     with pytest.raises(NonFiniteLossError) as info:
-        fit(frozen_first_layer(task), task, TrainConfig(epochs=1, batch_size=10))
+        fit(frozen_first_layer(task), task, TrainConfig(epochs=1, batch_size=10, diverged_after=None))
     assert info.value.step == step and f"step {step}" in str(info.value)
     assert isinstance(info.value, LoraTuneError) and not isinstance(info.value, ValueError)
 

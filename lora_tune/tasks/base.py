@@ -49,6 +49,7 @@ class Task:
     model_kind: str = "decoder"  # one of MODEL_KINDS; the warm-start prior's learning rates follow it
 
     resident: ResidentBase | None = None  # the base kept across trials (None: a fresh copy per trial)
+    majority_accuracy: float | None = None  # accuracy of predicting the eval set's majority class (classifiers)
 
     def build_model(self) -> torch.nn.Module:
         """A fresh copy of the pretrained base model (CPU, eval mode)."""
@@ -196,6 +197,11 @@ class eval_mode:
 
 
 # -- metrics --------------------------------------------------------------------------------
+
+def majority_share(labels: torch.Tensor) -> float:
+    """The accuracy of always predicting the most frequent of ``labels`` (``Task.majority_accuracy``)."""
+    return float(torch.bincount(labels.long().flatten().cpu()).max()) / max(1, labels.numel())
+
 
 def classification_metrics(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
     """Accuracy and macro-F1 (mean over classes present in labels or predictions)."""

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from lora_tune.errors import ConfigError
 from lora_tune.models.vit import TinyViT, ViTConfig
 from lora_tune.tasks.base import (
-    Field, ModelTemplate, Problems, Task, cache_dir, check_spec, classification_metrics, eval_mode,
+    Field, ModelTemplate, Problems, Task, cache_dir, check_spec, classification_metrics, eval_mode, majority_share,
     index_batches, is_choice, is_int, model_device,
 )
 
@@ -180,6 +180,7 @@ class DigitsTask(Task):
             self.eval_x, self.eval_y = self.eval_x[:max_eval_examples], self.eval_y[:max_eval_examples]
         # the eval images, upright: the source domain, never trained on
         self.upright_eval = images[stop:], labels[stop:]
+        self.majority_accuracy = majority_share(self.eval_y)
 
     def build_model(self) -> torch.nn.Module:
         return self.template.fresh()

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from lora_tune.errors import ConfigError, NonFiniteLossError, TrainingOutOfMemoryError
+from lora_tune.train.divergence import DivergenceCheck, non_finite
 from lora_tune.train.callbacks import batch_examples
 from lora_tune.train.train_config import TrainConfig, resolve_device, resolve_precision
 from lora_tune.train.memory import MemoryMeter, peak_total_bytes
@@ -81,6 +82,8 @@ def fit(model: torch.nn.Module, task: TrainTask, config: TrainConfig, on_eval: O
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = _State()
+    watch = DivergenceCheck(config.diverged_after, config.diverged_loss_ratio, config.diverged_chance_margin,
+                            plan.planned, getattr(task, "majority_accuracy", None))
 
     def evaluate(epoch: int) -> bool:
         """Evaluate, record, and ask ``on_eval`` whether to stop."""
@@ -95,8 +98,12 @@ def fit(model: torch.nn.Module, task: TrainTask, config: TrainConfig, on_eval: O
                               "train_loss": sum(state.losses) / max(1, len(state.losses)),
                               "learning_rate": state.last_lr,
                               "elapsed": time.perf_counter() - start, **metrics})
+        recent = state.history[-1]["train_loss"]
         state.losses.clear()
-        return bool(on_eval is not None and on_eval(state.step, index, metrics))
+        if on_eval is not None and on_eval(state.step, index, metrics):
+            return True
+        state.diverged = watch.verdict(state.step, recent, metrics)
+        return state.diverged is not None
 
     def optimizer_step(micro_batches: list[Any]) -> None:
         t0 = time.perf_counter()
@@ -117,8 +124,12 @@ def fit(model: torch.nn.Module, task: TrainTask, config: TrainConfig, on_eval: O
         bad = next((value for value in values if not math.isfinite(value)), None)
         if bad is not None:  # before the optimizer applies anything
             optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(state.step + 1, bad)
+            if config.diverged_after is None:
+                raise NonFiniteLossError(state.step + 1, bad)
+            state.diverged = non_finite(state.step + 1, bad)
+            return
         step_loss = sum(value * weight / total for value, weight in zip(values, weights))
+        watch.step(step_loss)
         if scaler is not None:
             scaler.unscale_(optimizer)
         if config.grad_clip is not None:
@@ -146,6 +157,9 @@ def fit(model: torch.nn.Module, task: TrainTask, config: TrainConfig, on_eval: O
                                            plan.micro_per_epoch)  # data_fraction < 1: a random part
                 for step_in_epoch, micro_batches in enumerate(_groups(batches, config.gradient_accumulation_steps), 1):
                     optimizer_step(micro_batches)
+                    if state.diverged is not None:  # a non-finite loss: no step taken, no evaluation
+                        state.stopped = True
+                        break
                     if plan.evaluates_after(state.step, step_in_epoch):
                         state.stopped = evaluate(epoch)
                     if state.stopped or state.step >= plan.planned:
@@ -165,7 +179,8 @@ def fit(model: torch.nn.Module, task: TrainTask, config: TrainConfig, on_eval: O
         throughput=state.examples / state.compute if state.compute > 0 else 0.0,
         peak_memory_bytes=memory.peak(), history=history,
         final_metrics={k: v for k, v in history[-1].items() if k not in HISTORY_KEYS} if history else {},
-        stopped_early=state.stopped, compute_seconds=state.compute, eval_seconds=state.evaluating,
+        stopped_early=state.stopped, diverged=state.diverged, compute_seconds=state.compute,
+        eval_seconds=state.evaluating,
         tokens=state.tokens, tokens_per_second=state.tokens / state.compute if state.compute > 0 else 0.0,
         peak_memory_total_bytes=peak_total_bytes(device), effective_batch_size=config.effective_batch_size,
     )
@@ -173,6 +188,7 @@ def fit(model: torch.nn.Module, task: TrainTask, config: TrainConfig, on_eval: O
 
 @dataclass
 class _State:
+    diverged: str | None = None  # why training stopped as diverged (lora_tune.train.divergence)
     step: int = 0
     examples: int = 0
     tokens: int = 0

@@ -23,6 +23,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     final_metrics: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
+    diverged: str | None = None  # why it stopped as diverged (lora_tune.train.divergence), else None
     compute_seconds: float = 0.0
     eval_seconds: float = 0.0
     tokens: int = 0

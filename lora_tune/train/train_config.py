@@ -41,6 +41,10 @@ class TrainConfig:
     loraplus_lr_ratio: float | None = setting(None, float, gt=0, nullable=True, searchable=True)
     eval_steps: int | None = setting(None, int, ge=1, nullable=True, hf="eval_steps")
     data_fraction: float = setting(1.0, float, gt=0, le=1, section="study.fidelity")
+    # stop a training that has clearly failed (lora_tune.train.divergence); null: never
+    diverged_after: float | None = setting(0.25, float, gt=0, le=1, nullable=True)
+    diverged_loss_ratio: float = setting(1.0, float, gt=0)
+    diverged_chance_margin: float = setting(0.02, float, ge=0, lt=1)
 
     def __post_init__(self) -> None:
         check_settings(self, "train")

@@ -67,9 +67,16 @@ def test_nan_loss_fails_the_trial_with_its_reason():
     task = ToyTask(nan_after=1)
     trial = FixedTrial(PARAMS)
     with pytest.raises(TrialFailed, match="non-finite loss"):
-        _objective(task)(trial)
+        _objective(task, train={"diverged_after": None})(trial)
     assert trial.user_attrs["fail_reason"].startswith("non-finite loss: non-finite loss nan at step 2")
     assert "traceback" not in trial.user_attrs
+
+
+def test_nan_loss_prunes_the_trial_as_diverged_by_default():
+    trial = FixedTrial(PARAMS)
+    with pytest.raises(optuna.TrialPruned, match="diverged: training loss nan at step 2"):
+        _objective(ToyTask(nan_after=1))(trial)
+    assert trial.user_attrs["diverged"] == "training loss nan at step 2"
 
 
 @pytest.mark.parametrize("where, error", [("build_model", "RuntimeError"), ("evaluate", "ValueError")])

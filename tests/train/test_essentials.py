@@ -118,7 +118,8 @@ class InfiniteToy(ToyTask):
 @pytest.mark.parametrize("poisoned, shown", [(lambda: ToyTask(nan_after=4), "nan"), (lambda: InfiniteToy(4), "inf")],
                          ids=["nan", "inf"])
 def test_a_non_finite_loss_stops_its_step_before_the_optimizer_applies_it(poisoned, shown):
-    config = {"epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 3, "device": "cpu"}
+    config = {"epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 3, "device": "cpu",
+              "diverged_after": None}
     task = poisoned()  # micro-batches 4-6 make step 2; the 5th loss is the first non-finite one
     model = task.build_model()
     with pytest.raises(NonFiniteLossError) as info:
@@ -195,7 +196,7 @@ def test_fit_uses_the_schedule_at_every_step_with_warmup_from_the_ratio():
 
 def test_eval_steps_evaluates_every_n_optimizer_steps_and_at_the_end():
     task = TokenTask()
-    result = fit(task.build_model(), task, TrainConfig(epochs=2, batch_size=4, eval_steps=3, device="cpu"))
+    result = fit(task.build_model(), task, TrainConfig(epochs=2, batch_size=4, eval_steps=3, device="cpu", diverged_after=None))
     assert [row["step"] for row in result.history] == [3, 6, 9, 12, 15, 16]
 
 
@@ -259,7 +260,7 @@ def test_bitsandbytes_8bit_optimizers_train(name):
 
 def test_tokens_per_second_counts_the_tasks_tokens():
     task = TokenTask()
-    result = fit(task.build_model(), task, TrainConfig(epochs=1, batch_size=8, device="cpu"))
+    result = fit(task.build_model(), task, TrainConfig(epochs=1, batch_size=8, device="cpu", diverged_after=None))
     assert result.tokens == int((task.labels != -100).sum())
     assert result.tokens_per_second == pytest.approx(result.tokens / result.compute_seconds)
     assert result.peak_memory_total_bytes > 0

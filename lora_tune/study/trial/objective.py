@@ -196,6 +196,10 @@ class Objective:
         fidelity = record.Fidelity(plan.train.data_fraction, int(result.steps), int(result.planned_steps))
         for key, value in {**record.run_attrs(result), record.FIDELITY: fidelity.to_attr()}.items():
             trial.set_user_attr(key, value)
+        if result.diverged is not None:  # a training that clearly failed (lora_tune.train.divergence)
+            trial.set_user_attr(record.DIVERGED, result.diverged)
+            record_nested_ranks(trial, self, plan.nested, outcome, None)
+            raise optuna.TrialPruned(f"diverged: {result.diverged}")
         if pruned_at and pruned_after_training(trial, pruned_at[0], result.steps, result.planned_steps):
             pruned_at.clear()
         if pruned_at:

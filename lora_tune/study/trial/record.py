@@ -29,6 +29,7 @@ TRAIN_STEPS, PLANNED_STEPS, FIDELITY = "train_steps", "planned_steps", "fidelity
 METRIC_VALUES, EFFECTIVE_BATCH_SIZE = "metric_values", "effective_batch_size"
 ISOLATION, OOM_RETRY, WORKER = "isolation", "oom_retry", "worker"
 IS_BASELINE, PRUNE_IGNORED = "is_baseline", "prune_ignored"
+DIVERGED = "diverged"  # a trial pruned because its training clearly failed: why (lora_tune.train.divergence)
 FAIL_REASON, TRACEBACK = "fail_reason", "traceback"
 TRIAL_LOG = "trial_log"  # library warnings and log records of the trial (kept here instead of printed)
 CONSTRAINT_VIOLATION, ARTIFACT_ERROR = "constraint_violation", "artifact_error"
