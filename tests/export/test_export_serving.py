@@ -209,6 +209,47 @@ def test_merged_needs_a_hugging_face_model(tmp_path, monkeypatch):
         assert not target.exists() and not (tmp_path / "b.yaml").exists()
 
 
+
+def test_merged_encoder_loads_with_its_auto_class(tmp_path, monkeypatch):
+    """A text-classification trial (a tiny BERT, its head in modules_to_save) merged: loaded by
+    AutoModelForSequenceClassification, the trial's accuracy reproduced."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel, BertTokenizer
+
+    from tests.tasks.conftest import VOCAB, sentiment_rows, write_table
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    BertTokenizer.from_pretrained(str(bert)).save_pretrained(str(bert))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)).save_pretrained(str(bert))
+    url = f"sqlite:///{tmp_path / 'tc.db'}"
+    (tmp_path / "tc.yaml").write_text(yaml.safe_dump({
+        "study": {"name": "tc", "storage": url, "direction": "maximize", "metric": "accuracy",
+                  "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"}, "n_trials": 1,
+                  "baseline": False},
+        "task": {"type": "text-classification", "model": str(bert), "text_column": "sentence",
+                 "label_column": "sentiment",
+                 "train_file": str(write_table(tmp_path / "train.csv", sentiment_rows(96, 0))),
+                 "eval_file": str(write_table(tmp_path / "eval.csv", sentiment_rows(40, 1)))},
+        "search_space": {"rank": 4, "alpha": 8, "targets": "attention-qv", "learning_rate": 0.03},
+        "train": {"epochs": 6, "batch_size": 16, "evals_per_epoch": 1, "device": "cpu", "isolation": "none"},
+    }))
+    monkeypatch.setenv("LORA_TUNE_ARTIFACTS", str(tmp_path / "artifacts"))
+    assert CliRunner().invoke(cli, ["run", str(tmp_path / "tc.yaml")], catch_exceptions=False).exit_code == 0
+    best = _study(url, "tc").best_trial
+    merged = tmp_path / "merged"
+    result = _export(url, "tc", "-o", str(tmp_path / "best.yaml"), "--merged", str(merged))
+    assert result.exit_code == 0, result.output
+    assert "load it with transformers.AutoModelForSequenceClassification.from_pretrained" in result.output
+    assert "warning: vllm: modules_to_save: [classifier]" in result.stderr  # the head trained in full
+    model = AutoModelForSequenceClassification.from_pretrained(str(merged))
+    assert _task(url, "tc").evaluate(model, 8)["accuracy"] == pytest.approx(best.value, abs=1e-9)
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))  # the tokenizer beside it
+    assert tokenizer("good movie")["input_ids"] == BertTokenizer.from_pretrained(str(bert))("good movie")["input_ids"]
+
 # -- GGUF ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["plain", "rs"])
