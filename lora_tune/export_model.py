@@ -51,7 +51,7 @@ _AUTO_CLASSES = (
 def trial_task(study: Any, allow_code: Sequence[str] = (), study_file: str | os.PathLike | None = None
                ) -> tuple[Any, dict[str, Any]]:
     """The study's task built from its stored spec (its code imported only as allowed), and the
-    stored ``task`` section."""
+    ``task`` section it was built from (its relative paths resolved)."""
     from lora_tune.study.run.runner import operator_allowance
     from lora_tune.study.schema.spec import spec_from_stored
     from lora_tune.tasks import build_task
@@ -63,7 +63,14 @@ def trial_task(study: Any, allow_code: Sequence[str] = (), study_file: str | os.
     spec = spec_from_stored(raw)
     operator_allowance(spec, study.study_name, allow_code, study_file).check(
         spec.task, f"the stored study {study.study_name!r}")
-    return build_task(dict(spec.task)), dict(spec.task)
+    # as a worker builds it (study/run/runner.load_study): relative paths read against the study's
+    # folder where the spec records one, a --study-file's folder trusted for its `file.py` names
+    trust = getattr(spec, "trust_code_dir", None)
+    if study_file is not None and trust is not None:
+        trust(Path(study_file).absolute().parent)
+    resolved = getattr(spec, "resolved_task", None)
+    task_section = dict(resolved() if resolved is not None else spec.task)
+    return build_task(task_section), task_section
 
 
 def is_hf_model(model: Any) -> bool:
