@@ -6,7 +6,7 @@ without Optuna or either framework: :class:`Pruning` (each evaluation -> a go/st
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from collections.abc import Callable, Mapping
 
@@ -40,6 +40,16 @@ class CallbackSummary(TrainResult):
     trainable_params: int = 0
     evaluations: list[EvalRecord] = field(default_factory=list)
     pruned_at: EvalRecord | None = None
+
+    # the names this summary had before it was a TrainResult (public: users' callbacks read them)
+    train_seconds = property(lambda self: self.seconds)
+    train_tokens = property(lambda self: self.tokens)
+    train_examples = property(lambda self: self.examples)
+    train_steps = property(lambda self: self.steps)
+    metric_values = property(lambda self: self.final_metrics)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 # -- torch.distributed ------------------------------------------------------------------------------

@@ -31,7 +31,9 @@ def test_every_documented_key_is_named_in_the_record_and_every_name_is_documente
     rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
     documented = {key for row in rows for key in re.findall(r"`([a-z_]+)`", row)}
     names = {v for k, v in vars(record).items() if k.isupper() and isinstance(v, str)}
-    assert documented == names
+    assert documented == names - set(record.STUDY_ATTRS)
+    study_attrs = doc[doc.index("Study user attributes"):]
+    assert all(f"`{name}`" in study_attrs for name in record.STUDY_ATTRS)
     # base_load's values: every one documented in its row, none other
     (base_load,) = [line for line in section.splitlines() if line.startswith("| `base_load`")]
     meaning = base_load.split("|")[3]
@@ -120,6 +122,10 @@ def test_a_callback_summary_is_recorded_as_a_train_result():
     assert attrs == {"peak_memory_bytes": 1024, "peak_memory_total_bytes": 4096, "train_seconds": 2.0,
                      "throughput": 30.0, "tokens_per_second": 300.0, "train_tokens": 480, "train_steps": 6,
                      "planned_steps": 8, "metric_values": {"eval_loss": 0.5, "acc": "nan"}}
+    # the summary's names from before it was a TrainResult still read
+    assert (summary.train_steps, summary.train_seconds, summary.train_tokens,
+            summary.train_examples) == (6, 2.0, 480, 48)
+    assert summary.metric_values is summary.final_metrics and summary.to_dict()["steps"] == 6
 
 
 @pytest.mark.parametrize("metric, direction", [
