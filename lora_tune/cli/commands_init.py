@@ -28,10 +28,23 @@ def init_command(model_or_task: str, output: str, train_file: str | None, eval_f
     path = Path(output)
     if path.exists() and not force:
         raise ConfigError("--output", output, "a file that does not exist yet", "Pass --force to replace it.")
-    text = render(study_template(model_or_task, train_file=train_file, eval_file=eval_file, name=name,
-                                 n_trials=n_trials), output)
-    path.write_text(text, encoding="utf-8")
-    click.echo(f"wrote {output}: check the data paths, then `lora-tune validate {output}`")
+    template = study_template(model_or_task, train_file=train_file, eval_file=eval_file, name=name,
+                              n_trials=n_trials)
+    _relative_to_the_file(template["task"], path)
+    path.write_text(render(template, output), encoding="utf-8")
+    click.echo(f"wrote {output}: check the data paths (relative to its folder), then `lora-tune validate {output}`")
+
+
+def _relative_to_the_file(task: dict, path: Path) -> None:
+    """The study file's relative paths are read against its folder: a model directory or data
+    file given here relative to the current directory is written relative to ``path``'s folder."""
+    import os
+
+    folder = path.absolute().parent
+    for key in ("model", "train_file", "eval_file"):
+        value = task.get(key)
+        if isinstance(value, str) and not os.path.isabs(value) and not value.startswith("~") and Path(value).exists():
+            task[key] = Path(os.path.relpath(Path(value).absolute(), folder)).as_posix()
 
 
 def register(cli: click.Group, study: click.Group) -> None:

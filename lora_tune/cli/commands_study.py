@@ -57,14 +57,14 @@ def validate_cmd(study_file: Path) -> None:
     from lora_tune.errors import StudySpecError
     from lora_tune.study.run.runner import prepare_spec
     from lora_tune.study.schema.space import SearchSpace
-    from lora_tune.study.schema.spec import validate_spec
+    from lora_tune.study.schema.spec import study_folder, validate_spec
     from lora_tune.study.schema.yaml_file import load_yaml, read_spec_text
 
     source = str(study_file)
     raw = load_yaml(read_spec_text(study_file), source=source)  # read once, as load_spec_file reads it
     storage_errors = _storage_errors(raw)  # what `study create` refuses too, with the rest
     try:
-        spec = validate_spec(raw, source=source)
+        spec = validate_spec(raw, source=source, study_dir=study_folder(study_file))
     except StudySpecError as exc:
         raise StudySpecError(storage_errors + exc.errors, source=exc.source) from None
     try:
@@ -85,6 +85,9 @@ def validate_cmd(study_file: Path) -> None:
                   + (f"; fixed: {', '.join(fixed)}" if fixed else ""))
     if baseline is not None:
         console.print(f"  baseline: {baseline}")
+    console.print(f"  relative paths read against: {spec.study_dir}", markup=False)
+    for where, message in spec.path_fallbacks():
+        console.print(f"  [yellow]warning:[/] {where}: " + message.replace("[", "\\["))
     _print_serve(console, spec, "  ")
     from lora_tune.study.schema.space_coverage import space_coverage
 
@@ -194,11 +197,11 @@ def run_cmd(study_file: Path, storage: str | None, name: str | None, n_trials: i
 
     spec = load_spec_file(study_file)
     url = resolve_storage_url(storage, spec.study.storage)
-    task = build_task(dict(spec.task))  # built once, for checking and for the trials
+    task = build_task(spec.resolved_task())  # built once, for checking and for the trials
     warm = _warm_configs(warm_from, warm_storage or url) if warm_from else None  # checked before writing
     with _quiet_optuna():
         study = create_study(spec, url, name=name, resume=True, task=task)
-    stored = spec_from_stored(study.user_attrs["spec"])
+    stored = spec_from_stored(study.user_attrs["spec"]).trust_code_dir(spec.study_dir)  # this file's code
     _print_serve(_console(), spec)
     # read back from the storage: only this file's own names may be imported
     Allowance.from_operator(trusted=trusted_refs(spec.task)).check(

@@ -21,7 +21,8 @@ KNOWN_USER_ATTRS = (
     record.PLANNED_STEPS, record.WORKER, record.FAIL_REASON,
 )
 # Long or nested attributes left out of tables unless asked for.
-BULKY_USER_ATTRS = (record.TRACEBACK, record.LORA_CONFIG, record.TARGET_MODULES, record.METRIC_VALUES)
+BULKY_USER_ATTRS = (record.TRACEBACK, record.LORA_CONFIG, record.TARGET_MODULES, record.METRIC_VALUES,
+                    record.TRIAL_LOG)
 
 
 def is_multi_objective(study: optuna.Study) -> bool:

@@ -3,7 +3,7 @@
 Spec keys::
 
     type: python
-    factory: my_package.tasks:make_task      # or path/to/file.py:make_task (relative to the cwd)
+    factory: my_package.tasks:make_task      # or path/to/file.py:make_task (relative to the study file)
     args: {size: 500}                        # optional keyword arguments for the factory
 
 The factory is called once per process as ``factory(**args)`` and returns either

@@ -27,7 +27,11 @@ every evaluation to the study and stops training when the trial is pruned; the t
 ``trainer.evaluate()[metric]``.
 
 ``factory`` is imported when the study is checked (a missing one is exit 2 at ``validate``);
-what it returns is checked in the trial (not a Trainer: the trial fails with that reason).
+what it returns is checked in the trial (not a Trainer, or a trainer that would adapt the model
+again - a ``peft_config`` given, a PeftModel made of it: the trial fails with that reason).
+An argparse / ``TrlParser`` script takes ``args: {argv: [...]}`` (a factory parameter ``argv``).
+A trial writes no checkpoint (:func:`trial_outputs`), and the library warnings and log records of
+the factory and the training go to the trial's ``trial_log`` instead of the output.
 """
 from __future__ import annotations
 

@@ -4,8 +4,10 @@ completions), as a factory lora-tune calls.
 lora-tune gives ``model`` (already adapted with the trial's LoRA config), ``tokenizer`` (the
 task's), ``params`` (the trial's sampled values), ``callbacks`` (pass them on: they report every
 evaluation and stop a pruned trial) and ``output_dir``. Any other keyword comes from the study
-file's ``task.args``. Training settings the study sets (learning rate, batch size, accumulation,
-schedule, warmup, LoRA+ ...) replace the values below; the rest are the script's own.
+file's ``task.args``, as written (``train_file`` is read from the directory lora-tune runs in).
+Training settings the study sets (learning rate, batch size, accumulation, schedule, warmup,
+LoRA+ ...) replace the values below; the rest are the script's own. The trainer is returned
+untrained, around ``model`` as given (no ``peft_config``: lora-tune adapts the model).
 """
 from __future__ import annotations
 

@@ -71,3 +71,28 @@ def test_init_for_an_encoder_writes_trainconfigs_defaults_and_the_default_budget
                              "evals_per_epoch": defaults.evals_per_epoch, "device": defaults.device}
     assert data["study"]["n_trials"] == 24
     assert re.search(r"default:\s+24\b", CliRunner().invoke(cli, ["init", "--help"]).output)
+
+
+def test_init_writes_paths_given_from_the_cwd_relative_to_the_study_files_folder(tmp_path, monkeypatch):
+    """A study file's relative paths are read against its folder: `init -o studies/s.yaml ./qwen
+    --train-file data/train.jsonl` run in the project writes ../qwen and ../data/train.jsonl."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lora_tune.models.tiny_lm import save_tiny_model
+
+    save_tiny_model("qwen2", tmp_path / "qwen", tokenizer=AutoTokenizer.from_pretrained(str(DATA / "tokenizer")))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "studies").mkdir()
+    for name in ("train.jsonl", "eval.jsonl"):
+        shutil.copy(DATA / name, tmp_path / "data" / name)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["init", "./qwen", "--train-file", "data/train.jsonl",
+                                      "--eval-file", "data/eval.jsonl", "-o", "studies/s.yaml"])
+    assert result.exit_code == 0, result.output
+    task = yaml.safe_load((tmp_path / "studies" / "s.yaml").read_text())["task"]
+    assert (task["model"], task["train_file"], task["eval_file"]) == ("../qwen", "../data/train.jsonl",
+                                                                     "../data/eval.jsonl")
+    monkeypatch.chdir(tmp_path / "studies")
+    assert load_spec_file("s.yaml").path_fallbacks() == []

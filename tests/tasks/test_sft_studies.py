@@ -21,10 +21,10 @@ DATA = STUDIES / "data" / "sft"
 
 
 def _absolute_paths(task: dict) -> dict:
-    """The study's repository-relative data paths made absolute (tests run elsewhere)."""
+    """The study's data paths (relative to studies/) made absolute (the tests' copies lie elsewhere)."""
     for key in ("tokenizer", "train_file", "eval_file"):
-        if isinstance(task.get(key), str) and task[key].startswith("studies/"):
-            task[key] = str(ROOT / task[key])
+        if isinstance(task.get(key), str) and not Path(task[key]).is_absolute():
+            task[key] = str(STUDIES / task[key])
     return task
 
 
@@ -60,7 +60,7 @@ def test_sft_llama_validates_with_a_tiny_stand_in_model(tmp_path, monkeypatch):
     model_dir = save_tiny_model("llama", tmp_path / "Llama-3.2-1B-Instruct",
                                 tokenizer=AutoTokenizer.from_pretrained(str(DATA / "tokenizer")))
     data = yaml.safe_load((STUDIES / "sft-llama.yaml").read_text())
-    assert data["task"]["model"] == "./models/Llama-3.2-1B-Instruct" and data["task"]["dtype"] == "bfloat16"
+    assert data["task"]["model"] == "../models/Llama-3.2-1B-Instruct" and data["task"]["dtype"] == "bfloat16"
     assert data["search_space"]["quant_bits"] == 4 and data["train"]["precision"] == "bf16"
     data["task"]["model"] = str(model_dir)
     _absolute_paths(data["task"])

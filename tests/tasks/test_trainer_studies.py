@@ -29,8 +29,8 @@ def test_trainer_study_runs_in_trial_processes(tmp_path, monkeypatch):
     data["study"].update(n_trials=2, storage=storage)
     data["train"].update(isolation="process", max_steps=6)
     task = data["task"]
-    task["factory"] = str(ROOT / task["factory"])
-    task["tokenizer"] = str(ROOT / task["tokenizer"])
+    task["factory"] = str(STUDY.parent / task["factory"])  # task paths: relative to the study file's folder
+    task["tokenizer"] = str(STUDY.parent / task["tokenizer"])
     task["args"].update(train_file=str(ROOT / task["args"]["train_file"]),
                         eval_file=str(ROOT / task["args"]["eval_file"]), eval_steps=3)
     path = tmp_path / "trainer.yaml"

@@ -134,7 +134,7 @@ def prepare_spec(spec: StudySpec, task: Any = None) -> tuple[StudySpec, Any, dic
     if task is None:
         from lora_tune.tasks import build_task
 
-        task = build_task(dict(spec.task))
+        task = build_task(spec.resolved_task())
     source = spec._source
     try:
         resolved = resolve_objective(spec, task)
@@ -330,6 +330,8 @@ def load_study(name: str, storage_url: str, *, seed_offset: int = 0, allow_code:
         spec = _stored_spec(storage, name, storage_url)
         if check_code:
             operator_allowance(spec, name, allow_code, study_file).check(spec.task, f"the stored study {name!r}")
+        if study_file is not None:  # its operator's file: its folder's `file.py:function` names may be imported
+            spec.trust_code_dir(Path(study_file).absolute().parent)
     except BaseException:
         dispose_storage(storage)
         raise
@@ -437,8 +439,8 @@ def optimize(study: optuna.Study, spec: StudySpec, n_trials: int | None = None, 
     if objective.isolation() == "none":
         objective.get_task()  # a bad task section fails here, not once per trial
     else:  # trials build the task in their own processes; check the section without loading it
-        raise_problems(validate_task_spec(dict(spec.task)), spec.task)
-        prestart(dict(spec.task))  # the trial process builds its task while the first trial is sampled
+        raise_problems(validate_task_spec(spec.resolved_task()), spec.task)
+        prestart(spec.resolved_task())  # the trial process builds its task while the first trial is sampled
     timeout = timeout if timeout is not None else spec.study.timeout
     warning = pruning_warning(spec)
     if warning:

@@ -2,6 +2,7 @@
 is raised at once as a StudySpecError with its path (``search_space.rank.low: must be ≥ 1``)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +19,9 @@ from lora_tune.settings import Setting, defaults_of, setting, settings_of
 from lora_tune.study.schema.yaml_file import load_yaml, read_spec_text
 from lora_tune.tasks.base import metric_direction
 from lora_tune.train import TrainConfig
+
+_logger = logging.getLogger(__name__)
+STUDY_DIR_KEY = "study_dir"  # the stored spec's key for the study file's folder (StudySpec.study_dir)
 
 ISOLATIONS = ("auto", "process", "none")
 OOM_POLICIES = ("fail", "halve_batch")
@@ -211,11 +215,45 @@ class ConstraintsSection(_Section):
 
 class StudySpec(_Section):
     _source: str | None = PrivateAttr(default=None)  # the file it came from, for error messages
+    # the study file's folder (absolute): relative paths of `task` are read against it. Set when the
+    # file is read; stored beside the sections (to_stored), `task` kept as written.
+    _study_dir: str | None = PrivateAttr(default=None)
+    # the folder whose `file.py:function` names this process may import: the study file's, when this
+    # process read the file (validate_spec); never a stored study's own study_dir (lora_tune.tasks.study_paths)
+    _code_dir: str | None = PrivateAttr(default=None)
     study: StudySection
     task: dict[str, Any]
     search_space: dict[str, Any] = Field(default_factory=dict)
     train: TrainSection = Field(default_factory=TrainSection)  # type: ignore[valid-type]
     constraints: ConstraintsSection = Field(default_factory=ConstraintsSection)
+
+    # -- the task section's paths (lora_tune.tasks.study_paths) ------------------------------
+    @property
+    def study_dir(self) -> str | None:
+        """The study file's folder, that relative paths of ``task`` are read against (None: the
+        current directory, as for a spec not read from a file)."""
+        return self._study_dir
+
+    def trust_code_dir(self, folder: str | Path | None) -> StudySpec:
+        """Let this process import ``file.py:function`` names of ``task`` from ``folder`` (the folder
+        of a study file its operator gave); returns the spec."""
+        self._code_dir = str(folder) if folder is not None else None
+        return self
+
+    def _paths(self) -> Any:
+        from lora_tune.tasks.study_paths import resolve_task_paths
+
+        data = [d for d in (self.study_dir, self._code_dir) if d]
+        return resolve_task_paths(self.task, list(dict.fromkeys(data)), [self._code_dir] if self._code_dir else [])
+
+    def resolved_task(self) -> dict[str, Any]:
+        """``task`` with its relative paths read against ``study_dir`` (what builds the task)."""
+        return self._paths().task
+
+    def path_fallbacks(self) -> list[tuple[str, str]]:
+        """``(key, message)`` for each relative path of ``task`` read from the current directory
+        because the study file's folder does not hold it (the behaviour before study_dir)."""
+        return self._paths().fallbacks
 
     # -- the objective, after task defaults are filled in by ``resolve_objective`` ----------
     @property
@@ -242,41 +280,65 @@ class StudySpec(_Section):
         task with its own trainer can tell them from the defaults."""
         data = self.model_dump(mode="json")
         data["train"] = self.train.model_dump(mode="json", exclude_unset=True)
+        if self._study_dir is not None:  # beside the sections: task as written, and where it was written
+            data[STUDY_DIR_KEY] = self._study_dir
         return data
 
 
 # -- loading ------------------------------------------------------------------------------
 
 def load_spec_file(path: str | Path) -> StudySpec:
-    """Read, parse and validate a study file; raises StudySpecError with every problem."""
-    return parse_spec_text(read_spec_text(path), source=str(path))
+    """Read, parse and validate a study file; raises StudySpecError with every problem. Its
+    relative paths are read against its folder (``study_dir``); one found only in the current
+    directory is read from there with a warning."""
+    spec = validate_spec(load_yaml(read_spec_text(path), source=str(path)), source=str(path),
+                         study_dir=study_folder(path))
+    for where, message in spec.path_fallbacks():
+        _logger.warning("%s: %s: %s", path, where, message)
+    return spec
+
+
+def study_folder(path: str | Path) -> str:
+    """The folder of study file ``path`` (absolute, symbolic links kept as the user sees them)."""
+    return str(Path(path).absolute().parent)
 
 
 def parse_spec_text(text: str, source: str | None = None) -> StudySpec:
     return validate_spec(load_yaml(text, source), source=source)
 
 
-def validate_spec(raw: Any, source: str | None = None) -> StudySpec:
-    """Validate a parsed study file (a mapping); every problem is reported at once."""
-    spec, problems = check_spec(raw)
+def validate_spec(raw: Any, source: str | None = None, study_dir: str | None = None) -> StudySpec:
+    """Validate a parsed study file (a mapping); every problem is reported at once. ``study_dir``:
+    the file's folder (:func:`study_folder`), that its relative paths are read against."""
+    spec, problems = check_spec(raw, study_dir)
     if problems:
         raise StudySpecError(problems, source=source)
     assert spec is not None
     spec._source = source
-    return spec
+    return spec.trust_code_dir(study_dir)  # a file its operator gave: its folder's code too
 
 
-def check_spec(raw: Any) -> tuple[StudySpec | None, Problems]:
-    """``(spec or None, problems)`` without raising: schema, search space and task section."""
+def check_spec(raw: Any, study_dir: str | None = None) -> tuple[StudySpec | None, Problems]:
+    """``(spec or None, problems)`` without raising: schema, search space and task section (its
+    paths read against ``study_dir``, else against the folder a stored spec names)."""
     from lora_tune.study.schema.space import check_search_space
+    from lora_tune.tasks.study_paths import resolve_task_paths
 
     if not isinstance(raw, Mapping):
         kind = "empty" if raw is None else type(raw).__name__
         return None, [("(file)", f"a study file must be a YAML mapping with a `study:` section; got {kind}")]
     problems: Problems = []
+    raw = dict(raw)
+    stored_dir = raw.pop(STUDY_DIR_KEY, None)  # a stored spec's (to_stored)
+    if study_dir is not None and stored_dir is not None:
+        problems.append((STUDY_DIR_KEY, "unknown key; lora-tune stores the study file's folder in a stored study, "
+                                        "a study file does not name it"))
+    folder = study_dir if study_dir is not None else stored_dir if isinstance(stored_dir, str) else None
+    folders = [folder] if folder else []
     spec: StudySpec | None = None
     try:
-        spec = StudySpec.model_validate(dict(raw))
+        spec = StudySpec.model_validate(raw)
+        spec._study_dir = folder
     except ValidationError as exc:
         problems += unknown_key_hint(pydantic_problems(exc))
     space = raw.get("search_space")
@@ -284,7 +346,8 @@ def check_spec(raw: Any) -> tuple[StudySpec | None, Problems]:
         problems += check_search_space(space, raw.get("study") if isinstance(raw.get("study"), Mapping) else {})
     task = raw.get("task")
     if isinstance(task, Mapping):
-        problems += _task_problems(task)
+        # code from the file's folder only (a stored spec's folder is not trusted for code)
+        problems += _task_problems(resolve_task_paths(task, folders, [study_dir] if study_dir else []).task)
     problems = list(dict.fromkeys(problems))
     return (spec if not problems else None), problems
 
@@ -292,10 +355,14 @@ def check_spec(raw: Any) -> tuple[StudySpec | None, Problems]:
 def spec_from_stored(data: Mapping[str, Any]) -> StudySpec:
     """Rebuild a spec from a study's ``spec`` user attribute; only the schema is checked again
     (a worker in another directory must load it even with relative data paths)."""
+    data = dict(data)
+    folder = data.pop(STUDY_DIR_KEY, None)
     try:
-        return StudySpec.model_validate(dict(data))
+        spec = StudySpec.model_validate(data)
     except ValidationError as exc:
         raise StudySpecError(unknown_key_hint(pydantic_problems(exc)), source="(stored spec)") from None
+    spec._study_dir = folder if isinstance(folder, str) and folder else None
+    return spec
 
 
 def _task_problems(task: Mapping[str, Any]) -> Problems:
@@ -331,6 +398,7 @@ def resolve_objective(spec: StudySpec, task: Any) -> StudySpec:
     if problems:
         raise StudySpecError(problems)
     data = spec.to_stored()
+    data.pop(STUDY_DIR_KEY, None)
     study = data["study"]
     metric = study.get("metric") or task.default_metric
     names = list(metric) if isinstance(metric, list) else [metric]
@@ -345,7 +413,9 @@ def resolve_objective(spec: StudySpec, task: Any) -> StudySpec:
         study["directions"], study["direction"] = dirs, None
     else:
         study["direction"], study["directions"] = dirs[0], None
-    return StudySpec.model_validate(data)
+    resolved = StudySpec.model_validate(data)
+    resolved._study_dir = spec._study_dir
+    return resolved.trust_code_dir(spec._code_dir)
 
 
 def default_direction(metric: str, task: Any) -> str:

@@ -86,7 +86,7 @@ class Objective:
         if self.task is None:
             from lora_tune.tasks import build_task
 
-            self.task = build_task(dict(self.spec.task))
+            self.task = build_task(self.spec.resolved_task())
             quant = self.space["quant_bits"]
             if quant is not None and any(b in (4, 8) for b in (quant.choices if quant.sampled else [quant.value])):
                 with contextlib.suppress(Exception):  # absent: those trials fail with a clear reason
@@ -130,7 +130,7 @@ class Objective:
         train_values = {k: v for k, v in values.items() if k in TRAIN_KEYS}
         seed = trial.user_attrs.get(record.SEED)
         plan = TrialPlan(
-            task_spec=dict(self.spec.task),
+            task_spec=self.spec.resolved_task(),
             lora={k: v for k, v in values.items() if k not in TRAIN_KEYS},
             train=train.train_config(**train_values, data_fraction=self.data_fraction(trial),
                                      **({"seed": int(seed)} if seed is not None else {})),
