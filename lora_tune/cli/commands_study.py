@@ -85,6 +85,9 @@ def validate_cmd(study_file: Path) -> None:
                   + (f"; fixed: {', '.join(fixed)}" if fixed else ""))
     if baseline is not None:
         console.print(f"  baseline: {baseline}")
+    from lora_tune.study.run.lr_probe import describe_settings
+
+    console.print(f"  {describe_settings(resolved)}", markup=False)
     console.print(f"  relative paths read against: {spec.study_dir}", markup=False)
     for where, message in spec.path_fallbacks():
         console.print(f"  [yellow]warning:[/] {where}: " + message.replace("[", "\\["))
@@ -237,6 +240,7 @@ def _warm_configs(name: str, url: str) -> list[dict]:
 
 def _optimize_and_report(study: Any, spec: Any, url: str, n_trials: int | None, timeout: float | None,
                          task: Any = None) -> None:
+    from lora_tune.study.run.lr_probe import describe as describe_probe
     from lora_tune.study.run.progress import StudyProgress, render_outcome, study_outcome
     from lora_tune.study.run.runner import optimize, pruning_warning
     from lora_tune.study.storage.opening import mask_url
@@ -249,7 +253,8 @@ def _optimize_and_report(study: Any, spec: Any, url: str, n_trials: int | None, 
                   f"task {spec.task.get('type')}, sampler {spec.study.sampler.type}, pruner {spec.study.pruner.type}")
     try:
         with _quiet_optuna(), StudyProgress(study, spec, console) as progress:
-            result = optimize(study, spec, n_trials=n_trials, timeout=timeout, callbacks=[progress], task=task)
+            result = optimize(study, spec, n_trials=n_trials, timeout=timeout, callbacks=[progress], task=task,
+                              on_probe=lambda probe: console.print(describe_probe(probe), markup=False))
         confirm = spec.study.confirm
         if confirm is not None and result.stop_reason == "budget":
             from lora_tune.study.trial.confirm import confirm_top
@@ -294,7 +299,7 @@ def list_cmd(storage: str | None) -> None:
     """List the studies in the storage."""
     import optuna
 
-    from lora_tune.study.trial.record import account
+    from lora_tune.study.trial.record import study_account
     from lora_tune.study.storage.opening import (dispose_storage, mask_url, open_storage, reading_problem,
                                                  resolve_storage_url)
     from lora_tune.study.storage.budget import study_budget
@@ -321,7 +326,7 @@ def list_cmd(storage: str | None) -> None:
             metrics = s.user_attrs.get("metrics") or [f"value{i}" for i in range(len(s.directions))]
             objective = ", ".join(f"{d.name.lower()} {m}" for m, d in zip(metrics, s.directions))
             # counted as `study show`, `run` and the report count them
-            a = account(optuna.load_study(study_name=s.study_name, storage=store).get_trials(deepcopy=False))
+            a = study_account(optuna.load_study(study_name=s.study_name, storage=store))
             best = ""
             if s.best_trial is not None and len(s.directions) == 1:
                 best = f"{s.best_trial.value:.4g} (#{s.best_trial.number})"

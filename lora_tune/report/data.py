@@ -45,7 +45,7 @@ def summary_data(study: optuna.Study, objective: int = 0) -> dict[str, Any]:
     (the one account: :func:`lora_tune.study.trial.record.account`)."""
     metric, maximize = frame.objective_of(study, objective)
     trials = study.get_trials(deepcopy=False)
-    account = record.account(trials)
+    account = record.study_account(study)
     best = frame.best_trial(study, objective)
     base = record.find_baseline(trials)
     out: dict[str, Any] = {
@@ -218,7 +218,7 @@ def cost_data(study: optuna.Study, x: str = "trainable_params", objective: int =
         p["series"] = f"{p['quant_bits']}, {'DoRA' if p['use_dora'] else 'LoRA'}" if dora_varies else p["quant_bits"]
     series = sorted({p["series"] for p in points}, key=lambda s: (bits_order.index(s.split(",")[0]), s))
     return {"metric": metric, "maximize": maximize, "x": x, "x_label": COST_AXES[x],
-            "time": time_per_trial(record.account(trials)),
+            "time": time_per_trial(record.study_account(study)),
             "points": points, "front_numbers": [p["number"] for p in front],
             "quant_bits": bits_order, "dora_varies": dora_varies, "series": series}
 

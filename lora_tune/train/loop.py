@@ -56,6 +56,11 @@ class _Plan:
         return step_in_epoch in self.within_epoch or step >= self.planned
 
 
+def planned_steps(n_examples: int, config: TrainConfig) -> int:
+    """The optimizer steps :func:`fit` plans for ``n_examples`` training examples under ``config``."""
+    return _Plan.of(n_examples, config).planned
+
+
 def fit(model: torch.nn.Module, task: TrainTask, config: TrainConfig, on_eval: OnEval | None = None) -> TrainResult:
     """Train the parameters of ``model`` that have ``requires_grad`` on ``task`` as ``config`` says.
 

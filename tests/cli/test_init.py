@@ -39,9 +39,10 @@ def test_init_for_a_decoder_writes_an_sft_study_that_validates(tmp_path):
     assert data["task"]["type"] == "sft" and data["study"]["pruner"]["type"] == "hyperband"
     assert data["study"]["warm_start"] == "defaults" and data["search_space"]["quant_bits"] == {"choices": [None, 4]}
     assert data["search_space"]["targets"]["choices"] == ["attention-qv", "attention", "mlp", "all-linear"]
-    # the tiny model's k/v projections have 32 rows: ranks above that do not fit
-    rank = data["search_space"]["rank"]
-    assert max(rank.get("nested") or rank.get("choices")) <= 32
+    # the tiny model's k/v projections have 32 rows: ranks above that do not fit; plain choices, not
+    # nested (issue 20: truncated ranks were not monotone), and the learning-rate probe on
+    assert data["search_space"]["rank"] == {"choices": [4, 8, 16, 32]}
+    assert data["study"]["lr_probe"] == {"steps": 30, "data_share": 0.25, "range": [0.25, 4]}
     lr = data["search_space"]["learning_rate"]
     assert lr["low"] < 2e-4 < lr["high"] <= 1e-3  # decoder LLM range, about 10x full fine-tuning
     spec, task, _ = prepare_spec(load_spec_file(out))

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from lora_tune.study.run.lr_probe import describe as describe_probe
 from lora_tune.study.trial import record
 from lora_tune.study.schema.spec import StudySpec
 
@@ -28,6 +29,7 @@ class Outcome:
     account: record.Account
     best: list[FrozenTrial] = field(default_factory=list)  # one, or the Pareto front
     baseline: FrozenTrial | None = None
+    probe: str | None = None  # the learning-rate probe, one line (lora_tune.study.run.lr_probe.describe)
 
     @property
     def counts(self) -> Mapping[str, int]:
@@ -63,8 +65,9 @@ def study_outcome(study: optuna.Study, spec: StudySpec) -> Outcome:
         except ValueError:  # no feasible trial
             best = []
     baseline = record.find_baseline(trials)
-    return Outcome(study.study_name, spec.metrics, spec.directions, spec.study.n_trials, record.account(trials), best,
-                   baseline if baseline is not None and baseline.state == TrialState.COMPLETE else None)
+    return Outcome(study.study_name, spec.metrics, spec.directions, spec.study.n_trials, record.study_account(study),
+                   best, baseline if baseline is not None and baseline.state == TrialState.COMPLETE else None,
+                   describe_probe(study.user_attrs.get(record.LR_PROBE)))
 
 
 # -- live progress ---------------------------------------------------------------------------
@@ -158,6 +161,8 @@ def render_outcome(outcome: Outcome, console: Console) -> None:
         + (f", of which {a.requeued} ran again)" if a.requeued else ")")
     )
     console.print(f"compute: {a.compute_line()}", markup=False)
+    if outcome.probe is not None:
+        console.print(outcome.probe, markup=False)
     if a.time_line() is not None:
         console.print(f"time: {a.time_line()}", markup=False)
     if not outcome.best:

@@ -31,13 +31,14 @@ from lora_tune.study.trial.trial_process import prestart
 from lora_tune.study.trial.nested_trials import nested_problems
 from lora_tune.study.schema.serve_space import restriction_of, saved_modules_problems
 from lora_tune.study.schema.space import SearchSpace, baseline_params
+from lora_tune.study.run.lr_probe import enqueue_prior, ensure_probe, placed_spec, probe_problems
 from lora_tune.study.run.samplers import SAMPLERS as _SAMPLERS
 from lora_tune.study.run.samplers import make_sampler
 from lora_tune.study.schema.spec import StudySpec, resolve_objective, spec_from_stored
 from lora_tune.study.storage.budget import budget_used
 from lora_tune.tasks import validate_task_spec
 from lora_tune.tasks.allow_code import Allowance, same_task, trusted_refs
-from lora_tune.tasks.base import Task, raise_problems, structure_of
+from lora_tune.tasks.base import raise_problems, structure_of
 
 _logger = logging.getLogger("lora_tune.study")
 Callback = Callable[[optuna.Study, FrozenTrial], None]
@@ -156,6 +157,7 @@ def prepare_spec(spec: StudySpec, task: Any = None) -> tuple[StudySpec, Any, dic
         except StudySpecError as exc:
             problems += exc.errors
     problems += _model_problems(resolved, task)
+    problems += probe_problems(resolved, task)
     if problems:
         raise StudySpecError(problems, source=source)
     return resolved, task, baseline
@@ -247,6 +249,9 @@ def create_study(spec: StudySpec, storage_url: str, name: str | None = None, res
             raise ConfigError("study name", name, f"a name not already used in {mask_url(storage_url)}",
                               "Pass --resume to continue that study, or --name to pick another name.")
         stored = _stored_spec(storage, name, storage_url)
+        # the learning_rate range a recorded probe placed is part of the stored spec (lr_probe.py)
+        study_id = storage.get_study_id_from_name(name)
+        resolved = placed_spec(resolved, storage.get_study_user_attrs(study_id).get(record.LR_PROBE))
         _check_resumable(stored, resolved, name)
     study = optuna.create_study(
         storage=storage, study_name=name, directions=resolved.directions,
@@ -267,11 +272,8 @@ def create_study(spec: StudySpec, storage_url: str, name: str | None = None, res
     if baseline is not None and not _has_baseline(study):
         study.enqueue_trial(baseline, user_attrs={record.IS_BASELINE: True})
         _baseline_grid_point(study)
-    if resolved.study.warm_start == "defaults":
-        from lora_tune.study.run.warm_start import prior, warm_start
-
-        configs = prior(getattr(task, "model_kind", Task.model_kind))
-        warm_start(study, SearchSpace.from_spec(resolved.search_space), configs, task, origin="defaults")
+    if resolved.study.warm_start == "defaults":  # with lr_probe on: after the probe, from its rate
+        enqueue_prior(study, resolved, task)
     # an Optuna module first imported by the checks above (optuna.artifacts, a sampler's) may keep
     # an ImportError's traceback, and with it this frame and its task: the driver must not keep
     # the task's model for the whole study (isolation: process)
@@ -418,10 +420,14 @@ class OptimizeResult:
 
 def optimize(study: optuna.Study, spec: StudySpec, n_trials: int | None = None, timeout: float | None = None,
              callbacks: Sequence[Callback] = (), *, task: Any = None,
-             objective: Objective | None = None, reseed: bool = False) -> OptimizeResult:
+             objective: Objective | None = None, reseed: bool = False,
+             on_probe: Callable[[dict[str, Any]], None] | None = None) -> OptimizeResult:
     """Run trials in this process until the study's global budget is used up.
 
     ``n_trials`` / ``timeout`` (default: the file's ``study.timeout``) limit this process only.
+    With ``study.lr_probe`` on and no probe recorded, the learning-rate probe runs first (where the
+    trials train) and places the learning rates (:mod:`lora_tune.study.run.lr_probe`); ``on_probe``
+    is called with what it recorded.
     With a storage from ``open_storage`` the trial loop is
     :func:`lora_tune.study.run.workers.run_worker` (exact budget across workers, waiting for
     other workers' running trials, SIGTERM handling); ``reseed`` gives this process its own
@@ -441,6 +447,10 @@ def optimize(study: optuna.Study, spec: StudySpec, n_trials: int | None = None, 
     else:  # trials build the task in their own processes; check the section without loading it
         raise_problems(validate_task_spec(spec.resolved_task()), spec.task)
         prestart(spec.resolved_task())  # the trial process builds its task while the first trial is sampled
+    objective, probed = ensure_probe(study, objective)  # before the sampler's first guess
+    spec = objective.spec
+    if probed is not None and on_probe is not None:
+        on_probe(probed)
     timeout = timeout if timeout is not None else spec.study.timeout
     warning = pruning_warning(spec)
     if warning:

@@ -1,12 +1,18 @@
 """Warm starts: enqueue configs known to be good before the sampler starts guessing: the best
 trials of an earlier study (``lora-tune run --warm-start``; targets resolved again on this model)
 or :data:`PRIOR` (``study.warm_start: defaults``), projected onto this study's space, each once.
+
+The prior's learning rates: with a learning-rate probe (``study.lr_probe``) they are stated in what
+transfers between tasks, the probe's rate and the adapter's effective scale (:func:`probe_prior`),
+and a config whose rate at its scale would pass the probe's edge is dropped
+(:mod:`lora_tune.study.run.lr_probe`); without one, multiples of the typical rate of the task's kind
+of model (:func:`prior`).
 """
 from __future__ import annotations
 
 import math
 from typing import Any
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import optuna
 from optuna.trial import TrialState
@@ -16,7 +22,8 @@ from lora_tune.study.trial import record
 from lora_tune.study.schema.space import Param, SearchSpace, encode_choice
 
 
-# QLoRA's recipe and two neighbours: (config, learning rate as a multiple of the model kind's typical one)
+# QLoRA's recipe and two neighbours: (config, learning rate as a multiple of the model kind's typical
+# one; with a probe, of the probe's rate at the probe adapter's scale)
 PRIOR: tuple[tuple[dict[str, Any], float], ...] = (
     ({"rank": 16, "alpha": 32.0, "targets": "all-linear", "dropout": 0.05}, 1.0),
     ({"rank": 8, "alpha": 16.0, "targets": "attention", "dropout": 0.0}, 2.0),
@@ -32,6 +39,24 @@ def prior(model_kind: str) -> list[dict[str, Any]]:
         raise ConfigError("model_kind", model_kind, ", ".join(TYPICAL_LEARNING_RATE))
     typical = TYPICAL_LEARNING_RATE[model_kind]
     return [{**config, "learning_rate": typical * factor} for config, factor in PRIOR]
+
+
+def probe_prior(rate: float, scale: float) -> list[dict[str, Any]]:
+    """The :data:`PRIOR` configs with learning rates from a probe whose adapter had effective scale
+    ``scale`` and found ``rate``: each config's multiple of ``rate``, divided by its scale over the
+    probe's (an adapter with twice the scale moves its weights twice as far per step: half the rate)."""
+    return [{**config, "learning_rate": rate * factor * scale / config_scale(config)} for config, factor in PRIOR]
+
+
+def config_scale(settings: Mapping[str, Any]) -> float:
+    """The effective scale of ``settings`` (alpha / rank, alpha / sqrt(rank) with rsLoRA), LoraConfig's
+    defaults for what they leave out."""
+    from lora_tune.lora.config import scale_for
+    from lora_tune.study.schema.space import LORA_DEFAULTS
+
+    rank = settings.get("rank") or LORA_DEFAULTS["rank"]
+    alpha = settings.get("alpha") or LORA_DEFAULTS["alpha"]
+    return scale_for(int(rank), float(alpha), bool(settings.get("rslora", LORA_DEFAULTS["rslora"])))
 
 
 def configs_from_study(source: optuna.Study, top: int = 5) -> list[dict[str, Any]]:
@@ -148,9 +173,11 @@ def targets_fit(task: Any) -> Any:
 
 
 def warm_start(study: optuna.Study, space: SearchSpace, configs: Iterable[Mapping[str, Any]], task: Any,
-               origin: str) -> int:
-    """Project ``configs`` onto ``space`` (targets checked on the task's model) and enqueue the
-    new ones; returns how many were enqueued."""
-    fits = targets_fit(task) if space["targets"] is not None and space["targets"].sampled else None
-    projected = [p for p in (project(space, c, fits) for c in configs) if p]
+               origin: str, keep: Callable[[dict[str, Any]], bool] | None = None) -> int:
+    """Project ``configs`` onto ``space`` (targets checked on the task's model; ``task`` None: the
+    space's own choices only, checked against the model when the study was created) and enqueue
+    the new ones that ``keep(params)`` (when given); returns how many were enqueued."""
+    sampled = space["targets"] is not None and space["targets"].sampled
+    fits = targets_fit(task) if sampled and task is not None else None
+    projected = [p for p in (project(space, c, fits) for c in configs) if p and (keep is None or keep(p))]
     return enqueue(study, projected, origin)

@@ -111,6 +111,42 @@ class ServeSpec(_Section):
         return given if given is not None else serving.rules(self.engine).default_max_lora_rank
 
 
+class LrProbeSpec(_Section):
+    """The learning-rate probe (:mod:`lora_tune.study.run.lr_probe`), run once before the first
+    trial: ``steps`` optimizer steps at exponentially growing rates on ``data_share`` of the
+    training data. ``range``: the search space's ``learning_rate`` range is placed at these
+    multiples of the probe's rate (null: the file's range is kept; only the warm-start prior is
+    placed). ``lr_probe: true`` is this with its defaults, ``false`` (the default) no probe."""
+
+    steps: int = 30
+    data_share: float = 0.25
+    range: list[float] | None = None
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"got {short(value)}; allowed: a whole number of optimizer steps ≥ 1")
+        return value
+
+    @field_validator("data_share", mode="before")
+    @classmethod
+    def _share(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"got {short(value)}; allowed: a share of the training data in (0, 1]")
+        return value
+
+    @field_validator("range", mode="before")
+    @classmethod
+    def _range(cls, value: Any) -> Any:
+        numbers = isinstance(value, list) and len(value) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if value is not None and not (numbers and 0 < value[0] < value[1] < float("inf")):
+            raise ValueError(f"got {short(value)}; allowed: null or [low, high], multiples of the probe's rate "
+                             "with 0 < low < high (e.g. [0.25, 4])")
+        return value
+
+
 class StudySection(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     storage: str | None = None
@@ -130,6 +166,17 @@ class StudySection(_Section):
     confirm: ConfirmSpec | None = None
     fidelity: FidelitySpec | None = None
     serve: ServeSpec = Field(default_factory=ServeSpec)
+    lr_probe: LrProbeSpec | None = None
+
+    @field_validator("lr_probe", mode="before")
+    @classmethod
+    def _probe_switch(cls, value: Any) -> Any:
+        """``true``: the probe with its defaults; ``false``: none."""
+        if value is True:
+            return {}
+        if value is not None and value is not False and not isinstance(value, (Mapping, LrProbeSpec)):
+            raise ValueError(f"got {short(value)}; allowed: true, false or a mapping of steps, data_share, range")
+        return None if value is False else value
 
     @model_validator(mode="after")
     def _objective_shape(self) -> StudySection:
@@ -473,7 +520,8 @@ def unknown_key_hint(problems: Problems) -> Problems:
     sections = {
         "study": StudySection, "train": TrainSection, "constraints": ConstraintsSection,
         "study.sampler": SamplerSpec, "study.pruner": PrunerSpec, "study.confirm": ConfirmSpec,
-        "study.fidelity": FidelitySpec, "study.serve": ServeSpec, "": StudySpec,
+        "study.fidelity": FidelitySpec, "study.serve": ServeSpec, "study.lr_probe": LrProbeSpec,
+        "": StudySpec,
     }
     out: Problems = []
     for path, message in problems:

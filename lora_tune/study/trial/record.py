@@ -40,6 +40,10 @@ CONFIRM_OF, SEED = "confirm_of", "seed"  # a confirmation run: the trial it repe
 CONFIRM_SHARED = "confirm_shared"  # a confirmation run that read another run's training
 WARM_START = "warm_start"  # an enqueued warm-start trial: where its config came from
 ENQUEUED_PARAMS = "enqueued_params"  # ... and the parameters it was enqueued with
+# a study attribute: the learning-rate probe run before the first trial (lora_tune.study.run.lr_probe),
+# {"rate", "edge", "steps", "seconds", "losses", "rates", "compute", ...}; its compute counts in account
+LR_PROBE = "lr_probe"
+STUDY_ATTRS = (LR_PROBE,)  # the names above that are study attributes, not trial ones
 
 # measurements of a training run, not of a result read off it (not copied onto nested results)
 RUN_ONLY = (TRAIN_SECONDS, SETUP_SECONDS, THROUGHPUT, TOKENS_PER_SECOND, TRAIN_TOKENS, PEAK_MEMORY_BYTES,
@@ -242,12 +246,13 @@ class Account:
     timed: int = 0  # finished trials that trained and recorded both their setup and training seconds
     setup_seconds: float = 0.0  # ... their setup (start -> first optimizer step), in all
     train_seconds: float = 0.0  # ... their training, in all
+    probe: float = 0.0  # full-trial equivalents of the learning-rate probe (in ``used`` too)
 
     @property
     def saved(self) -> float:
         """The share of compute that pruning, nesting and data fractions saved against training
-        every result fully."""
-        return 1.0 - self.used / self.results if self.results else 0.0
+        every result fully (the probe, which is no result, left out)."""
+        return 1.0 - (self.used - self.probe) / self.results if self.results else 0.0
 
     @property
     def mean_setup_seconds(self) -> float | None:
@@ -265,14 +270,40 @@ class Account:
                 f"(mean of {self.timed} trial{'s' if self.timed != 1 else ''})")
 
     def compute_line(self) -> str:
-        return (f"{self.used:.1f} full-trial equivalents for {self.results} results "
-                f"({self.saved:.0%} saved by pruning, nesting and data fractions"
-                + (f"; {self.confirm:.1f} of it on confirmation runs)" if self.confirm else ")"))
+        parts = [f"{self.saved:.0%} saved by pruning, nesting and data fractions"]
+        if self.confirm:
+            parts.append(f"{self.confirm:.1f} of it on confirmation runs")
+        if self.probe:
+            parts.append(f"{self.probe:.1f} of it on the learning-rate probe")
+        return f"{self.used:.1f} full-trial equivalents for {self.results} results ({'; '.join(parts)})"
 
 
-def account(trials: Sequence[FrozenTrial]) -> Account:
-    """Count ``trials`` (every trial of a study) as :class:`Account` says."""
-    used = confirm = seconds_saved = setup_seconds = train_seconds = 0.0
+class HasTrialsAndAttrs(Protocol):
+    """A study (``optuna.Study``): its trials and its user attributes."""
+
+    @property
+    def user_attrs(self) -> dict[str, Any]: ...
+
+    def get_trials(self, deepcopy: bool = ...) -> list[FrozenTrial]: ...
+
+
+def study_account(study: HasTrialsAndAttrs) -> Account:
+    """The one account of a study: its trials and its learning-rate probe (every display uses this)."""
+    return account(study.get_trials(deepcopy=False), probe_compute(study.user_attrs))
+
+
+def probe_compute(study_attrs: Mapping[str, Any]) -> float:
+    """Full-trial equivalents the study's learning-rate probe trained (:data:`LR_PROBE`; 0 without
+    one): its optimizer steps over the steps of a whole trial, as the probe recorded them."""
+    probe = study_attrs.get(LR_PROBE)
+    value = _float(probe.get("compute")) if isinstance(probe, Mapping) else None
+    return value if value is not None and math.isfinite(value) and value > 0 else 0.0
+
+
+def account(trials: Sequence[FrozenTrial], probe: float = 0.0) -> Account:
+    """Count ``trials`` (every trial of a study) as :class:`Account` says; ``probe``: the study's
+    learning-rate probe in full-trial equivalents (:func:`probe_compute`; :func:`study_account`)."""
+    used, confirm, seconds_saved, setup_seconds, train_seconds = probe, 0.0, 0.0, 0.0, 0.0
     results = steps_run = steps_saved = counted = pruned = timed = 0
     for t in trials:
         if not t.state.is_finished():
@@ -302,7 +333,7 @@ def account(trials: Sequence[FrozenTrial]) -> Account:
     requeued = sum(1 for t in trials if marks.RETRY_KEY in t.system_attrs and t.state.is_finished())
     return Account(dict(Counter(t.state.name for t in trials)), budget_done(trials), requeued, results, used,
                    confirm, steps_run, steps_saved, counted, pruned, seconds_saved,
-                   timed=timed, setup_seconds=setup_seconds, train_seconds=train_seconds)
+                   timed=timed, setup_seconds=setup_seconds, train_seconds=train_seconds, probe=probe)
 
 
 def _float(value: Any) -> float | None:

@@ -237,6 +237,49 @@ def run_in_child(plan: TrialPlan, hooks: Hooks, poll_seconds: float = 0.5) -> Tr
                 child.close(wait=0.0)
 
 
+def call_in_child(task_spec: dict, function: Callable[..., Any], *args: Any, poll_seconds: float = 0.5) -> Any:
+    """``function(task, *args)`` in this driver's trial process for ``task_spec`` (``function`` a
+    module-level function, pickled by name; its result pickled back): work that must run where the
+    trials run and keep no model in the driver, such as the learning-rate probe before the first
+    trial. The process and its resident base stay in the pool for the trials; errors come back as
+    :func:`run_in_child`'s do."""
+    key = json.dumps(task_spec, sort_keys=True, default=str)
+    with _LOCK:
+        child = _POOL.pop(key, None)
+    if child is None or not child.process.is_alive():
+        child = TrialProcess(task_spec)
+    keep = False
+    try:
+        child.conn.send(("call", function, args))
+        while True:
+            if not child.conn.poll(poll_seconds):
+                if not child.process.is_alive():
+                    child.process.join()
+                    raise TrialProcessDied(_death_reason(child.process.exitcode))
+                continue
+            try:
+                kind, *payload = child.conn.recv()
+            except (EOFError, OSError):
+                child.process.join(timeout=10)
+                raise TrialProcessDied(_death_reason(child.process.exitcode)) from None
+            if kind == "result":
+                keep = True
+                return payload[0]
+            if kind == "error":
+                *described, dirty = payload
+                keep = not dirty
+                raise _rebuild_error(*described)
+            raise RuntimeError(f"unexpected message {kind!r} from the trial process")  # pragma: no cover
+    finally:
+        if keep and child.process.is_alive():
+            with _LOCK:
+                pooled = _POOL.setdefault(key, child) is child
+            if not pooled:
+                child.close()
+        else:
+            child.close(wait=0.0)
+
+
 class TrialProcess:
     """A trial process for one task spec: it builds the task (and so its resident base) once and
     runs the trials sent to it, one at a time, until told to exit or its pipe closes."""
@@ -380,7 +423,7 @@ def _child_main(conn: Any, task_spec: dict) -> None:
             message = conn.recv()
         except (EOFError, OSError):
             break
-        if message[0] not in ("trial", "warm"):
+        if message[0] not in ("trial", "warm", "call"):
             break
         try:
             if task is None:
@@ -389,6 +432,9 @@ def _child_main(conn: Any, task_spec: dict) -> None:
                 task = build_task(dict(task_spec))
             if message[0] == "trial":
                 _child_trial(conn, task, message[1])
+            elif message[0] == "call":  # call_in_child
+                function, args = message[1], message[2]
+                conn.send(("result", function(task, *args)))
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
             if message[0] == "warm":  # nobody waits for it: the first trial builds the task again and says why
                 continue
