@@ -4,8 +4,9 @@ loss, and read off the rate at which the loss stops falling. Knows nothing of st
 
 The rule (:func:`pick_rate`): the step losses are smoothed (an exponential moving average with
 :data:`SMOOTHING`, bias-corrected); the sweep stops early once the smoothed loss exceeds
-:data:`DIVERGED` times its minimum, or a loss is not finite. The **edge** is the rate of the step at
-the smoothed loss's minimum: the largest rate of the sweep at which the loss still fell. The
+:data:`DIVERGED` times its minimum, or a loss is not finite. A step's loss is measured before its
+own update, so it shows the update of the step before: the **edge** is the rate of the step before
+the smoothed loss's minimum, the largest rate of the sweep whose update still lowered the loss. The
 **rate** the probe reports is the edge divided by :data:`BELOW_EDGE` (fastai's "minimum / 10"):
 a rate a whole training can hold, where the edge is one that only a few steps survive.
 """
@@ -74,7 +75,7 @@ def pick_rate(rates: Sequence[float], losses: Sequence[float]) -> tuple[float, f
         raise ValueError("a range test needs at least one finite loss")
     smoothed = smooth(losses)
     best = min(range(len(smoothed)), key=lambda i: smoothed[i])
-    edge = float(rates[best])
+    edge = float(rates[max(best - 1, 0)])  # the update that led to the lowest loss
     return edge, edge / BELOW_EDGE, smoothed[best] < smoothed[0], smoothed
 
 
