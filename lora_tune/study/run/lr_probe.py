@@ -6,9 +6,9 @@ learning-rate range test on the task places the study's learning rates.
   the space fixes) trains ``lr_probe.steps`` optimizer steps (default 30) at rates growing
   exponentially from :data:`SWEEP` ``[0]`` to ``[1]``, on the first ``lr_probe.data_share`` (default
   0.25) of an epoch's batches; batch size, accumulation, precision, clipping and optimizer are the
-  study's. The rule (:mod:`lora_tune.train.lr_range`): the **edge** is the rate at the minimum of
-  the smoothed training loss (the largest rate at which the loss still falls); the probe's **rate**
-  is the edge / 10.
+  study's. The rule (:mod:`lora_tune.train.lr_range`): the **edge** is the rate whose update led
+  to the minimum of the smoothed training loss (the largest rate at which the loss still falls);
+  the probe's **rate** is the edge / 10.
 * **Where and when.** Where the trials train: in the driver with ``isolation: none``, else in the
   driver's trial process (:func:`lora_tune.study.trial.trial_process.call_in_child`), so the driver
   never loads the model. Once per study: the first worker that optimizes a study with

@@ -17,6 +17,9 @@ the reason) or reports an error that may have left its base dirty (CUDA out of m
 which it exits and its memory, CPU or GPU, goes back to the system; any other error in it comes
 back as the same kind of error in the parent and it stays for the next trial.
 
+:func:`call_in_child` runs other work in that process (the learning-rate probe before the first
+trial: :mod:`lora_tune.study.run.lr_probe`), so it too uses the task and base the trials will.
+
 Either way the outcome says how long before its hand-over the first optimizer step began
 (:class:`FirstStepClock`; ``TrialOutcome.since_first_step``): the objective takes that from its own
 time since the trial started, and records the rest as the trial's ``setup_seconds``.
