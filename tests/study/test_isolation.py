@@ -8,6 +8,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lora_tune.study.trial.objective import Objective, TrialFailed
+from lora_tune.study.trial.trial_process import close_trial_processes
 from lora_tune.study.schema.spec import resolve_objective
 from tests.study.conftest import make_spec
 from tests.study.toy_task import ToyTask
@@ -45,6 +46,7 @@ def test_a_child_trial_records_the_same_result_as_an_in_process_trial():
 def test_a_child_trial_records_its_setup_on_the_drivers_clock():
     """setup_seconds: the trial's start to the child's first optimizer step, which comes after the
     child started, built its task and model and reported them (the driver's ``build`` time)."""
+    close_trial_processes()  # a fresh trial process: this trial builds the task and its base
     times = {}
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial(PARAMS)

@@ -48,17 +48,21 @@ def test_setup_runs_from_the_trial_start_to_the_first_optimizer_step():
     for _ in range(2):
         study.enqueue_trial(PARAMS)
     study.optimize(Objective(resolve_objective(make_spec(), task), task), n_trials=2)
-    for trial in study.trials:
+    for trial, load in zip(study.trials, ("built", "resident")):
         assert trial.state == TrialState.COMPLETE
         attrs = trial.user_attrs
-        assert attrs[record.BASE_LOAD] == record.BaseLoad.BUILT.value == "built"
+        assert attrs[record.BASE_LOAD] == record.BaseLoad(load).value
         setup, steps = attrs[record.SETUP_SECONDS], attrs[record.TRAIN_STEPS]
-        assert setup >= BUILD  # the base model's build is setup
+        if load == "built":
+            assert setup >= BUILD  # the base model's build is setup
+        else:
+            assert setup < BUILD  # the second trial leases the resident base: no build
         assert setup <= _wall(trial) - steps * STEP  # every step (3 of them) came after it
         assert attrs[record.TRAIN_SECONDS] >= steps * STEP
 
 
-def test_a_trial_pruned_before_training_records_its_base_but_no_setup(toy_task):
+def test_a_trial_pruned_before_training_records_its_base_but_no_setup():
+    toy_task = ToyTask()
     objective = Objective(resolve_objective(make_spec(constraints={"max_trainable_params": 10}), toy_task), toy_task)
     trial = optuna.trial.FixedTrial(PARAMS)
     with pytest.raises(optuna.TrialPruned):
@@ -87,7 +91,7 @@ def test_run_show_and_the_report_print_the_mean_setup_and_training_seconds(tmp_p
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
     for t in trials:
         assert 0 < t.user_attrs[record.SETUP_SECONDS] <= _wall(t)
-        assert t.user_attrs[record.BASE_LOAD] == "built"
+    assert [t.user_attrs[record.BASE_LOAD] for t in trials] == ["built", "resident", "resident"]
     account = record.account(trials)
     line = account.time_line()
     assert account.timed == 3 and account.mean_setup_seconds == pytest.approx(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lora_tune.tasks.base import Task, classification_metrics, eval_mode, index_batches
+from lora_tune.tasks.resident import ResidentBase
 
 DIM, CLASSES, FEATURES = 16, 3, 8
 
@@ -68,6 +69,8 @@ class ToyTask(Task):
         torch.manual_seed(seed)
         self._base = ToyModel().eval()
         self.nan_after, self.fail_in, self.calls = nan_after, fail_in, 0
+        # trials lease one resident base, as the built-in tasks' do (lora_tune.tasks.resident)
+        self.resident = ResidentBase(lambda variant: (self.build_model().to(variant.device), "built"))
         self.die_at_loss_call, self.oom_above_batch = die_at_loss_call, oom_above_batch
 
     def build_model(self) -> nn.Module:

@@ -204,8 +204,8 @@ class StudySection(_Section):
 class DriverSettings:
     """``train:`` keys the study driver uses itself (the rest are :class:`TrainConfig`'s)."""
 
-    # "process": a child process per trial (a crash or leak ends that trial only); "auto":
-    # process on CUDA, none on CPU
+    # "process": trials run in the worker's trial process (a crash ends that trial and the process,
+    # which is replaced); "auto": process on CUDA, none on CPU
     isolation: str = setting("auto", choices=ISOLATIONS)
     # "halve_batch": retry an out-of-memory trial once with half the batch, twice the accumulation
     oom: str = setting("fail", choices=OOM_POLICIES)

@@ -281,8 +281,8 @@ class Objective:
 
 
 def resolve_isolation(spec: StudySpec) -> str:
-    """Where trials train: ``process`` or ``none``; ``auto`` is a child process per trial when
-    training on CUDA (where an out-of-memory or a leak must not take the driver down)."""
+    """Where trials train: ``process`` or ``none``; ``auto`` is the trial process when training on
+    CUDA (where an out-of-memory or a leak must not take the driver down)."""
     from lora_tune.train import resolve_device
 
     chosen = spec.train.isolation
