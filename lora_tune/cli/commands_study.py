@@ -255,6 +255,10 @@ def _optimize_and_report(study: Any, spec: Any, url: str, n_trials: int | None, 
         with _quiet_optuna(), StudyProgress(study, spec, console) as progress:
             result = optimize(study, spec, n_trials=n_trials, timeout=timeout, callbacks=[progress], task=task,
                               on_probe=lambda probe: console.print(describe_probe(probe), markup=False))
+        from lora_tune.study.run.lr_probe import placed_spec
+        from lora_tune.study.trial.record import LR_PROBE
+
+        spec = placed_spec(spec, study.user_attrs.get(LR_PROBE))  # the range the study's probe placed
         confirm = spec.study.confirm
         if confirm is not None and result.stop_reason == "budget":
             from lora_tune.study.trial.confirm import confirm_top
