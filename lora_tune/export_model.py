@@ -32,6 +32,7 @@ from torch import nn
 
 from lora_tune.errors import AdapterFormatError, ConfigError
 from lora_tune.lora.config import LoraConfig
+from lora_tune.safe_files import output_dir
 
 MERGED_MARKER = "lora_tune_merged.json"  # what tells a merged model folder written by export
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -235,28 +236,12 @@ def save_merged(model: nn.Module, tokenizer: Any, folder: Path, marker: Mapping[
 def check_merged_dest(dest: str | os.PathLike) -> bool:
     """Refuse a ``--merged`` path that cannot take the model; whether it holds a merged model an
     earlier export wrote (replaced)."""
-    path = Path(dest)
-    if path.name in ("", ".", ".."):
-        raise ConfigError("--merged", str(dest), "a directory path ending in a folder name")
-    if path.is_symlink():
-        raise ConfigError("--merged", str(dest), _MERGED_ALLOWED + " (not a symlink)", "Give the directory itself.")
-    if not os.path.lexists(path):
-        if not path.parent.is_dir():
-            raise ConfigError("--merged", str(dest), "a directory path whose parent folder exists")
-        return False
-    if not path.is_dir():
-        raise ConfigError("--merged", str(dest), _MERGED_ALLOWED, "It is not a directory.")
-    try:
-        entries = list(path.iterdir())
-    except OSError as exc:
-        raise ConfigError("--merged", str(dest), _MERGED_ALLOWED, exc.strerror or str(exc)) from None
-    if not entries:
-        return False
-    marker = path / MERGED_MARKER
-    if marker.is_file() and not marker.is_symlink():
-        return True
-    raise ConfigError("--merged", str(dest), _MERGED_ALLOWED,
-                      "It holds other files: " + ", ".join(sorted(p.name for p in entries)[:5]))
+
+    def merged_before(path: Path, entries: list[Path]) -> bool:
+        marker = path / MERGED_MARKER
+        return marker.is_file() and not marker.is_symlink()
+
+    return output_dir(dest, "--merged", _MERGED_ALLOWED, merged_before, parent_must_exist=True)
 
 
 # -- PiSSA -> plain LoRA ------------------------------------------------------------------------------

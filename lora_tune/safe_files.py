@@ -174,3 +174,33 @@ def place_dir(staging: Path, target: str | os.PathLike, replace: bool = False) -
         raise
     shutil.rmtree(aside, ignore_errors=True)
     return True
+
+
+def output_dir(dest: str | os.PathLike, option: str, allowed: str,
+               written_before: Callable[[Path, list[Path]], bool], parent_must_exist: bool = False) -> bool:
+    """Check a folder an export writes (``option``: its command-line option): a new or an empty
+    folder (False), or one an earlier export wrote (``written_before(path, entries)``: True, to be
+    replaced); a symlink, a file, an unreadable folder or one holding other files is a ConfigError."""
+    path = Path(dest)
+    if path.name in ("", ".", ".."):
+        raise ConfigError(option, str(dest), "a directory path ending in a folder name")
+    if path.is_symlink():
+        hint = (f"It is a symlink to {os.readlink(path)}" + ("" if path.exists() else ", which does not exist")
+                + "; give the directory itself.")
+        raise ConfigError(option, str(dest), allowed + " (not a symlink)", hint)
+    if not os.path.lexists(path):
+        if parent_must_exist and not path.parent.is_dir():
+            raise ConfigError(option, str(dest), "a directory path whose parent folder exists")
+        return False
+    if not path.is_dir():
+        raise ConfigError(option, str(dest), allowed, "It is not a directory.")
+    try:
+        entries = list(path.iterdir())
+    except OSError as exc:
+        raise ConfigError(option, str(dest), allowed, exc.strerror or str(exc)) from None
+    if not entries:
+        return False
+    if written_before(path, entries):
+        return True
+    shown = ", ".join(sorted(p.name for p in entries)[:5])
+    raise ConfigError(option, str(dest), allowed, f"It holds other files: {shown}")

@@ -196,7 +196,8 @@ def test_fit_uses_the_schedule_at_every_step_with_warmup_from_the_ratio():
 
 def test_eval_steps_evaluates_every_n_optimizer_steps_and_at_the_end():
     task = TokenTask()
-    result = fit(task.build_model(), task, TrainConfig(epochs=2, batch_size=4, eval_steps=3, device="cpu", diverged_after=None))
+    config = TrainConfig(epochs=2, batch_size=4, eval_steps=3, device="cpu", diverged_after=None)
+    result = fit(task.build_model(), task, config)
     assert [row["step"] for row in result.history] == [3, 6, 9, 12, 15, 16]
 
 

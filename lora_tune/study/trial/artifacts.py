@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from lora_tune.errors import AdapterFormatError, ConfigError
 from lora_tune.study import _optuna_private as private
 from lora_tune.study.trial import record
+from lora_tune.safe_files import output_dir
 
 # optuna.artifacts keeps the ImportError of boto3 / google.api_core with the frames that imported
 # it, whoever that was (often a function holding a task and its model): let those frames go.
@@ -214,27 +215,7 @@ _EXPORTED = {"manifest.json", *FORMATS}  # what an exported adapter folder holds
 def check_adapter_dest(dest: str | os.PathLike) -> bool:
     """Refuse an ``--adapter`` path that cannot take the adapter; whether it holds an adapter
     exported earlier, to be replaced."""
-    path = Path(dest)
-    if path.name in ("", ".", ".."):
-        raise ConfigError("--adapter", str(dest), "a directory path ending in a folder name")
-    if path.is_symlink():
-        hint = (f"It is a symlink to {os.readlink(path)}" + ("" if path.exists() else ", which does not exist")
-                + "; give the directory itself.")
-        raise ConfigError("--adapter", str(dest), _DEST_ALLOWED + " (not a symlink)", hint)
-    if not os.path.lexists(path):
-        return False
-    if not path.is_dir():
-        raise ConfigError("--adapter", str(dest), _DEST_ALLOWED, "It is not a directory.")
-    try:
-        entries = list(path.iterdir())
-    except OSError as exc:
-        raise ConfigError("--adapter", str(dest), _DEST_ALLOWED, exc.strerror or str(exc)) from None
-    if not entries:
-        return False
-    if _is_exported_adapter(path, entries):
-        return True
-    raise ConfigError("--adapter", str(dest), _DEST_ALLOWED,
-                      "It holds other files: " + ", ".join(sorted(p.name for p in entries)[:5]))
+    return output_dir(dest, "--adapter", _DEST_ALLOWED, _is_exported_adapter)
 
 
 def _is_exported_adapter(path: Path, entries: list[Path]) -> bool:
