@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from lora_tune.errors import ConfigError, short
+from lora_tune.train.train_config import torch_threads
 import lora_tune.tasks.base_cache as base_cache  # not `from lora_tune.tasks`: no import of the package
 
 FIELD = "task.model"
@@ -135,7 +136,7 @@ def load_base(model_dir: str | Path, *, auto_class: str | type = "AutoModelForCa
     problems: list[str] = []
     facts = {"auto_class": _class_name(auto_class), "dtype": str(dtype), "quant": quant and quant.facts(),
              "skip": skip, "device": device.type}
-    with _torch_threads(threads):
+    with torch_threads(threads):
         entry, corrupt = None, False
         if cache_dir is not None:
             try:
@@ -391,18 +392,6 @@ def _key_mapper(model: nn.Module, expected: set[str]) -> Callable[[str], tuple[s
 
 
 # -- reading the checkpoint ------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if threads:
-            torch.set_num_threads(before)
-
 
 @contextlib.contextmanager
 def _reading(path: Path) -> Iterator[None]:

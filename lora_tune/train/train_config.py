@@ -2,6 +2,8 @@
 training device can run (:func:`resolve_device`, :func:`resolve_precision`)."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -90,3 +92,16 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16
     raise ConfigError("train.precision", precision, ", ".join(PRECISIONS))
 
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (``train.threads``; None: unchanged), restoring the count after."""
+    previous = torch.get_num_threads()
+    if n is None or n == previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -43,6 +43,7 @@ from lora_tune.study import _optuna_private as private
 from lora_tune.study.schema.space import TRAIN_KEYS, Param, SearchSpace
 from lora_tune.study.schema.spec import StudySpec
 from lora_tune.study.trial import record
+from lora_tune.train.train_config import torch_threads
 
 _logger = logging.getLogger("lora_tune.study")
 
@@ -134,7 +135,7 @@ def run_probe(task: Any, plan: ProbePlan) -> dict[str, Any]:
     from lora_tune.train.lr_range import range_test
 
     config = LoraConfig(**plan.lora, modules_to_save=list(getattr(task, "modules_to_save", None) or []))
-    with _torch_threads(plan.threads):
+    with torch_threads(plan.threads):
         model, _how = lease_base(task, config, resolve_device(plan.train.device))
         clean = True
         try:
@@ -356,18 +357,3 @@ def describe(probe: Mapping[str, Any] | None) -> str | None:
         low, high = probe["range"]
         text += f"; learning_rate searched in [{low:.3g}, {high:.3g}]"
     return text
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    import torch
-
-    previous = torch.get_num_threads()
-    if n is None or n == previous:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -43,6 +43,7 @@ from typing import Any
 from collections.abc import Callable, Iterator
 
 from lora_tune.errors import LoraTuneError, NonFiniteLossError, TrainingOutOfMemoryError
+from lora_tune.train.train_config import torch_threads
 
 OnBuilt = Callable[[Any, str], bool]  # (InjectReport, base load: built/resident/cache) -> go on?
 OnEval = Callable[[int, int, dict], bool]  # (step, eval index, metrics) -> stop?
@@ -127,7 +128,7 @@ def build_and_train(task: Any, plan: TrialPlan, hooks: Hooks) -> TrialOutcome:
 
     config = LoraConfig(**plan.lora, modules_to_save=list(task.modules_to_save))
     adapt = getattr(task, "adapt", None)  # tasks may adapt with another injector (trainer: PEFT)
-    with _torch_threads(plan.threads):  # a base quantized on load honours train.threads
+    with torch_threads(plan.threads):  # a base quantized on load honours train.threads
         if adapt is not None:
             model, how = task.build_model(), "built"
         else:
@@ -143,7 +144,7 @@ def build_and_train(task: Any, plan: TrialPlan, hooks: Hooks) -> TrialOutcome:
         if not hooks.built(outcome.report, how):
             return outcome
         train_adapted = getattr(task, "train_adapted", None)  # tasks with their own trainer
-        with _torch_threads(plan.threads):
+        with torch_threads(plan.threads):
             if train_adapted is not None:  # its trainer's own setup counts as training
                 outcome.first_step_at = time.perf_counter()
                 outcome.result = train_adapted(model, plan.train, hooks.evaluated, params=plan.params,
@@ -540,17 +541,3 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` torch CPU threads (None: unchanged), restoring the previous count."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if n is None or n == previous:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
