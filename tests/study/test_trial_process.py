@@ -94,3 +94,18 @@ def test_a_task_that_fails_to_build_while_prestarting_fails_the_first_trial_with
     trial = _one(Objective(spec), study)
     assert trial.state == TrialState.FAIL and "toy task: init exploded" in trial.user_attrs["fail_reason"]
     close_trial_processes()
+
+
+def test_cuda_out_of_memory_fails_the_trial_and_the_next_trial_gets_a_fresh_process():
+    close_trial_processes()
+    study = optuna.create_study(direction="maximize")
+    healthy = Objective(_spec())
+    assert _one(healthy, study).state == TrialState.COMPLETE
+    (healthy_pid,) = trial_process_pids()
+    oom = Objective(_spec({"cuda_oom": True}))
+    trial = _one(oom, study)
+    assert trial.state == TrialState.FAIL and "out of memory" in trial.user_attrs["fail_reason"]
+    assert trial_process_pids() == [healthy_pid]  # the one that ran out of CUDA memory exited, not kept
+    assert _one(oom, study).state == TrialState.FAIL  # in a fresh process again
+    assert trial_process_pids() == [healthy_pid]
+    close_trial_processes()

@@ -4,7 +4,9 @@
 ``nan_after`` (the loss becomes NaN after that many calls), ``fail_in`` ("init", "build_model" or
 "evaluate": raise there), ``die_at_loss_call`` (SIGKILL its own process at that call: for
 trials in a child process only), ``oom_above_batch`` (raise torch's OutOfMemoryError for
-training batches larger than that). The base model is a fixed random init, so LoRA has real work to do.
+training batches larger than that), ``cuda_oom`` (raise lora-tune's out-of-memory error as CUDA
+reports it, at the first training batch: what a trial process must not survive). The base model
+is a fixed random init, so LoRA has real work to do.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import nn
 
 from lora_tune.tasks.base import Task, classification_metrics, eval_mode, index_batches
 from lora_tune.tasks.resident import ResidentBase
+from lora_tune.errors import TrainingOutOfMemoryError
 
 DIM, CLASSES, FEATURES = 16, 3, 8
 
@@ -56,7 +59,7 @@ class ToyTask(Task):
 
     def __init__(self, n_train: int = 192, n_test: int = 96, seed: int = 0, nan_after: int | None = None,
                  fail_in: str | None = None, die_at_loss_call: int | None = None,
-                 oom_above_batch: int | None = None):
+                 oom_above_batch: int | None = None, cuda_oom: bool = False):
         if fail_in == "init":
             raise RuntimeError("toy task: init exploded")
         gen = torch.Generator().manual_seed(seed)
@@ -71,7 +74,7 @@ class ToyTask(Task):
         self.nan_after, self.fail_in, self.calls = nan_after, fail_in, 0
         # trials lease one resident base, as the built-in tasks' do (lora_tune.tasks.resident)
         self.resident = ResidentBase(lambda variant: (self.build_model().to(variant.device), "built"))
-        self.die_at_loss_call, self.oom_above_batch = die_at_loss_call, oom_above_batch
+        self.die_at_loss_call, self.oom_above_batch, self.cuda_oom = die_at_loss_call, oom_above_batch, cuda_oom
 
     def build_model(self) -> nn.Module:
         if self.fail_in == "build_model":
@@ -94,6 +97,8 @@ class ToyTask(Task):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.oom_above_batch is not None and len(y) > self.oom_above_batch:
             raise torch.OutOfMemoryError(f"toy task: no room for a batch of {len(y)}")
+        if self.cuda_oom and model.training:
+            raise TrainingOutOfMemoryError(len(y), 2**30, "cuda:0")
         loss = nn.functional.cross_entropy(model(x), y)
         if self.nan_after is not None and self.calls > self.nan_after:
             loss = loss * float("nan")
