@@ -16,7 +16,7 @@ from lora_tune.train.divergence import DivergenceCheck, non_finite
 from lora_tune.train.callbacks import batch_examples
 from lora_tune.train.train_config import TrainConfig, resolve_device, resolve_precision
 from lora_tune.train.memory import MemoryMeter, peak_total_bytes
-from lora_tune.train.optim import build_optimizer, build_scheduler
+from lora_tune.train.optim import apply_step, build_optimizer, build_scheduler
 from lora_tune.train.result import TrainResult
 from lora_tune.train.task import TrainTask
 
@@ -135,16 +135,7 @@ def fit(model: torch.nn.Module, task: TrainTask, config: TrainConfig, on_eval: O
             return
         step_loss = sum(value * weight / total for value, weight in zip(values, weights))
         watch.step(step_loss)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_step(optimizer, params, config.grad_clip, scaler)
         scheduler.step()
         state.step += 1
         state.losses.append(step_loss)

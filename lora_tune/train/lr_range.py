@@ -24,7 +24,7 @@ import torch
 
 from lora_tune.errors import ConfigError
 from lora_tune.train.loop import enable_gradient_checkpointing
-from lora_tune.train.optim import build_optimizer
+from lora_tune.train.optim import apply_step, build_optimizer
 from lora_tune.train.task import TrainTask
 from lora_tune.train.train_config import TrainConfig, resolve_device, resolve_precision
 
@@ -118,16 +118,7 @@ def range_test(model: torch.nn.Module, task: TrainTask, config: TrainConfig, rat
                 optimizer.zero_grad(set_to_none=True)
                 stopped = f"the loss was {loss} at rate {rate:.3g}"
                 break
-            if config.grad_clip is not None:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_step(optimizer, params, config.grad_clip, scaler)
             losses.append(loss)
             smoothed = smooth(losses)
             if smoothed[-1] > DIVERGED * min(smoothed):

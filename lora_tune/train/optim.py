@@ -45,6 +45,21 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return cls(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
+def apply_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], grad_clip: float | None,
+               scaler: torch.amp.GradScaler | None) -> None:
+    """The optimizer step after backward: unscale (fp16), clip the gradient norm, step, zero the grads."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def warmup_steps(config: TrainConfig, planned_steps: int) -> int:
     """``warmup_steps`` when given, else ``ceil(warmup_ratio × planned steps)``."""
     if config.warmup_steps is not None:
