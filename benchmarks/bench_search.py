@@ -7,7 +7,14 @@ On TREC and Subj (``../shared/data``), with one fixed small per-trial budget and
 * **(b) lora-tune, previous defaults** - ``lora-tune run`` on a study file as the README
   wrote them before nested ranks: TPE, median pruner, a baseline trial, ``rank: {choices}``;
 * **(c) lora-tune, cheaper search** - the same study with ``rank: {nested: [...]}``, Hyperband
-  on training steps with ``fidelity.min_steps``, and ``warm_start: defaults``.
+  on training steps with ``fidelity.min_steps``, and ``warm_start: defaults``;
+* **(d) lora-tune init** - the study ``lora-tune init minilm`` writes (its space, sampler, pruner,
+  learning-rate probe, warm start and confirmation), on the same data and per-trial budget;
+* **(r) random search** - plain Optuna ``RandomSampler`` over PEFT configs (the anchor's loop),
+  given the search compute (d) used (or (c)'s, else ``--trials``): "random at equal compute".
+
+TREC and Subj are the tuned pair (defaults may be chosen on them); CR and MPQA are held out
+(``../shared/data/README.md``): never used to choose a default, reported apart.
 
 Every arm searches the same space (rank, alpha ratio, targets, learning rate) for the same
 number of trials, then re-runs its 3 best distinct configs with 2 more seeds (``study.confirm``
@@ -17,7 +24,7 @@ search in full-trial equivalents (a trial that trained all its planned steps is 
 its share; a nested-rank result 0, its training is its parent's), the compute until the search
 first reached the anchor's final best, and wall time.
 
-    python benchmarks/bench_search.py                      # both data sets, about 50 minutes on 2 cores
+    python benchmarks/bench_search.py                      # all four data sets, several hours on 2 cores
     python benchmarks/bench_search.py --datasets trec --trials 6   # a quick look
 
 Dev sets are carved from the training files (seeded), so no arm is tuned on a test set.
@@ -150,12 +157,17 @@ def _rows(path: Path) -> list[tuple[str, int]]:
         return [(r["text"], int(r["label"])) for r in csv.DictReader(f)]
 
 
-def run_anchor(train: Path, dev: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_anchor(train: Path, dev: Path, args: argparse.Namespace, random_trials: int | None = None) -> dict[str, Any]:
+    """(a): TPE + median pruner; with ``random_trials``, (r): that many random-search trials, unpruned."""
     objective = Anchor(train, dev, args)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=args.seed),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1))
+    if random_trials is None:
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=args.seed),
+                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1))
+    else:
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=args.seed),
+                                    pruner=optuna.pruners.NopPruner())
     start = time.perf_counter()
-    study.optimize(objective, n_trials=args.trials)
+    study.optimize(objective, n_trials=random_trials or args.trials)
     search_seconds = time.perf_counter() - start
     results = [(_anchor_share(t, objective.steps), t.value if t.state.name == "COMPLETE" else None)
                for t in study.trials]
@@ -183,7 +195,22 @@ def _anchor_share(trial: optuna.trial.FrozenTrial, planned: int) -> float:
 
 # --- (b), (c): lora-tune study files ---------------------------------------------------------------
 
+def init_study_file(name: str, train: Path, dev: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """(d): what ``lora-tune init minilm`` writes, with this benchmark's data and per-trial budget."""
+    from lora_tune.study.schema.templates import study_template
+
+    template = study_template("minilm", train_file=str(train), eval_file=str(dev), name=f"{name}-d",
+                              n_trials=args.trials)
+    template["study"]["sampler"]["seed"] = args.seed
+    template["task"].update({"max_length": args.max_length, "seed": args.seed})
+    template["train"].update({"epochs": args.epochs, "batch_size": args.batch_size, "evals_per_epoch": args.evals,
+                              "seed": args.seed, "device": "cpu", "threads": args.threads})
+    return template
+
+
 def study_file(arm: str, name: str, train: Path, dev: Path, args: argparse.Namespace) -> dict[str, Any]:
+    if arm == "d":
+        return init_study_file(name, train, dev, args)
     cheaper = arm == "c"
     study: dict[str, Any] = {
         "name": f"{name}-{arm}", "direction": "maximize", "metric": "accuracy",
@@ -271,7 +298,7 @@ def compute_to_reach(results: list[tuple[float, float | None]], target: float) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["trec", "subj"], choices=["trec", "subj"])
+    parser.add_argument("--datasets", nargs="+", default=[*TUNED, *HELD_OUT], choices=[*TUNED, *HELD_OUT])
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--train-examples", type=int, default=1200)
     parser.add_argument("--dev-examples", type=int, default=200)
@@ -284,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="(c): study.fidelity.data_fraction")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--arms", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    parser.add_argument("--arms", nargs="+", default=["a", "b", "c", "d", "r"], choices=list(LABELS),
+                        help="run in this order; r takes the search compute of d (else c) run before it")
     parser.add_argument("--json", type=Path, help="also write every number here")
     args = parser.parse_args(argv)
     if len(args.data_fraction) == 1:
@@ -298,8 +326,13 @@ def main(argv: list[str] | None = None) -> int:
             arms: dict[str, Any] = {}
             for arm in args.arms:
                 print(f"{name} ({arm}) ...", flush=True)
-                arms[arm] = (run_anchor(train, dev, args) if arm == "a"
-                             else run_lora_tune(arm, name, train, dev, work, args))
+                if arm == "a":
+                    arms[arm] = run_anchor(train, dev, args)
+                elif arm == "r":
+                    ref = arms.get("d") or arms.get("c")
+                    arms[arm] = run_anchor(train, dev, args, max(1, round(ref["compute"])) if ref else args.trials)
+                else:
+                    arms[arm] = run_lora_tune(arm, name, train, dev, work, args)
             if "a" in arms:
                 for arm in arms.values():
                     arm["to_anchor_best"] = compute_to_reach(arm["results"], arms["a"]["best"])
@@ -311,12 +344,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 LABELS = {"a": "(a) Optuna TPE + median over PEFT", "b": "(b) lora-tune, previous defaults",
-          "c": "(c) lora-tune, nested + Hyperband + warm start"}
+          "c": "(c) lora-tune, nested + Hyperband + warm start", "d": "(d) lora-tune init's study",
+          "r": "(r) random search over PEFT, equal compute"}
+TUNED, HELD_OUT = ("trec", "subj"), ("cr", "mpqa")  # defaults may be chosen on TUNED only
 
 
 def table(name: str, arms: dict[str, Any], args: argparse.Namespace) -> str:
-    lines = [(f"\n{name}: {args.trials} trials, {args.train_examples} training examples, {args.epochs} epoch, "
-              f"batch {args.batch_size}, dev {args.dev_examples}"),
+    role = "held out: never used to choose a default" if name in HELD_OUT else "tuned pair"
+    lines = [(f"\n{name} ({role}): {args.trials} trials, {args.train_examples} training examples, "
+              f"{args.epochs} epoch, batch {args.batch_size}, dev {args.dev_examples}"),
              ("| arm | best (search) | confirmed best (mean ± std, 3 seeds) | search compute "
               "| compute to anchor's best | search s | confirm s |"), "|---|---|---|---|---|---|---|"]
     anchor = arms.get("a")
@@ -327,18 +363,22 @@ def table(name: str, arms: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append(f"| {LABELS[key]} | {arm['best']:.3f} | {arm['confirmed_mean']:.3f} ± {arm['confirmed_std']:.3f} "
                      f"| {arm['compute']:.2f} | {reach_text} "
                      f"| {arm['search_seconds']:.0f} | {arm['confirm_seconds']:.0f} |")
-    if anchor and "c" in arms:
-        lines.append("goal ((c) reaches (a)'s best with <= 1/2 of (a)'s search compute, confirmed best >= (a)'s): "
-                     + ("met" if goal_met(arms) else "not met"))
+    for key in ("c", "d"):
+        if anchor and key in arms:
+            lines.append(f"goal ({key}) reaches (a)'s best with <= 1/2 of (a)'s search compute, confirmed best "
+                         f">= (a)'s{' and >= (r)s' if 'r' in arms else ''}: "
+                         + ("met" if goal_met(arms, key) else "not met"))
     return "\n".join(lines)
 
 
-def goal_met(arms: dict[str, Any]) -> bool:
-    """The issue's goal on one data set: (c) reaches the anchor's best with at most half the
-    anchor's search compute, and its confirmed best is at least the anchor's."""
-    a, c = arms["a"], arms["c"]
-    return (c["to_anchor_best"] is not None and c["to_anchor_best"] <= a["compute"] / 2
-            and c["confirmed_mean"] >= a["confirmed_mean"])
+def goal_met(arms: dict[str, Any], key: str = "c") -> bool:
+    """The goal on one data set: arm ``key`` reaches the anchor's best with at most half the
+    anchor's search compute, and its confirmed best is at least the anchor's (and random search's
+    at equal compute, when it ran)."""
+    a, arm = arms["a"], arms[key]
+    beats_random = "r" not in arms or arm["confirmed_mean"] >= arms["r"]["confirmed_mean"]
+    return (arm["to_anchor_best"] is not None and arm["to_anchor_best"] <= a["compute"] / 2
+            and arm["confirmed_mean"] >= a["confirmed_mean"] and beats_random)
 
 
 if __name__ == "__main__":

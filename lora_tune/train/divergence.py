@@ -6,9 +6,10 @@ a training has diverged when
 
 * its training loss since the last evaluation is above ``diverged_loss_ratio`` times its starting
   loss (the mean over its first steps, where the adapter still is the base), or
-* the task's ``accuracy`` is within ``diverged_chance_margin`` of predicting the majority class
-  (``Task.majority_accuracy``) *and* its training loss has not fallen below 0.95 times its start
-  (a slow learner whose loss falls is left alone, whatever its accuracy so far).
+* at least half of the planned steps are done, the task's ``accuracy`` is within
+  ``diverged_chance_margin`` of predicting the majority class (``Task.majority_accuracy``) *and*
+  its training loss has not fallen below 0.95 times its start (a slow learner whose loss falls is
+  left alone, whatever its accuracy so far; a short training is given half its steps to learn).
 
 A non-finite loss is a divergence at once, at the step it appears. ``diverged_after: null``
 turns the check off (a non-finite loss then fails the trial, as a ``NonFiniteLossError``).
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 START_STEPS = 0.05  # the starting loss: the mean over this share of the planned steps (at least one)
 LEARNING = 0.95  # a loss below this share of its start is learning, whatever the accuracy
+CHANCE_AFTER = 0.5  # "nothing learned" (the majority class) is judged from this share of the planned steps
 
 
 @dataclass
@@ -52,8 +54,8 @@ class DivergenceCheck:
             return (f"training loss {recent_loss:.4g} at step {step} is above {self.loss_ratio:g} x its start "
                     f"{start:.4g}")
         accuracy = metrics.get("accuracy")
-        if (self.majority is not None and accuracy is not None and accuracy <= self.majority + self.chance_margin
-                and recent_loss >= LEARNING * start):
+        if (self.majority is not None and accuracy is not None and step >= CHANCE_AFTER * self.planned
+                and accuracy <= self.majority + self.chance_margin and recent_loss >= LEARNING * start):
             return (f"accuracy {accuracy:.4g} at step {step} is at the majority class's {self.majority:.4g} "
                     f"and the training loss {recent_loss:.4g} has not fallen from {start:.4g}")
         return None

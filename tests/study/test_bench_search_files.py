@@ -20,7 +20,7 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize("arm", ["b", "c"])
+@pytest.mark.parametrize("arm", ["b", "c", "d"])
 def test_benchmark_study_files_validate(bench, arm, tmp_path):
     args = argparse.Namespace(
         trials=4, max_length=32, seed=0, epochs=1, batch_size=8, evals=4, threads=1, min_steps=20, data_fraction=1.0)
@@ -29,8 +29,11 @@ def test_benchmark_study_files_validate(bench, arm, tmp_path):
     raw = bench.study_file(arm, "trec", tmp_path / "train.csv", tmp_path / "dev.csv", args)
     spec = validate_spec(raw)
     assert spec.study.confirm is not None and spec.study.confirm.top == bench.CONFIRM_TOP
-    assert spec.study.pruner.type == ("hyperband" if arm == "c" else "median")
-    assert (spec.study.warm_start == "defaults") == (arm == "c")
+    assert spec.study.pruner.type == ("median" if arm == "b" else "hyperband")
+    assert (spec.study.warm_start == "defaults") == (arm in ("c", "d"))
+    if arm == "d":  # the study lora-tune init writes, on the benchmark's data and budget
+        assert spec.study.lr_probe and "choices" in raw["search_space"]["rank"]
+        assert spec.task["train_file"] == str(tmp_path / "train.csv") and spec.train.batch_size == 8
 
 
 def test_compute_to_reach_counts_until_the_first_result_at_the_target(bench):
@@ -46,3 +49,11 @@ def test_goal_needs_half_the_anchor_compute_and_a_confirmed_best_at_least_the_an
     assert not bench.goal_met({"a": a, "c": {"to_anchor_best": 4.5, "confirmed_mean": 0.90}})
     assert not bench.goal_met({"a": a, "c": {"to_anchor_best": 1.0, "confirmed_mean": 0.79}})
     assert not bench.goal_met({"a": a, "c": {"to_anchor_best": None, "confirmed_mean": 0.90}})
+
+
+def test_the_default_arm_must_also_beat_random_search_at_equal_compute(bench):
+    a = {"compute": 8.0, "confirmed_mean": 0.80, "to_anchor_best": 3.0}
+    d = {"to_anchor_best": 3.0, "confirmed_mean": 0.82}
+    assert bench.goal_met({"a": a, "d": d, "r": {"confirmed_mean": 0.81}}, "d")
+    assert not bench.goal_met({"a": a, "d": d, "r": {"confirmed_mean": 0.83}}, "d")
+    assert set(bench.TUNED).isdisjoint(bench.HELD_OUT) and set(bench.HELD_OUT) == {"cr", "mpqa"}

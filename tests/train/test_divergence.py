@@ -81,3 +81,13 @@ def test_thresholds_out_of_range_name_the_key(key, value, allowed):
 
     with pytest.raises(ConfigError, match=rf"{key}.*{allowed}"):
         TrainConfig(**{key: value})
+
+
+def test_a_training_that_learns_nothing_is_stopped_at_the_majority_class_only_after_half_its_steps():
+    task = ToyTask()
+    task.majority_accuracy = 1.0  # every evaluation is "at the majority class"
+    result = _train(task, learning_rate=1e-9)  # the loss cannot fall
+    assert result.diverged is not None and "majority class" in result.diverged
+    assert 0.5 * result.planned_steps <= result.steps < result.planned_steps
+    learning = _train(ToyTask(), learning_rate=3e-3)  # no majority given: only a rising loss counts
+    assert learning.diverged is None
