@@ -212,33 +212,14 @@ def run_in_child(plan: TrialPlan, hooks: Hooks, poll_seconds: float = 0.5) -> Tr
     """The body in this driver's long-lived trial process for ``plan.task_spec``; see the module
     docstring. A process that died, or reported an error that may have left its base dirty, is
     replaced for the next trial; an interrupted trial takes its process down with it."""
-    key = json.dumps(plan.task_spec, sort_keys=True, default=str)
-    with _LOCK:  # taken out of the pool while in use: a concurrent trial starts its own
-        child = _POOL.pop(key, None)
-    if child is None or not child.process.is_alive():
-        child = TrialProcess(plan.task_spec)
-    keep = False
-    with tempfile.TemporaryDirectory(prefix="lora-tune-trial-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lora-tune-trial-") as tmp, _lease(plan.task_spec) as child:
         plan = TrialPlan(**{**plan.__dict__, "adapter_archive": str(Path(tmp) / "adapter.zip")})
-        try:
-            child.conn.send(("trial", plan))
-            outcome = _serve(child.conn, child.process, hooks, poll_seconds)
-            keep = True
-            if outcome.adapter_archive:  # keep it past the temporary directory
-                outcome.adapter_archive = _keep(outcome.adapter_archive)
-            outcome.rank_archives = {r: _keep(path) for r, path in outcome.rank_archives.items()}
-            return outcome
-        except _ChildFailed as failed:
-            keep = not failed.dirty
-            raise failed.error from None
-        finally:
-            if keep and child.process.is_alive():
-                with _LOCK:
-                    pooled = _POOL.setdefault(key, child) is child
-                if not pooled:  # another trial's process went back first: one per task is enough
-                    child.close()
-            else:
-                child.close(wait=0.0)
+        child.conn.send(("trial", plan))
+        outcome = _serve(child, hooks, poll_seconds)
+        if outcome.adapter_archive:  # keep it past the temporary directory
+            outcome.adapter_archive = _keep(outcome.adapter_archive)
+        outcome.rank_archives = {r: _keep(path) for r, path in outcome.rank_archives.items()}
+        return outcome
 
 
 def call_in_child(task_spec: dict, function: Callable[..., Any], *args: Any, poll_seconds: float = 0.5) -> Any:
@@ -247,41 +228,51 @@ def call_in_child(task_spec: dict, function: Callable[..., Any], *args: Any, pol
     trials run and keep no model in the driver, such as the learning-rate probe before the first
     trial. The process and its resident base stay in the pool for the trials; errors come back as
     :func:`run_in_child`'s do."""
-    key = json.dumps(task_spec, sort_keys=True, default=str)
+    with _lease(task_spec) as child:
+        child.conn.send(("call", function, args))
+        kind, payload = _receive(child, poll_seconds)
+        if kind == "result":
+            return payload[0]
+        if kind == "error":
+            *described, dirty = payload
+            raise _ChildFailed(_rebuild_error(*described), dirty)
+        raise RuntimeError(f"unexpected message {kind!r} from the trial process")  # pragma: no cover
+
+
+def _key(task_spec: dict) -> str:
+    return json.dumps(task_spec, sort_keys=True, default=str)
+
+
+@contextlib.contextmanager
+def _lease(task_spec: dict) -> Iterator[TrialProcess]:
+    """This driver's idle trial process for ``task_spec`` (a new one when none is idle), out of the
+    pool while in use (a concurrent trial starts its own) and back in it after, unless it died, was
+    interrupted or reported an error that may have left its base dirty: then it is closed."""
+    key = _key(task_spec)
     with _LOCK:
         child = _POOL.pop(key, None)
     if child is None or not child.process.is_alive():
         child = TrialProcess(task_spec)
     keep = False
     try:
-        child.conn.send(("call", function, args))
-        while True:
-            if not child.conn.poll(poll_seconds):
-                if not child.process.is_alive():
-                    child.process.join()
-                    raise TrialProcessDied(_death_reason(child.process.exitcode))
-                continue
-            try:
-                kind, *payload = child.conn.recv()
-            except (EOFError, OSError):
-                child.process.join(timeout=10)
-                raise TrialProcessDied(_death_reason(child.process.exitcode)) from None
-            if kind == "result":
-                keep = True
-                return payload[0]
-            if kind == "error":
-                *described, dirty = payload
-                keep = not dirty
-                raise _rebuild_error(*described)
-            raise RuntimeError(f"unexpected message {kind!r} from the trial process")  # pragma: no cover
+        yield child
+        keep = True
+    except _ChildFailed as failed:
+        keep = not failed.dirty
+        raise failed.error from None
     finally:
-        if keep and child.process.is_alive():
-            with _LOCK:
-                pooled = _POOL.setdefault(key, child) is child
-            if not pooled:
-                child.close()
-        else:
-            child.close(wait=0.0)
+        _pool(key, child, keep)
+
+
+def _pool(key: str, child: TrialProcess, keep: bool = True) -> None:
+    """Keep ``child`` as the idle process of its task, or close it."""
+    if not keep or not child.process.is_alive():
+        child.close(wait=0.0)
+        return
+    with _LOCK:
+        pooled = _POOL.setdefault(key, child) is child
+    if not pooled:  # another process of the task went back first: one idle per task is enough
+        child.close()
 
 
 class TrialProcess:
@@ -313,16 +304,12 @@ _LOCK = threading.Lock()
 def prestart(task_spec: dict) -> None:
     """Start the trial process for ``task_spec`` now and let it build its task (imports, data),
     so that the first trial does not wait for them; a no-op when one is already idle."""
-    key = json.dumps(task_spec, sort_keys=True, default=str)
     with _LOCK:
-        if key in _POOL:
+        if _key(task_spec) in _POOL:
             return
     child = TrialProcess(task_spec)
     child.conn.send(("warm",))
-    with _LOCK:
-        pooled = _POOL.setdefault(key, child) is child
-    if not pooled:
-        child.close()
+    _pool(_key(task_spec), child)
 
 
 def close_trial_processes() -> None:
@@ -380,20 +367,27 @@ PRELOAD = ("torch", "lora_tune.study.trial.trial_process", "lora_tune.tasks", "l
            "lora_tune.study.trial.artifacts")
 
 
-def _serve(conn: Any, process: Any, hooks: Hooks, poll_seconds: float) -> TrialOutcome:
+def _receive(child: TrialProcess, poll_seconds: float) -> tuple[str, list[Any]]:
+    """The trial process's next message; :class:`TrialProcessDied` when it dies first."""
+    conn, process = child.conn, child.process
+    while not conn.poll(poll_seconds):
+        if not process.is_alive():
+            process.join()
+            raise TrialProcessDied(_death_reason(process.exitcode))
+    try:
+        kind, *payload = conn.recv()
+    except (EOFError, OSError):
+        process.join(timeout=10)
+        raise TrialProcessDied(_death_reason(process.exitcode)) from None
+    return kind, payload
+
+
+def _serve(child: TrialProcess, hooks: Hooks, poll_seconds: float) -> TrialOutcome:
     """Answer the child's messages until it sends its outcome or dies."""
+    conn = child.conn
     report = None
     while True:
-        if not conn.poll(poll_seconds):
-            if not process.is_alive():
-                process.join()
-                raise TrialProcessDied(_death_reason(process.exitcode))
-            continue
-        try:
-            kind, *payload = conn.recv()
-        except (EOFError, OSError):
-            process.join(timeout=10)
-            raise TrialProcessDied(_death_reason(process.exitcode)) from None
+        kind, payload = _receive(child, poll_seconds)
         if kind == "built":
             report, base_load = payload
             go = hooks.built(report, base_load)
