@@ -12,6 +12,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cli_dir(tmp_path, monkeypatch) -> Path:
+    """A scratch working directory for command-line runs: no ``LORA_TUNE_STORAGE`` from the
+    environment, the repository importable (studies name factories under ``tests``)."""
+    monkeypatch.delenv("LORA_TUNE_STORAGE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    return tmp_path

@@ -16,7 +16,6 @@ from lora_tune.cli.main import cli
 from lora_tune.report.data import summary_data
 from lora_tune.study.trial import record
 
-ROOT = Path(__file__).resolve().parents[2]
 STUDY = {
     "study": {"name": "probed", "n_trials": 2, "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"},
               "baseline": False, "lr_probe": {"steps": 12, "data_share": 0.5, "range": [0.25, 4]}},
@@ -26,14 +25,6 @@ STUDY = {
     # 192 examples in batches of 64: 3 steps a trial
     "train": {"epochs": 1, "batch_size": 64, "evals_per_epoch": 1, "device": "cpu", "threads": 1},
 }
-
-
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.delenv("LORA_TUNE_STORAGE", raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(ROOT))
-    return tmp_path
 
 
 def _write(folder: Path, study: dict) -> Path:
@@ -52,9 +43,9 @@ def _invoke(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_run_show_list_and_the_report_count_the_probe_in_one_account(in_tmp):
-    url = f"sqlite:///{in_tmp / 'probed.db'}"
-    path = _write(in_tmp, STUDY)
+def test_run_show_list_and_the_report_count_the_probe_in_one_account(cli_dir):
+    url = f"sqlite:///{cli_dir / 'probed.db'}"
+    path = _write(cli_dir, STUDY)
     code, run = _invoke("run", str(path), "--storage", url)
     assert code == 0, run
     code, show = _invoke("study", "show", "probed", "--storage", url)
@@ -77,14 +68,14 @@ def test_run_show_list_and_the_report_count_the_probe_in_one_account(in_tmp):
     assert summary_data(study)["compute"]["line"] == line
 
 
-def test_validate_says_what_the_probe_will_do_and_runs_nothing(in_tmp):
-    code, out = _invoke("validate", str(_write(in_tmp, STUDY)))
+def test_validate_says_what_the_probe_will_do_and_runs_nothing(cli_dir):
+    code, out = _invoke("validate", str(_write(cli_dir, STUDY)))
     assert code == 0, out
     assert ("lr_probe: on, runs before the first trial (12 steps at rates 1e-05 to 1 on 50% of the training "
             "data); the learning_rate range placed at [0.25, 4] x its rate") in out
     off = copy.deepcopy(STUDY)
     off["study"]["lr_probe"] = False
-    code, out = _invoke("validate", str(_write(in_tmp, off)))
+    code, out = _invoke("validate", str(_write(cli_dir, off)))
     assert code == 0 and "lr_probe: off" in out
 
 
@@ -97,18 +88,18 @@ def test_validate_says_what_the_probe_will_do_and_runs_nothing(in_tmp):
     ({"stepz": 3}, "study.lr_probe.stepz", "steps, data_share, range"),
     ("sometimes", "study.lr_probe", "true, false or a mapping"),
 ])
-def test_bad_probe_settings_are_exit_2_naming_the_key_and_what_is_allowed(in_tmp, setting, key, allowed):
+def test_bad_probe_settings_are_exit_2_naming_the_key_and_what_is_allowed(cli_dir, setting, key, allowed):
     bad = copy.deepcopy(STUDY)
     bad["study"]["lr_probe"] = setting
-    path = _write(in_tmp, bad)
-    for command in (["validate", str(path)], ["run", str(path), "--storage", f"sqlite:///{in_tmp / 'x.db'}"]):
+    path = _write(cli_dir, bad)
+    for command in (["validate", str(path)], ["run", str(path), "--storage", f"sqlite:///{cli_dir / 'x.db'}"]):
         code, out = _invoke(*command)
         assert code == 2 and key in out and allowed in out, out
-    assert not (in_tmp / "x.db").exists()
+    assert not (cli_dir / "x.db").exists()
 
 
-def test_a_range_without_a_learning_rate_range_to_place_is_exit_2(in_tmp):
+def test_a_range_without_a_learning_rate_range_to_place_is_exit_2(cli_dir):
     bad = copy.deepcopy(STUDY)
     bad["search_space"]["learning_rate"] = {"choices": [1e-3, 1e-2]}
-    code, out = _invoke("validate", str(_write(in_tmp, bad)))
+    code, out = _invoke("validate", str(_write(cli_dir, bad)))
     assert code == 2 and "study.lr_probe.range" in out and "not a range" in out

@@ -203,25 +203,17 @@ def test_the_task_modules_to_save_is_refused_naming_it(toy_task):
 
 # -- the command line ------------------------------------------------------------------------------
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.delenv("LORA_TUNE_STORAGE", raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(ROOT))
-    return tmp_path
-
-
-def _validate(env: Path, serve: dict, space: dict, factory: str = FACTORY):
+def _validate(cli_dir: Path, serve: dict, space: dict, factory: str = FACTORY):
     data = {"study": {"name": "served", "n_trials": 3, "serve": serve},
             "task": {"type": "python", "factory": factory}, "search_space": space,
             "train": {"epochs": 1, "batch_size": 64, "device": "cpu", "threads": 1}}
-    path = env / "s.yaml"
+    path = cli_dir / "s.yaml"
     path.write_text(yaml.safe_dump(data))
     return CliRunner().invoke(cli, ["validate", str(path)], catch_exceptions=False)
 
 
-def test_validate_lists_every_removed_choice(env):
-    result = _validate(env, {"engine": "vllm", "max_lora_rank": 16}, {**SPACE, "learning_rate": 0.01})
+def test_validate_lists_every_removed_choice(cli_dir):
+    result = _validate(cli_dir, {"engine": "vllm", "max_lora_rank": 16}, {**SPACE, "learning_rate": 0.01})
     assert result.exit_code == 0, result.output
     assert "serve: vLLM, max_lora_rank 16; removed from the search space:" in result.output
     for line in ("rank: 32 removed: vLLM serves ranks up to max_lora_rank 16", "rank: 64 removed:",
@@ -230,7 +222,7 @@ def test_validate_lists_every_removed_choice(env):
                  "init: pissa removed: vLLM loads a PiSSA adapter over the unmodified base"):
         assert line in result.output
     assert "rslora: true removed" not in result.output
-    quiet = _validate(env, {"engine": "any"}, {"rank": 8})
+    quiet = _validate(cli_dir, {"engine": "any"}, {"rank": 8})
     assert quiet.exit_code == 0 and "serve:" not in quiet.output
 
 
@@ -249,28 +241,28 @@ def test_validate_lists_every_removed_choice(env):
     ({"engine": "vllm"}, {"rank": {"type": "int", "low": 128, "high": 256}},
      ["search_space.rank.low: got 128: vLLM serves ranks up to max_lora_rank 64"]),
 ])
-def test_bad_serving_input_is_exit_2_naming_the_key(env, serve, space, fragments):
-    result = _validate(env, serve, space)
+def test_bad_serving_input_is_exit_2_naming_the_key(cli_dir, serve, space, fragments):
+    result = _validate(cli_dir, serve, space)
     assert result.exit_code == 2, result.output
     for fragment in fragments:
         assert fragment in result.output
 
 
-def test_modules_to_save_of_the_task_is_exit_2_at_validate(env):
-    result = _validate(env, {"engine": "vllm"}, {"rank": 8}, factory="tests.study.toy_task:make_task")
+def test_modules_to_save_of_the_task_is_exit_2_at_validate(cli_dir):
+    result = _validate(cli_dir, {"engine": "vllm"}, {"rank": 8}, factory="tests.study.toy_task:make_task")
     assert result.exit_code == 2, result.output
     assert "task.modules_to_save: modules_to_save: [head]: vLLM does not load modules_to_save" in result.output
 
 
-def test_run_prints_the_removed_choices_once(env):
+def test_run_prints_the_removed_choices_once(cli_dir):
     data = {"study": {"name": "served-run", "n_trials": 2, "serve": {"engine": "vllm", "max_lora_rank": 16},
                       "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"}},
             "task": {"type": "python", "factory": FACTORY},
             "search_space": {"rank": {"choices": [8, 32]}, "use_dora": {"choices": [False, True]}},
             "train": {"epochs": 1, "batch_size": 64, "device": "cpu", "threads": 1}}
-    path = env / "run.yaml"
+    path = cli_dir / "run.yaml"
     path.write_text(yaml.safe_dump(data))
-    result = CliRunner().invoke(cli, ["run", str(path), "--storage", f"sqlite:///{env / 'run.db'}"],
+    result = CliRunner().invoke(cli, ["run", str(path), "--storage", f"sqlite:///{cli_dir / 'run.db'}"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert result.output.count("use_dora: true removed: vLLM does not serve DoRA adapters") == 1
