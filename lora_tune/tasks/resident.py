@@ -97,8 +97,10 @@ class ResidentBase:
 
     def drop(self) -> None:
         """Forget the resident base (its memory is freed once no trial holds it)."""
+        held = self._model is not None
         self._model, self._variant, self._lent = None, None, False
-        gc.collect()
+        if held:  # its modules may sit in reference cycles: free them before the next base is built
+            gc.collect()
 
 
 def _checkpointing(model: nn.Module) -> bool:
