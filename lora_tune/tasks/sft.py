@@ -264,13 +264,12 @@ class SFTTask(Task):
         self.generation = self._generation(model, scorer) if scorer else None
         self.metrics = ("eval_loss", "perplexity") + ((self.generation.scorer.name,) if self.generation else ())
         self.eval_order = sorted(range(len(self.eval.examples)), key=lambda i: -len(self.eval.examples[i].input_ids))
+        self._structure = model  # a model directory's: its weights on the meta device
         if ref is None:  # built in memory: kept as a template, quantized per trial at inject
             self.template = ModelTemplate(model)
             self.resident = self.template.resident
-            self._structure = model
             self._probe(model)
-        else:  # a model directory: the resident base is loaded per variant, this is its structure
-            self._structure = model
+        else:  # a model directory: the resident base is loaded per variant
             self.resident = directory_base(ref, auto_class="AutoModelForCausalLM", dtype=DTYPES[settings.dtype],
                                            skip=self.modules_to_save, cache_root=cache_dir,
                                            prepare=self._prepare)
