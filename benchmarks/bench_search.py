@@ -256,8 +256,11 @@ def run_lora_tune(arm: str, name: str, train: Path, dev: Path, work: Path, args:
     study = optuna.load_study(study_name=f"{name}-{arm}", storage=storage)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     confirms = [t for t in trials if record.kind_of(t) == record.Kind.CONFIRMATION]
-    results = [(record.trial_compute(t), t.value if t.state.name == "COMPLETE" else None)
-               for t in trials if record.kind_of(t) != record.Kind.CONFIRMATION]
+    # the learning-rate probe (arm d) trains before the first trial: its compute comes first
+    probe = record.probe_compute(study.user_attrs)
+    results = [(probe, None)] if probe else []
+    results += [(record.trial_compute(t), t.value if t.state.name == "COMPLETE" else None)
+                for t in trials if record.kind_of(t) != record.Kind.CONFIRMATION]
     runs: dict[int, list[float]] = {}
     for t in confirms:
         if t.value is not None:
@@ -338,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                     arm["to_anchor_best"] = compute_to_reach(arm["results"], arms["a"]["best"])
             out[name] = arms
             print(table(name, arms, args), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+            if args.json:  # after each data set: a run of hours keeps what it finished
+                args.json.write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -50,6 +50,7 @@ class Task:
 
     resident: ResidentBase | None = None  # the base kept across trials (None: a fresh copy per trial)
     majority_accuracy: float | None = None  # accuracy of predicting the eval set's majority class (classifiers)
+    prior_loss: float | None = None  # cross-entropy of predicting the training labels' frequencies (classifiers)
 
     def build_model(self) -> torch.nn.Module:
         """A fresh copy of the pretrained base model (CPU, eval mode)."""
@@ -201,6 +202,14 @@ class eval_mode:
 def majority_share(labels: torch.Tensor) -> float:
     """The accuracy of always predicting the most frequent of ``labels`` (``Task.majority_accuracy``)."""
     return float(torch.bincount(labels.long().flatten().cpu()).max()) / max(1, labels.numel())
+
+
+def prior_loss(labels: torch.Tensor) -> float:
+    """The cross-entropy of predicting ``labels``' frequencies for every input (``Task.prior_loss``):
+    the loss a classifier reaches without reading its input (their entropy, in nats)."""
+    counts = torch.bincount(labels.long().flatten().cpu()).double()
+    share = counts[counts > 0] / counts.sum().clamp(min=1)
+    return float(-(share * share.log()).sum())
 
 
 def classification_metrics(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:

@@ -37,7 +37,7 @@ from lora_tune.errors import ConfigError
 from lora_tune.models.vit import TinyViT, ViTConfig
 from lora_tune.tasks.base import (
     Field, ModelTemplate, Problems, Task, cache_dir, check_spec, classification_metrics, eval_mode, majority_share,
-    index_batches, is_choice, is_int, model_device,
+    index_batches, is_choice, is_int, model_device, prior_loss,
 )
 
 DOMAINS = ("rotate90", "rotate180", "flip", "transpose", "invert")
@@ -181,6 +181,7 @@ class DigitsTask(Task):
         # the eval images, upright: the source domain, never trained on
         self.upright_eval = images[stop:], labels[stop:]
         self.majority_accuracy = majority_share(self.eval_y)
+        self.prior_loss = prior_loss(self.train_y)
 
     def build_model(self) -> torch.nn.Module:
         return self.template.fresh()

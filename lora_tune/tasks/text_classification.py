@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lora_tune.errors import ConfigError, clip, short
 from lora_tune.tasks.base import (
     Field, ModelTemplate, Problems, Task, check_spec, classification_metrics, eval_mode, index_batches,
-    is_choice, is_existing_file, is_int, is_str, is_str_list, majority_share, model_device,
+    is_choice, is_existing_file, is_int, is_str, is_str_list, majority_share, model_device, prior_loss,
 )
 from lora_tune.tasks.data_files import TABLE_SUFFIXES, read_columns, read_table
 from lora_tune.tasks.hf import (MODEL_LOAD, TOKENIZER_LOAD, check_model_ref, fresh_module_names, quiet_transformers,
@@ -176,6 +176,7 @@ class TextClassificationTask(Task):
         self.template = ModelTemplate(model)
         self.resident = self.template.resident
         self.majority_accuracy = majority_share(self.eval.labels)
+        self.prior_loss = prior_loss(self.train.labels)
 
     def build_model(self) -> torch.nn.Module:
         return self.template.fresh()

@@ -88,7 +88,7 @@ def fit(model: torch.nn.Module, task: TrainTask, config: TrainConfig, on_eval: O
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = _State()
     watch = DivergenceCheck(config.diverged_after, config.diverged_loss_ratio, config.diverged_chance_margin,
-                            plan.planned, getattr(task, "majority_accuracy", None))
+                            plan.planned, getattr(task, "majority_accuracy", None), getattr(task, "prior_loss", None))
 
     def evaluate(epoch: int) -> bool:
         """Evaluate, record, and ask ``on_eval`` whether to stop."""

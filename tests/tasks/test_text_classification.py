@@ -52,6 +52,18 @@ def test_lora_training_learns_and_leaves_the_base_frozen(spec):
     assert not torch.equal(model.classifier.weight, head_before)
 
 
+def test_the_majority_class_and_the_label_prior_are_read_from_the_right_files(spec, tmp_path):
+    import math
+
+    rows = sentiment_rows(96, 0)
+    spec["train_file"] = str(write_table(tmp_path / "skewed.csv", rows + [r for r in rows if r["sentiment"] == "pos"]))
+    task = build_task(spec)
+    shares = torch.bincount(task.train.labels).double() / len(task.train.labels)
+    assert shares.max() > 0.6  # skewed on purpose
+    assert task.prior_loss == pytest.approx(-sum(float(p) * math.log(float(p)) for p in shares))
+    assert task.majority_accuracy == float(torch.bincount(task.eval.labels).max()) / len(task.eval)
+
+
 def test_fresh_models_do_not_share_weights(spec):
     task = build_task(spec)
     a = task.build_model()

@@ -91,3 +91,22 @@ def test_a_training_that_learns_nothing_is_stopped_at_the_majority_class_only_af
     assert 0.5 * result.planned_steps <= result.steps < result.planned_steps
     learning = _train(ToyTask(), learning_rate=3e-3)  # no majority given: only a rising loss counts
     assert learning.diverged is None
+
+
+def test_a_training_that_learned_only_the_label_prior_has_learned_nothing():
+    """On skewed labels (TREC, CR, MPQA: the prior's loss is 0.90-0.95 of a uniform start) a model
+    that predicts the label frequencies has lowered its loss by more than 5 % without reading its
+    input: at the majority class, it is stopped unless its loss also fell below the prior's."""
+    from lora_tune.train.divergence import DivergenceCheck
+
+    def verdict(prior, recent):
+        check = DivergenceCheck(0.25, 1.0, 0.02, planned=100, majority=0.68, prior_loss=prior)
+        for _ in range(check.start_steps):
+            check.step(0.693)  # a uniform start on two classes
+        return check.verdict(50, recent, {"accuracy": 0.68})
+
+    assert verdict(None, 0.63) is None  # without the prior, 9 % below the start looks like learning
+    reason = verdict(0.624, 0.63)  # MPQA's prior: 0.63 is the prior's loss, nothing more
+    assert reason is not None and "label prior's 0.624" in reason
+    assert verdict(0.624, 0.55) is None  # below 0.95 x the prior: it reads its input
+    assert verdict(0.9, 0.63) is None  # a prior above the start changes nothing: the start is the floor
