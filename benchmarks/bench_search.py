@@ -11,7 +11,10 @@ On TREC and Subj (``../shared/data``), with one fixed small per-trial budget and
 * **(d) lora-tune init** - the study ``lora-tune init minilm`` writes (its space, sampler, pruner,
   learning-rate probe, warm start and confirmation), on the same data and per-trial budget;
 * **(r) random search** - plain Optuna ``RandomSampler`` over PEFT configs (the anchor's loop),
-  given the search compute (d) used (or (c)'s, else ``--trials``): "random at equal compute".
+  given the search compute (d) used (or (c)'s, else ``--trials``): "random at equal compute";
+* **(g), (m), (n) variants of (d)** - its study with Optuna's ``GPSampler`` instead of TPE, the
+  median pruner instead of Hyperband, nested ranks instead of plain choices: the alternatives a
+  default is chosen among. They run on the tuned pair only (the script refuses them on CR/MPQA).
 
 TREC and Subj are the tuned pair (defaults may be chosen on them); CR and MPQA are held out
 (``../shared/data/README.md``): never used to choose a default, reported apart.
@@ -208,9 +211,24 @@ def init_study_file(name: str, train: Path, dev: Path, args: argparse.Namespace)
     return template
 
 
+VARIANTS = {  # (d) with one choice changed: what the defaults are picked among, on the tuned pair
+    "g": ("sampler", {"type": "gp", "seed": None, "options": {"n_startup_trials": 6}}),
+    "m": ("pruner", {"type": "median", "options": {"n_startup_trials": 5, "n_warmup_steps": 1}}),
+    "n": ("rank", None),  # the init space's ranks, nested
+}
+
+
 def study_file(arm: str, name: str, train: Path, dev: Path, args: argparse.Namespace) -> dict[str, Any]:
-    if arm == "d":
-        return init_study_file(name, train, dev, args)
+    if arm == "d" or arm in VARIANTS:
+        raw = init_study_file(name, train, dev, args)
+        if arm in VARIANTS:
+            key, value = VARIANTS[arm]
+            raw["study"]["name"] = f"{name}-{arm}"
+            if key == "rank":
+                raw["search_space"]["rank"] = {"nested": raw["search_space"]["rank"]["choices"]}
+            else:
+                raw["study"][key] = {**value, **({"seed": args.seed} if "seed" in value else {})}
+        return raw
     cheaper = arm == "c"
     study: dict[str, Any] = {
         "name": f"{name}-{arm}", "direction": "maximize", "metric": "accuracy",
@@ -315,9 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", nargs="+", default=["a", "b", "c", "d", "r"], choices=list(LABELS),
-                        help="run in this order; r takes the search compute of d (else c) run before it")
+                        help="run in this order; r takes the search compute of d (else c) run before it; "
+                             "the variants g, m, n only on the tuned pair")
     parser.add_argument("--json", type=Path, help="also write every number here")
     args = parser.parse_args(argv)
+    if set(args.arms) & set(VARIANTS) and set(args.datasets) & set(HELD_OUT):
+        parser.error(f"the variant arms {sorted(VARIANTS)} choose defaults: run them on {list(TUNED)} only, "
+                     f"not on the held-out {sorted(set(args.datasets) & set(HELD_OUT))}")
     if len(args.data_fraction) == 1:
         args.data_fraction = args.data_fraction[0]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -348,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
 
 LABELS = {"a": "(a) Optuna TPE + median over PEFT", "b": "(b) lora-tune, previous defaults",
           "c": "(c) lora-tune, nested + Hyperband + warm start", "d": "(d) lora-tune init's study",
-          "r": "(r) random search over PEFT, equal compute"}
+          "r": "(r) random search over PEFT, equal compute", "g": "(g) = (d) with GPSampler",
+          "m": "(m) = (d) with the median pruner", "n": "(n) = (d) with nested ranks"}
 TUNED, HELD_OUT = ("trec", "subj"), ("cr", "mpqa")  # defaults may be chosen on TUNED only
 
 
@@ -366,7 +389,7 @@ def table(name: str, arms: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append(f"| {LABELS[key]} | {arm['best']:.3f} | {arm['confirmed_mean']:.3f} ± {arm['confirmed_std']:.3f} "
                      f"| {arm['compute']:.2f} | {reach_text} "
                      f"| {arm['search_seconds']:.0f} | {arm['confirm_seconds']:.0f} |")
-    for key in ("c", "d"):
+    for key in ("c", "d", *VARIANTS):
         if anchor and key in arms:
             lines.append(f"goal ({key}) reaches (a)'s best with <= 1/2 of (a)'s search compute, confirmed best "
                          f">= (a)'s{' and >= (r)s' if 'r' in arms else ''}: "

@@ -20,7 +20,7 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize("arm", ["b", "c", "d"])
+@pytest.mark.parametrize("arm", ["b", "c", "d", "g", "m", "n"])
 def test_benchmark_study_files_validate(bench, arm, tmp_path):
     args = argparse.Namespace(
         trials=4, max_length=32, seed=0, epochs=1, batch_size=8, evals=4, threads=1, min_steps=20, data_fraction=1.0)
@@ -29,10 +29,12 @@ def test_benchmark_study_files_validate(bench, arm, tmp_path):
     raw = bench.study_file(arm, "trec", tmp_path / "train.csv", tmp_path / "dev.csv", args)
     spec = validate_spec(raw)
     assert spec.study.confirm is not None and spec.study.confirm.top == bench.CONFIRM_TOP
-    assert spec.study.pruner.type == ("median" if arm == "b" else "hyperband")
-    assert (spec.study.warm_start == "defaults") == (arm in ("c", "d"))
-    if arm == "d":  # the study lora-tune init writes, on the benchmark's data and budget
-        assert spec.study.lr_probe and "choices" in raw["search_space"]["rank"]
+    assert spec.study.pruner.type == ("median" if arm in ("b", "m") else "hyperband")
+    assert (spec.study.warm_start == "defaults") == (arm != "b")
+    assert spec.study.sampler.type == ("gp" if arm == "g" else "tpe") and spec.study.sampler.seed == 0
+    assert ("nested" in raw["search_space"]["rank"]) == (arm in ("c", "n"))
+    if arm in ("d", *bench.VARIANTS):  # the study lora-tune init writes, on the benchmark's data and budget
+        assert spec.study.lr_probe and spec.study.name == f"trec-{arm}"
         assert spec.task["train_file"] == str(tmp_path / "train.csv") and spec.train.batch_size == 8
 
 
@@ -57,3 +59,9 @@ def test_the_default_arm_must_also_beat_random_search_at_equal_compute(bench):
     assert bench.goal_met({"a": a, "d": d, "r": {"confirmed_mean": 0.81}}, "d")
     assert not bench.goal_met({"a": a, "d": d, "r": {"confirmed_mean": 0.83}}, "d")
     assert set(bench.TUNED).isdisjoint(bench.HELD_OUT) and set(bench.HELD_OUT) == {"cr", "mpqa"}
+
+
+def test_the_variants_that_choose_defaults_are_refused_on_the_held_out_pair(bench, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--datasets", "trec", "cr", "--arms", "d", "g"])
+    assert stop.value.code == 2 and "held-out ['cr']" in capsys.readouterr().err
