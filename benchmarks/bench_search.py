@@ -29,12 +29,14 @@ first reached the anchor's final best, and wall time.
 
     python benchmarks/bench_search.py                      # all four data sets, several hours on 2 cores
     python benchmarks/bench_search.py --datasets trec --trials 6   # a quick look
+    python benchmarks/bench_search.py --datasets trec subj --arms g m n --json run.json  # add arms to a run
 
 Dev sets are carved from the training files (seeded), so no arm is tuned on a test set.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -263,6 +265,7 @@ def run_lora_tune(arm: str, name: str, train: Path, dev: Path, work: Path, args:
     from lora_tune.study.trial import record
     path = work / f"{name}-{arm}.yaml"
     path.write_text(yaml.safe_dump(study_file(arm, name, train, dev, args), sort_keys=False))
+    (work / f"{name}-{arm}.db").unlink(missing_ok=True)  # a kept folder's earlier study would be resumed
     storage = f"sqlite:///{work / f'{name}-{arm}.db'}"
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "lora_tune.cli.main", "run", str(path), "--storage", storage],
@@ -336,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run in this order; r takes the search compute of d (else c) run before it; "
                              "the variants g, m, n only on the tuned pair")
     parser.add_argument("--json", type=Path, help="also write every number here")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (data splits, study files, "
+                                                   "the lora-tune studies' databases), instead of a temporary one")
     args = parser.parse_args(argv)
     if set(args.arms) & set(VARIANTS) and set(args.datasets) & set(HELD_OUT):
         parser.error(f"the variant arms {sorted(VARIANTS)} choose defaults: run them on {list(TUNED)} only, "
@@ -344,11 +349,21 @@ def main(argv: list[str] | None = None) -> int:
         args.data_fraction = args.data_fraction[0]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out: dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
-        work = Path(tmp)
+    if args.json and args.json.is_file():  # an earlier run's data sets and arms stay: a run may be made in parts
+        earlier = json.loads(args.json.read_text())
+        differ = [k for k in BUDGET if earlier["settings"].get(k) != out["settings"][k]]
+        if differ:
+            parser.error(f"{args.json} was run with other {', '.join(differ)}: its arms cannot be compared")
+        out = {**earlier, "settings": out["settings"]}
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            work = args.keep
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-search-")))
         for name in args.datasets:
             train, dev = split_data(name, work, args.train_examples, args.dev_examples, args.seed)
-            arms: dict[str, Any] = {}
+            arms: dict[str, Any] = dict(out.get(name, {}))  # arms run now replace the earlier run's
             for arm in args.arms:
                 print(f"{name} ({arm}) ...", flush=True)
                 if arm == "a":
@@ -373,6 +388,8 @@ LABELS = {"a": "(a) Optuna TPE + median over PEFT", "b": "(b) lora-tune, previou
           "r": "(r) random search over PEFT, equal compute", "g": "(g) = (d) with GPSampler",
           "m": "(m) = (d) with the median pruner", "n": "(n) = (d) with nested ranks"}
 TUNED, HELD_OUT = ("trec", "subj"), ("cr", "mpqa")  # defaults may be chosen on TUNED only
+# the settings that make two runs' arms comparable (the same per-trial budget, data and seeds)
+BUDGET = ("trials", "train_examples", "dev_examples", "max_length", "epochs", "batch_size", "evals", "seed")
 
 
 def table(name: str, arms: dict[str, Any], args: argparse.Namespace) -> str:

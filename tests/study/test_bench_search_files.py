@@ -65,3 +65,17 @@ def test_the_variants_that_choose_defaults_are_refused_on_the_held_out_pair(benc
     with pytest.raises(SystemExit) as stop:
         bench.main(["--datasets", "trec", "cr", "--arms", "d", "g"])
     assert stop.value.code == 2 and "held-out ['cr']" in capsys.readouterr().err
+
+
+
+def test_a_run_in_parts_is_only_merged_with_an_earlier_run_of_the_same_budget(bench, tmp_path, capsys):
+    import json
+
+    settings = {"trials": 12, "train_examples": 1200, "dev_examples": 200, "max_length": 32, "epochs": 1,
+                "batch_size": 8, "evals": 4, "seed": 0}  # the script's defaults
+    assert set(settings) == set(bench.BUDGET)
+    earlier = tmp_path / "run.json"
+    earlier.write_text(json.dumps({"settings": {**settings, "train_examples": 400}, "trec": {}}))
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--datasets", "trec", "--arms", "g", "--json", str(earlier)])
+    assert stop.value.code == 2 and "other train_examples: its arms" in capsys.readouterr().err
