@@ -43,6 +43,7 @@ def test_compute_to_reach_counts_until_the_first_result_at_the_target(bench):
     assert bench.compute_to_reach(results, 0.7) == 1.25
     assert bench.compute_to_reach(results, 0.9) == 2.25
     assert bench.compute_to_reach(results, 0.95) is None
+    assert bench.compute_to_reach([(1.0, 0.8799999952316284)], 0.88) == 1.0  # float32 as stored, float64 target
 
 
 def test_goal_needs_half_the_anchor_compute_and_a_confirmed_best_at_least_the_anchor(bench):
