@@ -445,7 +445,8 @@ def goal_misses(arms: dict[str, Any], key: str = "c") -> list[str]:
     misses = []
     reach = arm["to_anchor_best"]
     if reach is None:
-        misses.append(f"never reached (a)'s best {a.get('best', math.nan):.3f} (its best: {arm.get('best', math.nan):.3f})")
+        best, own = a.get("best", math.nan), arm.get("best", math.nan)
+        misses.append(f"never reached (a)'s best {best:.3f} (its best: {own:.3f})")
     elif reach > a["compute"] / 2:
         misses.append(f"reached (a)'s best with {reach:.2f}, more than half of (a)'s {a['compute']:.2f}")
     for other in ("a", "r"):
