@@ -80,3 +80,17 @@ def test_a_run_in_parts_is_only_merged_with_an_earlier_run_of_the_same_budget(be
     with pytest.raises(SystemExit) as stop:
         bench.main(["--datasets", "trec", "--arms", "g", "--json", str(earlier)])
     assert stop.value.code == 2 and "other train_examples: its arms" in capsys.readouterr().err
+
+
+def test_the_nested_rank_benchmark_compares_one_nested_training_with_each_plain_rank(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_nested", REPO / "benchmarks" / "bench_nested.py")
+    nested_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nested_bench)
+    args = argparse.Namespace(max_length=32, batch_size=8, threads=1)
+    (tmp_path / "d.csv").write_text("text,label\na,0\nb,1\n")
+    for config in nested_bench.CONFIGS:
+        nested, plain = (validate_spec(nested_bench.study_file("s", kind, config, 1, tmp_path / "d.csv",
+                                                                 tmp_path / "d.csv", args)) for kind in (True, False))
+        assert nested.study.n_trials == 1 and plain.study.n_trials == len(nested_bench.RANKS)
+        assert plain.study.sampler.type == "grid" and nested.study.pruner.type == plain.study.pruner.type == "none"
+        assert nested.train.diverged_after is None and nested.train.seed == plain.train.seed == 1
