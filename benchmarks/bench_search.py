@@ -12,9 +12,10 @@ On TREC and Subj (``../shared/data``), with one fixed small per-trial budget and
   learning-rate probe, warm start and confirmation), on the same data and per-trial budget;
 * **(r) random search** - plain Optuna ``RandomSampler`` over PEFT configs (the anchor's loop),
   given the search compute (d) used (or (c)'s, else ``--trials``): "random at equal compute";
-* **(g), (m), (n) variants of (d)** - its study with Optuna's ``GPSampler`` instead of TPE, the
-  median pruner instead of Hyperband, nested ranks instead of plain choices: the alternatives a
-  default is chosen among. They run on the tuned pair only (the script refuses them on CR/MPQA).
+* **(t), (g), (m), (n) variants of (d)** - its study with Optuna's TPE or ``GPSampler`` (one of
+  them is (d) itself: init writes GPSampler, chosen this way), the median pruner instead of
+  Hyperband, nested ranks instead of plain choices: the alternatives a default is chosen among.
+  They run on the tuned pair only (the script refuses them on CR/MPQA).
 
 TREC and Subj are the tuned pair (defaults may be chosen on them); CR and MPQA are held out
 (``../shared/data/README.md``): never used to choose a default, reported apart.
@@ -29,7 +30,7 @@ first reached the anchor's final best, and wall time.
 
     python benchmarks/bench_search.py                      # all four data sets, several hours on 2 cores
     python benchmarks/bench_search.py --datasets trec --trials 6   # a quick look
-    python benchmarks/bench_search.py --datasets trec subj --arms g m n --json run.json  # add arms to a run
+    python benchmarks/bench_search.py --datasets trec subj --arms t m n --json run.json  # add arms to a run
 
 Dev sets are carved from the training files (seeded), so no arm is tuned on a test set.
 """
@@ -214,6 +215,7 @@ def init_study_file(name: str, train: Path, dev: Path, args: argparse.Namespace)
 
 
 VARIANTS = {  # (d) with one choice changed: what the defaults are picked among, on the tuned pair
+    "t": ("sampler", {"type": "tpe", "seed": None, "options": {"n_startup_trials": 6}}),
     "g": ("sampler", {"type": "gp", "seed": None, "options": {"n_startup_trials": 6}}),
     "m": ("pruner", {"type": "median", "options": {"n_startup_trials": 5, "n_warmup_steps": 1}}),
     "n": ("rank", None),  # the init space's ranks, nested
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 
 LABELS = {"a": "(a) Optuna TPE + median over PEFT", "b": "(b) lora-tune, previous defaults",
           "c": "(c) lora-tune, nested + Hyperband + warm start", "d": "(d) lora-tune init's study",
-          "r": "(r) random search over PEFT, equal compute", "g": "(g) = (d) with GPSampler",
+          "r": "(r) random search over PEFT, equal compute", "t": "(t) = (d) with TPE", "g": "(g) = (d) with GPSampler",
           "m": "(m) = (d) with the median pruner", "n": "(n) = (d) with nested ranks"}
 TUNED, HELD_OUT = ("trec", "subj"), ("cr", "mpqa")  # defaults may be chosen on TUNED only
 # the settings that make two runs' arms comparable (the same per-trial budget, data and seeds)

@@ -37,6 +37,7 @@ def test_init_for_a_decoder_writes_an_sft_study_that_validates(tmp_path):
     assert text.startswith(f"# Run: lora-tune run {out}")
     data = yaml.safe_load(text)
     assert data["task"]["type"] == "sft" and data["study"]["pruner"]["type"] == "hyperband"
+    assert data["study"]["sampler"]["type"] == "gp"  # chosen on bench_search's tuned pair
     assert data["study"]["warm_start"] == "defaults" and data["search_space"]["quant_bits"] == {"choices": [None, 4]}
     assert data["search_space"]["targets"]["choices"] == ["attention-qv", "attention", "mlp", "all-linear"]
     # the tiny model's k/v projections have 32 rows: ranks above that do not fit; plain choices, not

@@ -20,7 +20,7 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize("arm", ["b", "c", "d", "g", "m", "n"])
+@pytest.mark.parametrize("arm", ["b", "c", "d", "t", "g", "m", "n"])
 def test_benchmark_study_files_validate(bench, arm, tmp_path):
     args = argparse.Namespace(
         trials=4, max_length=32, seed=0, epochs=1, batch_size=8, evals=4, threads=1, min_steps=20, data_fraction=1.0)
@@ -31,7 +31,7 @@ def test_benchmark_study_files_validate(bench, arm, tmp_path):
     assert spec.study.confirm is not None and spec.study.confirm.top == bench.CONFIRM_TOP
     assert spec.study.pruner.type == ("median" if arm in ("b", "m") else "hyperband")
     assert (spec.study.warm_start == "defaults") == (arm != "b")
-    assert spec.study.sampler.type == ("gp" if arm == "g" else "tpe") and spec.study.sampler.seed == 0
+    assert spec.study.sampler.type == ("gp" if arm in ("d", "g", "m", "n") else "tpe") and spec.study.sampler.seed == 0
     assert ("nested" in raw["search_space"]["rank"]) == (arm in ("c", "n"))
     if arm in ("d", *bench.VARIANTS):  # the study lora-tune init writes, on the benchmark's data and budget
         assert spec.study.lr_probe and spec.study.name == f"trec-{arm}"
@@ -94,3 +94,15 @@ def test_the_nested_rank_benchmark_compares_one_nested_training_with_each_plain_
         assert nested.study.n_trials == 1 and plain.study.n_trials == len(nested_bench.RANKS)
         assert plain.study.sampler.type == "grid" and nested.study.pruner.type == plain.study.pruner.type == "none"
         assert nested.train.diverged_after is None and nested.train.seed == plain.train.seed == 1
+
+
+def test_the_variant_with_inits_own_sampler_is_inits_study(bench, tmp_path):
+    """(d)'s numbers on the tuned pair and its variant's with the same sampler are one study."""
+    from lora_tune.study.schema.templates import SAMPLER
+
+    args = argparse.Namespace(trials=4, max_length=32, seed=0, epochs=1, batch_size=8, evals=4, threads=1)
+    same = next(arm for arm, (key, value) in bench.VARIANTS.items()
+                if key == "sampler" and value["type"] == SAMPLER["type"])
+    d, variant = (bench.study_file(arm, "trec", tmp_path / "t.csv", tmp_path / "d.csv", args) for arm in ("d", same))
+    variant["study"]["name"] = d["study"]["name"]
+    assert variant == d
