@@ -1,9 +1,9 @@
 """``lora-tune init``: a study file with a sensible space for a model (a local Hugging Face
 directory, ``minilm`` or ``digits``), read on the meta device: its presets, the ranks that fit
 its smallest adapted layer, a learning-rate range by model kind placed by the learning-rate probe
-(``study.lr_probe``) before the first trial, Hyperband and the warm start. Ranks are plain choices,
-not nested: issue 20 measured truncated ranks of one training that were not monotone (rank 16 and
-32 at chance where rank 4 and 8 learned). It validates as it is once the data paths exist.
+(``study.lr_probe``) before the first trial, GPSampler, Hyperband and the warm start. Ranks are plain
+choices, not nested: truncated ranks of one training scored below plain adapters of their rank
+(``benchmarks/bench_nested.py``). It validates as it is once the data paths exist.
 """
 from __future__ import annotations
 
