@@ -114,9 +114,12 @@ def _checkpointing(model: nn.Module) -> bool:
 def _detach_all(model: nn.Module) -> None:
     from lora_tune.lora import detach
     from lora_tune.lora.attachment import attached
+    from lora_tune.lora.inject import lora_layers
 
     if attached(model) is not None:  # a trial that stopped before inject attached nothing
         detach(model)
+    if any(True for _ in lora_layers(model)):  # adapters no record of inject knows: never lend it again
+        raise RuntimeError("LoRA layers are left on the resident base after detach")
 
 
 def directory_base(ref: str, *, auto_class: str, dtype: Any, skip: list[str], cache_root: Callable[[], Any],

@@ -112,6 +112,21 @@ def test_a_base_given_back_dirty_is_not_lent_again(sft_dir_spec):
         task.resident.lease(BaseVariant())
 
 
+def test_a_base_given_back_with_adapters_no_inject_recorded_is_dropped(sft_dir_spec):
+    from lora_tune import LoraConfig, inject
+    from lora_tune.lora.attachment import forget
+
+    task = build_task(dict(sft_dir_spec))
+    config = type("Config", (), {"quant_bits": None})()
+    model, _ = task.lease_model(config)
+    inject(model, LoraConfig(rank=2, alpha=4, targets="attention-qv"))
+    forget(model)  # detach cannot undo it: the base would go back with LoRA layers on it
+    with pytest.raises(RuntimeError, match="left on the resident base"):
+        task.give_back_model(model)
+    assert task.resident.model is None
+    assert task.lease_model(config)[1] == "built"
+
+
 def test_a_model_built_from_a_config_is_resident_too(tmp_path, chat_tokenizer_dir, monkeypatch):
     monkeypatch.setenv("LORA_TUNE_CACHE", str(tmp_path / "cache"))
     data = write_table(tmp_path / "train.jsonl", CONVERSATIONS)
