@@ -18,15 +18,12 @@ import argparse
 import importlib.util
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
 HERE = Path(__file__).resolve().parent
 RANKS = [4, 8, 16, 32]
@@ -58,17 +55,10 @@ def study_file(name: str, nested: bool, config: tuple[str, int, float], seed: in
     }
 
 
-def run(raw: dict[str, Any], work: Path) -> dict[int, float]:
-    """``lora-tune run`` the study; each rank's accuracy."""
-    name = raw["study"]["name"]
-    path, storage = work / f"{name}.yaml", f"sqlite:///{work / f'{name}.db'}"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    done = subprocess.run([sys.executable, "-m", "lora_tune.cli.main", "run", str(path), "--storage", storage],
-                          cwd=work, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"lora-tune run {path} failed:\n{done.stdout}\n{done.stderr}")
-    trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    return {int(t.params["rank"]): float(t.value) for t in trials if t.value is not None}
+def run(bench: Any, raw: dict[str, Any], work: Path) -> dict[int, float]:
+    """``lora-tune run`` the study (``bench_search.run_study``); each rank's accuracy."""
+    study, _ = bench.run_study(raw, work)
+    return {int(t.params["rank"]): float(t.value) for t in study.get_trials(deepcopy=False) if t.value is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in args.seeds:
                     for kind in runs:
                         name = f"{data}-{config[0]}-{config[1]}-{kind}-{seed}"
-                        runs[kind].append(run(study_file(name, kind == "nested", config, seed, train, dev, args),
-                                              work))
+                        runs[kind].append(run(bench, study_file(name, kind == "nested", config, seed, train, dev,
+                                                                args), work))
                 out[key] = runs
                 print(table(key, runs), flush=True)
                 if args.json:

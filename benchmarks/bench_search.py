@@ -261,14 +261,16 @@ def study_file(arm: str, name: str, train: Path, dev: Path, args: argparse.Names
     }
 
 
-def run_lora_tune(arm: str, name: str, train: Path, dev: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_study(raw: dict[str, Any], work: Path) -> tuple[optuna.Study, float]:
+    """``lora-tune run`` the study file ``raw`` in ``work`` (a new SQLite study named as the file
+    says); the study and the run's wall seconds. Its last line of output is printed."""
     import yaml
 
-    from lora_tune.study.trial import record
-    path = work / f"{name}-{arm}.yaml"
-    path.write_text(yaml.safe_dump(study_file(arm, name, train, dev, args), sort_keys=False))
-    (work / f"{name}-{arm}.db").unlink(missing_ok=True)  # a kept folder's earlier study would be resumed
-    storage = f"sqlite:///{work / f'{name}-{arm}.db'}"
+    name = raw["study"]["name"]
+    path, db = work / f"{name}.yaml", work / f"{name}.db"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    db.unlink(missing_ok=True)  # a kept folder's earlier study would be resumed
+    storage = f"sqlite:///{db}"
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "lora_tune.cli.main", "run", str(path), "--storage", storage],
                           cwd=work, capture_output=True, text=True, check=False)
@@ -276,7 +278,13 @@ def run_lora_tune(arm: str, name: str, train: Path, dev: Path, work: Path, args:
     if done.returncode != 0:
         raise SystemExit(f"lora-tune run {path} failed:\n{done.stdout}\n{done.stderr}")
     print(done.stdout.strip().splitlines()[-1], flush=True)
-    study = optuna.load_study(study_name=f"{name}-{arm}", storage=storage)
+    return optuna.load_study(study_name=name, storage=storage), seconds
+
+
+def run_lora_tune(arm: str, name: str, train: Path, dev: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from lora_tune.study.trial import record
+
+    study, seconds = run_study(study_file(arm, name, train, dev, args), work)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     confirms = [t for t in trials if record.kind_of(t) == record.Kind.CONFIRMATION]
     # the learning-rate probe (arm d) trains before the first trial: its compute comes first
@@ -324,16 +332,20 @@ def compute_to_reach(results: list[tuple[float, float | None]], target: float) -
     return None
 
 
+def judge(arms: dict[str, Any]) -> None:
+    """Set each arm's ``to_anchor_best`` (when the anchor ran on this data set)."""
+    if "a" in arms:
+        for arm in arms.values():
+            arm["to_anchor_best"] = compute_to_reach(arm["results"], arms["a"]["best"])
+
+
 def report(path: Path) -> int:
     """The tables of an earlier run (``--json``), its goals judged again."""
     out = json.loads(path.read_text())
     settings = argparse.Namespace(**out["settings"])
     for name in (n for n in (*TUNED, *HELD_OUT) if n in out):
-        arms = out[name]
-        if "a" in arms:
-            for arm in arms.values():
-                arm["to_anchor_best"] = compute_to_reach(arm["results"], arms["a"]["best"])
-        print(table(name, arms, settings))
+        judge(out[name])
+        print(table(name, out[name], settings))
     return 0
 
 
@@ -354,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", nargs="+", default=["a", "b", "c", "d", "r"], choices=list(LABELS),
                         help="run in this order; r takes the search compute of d (else c) run before it; "
-                             "the variants g, m, n only on the tuned pair")
+                             f"the variants {', '.join(VARIANTS)} only on the tuned pair")
     parser.add_argument("--json", type=Path, help="also write every number here")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (data splits, study files, "
                                                    "the lora-tune studies' databases), instead of a temporary one")
@@ -393,9 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                     arms[arm] = run_anchor(train, dev, args, max(1, round(ref["compute"])) if ref else args.trials)
                 else:
                     arms[arm] = run_lora_tune(arm, name, train, dev, work, args)
-            if "a" in arms:
-                for arm in arms.values():
-                    arm["to_anchor_best"] = compute_to_reach(arm["results"], arms["a"]["best"])
+            judge(arms)
             out[name] = arms
             print(table(name, arms, args), flush=True)
             if args.json:  # after each data set: a run of hours keeps what it finished
@@ -431,9 +441,10 @@ def table(name: str, arms: dict[str, Any], args: argparse.Namespace) -> str:
                      f"| {arm['search_seconds']:.0f} | {arm['confirm_seconds']:.0f} |")
     for key in arms:
         if anchor and key not in ("a", "r"):
+            misses = goal_misses(arms, key)
             lines.append(f"goal ({key}) reaches (a)'s best with <= 1/2 of (a)'s search compute, confirmed best "
                          f">= (a)'s{' and >= (r)s' if 'r' in arms else ''}: "
-                         + ("; ".join(["not met", *goal_misses(arms, key)]) if goal_misses(arms, key) else "met"))
+                         + ("; ".join(["not met", *misses]) if misses else "met"))
     return "\n".join(lines)
 
 
@@ -450,8 +461,7 @@ def goal_misses(arms: dict[str, Any], key: str = "c") -> list[str]:
     misses = []
     reach = arm["to_anchor_best"]
     if reach is None:
-        best, own = a.get("best", math.nan), arm.get("best", math.nan)
-        misses.append(f"never reached (a)'s best {best:.3f} (its best: {own:.3f})")
+        misses.append(f"never reached (a)'s best {a['best']:.3f} (its best: {arm['best']:.3f})")
     elif reach > a["compute"] / 2:
         misses.append(f"reached (a)'s best with {reach:.2f}, more than half of (a)'s {a['compute']:.2f}")
     for other in ("a", "r"):

@@ -51,7 +51,8 @@ def test_goal_needs_half_the_anchor_compute_and_a_confirmed_best_at_least_the_an
     assert bench.goal_met({"a": a, "c": {"to_anchor_best": 4.0, "confirmed_mean": 0.80}})
     assert not bench.goal_met({"a": a, "c": {"to_anchor_best": 4.5, "confirmed_mean": 0.90}})
     assert not bench.goal_met({"a": a, "c": {"to_anchor_best": 1.0, "confirmed_mean": 0.79}})
-    assert not bench.goal_met({"a": a, "c": {"to_anchor_best": None, "confirmed_mean": 0.90}})
+    assert not bench.goal_met({"a": {**a, "best": 0.85}, "c": {"to_anchor_best": None, "confirmed_mean": 0.90,
+                                                                "best": 0.84}})
 
 
 def test_the_default_arm_must_also_beat_random_search_at_equal_compute(bench):
